@@ -1,0 +1,35 @@
+"""``python -m pipeline <stage>``: dispatch to the stage entry points in ``pipeline.stages``."""
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pipeline.config import PARAMS_FILE, load
+from pipeline.errors import PipelineError
+
+STAGES = ("demo", "ingest", "augment", "tune", "train", "evaluate")
+COMMANDS = {**{s: f"pipeline.stages.{s}" for s in STAGES}, "summary": "pipeline.summary"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    parser.add_argument("command", choices=list(COMMANDS), help="a DVC stage, or 'summary'")
+    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
+    args = parser.parse_args(argv)
+    # Our own loggers only: Lightning and Optuna already print through handlers of their own.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("pipeline").addHandler(handler)
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    command = importlib.import_module(COMMANDS[args.command])
+    try:
+        command.main(load(args.params))
+    except PipelineError as err:  # anything else keeps its traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

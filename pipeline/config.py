@@ -1,0 +1,286 @@
+"""params.yaml loaded into typed, validated, frozen objects.
+
+params.yaml is the project's only configuration. Each section is a frozen pydantic dataclass, so
+``dataclasses.replace`` (used by the tuner) re-validates, and a bad key, type or value fails with a
+message that names it. Every field carries a ``description`` that the docs are generated from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+
+from pipeline.errors import PipelineError
+
+PARAMS_FILE = "params.yaml"
+
+Arch = Literal[
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "wide_resnet50_2",
+]
+_STRICT = ConfigDict(extra="forbid")
+
+
+class ConfigError(PipelineError, ValueError):
+    """A params.yaml problem a user can fix; the message names the key."""
+
+
+@dataclass(frozen=True, config=_STRICT)
+class Paths:
+    """Every file and folder the stages read or write; dvc.yaml refers to these with ${paths.*}."""
+
+    raw: str = Field("data/raw", description="Folder of handed-in data sets, one subfolder each.")
+    prepared: str = Field("data/prepared", description="Ingest output: splits.csv, report.json, image cache.")
+    augment_pipeline: str = Field("data/augment/train_transforms.json",
+                                  description="Serialized albumentations training pipeline.")
+    augment_preview: str = Field("data/augment/preview.png", description="Grid of augmented samples.")
+    best_params: str = Field("data/tune/best_params.yaml", description="Tuned values the train stage uses.")
+    tune_summary: str = Field("data/tune/summary.json", description="Study summary (DVC metrics).")
+    model_dir: str = Field("models", description="Best checkpoint and the MLflow run it belongs to.")
+    metrics: str = Field("reports/metrics.json", description="Test metrics (DVC metrics).")
+    confusion: str = Field("reports/confusion.csv", description="Test predictions for the DVC confusion plot.")
+    plots: str = Field("reports/plots", description="Evaluation images (confusion matrix).")
+    report: str = Field("reports/report.md", description="Human-readable evaluation report.")
+
+
+@dataclass(frozen=True, config=_STRICT)
+class Demo:
+    """The embedded, generated demo set (synthetic H&E-like tissue tiles)."""
+
+    name: str = Field("demo", description="Data set name under paths.raw.")
+    n_per_class: int = Field(100, ge=1, description="Images generated per class.")
+    image_size: int = Field(64, ge=16, le=1024, description="Side of the generated PNGs, pixels.")
+
+
+@dataclass(frozen=True, config=_STRICT)
+class Data:
+    """Which data set to ingest and how to split it."""
+
+    dataset: str = Field("demo", min_length=1, description="Data set folder under paths.raw.")
+    image_size: int = Field(64, ge=16, le=1024, description="Images are resized to this square side at ingest.")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of each class for validation.")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of each class for test.")
+    on_bad_file: Literal["skip", "fail"] = Field(
+        "skip", description="Unreadable image files: skip with a warning, or stop.")
+
+
+@dataclass(frozen=True, config=_STRICT)
+class Augment:
+    """The training augmentation pipeline: albumentations transforms by name, with their arguments."""
+
+    transforms: tuple[dict[str, Any], ...] = Field(
+        (
+            {"name": "HorizontalFlip", "p": 0.5},
+            {"name": "Affine", "rotate": [-15, 15], "scale": [0.9, 1.1], "p": 0.5},
+            {"name": "RandomBrightnessContrast", "brightness_limit": 0.15, "contrast_limit": 0.15, "p": 0.5},
+        ),
+        description="List of {name: <albumentations transform>, <argument>: <value>, ...}.")
+    preview_images: int = Field(6, ge=1, le=32, description="Training images shown in the preview grid.")
+    preview_draws: int = Field(5, ge=1, le=16, description="Augmented draws per preview image.")
+
+
+@dataclass(frozen=True, config=_STRICT)
+class Model:
+    arch: Arch = Field("resnet18", description="torchvision architecture.")
+    weights: str = Field(
+        "imagenet", min_length=1,
+        description="'imagenet' (the arch's default torchvision weights), a path to a .pth state dict, or 'none'.")
+    require_pretrained: bool = Field(
+        False, description="Fail instead of falling back to random init when weights cannot be obtained.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the classification head.")
+
+
+@dataclass(frozen=True, config=_STRICT)
+class Train:
+    max_epochs: int = Field(10, ge=1, description="Upper bound on training epochs.")
+    batch_size: int = Field(32, ge=1, description="Images per step (per device).")
+    lr: float = Field(1e-3, gt=0, lt=10, description="Peak learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, lt=1, description="AdamW / SGD weight decay.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    monitor: Literal["val/loss", "val/acc", "val/balanced_accuracy", "val/auroc"] = Field(
+        "val/loss", description="Validation metric for checkpointing, early stopping and tuning.")
+    patience: int = Field(5, ge=1, description="Epochs without improvement before early stopping.")
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field("auto", description="Lightning accelerator.")
+    devices: int | Literal["auto"] = Field(1, description="Devices to train on (DDP when > 1).")
+    strategy: Literal["auto", "ddp", "ddp_spawn"] = Field("auto", description="Lightning strategy.")
+    precision: Literal["32", "16-mixed", "bf16-mixed"] = Field("32", description="Numeric precision.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.devices, int) and self.devices < 1:
+            raise ValueError("devices must be >= 1 or 'auto'")
+
+
+@dataclass(frozen=True, config=_STRICT)
+class SearchDim:
+    """One searched params key: a float/int range or a list of choices."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty 'choices' list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError("float/int need 'low' < 'high'")
+        elif self.log and self.low <= 0:
+            raise ValueError("log scale needs 'low' > 0")
+
+
+@dataclass(frozen=True, config=_STRICT)
+class Tune:
+    enabled: bool = Field(True, description="Run the Optuna study; false passes params.yaml values through.")
+    n_trials: int = Field(4, ge=1, description="Completed-or-pruned trials the study should hold.")
+    max_epochs: int = Field(2, ge=1, description="Epochs per trial.")
+    timeout_s: float | None = Field(None, gt=0, description="Stop starting new trials after this many seconds.")
+    pruner: Literal["median", "none"] = Field("median", description="Optuna pruner.")
+    storage: str = Field("sqlite:///optuna.db", description="Optuna storage URL; kept between runs.")
+    search_space: dict[str, SearchDim] = Field(
+        default_factory=lambda: {
+            "train.lr": SearchDim(type="float", low=1e-4, high=3e-3, log=True),
+            "train.weight_decay": SearchDim(type="float", low=1e-6, high=1e-2, log=True),
+        },
+        description="params key -> {type: float|int|categorical, low, high, log, choices}.")
+
+
+@dataclass(frozen=True, config=_STRICT)
+class Evaluate:
+    batch_size: int = Field(64, ge=1, description="Images per inference batch.")
+
+
+@dataclass(frozen=True, config=_STRICT)
+class Tracking:
+    tracking_uri: str = Field("sqlite:///mlflow.db",
+                              description="MLflow store; the MLFLOW_TRACKING_URI environment variable wins.")
+    experiment: str = Field("pipeline", min_length=1, description="MLflow experiment name.")
+    artifact_root: str = Field("mlartifacts", description="Artifact folder for a local (sqlite/file) store.")
+
+
+@dataclass(frozen=True, config=_STRICT)
+class Params:
+    seed: int = Field(42, ge=0, description="Seed for splitting, augmentation, training and tuning.")
+    paths: Paths = Field(default_factory=Paths)
+    demo: Demo = Field(default_factory=Demo)
+    data: Data = Field(default_factory=Data)
+    augment: Augment = Field(default_factory=Augment)
+    model: Model = Field(default_factory=Model)
+    train: Train = Field(default_factory=Train)
+    tune: Tune = Field(default_factory=Tune)
+    evaluate: Evaluate = Field(default_factory=Evaluate)
+    mlflow: Tracking = Field(default_factory=Tracking)
+
+    def __post_init__(self) -> None:
+        if self.data.val_fraction + self.data.test_fraction >= 0.8:
+            raise ValueError("data.val_fraction + data.test_fraction must leave at least 20% for training")
+        for key in self.tune.search_space:
+            _check_key(self, key)
+
+
+_ADAPTER = TypeAdapter(Params)
+
+
+def _check_key(params: Params, key: str) -> None:
+    """Raise unless ``key`` ('section.name') names a scalar params field."""
+    section, _, name = key.partition(".")
+    fields = {f.name for f in dataclasses.fields(Params)}
+    if section not in fields or not dataclasses.is_dataclass(getattr(params, section)) or \
+            name not in {f.name for f in dataclasses.fields(getattr(params, section))}:
+        raise ValueError(f"tune.search_space: '{key}' is not a params key (use 'section.name', e.g. 'train.lr')")
+
+
+def parse(raw: dict[str, Any] | None, source: str = PARAMS_FILE) -> Params:
+    """Validate a params mapping; errors name every offending key and the value given."""
+    try:
+        return _ADAPTER.validate_python(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def load(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return parse(raw, str(path))
+
+
+def _describe(err: ValidationError, source: str, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join([prefix, *map(str, e["loc"])] if prefix else map(str, e["loc"])) or "params"
+        if e["type"] == "unexpected_keyword_argument":
+            lines.append(f"  {key}: unknown key")
+        elif isinstance(e.get("input"), dict):  # a whole-section check: the message names the keys
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return f"{source}: invalid params\n" + "\n".join(lines)
+
+
+def value_at(params: Params, key: str) -> Any:
+    """The value of a 'section.name' params key."""
+    _check_key(params, key)
+    section, _, name = key.partition(".")
+    return getattr(getattr(params, section), name)
+
+
+def with_overrides(params: Params, overrides: dict[str, Any]) -> Params:
+    """Return params with 'section.name' keys replaced (validated again, as the tuner needs)."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        _check_key(params, key)
+        section, _, name = key.partition(".")
+        sections.setdefault(section, {})[name] = value
+    changed = {}
+    for section, values in sections.items():
+        try:
+            changed[section] = dataclasses.replace(getattr(params, section), **values)
+        except ValidationError as err:
+            raise ConfigError(_describe(err, "overrides", section)) from None
+    return dataclasses.replace(params, **changed)
+
+
+def as_dict(params: Any) -> dict[str, Any]:
+    """Plain, JSON-serialisable dict of the params (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(params), default=list))
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """params.yaml names flattened with dots ('train.lr'), as MLflow params."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, list):
+            flat[prefix] = json.dumps(value)
+        else:
+            flat[prefix] = value
+
+    walk("", as_dict(params))
+    return flat
+
+
+def mode_of(monitor: str) -> Literal["min", "max"]:
+    return "min" if monitor.endswith("loss") else "max"
+
+
+def worst_value(monitor: str) -> float:
+    return math.inf if mode_of(monitor) == "min" else -math.inf

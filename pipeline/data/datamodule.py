@@ -1,0 +1,80 @@
+"""Serving the cached pixels to Lightning: one dataset class, one loader factory for every split."""
+
+from __future__ import annotations
+
+import albumentations as A
+import lightning.pytorch as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.data.ingest import Prepared
+
+
+class CachedImageDataset(Dataset):
+    """Rows of the pixel cache as (C, H, W) tensors in the cache's dtype, augmented when a transform is given.
+
+    Conversion to float and normalization happen on the device (``model.Classifier``), so the loader
+    moves a quarter of the bytes and the workers do only the augmentation.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: A.BasicTransform | None = None):
+        self.images, self.labels, self.transform = images, np.asarray(labels, dtype=np.int64), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = np.asarray(self.images[i])
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), int(self.labels[i])
+
+
+def _reseed_worker(worker_id: int) -> None:
+    # albumentations 2 keeps its own generator; without this every worker (and every epoch's fresh
+    # workers) would replay the same augmentation draws. torch's per-worker seed differs per epoch.
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None:
+        transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
+class ImageDataModule(L.LightningDataModule):
+    def __init__(self, prepared: Prepared, train_transform: A.BasicTransform | None, *,
+                 batch_size: int, num_workers: int = 0):
+        super().__init__()
+        self.prepared, self.train_transform = prepared, train_transform
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.prepared.classes)
+
+    def dataset(self, split: str, transform: A.BasicTransform | None = None) -> CachedImageDataset:
+        rows = self.prepared.split(split)
+        if rows.empty:
+            raise ValueError(f"split '{split}' is empty")
+        # Index the memory map once per split: a contiguous in-memory copy is faster to batch from.
+        images = np.ascontiguousarray(self.prepared.images[rows["cache_index"].to_numpy()])
+        return CachedImageDataset(images, rows["label_index"].to_numpy(), transform)
+
+    def _dataloader(self, split: str) -> DataLoader:
+        train = split == "train"
+        dataset = self.dataset(split, self.train_transform if train else None)
+        return DataLoader(
+            # A last training batch of one image would break BatchNorm; drop it.
+            dataset, batch_size=self.batch_size, shuffle=train, drop_last=train and len(dataset) > self.batch_size,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            worker_init_fn=_reseed_worker if self.num_workers > 0 else None,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._dataloader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._dataloader("test")

@@ -1,0 +1,101 @@
+"""Test-split evaluation: predictions, metrics (torchmetrics), confusion plot and the run report."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from torchmetrics.functional import classification as tmf
+
+from pipeline.data.datamodule import CachedImageDataset
+from pipeline.model import Classifier
+
+HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
+
+
+@torch.inference_mode()
+def predict_proba(model: Classifier, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Class probabilities for a stack of cached images (N, H, W, C)."""
+    model.eval()
+    loader = DataLoader(CachedImageDataset(images, np.zeros(len(images))), batch_size=batch_size)
+    device = next(model.parameters()).device
+    return torch.cat([model(x.to(device)).softmax(-1).cpu() for x, _ in loader]).numpy()
+
+
+def compute_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                    split: str = "test") -> dict[str, float]:
+    """Headline and per-class metrics, named '<split>/<metric>' and '<split>/<metric>/<class>'."""
+    p, y, k = torch.as_tensor(probs, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long), len(class_names)
+    metrics = {
+        "accuracy": tmf.multiclass_accuracy(p, y, k, average="micro"),
+        "balanced_accuracy": tmf.multiclass_accuracy(p, y, k, average="macro"),
+        "macro_f1": tmf.multiclass_f1_score(p, y, k, average="macro"),
+        "auroc": tmf.multiclass_auroc(p, y, k, average="macro"),
+    }
+    per_class = {
+        "precision": tmf.multiclass_precision(p, y, k, average=None),
+        "recall": tmf.multiclass_recall(p, y, k, average=None),
+        "f1": tmf.multiclass_f1_score(p, y, k, average=None),
+    }
+    out = {f"{split}/{name}": round(float(v), 6) for name, v in metrics.items()}
+    for name, values in per_class.items():
+        out |= {f"{split}/{name}/{c}": round(float(v), 6) for c, v in zip(class_names, values, strict=True)}
+    out |= {f"{split}/support/{c}": int((y == i).sum()) for i, c in enumerate(class_names)}
+    return out
+
+
+def confusion_table(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
+    """One row per test image (actual, predicted class names): DVC's confusion template input."""
+    names = np.asarray(class_names)
+    return pd.DataFrame({"actual": names[labels], "predicted": names[probs.argmax(1)]})
+
+
+def plot_confusion(table: pd.DataFrame, class_names: Sequence[str], path: Path) -> None:
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(class_names) + 2, 1.2 * len(class_names) + 1.5))
+    ConfusionMatrixDisplay.from_predictions(table["actual"], table["predicted"], labels=list(class_names),
+                                            ax=ax, colorbar=False, xticks_rotation=45)
+    ax.set_title("Test confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(metrics: dict[str, Any], data_report: dict[str, Any], run: dict[str, Any], plot_files: Sequence[str]) -> str:
+    """The Markdown report a person reads first."""
+    warnings = []
+    if not run["weights"]["pretrained"]:
+        reason = run["weights"].get("fallback_reason") or "model.weights is 'none'"
+        warnings.append(f"**Random initialization, not pretrained weights** — {reason}.")
+    if data_report["rejected"]:
+        warnings.append(f"{len(data_report['rejected'])} unreadable image file(s) were skipped at ingest.")
+    small = [c for c, n in data_report["counts"]["test"].items() if n < 10]
+    if small:
+        warnings.append(f"Fewer than 10 test images for: {', '.join(small)} — their metrics are very noisy.")
+    counts = pd.DataFrame(data_report["counts"]).rename_axis("class")
+    headline = "\n".join(f"| {m} | {metrics[f'test/{m}']:.4f} |" for m in HEADLINE)
+    per_class = pd.DataFrame({
+        m: {c: metrics[f"test/{m}/{c}"] for c in data_report["classes"]}
+        for m in ("precision", "recall", "f1", "support")
+    }).rename_axis("class")
+    lines = [
+        f"# Evaluation report — {data_report['source']}",
+        "",
+        f"Model `{run['arch']}`, weights: `{run['weights']['source']}`; MLflow run `{run['run_id']}`; "
+        f"best epoch checkpoint `{run['checkpoint']}`.",
+        "",
+        "## Warnings", "", *([f"- {w}" for w in warnings] or ["- none"]), "",
+        "## Data", "", f"{data_report['n_images']} images, {len(data_report['classes'])} classes, "
+        f"resized to {data_report['image_size']} px.", "", counts.to_markdown(), "",
+        "## Test metrics", "", "| metric | value |", "| --- | --- |", headline, "",
+        per_class.to_markdown(floatfmt=".3f"), "",
+        "## Plots", "", *[f"![{Path(f).stem}]({f})" for f in plot_files], "",
+    ]
+    return "\n".join(lines)

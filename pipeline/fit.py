@@ -1,0 +1,91 @@
+"""``fit(params, data) -> FitResult``: the one training function, called by the train stage and every tune trial."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import albumentations as A
+import lightning.pytorch as L
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+
+from pipeline.config import Params, mode_of
+from pipeline.data.datamodule import ImageDataModule
+from pipeline.data.ingest import Prepared
+from pipeline.model import Classifier
+from pipeline.weights import WeightsInfo, load_pretrained
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "best"  # written as <out_dir>/best.ckpt
+
+
+@dataclass(frozen=True)
+class FitResult:
+    best_score: float  # best value of params.train.monitor over the epochs run
+    best_checkpoint: Path | None
+    epochs_run: int
+    weights: WeightsInfo
+    last_metrics: dict[str, float]
+
+
+class EpochSummary(Callback):
+    """One plain line per epoch: readable in `dvc repro` logs, where progress bars are noise."""
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        shown = "  ".join(f"{k}={float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()))
+        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {shown}", flush=True)
+
+
+def datamodule(params: Params, prepared: Prepared, train_transform: A.BasicTransform | None) -> ImageDataModule:
+    return ImageDataModule(prepared, train_transform, batch_size=params.train.batch_size,
+                           num_workers=params.train.num_workers)
+
+
+def build_model(params: Params, class_names: Sequence[str], hub_dir: Path | None = None) -> tuple[Classifier, WeightsInfo]:
+    m, t = params.model, params.train
+    model = Classifier(arch=m.arch, num_classes=len(class_names), class_names=list(class_names),
+                       dropout=m.dropout, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer,
+                       monitor=t.monitor)
+    info = load_pretrained(model.net, m.arch, m.weights, require_pretrained=m.require_pretrained, hub_dir=hub_dir)
+    return model, info
+
+
+def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, logger: Logger | bool = False,
+        callbacks: Sequence[Callback] = (), max_epochs: int | None = None,
+        hub_dir: Path | None = None) -> FitResult:
+    """Fine-tune on ``data``'s train split, scored on val. With ``out_dir``, the best epoch is saved there."""
+    t = params.train
+    L.seed_everything(params.seed, workers=True, verbose=False)
+    model, weights = build_model(params, data.prepared.classes, hub_dir)
+    mode = mode_of(t.monitor)
+    stopper = EarlyStopping(monitor=t.monitor, mode=mode, patience=t.patience)
+    all_callbacks = [stopper, EpochSummary(), *callbacks]
+    checkpoint = None
+    if out_dir is not None:
+        checkpoint = ModelCheckpoint(dirpath=out_dir, filename=CHECKPOINT_NAME, monitor=t.monitor, mode=mode,
+                                     save_top_k=1, auto_insert_metric_name=False)
+        all_callbacks.append(checkpoint)
+    with tempfile.TemporaryDirectory(prefix="fit-") as scratch:
+        trainer = L.Trainer(
+            max_epochs=max_epochs or t.max_epochs, accelerator=t.accelerator, devices=t.devices,
+            strategy=t.strategy, precision=t.precision, logger=logger, callbacks=all_callbacks,
+            enable_checkpointing=checkpoint is not None, enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0, deterministic="warn",
+            log_every_n_steps=10, default_root_dir=str(out_dir or scratch),
+        )
+        trainer.fit(model, datamodule=data)
+    best = stopper.best_score.item()
+    return FitResult(
+        best_score=best,
+        best_checkpoint=Path(checkpoint.best_model_path) if checkpoint and checkpoint.best_model_path else None,
+        epochs_run=trainer.current_epoch,
+        weights=weights,
+        last_metrics={k: float(v) for k, v in trainer.callback_metrics.items()},
+    )

@@ -1,0 +1,106 @@
+"""The LightningModule: a torchvision ResNet with a new head, normalization inside, one metric vocabulary.
+
+Inputs are raw pixel tensors (uint8 from the cache); the module scales and normalizes them itself,
+so the loaders stay light and an exported model carries its own preprocessing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning.pytorch as L
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
+
+from pipeline.config import mode_of
+
+# ImageNet statistics, which torchvision's ResNet weights were trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_network(arch: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
+    """A randomly initialised torchvision ``arch`` whose ``fc`` head predicts ``num_classes``."""
+    net = torchvision.models.get_model(arch, weights=None)
+    head = nn.Linear(net.fc.in_features, num_classes)
+    net.fc = nn.Sequential(nn.Dropout(dropout), head) if dropout > 0 else head
+    return net
+
+
+def to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """Integer pixels to floats in [0, 1] (by the dtype's maximum); floats pass through."""
+    if x.dtype.is_floating_point:
+        return x
+    return x.float() / torch.iinfo(x.dtype).max
+
+
+class Classifier(L.LightningModule):
+    def __init__(
+        self,
+        arch: str,
+        num_classes: int,
+        class_names: Sequence[str] = (),
+        dropout: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        optimizer: str = "adamw",
+        monitor: str = "val/loss",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        super().__init__()
+        # Logged to MLflow by the stage under params.yaml names, not by Lightning under these.
+        self.save_hyperparameters(logger=False)
+        self.net = build_network(arch, num_classes, dropout)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        metrics = MetricCollection({
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "balanced_accuracy": MulticlassAccuracy(num_classes, average="macro"),
+            "macro_f1": MulticlassF1Score(num_classes, average="macro"),
+            "auroc": MulticlassAUROC(num_classes, average="macro"),
+        })
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for pixel batches (N, C, H, W): integer pixels or floats in [0, 1]."""
+        return self.net((to_unit_range(x) - self.mean) / self.std)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        metrics = self.train_metrics if split == "train" else self.val_metrics
+        metrics.update(logits.softmax(dim=-1), y)
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=len(y))
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split == "val")
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0]).softmax(dim=-1)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        max_epochs = max(1, self.trainer.max_epochs or 1)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+
+    @property
+    def monitor_mode(self) -> str:
+        return mode_of(self.hparams.monitor)

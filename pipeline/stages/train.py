@@ -1,0 +1,53 @@
+"""train: fine-tune with the tuned params; save the best checkpoint and the MLflow run it belongs to."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import yaml
+from lightning.pytorch.loggers import MLFlowLogger
+
+from pipeline import augment, tracking
+from pipeline.config import Params, with_overrides
+from pipeline.data.ingest import load_prepared
+from pipeline.fit import datamodule, fit
+from pipeline.fsutil import atomic_dir
+from pipeline.model import Classifier
+from pipeline.stages import open_tracking
+
+RUN_INFO = "run.json"  # beside the checkpoint in paths.model_dir; evaluate reads it
+
+
+def main(params: Params) -> None:
+    paths = params.paths
+    tuned = yaml.safe_load(Path(paths.best_params).read_text()) or {}
+    params = with_overrides(params, tuned)
+    tags = open_tracking(params)
+    prepared = load_prepared(Path(paths.prepared))
+    data = datamodule(params, prepared, augment.load(Path(paths.augment_pipeline), params.seed))
+
+    name = f"train {params.data.dataset} {params.model.arch}" + (f" {tags['dvc.exp_name']}" if "dvc.exp_name" in tags else "")
+    with mlflow.start_run(run_name=name, tags=tags | {"stage": "train"}) as run, \
+            atomic_dir(paths.model_dir) as staging:
+        tracking.log_params(params)
+        mlflow.log_dict(tuned, "best_params.json")
+        mlflow.log_artifact(paths.augment_preview)
+        mlflow.log_artifact(paths.augment_pipeline)
+        logger = MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run.info.run_id)
+        result = fit(params, data, out_dir=staging, logger=logger)
+        mlflow.set_tags({"weights.pretrained": str(result.weights.pretrained).lower(),
+                         "weights.source": result.weights.source})
+        info = {
+            "run_id": run.info.run_id, "arch": params.model.arch, "classes": list(prepared.classes),
+            "checkpoint": result.best_checkpoint.name, "monitor": params.train.monitor,
+            "best_score": result.best_score, "epochs_run": result.epochs_run,
+            "weights": dataclasses.asdict(result.weights),
+        }
+        (staging / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        mlflow.log_dict(info, RUN_INFO)
+        model = Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu")
+        tracking.log_model(model, np.ascontiguousarray(prepared.images[:2].transpose(0, 3, 1, 2)))
+    print(f"train: best {params.train.monitor}={result.best_score:.4f} after {result.epochs_run} epochs; "
+          f"weights {result.weights.source}; checkpoint in {paths.model_dir}; MLflow run {run.info.run_id}")

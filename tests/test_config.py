@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline import config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_are_valid_and_complete():
+    params = config.load(REPO / "params.yaml")
+    assert params.model.arch == "resnet18"
+    # params.yaml spells out every key, so dvc.yaml can list them and `dvc exp run -S` can set them.
+    assert set(config.flatten(params)) == set(config.flatten(config.parse({})))
+
+
+@pytest.mark.parametrize("raw, key, words", [
+    ({"train": {"lrr": 0.1}}, "train.lrr", "unknown key"),
+    ({"bogus": 1}, "bogus", "unknown key"),
+    ({"train": {"max_epochs": "ten"}}, "train.max_epochs", "integer"),
+    ({"train": {"lr": -1}}, "train.lr", "greater than 0"),
+    ({"model": {"arch": "vgg16"}}, "model.arch", "resnet50"),
+    ({"data": {"val_fraction": 0.7}}, "data.val_fraction", "less than 0.5"),
+    ({"tune": {"search_space": {"train.nope": {"type": "float", "low": 1, "high": 2}}}}, "train.nope", "not a params key"),
+    ({"tune": {"search_space": {"train.lr": {"type": "float", "low": 2, "high": 1}}}}, "tune.search_space.train.lr", "low"),
+])
+def test_bad_values_name_the_key(raw, key, words):
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(raw)
+    assert key in str(err.value) and words in str(err.value)
+
+
+def test_yaml_scientific_notation_is_a_float(tmp_path):
+    # PyYAML reads "1e-3" as a string; it must still validate as the number the user meant.
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 1e-3\n")
+    assert config.load(tmp_path / "params.yaml").train.lr == pytest.approx(1e-3)
+
+
+def test_missing_or_malformed_file(tmp_path):
+    with pytest.raises(config.ConfigError, match="not found"):
+        config.load(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(config.ConfigError, match="not valid YAML"):
+        config.load(tmp_path / "params.yaml")
+
+
+def test_overrides_are_validated_and_leave_the_original_alone():
+    params = config.parse({})
+    tuned = config.with_overrides(params, {"train.lr": 0.02, "model.dropout": 0.2})
+    assert (tuned.train.lr, tuned.model.dropout, params.train.lr) == (0.02, 0.2, 1e-3)
+    with pytest.raises(config.ConfigError, match="train.lr"):
+        config.with_overrides(params, {"train.lr": -1.0})
+    with pytest.raises(ValueError, match="train.foo"):
+        config.with_overrides(params, {"train.foo": 1})
+
+
+def test_flatten_uses_params_yaml_names():
+    flat = config.flatten(config.parse({}))
+    assert flat["train.lr"] == 1e-3 and flat["model.arch"] == "resnet18"
+    assert flat["tune.search_space.train.lr.log"] is True
+    assert flat["augment.transforms"].startswith("[{")

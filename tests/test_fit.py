@@ -1,0 +1,28 @@
+import torch
+
+from pipeline import augment
+from pipeline.fit import datamodule, fit
+from pipeline.model import Classifier
+
+TRANSFORMS = [{"name": "HorizontalFlip", "p": 0.5}]
+
+
+def test_tiny_fit_saves_the_best_checkpoint_and_logs_the_vocabulary(tiny_params, prepared, tmp_path):
+    data = datamodule(tiny_params, prepared, augment.build(TRANSFORMS, seed=0))
+    result = fit(tiny_params, data, out_dir=tmp_path / "ckpt")
+    assert result.best_checkpoint == tmp_path / "ckpt" / "best.ckpt" and result.best_checkpoint.is_file()
+    assert result.epochs_run == 2 and not result.weights.pretrained
+    for name in ("train/loss", "train/acc", "val/loss", "val/acc", "val/balanced_accuracy", "val/auroc", "val/macro_f1"):
+        assert name in result.last_metrics, name
+    model = Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu")
+    assert model.hparams.class_names == list(prepared.classes)
+    # The model normalizes raw pixels itself: uint8 and the same pixels as floats in [0, 1] agree.
+    x = torch.from_numpy(prepared.images[:2].transpose(0, 3, 1, 2).copy())
+    model.eval()
+    assert torch.allclose(model(x), model(x.float() / 255), atol=1e-5)
+
+
+def test_same_seed_same_validation_metrics(tiny_params, prepared):
+    runs = [fit(tiny_params, datamodule(tiny_params, prepared, augment.build(TRANSFORMS, seed=0)))
+            for _ in range(2)]
+    assert runs[0].last_metrics == runs[1].last_metrics

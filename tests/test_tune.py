@@ -1,0 +1,55 @@
+import mlflow
+import optuna
+
+from pipeline import augment, tracking, tune
+from pipeline.config import with_overrides
+from pipeline.fit import datamodule
+
+
+def test_study_logs_nested_trials_and_resumes_instead_of_restarting(tiny_params, prepared, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = with_overrides(tiny_params, {"tune.storage": f"sqlite:///{tmp_path}/optuna.db"})
+    params = with_overrides(params, {"mlflow.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    exp_id = tracking.setup(params.mlflow)
+    transform = augment.build([{"name": "HorizontalFlip", "p": 0.5}], seed=0)
+    data_for = lambda p: datamodule(p, prepared, transform)
+
+    study, summary = tune.run(params, data_for, "s1", {"data.version": "v1"})
+    assert summary["trials_complete"] + summary["trials_pruned"] == 2
+    assert set(study.best_params) == {"train.lr", "train.weight_decay"}
+    runs = mlflow.search_runs([exp_id], output_format="list")
+    parent = [r for r in runs if r.data.tags.get("stage") == "tune"]
+    trials = [r for r in runs if r.data.tags.get("stage") == "tune-trial"]
+    assert len(parent) == 1 and len(trials) == 2
+    assert all(r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for r in trials)
+    assert all("val/loss" in r.data.metrics and "train.lr" in r.data.params for r in trials)
+    assert {r.data.tags["optuna.state"] for r in trials} <= {"complete", "pruned"}
+
+    # Same study again: nothing to run, same parent run. One more trial wanted: exactly one runs.
+    tune.run(params, data_for, "s1", {"data.version": "v1"})
+    more = with_overrides(params, {"tune.n_trials": 3})
+    study, _ = tune.run(more, data_for, "s1", {"data.version": "v1"})
+    assert len(study.trials) == 3
+    runs = mlflow.search_runs([exp_id], output_format="list")
+    assert sum(r.data.tags.get("stage") == "tune" for r in runs) == 1
+    assert sum(r.data.tags.get("stage") == "tune-trial" for r in runs) == 3
+
+
+def test_study_name_changes_with_search_space_and_data(tiny_params):
+    base = tune.study_name(tiny_params, "v1")
+    assert tune.study_name(tiny_params, "v1") == base
+    assert tune.study_name(tiny_params, "v2") != base
+    wider = with_overrides(tiny_params, {"tune.search_space": {"train.lr": {"type": "float", "low": 1e-5, "high": 1e-1}}})
+    assert tune.study_name(wider, "v1") != base
+    # n_trials is a budget, not part of what makes trials comparable
+    assert tune.study_name(with_overrides(tiny_params, {"tune.n_trials": 9}), "v1") == base
+
+
+def test_suggest_covers_every_kind():
+    from pipeline.config import SearchDim
+    space = {"train.lr": SearchDim(type="float", low=1e-4, high=1e-2, log=True),
+             "train.batch_size": SearchDim(type="categorical", choices=(8, 16)),
+             "train.patience": SearchDim(type="int", low=1, high=4)}
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    values = tune.suggest(trial, space)
+    assert 1e-4 <= values["train.lr"] <= 1e-2 and values["train.batch_size"] in (8, 16) and 1 <= values["train.patience"] <= 4
