@@ -25,9 +25,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline.bench
 
+# The store named in params.yaml (mlflow.tracking_uri), unless MLFLOW_TRACKING_URI says otherwise.
 ui: $(STAMP)
 	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments  (Ctrl-C to stop)"
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri \
+	  "$${MLFLOW_TRACKING_URI:-$$($(BIN)/python -c 'from pipeline.config import load; print(load().mlflow.tracking_uri)')}"
 
 clean:
 	rm -rf data/prepared data/augment data/tune models reports

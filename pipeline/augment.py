@@ -56,18 +56,16 @@ def load(path: Path, seed: int) -> A.Compose:
 
 def preview(pipeline: A.BasicTransform, images: np.ndarray, labels: Sequence[str], draws: int, path: Path) -> None:
     """Save a grid: each row one training image (first column as is) followed by ``draws`` augmented copies."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     rows, cols = len(images), draws + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows), squeeze=False)
+    fig = Figure(figsize=(1.6 * cols, 1.7 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for r, (image, label) in enumerate(zip(images, labels, strict=True)):
         panels = [image] + [pipeline(image=image)["image"] for _ in range(draws)]
         for c, panel in enumerate(panels):
             ax = axes[r][c]
-            ax.imshow(panel.squeeze(), cmap="gray" if panel.shape[-1] == 1 else None)
+            ax.imshow(panel.squeeze(), cmap="gray" if panel.shape[-1] == 1 else None, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
@@ -75,5 +73,4 @@ def preview(pipeline: A.BasicTransform, images: np.ndarray, labels: Sequence[str
             if r == 0:
                 ax.set_title("original" if c == 0 else f"draw {c}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.savefig(path, dpi=72)

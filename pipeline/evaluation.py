@@ -30,7 +30,7 @@ def predict_proba(model: Classifier, images: np.ndarray, batch_size: int) -> np.
 def compute_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
                     split: str = "test") -> dict[str, float]:
     """Headline and per-class metrics, named '<split>/<metric>' and '<split>/<metric>/<class>'."""
-    p, y, k = torch.as_tensor(probs, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long), len(class_names)
+    p, y, k = torch.tensor(probs, dtype=torch.float32), torch.tensor(labels, dtype=torch.long), len(class_names)
     metrics = {
         "accuracy": tmf.multiclass_accuracy(p, y, k, average="micro"),
         "balanced_accuracy": tmf.multiclass_accuracy(p, y, k, average="macro"),
@@ -56,16 +56,16 @@ def confusion_table(probs: np.ndarray, labels: np.ndarray, class_names: Sequence
 
 
 def plot_confusion(table: pd.DataFrame, class_names: Sequence[str], path: Path) -> None:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    fig, ax = plt.subplots(figsize=(1.2 * len(class_names) + 2, 1.2 * len(class_names) + 1.5))
+    fig = Figure(figsize=(1.2 * len(class_names) + 2, 1.2 * len(class_names) + 1.5))
+    ax = fig.subplots()
     ConfusionMatrixDisplay.from_predictions(table["actual"], table["predicted"], labels=list(class_names),
                                             ax=ax, colorbar=False, xticks_rotation=45)
     ax.set_title("Test confusion matrix")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def report(metrics: dict[str, Any], data_report: dict[str, Any], run: dict[str, Any], plot_files: Sequence[str]) -> str:
@@ -84,7 +84,7 @@ def report(metrics: dict[str, Any], data_report: dict[str, Any], run: dict[str, 
     per_class = pd.DataFrame({
         m: {c: metrics[f"test/{m}/{c}"] for c in data_report["classes"]}
         for m in ("precision", "recall", "f1", "support")
-    }).rename_axis("class")
+    }).astype({"support": int}).rename_axis("class")
     lines = [
         f"# Evaluation report — {data_report['source']}",
         "",

@@ -70,7 +70,8 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
     checkpoint = None
     if out_dir is not None:
         checkpoint = ModelCheckpoint(dirpath=out_dir, filename=CHECKPOINT_NAME, monitor=t.monitor, mode=mode,
-                                     save_top_k=1, auto_insert_metric_name=False)
+                                     save_top_k=1, auto_insert_metric_name=False,
+                                     save_weights_only=True)  # what evaluate needs; a third of the size
         all_callbacks.append(checkpoint)
     with tempfile.TemporaryDirectory(prefix="fit-") as scratch:
         trainer = L.Trainer(
@@ -78,7 +79,7 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
             strategy=t.strategy, precision=t.precision, logger=logger, callbacks=all_callbacks,
             enable_checkpointing=checkpoint is not None, enable_progress_bar=False,
             enable_model_summary=False, num_sanity_val_steps=0, deterministic="warn",
-            log_every_n_steps=10, default_root_dir=str(out_dir or scratch),
+            log_every_n_steps=1, default_root_dir=str(out_dir or scratch),
         )
         trainer.fit(model, datamodule=data)
     best = stopper.best_score.item()

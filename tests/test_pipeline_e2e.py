@@ -1,0 +1,99 @@
+"""The real thing: `dvc repro` of the whole pipeline in a copy of the repository, with tiny params."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "demo": {"n_per_class": 8, "image_size": 32},
+    "data": {"image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25},
+    "model": {"weights": "none"},  # no network in tests; the download fallback is tested in test_weights
+    "train": {"max_epochs": 2, "batch_size": 8},
+    "tune": {"n_trials": 2, "max_epochs": 1},
+}
+
+pytestmark = pytest.mark.slow
+
+
+def sh(cmd: list[str], cwd: Path, env: dict) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A git + DVC copy of the project's files (as a fresh clone would have them), with tiny params."""
+    root = tmp_path_factory.mktemp("e2e") / "repo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env |= {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "TORCH_HOME": str(root.parent / "torch"),
+            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    sh(["git", "init", "-q"], root, env)
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "copy"], root, env)
+    first = sh(["dvc", "repro"], root, env)
+    return root, env, first
+
+
+def test_repro_runs_every_stage_and_writes_metrics(repo):
+    root, _, first = repo
+    for stage in ("demo", "ingest", "augment", "tune", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in first
+    metrics = json.loads((root / "reports" / "metrics.json").read_text())
+    for name in ("accuracy", "balanced_accuracy", "macro_f1", "auroc"):
+        assert 0.0 <= metrics[f"test/{name}"] <= 1.0
+    assert metrics["weights/pretrained"] is False
+    assert len(list((root / "data" / "raw" / "demo").rglob("*.png"))) == 4 * 8
+    assert (root / "models" / "best.ckpt").is_file() and (root / "data" / "augment" / "preview.png").is_file()
+    assert (root / "reports" / "plots" / "confusion_matrix.png").is_file()
+    assert "Random initialization" in (root / "reports" / "report.md").read_text()
+
+
+def test_mlflow_holds_tune_trials_and_one_train_run_with_lineage(repo):
+    root, _, _ = repo
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    exp = mlflow.get_experiment_by_name("pipeline")
+    runs = mlflow.search_runs([exp.experiment_id], output_format="list")
+    by_stage = {s: [r for r in runs if r.data.tags.get("stage") == s] for s in ("tune", "tune-trial", "train")}
+    assert [len(by_stage[s]) for s in ("tune", "tune-trial", "train")] == [1, 2, 1]
+    train = by_stage["train"][0]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    demo_hash = lock["stages"]["demo"]["outs"][0]["md5"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    assert train.data.tags["data.version"] == demo_hash
+    assert train.data.tags["git.commit"] == head and train.data.tags["weights.pretrained"] == "false"
+    assert train.data.params["train.max_epochs"] == "2"
+    assert "test/accuracy" in train.data.metrics and "val/loss" in train.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(train.info.run_id)}
+    assert {"preview.png", "params.json", "evaluation"} <= artifacts
+    assert mlflow.search_logged_models([exp.experiment_id], output_format="list")[0].source_run_id == train.info.run_id
+
+
+def test_second_repro_is_a_noop_and_evaluate_params_rerun_only_evaluate(repo):
+    root, env, _ = repo
+    assert "up to date" in sh(["dvc", "status"], root, env)
+    assert "Running stage" not in sh(["dvc", "repro"], root, env)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"]["batch_size"] = 7
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh(["dvc", "repro"], root, env)
+    assert out.count("Running stage") == 1 and "Running stage 'evaluate'" in out
+    assert "up to date" in sh(["dvc", "status"], root, env)
