@@ -99,14 +99,14 @@ class Model:
 
 @dataclass(frozen=True, config=_STRICT)
 class Train:
-    max_epochs: int = Field(10, ge=1, description="Upper bound on training epochs.")
+    max_epochs: int = Field(20, ge=1, description="Upper bound on training epochs.")
     batch_size: int = Field(32, ge=1, description="Images per step (per device).")
     lr: float = Field(1e-3, gt=0, lt=10, description="Peak learning rate.")
     weight_decay: float = Field(1e-4, ge=0, lt=1, description="AdamW / SGD weight decay.")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
     monitor: Literal["val/loss", "val/acc", "val/balanced_accuracy", "val/auroc"] = Field(
         "val/loss", description="Validation metric for checkpointing, early stopping and tuning.")
-    patience: int = Field(5, ge=1, description="Epochs without improvement before early stopping.")
+    patience: int = Field(6, ge=1, description="Epochs without improvement before early stopping.")
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field("auto", description="Lightning accelerator.")
     devices: int | Literal["auto"] = Field(1, description="Devices to train on (DDP when > 1).")
     strategy: Literal["auto", "ddp", "ddp_spawn"] = Field("auto", description="Lightning strategy.")
@@ -142,7 +142,7 @@ class SearchDim:
 class Tune:
     enabled: bool = Field(True, description="Run the Optuna study; false passes params.yaml values through.")
     n_trials: int = Field(4, ge=1, description="Completed-or-pruned trials the study should hold.")
-    max_epochs: int = Field(2, ge=1, description="Epochs per trial.")
+    max_epochs: int = Field(3, ge=1, description="Epochs per trial.")
     timeout_s: float | None = Field(None, gt=0, description="Stop starting new trials after this many seconds.")
     pruner: Literal["median", "none"] = Field("median", description="Optuna pruner.")
     storage: str = Field("sqlite:///optuna.db", description="Optuna storage URL; kept between runs.")
