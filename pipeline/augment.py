@@ -1,7 +1,13 @@
-"""Training augmentation: built from params with albumentations, saved in its own format, previewed.
+"""Training augmentation: domain presets and params entries built with albumentations, saved, previewed.
 
 The augment stage serializes the pipeline; train and tune load that file rather than rebuilding it
-from params, so what was previewed is exactly what trains.
+from params, so what was previewed is exactly what trains. The same module builds the deterministic
+test-time transforms (``evaluate.tta``) and the optional offline copies.
+
+Every preset works on 1-, 3- and N-band images (tested): transforms that accept only 1 or 3 channels
+are left out and named in a comment. albumentations 2 supports uint8 and float32 images only (on
+uint16 some transforms crash and RandomGamma returns out-of-range float64), so ``build`` runs
+16-bit images through float32 in [0, 1] with an explicit ``ToFloat`` ... ``FromFloat`` pair.
 """
 
 from __future__ import annotations
@@ -13,33 +19,121 @@ from typing import Any
 import albumentations as A
 import numpy as np
 
+from pipeline.config import Preset
 from pipeline.errors import PipelineError
+
+PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
+    "none": (),
+    # Grayscale-safe, no hue or colour jitter. No flips: a radiograph's left and right are anatomy
+    # (add {name: SquareSymmetry, p: 1.0} for orientation-free images such as histology tiles).
+    # CLAHE is left out: it accepts only 1- or 3-channel images (TypeError on N bands); add
+    # {name: CLAHE, p: 0.3} as an override for grayscale or RGB data.
+    "medical": (
+        {"name": "Affine", "rotate": [-10, 10], "scale": [0.9, 1.1], "translate_percent": [-0.05, 0.05],
+         "border_mode": 4, "p": 0.5},  # 4: cv2.BORDER_REFLECT_101, no black corners
+        {"name": "ElasticTransform", "alpha": 15, "sigma": 6, "border_mode": 4, "p": 0.25},
+        {"name": "RandomBrightnessContrast", "brightness_limit": 0.1, "contrast_limit": 0.1, "p": 0.5},
+        {"name": "RandomGamma", "gamma_limit": [90, 110], "p": 0.3},
+    ),
+    # D4: all eight flips and 90-degree rotations, uniformly (one transform instead of flips +
+    # RandomRotate90). Per-band gain: one brightness factor per band, as sensor/atmosphere differences.
+    "satellite": (
+        {"name": "SquareSymmetry", "p": 1.0},
+        {"name": "MultiplicativeNoise", "multiplier": [0.9, 1.1], "per_channel": True, "elementwise": False,
+         "p": 0.5},
+    ),
+    # ImageNet-style: flip, scale/shift/rotate (in place of RandomResizedCrop, which needs the image
+    # size), brightness/contrast. ColorJitter/HueSaturationValue are left out: they accept only 1 or
+    # 3 channels; add {name: ColorJitter, saturation: 0.2, hue: 0.05, p: 0.5} for RGB data.
+    "natural": (
+        {"name": "HorizontalFlip", "p": 0.5},
+        {"name": "Affine", "rotate": [-15, 15], "scale": [0.8, 1.2], "translate_percent": [-0.1, 0.1],
+         "border_mode": 4, "p": 0.7},
+        {"name": "RandomBrightnessContrast", "brightness_limit": 0.2, "contrast_limit": 0.2, "p": 0.5},
+    ),
+}
 
 
 class AugmentError(PipelineError, ValueError):
-    """A bad entry in augment.transforms; the message names the entry."""
+    """A bad entry in augment.transforms, augment.preset or evaluate.tta; the message names the entry."""
 
 
-def build(transforms: Sequence[dict[str, Any]], seed: int) -> A.Compose:
-    """A seeded ``A.Compose`` from ``[{name: Transform, arg: value, ...}, ...]``.
+def resolve(preset: Preset, transforms: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """The preset's entries with ``transforms`` applied, each with where it came from (for errors).
 
-    Transforms are built with ``strict=True``: albumentations 2 otherwise only warns about arguments
-    it does not know (for example ones removed since 1.x), which would silently change the pipeline.
+    Override rule: an entry whose ``name`` is in the preset updates that preset entry's arguments
+    (the others keep the preset's values; ``p: 0`` switches it off); any other entry is appended, in
+    order. A name may override the preset only once.
+    """
+    if preset not in PRESETS:
+        raise AugmentError(f"augment.preset: '{preset}' is not a preset (valid: {', '.join(PRESETS)})")
+    entries = [(f"augment.preset {preset}[{i}]", dict(e)) for i, e in enumerate(PRESETS[preset])]
+    in_preset = {e["name"]: i for i, (_, e) in enumerate(entries)}
+    overridden: set[str] = set()
+    for i, entry in enumerate(transforms):
+        where, name = f"augment.transforms[{i}]", entry.get("name")
+        if name in in_preset:
+            if name in overridden:
+                raise AugmentError(f"{where}: '{name}' overrides preset '{preset}' a second time; "
+                                   "merge the two entries into one")
+            overridden.add(name)
+            k = in_preset[name]
+            entries[k] = (f"{where} (overriding preset '{preset}')", entries[k][1] | dict(entry))
+        else:
+            entries.append((where, dict(entry)))
+    return entries
+
+
+def _transform(where: str, entry: dict[str, Any]) -> A.BasicTransform:
+    """One transform from ``{name: Transform, arg: value, ...}``, built strictly.
+
+    albumentations 2 otherwise only warns about arguments it does not know (for example ones removed
+    since 1.x), which would silently change the pipeline. The few classes without an ``InitSchema``
+    (e.g. RandomRotate90) take no ``strict`` argument but reject unknown ones with a TypeError anyway.
+    """
+    args = dict(entry)
+    name = args.pop("name", None)
+    cls = getattr(A, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
+        raise AugmentError(f"{where}: '{name}' is not an albumentations transform "
+                           "(write e.g. {name: HorizontalFlip, p: 0.5})")
+    owner = next(k for k in cls.__mro__ if "__init__" in k.__dict__)
+    strict = {"strict": True} if "InitSchema" in owner.__dict__ else {}
+    try:
+        return cls(**args, **strict)
+    except Exception as err:  # albumentations raises ValueError, TypeError or pydantic's ValidationError
+        raise AugmentError(f"{where} ({name}): {err}") from None
+
+
+def build(transforms: Sequence[dict[str, Any]], seed: int, *, preset: Preset = "none",
+          dtype: np.dtype | str = "uint8") -> A.Compose:
+    """A seeded ``A.Compose`` of ``preset`` overridden by ``transforms`` (see ``resolve``), for ``dtype`` images."""
+    built = [_transform(where, entry) for where, entry in resolve(preset, transforms)]
+    dtype = np.dtype(dtype)
+    if dtype.kind == "u" and dtype != np.uint8:
+        top = float(np.iinfo(dtype).max)
+        built = [A.ToFloat(max_value=top), *built, A.FromFloat(dtype=dtype.name, max_value=top)]
+    return A.Compose(built, seed=seed)
+
+
+def build_tta(entries: Sequence[str | dict[str, Any]]) -> list[A.BasicTransform]:
+    """The deterministic test-time transforms of ``evaluate.tta`` (names, or entries with arguments).
+
+    Each always applies (``p`` is 1); one whose output depends on the random seed is refused.
     """
     built = []
-    for i, entry in enumerate(transforms):
-        where = f"augment.transforms[{i}]"
-        args = dict(entry)
-        name = args.pop("name", None)
-        cls = getattr(A, name, None) if isinstance(name, str) else None
-        if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
-            raise AugmentError(f"{where}: '{name}' is not an albumentations transform "
-                               "(write e.g. {name: HorizontalFlip, p: 0.5})")
-        try:
-            built.append(cls(**args, strict=True))
-        except Exception as err:  # albumentations raises ValueError or pydantic's ValidationError
-            raise AugmentError(f"{where} ({name}): {err}") from None
-    return A.Compose(built, seed=seed)
+    probe = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    for i, entry in enumerate(entries):
+        where, entry = f"evaluate.tta[{i}]", {"name": entry} if isinstance(entry, str) else dict(entry)
+        if entry.setdefault("p", 1.0) != 1.0:
+            raise AugmentError(f"{where} ({entry.get('name')}): test-time transforms always apply; remove 'p'")
+        transform = _transform(where, entry)
+        outputs = [A.Compose([transform], seed=s)(image=probe)["image"] for s in range(8)]
+        if any(not np.array_equal(outputs[0], o) for o in outputs[1:]):
+            raise AugmentError(f"{where} ({entry['name']}): random, not deterministic; test-time augmentation "
+                               "needs fixed transforms such as HorizontalFlip, VerticalFlip or Transpose")
+        built.append(transform)
+    return built
 
 
 def save(pipeline: A.BasicTransform, path: Path) -> None:
@@ -54,6 +148,22 @@ def load(path: Path, seed: int) -> A.Compose:
     return pipeline
 
 
+def offline_copies(pipeline: A.BasicTransform, images: np.ndarray, labels: np.ndarray,
+                   copies: int) -> tuple[np.ndarray, np.ndarray]:
+    """``copies`` augmented draws of every image (image-major order), and their labels."""
+    if copies == 0:
+        return np.empty((0, *images.shape[1:]), images.dtype), np.empty(0, np.int64)
+    drawn = [pipeline(image=np.asarray(image))["image"] for image in images for _ in range(copies)]
+    return np.stack(drawn), np.repeat(np.asarray(labels, dtype=np.int64), copies)
+
+
+def _displayable(image: np.ndarray) -> np.ndarray:
+    """Floats in [0, 1]: one band as is, else the first three bands as RGB (N-band data)."""
+    top = np.iinfo(image.dtype).max if image.dtype.kind in "ui" else 1.0
+    image = image.astype(np.float32) / top
+    return image[..., 0] if image.shape[-1] < 3 else np.clip(image[..., :3], 0, 1)
+
+
 def preview(pipeline: A.BasicTransform, images: np.ndarray, labels: Sequence[str], draws: int, path: Path) -> None:
     """Save a grid: each row one training image (first column as is) followed by ``draws`` augmented copies."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
@@ -65,7 +175,8 @@ def preview(pipeline: A.BasicTransform, images: np.ndarray, labels: Sequence[str
         panels = [image] + [pipeline(image=image)["image"] for _ in range(draws)]
         for c, panel in enumerate(panels):
             ax = axes[r][c]
-            ax.imshow(panel.squeeze(), cmap="gray" if panel.shape[-1] == 1 else None, interpolation="nearest")
+            shown = _displayable(panel)
+            ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:

@@ -4,6 +4,8 @@ Measured on a generated demo set in a temporary folder, so it needs no prior ``d
 - ``ingest``: decode + resize + cache throughput;
 - ``loader``: augmented training batches per second from the cache, against decoding the PNGs
   in every epoch (what the cache saves);
+- ``augment``: per preset, augmented images/s in one thread (what one loader worker gets) with
+  albumentations against the equivalent ``torchvision.transforms.v2`` pipeline on the same images;
 - ``fit``: Lightning ``fit`` images/s against a plain PyTorch loop over the same data, model and
   optimizer (the ratio is the pipeline's overhead), plus peak resident memory.
 """
@@ -17,9 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch.nn import functional as F
+from torchvision.transforms import v2
 
 from pipeline import augment, config, demo
 from pipeline.data.datamodule import CachedImageDataset
@@ -28,7 +32,8 @@ from pipeline.fit import datamodule, fit
 from pipeline.model import Classifier
 
 N_PER_CLASS, SIZE, EPOCHS = 48, 64, 2
-TRANSFORMS = config.parse({}).augment.transforms
+AUGMENT = config.parse({}).augment
+AUGMENT_SECONDS = 1.5  # per library and preset
 
 
 def emit(name: str, **values) -> None:
@@ -60,6 +65,67 @@ def bench_loader(raw: Path, prepared, pipeline) -> None:
     decoded = len(paths) / (time.perf_counter() - start)
     emit("loader", workers=0, cached_images_per_s=round(cached, 1), decode_each_epoch_images_per_s=round(decoded, 1),
          speedup=round(cached / decoded, 2))
+
+
+def _random_gamma(x: torch.Tensor) -> torch.Tensor:
+    return v2.functional.adjust_gamma(x, float(torch.empty(1).uniform_(0.9, 1.1)))
+
+
+def _random_rot90(x: torch.Tensor) -> torch.Tensor:
+    return torch.rot90(x, int(torch.randint(4, ())), dims=(-2, -1))
+
+
+def _band_gain(x: torch.Tensor) -> torch.Tensor:
+    gain = torch.empty(x.shape[0], 1, 1).uniform_(0.9, 1.1)
+    return (x.float() * gain).round_().clamp_(0, 255).to(x.dtype)
+
+
+def torchvision_equivalent(preset: str) -> v2.Compose:
+    """Each preset (``augment.PRESETS``) in torchvision v2: same probabilities and ranges where v2 has
+    the transform, a small lambda where it does not (gamma, 90-degree rotation, per-band gain)."""
+    bilinear = v2.InterpolationMode.BILINEAR
+    return v2.Compose({
+        "medical": [
+            v2.RandomApply([v2.RandomAffine(10, translate=(0.05, 0.05), scale=(0.9, 1.1), interpolation=bilinear)], p=0.5),
+            v2.RandomApply([v2.ElasticTransform(alpha=15.0, sigma=6.0)], p=0.25),
+            v2.RandomApply([v2.ColorJitter(brightness=0.1, contrast=0.1)], p=0.5),
+            v2.RandomApply([v2.Lambda(_random_gamma)], p=0.3),
+        ],
+        "satellite": [v2.RandomHorizontalFlip(), v2.Lambda(_random_rot90), v2.RandomApply([v2.Lambda(_band_gain)], p=0.5)],
+        "natural": [
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.RandomAffine(15, translate=(0.1, 0.1), scale=(0.8, 1.2), interpolation=bilinear)], p=0.7),
+            v2.RandomApply([v2.ColorJitter(brightness=0.2, contrast=0.2)], p=0.5),
+        ],
+    }[preset])
+
+
+def _images_per_s(apply, images) -> float:
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < AUGMENT_SECONDS:
+        for image in images:
+            apply(image)
+        done += len(images)
+    return done / (time.perf_counter() - start)
+
+
+def bench_augment(prepared) -> None:
+    images = np.ascontiguousarray(prepared.images[prepared.split("train")["cache_index"].to_numpy()])
+    tensors = [torch.from_numpy(image.transpose(2, 0, 1).copy()) for image in images]  # v2's own layout, not timed
+    threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)  # one loader worker: a single thread for both libraries
+    cv2.setNumThreads(1)
+    try:
+        for preset in ("medical", "satellite", "natural"):
+            albumentations = augment.build([], seed=0, preset=preset)
+            torchvision = torchvision_equivalent(preset)
+            ours = _images_per_s(lambda image: albumentations(image=image), images)
+            theirs = _images_per_s(torchvision, tensors)
+            emit("augment", preset=preset, image_size=SIZE, threads=1, albumentations_img_s=round(ours, 1),
+                 torchvision_v2_img_s=round(theirs, 1), ratio=round(ours / theirs, 2))
+    finally:
+        torch.set_num_threads(threads[0])
+        cv2.setNumThreads(threads[1])
 
 
 def plain_loop(params: config.Params, data) -> float:
@@ -103,8 +169,9 @@ def main() -> int:
         demo.generate(raw, N_PER_CLASS, SIZE, seed=0)
         bench_ingest(raw, out)
         prepared = load_prepared(out)
-        pipeline = augment.build(TRANSFORMS, seed=0)
+        pipeline = augment.build(AUGMENT.transforms, seed=0, preset=AUGMENT.preset)
         bench_loader(raw, prepared, pipeline)
+        bench_augment(prepared)
         bench_fit(prepared, pipeline)
     return 0
 

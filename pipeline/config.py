@@ -25,6 +25,7 @@ Arch = Literal[
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "wide_resnet50_2",
 ]
+Preset = Literal["none", "medical", "satellite", "natural"]  # augment.PRESETS holds their transforms
 _STRICT = ConfigDict(extra="forbid")
 
 
@@ -41,6 +42,8 @@ class Paths:
     augment_pipeline: str = Field("data/augment/train_transforms.json",
                                   description="Serialized albumentations training pipeline.")
     augment_preview: str = Field("data/augment/preview.png", description="Grid of augmented samples.")
+    augment_offline: str = Field("data/augment/offline",
+                                 description="Offline augmented training copies (images.npy, labels.npy).")
     best_params: str = Field("data/tune/best_params.yaml", description="Tuned values the train stage uses.")
     tune_summary: str = Field("data/tune/summary.json", description="Study summary (DVC metrics).")
     model_dir: str = Field("models", description="Best checkpoint and the MLflow run it belongs to.")
@@ -73,15 +76,16 @@ class Data:
 
 @dataclass(frozen=True, config=_STRICT)
 class Augment:
-    """The training augmentation pipeline: albumentations transforms by name, with their arguments."""
+    """The training augmentation pipeline: a domain preset, overridden or extended by albumentations entries."""
 
+    preset: Preset = Field(
+        "medical", description="Starting list of transforms (pipeline/augment.py PRESETS); 'none' starts empty.")
     transforms: tuple[dict[str, Any], ...] = Field(
-        (
-            {"name": "HorizontalFlip", "p": 0.5},
-            {"name": "Affine", "rotate": [-15, 15], "scale": [0.9, 1.1], "p": 0.5},
-            {"name": "RandomBrightnessContrast", "brightness_limit": 0.15, "contrast_limit": 0.15, "p": 0.5},
-        ),
-        description="List of {name: <albumentations transform>, <argument>: <value>, ...}.")
+        ({"name": "SquareSymmetry", "p": 1.0},),
+        description="List of {name: <albumentations transform>, <argument>: <value>, ...}. An entry named like "
+                    "a preset transform updates that transform's arguments; other entries are appended.")
+    offline_copies: int = Field(0, ge=0, le=20, description="Augmented copies of each training image written "
+                                                             "at the augment stage and added to the train split.")
     preview_images: int = Field(6, ge=1, le=32, description="Training images shown in the preview grid.")
     preview_draws: int = Field(5, ge=1, le=16, description="Augmented draws per preview image.")
 
@@ -157,6 +161,10 @@ class Tune:
 @dataclass(frozen=True, config=_STRICT)
 class Evaluate:
     batch_size: int = Field(64, ge=1, description="Images per inference batch.")
+    tta: tuple[str | dict[str, Any], ...] = Field(
+        ("HorizontalFlip", "VerticalFlip"),
+        description="Test-time augmentation: deterministic albumentations transforms (names, or {name, args}); "
+                    "predictions are averaged over the image and each transform. [] turns it off.")
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -1,4 +1,5 @@
-"""Test-split evaluation: predictions, metrics (torchmetrics), confusion plot and the run report."""
+"""Test-split evaluation: predictions (with and without test-time augmentation), metrics (torchmetrics),
+confusion plot and the run report."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import albumentations as A
 import numpy as np
 import pandas as pd
 import torch
@@ -16,6 +18,7 @@ from pipeline.data.datamodule import CachedImageDataset
 from pipeline.model import Classifier
 
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
+TTA_SPLIT = "test_tta"  # metrics with test-time augmentation: test_tta/accuracy, ...
 
 
 @torch.inference_mode()
@@ -25,6 +28,26 @@ def predict_proba(model: Classifier, images: np.ndarray, batch_size: int) -> np.
     loader = DataLoader(CachedImageDataset(images, np.zeros(len(images))), batch_size=batch_size)
     device = next(model.parameters()).device
     return torch.cat([model(x.to(device)).softmax(-1).cpu() for x, _ in loader]).numpy()
+
+
+def predict_tta(model: Classifier, images: np.ndarray, batch_size: int,
+                transforms: Sequence[A.BasicTransform]) -> np.ndarray:
+    """Class probabilities averaged over the images as they are and under each (deterministic) transform."""
+    probs = [predict_proba(model, images, batch_size)]
+    for transform in transforms:
+        moved = np.stack([transform(image=np.asarray(image))["image"] for image in images])
+        probs.append(predict_proba(model, moved, batch_size))
+    return np.mean(probs, axis=0)
+
+
+def evaluate(model: Classifier, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+             batch_size: int, tta: Sequence[A.BasicTransform] = ()) -> tuple[np.ndarray, dict[str, float]]:
+    """Plain probabilities and the metrics: 'test/*' without TTA and, when ``tta`` is given, 'test_tta/*'."""
+    probs = predict_proba(model, images, batch_size)
+    metrics = compute_metrics(probs, labels, class_names)
+    if tta:
+        metrics |= compute_metrics(predict_tta(model, images, batch_size, tta), labels, class_names, TTA_SPLIT)
+    return probs, metrics
 
 
 def compute_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
@@ -68,8 +91,9 @@ def plot_confusion(table: pd.DataFrame, class_names: Sequence[str], path: Path) 
     fig.savefig(path, dpi=100)
 
 
-def report(metrics: dict[str, Any], data_report: dict[str, Any], run: dict[str, Any], plot_files: Sequence[str]) -> str:
-    """The Markdown report a person reads first."""
+def report(metrics: dict[str, Any], data_report: dict[str, Any], run: dict[str, Any], plot_files: Sequence[str],
+           tta: Sequence[str] = ()) -> str:
+    """The Markdown report a person reads first; ``tta`` names the test-time transforms, if any."""
     warnings = []
     if not run["weights"]["pretrained"]:
         reason = run["weights"].get("fallback_reason") or "model.weights is 'none'"
@@ -80,7 +104,15 @@ def report(metrics: dict[str, Any], data_report: dict[str, Any], run: dict[str, 
     if small:
         warnings.append(f"Fewer than 10 test images for: {', '.join(small)} — their metrics are very noisy.")
     counts = pd.DataFrame(data_report["counts"]).rename_axis("class")
-    headline = "\n".join(f"| {m} | {metrics[f'test/{m}']:.4f} |" for m in HEADLINE)
+    if tta:
+        headline = "\n".join(["| metric | without TTA | with TTA |", "| --- | --- | --- |"] + [
+            f"| {m} | {metrics[f'test/{m}']:.4f} | {metrics[f'{TTA_SPLIT}/{m}']:.4f} |" for m in HEADLINE])
+        tta_note = (f"TTA averages the predictions over the image and {', '.join(tta)}. Per-class metrics and "
+                    "the confusion matrix are without TTA.")
+    else:
+        headline = "\n".join(["| metric | value |", "| --- | --- |"] + [
+            f"| {m} | {metrics[f'test/{m}']:.4f} |" for m in HEADLINE])
+        tta_note = "No test-time augmentation (evaluate.tta is empty)."
     per_class = pd.DataFrame({
         m: {c: metrics[f"test/{m}/{c}"] for c in data_report["classes"]}
         for m in ("precision", "recall", "f1", "support")
@@ -94,7 +126,7 @@ def report(metrics: dict[str, Any], data_report: dict[str, Any], run: dict[str, 
         "## Warnings", "", *([f"- {w}" for w in warnings] or ["- none"]), "",
         "## Data", "", f"{data_report['n_images']} images, {len(data_report['classes'])} classes, "
         f"resized to {data_report['image_size']} px.", "", counts.to_markdown(), "",
-        "## Test metrics", "", "| metric | value |", "| --- | --- |", headline, "",
+        "## Test metrics", "", headline, "", tta_note, "",
         per_class.to_markdown(floatfmt=".3f"), "",
         "## Plots", "", *[f"![{Path(f).stem}]({f})" for f in plot_files], "",
     ]

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import albumentations as A
 import lightning.pytorch as L
+import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
 from pipeline.config import Params, mode_of
-from pipeline.data.datamodule import ImageDataModule
+from pipeline.data.datamodule import ImageDataModule, load_offline
 from pipeline.data.ingest import Prepared
 from pipeline.model import Classifier
 from pipeline.weights import WeightsInfo, load_pretrained
@@ -44,16 +45,28 @@ class EpochSummary(Callback):
 
 
 def datamodule(params: Params, prepared: Prepared, train_transform: A.BasicTransform | None) -> ImageDataModule:
+    copies = params.augment.offline_copies
+    offline = load_offline(Path(params.paths.augment_offline), prepared, copies) if copies else None
     return ImageDataModule(prepared, train_transform, batch_size=params.train.batch_size,
-                           num_workers=params.train.num_workers)
+                           num_workers=params.train.num_workers, offline=offline)
 
 
-def build_model(params: Params, class_names: Sequence[str], hub_dir: Path | None = None) -> tuple[Classifier, WeightsInfo]:
+def build_model(params: Params, class_names: Sequence[str], hub_dir: Path | None = None,
+                dataset_stats: tuple[Sequence[float], Sequence[float]] | None = None) -> tuple[Classifier, WeightsInfo]:
+    """The classifier with its weights loaded, normalizing with the statistics those weights expect.
+
+    Pretrained 3-channel weights keep ImageNet mean/std (what they were trained with); random init or
+    other band counts use ``dataset_stats`` (ingest's train-split mean/std) when given.
+    """
     m, t = params.model, params.train
     model = Classifier(arch=m.arch, num_classes=len(class_names), class_names=list(class_names),
                        dropout=m.dropout, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer,
                        monitor=t.monitor)
     info = load_pretrained(model.net, m.arch, m.weights, require_pretrained=m.require_pretrained, hub_dir=hub_dir)
+    if dataset_stats is not None and not (info.pretrained and len(dataset_stats[0]) == 3):
+        mean, std = (list(map(float, v)) for v in dataset_stats)
+        model.mean, model.std = (torch.tensor(v).view(1, -1, 1, 1) for v in (mean, std))
+        model.hparams.update(mean=mean, std=std)  # so checkpoints rebuild the model with them
     return model, info
 
 
@@ -63,7 +76,7 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
     """Fine-tune on ``data``'s train split, scored on val. With ``out_dir``, the best epoch is saved there."""
     t = params.train
     L.seed_everything(params.seed, workers=True, verbose=False)
-    model, weights = build_model(params, data.prepared.classes, hub_dir)
+    model, weights = build_model(params, data.prepared.classes, hub_dir, (data.prepared.mean, data.prepared.std))
     mode = mode_of(t.monitor)
     stopper = EarlyStopping(monitor=t.monitor, mode=mode, patience=t.patience)
     all_callbacks = [stopper, EpochSummary(), *callbacks]

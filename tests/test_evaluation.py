@@ -50,3 +50,56 @@ def test_report_warns_about_random_init():
     text = evaluation.report(m, data, run, ["plots/cm.png"])
     assert "Random initialization" in text and "download failed: offline" in text
     assert "Fewer than 10 test images" in text and "![cm](plots/cm.png)" in text
+
+
+# --- test-time augmentation ------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_model():
+    """A linear classifier on raw pixels: fast, and position-sensitive, so a flip changes its predictions."""
+    import torch
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 32 * 32, 3)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1).float() / 255)
+
+    torch.manual_seed(0)
+    return Linear()
+
+
+def test_tta_averages_the_plain_and_transformed_predictions(tiny_model):
+    from pipeline import augment
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    flip = augment.build_tta(["HorizontalFlip"])
+    plain = evaluation.predict_proba(tiny_model, images, batch_size=3)
+    flipped = evaluation.predict_proba(tiny_model, np.ascontiguousarray(images[:, :, ::-1]), batch_size=3)
+    assert not np.allclose(plain, flipped, atol=1e-4)  # else the check below proves nothing
+    np.testing.assert_allclose(evaluation.predict_tta(tiny_model, images, 3, flip), (plain + flipped) / 2, atol=1e-6)
+
+
+def test_evaluate_reports_metrics_with_and_without_tta(tiny_model):
+    from pipeline import augment
+    images = np.random.default_rng(1).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    probs, plain = evaluation.evaluate(tiny_model, images, LABELS, CLASSES, 4)
+    assert "test/accuracy" in plain and not any(k.startswith("test_tta/") for k in plain)
+    _, both = evaluation.evaluate(tiny_model, images, LABELS, CLASSES, 4, augment.build_tta(["VerticalFlip"]))
+    assert {k for k in both if k.startswith("test/")} == set(plain) and both["test/auroc"] == plain["test/auroc"]
+    assert {f"test_tta/{m}" for m in evaluation.HEADLINE} <= set(both)
+    assert probs.shape == (6, 3)
+
+
+def test_report_shows_both_columns_when_tta_is_on():
+    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES) | evaluation.compute_metrics(
+        np.eye(3)[LABELS], LABELS, CLASSES, evaluation.TTA_SPLIT)
+    data = {"source": "data/raw/x", "classes": list(CLASSES), "n_images": 6, "image_size": 32, "rejected": [],
+            "counts": {s: {c: 2 for c in CLASSES} for s in ("train", "val", "test")}}
+    run = {"arch": "resnet18", "run_id": "r1", "checkpoint": "best.ckpt",
+           "weights": {"pretrained": True, "source": "url"}}
+    text = evaluation.report(m, data, run, [], ["HorizontalFlip", "VerticalFlip"])
+    assert "| metric | without TTA | with TTA |" in text and "| accuracy | 0.8333 | 1.0000 |" in text
+    assert "HorizontalFlip, VerticalFlip" in text
+    assert "| accuracy | 0.8333 |\n" in evaluation.report(m, data, run, [])

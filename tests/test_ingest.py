@@ -88,3 +88,25 @@ def test_sixteen_bit_images_keep_their_contrast(tmp_path):
     ingest(tmp_path / "raw", tmp_path / "out", **(ARGS | {"image_size": 16}))
     cache = load_prepared(tmp_path / "out").images
     assert cache[0, 0, 0, 0] < 10 and cache[0, 0, -1, 0] > 245
+
+
+def test_report_holds_the_train_split_normalization(image_folder, tmp_path):
+    ingest(image_folder, tmp_path / "out", **ARGS)
+    prepared = load_prepared(tmp_path / "out")
+    train = prepared.images[prepared.split("train")["cache_index"].to_numpy()] / 255.0
+    stats = json.loads((tmp_path / "out" / REPORT_JSON).read_text())["normalization"]
+    np.testing.assert_allclose(stats["mean"], train.mean(axis=(0, 1, 2)), atol=1e-5)
+    np.testing.assert_allclose(stats["std"], train.std(axis=(0, 1, 2)), atol=1e-5)
+    assert prepared.mean == tuple(stats["mean"]) and prepared.std == tuple(stats["std"])
+    everything = prepared.images / 255.0  # the train split alone, not the whole set
+    assert not np.allclose(stats["mean"], everything.mean(axis=(0, 1, 2)), atol=1e-5)
+
+
+def test_channel_stats_of_sixteen_bit_n_band_pixels():
+    from pipeline.data.ingest import channel_stats
+    pixels = np.zeros((5, 4, 4, 13), dtype=np.uint16)
+    pixels[..., 1] = 65535
+    pixels[:2, ..., 2] = 65535  # 2 of 5 images bright: mean 0.4, std sqrt(0.24)
+    mean, std = channel_stats(pixels, chunk=2)
+    assert mean[:3] == pytest.approx([0.0, 1.0, 0.4]) and std[2] == pytest.approx(0.24 ** 0.5)
+    assert std[0] == std[1] == 1.0  # constant bands: no division by ~0

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import albumentations as A
 import lightning.pytorch as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.data.ingest import Prepared
+from pipeline.data.ingest import DataError, Prepared
+
+# The augment stage's offline copies (augment.offline_copies), in its output folder paths.augment_offline.
+OFFLINE_IMAGES = "images.npy"
+OFFLINE_LABELS = "labels.npy"
 
 
 class CachedImageDataset(Dataset):
@@ -31,6 +37,18 @@ class CachedImageDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), int(self.labels[i])
 
 
+def load_offline(folder: Path, prepared: Prepared, copies: int) -> tuple[np.ndarray, np.ndarray]:
+    """The augment stage's offline copies of the train split; checked against ``prepared`` and ``copies``."""
+    if not (folder / OFFLINE_LABELS).is_file():
+        raise DataError(f"{folder}: offline copies not found; run the augment stage first (dvc repro augment)")
+    images, labels = np.load(folder / OFFLINE_IMAGES), np.load(folder / OFFLINE_LABELS)
+    expected = copies * len(prepared.split("train"))
+    if len(labels) != expected or images.shape[1:] != prepared.images.shape[1:]:
+        raise DataError(f"{folder}: {len(labels)} offline copies of {images.shape[1:]} images, expected {expected} "
+                        f"of {prepared.images.shape[1:]} (augment.offline_copies={copies}); rerun the augment stage")
+    return images, labels
+
+
 def _reseed_worker(worker_id: int) -> None:
     # albumentations 2 keeps its own generator; without this every worker (and every epoch's fresh
     # workers) would replay the same augmentation draws. torch's per-worker seed differs per epoch.
@@ -42,9 +60,10 @@ def _reseed_worker(worker_id: int) -> None:
 
 class ImageDataModule(L.LightningDataModule):
     def __init__(self, prepared: Prepared, train_transform: A.BasicTransform | None, *,
-                 batch_size: int, num_workers: int = 0):
+                 batch_size: int, num_workers: int = 0, offline: tuple[np.ndarray, np.ndarray] | None = None):
+        """``offline``: (images, label indices) appended to the train split, e.g. from ``load_offline``."""
         super().__init__()
-        self.prepared, self.train_transform = prepared, train_transform
+        self.prepared, self.train_transform, self.offline = prepared, train_transform, offline
         self.batch_size, self.num_workers = batch_size, num_workers
 
     @property
@@ -57,7 +76,10 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"split '{split}' is empty")
         # Index the memory map once per split: a contiguous in-memory copy is faster to batch from.
         images = np.ascontiguousarray(self.prepared.images[rows["cache_index"].to_numpy()])
-        return CachedImageDataset(images, rows["label_index"].to_numpy(), transform)
+        labels = rows["label_index"].to_numpy()
+        if split == "train" and self.offline is not None:
+            images, labels = np.concatenate([images, self.offline[0]]), np.concatenate([labels, self.offline[1]])
+        return CachedImageDataset(images, labels, transform)
 
     def _dataloader(self, split: str) -> DataLoader:
         train = split == "train"

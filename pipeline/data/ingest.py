@@ -2,7 +2,8 @@
 
 Training never decodes an image file: ingest writes every image, resized once, into one uint8
 array (``images.npy``) that the data loaders memory-map. ``splits.csv`` maps each file to its row in
-that array, its label and its split; ``report.json`` records what was found and what was rejected.
+that array, its label and its split; ``report.json`` records what was found and what was rejected,
+and the train split's per-channel mean and std (the normalization for random init and N-band data).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Prepared:
     images: np.ndarray  # (N, H, W, C) uint8, memory-mapped
     classes: tuple[str, ...]
     digest: str  # of splits.csv: changes with any file, label or split assignment
+    mean: tuple[float, ...]  # per channel, train split, [0, 1] units (report.json "normalization")
+    std: tuple[float, ...]
 
     def split(self, name: str) -> pd.DataFrame:
         return self.table[self.table["split"] == name]
@@ -77,6 +80,23 @@ def decode(path: Path, size: int) -> np.ndarray:
             img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
         rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def channel_stats(images: np.ndarray, chunk: int = 256) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of (N, H, W, C) pixels in [0, 1] units (integers divided by the dtype's max).
+
+    Summed in chunks, so a large cache is never copied to float64 whole. A constant channel gets std 1:
+    dividing by ~0 would turn any unseen deviation at test time into a huge input.
+    """
+    top = float(np.iinfo(images.dtype).max) if images.dtype.kind in "ui" else 1.0
+    total, squares, n = np.zeros(images.shape[-1]), np.zeros(images.shape[-1]), 0
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].reshape(-1, images.shape[-1]).astype(np.float64) / top
+        total, squares, n = total + x.sum(0), squares + (x * x).sum(0), n + len(x)
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean**2, 0.0))
+    std = np.where(std > 1e-6, std, 1.0)
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
 
 def assign_splits(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
@@ -120,6 +140,8 @@ def ingest(raw_dir: Path, out_dir: Path, *, image_size: int, val_fraction: float
     table["label_index"] = table["label"].map({c: i for i, c in enumerate(classes)})
     table["split"] = assign_splits(table["label"].to_numpy(), val_fraction, test_fraction, seed)
     table["cache_index"] = np.arange(len(table))
+    cache = np.stack(pixels)
+    mean, std = channel_stats(cache[(table["split"] == "train").to_numpy()])
 
     report = {
         "source": str(raw_dir),
@@ -130,9 +152,10 @@ def ingest(raw_dir: Path, out_dir: Path, *, image_size: int, val_fraction: float
                    .astype(int).to_dict() for s in SPLITS},
         "rejected": rejected,
         "ignored_non_images": len(ignored),
+        "normalization": {"split": "train", "units": "[0, 1]", "mean": mean, "std": std},
     }
     with atomic_dir(out_dir) as staging:
-        np.save(staging / CACHE_NPY, np.stack(pixels))
+        np.save(staging / CACHE_NPY, cache)
         table.to_csv(staging / SPLITS_CSV, index=False)
         write_json(staging / REPORT_JSON, report)
     return report
@@ -144,6 +167,11 @@ def load_prepared(out_dir: Path) -> Prepared:
     if not splits.is_file():
         raise DataError(f"{splits}: not found; run the ingest stage first (dvc repro ingest)")
     table = pd.read_csv(splits)
-    classes = tuple(json.loads((out_dir / REPORT_JSON).read_text())["classes"])
-    return Prepared(table=table, images=np.load(out_dir / CACHE_NPY, mmap_mode="r"), classes=classes,
-                    digest=hashlib.sha256(splits.read_bytes()).hexdigest()[:12])
+    report = json.loads((out_dir / REPORT_JSON).read_text())
+    if "normalization" not in report:
+        raise DataError(f"{out_dir / REPORT_JSON}: no normalization statistics (written by an older ingest); "
+                        "rerun the ingest stage")
+    stats = report["normalization"]
+    return Prepared(table=table, images=np.load(out_dir / CACHE_NPY, mmap_mode="r"), classes=tuple(report["classes"]),
+                    digest=hashlib.sha256(splits.read_bytes()).hexdigest()[:12],
+                    mean=tuple(stats["mean"]), std=tuple(stats["std"]))

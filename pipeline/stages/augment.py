@@ -1,20 +1,23 @@
-"""augment: build the training pipeline from params, serialize it, and draw a preview grid."""
+"""augment: build the training pipeline from params, serialize it, draw a preview grid and any offline copies."""
 
 from pathlib import Path
 
+import numpy as np
+
 from pipeline import augment
 from pipeline.config import Params
+from pipeline.data.datamodule import OFFLINE_IMAGES, OFFLINE_LABELS
 from pipeline.data.ingest import load_prepared
-from pipeline.fsutil import atomic_file
+from pipeline.fsutil import atomic_dir, atomic_file
 
 
 def main(params: Params) -> None:
     a, paths = params.augment, params.paths
-    pipeline = augment.build(a.transforms, params.seed)
+    prepared = load_prepared(Path(paths.prepared))
+    pipeline = augment.build(a.transforms, params.seed, preset=a.preset, dtype=prepared.images.dtype)
     with atomic_file(paths.augment_pipeline) as tmp:
         augment.save(pipeline, tmp)
 
-    prepared = load_prepared(Path(paths.prepared))
     train = prepared.split("train")
     # Round-robin over the classes, so every class shows up before any repeats.
     shuffled = train.sample(frac=1.0, random_state=params.seed)
@@ -24,4 +27,13 @@ def main(params: Params) -> None:
     with atomic_file(paths.augment_preview) as tmp:
         augment.preview(pipeline, prepared.images[rows["cache_index"].to_numpy()], rows["label"].tolist(),
                         a.preview_draws, tmp)
-    print(f"augment: {len(a.transforms)} transforms -> {paths.augment_pipeline}; preview {paths.augment_preview}")
+
+    # Written even when empty, so train and tune always have the dependency DVC declares.
+    pipeline.set_random_seed(params.seed)
+    images, labels = augment.offline_copies(pipeline, prepared.images[train["cache_index"].to_numpy()],
+                                            train["label_index"].to_numpy(), a.offline_copies)
+    with atomic_dir(paths.augment_offline) as staging:
+        np.save(staging / OFFLINE_IMAGES, images)
+        np.save(staging / OFFLINE_LABELS, labels)
+    print(f"augment: preset {a.preset}, {len(pipeline.transforms)} transforms -> {paths.augment_pipeline}; "
+          f"preview {paths.augment_preview}; {len(labels)} offline copies -> {paths.augment_offline}")
