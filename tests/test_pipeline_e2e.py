@@ -97,3 +97,18 @@ def test_second_repro_is_a_noop_and_evaluate_params_rerun_only_evaluate(repo):
     out = sh(["dvc", "repro"], root, env)
     assert out.count("Running stage") == 1 and "Running stage 'evaluate'" in out
     assert "up to date" in sh(["dvc", "status"], root, env)
+
+
+def test_dvc_exp_run_tags_its_runs_with_the_experiment_name(repo):
+    root, env, _ = repo
+    out = sh(["dvc", "exp", "run", "-n", "short-fit", "-S", "train.max_epochs=1"], root, env)
+    assert "Running stage 'train'" in out and "Running stage 'ingest'" not in out
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    exp = mlflow.get_experiment_by_name("pipeline")
+    runs = mlflow.search_runs([exp.experiment_id], filter_string="tags.`dvc.exp_name` = 'short-fit'",
+                              output_format="list")
+    stages = sorted(r.data.tags["stage"] for r in runs)
+    assert stages.count("train") == 1 and "tune" in stages
+    train = next(r for r in runs if r.data.tags["stage"] == "train")
+    assert train.data.params["train.max_epochs"] == "1" and "short-fit" in train.info.run_name
+    assert "test/accuracy" in train.data.metrics
