@@ -52,7 +52,8 @@ def datamodule(params: Params, prepared: Prepared, train_transform: A.BasicTrans
 
 
 def build_model(params: Params, class_names: Sequence[str], hub_dir: Path | None = None,
-                dataset_stats: tuple[Sequence[float], Sequence[float]] | None = None) -> tuple[Classifier, WeightsInfo]:
+                dataset_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+                in_channels: int = 3) -> tuple[Classifier, WeightsInfo]:
     """The classifier with its weights loaded, normalizing with the statistics those weights expect.
 
     Pretrained 3-channel weights keep ImageNet mean/std (what they were trained with); random init or
@@ -61,7 +62,7 @@ def build_model(params: Params, class_names: Sequence[str], hub_dir: Path | None
     m, t = params.model, params.train
     model = Classifier(arch=m.arch, num_classes=len(class_names), class_names=list(class_names),
                        dropout=m.dropout, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer,
-                       monitor=t.monitor)
+                       monitor=t.monitor, in_channels=in_channels)
     info = load_pretrained(model.net, m.arch, m.weights, require_pretrained=m.require_pretrained, hub_dir=hub_dir)
     if dataset_stats is not None and not (info.pretrained and len(dataset_stats[0]) == 3):
         mean, std = (list(map(float, v)) for v in dataset_stats)
@@ -76,7 +77,8 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
     """Fine-tune on ``data``'s train split, scored on val. With ``out_dir``, the best epoch is saved there."""
     t = params.train
     L.seed_everything(params.seed, workers=True, verbose=False)
-    model, weights = build_model(params, data.prepared.classes, hub_dir, (data.prepared.mean, data.prepared.std))
+    model, weights = build_model(params, data.prepared.classes, hub_dir, (data.prepared.mean, data.prepared.std),
+                                 in_channels=data.prepared.images.shape[-1])
     mode = mode_of(t.monitor)
     stopper = EarlyStopping(monitor=t.monitor, mode=mode, patience=t.patience)
     all_callbacks = [stopper, EpochSummary(), *callbacks]

@@ -23,9 +23,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def build_network(arch: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
-    """A randomly initialised torchvision ``arch`` whose ``fc`` head predicts ``num_classes``."""
+def build_network(arch: str, num_classes: int, dropout: float = 0.0, in_channels: int = 3) -> nn.Module:
+    """A randomly initialised torchvision ``arch`` for ``in_channels`` bands whose ``fc`` head predicts ``num_classes``."""
     net = torchvision.models.get_model(arch, weights=None)
+    if in_channels != 3:
+        old = net.conv1
+        net.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
     head = nn.Linear(net.fc.in_features, num_classes)
     net.fc = nn.Sequential(nn.Dropout(dropout), head) if dropout > 0 else head
     return net
@@ -49,15 +52,22 @@ class Classifier(L.LightningModule):
         weight_decay: float = 1e-4,
         optimizer: str = "adamw",
         monitor: str = "val/loss",
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        in_channels: int = 3,
     ):
         super().__init__()
         # Logged to MLflow by the stage under params.yaml names, not by Lightning under these.
         self.save_hyperparameters(logger=False)
-        self.net = build_network(arch, num_classes, dropout)
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        self.net = build_network(arch, num_classes, dropout, in_channels)
+        # Defaults: ImageNet statistics for RGB; their average per band otherwise (fit.build_model
+        # passes the data set's own statistics where ImageNet's do not apply).
+        if mean is None or std is None:
+            mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_channels == 3 else \
+                ([sum(IMAGENET_MEAN) / 3] * in_channels, [sum(IMAGENET_STD) / 3] * in_channels)
+            self.hparams.update(mean=list(mean), std=list(std))  # the checkpoint records what was used
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         metrics = MetricCollection({
             "acc": MulticlassAccuracy(num_classes, average="micro"),
             "balanced_accuracy": MulticlassAccuracy(num_classes, average="macro"),

@@ -23,6 +23,7 @@ from pipeline.errors import PipelineError
 log = logging.getLogger(__name__)
 
 HEAD_PREFIX = "fc."
+FIRST_CONV = "conv1.weight"
 DOWNLOAD_TIMEOUT_S = 60
 
 
@@ -68,9 +69,28 @@ def read(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def adapt_first_conv(kernel: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Pretrained RGB first-layer kernels (out, 3, k, k) for ``in_channels`` bands, instead of a random layer.
+
+    Grayscale sums the three kernels, so a gray image gives exactly the response the RGB network gives
+    to that image replicated to three channels. N bands cycle through R, G, B and scale by 3/N (as
+    timm's ``adapt_input_conv`` does), which keeps the layer's overall response to equal bands in the
+    same range (exactly the same when N is a multiple of 3).
+    """
+    if in_channels == 1:
+        return kernel.sum(dim=1, keepdim=True)
+    return kernel[:, [i % 3 for i in range(in_channels)]] * (3.0 / in_channels)
+
+
 def load_into(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``net``; only the replaced head (``fc.*``) may be missing or differ."""
+    """Load ``state`` into ``net``; only the replaced head (``fc.*``) may be missing or differ.
+
+    A first convolution with another band count than the checkpoint's RGB is adapted, not re-initialized.
+    """
     own = net.state_dict()
+    conv = state.get(FIRST_CONV)
+    if conv is not None and FIRST_CONV in own and conv.shape[1] == 3 and own[FIRST_CONV].shape[1] != 3:
+        state = state | {FIRST_CONV: adapt_first_conv(conv, own[FIRST_CONV].shape[1])}
     head_mismatch = [k for k in state if k.startswith(HEAD_PREFIX) and k in own and state[k].shape != own[k].shape]
     result = net.load_state_dict({k: v for k, v in state.items() if k not in head_mismatch}, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIX)]

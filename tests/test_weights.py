@@ -91,3 +91,29 @@ def test_none_and_missing_file():
 
 def test_imagenet_url_is_torchvisions():
     assert weights.imagenet_url("resnet50").startswith("https://download.pytorch.org/models/resnet50-")
+
+
+@pytest.mark.parametrize("bands", [1, 6])
+def test_adapted_first_conv_keeps_the_pretrained_response(saved_state, bands):
+    state, path = saved_state
+    net = build_network("resnet18", 3, in_channels=bands)
+    weights.load_pretrained(net, "resnet18", str(path), require_pretrained=True)
+    assert net.conv1.weight.shape[1] == bands
+    rgb = build_network("resnet18", 3)
+    weights.load_pretrained(rgb, "resnet18", str(path), require_pretrained=True)
+    rgb.fc, net.fc = torch.nn.Identity(), torch.nn.Identity()
+    rgb.eval(), net.eval()
+    gray = torch.rand(2, 1, 32, 32)
+    # An image whose bands are all equal gets the pretrained RGB network's features for the replicated image.
+    with torch.no_grad():
+        assert torch.allclose(net(gray.repeat(1, bands, 1, 1)), rgb(gray.repeat(1, 3, 1, 1)), atol=1e-4)
+
+
+def test_n_band_first_conv_spreads_the_rgb_kernels(saved_state):
+    state, path = saved_state
+    net = build_network("resnet18", 3, in_channels=13)
+    weights.load_pretrained(net, "resnet18", str(path), require_pretrained=True)
+    rgb = state["conv1.weight"]
+    assert torch.allclose(net.conv1.weight[:, 3], rgb[:, 0] * 3 / 13)
+    assert torch.allclose(net.conv1.weight[:, 12], rgb[:, 0] * 3 / 13)
+    assert torch.allclose(net.conv1.weight[:, 5], rgb[:, 2] * 3 / 13)
