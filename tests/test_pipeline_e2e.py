@@ -112,3 +112,21 @@ def test_dvc_exp_run_tags_its_runs_with_the_experiment_name(repo):
     train = next(r for r in runs if r.data.tags["stage"] == "train")
     assert train.data.params["train.max_epochs"] == "1" and "short-fit" in train.info.run_name
     assert "test/accuracy" in train.data.metrics
+
+
+def test_ddp_on_two_cpu_processes_makes_one_run_and_one_checkpoint(repo):
+    root, env, _ = repo
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    exp = mlflow.get_experiment_by_name("pipeline")
+    before = {r.info.run_id for r in mlflow.search_runs([exp.experiment_id], output_format="list")}
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"] |= {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_epochs": 1}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh([sys.executable, "-m", "pipeline", "train"], root, env)
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in out
+    new = [r for r in mlflow.search_runs([exp.experiment_id], output_format="list") if r.info.run_id not in before]
+    assert len(new) == 1 and new[0].data.tags["stage"] == "train" and new[0].data.params["train.devices"] == "2"
+    assert sorted(p.name for p in (root / "models").iterdir()) == ["best.ckpt", "run.json"]
+    single = next(r for r in mlflow.search_runs([exp.experiment_id], output_format="list")
+                  if r.data.tags.get("stage") == "train" and r.info.run_id in before)
+    assert set(new[0].data.metrics) == {m for m in single.data.metrics if not m.startswith(("test/", "test_tta/"))}

@@ -2,12 +2,14 @@
 
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import yaml
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from pipeline import augment, tracking
 from pipeline.config import Params, with_overrides
@@ -24,9 +26,16 @@ def main(params: Params) -> None:
     paths = params.paths
     tuned = yaml.safe_load(Path(paths.best_params).read_text()) or {}
     params = with_overrides(params, tuned)
-    tags = open_tracking(params)
     prepared = load_prepared(Path(paths.prepared))
     data = datamodule(params, prepared, augment.load(Path(paths.augment_pipeline), params.seed))
+    if rank_zero_only.rank != 0:
+        # A DDP worker (started by Lightning, torchrun or SLURM) trains its shard and writes nothing:
+        # rank 0 owns the MLflow run and the outputs, and broadcasts the checkpoint folder.
+        with tempfile.TemporaryDirectory() as scratch:
+            fit(params, data, out_dir=Path(scratch))
+        return
+
+    tags = open_tracking(params)
 
     name = f"train {params.data.dataset} {params.model.arch}" + (f" {tags['dvc.exp_name']}" if "dvc.exp_name" in tags else "")
     with mlflow.start_run(run_name=name, tags=tags | {"stage": "train"}) as run, \
