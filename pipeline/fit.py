@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import Logger
 from pipeline.config import Params, mode_of
 from pipeline.data.datamodule import ImageDataModule, load_offline
 from pipeline.data.ingest import Prepared
+from pipeline.errors import PipelineError
 from pipeline.model import Classifier
 from pipeline.weights import WeightsInfo, load_pretrained
 
@@ -42,6 +43,33 @@ class EpochSummary(Callback):
             return
         shown = "  ".join(f"{k}={float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()))
         print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {shown}", flush=True)
+
+
+class TrainingDiverged(PipelineError, FloatingPointError):
+    """The loss became NaN or infinite; nothing from this run should be kept."""
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stop at the first NaN/inf loss (a training batch or a validation epoch) with a message.
+
+    EarlyStopping alone would end the run quietly and keep going as if it had finished; the
+    checkpoint callback runs after this one, so a diverged epoch is never saved.
+    """
+
+    @staticmethod
+    def _check(loss: torch.Tensor | None, what: str, pl_module: L.LightningModule) -> None:
+        if loss is not None and not torch.isfinite(loss).all():
+            raise TrainingDiverged(f"{what} became {loss.item()}; lower train.lr (now {pl_module.hparams.lr:g}) "
+                                   "or check the input data for NaN/inf values")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._check(loss, f"the training loss at epoch {trainer.current_epoch + 1}, batch {batch_idx + 1}", pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._check(trainer.callback_metrics.get("val/loss"), f"val/loss at epoch {trainer.current_epoch + 1}",
+                        pl_module)
 
 
 def datamodule(params: Params, prepared: Prepared, train_transform: A.BasicTransform | None) -> ImageDataModule:
@@ -81,7 +109,7 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
                                  in_channels=data.prepared.images.shape[-1])
     mode = mode_of(t.monitor)
     stopper = EarlyStopping(monitor=t.monitor, mode=mode, patience=t.patience)
-    all_callbacks = [stopper, EpochSummary(), *callbacks]
+    all_callbacks = [stopper, StopOnNonFiniteLoss(), EpochSummary(), *callbacks]
     checkpoint = None
     if out_dir is not None:
         checkpoint = ModelCheckpoint(dirpath=out_dir, filename=CHECKPOINT_NAME, monitor=t.monitor, mode=mode,

@@ -26,3 +26,15 @@ def test_same_seed_same_validation_metrics(tiny_params, prepared):
     runs = [fit(tiny_params, datamodule(tiny_params, prepared, augment.build(TRANSFORMS, seed=0)))
             for _ in range(2)]
     assert runs[0].last_metrics == runs[1].last_metrics
+
+
+def test_a_diverging_loss_stops_with_a_message_and_no_checkpoint(tiny_params, prepared, tmp_path):
+    import pytest
+
+    from pipeline.config import with_overrides
+    from pipeline.fit import TrainingDiverged
+
+    params = with_overrides(tiny_params, {"train.lr": 9.0, "train.optimizer": "sgd"})
+    with pytest.raises(TrainingDiverged, match="lower train.lr"):
+        fit(params, datamodule(params, prepared, None), out_dir=tmp_path / "ckpt", max_epochs=20)
+    assert not (tmp_path / "ckpt" / "best.ckpt").exists()
