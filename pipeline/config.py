@@ -72,6 +72,28 @@ class Data:
     test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of each class for test.")
     on_bad_file: Literal["skip", "fail"] = Field(
         "skip", description="Unreadable image files: skip with a warning, or stop.")
+    channels: Literal["rgb", "keep"] = Field(
+        "rgb", description="rgb: grayscale replicated to 3 channels, alpha dropped (for ImageNet weights); "
+                           "keep: 1 or N bands as the files hold them (all files must agree).")
+    dicom_window: tuple[float, float] | None = Field(
+        None, description="DICOM [center, width] in modality units (after rescale slope/intercept); "
+                          "null: each file's WindowCenter/WindowWidth tags, else its own min..max.")
+    min_images_per_class: int = Field(
+        20, ge=3, description="Classes with fewer readable images get a warning (fewer than 3 is an error).")
+    near_duplicate_bits: int | None = Field(
+        10, ge=0, le=64, description="Images whose 256-bit difference hashes differ in at most this many bits "
+                                     "are near duplicates; null turns the check off.")
+    on_leakage: Literal["fail", "warn"] = Field(
+        "fail", description="Duplicates or one group in two splits of a predefined split: stop, or warn.")
+    folds: int = Field(
+        0, ge=0, le=20, description="0: no folds; k >= 2: a 'fold' column (0..k-1, grouped, stratified) "
+                                    "over train and val in splits.csv, -1 for test.")
+
+    def __post_init__(self) -> None:
+        if self.folds == 1:
+            raise ValueError("folds must be 0 (off) or at least 2")
+        if self.dicom_window is not None and self.dicom_window[1] <= 0:
+            raise ValueError("dicom_window width (second value) must be > 0")
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -78,16 +78,19 @@ def test_a_failed_ingest_keeps_the_previous_outputs(image_folder, tmp_path):
     assert tree_digest(tmp_path / "out") == before
 
 
-def test_sixteen_bit_images_keep_their_contrast(tmp_path):
+def test_sixteen_bit_images_keep_their_range(tmp_path):
     from PIL import Image
+    rng = np.random.default_rng(0)
     for name in ("a", "b", "c"):
         (tmp_path / "raw" / name).mkdir(parents=True)
         for i in range(3):
-            ramp = np.tile(np.linspace(0, 65535, 16, dtype=np.uint16), (16, 1))
-            Image.fromarray(ramp).save(tmp_path / "raw" / name / f"{i}.png")
+            ramp = np.tile(np.linspace(0, 65000, 16), (16, 1)) + rng.integers(0, 500, (16, 16))
+            Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "raw" / name / f"{i}.png")
     ingest(tmp_path / "raw", tmp_path / "out", **(ARGS | {"image_size": 16}))
     cache = load_prepared(tmp_path / "out").images
-    assert cache[0, 0, 0, 0] < 10 and cache[0, 0, -1, 0] > 245
+    assert cache.dtype == np.uint16 and cache.shape[-1] == 3
+    assert cache[:, :, 0].max() < 600 and cache[:, :, -1].min() > 64000
+    assert (cache % 257 != 0).any()  # true 16-bit values, not 8-bit ones scaled up
 
 
 def test_report_holds_the_train_split_normalization(image_folder, tmp_path):
@@ -110,3 +113,140 @@ def test_channel_stats_of_sixteen_bit_n_band_pixels():
     mean, std = channel_stats(pixels, chunk=2)
     assert mean[:3] == pytest.approx([0.0, 1.0, 0.4]) and std[2] == pytest.approx(0.24 ** 0.5)
     assert std[0] == std[1] == 1.0  # constant bands: no division by ~0
+
+
+# --- validation, duplicates, manifests and splits -------------------------------------------------
+
+def noise_png(path: Path, seed: int, size: int = 16, gray: bool = False) -> Path:
+    rng = np.random.default_rng(seed)
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size, size) if gray else (size, size, 3)).astype(np.uint8)).save(path)
+    return path
+
+
+def manifest_set(root: Path, n_groups: int = 12, per_group: int = 3, split: bool = False) -> Path:
+    """Two classes; ``per_group`` images per group (patient); every image distinct. Returns the manifest."""
+    rows = []
+    for g in range(n_groups):
+        for i in range(per_group):
+            label = "sick" if g % 2 else "well"
+            name = f"imgs/p{g:02d}_{i}.png"
+            noise_png(root / name, seed=100 * g + i)
+            rows.append({"path": name, "label": label, "group": f"p{g:02d}",
+                         "split": ("test", "val", "train", "train")[g % 4 if g > 1 else 2 + g]})
+    table = pd.DataFrame(rows)
+    (table if split else table.drop(columns="split")).to_csv(root / "manifest.csv", index=False)
+    return root / "manifest.csv"
+
+
+def test_identical_files_under_two_labels_are_an_error_naming_both(image_folder, tmp_path):
+    copy = image_folder / "beta" / "copy_of_alpha.png"
+    copy.write_bytes((image_folder / "alpha" / "alpha_03.png").read_bytes())
+    with pytest.raises(DataError, match=r"alpha_03\.png \(alpha\).*copy_of_alpha\.png \(beta\)"):
+        ingest(image_folder, tmp_path / "out", **ARGS)
+
+
+def test_exact_and_near_duplicates_are_reported_and_kept_in_one_split(image_folder, tmp_path):
+    from PIL import Image
+    original = image_folder / "alpha" / "alpha_00.png"
+    (image_folder / "alpha" / "exact.png").write_bytes(original.read_bytes())
+    brighter = np.clip(np.asarray(Image.open(original)).astype(int) + 6, 0, 255).astype(np.uint8)
+    Image.fromarray(brighter).save(image_folder / "alpha" / "near.png")
+    report = ingest(image_folder, tmp_path / "out", **ARGS)
+    assert report["duplicates"]["n_exact_sets"] == 1 and report["duplicates"]["n_near_pairs"] >= 1
+    assert {Path(p).name for p in report["duplicates"]["exact"][0]} == {"alpha_00.png", "exact.png"}
+    near_names = {Path(p).name for pair in report["duplicates"]["near"] for p in pair["paths"]}
+    assert "near.png" in near_names
+    table = pd.read_csv(tmp_path / "out" / SPLITS_CSV)
+    by_name = {Path(p).name: s for p, s in zip(table["path"], table["split"])}
+    assert by_name["alpha_00.png"] == by_name["exact.png"] == by_name["near.png"]
+    assert report["split_by"] == "grouped"
+    assert table["sha256"].str.len().eq(64).all()
+
+
+def test_near_duplicate_check_can_be_turned_off(image_folder, tmp_path):
+    from PIL import Image
+    original = np.asarray(Image.open(image_folder / "alpha" / "alpha_00.png")).astype(int)
+    Image.fromarray(np.clip(original + 6, 0, 255).astype(np.uint8)).save(image_folder / "alpha" / "near.png")
+    report = ingest(image_folder, tmp_path / "out", **(ARGS | {"near_duplicate_bits": None}))
+    assert report["duplicates"]["n_near_pairs"] == 0 and report["split_by"] == "stratified"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_group_never_spans_two_splits_and_labels_stay_balanced(tmp_path, seed):
+    manifest = manifest_set(tmp_path / "src", n_groups=20, per_group=3)
+    report = ingest(manifest.parent, tmp_path / "out", **(ARGS | {"seed": seed}))
+    table = pd.read_csv(tmp_path / "out" / SPLITS_CSV)
+    assert report["split_by"] == "grouped"
+    assert (table.groupby("group")["split"].nunique() == 1).all()
+    for split, share in (("train", 0.5), ("val", 0.25), ("test", 0.25)):
+        part = table[table["split"] == split]
+        assert abs(len(part) / len(table) - share) <= 0.1
+        assert set(part["label"]) == {"sick", "well"}
+
+
+def test_a_manifest_split_column_is_honoured_exactly(tmp_path):
+    manifest = manifest_set(tmp_path / "src", split=True)
+    given = pd.read_csv(manifest).set_index("path")["split"]
+    report = ingest(manifest.parent, tmp_path / "out", **ARGS)
+    table = pd.read_csv(tmp_path / "out" / SPLITS_CSV)
+    got = {str(Path(p).relative_to(manifest.parent)): s for p, s in zip(table["path"], table["split"])}
+    assert got == given.to_dict() and report["split_by"] == "manifest"
+
+
+def test_duplicates_across_a_predefined_split_are_leakage(tmp_path):
+    manifest = manifest_set(tmp_path / "src", split=True)
+    table = pd.read_csv(manifest)
+    test_row = table[table["split"] == "test"].iloc[0]
+    (manifest.parent / "imgs" / "leak.png").write_bytes((manifest.parent / test_row["path"]).read_bytes())
+    extra = {"path": "imgs/leak.png", "label": test_row["label"], "group": "other", "split": "train"}
+    pd.concat([table, pd.DataFrame([extra])]).to_csv(manifest, index=False)
+    with pytest.raises(DataError, match=rf"leakage.*{test_row['path']} \(test\).*leak\.png \(train\)"):
+        ingest(manifest.parent, tmp_path / "out", **ARGS)
+    report = ingest(manifest.parent, tmp_path / "out", **(ARGS | {"on_leakage": "warn"}))
+    assert len(report["leakage"]) == 1 and any("leakage" in w for w in report["warnings"])
+
+
+def test_k_folds_are_grouped_stratified_and_skip_test(tmp_path):
+    manifest = manifest_set(tmp_path / "src", n_groups=24, per_group=2)
+    ingest(manifest.parent, tmp_path / "out", **(ARGS | {"folds": 3}))
+    table = pd.read_csv(tmp_path / "out" / SPLITS_CSV)
+    assert (table.loc[table["split"] == "test", "fold"] == -1).all()
+    pool = table[table["split"] != "test"]
+    assert set(pool["fold"]) == {0, 1, 2}
+    assert (pool.groupby("group")["fold"].nunique() == 1).all()
+    assert (pool.groupby("fold")["label"].nunique() == 2).all()
+
+
+def test_a_small_class_is_a_warning(image_folder, tmp_path):
+    report = ingest(image_folder, tmp_path / "out", **(ARGS | {"min_images_per_class": 9}))
+    assert sum("only 8 images" in w for w in report["warnings"]) == 3
+    assert ingest(image_folder, tmp_path / "out", **(ARGS | {"min_images_per_class": 8}))["warnings"] == []
+
+
+def test_channel_policy_sets_the_cache_channels(tmp_path):
+    for k, label in enumerate(("a", "b", "c")):
+        for i in range(3):
+            noise_png(tmp_path / "raw" / label / f"{i}.png", seed=10 * k + i, gray=True)
+    assert ingest(tmp_path / "raw", tmp_path / "rgb", **ARGS)["cache"]["channels"] == 3
+    report = ingest(tmp_path / "raw", tmp_path / "keep", **(ARGS | {"channels": "keep"}))
+    assert report["cache"]["channels"] == 1 and load_prepared(tmp_path / "keep").images.shape[-1] == 1
+    noise_png(tmp_path / "raw" / "a" / "color.png", seed=999)
+    with pytest.raises(DataError, match="different band counts"):
+        ingest(tmp_path / "raw", tmp_path / "keep", **(ARGS | {"channels": "keep"}))
+
+
+def test_dicom_sets_are_cached_as_floats_in_unit_range(tmp_path):
+    from tests.test_readers import write_dicom
+    for k, label in enumerate(("a", "b", "c")):
+        (tmp_path / "raw" / label).mkdir(parents=True)
+        for i in range(3):
+            stored = np.random.default_rng(10 * k + i).integers(0, 4000, (16, 16))
+            write_dicom(tmp_path / "raw" / label / f"{i}.dcm", stored, slope=1.0, intercept=-1024.0)
+    report = ingest(tmp_path / "raw", tmp_path / "out", **ARGS)
+    cache = load_prepared(tmp_path / "out").images
+    assert cache.dtype == np.float32 and 0.0 <= cache.min() and cache.max() <= 1.0
+    assert report["formats"]["mode"] == {"DICOM MONOCHROME2": 9}
+    text = json.dumps(report)
+    assert "Doe" not in text and "P-0001" not in text  # identifying tags never reach the report

@@ -1,24 +1,30 @@
-"""Ingest: read a folder-per-class image set, validate it, split it, and cache the decoded pixels.
+"""Ingest: read an image set, validate it, split it, and cache the decoded pixels.
 
-Training never decodes an image file: ingest writes every image, resized once, into one uint8
-array (``images.npy``) that the data loaders memory-map. ``splits.csv`` maps each file to its row in
-that array, its label and its split; ``report.json`` records what was found and what was rejected,
-and the train split's per-channel mean and std (the normalization for random init and N-band data).
+A set is a folder per class, or a folder with ``manifest.csv`` (``path,label`` and optional ``split``
+and ``group``; paths relative to the folder), the layout ``intake`` writes. Training never decodes an
+image file: ingest writes every image, resized once, into one array (``images.npy``) that the data
+loaders memory-map. Its dtype is the widest the set needs (uint8, uint16 for 16-bit files, float32 in
+[0, 1] for DICOM and float data) and its channels follow ``data.channels``. ``splits.csv`` maps each
+file to its row in that array, its label, split and content hash; ``report.json`` records what was
+found, what was rejected, duplicates, warnings, and the train split's per-channel mean and std.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 
+from pipeline.config import Data
+from pipeline.data import readers, splits, validation
+from pipeline.data.readers import IMAGE_SUFFIXES
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_dir, write_json
 
@@ -27,8 +33,8 @@ log = logging.getLogger(__name__)
 SPLITS_CSV = "splits.csv"
 REPORT_JSON = "report.json"
 CACHE_NPY = "images.npy"
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
-SPLITS = ("train", "val", "test")
+MANIFEST_CSV = "manifest.csv"
+SPLITS = splits.SPLITS
 MIN_PER_CLASS = 3  # one image each for train, val and test
 
 
@@ -41,7 +47,7 @@ class Prepared:
     """Ingest's outputs, loaded back: the split table, the pixel cache and the class names."""
 
     table: pd.DataFrame  # path, label, label_index, split, cache_index
-    images: np.ndarray  # (N, H, W, C) uint8, memory-mapped
+    images: np.ndarray  # (N, H, W, C) uint8, uint16 or float32 in [0, 1], memory-mapped
     classes: tuple[str, ...]
     digest: str  # of splits.csv: changes with any file, label or split assignment
     mean: tuple[float, ...]  # per channel, train split, [0, 1] units (report.json "normalization")
@@ -51,14 +57,16 @@ class Prepared:
         return self.table[self.table["split"] == name]
 
 
-def scan(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
-    """List (image file, class) pairs of a folder-per-class set, and the non-image files ignored."""
+def scan(root: Path) -> tuple[pd.DataFrame, list[str]]:
+    """The set's image files as a table (path, label[, split][, group]), and the non-image files ignored."""
     if not root.is_dir():
         raise DataError(f"{root}: data set folder not found")
+    if (root / MANIFEST_CSV).is_file():
+        return read_manifest(root / MANIFEST_CSV)
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
-        raise DataError(f"{root}: no class folders (expected one subfolder of images per class)")
-    files, ignored = [], []
+        raise DataError(f"{root}: no class folders (expected one subfolder of images per class, or {MANIFEST_CSV})")
+    rows, ignored = [], []
     for class_dir in class_dirs:
         found = [p for p in sorted(class_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")]
         images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -66,20 +74,43 @@ def scan(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
         if not images:
             raise DataError(f"{class_dir}: class '{class_dir.name}' has no image files "
                             f"(accepted: {', '.join(sorted(IMAGE_SUFFIXES))})")
-        files += [(p, class_dir.name) for p in images]
-    return files, ignored
+        rows += [{"path": str(p), "label": class_dir.name} for p in images]
+    return pd.DataFrame(rows, columns=["path", "label"]), ignored
+
+
+def read_manifest(manifest: Path) -> tuple[pd.DataFrame, list[str]]:
+    """``path,label[,split][,group]`` rows; paths relative to the manifest's folder. Non-image rows are ignored."""
+    try:
+        table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(f"{manifest}: not a readable CSV ({err})") from None
+    table.columns = [c.strip().lower() for c in table.columns]
+    missing = {"path", "label"} - set(table.columns)
+    unknown = set(table.columns) - {"path", "label", "split", "group"}
+    if missing or unknown:
+        raise DataError(f"{manifest}: columns must be path,label and optionally split,group "
+                        f"(missing: {sorted(missing)}, unknown: {sorted(unknown)})")
+    for column in table.columns:
+        table[column] = table[column].str.strip()
+    for i, row in table.iterrows():  # line i + 2: the header is line 1
+        if not row["path"] or not row["label"]:
+            raise DataError(f"{manifest}, line {i + 2}: empty path or label")
+        if "split" in table and row["split"] not in SPLITS:
+            raise DataError(f"{manifest}, line {i + 2}: split '{row['split']}' is not one of {', '.join(SPLITS)}")
+    table["path"] = [str(p if Path(p).is_absolute() else manifest.parent / p) for p in table["path"]]
+    is_image = table["path"].map(lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES)
+    absent = [p for p in table["path"][is_image] if not Path(p).is_file()]
+    if absent:
+        raise DataError(f"{manifest}: {len(absent)} listed files not found, e.g. {absent[:3]}")
+    return table[is_image].reset_index(drop=True), list(table["path"][~is_image])
 
 
 def decode(path: Path, size: int) -> np.ndarray:
-    """Decode one image to (size, size, 3) uint8 RGB; higher bit depths are scaled, not clipped."""
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I", "I;16", "I;16B", "F"):
-            arr = np.asarray(img, dtype=np.float64)
-            top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-            img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
-        rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
+    """One file as (size, size, 3) uint8 RGB (the benchmark's decode-every-epoch loader)."""
+    pixels = readers.conform(readers.read(path), size, "rgb")
+    if pixels.dtype == np.uint16:
+        return (pixels / 257).round().astype(np.uint8)
+    return (pixels * 255).round().astype(np.uint8) if pixels.dtype.kind == "f" else pixels
 
 
 def channel_stats(images: np.ndarray, chunk: int = 256) -> tuple[list[float], list[float]]:
@@ -100,63 +131,171 @@ def channel_stats(images: np.ndarray, chunk: int = 256) -> tuple[list[float], li
 
 
 def assign_splits(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
-    """Stratified train/val/test assignment: each class is shuffled (seeded) and cut by the fractions."""
-    rng = np.random.default_rng(seed)
-    splits = np.empty(len(labels), dtype=object)
-    for label in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == label))
-        n_test = max(1, round(len(idx) * test_fraction))
-        n_val = max(1, round(len(idx) * val_fraction))
-        splits[idx[:n_test]] = "test"
-        splits[idx[n_test:n_test + n_val]] = "val"
-        splits[idx[n_test + n_val:]] = "train"
-    return splits
+    """Stratified train/val/test assignment of single images (``splits.stratified``)."""
+    return splits.stratified(labels, val_fraction, test_fraction, seed)
 
 
-def ingest(raw_dir: Path, out_dir: Path, *, image_size: int, val_fraction: float, test_fraction: float,
-           seed: int, on_bad_file: Literal["skip", "fail"]) -> dict:
-    """Validate, split and cache ``raw_dir`` into ``out_dir`` (replaced only on success); return the report."""
-    files, ignored = scan(raw_dir)
-    pixels, rows, rejected = [], [], []
-    for path, label in files:
+@dataclass
+class _Decoded:
+    """What the decoding pass keeps: resized pixels, the rows they belong to, and what was found."""
+
+    pixels: list[np.ndarray] = dataclasses.field(default_factory=list)
+    rows: list[int] = dataclasses.field(default_factory=list)
+    formats: list[dict] = dataclasses.field(default_factory=list)
+    rejected: list[dict] = dataclasses.field(default_factory=list)
+
+
+def _decode_all(table: pd.DataFrame, data: Data) -> _Decoded:
+    out = _Decoded()
+    for i, path in enumerate(map(Path, table["path"])):
         try:
-            pixels.append(decode(path, image_size))
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            reason = "empty file" if path.stat().st_size == 0 else f"{type(err).__name__}: {err}"
-            if on_bad_file == "fail":
-                raise DataError(f"{path}: unreadable image ({reason}); set data.on_bad_file: skip to skip it")
+            found = readers.read(path, data.dicom_window)
+        except (readers.UnreadableImage, OSError) as err:
+            reason = "empty file" if path.stat().st_size == 0 else str(err)
+            if data.on_bad_file == "fail":
+                raise DataError(f"{path}: unreadable image ({reason}); set data.on_bad_file: skip to skip it") from None
             log.warning("skipping unreadable image %s (%s)", path, reason)
-            rejected.append({"path": str(path), "reason": reason})
+            out.rejected.append({"path": str(path), "reason": reason})
             continue
-        rows.append({"path": str(path), "label": label})
+        bands = found.pixels.shape[-1]
+        if data.channels == "rgb" and bands not in (1, 3):
+            raise DataError(f"{path}: {bands} bands cannot be made RGB (data.channels: rgb); "
+                            "set data.channels: keep to train on all bands")
+        out.pixels.append(readers.conform(found, data.image_size, data.channels))
+        out.rows.append(i)
+        out.formats.append({"mode": found.mode, "bits": found.bits,
+                            "size": f"{found.pixels.shape[1]}x{found.pixels.shape[0]}"})
+    return out
 
-    table = pd.DataFrame(rows, columns=["path", "label"])
+
+def _duplicates(table: pd.DataFrame, pixels: list[np.ndarray], near_bits: int | None,
+                warnings: list[str]) -> tuple[list[list[int]], list[tuple[int, int, int]]]:
+    """Exact (same bytes) and near (dHash) duplicate index groups; the same bytes under two labels is an error."""
+    exact = validation.exact_groups(list(table["sha256"]))
+    for idx in exact:
+        if table["label"].iloc[idx].nunique() > 1:
+            named = ", ".join(f"{table['path'].iloc[i]} ({table['label'].iloc[i]})" for i in idx)
+            raise DataError(f"identical files under different labels: {named}; keep one, under its right label")
+    near = []
+    if near_bits is not None:
+        same = {(a, b) for idx in exact for a in idx for b in idx}
+        near = [p for p in validation.near_pairs([validation.dhash(x) for x in pixels], near_bits)
+                if (p[0], p[1]) not in same]
+    for a, b, bits in near:
+        if table["label"].iat[a] != table["label"].iat[b]:
+            warnings.append(f"near duplicates under different labels ({bits} bits apart): "
+                            f"{table['path'].iat[a]} ({table['label'].iat[a]}), "
+                            f"{table['path'].iat[b]} ({table['label'].iat[b]})")
+    return exact, near
+
+
+def _units(table: pd.DataFrame, exact: list[list[int]], near: list[tuple[int, int, int]]) -> np.ndarray:
+    """Images that must share a split: one group, and each set of exact or near duplicates."""
+    links = [(idx[0], j) for idx in exact for j in idx[1:]] + [(a, b) for a, b, _ in near]
+    if "group" in table:
+        for _, idx in table[table["group"] != ""].groupby("group").indices.items():
+            links += [(int(idx[0]), int(j)) for j in idx[1:]]
+    return validation.components(len(table), links)
+
+
+def _split(table: pd.DataFrame, units: np.ndarray, data: Data, seed: int, warnings: list[str]) -> tuple[str, list]:
+    """Fill table['split'] (and 'fold'); return how the split was made and the leaking unit file lists."""
+    if "split" in table:
+        how = "manifest"
+    else:
+        how = "stratified" if len(np.unique(units)) == len(units) else "grouped"
+        table["split"] = splits.assign(table["label"].to_numpy(), units, data.val_fraction, data.test_fraction, seed)
+    leaks = [list(table["path"].iloc[idx]) for idx in splits.crossing_units(units, table["split"].to_numpy())]
+    if leaks:
+        message = (f"{len(leaks)} sets of duplicates or groups span more than one split (leakage), e.g. "
+                   + "; ".join(", ".join(f"{p} ({s})" for p, s in zip(files, table.set_index('path').loc[files, 'split']))
+                               for files in leaks[:3]))
+        if data.on_leakage == "fail":
+            raise DataError(message + "; fix the split column, or set data.on_leakage: warn")
+        warnings.append(message)
+    if data.folds:
+        table["fold"] = splits.folds(table["label"].to_numpy(), units, table["split"].to_numpy(), data.folds, seed)
+    for split in SPLITS:
+        absent = sorted(set(table["label"]) - set(table.loc[table["split"] == split, "label"]))
+        if absent:
+            warnings.append(f"split '{split}' has no images of {absent}")
+    return how, leaks
+
+
+def _check_classes(table: pd.DataFrame, classes: tuple[str, ...], raw_dir: Path, data: Data,
+                   warnings: list[str]) -> None:
     counts = table["label"].value_counts()
-    classes = tuple(sorted({label for _, label in files}))
     for name in classes:
-        if counts.get(name, 0) < MIN_PER_CLASS:
-            raise DataError(f"{raw_dir / name}: class '{name}' has {counts.get(name, 0)} readable images; "
+        n = int(counts.get(name, 0))
+        if n < MIN_PER_CLASS:
+            raise DataError(f"{raw_dir / name}: class '{name}' has {n} readable images; "
                             f"at least {MIN_PER_CLASS} are needed (one each for train, val and test)")
-    table["label_index"] = table["label"].map({c: i for i, c in enumerate(classes)})
-    table["split"] = assign_splits(table["label"].to_numpy(), val_fraction, test_fraction, seed)
-    table["cache_index"] = np.arange(len(table))
-    cache = np.stack(pixels)
-    mean, std = channel_stats(cache[(table["split"] == "train").to_numpy()])
+        if n < data.min_images_per_class:
+            warnings.append(f"class '{name}' has only {n} images (data.min_images_per_class: "
+                            f"{data.min_images_per_class}); its metrics will be noisy")
 
+
+def _listed(items: list, limit: int = 200) -> list:
+    return items[:limit]
+
+
+def ingest(raw_dir: Path, out_dir: Path, *, seed: int, data: Data | None = None, **fields) -> dict:
+    """Validate, split and cache ``raw_dir`` into ``out_dir`` (replaced only on success); return the report.
+
+    ``data`` holds the data.* params; keyword ``fields`` override single ones of them.
+    """
+    data = dataclasses.replace(data or Data(), **fields)
+    files, ignored = scan(raw_dir)
+    decoded = _decode_all(files, data)
+    table = files.iloc[decoded.rows].reset_index(drop=True)
+    classes = tuple(sorted(set(files["label"])))
+    warnings: list[str] = []
+    _check_classes(table, classes, raw_dir, data, warnings)
+    bands = Counter(p.shape[-1] for p in decoded.pixels)
+    if len(bands) > 1:
+        raise DataError(f"{raw_dir}: images have different band counts {dict(bands)} (data.channels: keep); "
+                        "hand in one band count, or set data.channels: rgb for gray/RGB sets")
+    table["sha256"] = [validation.file_hash(Path(p)) for p in table["path"]]
+    exact, near = _duplicates(table, decoded.pixels, data.near_duplicate_bits, warnings)
+    units = _units(table, exact, near)
+    how, leaks = _split(table, units, data, seed, warnings)
+    table["label_index"] = table["label"].map({c: i for i, c in enumerate(classes)})
+    table["cache_index"] = np.arange(len(table))
+    dtype = readers.cache_dtype({p.dtype for p in decoded.pixels})
+    cache = np.stack([readers.to_dtype(p, dtype) for p in decoded.pixels])
+    mean, std = channel_stats(cache[(table["split"] == "train").to_numpy()])
+    for message in warnings:
+        log.warning("%s", message)
+
+    formats = pd.DataFrame(decoded.formats)
     report = {
         "source": str(raw_dir),
         "classes": list(classes),
         "n_images": len(table),
-        "image_size": image_size,
+        "image_size": data.image_size,
+        "cache": {"dtype": str(dtype), "channels": int(cache.shape[-1]), "policy": data.channels},
         "counts": {s: table[table["split"] == s]["label"].value_counts().reindex(classes, fill_value=0)
                    .astype(int).to_dict() for s in SPLITS},
-        "rejected": rejected,
+        "split_by": how,
+        "folds": data.folds,
+        "formats": {key: {str(k): int(v) for k, v in formats[key].value_counts().head(20).items()}
+                    for key in ("mode", "bits", "size")},
+        "rejected": decoded.rejected,
         "ignored_non_images": len(ignored),
+        "duplicates": {
+            "exact": _listed([list(table["path"].iloc[idx]) for idx in exact]),
+            "near": _listed([{"paths": [table["path"].iat[a], table["path"].iat[b]], "bits": d} for a, b, d in near]),
+            "n_exact_sets": len(exact), "n_near_pairs": len(near),
+        },
+        "leakage": _listed(leaks),
+        "warnings": warnings,
         "normalization": {"split": "train", "units": "[0, 1]", "mean": mean, "std": std},
     }
+    columns = ["path", "label", "label_index", "split", "cache_index", "sha256"]
+    columns += [c for c in ("group", "fold") if c in table]
     with atomic_dir(out_dir) as staging:
         np.save(staging / CACHE_NPY, cache)
-        table.to_csv(staging / SPLITS_CSV, index=False)
+        table[columns].to_csv(staging / SPLITS_CSV, index=False)
         write_json(staging / REPORT_JSON, report)
     return report
 
