@@ -170,7 +170,8 @@ class Tune:
     n_trials: int = Field(4, ge=1, description="Completed-or-pruned trials the study should hold.")
     max_epochs: int = Field(3, ge=1, description="Epochs per trial.")
     timeout_s: float | None = Field(None, gt=0, description="Stop starting new trials after this many seconds.")
-    pruner: Literal["median", "none"] = Field("median", description="Optuna pruner.")
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        "median", description="Optuna pruner, applied to the validation metric after every epoch.")
     storage: str = Field("sqlite:///optuna.db", description="Optuna storage URL; kept between runs.")
     search_space: dict[str, SearchDim] = Field(
         default_factory=lambda: {

@@ -58,9 +58,17 @@ def study_name(params: Params, data_version: str) -> str:
     return f"{params.data.dataset}-{params.model.arch}-{digest}"
 
 
+def make_pruner(params: Params) -> optuna.pruners.BasePruner:
+    """Pruning is decided on the validation metric after each epoch (optuna-integration's callback)."""
+    if params.tune.pruner == "median":
+        return optuna.pruners.MedianPruner(n_warmup_steps=1)
+    if params.tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=params.tune.max_epochs)
+    return optuna.pruners.NopPruner()
+
+
 def make_study(params: Params, name: str) -> optuna.Study:
-    pruner = optuna.pruners.MedianPruner(n_warmup_steps=1) if params.tune.pruner == "median" \
-        else optuna.pruners.NopPruner()
+    pruner = make_pruner(params)
     return optuna.create_study(
         study_name=name, storage=params.tune.storage, load_if_exists=True,
         direction="minimize" if mode_of(params.train.monitor) == "min" else "maximize",
@@ -75,6 +83,7 @@ def objective(params: Params, data_for: Callable[[Params], ImageDataModule], par
 
     def run_trial(trial: optuna.Trial) -> float:
         values = suggest(trial, params.tune.search_space)
+        pruned = None
         with mlflow.start_run(run_name=f"trial {trial.number}", nested=True, parent_run_id=parent_run_id,
                               tags=tags | {"stage": "tune-trial", "optuna.trial": str(trial.number)}) as run:
             mlflow.log_params(values)
@@ -87,11 +96,11 @@ def objective(params: Params, data_for: Callable[[Params], ImageDataModule], par
                 state = "complete"
                 mlflow.log_metric(f"best_{monitor}", result.best_score)
                 return result.best_score
-            except optuna.TrialPruned:
-                state = "pruned"
-                raise
+            except optuna.TrialPruned as err:  # a deliberate early stop: the MLflow run ends FINISHED
+                state, pruned = "pruned", err
             finally:
                 mlflow.set_tag("optuna.state", state)
+        raise pruned
 
     return run_trial
 
@@ -115,6 +124,7 @@ def run(params: Params, data_for: Callable[[Params], ImageDataModule], name: str
             log.info("study %s already holds %d finished trials; nothing to run", name, params.tune.n_trials)
         summary = summarize(study, time.monotonic() - start)
         mlflow.log_metrics({f"study/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+        log_study_plots(study)
     return study, summary
 
 
@@ -134,3 +144,31 @@ def summarize(study: optuna.Study, wall_time_s: float) -> dict[str, Any]:
         "best_trial": study.best_trial.number,
         "wall_time_s": round(wall_time_s, 1),
     }
+
+
+def log_study_plots(study: optuna.Study) -> None:
+    """Optimization history and parameter importances on the active (parent) run: PNG, plus HTML with plotly."""
+    import importlib.util
+    import warnings
+
+    import matplotlib.pyplot as plt  # optuna's matplotlib plots draw with pyplot
+    from optuna.visualization import matplotlib as static
+
+    plots = {"optimization_history": "plot_optimization_history"}
+    if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= 2:
+        plots["param_importances"] = "plot_param_importances"
+    interactive = importlib.util.find_spec("plotly") is not None
+    for name, plot in plots.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                axes = getattr(static, plot)(study)
+            except (ValueError, RuntimeError) as err:  # e.g. importances of a parameter that never varied
+                log.warning("study plot %s not drawn: %s", name, err)
+                continue
+        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        figure.tight_layout()
+        mlflow.log_figure(figure, f"study/{name}.png")
+        plt.close(figure)
+        if interactive:
+            mlflow.log_figure(getattr(optuna.visualization, plot)(study), f"study/{name}.html")

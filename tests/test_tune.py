@@ -53,3 +53,71 @@ def test_suggest_covers_every_kind():
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
     values = tune.suggest(trial, space)
     assert 1e-4 <= values["train.lr"] <= 1e-2 and values["train.batch_size"] in (8, 16) and 1 <= values["train.patience"] <= 4
+
+
+class PruneOddTrials(optuna.pruners.BasePruner):
+    """Deterministic pruning for tests: every odd-numbered trial is pruned at its first report."""
+
+    def prune(self, study, trial):
+        return trial.number % 2 == 1
+
+
+def _setup(tiny_params, prepared, tmp_path, monkeypatch, **overrides):
+    monkeypatch.chdir(tmp_path)
+    params = with_overrides(tiny_params, {"tune.storage": f"sqlite:///{tmp_path}/optuna.db", **overrides})
+    params = with_overrides(params, {"mlflow.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    exp_id = tracking.setup(params.mlflow)
+    transform = augment.build([{"name": "HorizontalFlip", "p": 0.5}], seed=0)
+    return params, exp_id, lambda p: datamodule(p, prepared, transform)
+
+
+def trial_runs(exp_id):
+    return [r for r in mlflow.search_runs([exp_id], output_format="list") if r.data.tags.get("stage") == "tune-trial"]
+
+
+def test_pruned_trials_are_pruned_in_optuna_and_mlflow_and_plots_reach_the_parent(
+        tiny_params, prepared, tmp_path, monkeypatch):
+    params, exp_id, data_for = _setup(tiny_params, prepared, tmp_path, monkeypatch, **{"tune.max_epochs": 2})
+    real = tune.make_pruner
+    monkeypatch.setattr(tune, "make_pruner", lambda p: PruneOddTrials())
+    study, summary = tune.run(params, data_for, "s", {})
+    monkeypatch.setattr(tune, "make_pruner", real)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+    assert (summary["trials_complete"], summary["trials_pruned"]) == (1, 1)
+    states = {r.data.tags["optuna.trial"]: (r.data.tags["optuna.state"], r.info.status) for r in trial_runs(exp_id)}
+    assert states == {"0": ("complete", "FINISHED"), "1": ("pruned", "FINISHED")}
+    parent = study.user_attrs[tune.RUN_ID_ATTR]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent, "study")}
+    assert "study/optimization_history.png" in artifacts
+
+
+def test_an_interrupted_study_resumes_and_its_trial_count_continues(tiny_params, prepared, tmp_path, monkeypatch):
+    params, exp_id, data_for = _setup(tiny_params, prepared, tmp_path, monkeypatch, **{"tune.n_trials": 3})
+    real_fit, calls = tune.fit, []
+
+    def interrupted_on_second_trial(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C raises inside a trial
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(tune, "fit", interrupted_on_second_trial)
+    import pytest
+    with pytest.raises(KeyboardInterrupt):
+        tune.run(params, data_for, "s", {})
+    monkeypatch.setattr(tune, "fit", real_fit)
+    study = optuna.load_study(study_name="s", storage=params.tune.storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
+
+    study, summary = tune.run(params, data_for, "s", {})
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert (summary["trials_complete"], summary["trials_failed"]) == (3, 1)
+    states = sorted(r.data.tags["optuna.state"] for r in trial_runs(exp_id))
+    assert states == ["complete", "complete", "complete", "failed"]
+    parents = [r for r in mlflow.search_runs([exp_id], output_format="list") if r.data.tags.get("stage") == "tune"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+def test_hyperband_pruner_from_params(tiny_params):
+    params = with_overrides(tiny_params, {"tune.pruner": "hyperband", "tune.max_epochs": 9})
+    assert isinstance(tune.make_pruner(params), optuna.pruners.HyperbandPruner)
