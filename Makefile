@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench ui install clean
+.PHONY: demo test bench ui docs install clean
 
 install: $(STAMP)
 
@@ -26,10 +26,16 @@ bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline.bench
 
 # The store named in params.yaml (mlflow.tracking_uri), unless MLFLOW_TRACKING_URI says otherwise.
+# The link opens the experiment's runs table (MLflow 3 would otherwise open its GenAI overview).
 ui: $(STAMP)
-	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments  (Ctrl-C to stop)"
-	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri \
-	  "$${MLFLOW_TRACKING_URI:-$$($(BIN)/python -c 'from pipeline.config import load; print(load().mlflow.tracking_uri)')}"
+	@uri="$${MLFLOW_TRACKING_URI:-$$($(BIN)/python -c 'from pipeline.config import load; print(load().mlflow.tracking_uri)')}" && \
+	  link="$$($(BIN)/python -m pipeline.tracking --tracking-uri "$$uri")" && \
+	  echo "MLflow UI, runs table: $$link  (Ctrl-C to stop)" && \
+	  $(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri "$$uri"
+
+# docs/configuration.md from the typed params in pipeline/config.py (tests/test_docs.py checks it is current).
+docs: $(STAMP)
+	$(BIN)/python -m pipeline.docs
 
 clean:
 	rm -rf data/prepared data/augment data/tune models reports

@@ -1,21 +1,29 @@
 """MLflow: where runs go, the experiment they belong to, and the lineage tags every run carries.
 
 Nothing here runs at import time; stages call :func:`setup` once and open their own runs.
+``python -m pipeline.tracking`` prints the MLflow UI's link to the experiment's runs table (``make ui``).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import yaml
 
-from pipeline.config import Params, Tracking, as_dict, flatten
+from pipeline.config import PARAMS_FILE, Params, Tracking, as_dict, flatten, load
 
 # The MLflow UI treats experiments with this tag as model-training experiments (runs table first).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# Longer flattened values go to an artifact: the UI's params table and compare view cut long strings.
+MAX_PARAM_CHARS = 250
+PARAMS_ARTIFACT_DIR = "params"
 
 
 def _is_local(uri: str) -> bool:
@@ -77,9 +85,50 @@ def lineage_tags(raw_dir: Path, exp_name: str | None) -> dict[str, str]:
 
 
 def log_params(params: Params) -> None:
-    """All params under their params.yaml names, plus the full mapping as an artifact."""
-    mlflow.log_params({k: ("" if v is None else v) for k, v in flatten(params).items()})
+    """All params under their params.yaml names, plus the full mapping as an artifact.
+
+    A value longer than ``MAX_PARAM_CHARS`` (a transform list, say) is logged whole as
+    ``params/<key>.json``; the param then holds a pointer to that artifact instead of a cut string.
+    """
+    logged = {}
+    for key, value in flatten(params).items():
+        text = "" if value is None else str(value)
+        if len(text) > MAX_PARAM_CHARS:
+            artifact = f"{PARAMS_ARTIFACT_DIR}/{key}.json"
+            mlflow.log_text(_pretty_json(value), artifact)
+            text = f"see artifact {artifact}"
+        logged[key] = text
+    mlflow.log_params(logged)
     mlflow.log_dict(as_dict(params), "params.json")
+
+
+def _pretty_json(value: Any) -> str:
+    """Indented JSON of a flattened value (``flatten`` has already JSON-encoded lists)."""
+    try:
+        value = json.loads(value) if isinstance(value, str) else value
+    except ValueError:  # a plain long string
+        pass
+    return json.dumps(value, indent=2)
+
+
+def log_dataset(raw_dir: Path, version: str, context: str = "training") -> None:
+    """Record the data set folder as the active run's MLflow dataset input (the UI's Dataset column).
+
+    Name is the folder's name, source its path, digest the DVC hash (``data_version``), so each run
+    shows which data version it used.
+    """
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # MLflow registers its local source twice ('' and 'file') and warns
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(str(raw_dir))
+    mlflow.log_input(MetaDataset(source, name=raw_dir.name, digest=version), context=context)
+
+
+def ui_url(experiment_id: str, host: str = "127.0.0.1", port: int = 5000) -> str:
+    """The MLflow UI's runs table of an experiment (MLflow 3 otherwise opens its GenAI overview)."""
+    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
@@ -97,3 +146,21 @@ def log_model(model: Any, example: Any, name: str = "model") -> None:
     # Explicit requirements: MLflow's inference would reload the model in a subprocess (slow).
     requirements = [f"{m.__name__}=={m.__version__.split('+')[0]}" for m in (torch, torchvision, lightning, torchmetrics)]
     mlflow.pytorch.log_model(model, name=name, input_example=example, pip_requirements=requirements)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the UI link to the runs table of the params' experiment (created when missing, as stages do)."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking", description=main.__doc__)
+    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                        help="store to look in (default: $MLFLOW_TRACKING_URI, else mlflow.tracking_uri)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5000)
+    args = parser.parse_args(argv)
+    experiment_id = setup(load(args.params).mlflow, args.tracking_uri)
+    print(ui_url(experiment_id, args.host, args.port))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

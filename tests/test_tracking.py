@@ -1,5 +1,7 @@
+import json
 import os
 import subprocess
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -47,3 +49,46 @@ def test_setup_creates_a_training_experiment_with_local_artifacts(tmp_path, monk
         tracking.log_params(config.parse({}))
     run = mlflow.search_runs([exp_id], output_format="list")[0]
     assert run.data.params["train.lr"] == "0.001" and run.data.params["model.arch"] == "resnet18"
+
+
+def test_long_param_values_go_to_artifacts_and_the_param_points_there(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exp_id = tracking.setup(config.Tracking(tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment="e"))
+    transforms = [{"name": "Affine", "scale": [0.9, 1.1], "translate_percent": [-0.05, 0.05], "p": 0.5}] * 4
+    params = config.parse({"augment": {"transforms": transforms}})
+    with mlflow.start_run(experiment_id=exp_id) as run:
+        tracking.log_params(params)
+    logged = mlflow.get_run(run.info.run_id).data.params
+    assert logged["augment.transforms"] == "see artifact params/augment.transforms.json"
+    assert logged["evaluate.tta"] == '["HorizontalFlip", "VerticalFlip"]'  # short: stays a param
+    assert all(len(v) <= tracking.MAX_PARAM_CHARS for v in logged.values())
+    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="params/augment.transforms.json",
+                                               dst_path=str(tmp_path / "dl"))
+    assert json.loads(Path(path).read_text()) == transforms
+
+
+def test_log_dataset_is_the_runs_dataset_input_with_the_dvc_hash(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exp_id = tracking.setup(config.Tracking(tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment="e"))
+    version = "0123456789abcdef0123456789abcdef.dir"  # a DVC directory hash: 36 chars, MLflow's digest limit
+    with mlflow.start_run(experiment_id=exp_id) as run:
+        tracking.log_dataset(Path("data/raw/xray"), version)
+    with mlflow.start_run(run_id=run.info.run_id):  # a resumed run logs it again: still one input
+        tracking.log_dataset(Path("data/raw/xray"), version)
+    inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+    assert len(inputs) == 1
+    dataset = inputs[0].dataset
+    assert (dataset.name, dataset.digest, dataset.source_type) == ("xray", version, "local")
+    assert json.loads(dataset.source) == {"uri": "data/raw/xray"}
+    assert {t.key: t.value for t in inputs[0].tags} == {"mlflow.data.context": "training"}
+
+
+def test_ui_url_opens_the_runs_table_of_the_params_experiment(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert tracking.ui_url("7") == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    (tmp_path / "params.yaml").write_text("mlflow: {experiment: mine}\n")
+    uri = f"sqlite:///{tmp_path}/m.db"
+    assert tracking.main(["--tracking-uri", uri, "--port", "5001"]) == 0
+    exp_id = mlflow.get_experiment_by_name("mine").experiment_id
+    assert capsys.readouterr().out.strip() == \
+        f"http://127.0.0.1:5001/#/experiments/{exp_id}/runs?workflowType=machine_learning"

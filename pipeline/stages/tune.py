@@ -2,14 +2,15 @@
 
 from pathlib import Path
 
+import mlflow
 import yaml
 
-from pipeline import augment, tune
+from pipeline import augment, tracking, tune
 from pipeline.config import Params, value_at
 from pipeline.data.ingest import load_prepared
 from pipeline.fit import datamodule
 from pipeline.fsutil import atomic_file, write_json
-from pipeline.stages import open_tracking
+from pipeline.stages import dataset_dir, open_tracking
 
 
 def main(params: Params) -> None:
@@ -24,6 +25,8 @@ def main(params: Params) -> None:
         name = tune.study_name(params, f"{tags['data.version']}-{prepared.digest}")
         study, summary = tune.run(params, lambda p: datamodule(p, prepared, transform), name, tags)
         best = study.best_params
+        with mlflow.start_run(run_id=study.user_attrs[tune.RUN_ID_ATTR]):  # the study's parent run
+            tracking.log_dataset(dataset_dir(params), tags["data.version"])
         print(f"tune: study {name}: {summary['trials_complete']} complete, {summary['trials_pruned']} pruned, "
               f"{summary['trials_failed']} failed; best {params.train.monitor}={summary['best_value']:.4f}")
     with atomic_file(paths.best_params) as tmp:

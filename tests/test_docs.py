@@ -1,0 +1,51 @@
+"""docs/configuration.md is generated from pipeline/config.py and must match it and params.yaml."""
+
+from pathlib import Path
+
+import yaml
+
+from pipeline import docs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def yaml_keys(mapping: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of a params mapping; search-space entries in their generic ``<key>`` form."""
+    keys = []
+    for name, value in mapping.items():
+        key = f"{prefix}{name}"
+        if key == docs.SEARCH_SPACE:
+            keys.append(key)
+            keys += sorted({f"{key}.<key>.{field}" for dim in value.values() for field in dim})
+        elif isinstance(value, dict):
+            keys += yaml_keys(value, f"{key}.")
+        else:
+            keys.append(key)
+    return keys
+
+
+def test_committed_reference_is_what_the_generator_renders():
+    committed = (REPO / docs.OUTPUT).read_text()
+    assert committed == docs.render(), f"{docs.OUTPUT} is out of date with pipeline/config.py: run `{docs.COMMAND}`"
+
+
+def test_every_params_yaml_key_is_documented_in_params_yaml_order():
+    text = docs.render()
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    keys = yaml_keys(raw)
+    assert "train.lr" in keys and "tune.search_space.<key>.log" in keys
+    missing = [k for k in keys if f"| `{k}` |" not in text]
+    assert not missing, f"params.yaml keys missing from {docs.OUTPUT}: {missing}"
+    sections = [k for k, v in raw.items() if isinstance(v, dict)]
+    headings = [line.removeprefix("## `").removesuffix("`") for line in text.splitlines() if line.startswith("## `")]
+    assert headings == sections
+
+
+def test_main_writes_the_file_and_types_show_choices_and_null(tmp_path, capsys):
+    out = tmp_path / "sub" / "configuration.md"
+    assert docs.main(["--output", str(out)]) == 0
+    assert out.read_text() == docs.render() and str(out) in capsys.readouterr().out
+    text = out.read_text()
+    assert "| `data.on_bad_file` | `skip` \\| `fail` | `skip` |" in text
+    assert "| `tune.timeout_s` | number or `null`; > 0 | `null` |" in text
+    assert "| `tune.search_space.<key>.type` | `float` \\| `int` \\| `categorical` | required |" in text
