@@ -24,6 +24,7 @@ from pipeline.weights import WeightsInfo, load_pretrained
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "best"  # written as <out_dir>/best.ckpt
+LAST_NAME = "last"  # <out_dir>/last.ckpt: full state of the latest epoch, for resuming
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,13 @@ def build_model(params: Params, class_names: Sequence[str], hub_dir: Path | None
 
 def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, logger: Logger | bool = False,
         callbacks: Sequence[Callback] = (), max_epochs: int | None = None,
-        hub_dir: Path | None = None) -> FitResult:
-    """Fine-tune on ``data``'s train split, scored on val. With ``out_dir``, the best epoch is saved there."""
+        hub_dir: Path | None = None, resume_from: Path | None = None) -> FitResult:
+    """Fine-tune on ``data``'s train split, scored on val.
+
+    With ``out_dir``, the best epoch's weights are saved there, and the full state of the latest
+    epoch as ``last.ckpt``, which ``resume_from`` continues from (model, optimizer, schedule,
+    early-stopping and checkpoint state, epoch count).
+    """
     t = params.train
     L.seed_everything(params.seed, workers=True, verbose=False)
     model, weights = build_model(params, data.prepared.classes, hub_dir, (data.prepared.mean, data.prepared.std),
@@ -113,9 +119,12 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
     checkpoint = None
     if out_dir is not None:
         checkpoint = ModelCheckpoint(dirpath=out_dir, filename=CHECKPOINT_NAME, monitor=t.monitor, mode=mode,
-                                     save_top_k=1, auto_insert_metric_name=False,
+                                     save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
                                      save_weights_only=True)  # what evaluate needs; a third of the size
-        all_callbacks.append(checkpoint)
+        # Every epoch overwrites last.ckpt: what a killed run resumes from.
+        latest = ModelCheckpoint(dirpath=out_dir, filename=LAST_NAME, monitor=None, save_top_k=1,
+                                 enable_version_counter=False)
+        all_callbacks += [checkpoint, latest]
     with tempfile.TemporaryDirectory(prefix="fit-") as scratch:
         trainer = L.Trainer(
             max_epochs=max_epochs or t.max_epochs, accelerator=t.accelerator, devices=t.devices,
@@ -124,7 +133,7 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
             enable_model_summary=False, num_sanity_val_steps=0, deterministic="warn",
             log_every_n_steps=1, default_root_dir=str(out_dir or scratch),
         )
-        trainer.fit(model, datamodule=data)
+        trainer.fit(model, datamodule=data, ckpt_path=resume_from)
     best = stopper.best_score.item()
     return FitResult(
         best_score=best,

@@ -1,8 +1,12 @@
-"""train: fine-tune with the tuned params; save the best checkpoint and the MLflow run it belongs to."""
+"""train: fine-tune with the tuned params; save the best checkpoint and the MLflow run it belongs to.
+
+A killed run (even SIGKILL) resumes where it stopped, in the same MLflow run, when the stage runs
+again with the same inputs (see ``pipeline.resume``).
+"""
 
 import dataclasses
 import json
-import tempfile
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -12,12 +16,13 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from pipeline import augment, tracking
-from pipeline.config import Params, with_overrides
+from pipeline.config import Params, as_dict, with_overrides
 from pipeline.data.ingest import load_prepared
 from pipeline.fit import datamodule, fit
 from pipeline.fsutil import atomic_dir
 from pipeline.model import Classifier
-from pipeline.stages import open_tracking
+from pipeline.resume import Resume
+from pipeline.stages import dataset_dir, open_tracking
 
 RUN_INFO = "run.json"  # beside the checkpoint in paths.model_dir; evaluate reads it
 
@@ -28,24 +33,30 @@ def main(params: Params) -> None:
     params = with_overrides(params, tuned)
     prepared = load_prepared(Path(paths.prepared))
     data = datamodule(params, prepared, augment.load(Path(paths.augment_pipeline), params.seed))
+    resume = Resume.beside(paths.model_dir, json.dumps(as_dict(params), sort_keys=True), prepared.digest,
+                           Path(paths.augment_pipeline).read_bytes())
     if rank_zero_only.rank != 0:
         # A DDP worker (started by Lightning, torchrun or SLURM) trains its shard and writes nothing:
         # rank 0 owns the MLflow run and the outputs, and broadcasts the checkpoint folder.
-        with tempfile.TemporaryDirectory() as scratch:
-            fit(params, data, out_dir=Path(scratch))
+        fit(params, data, out_dir=resume.checkpoints, resume_from=resume.last_checkpoint())
         return
 
     tags = open_tracking(params)
-
+    run_id, last = resume.run_id(), resume.last_checkpoint()
     name = f"train {params.data.dataset} {params.model.arch}" + (f" {tags['dvc.exp_name']}" if "dvc.exp_name" in tags else "")
-    with mlflow.start_run(run_name=name, tags=tags | {"stage": "train"}) as run, \
-            atomic_dir(paths.model_dir) as staging:
-        tracking.log_params(params)
-        mlflow.log_dict(tuned, "best_params.json")
-        mlflow.log_artifact(paths.augment_preview)
-        mlflow.log_artifact(paths.augment_pipeline)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else name,
+                          tags=None if run_id else tags | {"stage": "train"}) as run:
+        if run_id is None:
+            resume.start(run.info.run_id)
+            tracking.log_dataset(dataset_dir(params), tags["data.version"])
+            tracking.log_params(params)
+            mlflow.log_dict(tuned, "best_params.json")
+            mlflow.log_artifact(paths.augment_preview)
+            mlflow.log_artifact(paths.augment_pipeline)
+        elif last is not None:
+            print(f"train: resuming MLflow run {run_id} from {last}", flush=True)
         logger = MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run.info.run_id)
-        result = fit(params, data, out_dir=staging, logger=logger)
+        result = fit(params, data, out_dir=resume.checkpoints, logger=logger, resume_from=last)
         mlflow.set_tags({"weights.pretrained": str(result.weights.pretrained).lower(),
                          "weights.source": result.weights.source})
         info = {
@@ -54,9 +65,12 @@ def main(params: Params) -> None:
             "best_score": result.best_score, "epochs_run": result.epochs_run,
             "weights": dataclasses.asdict(result.weights),
         }
-        (staging / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        with atomic_dir(paths.model_dir) as staging:
+            shutil.copy2(result.best_checkpoint, staging / result.best_checkpoint.name)
+            (staging / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
         mlflow.log_dict(info, RUN_INFO)
         model = Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu")
         tracking.log_model(model, np.ascontiguousarray(prepared.images[:2].transpose(0, 3, 1, 2)))
+    resume.clear()
     print(f"train: best {params.train.monitor}={result.best_score:.4f} after {result.epochs_run} epochs; "
           f"weights {result.weights.source}; checkpoint in {paths.model_dir}; MLflow run {run.info.run_id}")
