@@ -18,16 +18,31 @@ WITH_ARGS = frozenset({"intake"})
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
-    parser.add_argument("command", choices=list(COMMANDS), help="a DVC stage, 'summary', or 'intake SRC [--name]'")
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__, add_help=False)
+    parser.add_argument("command", nargs="?", choices=list(COMMANDS),
+                        help="a DVC stage, 'summary', or 'intake SRC [--name]'")
     parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
+    parser.add_argument("-h", "--help", action="store_true", help="this help; 'intake --help' shows intake's")
     args, rest = parser.parse_known_args(argv)
+    if args.help and args.command in WITH_ARGS:
+        rest.append("--help")  # the command's own parser prints its help
+    elif args.help:
+        parser.print_help()
+        return 0
+    elif args.command is None:
+        parser.error("a command is required")
     if rest and args.command not in WITH_ARGS:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     # Our own loggers only: Lightning and Optuna already print through handlers of their own.
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("pipeline").addHandler(handler)
+    # Once per process: tests call main() repeatedly, and stderr may be swapped between calls.
+    ours = logging.getLogger("pipeline")
+    handler = next((h for h in ours.handlers if getattr(h, "_pipeline_cli", False)), None)
+    if handler is None:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._pipeline_cli = True
+        ours.addHandler(handler)
+    handler.stream = sys.stderr  # the current one (tests swap it); setStream would flush a closed one
     logging.getLogger("pipeline").setLevel(logging.INFO)
     command = importlib.import_module(COMMANDS[args.command])
     try:

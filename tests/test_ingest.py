@@ -250,3 +250,63 @@ def test_dicom_sets_are_cached_as_floats_in_unit_range(tmp_path):
     assert report["formats"]["mode"] == {"DICOM MONOCHROME2": 9}
     text = json.dumps(report)
     assert "Doe" not in text and "P-0001" not in text  # identifying tags never reach the report
+
+
+# --- streaming: bounded memory, progress ----------------------------------------------------------
+
+def test_ingest_streams_the_cache_in_bounded_memory(tmp_path):
+    """150 images of 128 px make a 7.4 MB cache; ingest's traced peak stays under 3 MB.
+
+    The in-memory ingest this replaced (every image in a list, then np.stack, then float64 statistics)
+    peaked at 80 MB on this very set, the streaming one at 1.2 MB: the bound fails for anything that
+    holds the cache, or a float copy of it, in memory.
+    """
+    import tracemalloc
+    for k, label in enumerate(("a", "b", "c")):
+        for i in range(50):
+            noise_png(tmp_path / "raw" / label / f"{i}.png", seed=1000 * k + i)
+    ingest(tmp_path / "raw", tmp_path / "warm", **(ARGS | {"image_size": 16}))  # lazy imports, caches
+    tracemalloc.start()
+    try:
+        report = ingest(tmp_path / "raw", tmp_path / "out", **(ARGS | {"image_size": 128}))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    cache = np.load(tmp_path / "out" / CACHE_NPY, mmap_mode="r")
+    assert cache.shape == (150, 128, 128, 3) and report["n_images"] == 150
+    assert cache.nbytes > 7e6 and peak < 3e6, f"peak {peak / 1e6:.1f} MB"
+
+
+def test_progress_is_logged_without_a_terminal(image_folder, tmp_path, monkeypatch, caplog):
+    import pipeline.data.ingest as module
+    monkeypatch.setattr(module, "PROGRESS_LOG_S", 0.0)
+    with caplog.at_level("INFO", logger="pipeline.data.ingest"):
+        ingest(image_folder, tmp_path / "out", **ARGS)
+    lines = [r.getMessage() for r in caplog.records if "images read" in r.getMessage()]
+    assert len(lines) == 24 and lines[-1].startswith("ingest: 23/24 images read")
+
+
+def test_identifying_dicom_tags_reach_no_output(tmp_path, caplog):
+    """Names, IDs, dates, addresses and institutions in the tags: not in the cache, splits.csv, report, card,
+    log lines or error messages (a truncated file makes pydicom's own error message part of them)."""
+    from pipeline.data.card import summary
+    from tests.test_readers import IDENTIFYING, write_dicom
+    for k, label in enumerate(("a", "b", "c")):
+        (tmp_path / "raw" / label).mkdir(parents=True)
+        for i in range(3):
+            stored = np.random.default_rng(10 * k + i).integers(0, 4000, (16, 16))
+            write_dicom(tmp_path / "raw" / label / f"{i}.dcm", stored, slope=1.0, intercept=0.0)
+    broken = tmp_path / "raw" / "a" / "broken.dcm"
+    write_dicom(broken, np.ones((16, 16)), slope=1.0, intercept=0.0)
+    broken.write_bytes(broken.read_bytes()[:-100])
+    with caplog.at_level("INFO"):
+        report = ingest(tmp_path / "raw", tmp_path / "out", **(ARGS | {"folds": 2}))
+    with pytest.raises(DataError) as failed:
+        ingest(tmp_path / "raw", tmp_path / "failed", **(ARGS | {"on_bad_file": "fail"}))
+    outputs = b"".join(p.read_bytes() for p in sorted((tmp_path / "out").iterdir()))
+    texts = "\n".join([json.dumps(report), summary(report), caplog.text, str(failed.value)])
+    assert report["n_images"] == 9 and "pixel data" in report["rejected"][0]["reason"] and "broken" in texts
+    assert {CACHE_NPY, SPLITS_CSV, REPORT_JSON} == {p.name for p in (tmp_path / "out").iterdir()}
+    for value in IDENTIFYING.values():
+        for part in [value, *value.split("^")]:
+            assert part.encode() not in outputs and part not in texts, part

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from pipeline.__main__ import main as cli
-from pipeline.data.intake import set_dataset
+from pipeline.data.intake import group_hash, set_dataset
 from tests.conftest import write_class_folders
 from tests.test_ingest import manifest_set, tree_digest
 
@@ -49,7 +49,8 @@ def test_intake_of_a_folder_copies_versions_and_selects_it(repo, tmp_path, capsy
     assert "per class   alpha: 4, beta: 4, gamma: 4" in out
 
 
-def test_intake_of_a_manifest_keeps_split_and_group(repo, tmp_path):
+def test_intake_of_a_manifest_keeps_split_and_group(repo, tmp_path, monkeypatch):
+    monkeypatch.delenv("PIPELINE_GROUP_SALT", raising=False)
     manifest = manifest_set(tmp_path / "src", n_groups=8, per_group=2, split=True)
     before = tree_digest(manifest.parent)
     assert cli(["intake", str(manifest), "--name", "listed"]) == 0
@@ -57,7 +58,9 @@ def test_intake_of_a_manifest_keeps_split_and_group(repo, tmp_path):
     written = pd.read_csv(repo / "data" / "raw" / "listed" / "manifest.csv")
     given = pd.read_csv(manifest)
     assert list(written.columns) == list(given.columns)
-    assert list(written["split"]) == list(given["split"]) and list(written["group"]) == list(given["group"])
+    salt = (repo / ".dvc" / "group_salt").read_text().strip()  # made by this first intake
+    assert list(written["split"]) == list(given["split"])
+    assert list(written["group"]) == [group_hash(g, salt) for g in given["group"]]  # hashed, never the IDs
     assert all((repo / "data" / "raw" / "listed" / p).is_file() for p in written["path"])
     assert set(written["path"].str.split("/").str[0]) == {"sick", "well"}
 
@@ -97,3 +100,104 @@ def test_set_dataset_edits_one_line_or_adds_the_key(tmp_path):
     params.write_text("seed: 1\n")
     set_dataset(params, "x")
     assert params.read_text().endswith("data:\n  dataset: x\n")
+
+
+# --- privacy: group IDs stored only as salted hashes ----------------------------------------------
+
+def patient_manifest(root: Path) -> tuple[Path, list[str]]:
+    """``manifest_set`` with patient-like group IDs that could not turn up in any output by chance."""
+    manifest = manifest_set(root, n_groups=8, per_group=3)
+    table = pd.read_csv(manifest)
+    table["group"] = [f"PATIENT-{g[1:]}^Doe" for g in table["group"]]
+    table.to_csv(manifest, index=False)
+    return manifest, sorted(set(table["group"]))
+
+
+def all_bytes(root: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
+
+
+def test_group_ids_reach_raw_and_prepared_data_only_as_salted_hashes(repo, tmp_path, monkeypatch, capsys):
+    from pipeline.data.card import summary
+    from pipeline.data.ingest import SPLITS_CSV, ingest
+    from pipeline.data.intake import group_hash
+    monkeypatch.setenv("PIPELINE_GROUP_SALT", "test-salt-1")
+    manifest, ids = patient_manifest(tmp_path / "src")
+    assert cli(["intake", str(manifest), "--name", "ward"]) == 0
+    raw = repo / "data" / "raw" / "ward"
+    report = ingest(raw, repo / "data" / "prepared", seed=0, image_size=16, val_fraction=0.25, test_fraction=0.25)
+    stored = pd.read_csv(raw / "manifest.csv", dtype=str)
+    given = pd.read_csv(manifest, dtype=str)
+    assert list(stored["group"]) == [group_hash(g, "test-salt-1") for g in given["group"]]
+    assert stored["group"].str.fullmatch(r"[0-9a-f]{16}").all() and stored["group"].nunique() == len(ids)
+    splits = pd.read_csv(repo / "data" / "prepared" / SPLITS_CSV, dtype=str)
+    assert set(splits["group"]) == set(stored["group"])
+    assert (splits.groupby("group")["split"].nunique() == 1).all()  # a patient's images stay in one split
+    everything = all_bytes(raw) + all_bytes(repo / "data" / "prepared") + raw.with_suffix(".dvc").read_bytes()
+    text = capsys.readouterr().out + summary(report)
+    for patient in ids:
+        assert patient.encode() not in everything and patient not in text, patient
+    assert b"test-salt-1" not in everything and "test-salt-1" not in text
+
+
+def test_the_same_salt_gives_the_same_hashes_and_another_salt_others(tmp_path):
+    from pipeline.config import Data
+    from pipeline.data.intake import intake
+    manifest, _ = patient_manifest(tmp_path / "src")
+    data = Data(image_size=16, val_fraction=0.25, test_fraction=0.25)
+    groups = {}
+    for run, salt in (("a", "s1"), ("b", "s1"), ("c", "s2")):
+        intake(manifest, tmp_path / "raw" / run, seed=0, data=data, salt=salt)
+        groups[run] = list(pd.read_csv(tmp_path / "raw" / run / "manifest.csv", dtype=str)["group"])
+    assert groups["a"] == groups["b"]
+    assert set(groups["a"]).isdisjoint(groups["c"]) and len(set(groups["c"])) == len(set(groups["a"])) == 8
+
+
+def test_without_the_variable_a_random_salt_is_kept_in_a_git_ignored_file(repo, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("PIPELINE_GROUP_SALT", raising=False)
+    manifest, _ = patient_manifest(tmp_path / "src")
+    assert cli(["intake", str(manifest), "--name", "one"]) == 0
+    assert cli(["intake", str(manifest), "--name", "two"]) == 0
+    salt_file = repo / ".dvc" / "group_salt"
+    salt = salt_file.read_text().strip()
+    assert len(salt) == 64 and salt_file.stat().st_mode & 0o077 == 0  # readable by its owner only
+    one, two = (pd.read_csv(repo / "data" / "raw" / n / "manifest.csv", dtype=str)["group"] for n in ("one", "two"))
+    assert one.equals(two)
+    captured = capsys.readouterr()
+    assert salt not in captured.out + captured.err
+    project = Path(__file__).parents[1]
+    ignored = subprocess.run(["git", "check-ignore", "-q", ".dvc/group_salt"], cwd=project)
+    assert ignored.returncode == 0  # never committed in this project
+
+
+def test_a_manifest_inside_a_class_folder_set_is_hashed_too(tmp_path):
+    from pipeline.config import Data
+    from pipeline.data.intake import group_hash, intake
+    src = write_class_folders(tmp_path / "folders", per_class=4, size=16)
+    rows = [{"path": str(p.relative_to(src)), "label": p.parent.name, "group": f"PATIENT-{i % 4}^Doe"}
+            for i, p in enumerate(sorted(src.rglob("*.png")))]
+    pd.DataFrame(rows).to_csv(src / "manifest.csv", index=False)
+    intake(src, tmp_path / "raw" / "x", seed=0, data=Data(image_size=16, val_fraction=0.25, test_fraction=0.25),
+           salt="s")
+    assert b"PATIENT-" not in all_bytes(tmp_path / "raw" / "x")
+    stored = pd.read_csv(tmp_path / "raw" / "x" / "manifest.csv", dtype=str)
+    assert list(stored["group"]) == [group_hash(r["group"], "s") for r in rows]
+
+
+# --- messages and help ----------------------------------------------------------------------------
+
+def test_warnings_during_intake_name_the_source_files(repo, tmp_path, caplog):
+    src = write_class_folders(tmp_path / "my_set", per_class=4, size=16)
+    (src / "alpha" / "broken.png").write_bytes(b"\x89PNG broken")
+    with caplog.at_level("WARNING", logger="pipeline"):
+        assert cli(["intake", str(src), "--name", "mine"]) == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(f"skipping unreadable image {src / 'alpha' / 'broken.png'}" in m for m in lines), lines
+    assert not any(".mine." in m for m in lines), lines  # never the staging copy
+
+
+def test_intake_help_is_its_own(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli(["intake", "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "usage: python -m pipeline intake" in out and "SRC" in out and "--name" in out

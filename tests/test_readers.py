@@ -11,6 +11,14 @@ def ramp16(h: int = 16, w: int = 16) -> np.ndarray:
     return np.tile(np.linspace(0, 65535, w), (h, 1)).astype(np.uint16)
 
 
+IDENTIFYING = {  # tags that identify a person, as write_dicom writes them: none may reach any output
+    "PatientName": "Doe^Jane", "PatientID": "P-0001", "PatientBirthDate": "19700321",
+    "PatientAddress": "12 Elm Street, Springfield", "InstitutionName": "Springfield General",
+    "InstitutionAddress": "1 Hospital Road", "ReferringPhysicianName": "House^Gregory",
+    "OtherPatientIDs": "OTHER-7781", "AccessionNumber": "ACC-55231",
+}
+
+
 def write_dicom(path, stored: np.ndarray, slope: float, intercept: float, window=None, photometric="MONOCHROME2"):
     import pydicom
     from pydicom.dataset import FileMetaDataset
@@ -23,7 +31,8 @@ def write_dicom(path, stored: np.ndarray, slope: float, intercept: float, window
     ds = pydicom.Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID = "Doe^Jane", "P-0001"
+    for tag, value in IDENTIFYING.items():
+        setattr(ds, tag, value)
     ds.Rows, ds.Columns = stored.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0

@@ -4,9 +4,11 @@ A set is a folder per class, or a folder with ``manifest.csv`` (``path,label`` a
 and ``group``; paths relative to the folder), the layout ``intake`` writes. Training never decodes an
 image file: ingest writes every image, resized once, into one array (``images.npy``) that the data
 loaders memory-map. Its dtype is the widest the set needs (uint8, uint16 for 16-bit files, float32 in
-[0, 1] for DICOM and float data) and its channels follow ``data.channels``. ``splits.csv`` maps each
-file to its row in that array, its label, split and content hash; ``report.json`` records what was
-found, what was rejected, duplicates, warnings, and the train split's per-channel mean and std.
+[0, 1] for DICOM and float data) and its channels follow ``data.channels``. Ingest streams: each image
+goes to that file as it is decoded (``cache.CacheWriter``); only small per-image facts (format, content
+hash, a 256-bit dHash) stay in memory. ``splits.csv`` maps each file to its row in that array, its label,
+split and content hash; ``report.json`` records what was found, what was rejected, duplicates, warnings,
+and the train split's per-channel mean and std.
 """
 
 from __future__ import annotations
@@ -15,15 +17,20 @@ import dataclasses
 import hashlib
 import json
 import logging
+import sys
+import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from pipeline.config import Data
 from pipeline.data import readers, splits, validation
+from pipeline.data.cache import CacheWriter
 from pipeline.data.readers import IMAGE_SUFFIXES
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_dir, write_json
@@ -36,6 +43,8 @@ CACHE_NPY = "images.npy"
 MANIFEST_CSV = "manifest.csv"
 SPLITS = splits.SPLITS
 MIN_PER_CLASS = 3  # one image each for train, val and test
+PROGRESS_LOG_S = 30.0  # without a terminal (dvc repro's log): one progress line this often
+STATS_VALUES = 1 << 16  # pixel values per chunk of channel_stats: about 1 MB of float64, whatever the set's size
 
 
 class DataError(PipelineError, ValueError):
@@ -113,16 +122,20 @@ def decode(path: Path, size: int) -> np.ndarray:
     return (pixels * 255).round().astype(np.uint8) if pixels.dtype.kind == "f" else pixels
 
 
-def channel_stats(images: np.ndarray, chunk: int = 256) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of (N, H, W, C) pixels in [0, 1] units (integers divided by the dtype's max).
+def channel_stats(images: np.ndarray, chunk: int | None = None,
+                  rows: np.ndarray | None = None) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of (N, H, W, C) pixels (of ``rows`` only, if given) in [0, 1] units.
 
-    Summed in chunks, so a large cache is never copied to float64 whole. A constant channel gets std 1:
-    dividing by ~0 would turn any unseen deviation at test time into a huge input.
+    Integers are divided by the dtype's max. Summed in chunks of ``chunk`` images (default: about
+    ``STATS_VALUES`` values), so a memory-mapped cache is never read or copied to float64 whole.
+    A constant channel gets std 1: dividing by ~0 would turn any unseen deviation at test time into a huge input.
     """
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+    chunk = chunk or max(1, STATS_VALUES // max(1, int(np.prod(images.shape[1:]))))
     top = float(np.iinfo(images.dtype).max) if images.dtype.kind in "ui" else 1.0
     total, squares, n = np.zeros(images.shape[-1]), np.zeros(images.shape[-1]), 0
-    for start in range(0, len(images), chunk):
-        x = images[start:start + chunk].reshape(-1, images.shape[-1]).astype(np.float64) / top
+    for start in range(0, len(rows), chunk):
+        x = images[rows[start:start + chunk]].reshape(-1, images.shape[-1]).astype(np.float64) / top
         total, squares, n = total + x.sum(0), squares + (x * x).sum(0), n + len(x)
     mean = total / n
     std = np.sqrt(np.maximum(squares / n - mean**2, 0.0))
@@ -137,17 +150,33 @@ def assign_splits(labels: np.ndarray, val_fraction: float, test_fraction: float,
 
 @dataclass
 class _Decoded:
-    """What the decoding pass keeps: resized pixels, the rows they belong to, and what was found."""
+    """What the decoding pass keeps in memory: small facts per image; the pixels went to the cache file."""
 
-    pixels: list[np.ndarray] = dataclasses.field(default_factory=list)
     rows: list[int] = dataclasses.field(default_factory=list)
     formats: list[dict] = dataclasses.field(default_factory=list)
     rejected: list[dict] = dataclasses.field(default_factory=list)
+    bands: Counter = dataclasses.field(default_factory=Counter)
+    dhashes: list[np.ndarray | None] = dataclasses.field(default_factory=list)
 
 
-def _decode_all(table: pd.DataFrame, data: Data) -> _Decoded:
+def _progress(paths: list[Path]) -> Iterator[Path]:
+    """A tqdm bar on an interactive stderr; elsewhere (dvc repro's log) an INFO line every ``PROGRESS_LOG_S``."""
+    if sys.stderr.isatty():
+        yield from tqdm(paths, desc="ingest", unit="img", file=sys.stderr, leave=False)
+        return
+    start = last = time.monotonic()
+    for i, path in enumerate(paths):
+        now = time.monotonic()
+        if now - last >= PROGRESS_LOG_S:
+            log.info("ingest: %d/%d images read (%.0f images/s)", i, len(paths), i / (now - start))
+            last = now
+        yield path
+
+
+def _decode_all(table: pd.DataFrame, data: Data, cache: CacheWriter) -> _Decoded:
+    """Decode, conform and append each image to ``cache``; skip (or fail on) unreadable files."""
     out = _Decoded()
-    for i, path in enumerate(map(Path, table["path"])):
+    for i, path in enumerate(_progress(list(map(Path, table["path"])))):
         try:
             found = readers.read(path, data.dicom_window)
         except (readers.UnreadableImage, OSError) as err:
@@ -161,14 +190,19 @@ def _decode_all(table: pd.DataFrame, data: Data) -> _Decoded:
         if data.channels == "rgb" and bands not in (1, 3):
             raise DataError(f"{path}: {bands} bands cannot be made RGB (data.channels: rgb); "
                             "set data.channels: keep to train on all bands")
-        out.pixels.append(readers.conform(found, data.image_size, data.channels))
+        pixels = readers.conform(found, data.image_size, data.channels)
+        out.bands[pixels.shape[-1]] += 1
+        if data.near_duplicate_bits is not None:
+            out.dhashes.append(validation.dhash(pixels))
+        if cache.shape in ((), pixels.shape):  # another band count is an error once every file is counted
+            cache.append(pixels)
         out.rows.append(i)
         out.formats.append({"mode": found.mode, "bits": found.bits,
                             "size": f"{found.pixels.shape[1]}x{found.pixels.shape[0]}"})
     return out
 
 
-def _duplicates(table: pd.DataFrame, pixels: list[np.ndarray], near_bits: int | None,
+def _duplicates(table: pd.DataFrame, dhashes: list[np.ndarray | None], near_bits: int | None,
                 warnings: list[str]) -> tuple[list[list[int]], list[tuple[int, int, int]]]:
     """Exact (same bytes) and near (dHash) duplicate index groups; the same bytes under two labels is an error."""
     exact = validation.exact_groups(list(table["sha256"]))
@@ -179,7 +213,7 @@ def _duplicates(table: pd.DataFrame, pixels: list[np.ndarray], near_bits: int | 
     near = []
     if near_bits is not None:
         same = {(a, b) for idx in exact for a in idx for b in idx}
-        near = [p for p in validation.near_pairs([validation.dhash(x) for x in pixels], near_bits)
+        near = [p for p in validation.near_pairs(dhashes, near_bits)
                 if (p[0], p[1]) not in same]
     for a, b, bits in near:
         if table["label"].iat[a] != table["label"].iat[b]:
@@ -246,34 +280,47 @@ def ingest(raw_dir: Path, out_dir: Path, *, seed: int, data: Data | None = None,
     """
     data = dataclasses.replace(data or Data(), **fields)
     files, ignored = scan(raw_dir)
-    decoded = _decode_all(files, data)
-    table = files.iloc[decoded.rows].reset_index(drop=True)
+    with atomic_dir(out_dir) as staging, CacheWriter(staging / CACHE_NPY, len(files)) as cache:
+        decoded = _decode_all(files, data, cache)
+        table = files.iloc[decoded.rows].reset_index(drop=True)
+        report = _validate_and_split(table, files, ignored, decoded, raw_dir, data, seed)
+        images = cache.finish()
+        train = np.flatnonzero((table["split"] == "train").to_numpy())
+        mean, std = channel_stats(images, rows=train)
+        report["cache"] = {"dtype": str(images.dtype), "channels": int(images.shape[-1]), "policy": data.channels}
+        report["normalization"] = {"split": "train", "units": "[0, 1]", "mean": mean, "std": std}
+        del images
+        columns = ["path", "label", "label_index", "split", "cache_index", "sha256"]
+        columns += [c for c in ("group", "fold") if c in table]
+        table[columns].to_csv(staging / SPLITS_CSV, index=False)
+        write_json(staging / REPORT_JSON, report)
+    return report
+
+
+def _validate_and_split(table: pd.DataFrame, files: pd.DataFrame, ignored: list[str], decoded: _Decoded,
+                        raw_dir: Path, data: Data, seed: int) -> dict:
+    """Check classes and band counts, find duplicates, split ``table`` in place; return the report so far."""
     classes = tuple(sorted(set(files["label"])))
     warnings: list[str] = []
     _check_classes(table, classes, raw_dir, data, warnings)
-    bands = Counter(p.shape[-1] for p in decoded.pixels)
-    if len(bands) > 1:
-        raise DataError(f"{raw_dir}: images have different band counts {dict(bands)} (data.channels: keep); "
+    if len(decoded.bands) > 1:
+        raise DataError(f"{raw_dir}: images have different band counts {dict(decoded.bands)} (data.channels: keep); "
                         "hand in one band count, or set data.channels: rgb for gray/RGB sets")
     table["sha256"] = [validation.file_hash(Path(p)) for p in table["path"]]
-    exact, near = _duplicates(table, decoded.pixels, data.near_duplicate_bits, warnings)
+    exact, near = _duplicates(table, decoded.dhashes, data.near_duplicate_bits, warnings)
     units = _units(table, exact, near)
     how, leaks = _split(table, units, data, seed, warnings)
     table["label_index"] = table["label"].map({c: i for i, c in enumerate(classes)})
     table["cache_index"] = np.arange(len(table))
-    dtype = readers.cache_dtype({p.dtype for p in decoded.pixels})
-    cache = np.stack([readers.to_dtype(p, dtype) for p in decoded.pixels])
-    mean, std = channel_stats(cache[(table["split"] == "train").to_numpy()])
     for message in warnings:
         log.warning("%s", message)
-
     formats = pd.DataFrame(decoded.formats)
-    report = {
+    return {
         "source": str(raw_dir),
         "classes": list(classes),
         "n_images": len(table),
         "image_size": data.image_size,
-        "cache": {"dtype": str(dtype), "channels": int(cache.shape[-1]), "policy": data.channels},
+        "cache": None,  # filled in once the cache file is complete
         "counts": {s: table[table["split"] == s]["label"].value_counts().reindex(classes, fill_value=0)
                    .astype(int).to_dict() for s in SPLITS},
         "split_by": how,
@@ -289,15 +336,8 @@ def ingest(raw_dir: Path, out_dir: Path, *, seed: int, data: Data | None = None,
         },
         "leakage": _listed(leaks),
         "warnings": warnings,
-        "normalization": {"split": "train", "units": "[0, 1]", "mean": mean, "std": std},
+        "normalization": None,
     }
-    columns = ["path", "label", "label_index", "split", "cache_index", "sha256"]
-    columns += [c for c in ("group", "fold") if c in table]
-    with atomic_dir(out_dir) as staging:
-        np.save(staging / CACHE_NPY, cache)
-        table[columns].to_csv(staging / SPLITS_CSV, index=False)
-        write_json(staging / REPORT_JSON, report)
-    return report
 
 
 def load_prepared(out_dir: Path) -> Prepared:

@@ -5,28 +5,40 @@ The source is never written to. A folder per class is copied as it is; a CSV man
 plus ``manifest.csv`` with the copies' paths, keeping the split and group columns. The copy is
 validated by a full ingest into a scratch folder and replaces an existing set of the same name
 only if that succeeds.
+
+Privacy: a ``group`` column usually holds patient IDs. The copy's manifest keeps only a salted hash of
+each group (``group_hash``), so ``paths.raw`` (which DVC versions and pushes), ``splits.csv`` and every
+report see the hash, never the ID. The salt is a per-repository secret, never committed: the same
+salt gives the same hashes, so taking the same data in again gives the same splits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import re
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from pipeline.config import Data
+from pipeline.data import ingest as ingest_module
 from pipeline.data.ingest import MANIFEST_CSV, DataError, ingest, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_dir, atomic_file
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+GROUP_HASH_CHARS = 16  # 64 bits of sha256: no collisions among any realistic number of patients
 
 
 class IntakeError(PipelineError, RuntimeError):
@@ -78,24 +90,72 @@ def copy_set(src: Path, dest: Path) -> dict[str, str]:
                     "(path,label[,split][,group])")
 
 
-def intake(src: Path, target: Path, *, seed: int, data: Data) -> dict:
+def group_salt(path: Path) -> str:
+    """The repository's secret salt for group hashes: read from ``path``, created there (random) on first use."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as tmp:
+            tmp.write_text(secrets.token_hex(32) + "\n")
+            tmp.chmod(0o600)
+    return path.read_text().strip()
+
+
+def group_hash(value: str, salt: str) -> str:
+    """A group ID as stored: the first ``GROUP_HASH_CHARS`` hex digits of sha256(salt + value)."""
+    return hashlib.sha256((salt + value).encode()).hexdigest()[:GROUP_HASH_CHARS]
+
+
+def hash_groups(manifest: Path, salt: str) -> None:
+    """Replace each non-empty ``group`` value of ``manifest`` (a copy) by its salted hash, in place."""
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    columns = [c for c in table.columns if c.strip().lower() == "group"]
+    if not columns:
+        return
+    for column in columns:
+        table[column] = [group_hash(v.strip(), salt) if v.strip() else "" for v in table[column]]
+    table.to_csv(manifest, index=False)
+
+
+def _to_sources(message: str, sources: dict[str, str]) -> str:
+    for copy, source in sorted(sources.items(), key=lambda kv: -len(kv[0])):
+        message = message.replace(copy, source)
+    return message
+
+
+@contextmanager
+def _logged_as_sources(sources: dict[str, str]) -> Iterator[None]:
+    """Ingest's log lines name the user's own files while it validates their staging copies."""
+    def rename(record: logging.LogRecord) -> bool:
+        record.msg, record.args = _to_sources(record.getMessage(), sources), None
+        return True
+
+    ingest_module.log.addFilter(rename)
+    try:
+        yield
+    finally:
+        ingest_module.log.removeFilter(rename)
+
+
+def intake(src: Path, target: Path, *, seed: int, data: Data, salt: str) -> dict:
     """Copy ``src`` to ``target``, validated by a full ingest; ``target`` is replaced only on success.
 
-    Returns the ingest report, its paths pointing into ``target``.
+    ``group`` values are stored as ``group_hash(value, salt)``. Returns the ingest report, its paths
+    pointing into ``target``.
     """
     src, target = src.resolve(), target.absolute()
     if target == src or target in src.parents:
         raise DataError(f"{src}: already inside {target}; hand in a set from outside paths.raw")
     with atomic_dir(target) as staging, tempfile.TemporaryDirectory() as scratch:
         sources = copy_set(src, staging)
+        if (staging / MANIFEST_CSV).is_file():
+            hash_groups(staging / MANIFEST_CSV, salt)
         try:
-            report = ingest(staging, Path(scratch) / "prepared", seed=seed,
-                            data=dataclasses.replace(data, dataset=target.name))
+            with _logged_as_sources(sources):
+                report = ingest(staging, Path(scratch) / "prepared", seed=seed,
+                                data=dataclasses.replace(data, dataset=target.name))
         except DataError as err:  # name the user's own files, not their staging copies
-            message = str(err)
-            for copy, source in sorted(sources.items(), key=lambda kv: -len(kv[0])):
-                message = message.replace(copy, source)
-            raise DataError(f"{src}: not taken in ({target} left as it was): {message}") from None
+            raise DataError(f"{src}: not taken in ({target} left as it was): {_to_sources(str(err), sources)}") \
+                from None
     return json.loads(json.dumps(report).replace(json.dumps(str(staging))[1:-1], json.dumps(str(target))[1:-1]))
 
 

@@ -1,0 +1,88 @@
+"""The pixel cache (``images.npy``), written one image at a time so that ingest's memory stays bounded.
+
+The cache's dtype is the widest its images need (``readers.cache_dtype``), which is known only after
+the last file. Rather than read every file twice (once for its header), rows are appended in the
+widest dtype seen so far; when a wider image arrives (a 16-bit file after 8-bit ones, a DICOM after
+integers) the rows already written are converted into a new file, chunk by chunk. That is lossless
+(``to_dtype`` maps uint8 -> uint16 -> float32 exactly, so converting twice equals converting once),
+costs nothing on a set of one dtype and at most two sequential rewrites on a mixed one. The file is
+appended to with plain writes rather than through a memory map, so written rows leave the process
+instead of piling up as mapped pages.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from numpy.lib import format as npy
+
+from pipeline.data import readers
+
+CHUNK_BYTES = 1 << 20  # rows converted at a time when the file is rewritten
+
+
+class CacheWriter:
+    """Append (H, W, C) images to an .npy file of ``capacity`` rows; ``finish`` trims it to the rows written."""
+
+    def __init__(self, path: Path, capacity: int):
+        self.path, self.capacity, self.n = path, capacity, 0
+        self.dtype: np.dtype | None = None
+        self.shape: tuple[int, ...] = ()
+        self._file = None
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def append(self, pixels: np.ndarray) -> None:
+        if self._file is None:
+            self.dtype, self.shape = pixels.dtype, pixels.shape
+            self._file = self._open(self.path, self.dtype, self.capacity)
+        wide = readers.cache_dtype({self.dtype, pixels.dtype})
+        if wide != self.dtype:
+            self._rewrite(wide, self.capacity)
+        self._file.write(np.ascontiguousarray(readers.to_dtype(pixels, self.dtype)).tobytes())
+        self.n += 1
+
+    def finish(self) -> np.ndarray:
+        """Close the file (rewritten to exactly the rows written) and return it memory-mapped."""
+        if self._file is None:
+            raise ValueError("no image was written to the cache")
+        if self.n < self.capacity:  # files rejected while decoding left no row
+            self._rewrite(self.dtype, self.n)
+        self._file.close()
+        return np.load(self.path, mmap_mode="r")
+
+    def _open(self, path: Path, dtype: np.dtype, rows: int):
+        f = open(path, "wb")
+        npy.write_array_header_1_0(f, {"descr": npy.dtype_to_descr(dtype), "fortran_order": False,
+                                       "shape": (rows, *self.shape)})
+        return f
+
+    def _rewrite(self, dtype: np.dtype, rows: int) -> None:
+        """Copy the rows written so far into a new file of ``dtype`` and ``rows`` rows, converting in chunks."""
+        self._file.close()
+        old = self.path.with_name(self.path.name + ".old")
+        os.replace(self.path, old)
+        # the header still claims ``capacity`` rows: map exactly the ones written
+        written = np.memmap(old, dtype=self.dtype, mode="r", shape=(self.n, *self.shape), offset=self._offset(old))
+        self._file = self._open(self.path, dtype, rows)
+        step = max(1, CHUNK_BYTES // max(1, written[:1].nbytes))
+        for start in range(0, self.n, step):
+            self._file.write(np.ascontiguousarray(readers.to_dtype(np.asarray(written[start:start + step]), dtype))
+                             .tobytes())
+        del written
+        old.unlink()
+        self.dtype = dtype
+
+    @staticmethod
+    def _offset(path: Path) -> int:
+        with open(path, "rb") as f:
+            npy.read_magic(f)
+            npy.read_array_header_1_0(f)
+            return f.tell()

@@ -1,0 +1,38 @@
+"""The streamed pixel cache: rows widened to the set's dtype and trimmed to the rows written, losslessly."""
+
+import numpy as np
+import pytest
+
+from pipeline.data import cache as cache_module
+from pipeline.data.cache import CacheWriter
+from pipeline.data.readers import cache_dtype, to_dtype
+
+
+def test_rows_are_widened_and_trimmed_like_a_stack_of_the_widest_dtype(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "CHUNK_BYTES", 100)  # several chunks per rewrite
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 256, (4, 4, 3)).astype(np.uint8) for _ in range(5)]
+    rows += [rng.integers(0, 65536, (4, 4, 3)).astype(np.uint16) for _ in range(2)]
+    rows += [rng.integers(0, 256, (4, 4, 3)).astype(np.uint8)]
+    with CacheWriter(tmp_path / "c.npy", capacity=12) as writer:  # 4 rows never come (rejected files)
+        for row in rows[:7]:
+            writer.append(row)
+        assert writer.dtype == np.uint16
+        writer.append(rows[7])
+        widened = writer.finish()
+    expected = np.stack([to_dtype(r, np.dtype(np.uint16)) for r in rows])
+    assert widened.dtype == np.uint16 and np.array_equal(np.load(tmp_path / "c.npy"), expected)
+
+    floats = rows + [rng.random((4, 4, 3)).astype(np.float32)]
+    with CacheWriter(tmp_path / "f.npy", capacity=len(floats)) as writer:
+        for row in floats:
+            writer.append(row)
+        writer.finish()
+    wide = cache_dtype({r.dtype for r in floats})
+    assert np.array_equal(np.load(tmp_path / "f.npy"), np.stack([to_dtype(r, wide) for r in floats]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npy", "f.npy"]  # no .old file left
+
+
+def test_an_empty_cache_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no image"), CacheWriter(tmp_path / "c.npy", capacity=3) as writer:
+        writer.finish()
