@@ -127,7 +127,7 @@ def report(metrics: dict[str, Any], data_report: dict[str, Any], run: dict[str, 
         "## Data", "", f"{data_report['n_images']} images, {len(data_report['classes'])} classes, "
         f"resized to {data_report['image_size']} px.", "", counts.to_markdown(), "",
         "## Test metrics", "", headline, "", tta_note, "",
-        per_class.to_markdown(floatfmt=".3f"), "",
+        per_class.to_markdown(floatfmt=("", ".3f", ".3f", ".3f", ".0f")), "",  # support is a count
         "## Plots", "", *[f"![{Path(f).stem}]({f})" for f in plot_files], "",
     ]
     return "\n".join(lines)
