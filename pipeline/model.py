@@ -16,8 +16,6 @@ from torch.nn import functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 
-from pipeline.config import mode_of
-
 # ImageNet statistics, which torchvision's ResNet weights were trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -110,7 +108,3 @@ class Classifier(L.LightningModule):
         max_epochs = max(1, self.trainer.max_epochs or 1)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
-
-    @property
-    def monitor_mode(self) -> str:
-        return mode_of(self.hparams.monitor)

@@ -26,7 +26,7 @@ def test_metrics_match_hand_computed_values():
     assert m["test/f1/a"] == pytest.approx(f1[0], abs=1e-5)
     assert m["test/macro_f1"] == pytest.approx(np.mean(f1), abs=1e-5)
     assert m["test/support/c"] == 2
-    # AUROC one-vs-rest: class a scores [.8,.2 | .1,.1,.1,.3]: pairs won 4 + 3.5/... computed below
+    # AUROC, one-vs-rest macro: the share of (positive, negative) pairs ranked right, per class
     def auc(scores, positive):
         pos, neg = scores[positive], scores[~positive]
         return np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])

@@ -17,7 +17,6 @@ def test_data_version_from_dvc_file_and_lock(tmp_path, monkeypatch):
     assert tracking.data_version(raw / "xray") == "abc123.dir"
     (tmp_path / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  demo:\n    cmd: x\n    outs:\n    - path: data/raw/demo\n      md5: def456.dir\n")
-    from pathlib import Path
     assert tracking.data_version(Path("data/raw/demo")) == "def456.dir"
     assert tracking.data_version(Path("data/raw/other")) == "unversioned"
 
