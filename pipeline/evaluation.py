@@ -31,9 +31,12 @@ def predict_proba(model: Classifier, images: np.ndarray, batch_size: int) -> np.
 
 
 def predict_tta(model: Classifier, images: np.ndarray, batch_size: int,
-                transforms: Sequence[A.BasicTransform]) -> np.ndarray:
-    """Class probabilities averaged over the images as they are and under each (deterministic) transform."""
-    probs = [predict_proba(model, images, batch_size)]
+                transforms: Sequence[A.BasicTransform], plain: np.ndarray | None = None) -> np.ndarray:
+    """Class probabilities averaged over the images as they are and under each (deterministic) transform.
+
+    ``plain``: the untransformed images' probabilities when the caller already has them.
+    """
+    probs = [predict_proba(model, images, batch_size) if plain is None else plain]
     for transform in transforms:
         moved = np.stack([transform(image=np.asarray(image))["image"] for image in images])
         probs.append(predict_proba(model, moved, batch_size))
@@ -46,7 +49,7 @@ def evaluate(model: Classifier, images: np.ndarray, labels: np.ndarray, class_na
     probs = predict_proba(model, images, batch_size)
     metrics = compute_metrics(probs, labels, class_names)
     if tta:
-        metrics |= compute_metrics(predict_tta(model, images, batch_size, tta), labels, class_names, TTA_SPLIT)
+        metrics |= compute_metrics(predict_tta(model, images, batch_size, tta, probs), labels, class_names, TTA_SPLIT)
     return probs, metrics
 
 

@@ -132,7 +132,9 @@ def ui_url(experiment_id: str, host: str = "127.0.0.1", port: int = 5000) -> str
 
 
 def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+    """The numeric entries of ``metrics`` (strings and flags such as ``weights/pretrained`` are skipped)."""
+    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    mlflow.log_metrics(numbers, step=step)
 
 
 def log_model(model: Any, example: Any, name: str = "model") -> None:

@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
+from pipeline import tracking
 from pipeline.config import Params, SearchDim, as_dict, mode_of, with_overrides
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.errors import PipelineError
@@ -123,7 +124,7 @@ def run(params: Params, data_for: Callable[[Params], ImageDataModule], name: str
         else:
             log.info("study %s already holds %d finished trials; nothing to run", name, params.tune.n_trials)
         summary = summarize(study, time.monotonic() - start)
-        mlflow.log_metrics({f"study/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+        tracking.log_metrics({f"study/{k}": v for k, v in summary.items()})
         log_study_plots(study)
     return study, summary
 

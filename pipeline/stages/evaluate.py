@@ -5,7 +5,7 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline import augment, evaluation
+from pipeline import augment, evaluation, tracking
 from pipeline.config import Params
 from pipeline.data.ingest import REPORT_JSON, load_prepared
 from pipeline.fsutil import atomic_dir, atomic_file, write_json
@@ -44,7 +44,7 @@ def main(params: Params) -> None:
 
     open_tracking(params)
     with mlflow.start_run(run_id=run["run_id"]):
-        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        tracking.log_metrics(metrics)
         for path in (paths.metrics, paths.confusion, paths.report, plots / CONFUSION_PNG):
             mlflow.log_artifact(str(path), artifact_path="evaluation")
     shown = [f"{split}/{m}={metrics[f'{split}/{m}']:.4f}" for split in ("test", evaluation.TTA_SPLIT)

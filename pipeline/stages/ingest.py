@@ -5,9 +5,10 @@ from pathlib import Path
 from pipeline.config import Params
 from pipeline.data.card import summary
 from pipeline.data.ingest import ingest
+from pipeline.stages import dataset_dir
 
 
 def main(params: Params) -> None:
-    report = ingest(Path(params.paths.raw) / params.data.dataset, Path(params.paths.prepared),
+    report = ingest(dataset_dir(params), Path(params.paths.prepared),
                     seed=params.seed, data=params.data)
     print(summary(report))
