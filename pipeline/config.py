@@ -188,6 +188,21 @@ class Evaluate:
         ("HorizontalFlip", "VerticalFlip"),
         description="Test-time augmentation: deterministic albumentations transforms (names, or {name, args}); "
                     "predictions are averaged over the image and each transform. [] turns it off.")
+    positive_class: str | None = Field(
+        None, min_length=1,
+        description="Binary tasks: the class whose recall is the sensitivity (the other's is the specificity). "
+                    "null: the second class name in sorted order. Must be null for more than two classes.")
+    bootstrap: int = Field(
+        1000, ge=0, description="Bootstrap resamples of the test set (seeded by seed) for the 95% intervals "
+                                "stored as <metric>_ci_low / _ci_high; 0 turns the intervals off.")
+    ece_bins: int = Field(15, ge=2, le=100, description="Equal-width confidence bins of the expected calibration "
+                                                          "error and the reliability diagram.")
+    temperature_scaling: bool = Field(
+        True, description="Fit one temperature on the validation split's logits and report the test calibration "
+                          "metrics before (test/*) and after (test_calibrated/*) it.")
+    ci_warn_width: float = Field(
+        0.2, gt=0, le=1, description="The report warns when a headline metric's 95% interval is wider than this "
+                                     "(the test set is too small to pin it down).")
 
 
 @dataclass(frozen=True, config=_STRICT)

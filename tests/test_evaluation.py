@@ -1,7 +1,13 @@
+import time
+
 import numpy as np
 import pytest
+import torch
+from torchmetrics.functional import classification as tmf
 
 from pipeline import evaluation
+from pipeline.config import Evaluate
+from pipeline.evaluation import calibration, metrics, reporting
 
 CLASSES = ("a", "b", "c")
 # 6 images: true labels and predicted probabilities chosen so every metric is easy to work out by hand.
@@ -16,8 +22,23 @@ PROBS = np.array([
 ])
 
 
+def auc(scores, positive):
+    """The share of (positive, negative) pairs ranked right, ties half."""
+    pos, neg = scores[positive], scores[~positive]
+    return np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+
+
+def synthetic(n, k=3, seed=0, signal=1.2):
+    """Probabilities of a moderately good classifier on ``n`` images of ``k`` classes."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k))
+    logits[np.arange(n), labels] += signal
+    return calibration.softmax(logits), labels
+
+
 def test_metrics_match_hand_computed_values():
-    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)
+    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES, ece_bins=4)
     assert m["test/accuracy"] == pytest.approx(5 / 6)
     # recalls a=1/2, b=1, c=1 -> balanced accuracy 5/6; precisions a=1, b=2/3, c=1
     assert m["test/balanced_accuracy"] == pytest.approx(5 / 6)
@@ -26,13 +47,162 @@ def test_metrics_match_hand_computed_values():
     assert m["test/f1/a"] == pytest.approx(f1[0], abs=1e-5)
     assert m["test/macro_f1"] == pytest.approx(np.mean(f1), abs=1e-5)
     assert m["test/support/c"] == 2
-    # AUROC, one-vs-rest macro: the share of (positive, negative) pairs ranked right, per class
-    def auc(scores, positive):
-        pos, neg = scores[positive], scores[~positive]
-        return np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
-    expected = np.mean([auc(PROBS[:, k], LABELS == k) for k in range(3)])
-    assert m["test/auroc"] == pytest.approx(expected, abs=1e-5)
+    expected = [auc(PROBS[:, k], LABELS == k) for k in range(3)]
+    assert m["test/auroc"] == pytest.approx(np.mean(expected), abs=1e-5)
+    assert m["test/auroc/b"] == pytest.approx(expected[1], abs=1e-5)
+    # Brier, per image sum over classes of (p - onehot)^2: .06, 1.14, .06, .26, .06, .38 -> mean 1.96 / 6
+    assert m["test/brier"] == pytest.approx(1.96 / 6, abs=1e-5)
+    # ECE, 4 bins of width .25: [.75, 1] holds images 1, 3, 5 (confidence .8, all right): |.8 - 1| x 3/6;
+    # [.5, .75) holds 2, 4, 6 (.7 wrong, .6 and .5 right): |.6 - 2/3| x 3/6 -> 0.1 + 1/30
+    assert m["test/ece"] == pytest.approx(0.1 + 1 / 30, abs=1e-5)
+    assert m["test/nll"] == pytest.approx(-np.mean(np.log([0.8, 0.2, 0.8, 0.6, 0.8, 0.5])), abs=1e-5)
+    assert "test/sensitivity" not in m  # three classes
 
+
+def test_point_metrics_equal_torchmetrics_on_a_larger_set():
+    probs, labels = synthetic(300, k=4)
+    m = evaluation.compute_metrics(probs, labels, "abcd", ece_bins=15)
+    p, y = torch.tensor(probs), torch.tensor(labels)
+    assert m["test/accuracy"] == pytest.approx(float(tmf.multiclass_accuracy(p, y, 4, average="micro")), abs=1e-6)
+    assert m["test/balanced_accuracy"] == pytest.approx(float(tmf.multiclass_accuracy(p, y, 4, average="macro")), abs=1e-6)
+    assert m["test/macro_f1"] == pytest.approx(float(tmf.multiclass_f1_score(p, y, 4, average="macro")), abs=1e-6)
+    assert m["test/auroc"] == pytest.approx(float(tmf.multiclass_auroc(p, y, 4, average="macro")), abs=1e-6)
+    assert m["test/ece"] == pytest.approx(float(tmf.multiclass_calibration_error(p, y, 4, n_bins=15)), abs=1e-6)
+    per_class_f1 = tmf.multiclass_f1_score(p, y, 4, average=None)
+    assert [m[f"test/f1/{c}"] for c in "abcd"] == pytest.approx(per_class_f1.tolist(), abs=1e-6)
+
+
+def test_binary_sensitivity_and_specificity():
+    # 'yes' is positive (the second class in sorted order): 3 positives, 2 caught; 4 negatives, 3 right
+    labels = np.array([0, 0, 0, 0, 1, 1, 1])
+    p_yes = np.array([0.1, 0.3, 0.6, 0.2, 0.9, 0.7, 0.4])
+    probs = np.stack([1 - p_yes, p_yes], axis=1)
+    positive = evaluation.positive_index(("no", "yes"), None)
+    m = evaluation.compute_metrics(probs, labels, ("no", "yes"), positive=positive)
+    assert positive == 1
+    assert m["test/sensitivity"] == pytest.approx(2 / 3) and m["test/specificity"] == pytest.approx(3 / 4)
+    assert m["test/auroc"] == pytest.approx(11 / 12)  # 11 of the 12 (positive, negative) pairs ordered right
+    flipped = evaluation.compute_metrics(probs, labels, ("no", "yes"),
+                                         positive=evaluation.positive_index(("no", "yes"), "no"))
+    assert flipped["test/sensitivity"] == pytest.approx(3 / 4) and flipped["test/specificity"] == pytest.approx(2 / 3)
+
+
+def test_positive_class_errors_name_the_key():
+    with pytest.raises(evaluation.EvaluationError, match="evaluate.positive_class: 'maybe' is not a class.*no, yes"):
+        evaluation.positive_index(("no", "yes"), "maybe")
+    with pytest.raises(evaluation.EvaluationError, match="evaluate.positive_class.*3 classes"):
+        evaluation.positive_index(CLASSES, "a")
+    assert evaluation.positive_index(CLASSES, None) is None
+
+
+def test_macro_averages_run_over_the_classes_present():
+    # class c never occurs in the labels (torchmetrics would count it as 0 in the macro averages)
+    labels = np.array([0, 0, 1, 1])
+    m = evaluation.compute_metrics(PROBS[:4], labels, CLASSES)
+    assert m["test/balanced_accuracy"] == pytest.approx((0.5 + 1) / 2)
+    assert m["test/auroc"] == pytest.approx(np.mean([auc(PROBS[:4, k], labels == k) for k in range(2)]))
+    assert "test/recall/c" not in m and "test/auroc/c" not in m and m["test/support/c"] == 0
+
+
+# --- bootstrap ---------------------------------------------------------------------------------------
+
+def test_resample_weights_count_draws_with_replacement():
+    w = metrics.resample_weights(7, 500, np.random.default_rng(0))
+    assert w.shape == (500, 7) and (w.sum(1) == 7).all()
+    assert w.mean() == pytest.approx(1, abs=0.05) and (w == 0).any()  # some images left out, some repeated
+
+
+def test_unit_weights_give_the_point_estimates():
+    probs, labels = synthetic(80)
+    point = evaluation.compute_metrics(probs, labels, CLASSES)
+    rows = metrics.weighted_metrics(probs, labels, np.ones((2, 80)))
+    for name, values in rows.items():
+        assert values == pytest.approx([point[f"test/{name}"]] * 2, abs=1e-6), name
+
+
+def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_images():
+    widths = {}
+    for n in (60, 600):
+        probs, labels = synthetic(n)
+        point = evaluation.compute_metrics(probs, labels, CLASSES)
+        intervals, skipped = metrics.bootstrap(probs, labels, 1000, seed=0)
+        assert skipped == 0 and set(intervals) == {"accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece",
+                                                   "brier", "nll"}
+        for name, (low, high) in intervals.items():
+            assert low <= point[f"test/{name}"] <= high, (n, name)
+        widths[n] = {name: high - low for name, (low, high) in intervals.items()}
+    assert all(widths[600][name] < widths[60][name] / 2 for name in widths[60])  # ~ 1/sqrt(n)
+    again, _ = metrics.bootstrap(*synthetic(600), 1000, seed=0)
+    assert again == intervals  # seeded
+
+
+def test_bootstrap_skips_resamples_that_lack_a_class():
+    probs, labels = synthetic(40)
+    labels[labels == 2] = 0
+    labels[0] = 2  # one image of class c: about 1 resample in e (37%) leaves it out
+    intervals, skipped = metrics.bootstrap(probs, labels, 1000, seed=0)
+    assert 300 < skipped < 450
+    assert "auroc" in intervals and "accuracy" in intervals
+
+
+def test_bootstrap_is_fast():
+    probs, labels = synthetic(500, k=4)
+    start = time.perf_counter()
+    metrics.bootstrap(probs, labels, 1000, seed=0)
+    assert time.perf_counter() - start < 2.0  # about 0.3 s on the 2-core development machine
+
+
+def test_split_metrics_store_intervals_beside_each_metric():
+    probs, labels = synthetic(60)
+    settings = Evaluate(bootstrap=200)
+    m = evaluation.split_metrics(probs, labels, CLASSES, "test", settings, seed=1)
+    for name in (*evaluation.HEADLINE, *evaluation.CALIBRATION):
+        assert m[f"test/{name}_ci_low"] <= m[f"test/{name}"] <= m[f"test/{name}_ci_high"]
+    assert m["test/bootstrap_skipped"] == 0 and "test/f1/a_ci_low" not in m
+    off = evaluation.split_metrics(probs, labels, CLASSES, "test", Evaluate(bootstrap=0), seed=1)
+    assert not any(k.endswith(("_ci_low", "_ci_high")) for k in off) and "test/bootstrap_skipped" not in off
+
+
+# --- calibration --------------------------------------------------------------------------------------
+
+def over_confident(n=3000, temperature=3.0, seed=0):
+    """Labels drawn from softmax(z), so z is calibrated; the 'model' reports z x temperature."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 4)) * 1.5
+    labels = np.array([rng.choice(4, p=p) for p in calibration.softmax(z)])
+    return z * temperature, labels
+
+
+def test_temperature_scaling_recovers_a_known_temperature_and_lowers_nll():
+    logits, labels = over_confident(temperature=3.0)
+    t = calibration.fit_temperature(logits, labels)
+    assert t == pytest.approx(3.0, rel=0.1)
+    assert calibration.nll(logits, labels, t) < calibration.nll(logits, labels) - 0.1
+    before = evaluation.compute_metrics(calibration.softmax(logits), labels, "abcd")
+    after = evaluation.compute_metrics(calibration.softmax(logits, t), labels, "abcd")
+    assert after["test/ece"] < before["test/ece"] / 2 and after["test/brier"] < before["test/brier"]
+    assert after["test/accuracy"] == before["test/accuracy"]  # confidences change, predicted classes do not
+    under, labels = over_confident(temperature=0.5, seed=1)
+    assert calibration.fit_temperature(under, labels) == pytest.approx(0.5, rel=0.1)
+
+
+def test_temperature_stays_1_when_validation_is_all_right():
+    logits = np.array([[3.0, 0.0], [0.0, 2.0], [4.0, 1.0]])
+    assert calibration.fit_temperature(logits, np.array([0, 1, 0])) == 1.0  # NLL has no minimum: T -> 0
+    assert calibration.fit_temperature(logits, np.array([0, 1, 1])) > 1.0  # one wrong: a finite, softer T
+    m = {"calibration/temperature": 1.0, "calibration/val_accuracy": 1.0}
+    assert any("nothing to fit" in w for w in reporting.warnings(m, DATA, PRETRAINED, Evaluate()))
+
+
+def test_reliability_table_uses_the_ece_bins():
+    table = calibration.reliability_table(PROBS, LABELS, 4)
+    assert table["bin"].tolist() == [2, 3] and table["count"].tolist() == [3, 3]
+    assert table["confidence"].tolist() == pytest.approx([0.6, 0.8]) and table["accuracy"].tolist() == pytest.approx([2 / 3, 1])
+    ece = (table["count"] / 6 * (table["accuracy"] - table["confidence"]).abs()).sum()
+    assert ece == pytest.approx(evaluation.compute_metrics(PROBS, LABELS, CLASSES, ece_bins=4)["test/ece"], abs=1e-5)
+
+
+# --- plots and report ---------------------------------------------------------------------------------
 
 def test_confusion_table_and_plot(tmp_path):
     table = evaluation.confusion_table(PROBS, LABELS, CLASSES)
@@ -41,23 +211,74 @@ def test_confusion_table_and_plot(tmp_path):
     assert (tmp_path / "cm.png").stat().st_size > 1000
 
 
-def test_report_warns_about_random_init():
-    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)
-    data = {"source": "data/raw/x", "classes": list(CLASSES), "n_images": 6, "image_size": 32, "rejected": [],
-            "counts": {s: {c: 2 for c in CLASSES} for s in ("train", "val", "test")}}
-    run = {"arch": "resnet18", "run_id": "r1", "checkpoint": "best.ckpt",
-           "weights": {"pretrained": False, "source": "random-init", "fallback_reason": "download failed: offline"}}
-    text = evaluation.report(m, data, run, ["plots/cm.png"])
-    assert "Random initialization" in text and "download failed: offline" in text
-    assert "Fewer than 10 test images" in text and "![cm](plots/cm.png)" in text
+def test_curve_tables_are_the_one_vs_rest_curves():
+    from pipeline.evaluation import plots
+    tables = plots.curve_tables(PROBS, LABELS, CLASSES)
+    roc = tables["roc"]["a"]
+    assert (roc["fpr"].iloc[0], roc["tpr"].iloc[0], roc["fpr"].iloc[-1], roc["tpr"].iloc[-1]) == (0, 0, 1, 1)
+    area = (np.diff(roc["fpr"]) * (roc["tpr"].to_numpy()[1:] + roc["tpr"].to_numpy()[:-1]) / 2).sum()
+    assert area == pytest.approx(auc(PROBS[:, 0], LABELS == 0))
+    pr = tables["precision_recall"]["c"]
+    assert pr["recall"].max() == 1 and pr["precision"].iloc[-1] == 1 and np.isnan(pr["threshold"].iloc[-1])
+    assert plots.file_stems(["a b", "a/b", "x"]) == ["0_a_b", "1_a_b", "2_x"]
 
 
-# --- test-time augmentation ------------------------------------------------------------------------
+DATA = {"source": "data/raw/x", "classes": list(CLASSES), "n_images": 6, "image_size": 32, "rejected": [],
+        "counts": {s: {c: 2 for c in CLASSES} for s in ("train", "val", "test")}, "split_by": "stratified",
+        "duplicates": {"n_exact_sets": 1, "n_near_pairs": 0}, "leakage": [], "warnings": []}
+RANDOM_INIT = {"arch": "resnet18", "run_id": "r1", "checkpoint": "best.ckpt",
+               "weights": {"pretrained": False, "source": "random-init", "fallback_reason": "download failed: offline"}}
+PRETRAINED = {"arch": "resnet18", "run_id": "r1", "checkpoint": "best.ckpt", "monitor": "val/loss",
+              "best_score": 0.5, "epochs_run": 3, "weights": {"pretrained": True, "source": "url"}}
+
+
+def test_report_warns_about_random_init_tiny_classes_and_wide_intervals():
+    m = evaluation.split_metrics(PROBS, LABELS, CLASSES, "test", Evaluate(bootstrap=200), seed=0)
+    text = evaluation.report(m, DATA, RANDOM_INIT, ["plots/cm.png"])
+    warnings = text.split("## Warnings")[1].split("##")[0]
+    assert "Random initialization" in warnings and "download failed: offline" in warnings
+    assert "Fewer than 10 test images" in warnings and "Leakage" not in warnings
+    assert "**Wide intervals** — the test set (6 images) is too small" in warnings and "accuracy " in warnings
+    assert "![cm](plots/cm.png)" in text
+    low, high = m["test/accuracy_ci_low"], m["test/accuracy_ci_high"]
+    assert f"| accuracy | 0.8333 | {low:.3f} – {high:.3f} |" in text
+
+
+def test_report_warns_about_leakage_and_ingest_findings():
+    data = DATA | {"leakage": [["x/a1.png", "x/a1_copy.png"]], "warnings": ["class 'a' has only 4 images"],
+                   "counts": {s: {c: 20 for c in CLASSES} for s in ("train", "val", "test")}}
+    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)  # no intervals: no width warning
+    text = evaluation.report(m, data, PRETRAINED, [], settings=Evaluate(bootstrap=0), hparams={"lr": 0.001})
+    warnings = text.split("## Warnings")[1].split("##")[0]
+    assert "**Leakage** — 1 set(s)" in warnings and "x/a1.png, x/a1_copy.png" in warnings
+    assert "Ingest: class 'a' has only 4 images" in warnings
+    assert "Random initialization" not in warnings and "Wide intervals" not in warnings
+    assert "| train lr | `0.001` |" in text and "| bootstrap | off |" in text
+    assert "val/loss 0.5000 after 3 epochs" in text
+
+
+def test_report_shows_tta_and_calibration_columns_and_extra_sections():
+    settings = Evaluate(bootstrap=0)
+    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES) | evaluation.compute_metrics(
+        np.eye(3)[LABELS], LABELS, CLASSES, evaluation.TTA_SPLIT)
+    m |= evaluation.split_metrics(PROBS ** 0.5 / (PROBS ** 0.5).sum(1, keepdims=True), LABELS, CLASSES,
+                                  evaluation.CALIBRATED_SPLIT, settings, 0, only=evaluation.CALIBRATION)
+    m |= {"calibration/temperature": 2.0, "calibration/val_nll": 0.9, "calibration/val_nll_calibrated": 0.7}
+    text = evaluation.report(m, DATA, PRETRAINED, [], ["HorizontalFlip", "VerticalFlip"], settings=settings,
+                             extra=[("Grad-CAM", "![gradcam](plots/gradcam.png)")])
+    assert "| metric | plain | 95% CI | with TTA | 95% CI |" in text and "| accuracy | 0.8333 | — | 1.0000 | — |" in text
+    assert "HorizontalFlip, VerticalFlip" in text
+    assert "| metric | plain | 95% CI | with TTA | 95% CI | temperature-scaled | 95% CI |" in text
+    assert "Temperature T = 2.000" in text and "NLL 0.9000 → 0.7000" in text
+    assert text.rstrip().endswith("## Grad-CAM\n\n![gradcam](plots/gradcam.png)")
+    assert "| accuracy | 0.8333 | — |\n" in evaluation.report(m, DATA, PRETRAINED, [], settings=settings)
+
+
+# --- predictions and the whole evaluation ----------------------------------------------------------------
 
 @pytest.fixture
 def tiny_model():
     """A linear classifier on raw pixels: fast, and position-sensitive, so a flip changes its predictions."""
-    import torch
 
     class Linear(torch.nn.Module):
         def __init__(self):
@@ -81,25 +302,22 @@ def test_tta_averages_the_plain_and_transformed_predictions(tiny_model):
     np.testing.assert_allclose(evaluation.predict_tta(tiny_model, images, 3, flip), (plain + flipped) / 2, atol=1e-6)
 
 
-def test_evaluate_reports_metrics_with_and_without_tta(tiny_model):
+def test_evaluate_reports_plain_tta_and_calibrated_metrics(tiny_model):
     from pipeline import augment
-    images = np.random.default_rng(1).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
-    probs, plain = evaluation.evaluate(tiny_model, images, LABELS, CLASSES, 4)
-    assert "test/accuracy" in plain and not any(k.startswith("test_tta/") for k in plain)
-    _, both = evaluation.evaluate(tiny_model, images, LABELS, CLASSES, 4, augment.build_tta(["VerticalFlip"]))
-    assert {k for k in both if k.startswith("test/")} == set(plain) and both["test/auroc"] == plain["test/auroc"]
-    assert {f"test_tta/{m}" for m in evaluation.HEADLINE} <= set(both)
-    assert probs.shape == (6, 3)
-
-
-def test_report_shows_both_columns_when_tta_is_on():
-    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES) | evaluation.compute_metrics(
-        np.eye(3)[LABELS], LABELS, CLASSES, evaluation.TTA_SPLIT)
-    data = {"source": "data/raw/x", "classes": list(CLASSES), "n_images": 6, "image_size": 32, "rejected": [],
-            "counts": {s: {c: 2 for c in CLASSES} for s in ("train", "val", "test")}}
-    run = {"arch": "resnet18", "run_id": "r1", "checkpoint": "best.ckpt",
-           "weights": {"pretrained": True, "source": "url"}}
-    text = evaluation.report(m, data, run, [], ["HorizontalFlip", "VerticalFlip"])
-    assert "| metric | without TTA | with TTA |" in text and "| accuracy | 0.8333 | 1.0000 |" in text
-    assert "HorizontalFlip, VerticalFlip" in text
-    assert "| accuracy | 0.8333 |\n" in evaluation.report(m, data, run, [])
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    val = rng.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8), np.array([0, 1, 2] * 3)
+    settings = Evaluate(batch_size=4, bootstrap=100, temperature_scaling=False)
+    plain = evaluation.evaluate(tiny_model, images, LABELS, CLASSES, settings, seed=0)
+    assert plain.calibrated is None and plain.probs.shape == (6, 3)
+    assert "test/accuracy_ci_high" in plain.metrics and not any(k.startswith(("test_tta/", "calibration/"))
+                                                                 for k in plain.metrics)
+    both = evaluation.evaluate(tiny_model, images, LABELS, CLASSES, Evaluate(batch_size=4, bootstrap=100), seed=0,
+                               tta=augment.build_tta(["VerticalFlip"]), val=val)
+    assert {k: v for k, v in both.metrics.items() if k.startswith("test/")} == plain.metrics  # same seed, same CIs
+    assert {f"test_tta/{m}" for m in evaluation.HEADLINE} <= set(both.metrics)
+    assert {k.split("/")[1] for k in both.metrics if k.startswith("test_calibrated/")} == {
+        "ece", "brier", "nll", "ece_ci_low", "ece_ci_high", "brier_ci_low", "brier_ci_high", "nll_ci_low", "nll_ci_high"}
+    t = both.metrics["calibration/temperature"]
+    np.testing.assert_allclose(both.calibrated.argmax(1), both.probs.argmax(1))
+    assert both.metrics["calibration/val_nll_calibrated"] <= both.metrics["calibration/val_nll"] + 1e-9 and t > 0

@@ -1,43 +1,50 @@
-"""evaluate: test-split metrics (with and without TTA), confusion plot and report; logged to the train run in MLflow."""
+"""evaluate: test-split metrics with intervals (with and without TTA, before and after temperature scaling),
+plots and the report; logged to the train run in MLflow under the same names."""
 
 import json
+import os
 from pathlib import Path
 
 import mlflow
 
 from pipeline import augment, evaluation, tracking
 from pipeline.config import Params
-from pipeline.data.ingest import REPORT_JSON, load_prepared
+from pipeline.data.ingest import REPORT_JSON, Prepared, load_prepared
 from pipeline.fsutil import atomic_dir, atomic_file, write_json
 from pipeline.model import Classifier
 from pipeline.stages import open_tracking
 from pipeline.stages.train import RUN_INFO
 
-CONFUSION_PNG = "confusion_matrix.png"
+
+def split_arrays(prepared: Prepared, split: str) -> tuple:
+    """Cached images and label indices of one split."""
+    rows = prepared.split(split)
+    return prepared.images[rows["cache_index"].to_numpy()], rows["label_index"].to_numpy()
 
 
 def main(params: Params) -> None:
-    paths = params.paths
-    tta = augment.build_tta(params.evaluate.tta)  # a bad entry fails before any work
+    paths, settings = params.paths, params.evaluate
+    tta = augment.build_tta(settings.tta)  # a bad entry fails before any work
     run = json.loads((Path(paths.model_dir) / RUN_INFO).read_text())
     prepared = load_prepared(Path(paths.prepared))
+    evaluation.positive_index(prepared.classes, settings.positive_class)  # a bad class fails before any work
     model = Classifier.load_from_checkpoint(Path(paths.model_dir) / run["checkpoint"], map_location="cpu")
-    test = prepared.split("test")
-    labels = test["label_index"].to_numpy()
-    probs, metrics = evaluation.evaluate(model, prepared.images[test["cache_index"].to_numpy()], labels,
-                                         prepared.classes, params.evaluate.batch_size, tta)
-    metrics |= {"weights/pretrained": run["weights"]["pretrained"], "weights/source": run["weights"]["source"]}
-    table = evaluation.confusion_table(probs, labels, prepared.classes)
+    images, labels = split_arrays(prepared, "test")
+    result = evaluation.evaluate(model, images, labels, prepared.classes, settings, params.seed, tta,
+                                 val=split_arrays(prepared, "val"))
+    metrics = result.metrics | {"weights/pretrained": run["weights"]["pretrained"],
+                                "weights/source": run["weights"]["source"]}
     data_report = json.loads((Path(paths.prepared) / REPORT_JSON).read_text())
     plots = Path(paths.plots)
-    report = evaluation.report(metrics, data_report, run, [str(Path(plots.name) / CONFUSION_PNG)],
-                               [type(t).__name__ for t in tta])
+    embedded = [os.path.relpath(plots / name, Path(paths.report).parent) for name in evaluation.IMAGES]
+    report = evaluation.report(metrics, data_report, run, embedded, [type(t).__name__ for t in tta],
+                               settings=settings, hparams=dict(model.hparams))
 
     # Everything is computed before anything is replaced: a failure above leaves the old outputs.
     with atomic_dir(plots) as staging:
-        evaluation.plot_confusion(table, prepared.classes, staging / CONFUSION_PNG)
+        evaluation.write_plots(staging, result.probs, labels, prepared.classes, result.calibrated, settings.ece_bins)
     with atomic_file(paths.confusion) as tmp:
-        table.to_csv(tmp, index=False)
+        evaluation.confusion_table(result.probs, labels, prepared.classes).to_csv(tmp, index=False)
     with atomic_file(paths.report) as tmp:
         tmp.write_text(report)
     write_json(paths.metrics, metrics)
@@ -45,7 +52,8 @@ def main(params: Params) -> None:
     open_tracking(params)
     with mlflow.start_run(run_id=run["run_id"]):
         tracking.log_metrics(metrics)
-        for path in (paths.metrics, paths.confusion, paths.report, plots / CONFUSION_PNG):
+        mlflow.log_artifacts(str(plots), artifact_path="evaluation")
+        for path in (paths.metrics, paths.confusion, paths.report):
             mlflow.log_artifact(str(path), artifact_path="evaluation")
     shown = [f"{split}/{m}={metrics[f'{split}/{m}']:.4f}" for split in ("test", evaluation.TTA_SPLIT)
              for m in evaluation.HEADLINE if f"{split}/{m}" in metrics]

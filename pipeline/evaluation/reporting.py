@@ -1,0 +1,156 @@
+"""The Markdown report a person reads first: warnings, metrics with intervals, calibration, data, settings, plots."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.config import Evaluate
+from pipeline.evaluation.calibration import TEMPERATURE_BOUNDS
+from pipeline.evaluation.metrics import BINARY, CALIBRATION, HEADLINE
+SPLITS = {"test": "plain", "test_tta": "with TTA", "test_calibrated": "temperature-scaled"}
+KEY_HPARAMS = ("lr", "weight_decay", "optimizer", "dropout", "label_smoothing", "monitor")
+SMALL_TEST_CLASS = 10  # fewer test images of a class than this: a warning
+
+
+def _value(metrics: Mapping[str, Any], key: str) -> str:
+    return f"{metrics[key]:.4f}" if key in metrics else "—"
+
+
+def _interval(metrics: Mapping[str, Any], key: str) -> str:
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    return "—" if low is None or high is None else f"{low:.3f} – {high:.3f}"
+
+
+def metric_table(metrics: Mapping[str, Any], names: Sequence[str], splits: Sequence[str]) -> str:
+    """Rows: the ``names`` any split has; per split a value column and a 95% CI column."""
+    rows = [n for n in names if any(f"{s}/{n}" in metrics for s in splits)]
+    header = ["metric"] + [h for s in splits for h in (SPLITS.get(s, s), "95% CI")]
+    body = [[n] + [cell for s in splits for cell in (_value(metrics, f"{s}/{n}"), _interval(metrics, f"{s}/{n}"))]
+            for n in rows]
+    return "\n".join("| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *body])
+
+
+def _wide_intervals(metrics: Mapping[str, Any], limit: float) -> list[str]:
+    wide = []
+    for name in (*HEADLINE, *BINARY):
+        low, high = metrics.get(f"test/{name}_ci_low"), metrics.get(f"test/{name}_ci_high")
+        if low is not None and high is not None and high - low > limit:
+            wide.append(f"{name} {low:.2f} – {high:.2f}")
+    return wide
+
+
+def warnings(metrics: Mapping[str, Any], data_report: Mapping[str, Any], run: Mapping[str, Any],
+             settings: Evaluate) -> list[str]:
+    """What a reader must know before trusting the numbers, most serious first."""
+    out = []
+    if not run["weights"]["pretrained"]:
+        reason = run["weights"].get("fallback_reason") or "model.weights is 'none'"
+        out.append(f"**Random initialization, not pretrained weights** — {reason}.")
+    leaks = data_report.get("leakage") or []
+    if leaks:
+        out.append(f"**Leakage** — {len(leaks)} set(s) of duplicate images or groups span more than one split "
+                   f"(data.on_leakage: warn), e.g. {', '.join(leaks[0])}: test metrics are likely optimistic.")
+    wide = _wide_intervals(metrics, settings.ci_warn_width)
+    if wide:
+        n = sum(data_report["counts"]["test"].values())
+        out.append(f"**Wide intervals** — the test set ({n} images) is too small to pin these down (95% CI wider "
+                   f"than evaluate.ci_warn_width {settings.ci_warn_width}): {'; '.join(wide)}. Differences between "
+                   "runs smaller than these intervals are noise; more test images would narrow them.")
+    small = [f"{c} ({n})" for c, n in data_report["counts"]["test"].items() if n < SMALL_TEST_CLASS]
+    if small:
+        out.append(f"Fewer than {SMALL_TEST_CLASS} test images for: {', '.join(small)} — their metrics are very noisy.")
+    if data_report.get("rejected"):
+        out.append(f"{len(data_report['rejected'])} unreadable image file(s) were skipped at ingest.")
+    temperature = metrics.get("calibration/temperature")
+    if metrics.get("calibration/val_accuracy") == 1:
+        out.append("Every validation image is classified right, so temperature scaling has nothing to fit "
+                   "(the validation NLL keeps falling as T -> 0): T is left at 1.")
+    elif temperature is not None and temperature in TEMPERATURE_BOUNDS:
+        out.append(f"The fitted temperature hit its bound ({temperature:g}): the validation split is too small or too "
+                   "easy to calibrate on; treat test_calibrated/* with care.")
+    out += [f"Ingest: {w}" for w in data_report.get("warnings", [])]
+    return out
+
+
+def _data_section(data_report: Mapping[str, Any]) -> list[str]:
+    counts = pd.DataFrame(data_report["counts"]).rename_axis("class")
+    counts["total"] = counts.sum(axis=1)
+    dup = data_report.get("duplicates", {})
+    how = data_report.get("split_by", "?") + (f", {data_report['folds']} folds" if data_report.get("folds") else "")
+    return [
+        "## Data", "",
+        f"`{data_report['source']}`: {data_report['n_images']} images, {len(data_report['classes'])} classes, "
+        f"resized to {data_report['image_size']} px; split {how}.", "",
+        counts.to_markdown(), "",
+        f"Duplicates: {dup.get('n_exact_sets', 0)} set(s) of identical files and {dup.get('n_near_pairs', 0)} "
+        f"near-duplicate pair(s), each kept within one split; leakage across splits: "
+        f"{len(data_report.get('leakage') or []) or 'none'}. Unreadable files skipped: "
+        f"{len(data_report.get('rejected') or [])}.", "",
+    ]
+
+
+def _settings_section(metrics: Mapping[str, Any], run: Mapping[str, Any], settings: Evaluate,
+                      hparams: Mapping[str, Any], tta: Sequence[str]) -> list[str]:
+    rows = {"model": f"`{run['arch']}`", "weights": f"`{run['weights']['source']}`"}
+    rows |= {f"train {k}": f"`{hparams[k]}`" for k in KEY_HPARAMS if k in hparams}
+    if "best_score" in run:
+        rows["best checkpoint"] = f"{run.get('monitor', 'score')} {run['best_score']:.4f} after {run['epochs_run']} epochs"
+    rows |= {
+        "test-time augmentation": ", ".join(tta) or "off",
+        "bootstrap": f"{settings.bootstrap} resamples, 95% percentile intervals" if settings.bootstrap else "off",
+        "calibration": f"ECE over {settings.ece_bins} equal-width confidence bins; temperature scaling "
+                       + ("on" if settings.temperature_scaling else "off"),
+    }
+    if "test/sensitivity" in metrics:
+        rows["positive class"] = f"{settings.positive_class or 'second class in sorted order'}"
+    return ["## Settings", "", "| setting | value |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows.items()], ""]
+
+
+def report(metrics: Mapping[str, Any], data_report: Mapping[str, Any], run: Mapping[str, Any],
+           plot_files: Sequence[str], tta: Sequence[str] = (), *, settings: Evaluate | None = None,
+           hparams: Mapping[str, Any] | None = None, extra: Sequence[tuple[str, str]] = ()) -> str:
+    """The Markdown report.
+
+    ``plot_files``: images to embed (paths relative to the report); ``tta``: names of the test-time
+    transforms, if any; ``hparams``: the checkpoint's hyperparameters; ``extra``: (heading, Markdown)
+    sections appended at the end, e.g. a Grad-CAM panel.
+    """
+    settings = settings or Evaluate()
+    splits = ["test", "test_tta"] if tta else ["test"]
+    classes = data_report["classes"]
+    per_class = pd.DataFrame({m: {c: metrics.get(f"test/{m}/{c}") for c in classes}
+                              for m in ("precision", "recall", "f1", "auroc", "support")}).rename_axis("class")
+    notes = [f"TTA averages the predictions over the image and {', '.join(tta)}." if tta else
+             "No test-time augmentation (evaluate.tta is empty)."]
+    if metrics.get("test/bootstrap_skipped"):
+        notes.append(f"{metrics['test/bootstrap_skipped']} of {settings.bootstrap} bootstrap resamples lacked a "
+                     "class; the class-dependent intervals (balanced accuracy, macro-F1, AUROC, sensitivity, "
+                     "specificity) use the others.")
+    calibration = []
+    if "calibration/temperature" in metrics:
+        calibration = [f"Temperature T = {metrics['calibration/temperature']:.3f}, fitted on the validation split "
+                       f"(NLL {metrics['calibration/val_nll']:.4f} → {metrics['calibration/val_nll_calibrated']:.4f}); "
+                       "it changes confidences, not predicted classes.", ""]
+    lines = [
+        f"# Evaluation report — {data_report['source']}", "",
+        f"Model `{run['arch']}`, weights: `{run['weights']['source']}`; MLflow run `{run['run_id']}`; "
+        f"best epoch checkpoint `{run['checkpoint']}`.", "",
+        "## Warnings", "", *([f"- {w}" for w in warnings(metrics, data_report, run, settings)] or ["- none"]), "",
+        "## Test metrics", "", metric_table(metrics, (*HEADLINE, *BINARY), splits), "", *notes, "",
+        "## Calibration", "",
+        metric_table(metrics, CALIBRATION, [s for s in (*splits, "test_calibrated") if f"{s}/ece" in metrics]), "",
+        "ECE: expected calibration error; Brier: mean over images of the summed squared error of the class "
+        "probabilities; NLL: mean negative log-likelihood. Lower is better for all three.", "", *calibration,
+        "## Per class", "", "Plain predictions (no TTA).", "",
+        per_class.to_markdown(floatfmt=("", ".3f", ".3f", ".3f", ".3f", ".0f"), missingval="—"), "",  # support: a count
+        *_data_section(data_report),
+        *_settings_section(metrics, run, settings, hparams or {}, tta),
+        "## Plots", "", *[f"![{Path(f).stem}]({f})" for f in plot_files], "",
+    ]
+    for heading, body in extra:
+        lines += [f"## {heading}", "", body, ""]
+    return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""The evaluate stage on a tiny untrained model: the files it writes, dvc.yaml's declarations of them
+(as `dvc plots show` reads them), the train run in MLflow, and the report."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning
+import mlflow
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from pipeline import config, evaluation, tracking
+from pipeline.data.ingest import ingest, load_prepared
+from pipeline.evaluation import plots
+from pipeline.model import Classifier
+from pipeline.stages import evaluate as stage
+from pipeline.stages.train import RUN_INFO
+from tests.conftest import CLASSES, write_class_folders
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_params(**evaluate) -> config.Params:
+    return config.parse({
+        "data": {"dataset": "tiny", "image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25},
+        "model": {"weights": "none"},
+        "evaluate": {"tta": ["HorizontalFlip"], "bootstrap": 200} | evaluate,
+    })
+
+
+def save_untrained_model(params: config.Params, classes: tuple[str, ...], run_id: str) -> None:
+    """A random-init checkpoint in Lightning's format and the run.json the train stage would write."""
+    model = Classifier(params.model.arch, len(classes), class_names=classes)
+    model_dir = Path(params.paths.model_dir)
+    model_dir.mkdir(parents=True)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "pytorch-lightning_version": lightning.__version__}, model_dir / "best.ckpt")
+    info = {"run_id": run_id, "arch": params.model.arch, "classes": list(classes), "checkpoint": "best.ckpt",
+            "monitor": "val/loss", "best_score": 1.1, "epochs_run": 1,
+            "weights": {"pretrained": False, "source": "random-init", "fallback_reason": None}}
+    (model_dir / RUN_INFO).write_text(json.dumps(info))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project folder after ingest and train (untrained model), then the evaluate stage; cwd is the folder."""
+    root = tmp_path_factory.mktemp("evaluate")
+    params = tiny_params()
+    previous_uri = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        write_class_folders(Path(params.paths.raw) / "tiny", per_class=8)
+        ingest(Path(params.paths.raw) / "tiny", Path(params.paths.prepared), seed=0, data=params.data)
+        tracking.setup(params.mlflow)
+        with mlflow.start_run(run_name="train") as run:
+            pass
+        save_untrained_model(params, load_prepared(Path(params.paths.prepared)).classes, run.info.run_id)
+        stage.main(params)
+        try:
+            yield root, params, run.info.run_id
+        finally:
+            mlflow.set_tracking_uri(previous_uri)
+
+
+def test_stage_writes_metrics_with_intervals_and_calibration(project):
+    _, params, _ = project
+    metrics = json.loads(Path(params.paths.metrics).read_text(), parse_constant=pytest.fail)  # no NaN/Infinity
+    for split in ("test", "test_tta"):
+        for name in (*evaluation.HEADLINE, *evaluation.CALIBRATION):
+            assert metrics[f"{split}/{name}_ci_low"] <= metrics[f"{split}/{name}"] <= metrics[f"{split}/{name}_ci_high"]
+    assert {"test_calibrated/ece", "test_calibrated/brier_ci_high", "calibration/temperature"} <= set(metrics)
+    assert metrics["test/support/alpha"] == 2 and metrics["weights/pretrained"] is False
+    assert len(pd.read_csv(params.paths.confusion)) == 6
+
+
+def test_plots_folder_holds_the_images_and_the_curve_data(project):
+    _, params, _ = project
+    folder = Path(params.paths.plots)
+    assert all((folder / image).stat().st_size > 1000 for image in evaluation.IMAGES)
+    for kind in plots.CURVES:
+        assert sorted(p.name for p in (folder / kind).iterdir()) == [f"{c}.csv" for c in CLASSES]
+    assert sorted(p.name for p in (folder / plots.RELIABILITY).iterdir()) == ["test.csv", "test_calibrated.csv"]
+    for kind, (x, y) in plots.AXES.items():
+        for csv in (folder / kind).iterdir():
+            table = pd.read_csv(csv)
+            assert {x, y} <= set(table.columns) and table[[x, y]].apply(lambda s: s.between(0, 1).all()).all()
+
+
+def test_dvc_yaml_declares_what_the_stage_writes():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    evaluate = dvc["stages"]["evaluate"]
+    assert evaluate["outs"] == ["${paths.plots}", {"${paths.report}": {"cache": False}}]
+    assert evaluate["metrics"] == [{"${paths.metrics}": {"cache": False}}]
+    assert [next(iter(p)) for p in evaluate["plots"]] == ["${paths.confusion}"]
+    assert {"seed", "evaluate"} <= set(evaluate["params"])
+    assert all((REPO / dep).exists() for dep in evaluate["deps"] if not dep.startswith("$"))
+    declared = {next(iter(p)): next(iter(p.values())) for p in dvc["plots"] if isinstance(p, dict)}
+    assert "${paths.plots}" in dvc["plots"]
+    assert declared == {f"${{paths.plots}}/{kind}": {"x": x, "y": y, "template": declared[f"${{paths.plots}}/{kind}"]
+                                                     ["template"]} for kind, (x, y) in plots.AXES.items()}
+
+
+def test_dvc_plots_show_renders_every_plot(project):
+    root, params, _ = project
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, root / name)
+    dvc = [str(Path(sys.executable).with_name("dvc"))]
+    for cmd in (["git", "init", "-q"], [*dvc, "init", "-q"]):
+        subprocess.run(cmd, cwd=root, check=True, capture_output=True)
+    done = subprocess.run([*dvc, "plots", "show", "--json"], cwd=root, capture_output=True, text=True, timeout=120)
+    shown = json.loads(done.stdout)
+    ours = [e for e in shown.get("errors", []) if e["name"].startswith(params.paths.plots)]
+    assert not ours, ours
+    data = {name: entries[0] for name, entries in shown["data"].items() if entries}  # empty: missing elsewhere
+    vega = {name: entry["content"] for name, entry in data.items() if entry["type"] == "vega"}
+    roc = vega[f"{params.paths.plots}/roc/alpha.csv"]
+    assert roc["encoding"]["x"]["field"] == "fpr" and len(roc["data"]["values"]) > 2
+    assert f"{params.paths.plots}/reliability/test_calibrated.csv" in vega
+    images = {name for name, entry in data.items() if entry["type"] == "image"}
+    assert {f"{params.paths.plots}/{image}" for image in evaluation.IMAGES} <= images
+
+
+def test_train_run_gets_the_metrics_and_plots_under_the_same_names(project):
+    _, params, run_id = project
+    metrics = json.loads(Path(params.paths.metrics).read_text())
+    logged = mlflow.MlflowClient().get_run(run_id).data.metrics
+    for name in ("test/accuracy", "test/accuracy_ci_low", "test_tta/auroc_ci_high", "test_calibrated/ece",
+                 "calibration/temperature"):
+        assert logged[name] == pytest.approx(metrics[name])
+    listed = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "evaluation")}
+    assert {f"evaluation/{name}" for name in (*evaluation.IMAGES, "roc", "reliability", "metrics.json",
+                                               "report.md", "confusion.csv")} <= listed
+
+
+def test_report_warns_and_embeds_the_plots(project):
+    _, params, _ = project
+    report = Path(params.paths.report)
+    text = report.read_text()
+    warnings = text.split("## Warnings")[1].split("\n## ")[0]
+    assert "Random initialization" in warnings and "Wide intervals" in warnings and "Fewer than 10" in warnings
+    for image in evaluation.IMAGES:
+        assert f"]({Path(params.paths.plots).name}/{image})" in text
+        assert (report.parent / Path(params.paths.plots).name / image).is_file()
+    assert "## Calibration" in text and "Temperature T =" in text and "| model | `resnet18` |" in text
+
+
+def test_a_positive_class_on_a_multiclass_set_fails_before_any_work(project):
+    _, params, _ = project
+    before = Path(params.paths.metrics).stat().st_mtime_ns
+    with pytest.raises(evaluation.EvaluationError, match="evaluate.positive_class"):
+        stage.main(tiny_params(positive_class="alpha"))
+    assert Path(params.paths.metrics).stat().st_mtime_ns == before
