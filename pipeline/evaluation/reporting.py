@@ -149,7 +149,7 @@ def report(metrics: Mapping[str, Any], data_report: Mapping[str, Any], run: Mapp
         per_class.to_markdown(floatfmt=("", ".3f", ".3f", ".3f", ".3f", ".0f"), missingval="—"), "",  # support: a count
         *_data_section(data_report),
         *_settings_section(metrics, run, settings, hparams or {}, tta),
-        "## Plots", "", *[f"![{Path(f).stem}]({f})" for f in plot_files], "",
+        "## Plots", "", *[line for f in plot_files for line in (f"![{Path(f).stem}]({f})", "")],
     ]
     for heading, body in extra:
         lines += [f"## {heading}", "", body, ""]
