@@ -38,7 +38,7 @@ def _weighted_auroc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarra
     starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
     w = weights[:, order]
     pos = np.add.reduceat(w * positive[order], starts, axis=1)  # (B, distinct scores)
-    neg = np.add.reduceat(w * ~positive[order], starts, axis=1)
+    neg = np.add.reduceat(w, starts, axis=1) - pos
     below = np.cumsum(neg, axis=1) - neg
     return (pos * (below + 0.5 * neg)).sum(1) / (pos.sum(1) * neg.sum(1))
 
