@@ -1,6 +1,7 @@
 """``python -m pipeline <stage>``: dispatch to the stage entry points in ``pipeline.stages``.
 
-``intake SRC [--name NAME]`` takes arguments of its own; the DVC stages take none (params.yaml only).
+``intake SRC [--name NAME]`` takes arguments of its own, and ``tune --worker`` (joins a running study);
+the DVC stages take none (params.yaml only).
 """
 
 import argparse
@@ -13,14 +14,15 @@ from pipeline.errors import PipelineError
 
 STAGES = ("demo", "ingest", "augment", "tune", "train", "evaluate")
 COMMANDS = {**{s: f"pipeline.stages.{s}" for s in STAGES}, "summary": "pipeline.summary",
-            "intake": "pipeline.stages.intake"}
-WITH_ARGS = frozenset({"intake"})
+            "predict": "pipeline.stages.predict", "export": "pipeline.stages.export",
+            "intake": "pipeline.stages.intake", "weights": "pipeline.stages.weights"}
+WITH_ARGS = frozenset({"intake", "weights", "tune", "predict", "export"})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__, add_help=False)
     parser.add_argument("command", nargs="?", choices=list(COMMANDS),
-                        help="a DVC stage, 'summary', or 'intake SRC [--name]'")
+                        help="a DVC stage, 'summary', 'intake SRC [--name]' or 'tune --worker'")
     parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
     parser.add_argument("-h", "--help", action="store_true", help="this help; 'intake --help' shows intake's")
     args, rest = parser.parse_known_args(argv)

@@ -117,7 +117,12 @@ class Model:
     arch: Arch = Field("resnet18", description="torchvision architecture.")
     weights: str = Field(
         "imagenet", min_length=1,
-        description="'imagenet' (the arch's default torchvision weights), a path to a .pth state dict, or 'none'.")
+        description="'imagenet' (the arch's default torchvision weights), a torchvision weight enum name "
+                    "(e.g. ResNet50_Weights.IMAGENET1K_V2), a path to a .pth state dict, or 'none'.")
+    weights_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-fA-F]{64}$",
+        description="SHA-256 of the weights file (a local .pth, or the downloaded checkpoint); a file with "
+                    "another hash is refused. null: torchvision's own hash-prefix check only.")
     require_pretrained: bool = Field(
         False, description="Fail instead of falling back to random init when weights cannot be obtained.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the classification head.")
@@ -138,6 +143,27 @@ class Train:
     strategy: Literal["auto", "ddp", "ddp_spawn"] = Field("auto", description="Lightning strategy.")
     precision: Literal["32", "16-mixed", "bf16-mixed"] = Field("32", description="Numeric precision.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="Run the network and its inputs in channels_last memory format: faster convolutions "
+                            "on GPUs (tensor cores, mixed precision). auto: on CUDA devices only (on CPU it was "
+                            "no faster here, see make bench).")
+    # The small-data recipe (pipeline/recipe.py).
+    freeze_epochs: int = Field(
+        2, ge=0, description="Epochs that train only the new head, backbone frozen (BatchNorm statistics "
+                             "too). Ignored, with a warning, when the backbone is randomly initialised.")
+    unfreeze: Literal["all", "gradual"] = Field(
+        "all", description="After the frozen epochs: 'all' unfreezes the whole backbone at once; 'gradual' "
+                           "one residual stage per epoch, layer4 first, the stem last.")
+    backbone_lr_mult: float = Field(
+        0.1, gt=0, le=1, description="Backbone learning rate = train.lr x this (the head gets train.lr). "
+                                     "1.0 when the backbone is randomly initialised.")
+    warmup_epochs: float = Field(
+        1.0, ge=0, description="Linear learning-rate warm-up (per step) over this many epochs, then cosine "
+                             "decay to zero at train.max_epochs.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    balance: Literal["none", "loss", "sampler"] = Field(
+        "none", description="Imbalanced classes: 'loss' weights the cross-entropy by inverse class frequency; "
+                            "'sampler' draws training batches class-balanced (with replacement).")
 
     def __post_init__(self) -> None:
         if isinstance(self.devices, int) and self.devices < 1:

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import albumentations as A
 import lightning.pytorch as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
+from pipeline import recipe
 from pipeline.config import Params, mode_of
 from pipeline.data.datamodule import ImageDataModule, load_offline
 from pipeline.data.ingest import Prepared
@@ -77,27 +79,47 @@ def datamodule(params: Params, prepared: Prepared, train_transform: A.BasicTrans
     copies = params.augment.offline_copies
     offline = load_offline(Path(params.paths.augment_offline), prepared, copies) if copies else None
     return ImageDataModule(prepared, train_transform, batch_size=params.train.batch_size,
-                           num_workers=params.train.num_workers, offline=offline)
+                           num_workers=params.train.num_workers, offline=offline,
+                           balanced=params.train.balance == "sampler", seed=params.seed)
 
 
 def build_model(params: Params, class_names: Sequence[str], hub_dir: Path | None = None,
                 dataset_stats: tuple[Sequence[float], Sequence[float]] | None = None,
-                in_channels: int = 3) -> tuple[Classifier, WeightsInfo]:
+                in_channels: int = 3, train_labels: np.ndarray | None = None) -> tuple[Classifier, WeightsInfo]:
     """The classifier with its weights loaded, normalizing with the statistics those weights expect.
 
     Pretrained 3-channel weights keep ImageNet mean/std (what they were trained with); random init or
     other band counts use ``dataset_stats`` (ingest's train-split mean/std) when given.
+    ``train_labels`` give the class weights of ``train.balance: loss``.
     """
     m, t = params.model, params.train
+    weights = None if train_labels is None or t.balance != "loss" else \
+        recipe.class_weights(train_labels, len(class_names)).tolist()
     model = Classifier(arch=m.arch, num_classes=len(class_names), class_names=list(class_names),
                        dropout=m.dropout, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer,
-                       monitor=t.monitor, in_channels=in_channels)
-    info = load_pretrained(model.net, m.arch, m.weights, require_pretrained=m.require_pretrained, hub_dir=hub_dir)
+                       monitor=t.monitor, in_channels=in_channels, backbone_lr_mult=t.backbone_lr_mult,
+                       warmup_epochs=t.warmup_epochs, label_smoothing=t.label_smoothing, class_weights=weights,
+                       channels_last=t.channels_last)
+    info = load_pretrained(model.net, m.arch, m.weights, require_pretrained=m.require_pretrained, hub_dir=hub_dir,
+                           sha256=m.weights_sha256)
+    if not info.pretrained and t.backbone_lr_mult != 1.0:
+        model.hparams.backbone_lr_mult = 1.0  # a random backbone has nothing to protect
     if dataset_stats is not None and not (info.pretrained and len(dataset_stats[0]) == 3):
         mean, std = (list(map(float, v)) for v in dataset_stats)
         model.mean, model.std = (torch.tensor(v).view(1, -1, 1, 1) for v in (mean, std))
         model.hparams.update(mean=mean, std=std)  # so checkpoints rebuild the model with them
     return model, info
+
+
+def _tolerate_frozen_parameters(strategy: str, devices: int | str) -> str:
+    """DDP expects a gradient for every parameter in every step; frozen ones have none. Its
+    ``find_unused_parameters`` mode tolerates that (at some cost, so only while a recipe freezes)."""
+    if strategy == "ddp_spawn":
+        return "ddp_spawn_find_unused_parameters_true"
+    several = devices == "auto" and torch.cuda.device_count() > 1 or isinstance(devices, int) and devices > 1
+    if strategy == "ddp" or strategy == "auto" and several:
+        return "ddp_find_unused_parameters_true"
+    return strategy
 
 
 def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, logger: Logger | bool = False,
@@ -112,10 +134,19 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
     t = params.train
     L.seed_everything(params.seed, workers=True, verbose=False)
     model, weights = build_model(params, data.prepared.classes, hub_dir, (data.prepared.mean, data.prepared.std),
-                                 in_channels=data.prepared.images.shape[-1])
+                                 in_channels=data.prepared.images.shape[-1],
+                                 train_labels=data.prepared.split("train")["label_index"].to_numpy())
     mode = mode_of(t.monitor)
     stopper = EarlyStopping(monitor=t.monitor, mode=mode, patience=t.patience)
     all_callbacks = [stopper, StopOnNonFiniteLoss(), EpochSummary(), *callbacks]
+    strategy = t.strategy
+    freezing = t.freeze_epochs > 0 or t.unfreeze == "gradual"
+    if freezing and not weights.pretrained:
+        log.warning("train.freeze_epochs=%d / train.unfreeze=%s ignored: the backbone is randomly initialised, "
+                    "so it trains from the first epoch", t.freeze_epochs, t.unfreeze)
+    elif freezing:
+        all_callbacks.append(recipe.FreezeSchedule(t.freeze_epochs, t.unfreeze))
+        strategy = _tolerate_frozen_parameters(t.strategy, t.devices)
     checkpoint = None
     if out_dir is not None:
         checkpoint = ModelCheckpoint(dirpath=out_dir, filename=CHECKPOINT_NAME, monitor=t.monitor, mode=mode,
@@ -128,7 +159,7 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
     with tempfile.TemporaryDirectory(prefix="fit-") as scratch:
         trainer = L.Trainer(
             max_epochs=max_epochs or t.max_epochs, accelerator=t.accelerator, devices=t.devices,
-            strategy=t.strategy, precision=t.precision, logger=logger, callbacks=all_callbacks,
+            strategy=strategy, precision=t.precision, logger=logger, callbacks=all_callbacks,
             enable_checkpointing=checkpoint is not None, enable_progress_bar=False,
             enable_model_summary=False, num_sanity_val_steps=0, deterministic="warn",
             log_every_n_steps=1, default_root_dir=str(out_dir or scratch),

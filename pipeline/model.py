@@ -16,6 +16,8 @@ from torch.nn import functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 
+from pipeline import recipe
+
 # ImageNet statistics, which torchvision's ResNet weights were trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,11 +55,20 @@ class Classifier(L.LightningModule):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         in_channels: int = 3,
+        backbone_lr_mult: float = 1.0,
+        warmup_epochs: float = 0.0,
+        label_smoothing: float = 0.0,
+        class_weights: Sequence[float] | None = None,
+        channels_last: bool | str = False,
     ):
         super().__init__()
         # Logged to MLflow by the stage under params.yaml names, not by Lightning under these.
         self.save_hyperparameters(logger=False)
         self.net = build_network(arch, num_classes, dropout, in_channels)
+        self.channels_last = False  # decided where the device is known: on_fit_start
+        # Not persistent: rebuilt from the hyperparameters, so checkpoints load with or without it.
+        self.register_buffer("class_weights", None if class_weights is None else
+                             torch.tensor(class_weights, dtype=torch.float32), persistent=False)
         # Defaults: ImageNet statistics for RGB; their average per band otherwise (fit.build_model
         # passes the data set's own statistics where ImageNet's do not apply).
         if mean is None or std is None:
@@ -77,12 +88,22 @@ class Classifier(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for pixel batches (N, C, H, W): integer pixels or floats in [0, 1]."""
-        return self.net((to_unit_range(x) - self.mean) / self.std)
+        x = (to_unit_range(x) - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def on_fit_start(self) -> None:
+        """channels_last memory format (``train.channels_last``; 'auto': on CUDA only)."""
+        wanted = self.hparams.channels_last
+        self.channels_last = self.device.type == "cuda" if wanted == "auto" else bool(wanted)
+        self.net.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, weight=self.class_weights,
+                               label_smoothing=self.hparams.label_smoothing)
         metrics = self.train_metrics if split == "train" else self.val_metrics
         metrics.update(logits.softmax(dim=-1), y)
         self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
@@ -100,11 +121,19 @@ class Classifier(L.LightningModule):
         return self(batch[0]).softmax(dim=-1)
 
     def configure_optimizers(self):
+        """Head at ``lr``, backbone at ``lr x backbone_lr_mult``; linear warm-up then cosine decay, per step.
+
+        Frozen parameters stay in the optimizer without gradients (see ``pipeline.recipe``).
+        """
         hp = self.hparams
+        head, backbone = recipe.head_and_backbone_params(self.net)
+        groups = [{"params": head, "lr": hp.lr}, {"params": backbone, "lr": hp.lr * hp.backbone_lr_mult}]
         if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
         else:
-            opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        max_epochs = max(1, self.trainer.max_epochs or 1)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+            opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = total / max(1, self.trainer.max_epochs or 1)
+        warmup = round(hp.warmup_epochs * per_epoch)
+        return {"optimizer": opt,
+                "lr_scheduler": {"scheduler": recipe.warmup_cosine(opt, warmup, total), "interval": "step"}}

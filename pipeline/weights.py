@@ -8,7 +8,9 @@ returns so the stages can record it; ``require_pretrained`` turns the fallback i
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +19,11 @@ from urllib.error import URLError
 import torch
 import torchvision
 from torch import nn
+from torch.hub import HASH_REGEX  # <arch>-<sha256 prefix>.pth, as torch.hub checks it
 
 from pipeline.errors import PipelineError
+from pipeline.fsutil import atomic_file
+from pipeline.model import build_network
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +46,51 @@ class WeightsInfo:
     fallback_reason: str | None = None
 
 
-def imagenet_url(arch: str) -> str:
-    """URL of torchvision's default weights for ``arch``."""
-    return torchvision.models.get_model_weights(arch).DEFAULT.url
+def weight_enum(arch: str, name: str = "imagenet") -> torchvision.models.WeightsEnum:
+    """torchvision's weights for ``arch``: its default for 'imagenet', else the enum named like
+    ``ResNet50_Weights.IMAGENET1K_V2``, which must belong to ``arch``."""
+    available = torchvision.models.get_model_weights(arch)
+    if name == "imagenet":
+        return available.DEFAULT
+    choices = ", ".join(str(w) for w in available)
+    try:
+        enum = torchvision.models.get_weight(name)
+    except (KeyError, ValueError) as err:
+        raise WeightsError(f"model.weights: '{name}' is not a torchvision weight name; for {arch}: {choices}") from err
+    if type(enum) is not available:
+        raise WeightsError(f"model.weights: {name} are weights for another architecture than model.arch={arch}; "
+                           f"for {arch}: {choices}")
+    return enum
+
+
+def is_enum_name(weights: str) -> bool:
+    """``ResNet50_Weights.IMAGENET1K_V2``-like (a path has a separator or a .pth suffix)."""
+    return "_Weights." in weights and not weights.endswith((".pth", ".pt")) and "/" not in weights
+
+
+def imagenet_url(arch: str, name: str = "imagenet") -> str:
+    """URL of torchvision's weights ``name`` ('imagenet': the default) for ``arch``."""
+    return weight_enum(arch, name).url
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify_sha256(path: Path, expected: str | None) -> None:
+    """Refuse a weights file whose SHA-256 is not ``expected`` (``model.weights_sha256``)."""
+    if expected is None:
+        return
+    actual = sha256_of(path)
+    if actual != expected.lower():
+        raise WeightsError(f"{path}: SHA-256 is {actual}, but model.weights_sha256 is {expected.lower()}; "
+                           "the file is not the one the params name (corrupt, truncated or replaced)")
+
+
+def hub_checkpoint(url: str, hub_dir: Path | None = None) -> Path:
+    """Where torch.hub keeps (and looks for) the download of ``url``."""
+    return Path(hub_dir or Path(torch.hub.get_dir()) / "checkpoints") / Path(url).name
 
 
 def fetch(url: str, hub_dir: Path | None = None) -> dict[str, torch.Tensor]:
@@ -100,22 +147,27 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> No
 
 
 def load_pretrained(net: nn.Module, arch: str, weights: str, *, require_pretrained: bool,
-                    hub_dir: Path | None = None) -> WeightsInfo:
-    """Put the requested weights into ``net`` (a freshly built ``arch``) and say what happened."""
+                    hub_dir: Path | None = None, sha256: str | None = None) -> WeightsInfo:
+    """Put the requested weights into ``net`` (a freshly built ``arch``) and say what happened.
+
+    ``sha256``: the weights file must have this hash (checked before it is read).
+    """
     if weights == "none":
         return WeightsInfo(requested=weights, source="random-init", pretrained=False)
-    if weights != "imagenet":
+    if weights != "imagenet" and not is_enum_name(weights):
         path = Path(weights)
+        if path.is_file():
+            verify_sha256(path, sha256)
         load_into(net, read(path), str(path))
         return WeightsInfo(requested=weights, source=str(path), pretrained=True)
 
-    url = imagenet_url(arch)
+    url = imagenet_url(arch, weights)
     try:
         state = fetch(url, hub_dir)
     except (URLError, OSError, RuntimeError) as err:
-        where = Path(hub_dir or Path(torch.hub.get_dir()) / "checkpoints") / Path(url).name
-        advice = (f"pre-seed the file at {where} (set TORCH_HOME to move it), or point model.weights "
-                  f"at a local .pth state dict")
+        advice = (f"pre-seed the file at {hub_checkpoint(url, hub_dir)} (`python -m pipeline weights import FILE "
+                  f"--arch {arch}` puts it there; set TORCH_HOME to move it), or point model.weights at a local "
+                  f".pth state dict")
         if require_pretrained:
             raise WeightsError(f"ImageNet weights for {arch} could not be obtained from {url} ({err}); "
                                f"model.require_pretrained is true: {advice}") from err
@@ -123,5 +175,34 @@ def load_pretrained(net: nn.Module, arch: str, weights: str, *, require_pretrain
         log.warning("\n" + "!" * 78 + "\n!! PRETRAINED WEIGHTS UNAVAILABLE - training %s from RANDOM INIT.\n"
                     "!! %s\n!! To fix: %s\n" + "!" * 78, arch, reason, advice)
         return WeightsInfo(requested=weights, source="random-init", pretrained=False, fallback_reason=reason)
+    verify_sha256(hub_checkpoint(url, hub_dir), sha256)
     load_into(net, state, url)
     return WeightsInfo(requested=weights, source=url, pretrained=True)
+
+
+def import_checkpoint(file: Path, arch: str, name: str = "imagenet", hub_dir: Path | None = None) -> Path:
+    """Check a downloaded torchvision checkpoint and put it where offline runs find it.
+
+    For air-gapped machines: the file (fetched elsewhere from the URL torchvision would use) must carry
+    the hash torchvision expects (the 8-hex prefix in the file name of that URL) and exactly the keys
+    and shapes of ``arch``; it is then copied, atomically, to ``$TORCH_HOME/hub/checkpoints/<that name>``,
+    where ``model.weights: imagenet`` (or the enum ``name``) loads it without a download.
+    """
+    enum = weight_enum(arch, name)
+    if not file.is_file():
+        raise WeightsError(f"{file}: no such file")
+    expected = HASH_REGEX.search(Path(enum.url).name).group(1)
+    actual = sha256_of(file)
+    if not actual.startswith(expected):
+        raise WeightsError(f"{file}: SHA-256 {actual[:16]}... does not match {enum} (torchvision expects a hash "
+                           f"starting {expected}, from {enum.url}); the download is corrupt or another file")
+    state = read(file)
+    own = build_network(arch, len(enum.meta["categories"])).state_dict()
+    wrong = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
+    if wrong:
+        raise WeightsError(f"{file}: keys or shapes do not match {arch}: {wrong[:8]}")
+    target = hub_checkpoint(enum.url, hub_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(target) as tmp:
+        shutil.copyfile(file, tmp)
+    return target

@@ -34,7 +34,8 @@ def test_a_diverging_loss_stops_with_a_message_and_no_checkpoint(tiny_params, pr
     from pipeline.config import with_overrides
     from pipeline.fit import TrainingDiverged
 
-    params = with_overrides(tiny_params, {"train.lr": 9.0, "train.optimizer": "sgd"})
+    params = with_overrides(tiny_params, {"train.lr": 9.0, "train.optimizer": "sgd", "train.warmup_epochs": 0,
+                                          "train.label_smoothing": 0.0})
     with pytest.raises(TrainingDiverged, match="lower train.lr"):
         fit(params, datamodule(params, prepared, None), out_dir=tmp_path / "ckpt", max_epochs=20)
     assert not (tmp_path / "ckpt" / "best.ckpt").exists()

@@ -22,3 +22,17 @@ def test_every_arch_builds_and_takes_a_training_step(arch):
 def test_head_is_replaced_for_the_class_count():
     net = build_network("resnet50", 5)
     assert net.fc.out_features == 5 and net.fc.in_features == 2048
+
+
+def test_channels_last_gives_the_same_outputs():
+    torch.manual_seed(0)
+    x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    plain = Classifier("resnet18", 3, channels_last=False)
+    fast = Classifier("resnet18", 3, channels_last=True)
+    fast.load_state_dict(plain.state_dict())
+    for model in (plain, fast):
+        model.on_fit_start()
+        model.eval()
+    assert fast.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), fast(x), atol=1e-4)

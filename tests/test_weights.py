@@ -50,7 +50,7 @@ def test_local_file_loads_exactly(saved_state):
 
 def test_imagenet_download_path_through_torch_hub(saved_state, served, tmp_path, monkeypatch):
     state, _ = saved_state
-    monkeypatch.setattr(weights, "imagenet_url", lambda arch: served)
+    monkeypatch.setattr(weights, "imagenet_url", lambda arch, name="imagenet": served)
     net = build_network("resnet18", 3)
     info = weights.load_pretrained(net, "resnet18", "imagenet", require_pretrained=True, hub_dir=tmp_path / "hub")
     assert info.pretrained and info.source == served
@@ -59,7 +59,7 @@ def test_imagenet_download_path_through_torch_hub(saved_state, served, tmp_path,
 
 
 def test_unreachable_weights_fall_back_loudly(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(weights, "imagenet_url", lambda arch: "http://127.0.0.1:9/resnet18-00000000.pth")
+    monkeypatch.setattr(weights, "imagenet_url", lambda arch, name="imagenet": "http://127.0.0.1:9/resnet18-00000000.pth")
     net = build_network("resnet18", 3)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     info = weights.load_pretrained(net, "resnet18", "imagenet", require_pretrained=False, hub_dir=tmp_path)
@@ -69,7 +69,7 @@ def test_unreachable_weights_fall_back_loudly(tmp_path, monkeypatch, caplog):
 
 
 def test_require_pretrained_turns_the_fallback_into_advice(tmp_path, monkeypatch):
-    monkeypatch.setattr(weights, "imagenet_url", lambda arch: "http://127.0.0.1:9/resnet18-00000000.pth")
+    monkeypatch.setattr(weights, "imagenet_url", lambda arch, name="imagenet": "http://127.0.0.1:9/resnet18-00000000.pth")
     with pytest.raises(weights.WeightsError) as err:
         weights.load_pretrained(build_network("resnet18", 3), "resnet18", "imagenet", require_pretrained=True,
                                 hub_dir=tmp_path)
@@ -117,3 +117,97 @@ def test_n_band_first_conv_spreads_the_rgb_kernels(saved_state):
     assert torch.allclose(net.conv1.weight[:, 3], rgb[:, 0] * 3 / 13)
     assert torch.allclose(net.conv1.weight[:, 12], rgb[:, 0] * 3 / 13)
     assert torch.allclose(net.conv1.weight[:, 5], rgb[:, 2] * 3 / 13)
+
+
+def test_sha256_accepts_the_right_file_and_rejects_another(saved_state, tmp_path):
+    state, path = saved_state
+    right = hashlib.sha256(path.read_bytes()).hexdigest()
+    net = build_network("resnet18", 3)
+    assert weights.load_pretrained(net, "resnet18", str(path), require_pretrained=True, sha256=right).pretrained
+    other = tmp_path / "other.pth"
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, other)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(weights.WeightsError, match="SHA-256") as err:
+        weights.load_pretrained(net, "resnet18", str(other), require_pretrained=True, sha256=right)
+    assert str(other) in str(err.value) and "model.weights_sha256" in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # nothing loaded
+
+
+def test_sha256_also_checks_the_downloaded_checkpoint(saved_state, served, tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "imagenet_url", lambda arch, name="imagenet": served)
+    with pytest.raises(weights.WeightsError, match="SHA-256"):
+        weights.load_pretrained(build_network("resnet18", 3), "resnet18", "imagenet", require_pretrained=True,
+                                hub_dir=tmp_path / "hub", sha256="0" * 64)
+
+
+def test_weight_enum_names_resolve_and_must_fit_the_arch():
+    assert weights.imagenet_url("resnet50", "ResNet50_Weights.IMAGENET1K_V2").endswith("resnet50-11ad3fa6.pth")
+    assert weights.imagenet_url("resnet50", "imagenet") == weights.imagenet_url("resnet50", "ResNet50_Weights.DEFAULT")
+    with pytest.raises(weights.WeightsError, match="another architecture.*ResNet18_Weights.IMAGENET1K_V1"):
+        weights.weight_enum("resnet18", "ResNet50_Weights.IMAGENET1K_V2")
+    with pytest.raises(weights.WeightsError, match="ResNet50_Weights.IMAGENET1K_V9.*IMAGENET1K_V2"):
+        weights.weight_enum("resnet50", "ResNet50_Weights.IMAGENET1K_V9")
+
+
+def test_enum_name_downloads_through_torch_hub(saved_state, served, tmp_path, monkeypatch):
+    state, _ = saved_state
+    asked = []
+    monkeypatch.setattr(weights, "imagenet_url", lambda arch, name="imagenet": asked.append(name) or served)
+    net = build_network("resnet18", 3)
+    info = weights.load_pretrained(net, "resnet18", "ResNet18_Weights.IMAGENET1K_V1", require_pretrained=True,
+                                   hub_dir=tmp_path / "hub")
+    assert asked == ["ResNet18_Weights.IMAGENET1K_V1"] and info.pretrained
+    assert_backbone_equal(net, state)
+
+
+class _Enum:
+    """Stands in for a torchvision weight enum whose URL names our test file's hash."""
+
+    def __init__(self, path):
+        self.url = f"https://download.pytorch.org/models/{path.name}"
+        self.meta = {"categories": list(range(1000))}
+
+    def __str__(self):
+        return "ResNet18_Weights.TEST"
+
+
+def test_weights_import_checks_hash_and_keys_and_places_the_file(saved_state, tmp_path, monkeypatch):
+    state, path = saved_state
+    monkeypatch.setattr(weights, "weight_enum", lambda arch, name="imagenet": _Enum(path))
+    placed = weights.import_checkpoint(path, "resnet18", hub_dir=tmp_path / "hub")
+    assert placed == tmp_path / "hub" / path.name and placed.read_bytes() == path.read_bytes()
+    # An offline run now finds it where torch.hub looks, without any network.
+    monkeypatch.setattr(weights, "imagenet_url", lambda arch, name="imagenet": f"http://127.0.0.1:9/{path.name}")
+    net = build_network("resnet18", 3)
+    assert weights.load_pretrained(net, "resnet18", "imagenet", require_pretrained=True, hub_dir=tmp_path / "hub").pretrained
+    assert_backbone_equal(net, state)
+
+    corrupt = tmp_path / "dl" / path.name
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(weights.WeightsError, match="does not match"):
+        weights.import_checkpoint(corrupt, "resnet18", hub_dir=tmp_path / "hub2")
+    assert not (tmp_path / "hub2" / path.name).exists()
+
+
+def test_weights_import_rejects_another_architectures_file(tmp_path, monkeypatch):
+    tmp = tmp_path / "w.pth"
+    torch.save(build_network("resnet34", 1000).state_dict(), tmp)
+    named = tmp.rename(tmp_path / f"resnet18-{hashlib.sha256(tmp.read_bytes()).hexdigest()[:8]}.pth")
+    monkeypatch.setattr(weights, "weight_enum", lambda arch, name="imagenet": _Enum(named))
+    with pytest.raises(weights.WeightsError, match="keys or shapes do not match resnet18"):
+        weights.import_checkpoint(named, "resnet18", hub_dir=tmp_path / "hub")
+
+
+def test_weights_import_command(saved_state, tmp_path, monkeypatch, capsys):
+    from pipeline.__main__ import main
+
+    _, path = saved_state
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(weights, "weight_enum", lambda arch, name="imagenet": _Enum(path))
+    params = tmp_path / "params.yaml"
+    params.write_text("model: {arch: resnet18}\n")
+    assert main(["weights", "import", str(path), "--arch", "resnet18", "--params", str(params)]) == 0
+    assert (tmp_path / "torch" / "hub" / "checkpoints" / path.name).is_file()
+    assert main(["weights", "import", str(tmp_path / "missing.pth"), "--params", str(params)]) == 2
+    assert "missing.pth" in capsys.readouterr().err

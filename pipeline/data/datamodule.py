@@ -8,8 +8,9 @@ import albumentations as A
 import lightning.pytorch as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from pipeline import recipe
 from pipeline.data.ingest import DataError, Prepared
 
 # The augment stage's offline copies (augment.offline_copies), in its output folder paths.augment_offline.
@@ -60,11 +61,14 @@ def _reseed_worker(worker_id: int) -> None:
 
 class ImageDataModule(L.LightningDataModule):
     def __init__(self, prepared: Prepared, train_transform: A.BasicTransform | None, *,
-                 batch_size: int, num_workers: int = 0, offline: tuple[np.ndarray, np.ndarray] | None = None):
-        """``offline``: (images, label indices) appended to the train split, e.g. from ``load_offline``."""
+                 batch_size: int, num_workers: int = 0, offline: tuple[np.ndarray, np.ndarray] | None = None,
+                 balanced: bool = False, seed: int = 0):
+        """``offline``: (images, label indices) appended to the train split, e.g. from ``load_offline``.
+        ``balanced``: training batches drawn class-balanced, with replacement (``train.balance: sampler``).
+        """
         super().__init__()
         self.prepared, self.train_transform, self.offline = prepared, train_transform, offline
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.balanced, self.seed = batch_size, num_workers, balanced, seed
 
     @property
     def num_classes(self) -> int:
@@ -84,9 +88,17 @@ class ImageDataModule(L.LightningDataModule):
     def _dataloader(self, split: str) -> DataLoader:
         train = split == "train"
         dataset = self.dataset(split, self.train_transform if train else None)
+        sampler = None
+        if train and self.balanced:
+            # Each image drawn with its class's inverse frequency: every class equally likely per draw.
+            # Under DDP, Lightning wraps this sampler so that each rank draws its own share.
+            weights = recipe.class_weights(dataset.labels, self.num_classes)[dataset.labels]
+            sampler = WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(dataset), replacement=True,
+                                            generator=torch.Generator().manual_seed(self.seed))
         return DataLoader(
             # A last training batch of one image would break BatchNorm; drop it.
-            dataset, batch_size=self.batch_size, shuffle=train, drop_last=train and len(dataset) > self.batch_size,
+            dataset, batch_size=self.batch_size, shuffle=train and sampler is None, sampler=sampler,
+            drop_last=train and len(dataset) > self.batch_size,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
             worker_init_fn=_reseed_worker if self.num_workers > 0 else None,
             pin_memory=torch.cuda.is_available(),

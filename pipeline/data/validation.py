@@ -20,11 +20,8 @@ import numpy as np
 
 def file_hash(path: Path) -> str:
     """sha256 of the file's bytes: identical files, whatever their names."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 HASH_SIDE = 16  # bits = HASH_SIDE ** 2
