@@ -198,7 +198,13 @@ class Tune:
     timeout_s: float | None = Field(None, gt=0, description="Stop starting new trials after this many seconds.")
     pruner: Literal["median", "hyperband", "none"] = Field(
         "median", description="Optuna pruner, applied to the validation metric after every epoch.")
-    storage: str = Field("sqlite:///optuna.db", description="Optuna storage URL; kept between runs.")
+    storage: str = Field("sqlite:///optuna.db",
+                         description="Optuna storage URL, kept between runs: SQLite for one machine, "
+                                     "postgresql://user:password@host:port/db for workers on several "
+                                     "(python -m pipeline tune --worker).")
+    n_jobs: int = Field(1, ge=1, description="Worker processes on this machine filling the study at once, one "
+                                            "trial each: GPU i for worker i when there are GPUs, else the CPU "
+                                            "cores split between them.")
     search_space: dict[str, SearchDim] = Field(
         default_factory=lambda: {
             "train.lr": SearchDim(type="float", low=1e-4, high=3e-3, log=True),

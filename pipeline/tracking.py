@@ -84,6 +84,12 @@ def lineage_tags(raw_dir: Path, exp_name: str | None) -> dict[str, str]:
     return tags
 
 
+def run_name(stage: str, arch: str, tags: dict[str, str]) -> str:
+    """``stage:dataset:arch[:dvc experiment]`` (e.g. ``tune:demo:resnet18:exp-1``, ``trial-3:...``), one
+    scheme for every run, so the runs table scans by data set, model and experiment."""
+    return ":".join(part for part in (stage, tags.get("data.dataset"), arch, tags.get("dvc.exp_name")) if part)
+
+
 def log_params(params: Params) -> None:
     """All params under their params.yaml names, plus the full mapping as an artifact.
 

@@ -121,3 +121,51 @@ def test_an_interrupted_study_resumes_and_its_trial_count_continues(tiny_params,
 def test_hyperband_pruner_from_params(tiny_params):
     params = with_overrides(tiny_params, {"tune.pruner": "hyperband", "tune.max_epochs": 9})
     assert isinstance(tune.make_pruner(params), optuna.pruners.HyperbandPruner)
+
+
+def test_a_failing_trial_is_recorded_as_failed_and_the_study_goes_on(tiny_params, prepared, tmp_path, monkeypatch):
+    # batch_size 0 is invalid: the seeded sampler draws it first, then valid sizes.
+    space = {"train.lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
+             "train.batch_size": {"type": "categorical", "choices": [0, 2, 4]}}
+    params, exp_id, data_for = _setup(tiny_params, prepared, tmp_path, monkeypatch, **{"tune.search_space": space})
+    tags = {"data.dataset": "tiny", "dvc.exp_name": "exp-1"}
+    study, summary = tune.run(params, data_for, "s", tags)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert study.trials[0].params["train.batch_size"] == 0
+    assert (summary["trials_complete"], summary["trials_failed"]) == (2, 1)
+    runs = {r.data.tags["optuna.trial"]: r for r in trial_runs(exp_id)}
+    assert (runs["0"].info.status, runs["0"].data.tags["optuna.state"]) == ("FAILED", "failed")
+    assert "train.batch_size" in runs["0"].data.tags["optuna.error"]
+    # Run names: stage, data set, arch, DVC experiment (issue #8)
+    assert runs["2"].info.run_name == "trial-2:tiny:resnet18:exp-1"
+    assert mlflow.get_run(study.user_attrs[tune.RUN_ID_ATTR]).info.run_name == "tune:tiny:resnet18:exp-1"
+
+
+def test_a_worker_whose_slot_was_taken_meanwhile_stands_down(tiny_params):
+    # Two workers counted one open slot at the same moment and both started a trial: the later one yields.
+    params = with_overrides(tiny_params, {"tune.n_trials": 2})
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(value=1.0))
+    first, second = study.ask(), study.ask()
+    run_trial = tune.objective(params, data_for=None, parent_run_id="", experiment_id="", tags={})
+    import pytest
+    with pytest.raises(tune.SlotTaken):
+        run_trial(second)
+    assert second.user_attrs == {tune.SURPLUS_ATTR: True}
+    assert not tune._slot_taken(first, 2)
+
+
+def test_best_params_reach_the_train_stage(tiny_params, tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.stages import train
+
+    best = tmp_path / "best_params.yaml"
+    params = with_overrides(tiny_params, {"paths.best_params": str(best)})
+    best.write_text("train.lr: 0.000123\ntrain.batch_size: 8\n")  # as the tune stage writes them
+    tuned, values = train.with_best_params(params)
+    assert (tuned.train.lr, tuned.train.batch_size) == (0.000123, 8) and values == {"train.lr": 0.000123,
+                                                                                    "train.batch_size": 8}
+    best.write_text("train.nope: 1\n")
+    import pytest
+    with pytest.raises(ConfigError, match="train.nope"):
+        train.with_best_params(params)

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -16,7 +17,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from pipeline import augment, tracking
-from pipeline.config import Params, as_dict, with_overrides
+from pipeline.config import ConfigError, Params, as_dict, with_overrides
 from pipeline.data.ingest import load_prepared
 from pipeline.fit import datamodule, fit
 from pipeline.fsutil import atomic_dir
@@ -27,10 +28,19 @@ from pipeline.stages import dataset_dir, open_tracking
 RUN_INFO = "run.json"  # beside the checkpoint in paths.model_dir; evaluate reads it
 
 
+def with_best_params(params: Params) -> tuple[Params, dict[str, Any]]:
+    """``params`` with the tune stage's best values (``paths.best_params``) applied, and those values."""
+    path = Path(params.paths.best_params)
+    tuned = yaml.safe_load(path.read_text()) or {}
+    try:
+        return with_overrides(params, tuned), tuned
+    except ValueError as err:  # a key or value params.yaml no longer accepts
+        raise ConfigError(f"{path}: {err}; rerun the tune stage (dvc repro tune)") from None
+
+
 def main(params: Params) -> None:
     paths = params.paths
-    tuned = yaml.safe_load(Path(paths.best_params).read_text()) or {}
-    params = with_overrides(params, tuned)
+    params, tuned = with_best_params(params)
     prepared = load_prepared(Path(paths.prepared))
     data = datamodule(params, prepared, augment.load(Path(paths.augment_pipeline), params.seed))
     resume = Resume.beside(paths.model_dir, json.dumps(as_dict(params), sort_keys=True), prepared.digest,
@@ -43,7 +53,7 @@ def main(params: Params) -> None:
 
     tags = open_tracking(params)
     run_id, last = resume.run_id(), resume.last_checkpoint()
-    name = f"train {params.data.dataset} {params.model.arch}" + (f" {tags['dvc.exp_name']}" if "dvc.exp_name" in tags else "")
+    name = tracking.run_name("train", params.model.arch, tags)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else name,
                           tags=None if run_id else tags | {"stage": "train"}) as run:
         if run_id is None:

@@ -1,29 +1,49 @@
-"""tune: Optuna study over tune.search_space; writes the best values for the train stage."""
+"""tune [--worker]: Optuna study over tune.search_space; writes the best values for the train stage.
 
+With --worker it joins the study that the tune stage created in the shared tune.storage, from any
+machine with the same commit, params and data: it runs trials (tune.n_jobs processes) until the study
+holds tune.n_trials, nested under the study's MLflow parent run, and writes no outputs.
+"""
+
+import argparse
 from pathlib import Path
 
 import mlflow
 import yaml
 
-from pipeline import augment, tracking, tune
-from pipeline.config import Params, value_at
+from pipeline import tracking, tune
+from pipeline.config import PARAMS_FILE, Params, value_at
 from pipeline.data.ingest import load_prepared
-from pipeline.fit import datamodule
 from pipeline.fsutil import atomic_file, write_json
 from pipeline.stages import dataset_dir, open_tracking
 
 
-def main(params: Params) -> None:
+def study_of(params: Params) -> tuple[str, dict[str, str], tune.TrialData]:
+    """The study these params and data name (the same on every machine), the MLflow tags of its runs,
+    and the data its trials train on."""
+    tags = open_tracking(params)
+    data = tune.TrialData(Path(params.paths.prepared), Path(params.paths.augment_pipeline), params.seed)
+    return tune.study_name(params, f"{tags['data.version']}-{load_prepared(data.prepared).digest}"), tags, data
+
+
+def main(params: Params, argv: list[str] = (), params_file: str = PARAMS_FILE) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline tune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", action="store_true", help="join the tune stage's study; write no outputs")
+    worker = parser.parse_args(argv).worker
     paths = params.paths
     if not params.tune.enabled:
+        if worker:
+            raise tune.TuneError(f"{params_file}: tune.enabled is false: there is no study to join")
         best = {key: value_at(params, key) for key in params.tune.search_space}
         summary = {"enabled": False}
     else:
-        tags = open_tracking(params)
-        prepared = load_prepared(Path(paths.prepared))
-        transform = augment.load(Path(paths.augment_pipeline), params.seed)
-        name = tune.study_name(params, f"{tags['data.version']}-{prepared.digest}")
-        study, summary = tune.run(params, lambda p: datamodule(p, prepared, transform), name, tags)
+        name, tags, data = study_of(params)
+        if worker:
+            ran = tune.join(params, data, name, tags)
+            print(f"tune --worker: ran {ran} trials of study {name}")
+            return
+        study, summary = tune.run(params, data, name, tags)
         best = study.best_params
         with mlflow.start_run(run_id=study.user_attrs[tune.RUN_ID_ATTR]):  # the study's parent run
             tracking.log_dataset(dataset_dir(params), tags["data.version"])
