@@ -216,6 +216,9 @@ class Tune:
 @dataclass(frozen=True, config=_STRICT)
 class Evaluate:
     batch_size: int = Field(64, ge=1, description="Images per inference batch.")
+    gradcam_per_class: int = Field(
+        2, ge=0, le=10, description="Grad-CAM panel (pipeline/explain.py): the most confident correct and the most "
+                                    "confident wrong test images per true class, this many of each; 0 turns it off.")
     tta: tuple[str | dict[str, Any], ...] = Field(
         ("HorizontalFlip", "VerticalFlip"),
         description="Test-time augmentation: deterministic albumentations transforms (names, or {name, args}); "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline import augment, evaluation, tracking
+from pipeline import augment, evaluation, explain, tracking
 from pipeline.config import Params
 from pipeline.data.ingest import REPORT_JSON, Prepared, load_prepared
 from pipeline.fsutil import atomic_dir, atomic_file, write_json
@@ -37,12 +37,19 @@ def main(params: Params) -> None:
     data_report = json.loads((Path(paths.prepared) / REPORT_JSON).read_text())
     plots = Path(paths.plots)
     embedded = [os.path.relpath(plots / name, Path(paths.report).parent) for name in evaluation.IMAGES]
+    # The Grad-CAM panel (pipeline.explain): rendered now, written with the other plots below.
+    gradcam = explain.panel_png(model, images, labels, result.probs, prepared.classes, settings.gradcam_per_class,
+                                settings.batch_size)
+    if gradcam is not None:
+        embedded.append(os.path.relpath(plots / explain.PANEL_PNG, Path(paths.report).parent))
     report = evaluation.report(metrics, data_report, run, embedded, [type(t).__name__ for t in tta],
                                settings=settings, hparams=dict(model.hparams))
 
     # Everything is computed before anything is replaced: a failure above leaves the old outputs.
     with atomic_dir(plots) as staging:
         evaluation.write_plots(staging, result.probs, labels, prepared.classes, result.calibrated, settings.ece_bins)
+        if gradcam is not None:
+            (staging / explain.PANEL_PNG).write_bytes(gradcam)
     with atomic_file(paths.confusion) as tmp:
         evaluation.confusion_table(result.probs, labels, prepared.classes).to_csv(tmp, index=False)
     with atomic_file(paths.report) as tmp:

@@ -1,0 +1,177 @@
+"""Grad-CAM heat maps on the last residual stage (``net.layer4``), and a panel of them for the report.
+
+The maps come from ``grad-cam`` (pytorch-grad-cam, MIT): maintained, and all it brings beyond what the
+pipeline already installs is ``ttach``. Importable from notebooks::
+
+    from pipeline import explain
+    maps = explain.grad_cam(model, images)          # (N, H, W) in [0, 1]
+    explain.panel(images, maps, captions, "cam.png")
+
+``layer4`` has a stride of 32: at 64 px it is a 2x2 grid (one cell per quadrant), at 32 px a single cell
+that cannot localise anything (a warning says so, and the maps are all zero).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+STRIDE = 32  # of a torchvision ResNet's layer4
+PANEL_PNG = "gradcam.png"  # the evaluate stage's panel, in paths.plots
+
+
+def _target_layer(model: nn.Module) -> nn.Module:
+    net = getattr(model, "net", model)  # the Classifier wraps the torchvision ResNet as .net
+    if not hasattr(net, "layer4"):
+        raise TypeError(f"{type(net).__name__} has no layer4: Grad-CAM here expects a torchvision ResNet")
+    return net.layer4
+
+
+def grad_cam(model: nn.Module, images: np.ndarray, target: int | Sequence[int] | None = None,
+             batch_size: int = 32) -> np.ndarray:
+    """Grad-CAM heat maps (N, H, W) in [0, 1] of cached images (N, H, W, C), as the prepared cache holds them.
+
+    ``target``: the class explained: None, each image's predicted class; an int, that class for all;
+    a sequence, one class per image. Each map is scaled to [0, 1] on its own (an all-zero map: no
+    positive evidence for the class).
+    """
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"expected images as (N, H, W, C), got shape {images.shape}")
+    if math.ceil(min(images.shape[1:3]) / STRIDE) < 2:
+        log.warning("Grad-CAM: at %d px layer4 is a single cell, so the heat maps cannot localise anything; "
+                    "train at data.image_size >= 64 to see where the model looks", min(images.shape[1:3]))
+    if target is None or isinstance(target, (int, np.integer)):
+        targets = [target] * len(images)
+    else:
+        targets = list(target)
+        if len(targets) != len(images):
+            raise ValueError(f"{len(targets)} targets for {len(images)} images")
+    device = next(model.parameters()).device
+    was_training = model.training
+    maps = []
+    try:
+        with torch.enable_grad(), GradCAM(model=model, target_layers=[_target_layer(model)]) as cam:
+            for start in range(0, len(images), batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size].transpose(0, 3, 1, 2)))
+                chosen = targets[start:start + batch_size]
+                wanted = None if all(t is None for t in chosen) else [
+                    ClassifierOutputTarget(int(t)) if t is not None else None for t in chosen]
+                if wanted is not None and any(t is None for t in wanted):  # mixed: fill in the predicted class
+                    with torch.no_grad():
+                        predicted = model(x.to(device)).argmax(-1).tolist()
+                    wanted = [t or ClassifierOutputTarget(p) for t, p in zip(wanted, predicted, strict=True)]
+                maps.append(cam(input_tensor=x, targets=wanted))
+    finally:
+        model.train(was_training)
+    return np.concatenate(maps).astype(np.float32)
+
+
+def select(labels: np.ndarray, probs: np.ndarray, per_class: int) -> list[list[int | None]]:
+    """Per true class, the ``per_class`` most confident correct and the ``per_class`` most confident wrong images.
+
+    One row per class: ``per_class`` correct slots, then ``per_class`` wrong ones; an empty slot is None.
+    """
+    labels, predicted = np.asarray(labels), np.asarray(probs).argmax(1)
+    confidence = np.asarray(probs).max(1)
+    rows = []
+    for k in range(probs.shape[1]):
+        row: list[int | None] = []
+        for hit in (True, False):
+            idx = np.flatnonzero((labels == k) & ((predicted == k) == hit))
+            best = idx[np.argsort(-confidence[idx], kind="stable")][:per_class].tolist()
+            row += best + [None] * (per_class - len(best))
+        rows.append(row)
+    return rows
+
+
+def to_display(image: np.ndarray) -> np.ndarray:
+    """A cached image as float RGB in [0, 1]: gray repeated, more than 3 bands shown as the first band."""
+    image = np.asarray(image)
+    x = image.astype(np.float32) / (np.iinfo(image.dtype).max if image.dtype.kind in "ui" else 1.0)
+    if x.shape[-1] != 3:
+        x = np.repeat(x[..., :1], 3, axis=-1)
+    return np.clip(x, 0, 1)
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, weight: float = 0.5) -> np.ndarray:
+    """The heat map (jet colours) blended over the image, uint8 RGB."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    return show_cam_on_image(to_display(image), np.clip(heatmap, 0, 1), use_rgb=True, image_weight=weight)
+
+
+def panel(images: Sequence[np.ndarray | None], heatmaps: Sequence[np.ndarray | None], captions: Sequence[str],
+          path: str | Path | io.BytesIO, columns: int = 4, wrong: Sequence[bool] | None = None,
+          row_titles: Sequence[str] | None = None, title: str = "Grad-CAM (layer4)") -> None:
+    """Save a grid of (image, heat-map overlay) pairs, ``columns`` pairs per row, captioned; None leaves a gap.
+
+    ``wrong`` marks captions in red (misclassified images).
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
+    n_rows = max(1, math.ceil(len(images) / columns))
+    fig = Figure(figsize=(2 * columns * 1.35, n_rows * 1.65 + 0.5))
+    axes = np.asarray(fig.subplots(n_rows, 2 * columns, squeeze=False))
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for i, (image, heatmap) in enumerate(zip(images, heatmaps, strict=True)):
+        if image is None:
+            continue
+        row, col = divmod(i, columns)
+        left, right = axes[row, 2 * col], axes[row, 2 * col + 1]
+        left.imshow(to_display(image))
+        right.imshow(overlay(image, heatmap))
+        right.set_title(captions[i], fontsize=7, color="tab:red" if wrong is not None and wrong[i] else "black")
+    for row, name in enumerate(row_titles or []):
+        axes[row, 0].text(-0.06, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, fontsize=8,
+                          fontweight="bold", ha="right", va="center")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+
+
+def gradcam_panel(model: nn.Module, images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                  class_names: Sequence[str], per_class: int, path: str | Path | io.BytesIO,
+                  batch_size: int = 32) -> int:
+    """The evaluate stage's panel: one row per true class, its most confident right then wrong test images.
+
+    Each heat map explains the predicted class (what the model saw, right or wrong). Returns the
+    number of images shown.
+    """
+    grid = select(labels, probs, per_class)
+    chosen = sorted({i for row in grid for i in row if i is not None})
+    maps = dict(zip(chosen, grad_cam(model, images[chosen], batch_size=batch_size), strict=True)) if chosen else {}
+    slots = [i for row in grid for i in row]
+    predicted = np.asarray(probs).argmax(1)
+    captions = ["" if i is None else
+                f"true {class_names[labels[i]]}\npred {class_names[predicted[i]]} ({probs[i].max():.2f})"
+                for i in slots]
+    panel([None if i is None else images[i] for i in slots], [None if i is None else maps[i] for i in slots],
+          captions, path, columns=2 * per_class, wrong=[i is not None and predicted[i] != labels[i] for i in slots],
+          row_titles=[f"true {c}" for c in class_names],
+          title=f"Grad-CAM (layer4) of the predicted class: the {per_class} most confident right, "
+                f"then wrong, test images per class")
+    return len(chosen)
+
+
+def panel_png(model: nn.Module, images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+              class_names: Sequence[str], per_class: int, batch_size: int = 32) -> bytes | None:
+    """:func:`gradcam_panel` rendered to PNG bytes, for a stage that writes its outputs last; None when off (0)."""
+    if per_class == 0:
+        return None
+    png = io.BytesIO()
+    gradcam_panel(model, images, labels, probs, class_names, per_class, png, batch_size)
+    return png.getvalue()
