@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench ui docs install clean
+.PHONY: demo test bench ui docs notebooks install clean
 
 install: $(STAMP)
 
@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,notebooks]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -32,6 +32,10 @@ ui: $(STAMP)
 	  link="$$($(BIN)/python -m pipeline.tracking --tracking-uri "$$uri")" && \
 	  echo "MLflow UI, runs table: $$link  (Ctrl-C to stop)" && \
 	  $(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri "$$uri"
+
+# JupyterLab on 127.0.0.1 over notebooks/ (explore the data, compare runs, error analysis); see docs/notebooks.md.
+notebooks: $(STAMP)
+	$(BIN)/jupyter lab --ip 127.0.0.1 --notebook-dir notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 # docs/configuration.md from the typed params in pipeline/config.py (tests/test_docs.py checks it is current).
 docs: $(STAMP)

@@ -157,7 +157,7 @@ def offline_copies(pipeline: A.BasicTransform, images: np.ndarray, labels: np.nd
     return np.stack(drawn), np.repeat(np.asarray(labels, dtype=np.int64), copies)
 
 
-def _displayable(image: np.ndarray) -> np.ndarray:
+def displayable(image: np.ndarray) -> np.ndarray:
     """Floats in [0, 1]: one band as is, else the first three bands as RGB (N-band data)."""
     top = np.iinfo(image.dtype).max if image.dtype.kind in "ui" else 1.0
     image = image.astype(np.float32) / top
@@ -175,7 +175,7 @@ def preview(pipeline: A.BasicTransform, images: np.ndarray, labels: Sequence[str
         panels = [image] + [pipeline(image=image)["image"] for _ in range(draws)]
         for c, panel in enumerate(panels):
             ax = axes[r][c]
-            shown = _displayable(panel)
+            shown = displayable(panel)
             ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])

@@ -51,6 +51,8 @@ class Paths:
     confusion: str = Field("reports/confusion.csv", description="Test predictions for the DVC confusion plot.")
     plots: str = Field("reports/plots", description="Evaluation images (confusion matrix).")
     report: str = Field("reports/report.md", description="Human-readable evaluation report.")
+    exports: str = Field("exports", description="Where 'python -m pipeline export' writes model.pt / model.onnx "
+                                                "by default (outside the DVC-tracked model_dir).")
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -246,6 +248,10 @@ class Tracking:
                               description="MLflow store; the MLFLOW_TRACKING_URI environment variable wins.")
     experiment: str = Field("pipeline", min_length=1, description="MLflow experiment name.")
     artifact_root: str = Field("mlartifacts", description="Artifact folder for a local (sqlite/file) store.")
+    registered_model: str | None = Field(
+        "pipeline-classifier", min_length=1,
+        description="The train stage registers its model under this name in the MLflow model registry "
+                    "(load it with models:/<name>/latest); null: log the model without registering it.")
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -137,14 +137,23 @@ def ui_url(experiment_id: str, host: str = "127.0.0.1", port: int = 5000) -> str
     return f"http://{host}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
+def run_url(experiment_id: str, run_id: str, host: str = "127.0.0.1", port: int = 5000) -> str:
+    """The MLflow UI's page of one run (params, metrics, artifacts)."""
+    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
     """The numeric entries of ``metrics`` (strings and flags such as ``weights/pretrained`` are skipped)."""
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     mlflow.log_metrics(numbers, step=step)
 
 
-def log_model(model: Any, example: Any, name: str = "model") -> None:
-    """Log the trained network with ``mlflow.pytorch`` (input example -> signature) on the active run."""
+def log_model(model: Any, example: Any, name: str = "model", registered_model: str | None = None) -> None:
+    """Log the trained network with ``mlflow.pytorch`` (input example -> signature) on the active run.
+
+    With ``registered_model`` (``mlflow.registered_model``), the logged model also becomes the next
+    version of that registered model: ``mlflow.pyfunc.load_model("models:/<name>/latest")`` loads it.
+    """
     import lightning
     import mlflow.pytorch
     import torch
@@ -153,7 +162,8 @@ def log_model(model: Any, example: Any, name: str = "model") -> None:
 
     # Explicit requirements: MLflow's inference would reload the model in a subprocess (slow).
     requirements = [f"{m.__name__}=={m.__version__.split('+')[0]}" for m in (torch, torchvision, lightning, torchmetrics)]
-    mlflow.pytorch.log_model(model, name=name, input_example=example, pip_requirements=requirements)
+    mlflow.pytorch.log_model(model, name=name, input_example=example, pip_requirements=requirements,
+                             registered_model_name=registered_model)
 
 
 def main(argv: list[str] | None = None) -> int:

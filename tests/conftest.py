@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +49,55 @@ def prepared(image_folder: Path, tmp_path: Path) -> Prepared:
     ingest(image_folder, tmp_path / "prepared", image_size=32, val_fraction=0.25, test_fraction=0.25,
            seed=0, on_bad_file="skip")
     return load_prepared(tmp_path / "prepared")
+
+
+# --- a tiny run of every stage, in process, in a project folder under tmp_path -------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_PIPELINE = {  # params for a real but tiny run: 32 px demo tiles, 1-2 epochs, no weights download
+    "demo": {"n_per_class": 8, "image_size": 32},
+    "data": {"image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25},
+    "model": {"weights": "none"},
+    "train": {"max_epochs": 2, "batch_size": 8, "accelerator": "cpu"},
+    "tune": {"n_trials": 2, "max_epochs": 1},
+}
+
+
+def write_tiny_params(path: Path, **sections: dict) -> Path:
+    """The repository's params.yaml with TINY_PIPELINE, then ``sections``, merged in, written to ``path``."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for changes in (TINY_PIPELINE, sections):
+        for section, values in changes.items():
+            params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@contextmanager
+def in_project(root: Path, tracking_uri: str | None = None, exp_name: str | None = None) -> Iterator[None]:
+    """Work in ``root`` as `dvc repro` would: its cwd, ``MLFLOW_TRACKING_URI`` and ``DVC_EXP_NAME`` as given
+    (else unset), weights cache inside it; MLflow's tracking URI is restored afterwards."""
+    import mlflow
+
+    previous_uri = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for name, value in (("MLFLOW_TRACKING_URI", tracking_uri), ("DVC_EXP_NAME", exp_name)):
+            mp.setenv(name, value or "")  # recorded, so undo also removes what mlflow.set_tracking_uri exports
+            if not value:
+                mp.delenv(name)
+        mp.setenv("TORCH_HOME", str(root / "torch"))
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(previous_uri)
+
+
+def run_stages(*stages: str, params: str = "params.yaml") -> None:
+    """``python -m pipeline <stage> --params <params>`` in process, for each stage; each must succeed."""
+    from pipeline.__main__ import main as pipeline
+
+    for stage in stages:
+        assert pipeline([stage, "--params", params]) == 0, stage

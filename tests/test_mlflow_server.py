@@ -12,20 +12,9 @@ from urllib.error import URLError
 from urllib.parse import urlencode
 from urllib.request import Request, urlopen
 
-import mlflow
 import pytest
-import yaml
+from conftest import in_project, run_stages, write_tiny_params
 
-from pipeline.__main__ import main as pipeline
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = {
-    "demo": {"n_per_class": 8, "image_size": 32},
-    "data": {"image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25},
-    "model": {"weights": "none"},  # no network in tests
-    "train": {"max_epochs": 2, "batch_size": 8, "accelerator": "cpu"},
-    "tune": {"n_trials": 2, "max_epochs": 1},
-}
 DATA_HASH = "0123456789abcdef0123456789abcdef.dir"  # as `dvc add data/raw/demo` would record it
 STARTUP_S = 60
 
@@ -87,24 +76,11 @@ def pipeline_run(server, tmp_path_factory):
     """Every stage, in process, in a tmp project with tiny params, tracking to the server over HTTP."""
     base, _ = server
     root = tmp_path_factory.mktemp("project")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    previous_uri = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", base)
-        mp.delenv("DVC_EXP_NAME", raising=False)
-        mp.setenv("TORCH_HOME", str(root / "torch"))
-        try:
-            for stage in ("demo", "ingest", "augment"):
-                assert pipeline([stage]) == 0, stage
-            (root / "data" / "raw" / "demo.dvc").write_text(f"outs:\n- md5: {DATA_HASH}\n  path: demo\n")
-            for stage in ("tune", "train", "evaluate"):
-                assert pipeline([stage]) == 0, stage
-        finally:
-            mlflow.set_tracking_uri(previous_uri)
+    write_tiny_params(root / "params.yaml")
+    with in_project(root, tracking_uri=base):
+        run_stages("demo", "ingest", "augment")
+        (root / "data" / "raw" / "demo.dvc").write_text(f"outs:\n- md5: {DATA_HASH}\n  path: demo\n")
+        run_stages("tune", "train", "evaluate")
     experiment = api(base, "experiments/get-by-name", experiment_name="pipeline")["experiment"]
     runs = api(base, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
     return base, experiment, runs, json.loads((root / "models" / "run.json").read_text())

@@ -74,13 +74,17 @@ def main(params: Params) -> None:
             "checkpoint": result.best_checkpoint.name, "monitor": params.train.monitor,
             "best_score": result.best_score, "epochs_run": result.epochs_run,
             "weights": dataclasses.asdict(result.weights),
+            # What predict and export must do to a new file to give the pixels this model was trained on.
+            "preprocessing": {"image_size": int(prepared.images.shape[1]), "channels": params.data.channels,
+                              "dicom_window": params.data.dicom_window, "dtype": str(prepared.images.dtype)},
         }
         with atomic_dir(paths.model_dir) as staging:
             shutil.copy2(result.best_checkpoint, staging / result.best_checkpoint.name)
             (staging / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
         mlflow.log_dict(info, RUN_INFO)
         model = Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu")
-        tracking.log_model(model, np.ascontiguousarray(prepared.images[:2].transpose(0, 3, 1, 2)))
+        tracking.log_model(model, np.ascontiguousarray(prepared.images[:2].transpose(0, 3, 1, 2)),
+                           registered_model=params.mlflow.registered_model)
     resume.clear()
     print(f"train: best {params.train.monitor}={result.best_score:.4f} after {result.epochs_run} epochs; "
           f"weights {result.weights.source}; checkpoint in {paths.model_dir}; MLflow run {run.info.run_id}")

@@ -1,0 +1,279 @@
+"""Using a trained model outside the pipeline: load it from ``models/``, predict on image files, export it.
+
+``predict`` reads each file with ingest's own readers and resize (``readers.read`` + ``readers.conform``),
+with the image size, channel policy and DICOM window the model was trained with, so a file gives the
+same pixels it would have in the cache. ``export`` wraps the network in :class:`Packaged`, which takes
+raw image batches at any size and does that preprocessing itself, for TorchScript and ONNX.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from pipeline.config import Data
+from pipeline.data import readers
+from pipeline.errors import PipelineError
+from pipeline.fsutil import atomic_file
+from pipeline.model import Classifier
+from pipeline.stages.train import RUN_INFO
+
+log = logging.getLogger(__name__)
+
+CLASS_NAMES_FILE = "class_names.json"  # TorchScript extra file
+Format = Literal["torchscript", "onnx"]
+SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
+
+
+class ServeError(PipelineError, ValueError):
+    """No trained model, an unusable source of images, or nothing readable; the message names the path."""
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A trained model with the preprocessing its training data had."""
+
+    model: Classifier
+    classes: tuple[str, ...]
+    image_size: int
+    channels: readers.Channels
+    dicom_window: tuple[float, float] | None
+    dtype: str  # of the training cache: uint8, uint16 or float32
+    run: dict[str, Any]
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.model.mean.shape[1])
+
+
+def load_trained(model_dir: Path, data: Data) -> Trained:
+    """The train stage's best checkpoint in ``model_dir``, on CPU, in eval mode.
+
+    Preprocessing comes from ``run.json`` (written by the train stage); a model trained before it was
+    recorded there falls back to ``data`` (the data.* params), which is what its ingest used unless
+    they changed since.
+    """
+    info = model_dir / RUN_INFO
+    if not info.is_file():
+        raise ServeError(f"{info}: not found; train a model first (dvc repro train)")
+    run = json.loads(info.read_text())
+    checkpoint = model_dir / run["checkpoint"]
+    if not checkpoint.is_file():
+        raise ServeError(f"{checkpoint}: checkpoint named in {info} not found; rerun the train stage")
+    model = Classifier.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    pre = run.get("preprocessing")
+    if pre is None:
+        log.warning("%s records no preprocessing (older train stage); using data.image_size=%d, "
+                    "data.channels=%s from params", info, data.image_size, data.channels)
+        pre = {"image_size": data.image_size, "channels": data.channels, "dicom_window": data.dicom_window,
+               "dtype": "uint8"}
+    window = pre.get("dicom_window")
+    return Trained(model=model, classes=tuple(run["classes"]), image_size=int(pre["image_size"]),
+                   channels=pre["channels"], dicom_window=tuple(window) if window else None,
+                   dtype=pre.get("dtype", "uint8"), run=run)
+
+
+# --- predict -----------------------------------------------------------------------------------------
+
+def list_images(src: Path) -> list[Path]:
+    """The image files of a folder (nested or flat, sorted), or the ``path`` column of a CSV manifest.
+
+    A manifest's rows are all kept, whatever their suffix or existence, so each gets a row in the
+    output (with an error when it cannot be read); its relative paths are relative to its folder.
+    """
+    if src.is_dir():
+        found = [p for p in sorted(src.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+        images = [p for p in found if p.suffix.lower() in readers.IMAGE_SUFFIXES]
+        if len(found) > len(images):
+            log.info("%s: %d non-image files ignored", src, len(found) - len(images))
+        if not images:
+            raise ServeError(f"{src}: no image files ({', '.join(sorted(readers.IMAGE_SUFFIXES))})")
+        return images
+    if src.is_file() and src.suffix.lower() == ".csv":
+        return _manifest_paths(src)
+    raise ServeError(f"{src}: not a folder of images or a .csv manifest with a 'path' column")
+
+
+def _manifest_paths(manifest: Path) -> list[Path]:
+    try:
+        table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ServeError(f"{manifest}: not a readable CSV ({err})") from None
+    column = next((c for c in table.columns if c.strip().lower() == "path"), None)
+    if column is None:
+        raise ServeError(f"{manifest}: no 'path' column (columns: {', '.join(map(str, table.columns))})")
+    paths = [Path(p.strip()) for p in table[column] if p.strip()]
+    if not paths:
+        raise ServeError(f"{manifest}: no paths listed")
+    return [p if p.is_absolute() else manifest.parent / p for p in paths]
+
+
+def read_image(path: Path, trained: Trained) -> np.ndarray:
+    """One file as the cache would hold it: (S, S, C) after ingest's readers, channel policy and resize."""
+    if not path.is_file():
+        raise readers.UnreadableImage("file not found")
+    found = readers.read(path, trained.dicom_window)
+    pixels = readers.conform(found, trained.image_size, trained.channels)
+    if pixels.shape[-1] != trained.in_channels:
+        raise readers.UnreadableImage(f"{pixels.shape[-1]} bands; the model takes {trained.in_channels}")
+    return pixels
+
+
+@torch.inference_mode()
+def predict(trained: Trained, paths: Sequence[Path], batch_size: int = 64) -> pd.DataFrame:
+    """A row per file, in order: path, predicted class, ``prob_<class>`` per class, ``error`` (empty when read).
+
+    Unreadable files get their reason in ``error`` and empty probabilities; nothing is raised for them.
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = trained.model.to(device)
+    rows: list[dict[str, Any]] = [{"path": str(p)} for p in paths]
+    for start in range(0, len(paths), batch_size):
+        read, pixels = [], []
+        for i in range(start, min(start + batch_size, len(paths))):
+            try:
+                pixels.append(read_image(paths[i], trained))
+                read.append(i)
+            except (readers.UnreadableImage, OSError) as err:
+                log.warning("cannot read %s (%s)", paths[i], err)
+                rows[i]["error"] = str(err) or type(err).__name__
+        if not read:
+            continue
+        dtype = readers.cache_dtype({p.dtype for p in pixels})  # one batch, one dtype, as in the cache
+        x = np.stack([readers.to_dtype(p, dtype) for p in pixels]).transpose(0, 3, 1, 2)
+        probs = model(torch.from_numpy(np.ascontiguousarray(x)).to(device)).softmax(-1).cpu().numpy()
+        for i, p in zip(read, probs, strict=True):
+            rows[i] |= {"predicted": trained.classes[int(p.argmax())], "error": "",
+                        **{f"prob_{c}": float(v) for c, v in zip(trained.classes, p, strict=True)}}
+    columns = ["path", "predicted", *(f"prob_{c}" for c in trained.classes), "error"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def write_predictions(table: pd.DataFrame, out: Path) -> None:
+    with atomic_file(out) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6f")
+
+
+# --- export ------------------------------------------------------------------------------------------
+
+def _resize_matrix(n: int, size: int, shrink: torch.Tensor) -> torch.Tensor:
+    """(size, n) weights that resize n source pixels as ``readers.conform`` does with OpenCV.
+
+    Shrinking: INTER_AREA (each output pixel averages the source pixels it covers, by overlap);
+    otherwise INTER_LINEAR (half-pixel centres, edges clamped). Both are built and one is picked by a
+    tensor condition, so the graph has no shape-dependent branch and exports to ONNX with dynamic sizes.
+    """
+    source = torch.ones((), dtype=torch.float32) * n
+    scale = source / size
+    i = torch.arange(size, dtype=torch.float32).unsqueeze(1)
+    j = torch.arange(n, dtype=torch.float32).unsqueeze(0)
+    area = (torch.minimum((i + 1) * scale, j + 1) - torch.maximum(i * scale, j)).clamp(min=0) / scale
+    centre = torch.minimum(((i + 0.5) * scale - 0.5).clamp(min=0), source - 1)
+    linear = (1 - (centre - j).abs()).clamp(min=0)
+    return torch.where(shrink, area, linear)
+
+
+class Packaged(nn.Module):
+    """The trained network with ingest's resize and the model's scaling and normalization in front.
+
+    Input: an image batch, (N, H, W, C) or (N, C, H, W), any H and W; integer pixels (uint8; other
+    integer types are taken as 16-bit) or floats in [0, 1]. Output: class probabilities (N, classes).
+    The layout is NHWC when the last axis has the model's band count and the second does not.
+    Integer pixels are resized, rounded back to integers as the cache stores them, then scaled to [0, 1]
+    (``model.to_unit_range``). Resized pixels are within one grey level of OpenCV's (its fixed-point
+    bilinear rounds differently); an image already at ``image_size`` passes unchanged.
+    """
+
+    def __init__(self, model: Classifier, image_size: int, class_names: Sequence[str]):
+        super().__init__()
+        self.class_names = list(class_names)  # a TorchScript attribute: scripted.class_names
+        # The plain network, not the LightningModule (which TorchScript cannot compile); the test
+        # checks that this forward equals Classifier.forward.
+        self.net = model.net
+        self.register_buffer("mean", model.mean.detach().clone())
+        self.register_buffer("std", model.std.detach().clone())
+        self.image_size = image_size
+        self.channels = int(model.mean.shape[1])
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[2], x.shape[3]
+        shrink = torch.minimum(torch.ones((), dtype=torch.int64) * h,
+                               torch.ones((), dtype=torch.int64) * w) > self.image_size
+        rows = _resize_matrix(h, self.image_size, shrink)
+        cols = _resize_matrix(w, self.image_size, shrink)
+        return rows @ x @ cols.transpose(0, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        c = self.channels
+        # Both readings are resized and the right one is kept: no branch on the shape (see _resize_matrix).
+        as_nchw = self._resize(images[:, :c].float())
+        as_nhwc = self._resize(images.permute(0, 3, 1, 2)[:, :c].float())
+        last = torch.ones((), dtype=torch.int64) * images.shape[3]
+        second = torch.ones((), dtype=torch.int64) * images.shape[1]
+        x = torch.where((last == c) & (second != c), as_nhwc, as_nchw)
+        if not images.is_floating_point():
+            top = 255.0 if images.dtype == torch.uint8 else 65535.0
+            x = torch.round(x) / top  # resizing only averages: no clamp needed
+        return self.net((x - self.mean) / self.std).softmax(-1)
+
+
+def _example(trained: Trained) -> torch.Tensor:
+    """The export's example batch: uint8 for 8-bit sets; floats in [0, 1] for 16-bit, DICOM and float sets."""
+    dtype = torch.uint8 if trained.dtype == "uint8" else torch.float32
+    return torch.zeros((2, trained.image_size + 3, trained.image_size + 5, trained.in_channels), dtype=dtype)
+
+
+def metadata(trained: Trained, input_dtype: str) -> dict[str, str]:
+    """What an exported file carries beside the weights: class names and the expected input."""
+    return {
+        "class_names": json.dumps(list(trained.classes)),
+        "image_size": str(trained.image_size),
+        "channels": str(trained.in_channels),
+        "input": f"{input_dtype} images, (N, H, W, C) or (N, C, H, W), any H and W",
+        "output": "class probabilities (N, classes), in class_names order",
+        "arch": str(trained.run.get("arch", "")),
+        "mlflow_run_id": str(trained.run.get("run_id", "")),
+    }
+
+
+def export(trained: Trained, fmt: Format, out: Path) -> Path:
+    """Write the :class:`Packaged` model as TorchScript or ONNX to ``out`` (replaced only on success)."""
+    packaged = Packaged(trained.model, trained.image_size, trained.classes).eval()
+    example = _example(trained)
+    meta = metadata(trained, "uint8, uint16 or float32 in [0, 1]" if fmt == "torchscript"
+                    else str(example.dtype).removeprefix("torch."))
+    with atomic_file(out) as tmp, torch.no_grad():
+        if fmt == "torchscript":
+            # Deprecated in recent torch in favour of torch.export, but still what libtorch (C++) loads.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+                scripted = torch.jit.script(packaged)
+                torch.jit.save(scripted, str(tmp), _extra_files={CLASS_NAMES_FILE: meta["class_names"],
+                                                                 "metadata.json": json.dumps(meta)})
+        else:
+            _export_onnx(packaged, example, tmp, meta)
+    return out
+
+
+def _export_onnx(packaged: Packaged, example: torch.Tensor, out: Path, meta: dict[str, str]) -> None:
+    import onnx
+
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("dim1"),
+            2: torch.export.Dim("dim2"), 3: torch.export.Dim("dim3")}
+    program = torch.onnx.export(packaged, (example,), None, input_names=["images"],
+                                output_names=["probabilities"], dynamic_shapes={"images": dims},
+                                dynamo=True, external_data=False, verbose=False)
+    model = program.model_proto
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save_model(model, str(out))

@@ -1,0 +1,29 @@
+"""predict SRC --out preds.csv: class probabilities for new images, preprocessed exactly as for training.
+
+SRC is a folder of images (nested or flat) or a CSV manifest with a 'path' column (paths relative to
+its folder). Each file gets a row: path, predicted, prob_<class> per class, error (unreadable files:
+the reason, and no prediction). Fails only when no file at all could be read.
+"""
+
+import argparse
+from pathlib import Path
+
+from pipeline import serve
+from pipeline.config import Params
+
+
+def main(params: Params, argv: list[str], params_file: str) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", type=Path, metavar="SRC", help="folder of images, or a CSV with a 'path' column")
+    parser.add_argument("--out", type=Path, required=True, help="CSV to write (replaced only when complete)")
+    parser.add_argument("--model-dir", type=Path, default=Path(params.paths.model_dir),
+                        help="the train stage's output (default: paths.model_dir, %(default)s)")
+    args = parser.parse_args(argv)
+    trained = serve.load_trained(args.model_dir, params.data)
+    table = serve.predict(trained, serve.list_images(args.src), params.evaluate.batch_size)
+    serve.write_predictions(table, args.out)
+    failed = int((table["error"] != "").sum())
+    print(f"predict: {len(table) - failed} images predicted, {failed} unreadable -> {args.out}")
+    if failed == len(table):
+        raise serve.ServeError(f"{args.src}: none of the {failed} files could be read (reasons in {args.out})")
