@@ -111,12 +111,13 @@ def build_model(params: Params, class_names: Sequence[str], hub_dir: Path | None
     return model, info
 
 
-def _tolerate_frozen_parameters(strategy: str, devices: int | str) -> str:
+def _tolerate_frozen_parameters(strategy: str, devices: int | str, num_nodes: int = 1) -> str:
     """DDP expects a gradient for every parameter in every step; frozen ones have none. Its
     ``find_unused_parameters`` mode tolerates that (at some cost, so only while a recipe freezes)."""
     if strategy == "ddp_spawn":
         return "ddp_spawn_find_unused_parameters_true"
-    several = devices == "auto" and torch.cuda.device_count() > 1 or isinstance(devices, int) and devices > 1
+    several = num_nodes > 1 or devices == "auto" and torch.cuda.device_count() > 1 \
+        or isinstance(devices, int) and devices > 1
     if strategy == "ddp" or strategy == "auto" and several:
         return "ddp_find_unused_parameters_true"
     return strategy
@@ -146,7 +147,7 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
                     "so it trains from the first epoch", t.freeze_epochs, t.unfreeze)
     elif freezing:
         all_callbacks.append(recipe.FreezeSchedule(t.freeze_epochs, t.unfreeze))
-        strategy = _tolerate_frozen_parameters(t.strategy, t.devices)
+        strategy = _tolerate_frozen_parameters(t.strategy, t.devices, t.num_nodes)
     checkpoint = None
     if out_dir is not None:
         checkpoint = ModelCheckpoint(dirpath=out_dir, filename=CHECKPOINT_NAME, monitor=t.monitor, mode=mode,
@@ -159,7 +160,7 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
     with tempfile.TemporaryDirectory(prefix="fit-") as scratch:
         trainer = L.Trainer(
             max_epochs=max_epochs or t.max_epochs, accelerator=t.accelerator, devices=t.devices,
-            strategy=strategy, precision=t.precision, logger=logger, callbacks=all_callbacks,
+            num_nodes=t.num_nodes, strategy=strategy, precision=t.precision, logger=logger, callbacks=all_callbacks,
             enable_checkpointing=checkpoint is not None, enable_progress_bar=False,
             enable_model_summary=False, num_sanity_val_steps=0, deterministic="warn",
             log_every_n_steps=1, default_root_dir=str(out_dir or scratch),

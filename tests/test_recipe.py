@@ -122,6 +122,7 @@ def test_ddp_tolerates_frozen_parameters_only_where_needed():
     assert _tolerate_frozen_parameters("auto", 2) == "ddp_find_unused_parameters_true"
     assert _tolerate_frozen_parameters("ddp_spawn", 2) == "ddp_spawn_find_unused_parameters_true"
     assert _tolerate_frozen_parameters("auto", 1) == "auto"
+    assert _tolerate_frozen_parameters("auto", 1, num_nodes=2) == "ddp_find_unused_parameters_true"
 
 
 def test_mixed_precision_trains_on_cpu(tiny_params, prepared):
