@@ -136,14 +136,9 @@ def _shown(url: str) -> str:
         return url
 
 
-def open_study(params: Params, name: str, *, create: bool = True, seed: int | None = None) -> optuna.Study:
-    """The study in ``tune.storage``: created when missing (``create``), else it must exist.
-
-    ``seed`` seeds the TPE sampler (default ``params.seed``); parallel workers need different seeds,
-    or each would sample the same values.
-    """
-    seed = params.seed if seed is None else seed
-    sampler, pruner = optuna.samplers.TPESampler(seed=seed), make_pruner(params)
+def open_study(params: Params, name: str, *, create: bool = True) -> optuna.Study:
+    """The study in ``tune.storage``: created when missing (``create``), else it must exist."""
+    sampler, pruner = optuna.samplers.TPESampler(seed=params.seed), make_pruner(params)
     if create:
         return optuna.create_study(
             study_name=name, storage=storage(params.tune.storage), load_if_exists=True, sampler=sampler,
@@ -248,13 +243,17 @@ class Worker:
     tags: dict[str, str]
     tracking_uri: str
     deadline: float | None  # time.time() after which no new trial starts
-    seed: int | None = None  # the sampler's; None: params.seed
+    seed: int  # the sampler's, mixed with the worker's index and the trials the study already holds
+    index: int = 0  # of the worker process on its machine
 
     def fill(self) -> int:
         """Run trials in this process until the study holds tune.n_trials finished ones, the deadline
         passes, or tune.n_trials of this worker's trials have failed; return the trials it ran."""
         n_trials = self.params.tune.n_trials
-        study = open_study(self.params, self.study, create=False, seed=self.seed)
+        study = open_study(self.params, self.study, create=False)
+        # A sampler seeded alike in every worker, or again on resuming, would draw the values drawn before.
+        key = f"{self.seed}:{self.index}:{len(study.trials)}".encode()
+        study.sampler = optuna.samplers.TPESampler(seed=int.from_bytes(hashlib.sha256(key).digest()[:4], "big"))
         run_trial = objective(self.params, self.data_for, self.parent_run_id, self.experiment_id, self.tags)
         ended: list[FrozenTrial] = []
         while self.deadline is None or time.time() < self.deadline:
@@ -310,8 +309,7 @@ def _run_worker(worker: Worker, index: int, threads: int, results: multiprocessi
     logging.getLogger("pipeline").addHandler(handler)
     logging.getLogger("pipeline").setLevel(logging.INFO)
     mlflow.set_tracking_uri(worker.tracking_uri)
-    base = worker.params.seed if worker.seed is None else worker.seed
-    results.put(dataclasses.replace(worker, seed=base + index).fill())
+    results.put(dataclasses.replace(worker, index=index).fill())
 
 
 def cuda_devices(accelerator: str) -> list[str]:
@@ -346,7 +344,7 @@ def run(params: Params, data_for: DataFor, name: str, tags: dict[str, str]) -> t
     start = time.monotonic()
     with mlflow.start_run(run_id=study.user_attrs[RUN_ID_ATTR]) as parent:
         if _open_slots(study, params.tune.n_trials) > 0:
-            work(params, _worker(params, data_for, name, parent.info, tags, seed=None))
+            work(params, _worker(params, data_for, name, parent.info, tags, seed=params.seed))
         else:
             log.info("study %s already holds %d finished or running trials; nothing to run", name,
                      params.tune.n_trials)
@@ -377,12 +375,12 @@ def join(params: Params, data_for: DataFor, name: str, tags: dict[str, str]) -> 
         raise TuneError(f"study '{name}': its MLflow parent run {parent_id} is not in the tracking store "
                         f"{mlflow.get_tracking_uri()}: workers need the tune stage's store (set MLFLOW_TRACKING_URI "
                         f"to its tracking server) ({err.message})") from None
-    # The stage seeds its sampler with params.seed; a joining worker must not sample the same values.
-    return work(params, _worker(params, data_for, name, parent, tags, seed=int.from_bytes(os.urandom(3), "big")))
+    # The stage's workers seed their samplers from params.seed; a joining one must not draw their values.
+    return work(params, _worker(params, data_for, name, parent, tags, seed=int.from_bytes(os.urandom(4), "big")))
 
 
 def _worker(params: Params, data_for: DataFor, name: str, parent: mlflow.entities.RunInfo, tags: dict[str, str],
-            seed: int | None) -> Worker:
+            seed: int) -> Worker:
     timeout = params.tune.timeout_s
     return Worker(params, data_for, name, parent.run_id, parent.experiment_id, tags, mlflow.get_tracking_uri(),
                   deadline=None if timeout is None else time.time() + timeout, seed=seed)

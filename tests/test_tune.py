@@ -30,6 +30,7 @@ def test_study_logs_nested_trials_and_resumes_instead_of_restarting(tiny_params,
     more = with_overrides(params, {"tune.n_trials": 3})
     study, _ = tune.run(more, data_for, "s1", {"data.version": "v1"})
     assert len(study.trials) == 3
+    assert len({t.params["train.lr"] for t in study.trials}) == 3, "a resumed sampler draws new values"
     runs = mlflow.search_runs([exp_id], output_format="list")
     assert sum(r.data.tags.get("stage") == "tune" for r in runs) == 1
     assert sum(r.data.tags.get("stage") == "tune-trial" for r in runs) == 3
@@ -124,18 +125,18 @@ def test_hyperband_pruner_from_params(tiny_params):
 
 
 def test_a_failing_trial_is_recorded_as_failed_and_the_study_goes_on(tiny_params, prepared, tmp_path, monkeypatch):
-    # batch_size 0 is invalid: the seeded sampler draws it first, then valid sizes.
+    # batch_size 0 is invalid: the seeded sampler draws it for the second trial.
     space = {"train.lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
-             "train.batch_size": {"type": "categorical", "choices": [0, 2, 4]}}
+             "train.batch_size": {"type": "categorical", "choices": [0, 4]}}
     params, exp_id, data_for = _setup(tiny_params, prepared, tmp_path, monkeypatch, **{"tune.search_space": space})
     tags = {"data.dataset": "tiny", "dvc.exp_name": "exp-1"}
     study, summary = tune.run(params, data_for, "s", tags)
-    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
-    assert study.trials[0].params["train.batch_size"] == 0
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert study.trials[1].params["train.batch_size"] == 0
     assert (summary["trials_complete"], summary["trials_failed"]) == (2, 1)
     runs = {r.data.tags["optuna.trial"]: r for r in trial_runs(exp_id)}
-    assert (runs["0"].info.status, runs["0"].data.tags["optuna.state"]) == ("FAILED", "failed")
-    assert "train.batch_size" in runs["0"].data.tags["optuna.error"]
+    assert (runs["1"].info.status, runs["1"].data.tags["optuna.state"]) == ("FAILED", "failed")
+    assert "train.batch_size" in runs["1"].data.tags["optuna.error"]
     # Run names: stage, data set, arch, DVC experiment (issue #8)
     assert runs["2"].info.run_name == "trial-2:tiny:resnet18:exp-1"
     assert mlflow.get_run(study.user_attrs[tune.RUN_ID_ATTR]).info.run_name == "tune:tiny:resnet18:exp-1"
