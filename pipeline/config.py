@@ -141,7 +141,9 @@ class Train:
         "val/loss", description="Validation metric for checkpointing, early stopping and tuning.")
     patience: int = Field(6, ge=1, description="Epochs without improvement before early stopping.")
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field("auto", description="Lightning accelerator.")
-    devices: int | Literal["auto"] = Field(1, description="Devices to train on (DDP when > 1).")
+    devices: int | Literal["auto"] = Field(1, description="Devices to train on (DDP when > 1); per node.")
+    num_nodes: int = Field(1, ge=1, description="Machines in a multi-node DDP run (devices on each); must match "
+                                                "the launcher's node count (torchrun --nnodes, SLURM --nodes).")
     strategy: Literal["auto", "ddp", "ddp_spawn"] = Field("auto", description="Lightning strategy.")
     precision: Literal["32", "16-mixed", "bf16-mixed"] = Field("32", description="Numeric precision.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
