@@ -1,5 +1,7 @@
-"""docs/configuration.md is generated from pipeline/config.py and must match it and params.yaml."""
+"""docs/configuration.md is generated from pipeline/config.py and must match it and params.yaml; the
+README and docs/ link to pages and headings that exist."""
 
+import re
 from pathlib import Path
 
 import yaml
@@ -49,3 +51,27 @@ def test_main_writes_the_file_and_types_show_choices_and_null(tmp_path, capsys):
     assert "| `data.on_bad_file` | `skip` \\| `fail` | `skip` |" in text
     assert "| `tune.timeout_s` | number or `null`; > 0 | `null` |" in text
     assert "| `tune.search_space.<key>.type` | `float` \\| `int` \\| `categorical` | required |" in text
+
+
+def anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
+    return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            for line in markdown.splitlines() if line.startswith("#")}
+
+
+def test_links_in_the_readme_and_docs_resolve():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = re.sub(r"(?s)```.*?```", "", page.read_text())  # links in code blocks are not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if "://" in target:
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists() or anchor and anchor not in anchors(linked.read_text()):
+                broken.append(f"{page.relative_to(REPO)}: {target}")
+    assert not broken, f"links to missing files or headings: {broken}"
+    readme = (REPO / "README.md").read_text()
+    unlinked = [p.name for p in pages[1:] if f"(docs/{p.name})" not in readme]
+    assert not unlinked, f"docs pages the README does not link: {unlinked}"
