@@ -233,14 +233,9 @@ def best_run(runs: pd.DataFrame, metric: str, stage: str | None = None) -> pd.Se
 
 def load_model(project: Project):
     """The trained classifier (best checkpoint in ``paths.model_dir``), on the CPU, in eval mode."""
-    from pipeline.model import Classifier
-    from pipeline.stages.train import RUN_INFO
+    from pipeline.serve import load_trained
 
-    info_path = project.path("model_dir") / RUN_INFO
-    if not info_path.is_file():
-        raise PipelineError(f"{info_path}: not found; run the train stage first (dvc repro train)")
-    info = json.loads(info_path.read_text())
-    return Classifier.load_from_checkpoint(project.path("model_dir") / info["checkpoint"], map_location="cpu").eval()
+    return load_trained(project.path("model_dir"), project.params.data).model
 
 
 def predict_test_split(model, data: Prepared, batch_size: int = 64) -> pd.DataFrame:
