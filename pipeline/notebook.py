@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -219,13 +220,15 @@ def metric_columns(runs: pd.DataFrame) -> list[str]:
     return [c for c in runs.columns if "/" in c or c == "epoch"]
 
 
-def best_run(runs: pd.DataFrame, metric: str, stage: str | None = None) -> pd.Series:
-    """The run with the best ``metric`` (lowest for a loss, else highest), among ``stage``'s runs if given."""
+def best_run(runs: pd.DataFrame, metric: str, stage: str | None = None,
+             mode: Literal["min", "max"] | None = None) -> pd.Series:
+    """The run with the best ``metric``, among ``stage``'s runs if given. ``mode`` defaults to the
+    pipeline's rule for ``train.monitor``: lowest for a loss, else highest (pass "min" for ECE or Brier)."""
     pool = runs if stage is None else runs[runs["stage"] == stage]
     pool = pool[pool[metric].notna()] if metric in pool else pool.iloc[0:0]
     if pool.empty:
         raise PipelineError(f"no {stage or ''} run has the metric '{metric}'".replace("  ", " "))
-    return pool.loc[pool[metric].idxmin() if mode_of(metric) == "min" else pool[metric].idxmax()]
+    return pool.loc[pool[metric].idxmin() if (mode or mode_of(metric)) == "min" else pool[metric].idxmax()]
 
 
 # --- 03: errors on the test split -------------------------------------------------------------------------

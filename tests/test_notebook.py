@@ -115,6 +115,7 @@ def test_runs_table_has_trials_and_experiments_with_params_as_numbers(tiny_run):
     assert train["test/accuracy"].notna().sum() == 1 and "val/loss" in nb.metric_columns(runs)
     best = nb.best_run(runs, "val/loss", stage="tune-trial")
     assert best["val/loss"] == trials["val/loss"].min()
+    assert nb.best_run(runs, "val/loss", stage="tune-trial", mode="max")["val/loss"] == trials["val/loss"].max()
     with pytest.raises(PipelineError, match="no tune run has the metric 'test/accuracy'"):
         nb.best_run(runs, "test/accuracy", stage="tune")
 
