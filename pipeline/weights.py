@@ -88,6 +88,20 @@ def verify_sha256(path: Path, expected: str | None) -> None:
                            "the file is not the one the params name (corrupt, truncated or replaced)")
 
 
+def verify_torchvision_hash(path: Path, url: str) -> None:
+    """torchvision names its files ``<arch>-<sha256 prefix>.pth``: refuse a file at ``path`` (a download of
+    ``url``) whose hash does not start so. torch.hub checks only while downloading; this also catches a
+    file copied into the hub folder by hand."""
+    match = HASH_REGEX.search(Path(url).name)
+    if match is None:
+        return
+    actual = sha256_of(path)
+    if not actual.startswith(match.group(1)):
+        raise WeightsError(f"{path}: SHA-256 {actual[:16]}... is not that of {url} (its hash starts {match.group(1)}); "
+                           "the file is corrupt or another checkpoint: delete it, or check a download with "
+                           "`python -m pipeline weights import FILE`")
+
+
 def hub_checkpoint(url: str, hub_dir: Path | None = None) -> Path:
     """Where torch.hub keeps (and looks for) the download of ``url``."""
     return Path(hub_dir or Path(torch.hub.get_dir()) / "checkpoints") / Path(url).name
@@ -162,10 +176,13 @@ def load_pretrained(net: nn.Module, arch: str, weights: str, *, require_pretrain
         return WeightsInfo(requested=weights, source=str(path), pretrained=True)
 
     url = imagenet_url(arch, weights)
+    cached = hub_checkpoint(url, hub_dir)
+    if cached.is_file():  # torch.hub checks the hash only while downloading
+        verify_torchvision_hash(cached, url)
     try:
         state = fetch(url, hub_dir)
     except (URLError, OSError, RuntimeError) as err:
-        advice = (f"pre-seed the file at {hub_checkpoint(url, hub_dir)} (`python -m pipeline weights import FILE "
+        advice = (f"pre-seed the file at {cached} (`python -m pipeline weights import FILE "
                   f"--arch {arch}` puts it there; set TORCH_HOME to move it), or point model.weights at a local "
                   f".pth state dict")
         if require_pretrained:
@@ -175,7 +192,7 @@ def load_pretrained(net: nn.Module, arch: str, weights: str, *, require_pretrain
         log.warning("\n" + "!" * 78 + "\n!! PRETRAINED WEIGHTS UNAVAILABLE - training %s from RANDOM INIT.\n"
                     "!! %s\n!! To fix: %s\n" + "!" * 78, arch, reason, advice)
         return WeightsInfo(requested=weights, source="random-init", pretrained=False, fallback_reason=reason)
-    verify_sha256(hub_checkpoint(url, hub_dir), sha256)
+    verify_sha256(cached, sha256)
     load_into(net, state, url)
     return WeightsInfo(requested=weights, source=url, pretrained=True)
 
@@ -191,11 +208,7 @@ def import_checkpoint(file: Path, arch: str, name: str = "imagenet", hub_dir: Pa
     enum = weight_enum(arch, name)
     if not file.is_file():
         raise WeightsError(f"{file}: no such file")
-    expected = HASH_REGEX.search(Path(enum.url).name).group(1)
-    actual = sha256_of(file)
-    if not actual.startswith(expected):
-        raise WeightsError(f"{file}: SHA-256 {actual[:16]}... does not match {enum} (torchvision expects a hash "
-                           f"starting {expected}, from {enum.url}); the download is corrupt or another file")
+    verify_torchvision_hash(file, enum.url)
     state = read(file)
     own = build_network(arch, len(enum.meta["categories"])).state_dict()
     wrong = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]

@@ -185,7 +185,7 @@ def test_weights_import_checks_hash_and_keys_and_places_the_file(saved_state, tm
     corrupt = tmp_path / "dl" / path.name
     corrupt.parent.mkdir()
     corrupt.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(weights.WeightsError, match="does not match"):
+    with pytest.raises(weights.WeightsError, match="corrupt or another checkpoint"):
         weights.import_checkpoint(corrupt, "resnet18", hub_dir=tmp_path / "hub2")
     assert not (tmp_path / "hub2" / path.name).exists()
 
@@ -211,3 +211,14 @@ def test_weights_import_command(saved_state, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "torch" / "hub" / "checkpoints" / path.name).is_file()
     assert main(["weights", "import", str(tmp_path / "missing.pth"), "--params", str(params)]) == 2
     assert "missing.pth" in capsys.readouterr().err
+
+
+def test_a_wrong_file_copied_into_the_hub_folder_by_hand_is_refused(saved_state, tmp_path, monkeypatch):
+    _, path = saved_state
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / path.name).write_bytes(path.read_bytes()[:-10] + b"0123456789")  # torch reads it; the hash differs
+    monkeypatch.setattr(weights, "imagenet_url", lambda arch, name="imagenet": f"http://127.0.0.1:9/{path.name}")
+    with pytest.raises(weights.WeightsError, match="corrupt or another checkpoint"):
+        weights.load_pretrained(build_network("resnet18", 3), "resnet18", "imagenet", require_pretrained=False,
+                                hub_dir=hub)

@@ -9,6 +9,19 @@ from pathlib import Path
 
 from pipeline import tracking
 from pipeline.config import Params
+from pipeline.errors import PipelineError
+
+
+class MissingInput(PipelineError, FileNotFoundError):
+    """A stage's input that an earlier stage writes is not there (the stage was run out of order)."""
+
+
+def stage_input(path: str | Path, key: str, stage: str) -> Path:
+    """``path`` (params key ``key``, written by ``stage``), or an error saying which stage to run first."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingInput(f"{path} ({key}) not found; run the {stage} stage first (dvc repro {stage})")
+    return path
 
 
 def dataset_dir(params: Params) -> Path:

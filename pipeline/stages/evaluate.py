@@ -12,7 +12,7 @@ from pipeline.config import Params
 from pipeline.data.ingest import REPORT_JSON, Prepared, load_prepared
 from pipeline.fsutil import atomic_dir, atomic_file, write_json
 from pipeline.model import Classifier
-from pipeline.stages import open_tracking
+from pipeline.stages import open_tracking, stage_input
 from pipeline.stages.train import RUN_INFO
 
 
@@ -25,7 +25,7 @@ def split_arrays(prepared: Prepared, split: str) -> tuple:
 def main(params: Params) -> None:
     paths, settings = params.paths, params.evaluate
     tta = augment.build_tta(settings.tta)  # a bad entry fails before any work
-    run = json.loads((Path(paths.model_dir) / RUN_INFO).read_text())
+    run = json.loads(stage_input(Path(paths.model_dir) / RUN_INFO, "paths.model_dir", "train").read_text())
     prepared = load_prepared(Path(paths.prepared))
     evaluation.positive_index(prepared.classes, settings.positive_class)  # a bad class fails before any work
     model = Classifier.load_from_checkpoint(Path(paths.model_dir) / run["checkpoint"], map_location="cpu")

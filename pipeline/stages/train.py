@@ -23,14 +23,14 @@ from pipeline.fit import datamodule, fit
 from pipeline.fsutil import atomic_dir
 from pipeline.model import Classifier
 from pipeline.resume import Resume
-from pipeline.stages import dataset_dir, open_tracking
+from pipeline.stages import dataset_dir, open_tracking, stage_input
 
 RUN_INFO = "run.json"  # beside the checkpoint in paths.model_dir; evaluate reads it
 
 
 def with_best_params(params: Params) -> tuple[Params, dict[str, Any]]:
     """``params`` with the tune stage's best values (``paths.best_params``) applied, and those values."""
-    path = Path(params.paths.best_params)
+    path = stage_input(params.paths.best_params, "paths.best_params", "tune")
     tuned = yaml.safe_load(path.read_text()) or {}
     try:
         return with_overrides(params, tuned), tuned
