@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
+from pipeline import tracking
 from pipeline.augment import displayable
 from pipeline.config import PARAMS_FILE, Params, load, mode_of
 from pipeline.data.ingest import REPORT_JSON, Prepared, load_prepared
@@ -48,11 +49,7 @@ class Project:
     @property
     def tracking_uri(self) -> str:
         """``$MLFLOW_TRACKING_URI`` when set (as for the stages), else ``mlflow.tracking_uri`` resolved against ``root``."""
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or self.params.mlflow.tracking_uri
-        for scheme in ("sqlite:///", "file:"):
-            if uri.startswith(scheme) and not uri.startswith(scheme + "/"):
-                return scheme + str((self.root / uri.removeprefix(scheme)).resolve())
-        return uri if "://" in uri else str((self.root / uri).resolve())
+        return tracking.absolute_uri(os.environ.get(tracking.ENV_URI) or self.params.mlflow.tracking_uri, self.root)
 
 
 def open_project(root: str | Path = "..") -> Project:
@@ -159,7 +156,7 @@ def runs_table(project: Project, experiments: Sequence[str] | None = None) -> pd
     under their params.yaml names (``train.lr``) and its latest metrics (``val/loss``), numbers as numbers."""
     import mlflow
 
-    mlflow.set_tracking_uri(project.tracking_uri)
+    tracking.use_tracking_uri(project.tracking_uri)
     names = list(experiments or [project.params.mlflow.experiment])
     missing = [n for n in names if mlflow.get_experiment_by_name(n) is None]
     if missing:

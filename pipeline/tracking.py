@@ -22,6 +22,7 @@ from pipeline.config import PARAMS_FILE, Params, Tracking, as_dict, flatten, loa
 # The MLflow UI treats experiments with this tag as model-training experiments (runs table first).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # Longer flattened values go to an artifact: the UI's params table and compare view cut long strings.
+ENV_URI = "MLFLOW_TRACKING_URI"  # the user's store, which wins over mlflow.tracking_uri
 MAX_PARAM_CHARS = 250
 PARAMS_ARTIFACT_DIR = "params"
 
@@ -30,10 +31,39 @@ def _is_local(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
+def absolute_uri(uri: str, root: Path | None = None) -> str:
+    """A local store's URI with its path made absolute against ``root`` (default: the cwd).
+
+    MLflow keeps one store object per URI string for the life of the process: a relative
+    ``sqlite:///mlflow.db`` would keep pointing at the first project's file after a change of
+    directory (a notebook, or tests, working on several projects).
+    """
+    root = Path.cwd() if root is None else root
+    for scheme in ("sqlite:///", "file:"):
+        if uri.startswith(scheme) and not uri.startswith(scheme + "/"):
+            return scheme + str((root / uri.removeprefix(scheme)).resolve())
+    return uri if "://" in uri else str((root / uri).resolve())
+
+
+def use_tracking_uri(uri: str) -> None:
+    """``mlflow.set_tracking_uri`` without its side effect on the environment.
+
+    MLflow also exports the URI as ``$MLFLOW_TRACKING_URI`` (for subprocesses); a later stage or notebook
+    call in the same process would then take it for the user's choice, which wins over params.yaml. The
+    variable is put back as it was, so it keeps meaning what the user set.
+    """
+    previous = os.environ.get(ENV_URI)
+    mlflow.set_tracking_uri(uri)
+    if previous is None:
+        os.environ.pop(ENV_URI, None)
+    else:
+        os.environ[ENV_URI] = previous
+
+
 def setup(cfg: Tracking, env_uri: str | None = None) -> str:
     """Point MLflow at the store (``env_uri`` wins over params) and its experiment; return the experiment id."""
-    uri = env_uri or cfg.tracking_uri
-    mlflow.set_tracking_uri(uri)
+    uri = absolute_uri(env_uri or cfg.tracking_uri)
+    use_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is None:
         # A local store keeps artifacts beside it in the repository, not in MLflow's cwd-relative default.
@@ -170,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print the UI link to the runs table of the params' experiment (created when missing, as stages do)."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.tracking", description=main.__doc__)
     parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+    parser.add_argument("--tracking-uri", default=os.environ.get(ENV_URI),
                         help="store to look in (default: $MLFLOW_TRACKING_URI, else mlflow.tracking_uri)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)

@@ -308,7 +308,7 @@ def _run_worker(worker: Worker, index: int, threads: int, results: multiprocessi
     handler.setFormatter(logging.Formatter(f"%(levelname)s tune-worker-{index}: %(message)s"))
     logging.getLogger("pipeline").addHandler(handler)
     logging.getLogger("pipeline").setLevel(logging.INFO)
-    mlflow.set_tracking_uri(worker.tracking_uri)
+    tracking.use_tracking_uri(worker.tracking_uri)
     results.put(dataclasses.replace(worker, index=index).fill())
 
 

@@ -91,3 +91,18 @@ def test_ui_url_opens_the_runs_table_of_the_params_experiment(tmp_path, monkeypa
     exp_id = mlflow.get_experiment_by_name("mine").experiment_id
     assert capsys.readouterr().out.strip() == \
         f"http://127.0.0.1:5001/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+
+
+def test_stages_in_one_process_log_to_each_projects_own_store(tmp_path, monkeypatch):
+    """A relative sqlite URI is resolved per project, and MLflow's export of the URI to the environment is
+    undone (it would otherwise win over the next project's params)."""
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        tracking.setup(config.Tracking(experiment=f"exp-{name}"))
+        assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / name / 'mlflow.db'}"
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert (tmp_path / "a" / "mlflow.db").is_file() and (tmp_path / "b" / "mlflow.db").is_file()
+    assert tracking.absolute_uri("http://host:5000") == "http://host:5000"

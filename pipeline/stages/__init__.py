@@ -31,5 +31,5 @@ def dataset_dir(params: Params) -> Path:
 
 def open_tracking(params: Params) -> dict[str, str]:
     """Point MLflow at the store and return the lineage tags every run of this stage carries."""
-    tracking.setup(params.mlflow, os.environ.get("MLFLOW_TRACKING_URI"))
+    tracking.setup(params.mlflow, os.environ.get(tracking.ENV_URI))
     return tracking.lineage_tags(dataset_dir(params), os.environ.get("DVC_EXP_NAME"))
