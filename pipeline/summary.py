@@ -12,7 +12,9 @@ def main(params: Params) -> None:
     metrics = json.loads(Path(p.metrics).read_text()) if Path(p.metrics).is_file() else {}
     print("\nPipeline finished.")
     if metrics:
-        print("  test metrics   " + "  ".join(f"{m}={metrics[f'test/{m}']:.3f}" for m in HEADLINE))
+        # A metric can be undefined (AUROC when the test split lacks a class) and is then not in the file.
+        print("  test metrics   " + "  ".join(f"{m}={metrics[f'test/{m}']:.3f}" for m in HEADLINE
+                                             if f"test/{m}" in metrics))
         if not metrics.get("weights/pretrained", True):
             print("  WARNING        trained from random init: ImageNet weights could not be downloaded (see report)")
     print(f"  metrics        {p.metrics}        (dvc metrics show)")
