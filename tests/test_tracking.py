@@ -105,4 +105,4 @@ def test_stages_in_one_process_log_to_each_projects_own_store(tmp_path, monkeypa
         assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / name / 'mlflow.db'}"
         assert "MLFLOW_TRACKING_URI" not in os.environ
     assert (tmp_path / "a" / "mlflow.db").is_file() and (tmp_path / "b" / "mlflow.db").is_file()
-    assert tracking.absolute_uri("http://host:5000") == "http://host:5000"
+    assert tracking.absolute_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"  # a server: as it is
