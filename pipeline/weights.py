@@ -78,28 +78,21 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def verify_sha256(path: Path, expected: str | None) -> None:
-    """Refuse a weights file whose SHA-256 is not ``expected`` (``model.weights_sha256``)."""
-    if expected is None:
+def verify_file(path: Path, *, url: str | None = None, sha256: str | None = None) -> None:
+    """Refuse a weights file whose SHA-256 (computed once) is not ``sha256`` (``model.weights_sha256``), or
+    does not start with the prefix torchvision puts in the name of ``url`` (``<arch>-<sha256 prefix>.pth``;
+    torch.hub checks it only while downloading, so a file copied into the hub folder by hand is checked here)."""
+    match = HASH_REGEX.search(Path(url).name) if url else None
+    if sha256 is None and match is None:
         return
     actual = sha256_of(path)
-    if actual != expected.lower():
-        raise WeightsError(f"{path}: SHA-256 is {actual}, but model.weights_sha256 is {expected.lower()}; "
-                           "the file is not the one the params name (corrupt, truncated or replaced)")
-
-
-def verify_torchvision_hash(path: Path, url: str) -> None:
-    """torchvision names its files ``<arch>-<sha256 prefix>.pth``: refuse a file at ``path`` (a download of
-    ``url``) whose hash does not start so. torch.hub checks only while downloading; this also catches a
-    file copied into the hub folder by hand."""
-    match = HASH_REGEX.search(Path(url).name)
-    if match is None:
-        return
-    actual = sha256_of(path)
-    if not actual.startswith(match.group(1)):
+    if match is not None and not actual.startswith(match.group(1)):
         raise WeightsError(f"{path}: SHA-256 {actual[:16]}... is not that of {url} (its hash starts {match.group(1)}); "
                            "the file is corrupt or another checkpoint: delete it, or check a download with "
                            "`python -m pipeline weights import FILE`")
+    if sha256 is not None and actual != sha256.lower():
+        raise WeightsError(f"{path}: SHA-256 is {actual}, but model.weights_sha256 is {sha256.lower()}; "
+                           "the file is not the one the params name (corrupt, truncated or replaced)")
 
 
 def hub_checkpoint(url: str, hub_dir: Path | None = None) -> Path:
@@ -171,14 +164,15 @@ def load_pretrained(net: nn.Module, arch: str, weights: str, *, require_pretrain
     if weights != "imagenet" and not is_enum_name(weights):
         path = Path(weights)
         if path.is_file():
-            verify_sha256(path, sha256)
+            verify_file(path, sha256=sha256)
         load_into(net, read(path), str(path))
         return WeightsInfo(requested=weights, source=str(path), pretrained=True)
 
     url = imagenet_url(arch, weights)
     cached = hub_checkpoint(url, hub_dir)
-    if cached.is_file():  # torch.hub checks the hash only while downloading
-        verify_torchvision_hash(cached, url)
+    downloading = not cached.is_file()
+    if not downloading:  # checked before torch reads it
+        verify_file(cached, url=url, sha256=sha256)
     try:
         state = fetch(url, hub_dir)
     except (URLError, OSError, RuntimeError) as err:
@@ -192,7 +186,8 @@ def load_pretrained(net: nn.Module, arch: str, weights: str, *, require_pretrain
         log.warning("\n" + "!" * 78 + "\n!! PRETRAINED WEIGHTS UNAVAILABLE - training %s from RANDOM INIT.\n"
                     "!! %s\n!! To fix: %s\n" + "!" * 78, arch, reason, advice)
         return WeightsInfo(requested=weights, source="random-init", pretrained=False, fallback_reason=reason)
-    verify_sha256(cached, sha256)
+    if downloading:  # torch.hub has checked the prefix
+        verify_file(cached, sha256=sha256)
     load_into(net, state, url)
     return WeightsInfo(requested=weights, source=url, pretrained=True)
 
@@ -208,7 +203,7 @@ def import_checkpoint(file: Path, arch: str, name: str = "imagenet", hub_dir: Pa
     enum = weight_enum(arch, name)
     if not file.is_file():
         raise WeightsError(f"{file}: no such file")
-    verify_torchvision_hash(file, enum.url)
+    verify_file(file, url=enum.url)
     state = read(file)
     own = build_network(arch, len(enum.meta["categories"])).state_dict()
     wrong = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
