@@ -64,7 +64,7 @@ def bench_ingest(raw: Path, out: Path) -> None:
     emit("ingest", images=report["n_images"], seconds=round(seconds, 2), images_per_s=round(report["n_images"] / seconds, 1))
 
 
-def bench_loader(raw: Path, prepared, pipeline) -> None:
+def bench_loader(prepared, pipeline) -> None:
     rows = prepared.split("train")
     dataset = CachedImageDataset(prepared.images[rows["cache_index"].to_numpy()], rows["label_index"].to_numpy(), pipeline)
     start = time.perf_counter()
@@ -249,6 +249,8 @@ def bench_tune_pruning(tmp: Path) -> None:
     ingest(raw, out, image_size=TUNE_SIZE, val_fraction=0.25, test_fraction=0.15, seed=0, on_bad_file="skip")
     prepared = load_prepared(out)
     pipeline = augment.build(AUGMENT.transforms, seed=0, preset=AUGMENT.preset)
+    store = {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "artifact_root": str(tmp / "mlartifacts")}
+    tracking.setup(config.Tracking(**store))
     studies = {}
     for n_trials in range(TUNE_ROUND, TUNE_TRIALS + 1, TUNE_ROUND):
         for pruner in ("median", "none"):
@@ -257,9 +259,8 @@ def bench_tune_pruning(tmp: Path) -> None:
                 "train": {"accelerator": "cpu", "batch_size": 16, "patience": TUNE_EPOCHS},
                 "tune": {"n_trials": n_trials, "max_epochs": TUNE_EPOCHS, "pruner": pruner,
                          "storage": f"sqlite:///{tmp}/optuna.db", "search_space": TUNE_SPACE},
-                "mlflow": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "artifact_root": str(tmp / "mlartifacts")},
+                "mlflow": store,
             })
-            tracking.setup(params.mlflow)
             with contextlib.redirect_stdout(sys.stderr):  # per-epoch lines; stdout is for the JSON lines
                 studies[pruner], _ = tune.run(params, lambda p: datamodule(p, prepared, pipeline), pruner, {})
     seconds = {k: sum((t.datetime_complete - t.datetime_start).total_seconds() for t in s.trials)
@@ -280,7 +281,7 @@ def main() -> int:
         bench_ingest(raw, out)
         prepared = load_prepared(out)
         pipeline = augment.build(AUGMENT.transforms, seed=0, preset=AUGMENT.preset)
-        bench_loader(raw, prepared, pipeline)
+        bench_loader(prepared, pipeline)
         bench_augment(prepared)
         data = datamodule(config.parse({}), prepared, pipeline)
         bench_dataloader(data, bench_train_step(data))

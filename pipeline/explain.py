@@ -59,7 +59,6 @@ def grad_cam(model: nn.Module, images: np.ndarray, target: int | Sequence[int] |
         targets = list(target)
         if len(targets) != len(images):
             raise ValueError(f"{len(targets)} targets for {len(images)} images")
-    device = next(model.parameters()).device
     was_training = model.training
     maps = []
     try:
@@ -67,12 +66,7 @@ def grad_cam(model: nn.Module, images: np.ndarray, target: int | Sequence[int] |
             for start in range(0, len(images), batch_size):
                 x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size].transpose(0, 3, 1, 2)))
                 chosen = targets[start:start + batch_size]
-                wanted = None if all(t is None for t in chosen) else [
-                    ClassifierOutputTarget(int(t)) if t is not None else None for t in chosen]
-                if wanted is not None and any(t is None for t in wanted):  # mixed: fill in the predicted class
-                    with torch.no_grad():
-                        predicted = model(x.to(device)).argmax(-1).tolist()
-                    wanted = [t or ClassifierOutputTarget(p) for t, p in zip(wanted, predicted, strict=True)]
+                wanted = None if target is None else [ClassifierOutputTarget(int(t)) for t in chosen]
                 maps.append(cam(input_tensor=x, targets=wanted))
     finally:
         model.train(was_training)

@@ -21,12 +21,13 @@ from pipeline.data.datamodule import ImageDataModule, load_offline
 from pipeline.data.ingest import Prepared
 from pipeline.errors import PipelineError
 from pipeline.model import Classifier
+from pipeline.resume import LAST_NAME  # <out_dir>/last.ckpt: full state of the latest epoch
 from pipeline.weights import WeightsInfo, load_pretrained
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "best"  # written as <out_dir>/best.ckpt
-LAST_NAME = "last"  # <out_dir>/last.ckpt: full state of the latest epoch, for resuming
+RUN_INFO = "run.json"  # the train stage's, beside the best checkpoint in paths.model_dir; evaluate, predict read it
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.fsutil import write_json
+
 STATE = "state.json"
-LAST = "last.ckpt"
+LAST_NAME = "last"  # fit writes <checkpoints>/last.ckpt every epoch: the full state a killed run resumes from
 
 
 @dataclass(frozen=True)
@@ -33,15 +35,16 @@ class Resume:
 
     def run_id(self) -> str | None:
         """The MLflow run of an interrupted run with the same inputs, or None (stale state is removed)."""
-        state = self.dir / STATE
-        if state.is_file() and json.loads(state.read_text()).get("key") == self.key:
-            return json.loads(state.read_text())["run_id"]
+        path = self.dir / STATE
+        state = json.loads(path.read_text()) if path.is_file() else {}
+        if state.get("key") == self.key:
+            return state["run_id"]
         self.clear()
         return None
 
     def start(self, run_id: str) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / STATE).write_text(json.dumps({"key": self.key, "run_id": run_id}))
+        write_json(self.dir / STATE, {"key": self.key, "run_id": run_id})  # atomic: a kill leaves old or new
 
     @property
     def checkpoints(self) -> Path:
@@ -49,7 +52,7 @@ class Resume:
         return self.dir / "checkpoints"
 
     def last_checkpoint(self) -> Path | None:
-        last = self.checkpoints / LAST
+        last = self.checkpoints / f"{LAST_NAME}.ckpt"
         return last if last.is_file() else None
 
     def clear(self) -> None:

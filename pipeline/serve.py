@@ -24,9 +24,9 @@ from torch import nn
 from pipeline.config import Data
 from pipeline.data import readers
 from pipeline.errors import PipelineError
+from pipeline.fit import RUN_INFO
 from pipeline.fsutil import atomic_file
 from pipeline.model import Classifier
-from pipeline.stages.train import RUN_INFO
 
 log = logging.getLogger(__name__)
 

@@ -338,11 +338,17 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def run(params: Params, data_for: DataFor, name: str, tags: dict[str, str]) -> tuple[optuna.Study, dict[str, Any]]:
-    """Fill the study under its MLflow parent run (tune.n_jobs processes); return the study and a summary."""
+def run(params: Params, data_for: DataFor, name: str, tags: dict[str, str],
+        dataset: Path | None = None) -> tuple[optuna.Study, dict[str, Any]]:
+    """Fill the study under its MLflow parent run (tune.n_jobs processes); return the study and a summary.
+
+    ``dataset``: the data set folder, logged as the parent run's MLflow dataset input.
+    """
     study = create(params, name, tags)
     start = time.monotonic()
     with mlflow.start_run(run_id=study.user_attrs[RUN_ID_ATTR]) as parent:
+        if dataset is not None:
+            tracking.log_dataset(dataset, tags["data.version"])
         if _open_slots(study, params.tune.n_trials) > 0:
             work(params, _worker(params, data_for, name, parent.info, tags, seed=params.seed))
         else:

@@ -17,9 +17,9 @@ import yaml
 from pipeline import config, evaluation, tracking
 from pipeline.data.ingest import ingest, load_prepared
 from pipeline.evaluation import plots
+from pipeline.fit import RUN_INFO
 from pipeline.model import Classifier
 from pipeline.stages import evaluate as stage
-from pipeline.stages.train import RUN_INFO
 from tests.conftest import CLASSES, write_class_folders
 
 REPO = Path(__file__).resolve().parents[1]

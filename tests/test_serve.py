@@ -14,9 +14,8 @@ import yaml
 from pipeline import config, serve, tracking
 from pipeline.__main__ import main
 from pipeline.data.ingest import ingest, load_prepared
-from pipeline.fit import datamodule, fit
+from pipeline.fit import RUN_INFO, datamodule, fit
 from pipeline.model import Classifier
-from pipeline.stages.train import RUN_INFO
 from tests.conftest import CLASSES, write_class_folders
 
 RAW_SIZE, SIZE = 40, 32  # files are 40 px: predict and the exports must resize them as ingest did

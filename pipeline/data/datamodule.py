@@ -42,7 +42,8 @@ def load_offline(folder: Path, prepared: Prepared, copies: int) -> tuple[np.ndar
     """The augment stage's offline copies of the train split; checked against ``prepared`` and ``copies``."""
     if not (folder / OFFLINE_LABELS).is_file():
         raise DataError(f"{folder}: offline copies not found; run the augment stage first (dvc repro augment)")
-    images, labels = np.load(folder / OFFLINE_IMAGES), np.load(folder / OFFLINE_LABELS)
+    # Memory-mapped: dataset() copies them into the train split's array anyway.
+    images, labels = np.load(folder / OFFLINE_IMAGES, mmap_mode="r"), np.load(folder / OFFLINE_LABELS)
     expected = copies * len(prepared.split("train"))
     if len(labels) != expected or images.shape[1:] != prepared.images.shape[1:]:
         raise DataError(f"{folder}: {len(labels)} offline copies of {images.shape[1:]} images, expected {expected} "

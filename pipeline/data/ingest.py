@@ -61,6 +61,7 @@ class Prepared:
     digest: str  # of splits.csv: changes with any file, label or split assignment
     mean: tuple[float, ...]  # per channel, train split, [0, 1] units (report.json "normalization")
     std: tuple[float, ...]
+    report: dict  # report.json as ingest wrote it: counts, sizes, duplicates, leakage, warnings
 
     def split(self, name: str) -> pd.DataFrame:
         return self.table[self.table["split"] == name]
@@ -143,11 +144,6 @@ def channel_stats(images: np.ndarray, chunk: int | None = None,
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
 
-def assign_splits(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
-    """Stratified train/val/test assignment of single images (``splits.stratified``)."""
-    return splits.stratified(labels, val_fraction, test_fraction, seed)
-
-
 @dataclass
 class _Decoded:
     """What the decoding pass keeps in memory: small facts per image; the pixels went to the cache file."""
@@ -180,7 +176,7 @@ def _decode_all(table: pd.DataFrame, data: Data, cache: CacheWriter) -> _Decoded
         try:
             found = readers.read(path, data.dicom_window)
         except (readers.UnreadableImage, OSError) as err:
-            reason = "empty file" if path.stat().st_size == 0 else str(err)
+            reason = str(err)  # readers.read says "empty file" for zero bytes
             if data.on_bad_file == "fail":
                 raise DataError(f"{path}: unreadable image ({reason}); set data.on_bad_file: skip to skip it") from None
             log.warning("skipping unreadable image %s (%s)", path, reason)
@@ -353,4 +349,4 @@ def load_prepared(out_dir: Path) -> Prepared:
     stats = report["normalization"]
     return Prepared(table=table, images=np.load(out_dir / CACHE_NPY, mmap_mode="r"), classes=tuple(report["classes"]),
                     digest=hashlib.sha256(splits.read_bytes()).hexdigest()[:12],
-                    mean=tuple(stats["mean"]), std=tuple(stats["std"]))
+                    mean=tuple(stats["mean"]), std=tuple(stats["std"]), report=report)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from pipeline.config import Evaluate
 from pipeline.evaluation.calibration import TEMPERATURE_BOUNDS
-from pipeline.evaluation.metrics import BINARY, CALIBRATION, HEADLINE
+from pipeline.evaluation.metrics import BINARY, CALIBRATION, HEADLINE, PER_CLASS
 SPLITS = {"test": "plain", "test_tta": "with TTA", "test_calibrated": "temperature-scaled"}
 KEY_HPARAMS = ("lr", "weight_decay", "optimizer", "dropout", "label_smoothing", "monitor")
 SMALL_TEST_CLASS = 10  # fewer test images of a class than this: a warning
@@ -123,7 +123,7 @@ def report(metrics: Mapping[str, Any], data_report: Mapping[str, Any], run: Mapp
     splits = ["test", "test_tta"] if tta else ["test"]
     classes = data_report["classes"]
     per_class = pd.DataFrame({m: {c: metrics.get(f"test/{m}/{c}") for c in classes}
-                              for m in ("precision", "recall", "f1", "auroc", "support")}).rename_axis("class")
+                              for m in (*PER_CLASS, "support")}).rename_axis("class")
     notes = [f"TTA averages the predictions over the image and {', '.join(tta)}." if tta else
              "No test-time augmentation (evaluate.tta is empty)."]
     if metrics.get("test/bootstrap_skipped"):

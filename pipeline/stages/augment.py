@@ -30,8 +30,9 @@ def main(params: Params) -> None:
 
     # Written even when empty, so train and tune always have the dependency DVC declares.
     pipeline.set_random_seed(params.seed)
-    images, labels = augment.offline_copies(pipeline, prepared.images[train["cache_index"].to_numpy()],
-                                            train["label_index"].to_numpy(), a.offline_copies)
+    # Without copies only the array's shape and dtype matter: do not read the train split into memory.
+    source = prepared.images[train["cache_index"].to_numpy()] if a.offline_copies else prepared.images[:0]
+    images, labels = augment.offline_copies(pipeline, source, train["label_index"].to_numpy(), a.offline_copies)
     with atomic_dir(paths.augment_offline) as staging:
         np.save(staging / OFFLINE_IMAGES, images)
         np.save(staging / OFFLINE_LABELS, labels)

@@ -9,11 +9,11 @@ import mlflow
 
 from pipeline import augment, evaluation, explain, tracking
 from pipeline.config import Params
-from pipeline.data.ingest import REPORT_JSON, Prepared, load_prepared
+from pipeline.data.ingest import Prepared, load_prepared
+from pipeline.fit import RUN_INFO
 from pipeline.fsutil import atomic_dir, atomic_file, write_json
 from pipeline.model import Classifier
 from pipeline.stages import open_tracking, stage_input
-from pipeline.stages.train import RUN_INFO
 
 
 def split_arrays(prepared: Prepared, split: str) -> tuple:
@@ -34,7 +34,6 @@ def main(params: Params) -> None:
                                  val=split_arrays(prepared, "val"))
     metrics = result.metrics | {"weights/pretrained": run["weights"]["pretrained"],
                                 "weights/source": run["weights"]["source"]}
-    data_report = json.loads((Path(paths.prepared) / REPORT_JSON).read_text())
     plots = Path(paths.plots)
     embedded = [os.path.relpath(plots / name, Path(paths.report).parent) for name in evaluation.IMAGES]
     # The Grad-CAM panel (pipeline.explain): rendered now, written with the other plots below.
@@ -42,7 +41,7 @@ def main(params: Params) -> None:
                                 settings.batch_size)
     if gradcam is not None:
         embedded.append(os.path.relpath(plots / explain.PANEL_PNG, Path(paths.report).parent))
-    report = evaluation.report(metrics, data_report, run, embedded, [type(t).__name__ for t in tta],
+    report = evaluation.report(metrics, prepared.report, run, embedded, [type(t).__name__ for t in tta],
                                settings=settings, hparams=dict(model.hparams))
 
     # Everything is computed before anything is replaced: a failure above leaves the old outputs.

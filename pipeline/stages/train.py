@@ -19,13 +19,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from pipeline import augment, tracking
 from pipeline.config import ConfigError, Params, as_dict, with_overrides
 from pipeline.data.ingest import load_prepared
-from pipeline.fit import datamodule, fit
+from pipeline.fit import RUN_INFO, datamodule, fit
 from pipeline.fsutil import atomic_dir
 from pipeline.model import Classifier
 from pipeline.resume import Resume
 from pipeline.stages import dataset_dir, open_tracking, stage_input
 
-RUN_INFO = "run.json"  # beside the checkpoint in paths.model_dir; evaluate reads it
 
 
 def with_best_params(params: Params) -> tuple[Params, dict[str, Any]]:

@@ -8,10 +8,9 @@ holds tune.n_trials, nested under the study's MLflow parent run, and writes no o
 import argparse
 from pathlib import Path
 
-import mlflow
 import yaml
 
-from pipeline import tracking, tune
+from pipeline import tune
 from pipeline.config import PARAMS_FILE, Params, value_at
 from pipeline.data.ingest import load_prepared
 from pipeline.fsutil import atomic_file, write_json
@@ -43,10 +42,8 @@ def main(params: Params, argv: list[str] = (), params_file: str = PARAMS_FILE) -
             ran = tune.join(params, data, name, tags)
             print(f"tune --worker: ran {ran} trials of study {name}")
             return
-        study, summary = tune.run(params, data, name, tags)
+        study, summary = tune.run(params, data, name, tags, dataset=dataset_dir(params))
         best = study.best_params
-        with mlflow.start_run(run_id=study.user_attrs[tune.RUN_ID_ATTR]):  # the study's parent run
-            tracking.log_dataset(dataset_dir(params), tags["data.version"])
         print(f"tune: study {name}: {summary['trials_complete']} complete, {summary['trials_pruned']} pruned, "
               f"{summary['trials_failed']} failed; best {params.train.monitor}={summary['best_value']:.4f}")
     with atomic_file(paths.best_params) as tmp:
