@@ -56,7 +56,7 @@ class Trained:
         return int(self.model.mean.shape[1])
 
 
-def load_trained(model_dir: Path, data: Data) -> Trained:
+def load_trained(model_dir: Path, data: Data | None = None) -> Trained:
     """The train stage's best checkpoint in ``model_dir``, on CPU, in eval mode.
 
     Preprocessing comes from ``run.json`` (written by the train stage); a model trained before it was
@@ -73,6 +73,7 @@ def load_trained(model_dir: Path, data: Data) -> Trained:
     model = Classifier.load_from_checkpoint(checkpoint, map_location="cpu").eval()
     pre = run.get("preprocessing")
     if pre is None:
+        data = data or Data()
         log.warning("%s records no preprocessing (older train stage); using data.image_size=%d, "
                     "data.channels=%s from params", info, data.image_size, data.channels)
         pre = {"image_size": data.image_size, "channels": data.channels, "dicom_window": data.dicom_window,
@@ -184,17 +185,19 @@ def _resize_matrix(n: int, size: int, shrink: torch.Tensor) -> torch.Tensor:
 
 
 class Packaged(nn.Module):
-    """The trained network with ingest's resize and the model's scaling and normalization in front.
+    """The trained network with ingest's channel policy, resize, scaling and normalization in front.
 
-    Input: an image batch, (N, H, W, C) or (N, C, H, W), any H and W; integer pixels (uint8; other
-    integer types are taken as 16-bit) or floats in [0, 1]. Output: class probabilities (N, classes).
-    The layout is NHWC when the last axis has the model's band count and the second does not.
+    Input (TorchScript and the registered MLflow model): an image batch in any documented layout,
+    (N, H, W, C), (N, C, H, W) or, for one band, (N, H, W); any H and W; C the model's band count,
+    or 1 for an RGB model (``data.channels: rgb``), replicated as ingest replicates gray files.
+    Integer pixels (uint8; other integer types are taken as 16-bit) or floats in [0, 1]. Any other
+    shape is refused with a message naming it. Output: class probabilities (N, classes).
     Integer pixels are resized, rounded back to integers as the cache stores them, then scaled to [0, 1]
     (``model.to_unit_range``). Resized pixels are within one grey level of OpenCV's (its fixed-point
     bilinear rounds differently); an image already at ``image_size`` passes unchanged.
     """
 
-    def __init__(self, model: Classifier, image_size: int, class_names: Sequence[str]):
+    def __init__(self, model: Classifier, image_size: int, class_names: Sequence[str], gray_to_rgb: bool = False):
         super().__init__()
         self.class_names = list(class_names)  # a TorchScript attribute: scripted.class_names
         # The plain network, not the LightningModule (which TorchScript cannot compile); the test
@@ -204,6 +207,8 @@ class Packaged(nn.Module):
         self.register_buffer("std", model.std.detach().clone())
         self.image_size = image_size
         self.channels = int(model.mean.shape[1])
+        self.gray_to_rgb = gray_to_rgb and self.channels == 3
+        self.accepted = [self.channels, 1] if self.gray_to_rgb else [self.channels]
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[2], x.shape[3]
@@ -213,18 +218,43 @@ class Packaged(nn.Module):
         cols = _resize_matrix(w, self.image_size, shrink)
         return rows @ x @ cols.transpose(0, 1)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        c = self.channels
-        # Both readings are resized and the right one is kept: no branch on the shape (see _resize_matrix).
-        as_nchw = self._resize(images[:, :c].float())
-        as_nhwc = self._resize(images.permute(0, 3, 1, 2)[:, :c].float())
-        last = torch.ones((), dtype=torch.int64) * images.shape[3]
-        second = torch.ones((), dtype=torch.int64) * images.shape[1]
-        x = torch.where((last == c) & (second != c), as_nhwc, as_nchw)
+    def _as_nchw(self, images: torch.Tensor) -> torch.Tensor:
+        """The batch as (N, C, H, W) with the model's C, or an error naming the shape it got."""
+        expected = "(N, H, W, C) or (N, C, H, W) with C in " + str(self.accepted)
+        if images.dim() == 3 and 1 in self.accepted:
+            images = images.unsqueeze(1)  # (N, H, W): one band
+        elif images.dim() != 4:
+            raise ValueError("images of shape " + str(list(images.shape)) + ": expected " + expected)
+        elif images.shape[3] in self.accepted and images.shape[1] not in self.accepted:
+            images = images.permute(0, 3, 1, 2)
+        elif images.shape[1] not in self.accepted:
+            raise ValueError("images of shape " + str(list(images.shape)) + " have no axis of "
+                             + str(self.accepted) + " bands: expected " + expected)
+        if images.shape[1] != self.channels:  # a gray batch for an RGB model
+            images = images.expand(-1, self.channels, -1, -1)
+        return images
+
+    def _classify(self, images: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities for ``x`` (N, C, H, W) cut from ``images`` (whose dtype says how to scale)."""
+        x = self._resize(x.float())
         if not images.is_floating_point():
             top = 255.0 if images.dtype == torch.uint8 else 65535.0
             x = torch.round(x) / top  # resizing only averages: no clamp needed
         return self.net((x - self.mean) / self.std).softmax(-1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._classify(images, self._as_nchw(images))
+
+
+class PackagedNHWC(Packaged):
+    """:class:`Packaged` for ONNX: one layout, (N, H, W, C) with the model's C fixed in the graph.
+
+    An ONNX graph cannot raise a message of its own, so the input is declared with a static band
+    axis, and onnxruntime refuses any other band count or rank by naming the axis (``index: 3``).
+    """
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._classify(images, images.permute(0, 3, 1, 2))
 
 
 def _example(trained: Trained) -> torch.Tensor:
@@ -233,13 +263,29 @@ def _example(trained: Trained) -> torch.Tensor:
     return torch.zeros((2, trained.image_size + 3, trained.image_size + 5, trained.in_channels), dtype=dtype)
 
 
-def metadata(trained: Trained, input_dtype: str) -> dict[str, str]:
-    """What an exported file carries beside the weights: class names and the expected input."""
+def package(trained: Trained, onnx: bool = False) -> Packaged:
+    """The trained model with its preprocessing in front, in eval mode: what is exported and registered."""
+    kind = PackagedNHWC if onnx else Packaged
+    return kind(trained.model, trained.image_size, trained.classes, gray_to_rgb=trained.channels == "rgb").eval()
+
+
+def metadata(trained: Trained, fmt: Format) -> dict[str, str]:
+    """What an exported file carries beside the weights: class names and the input contract (ONNX's is the
+    registered MLflow model's too: one traced layout)."""
+    bands = trained.in_channels
+    accepted = f"{bands}" + (" (or 1: a gray image, replicated as at ingest)" if trained.channels == "rgb" else "")
+    layout = ("(N, H, W, C)" if fmt == "onnx" else
+              "(N, H, W, C) or (N, C, H, W)" + (" or (N, H, W)" if bands == 1 or trained.channels == "rgb" else ""))
+    dtype = (str(_example(trained).dtype).removeprefix("torch.") if fmt == "onnx"
+             else "uint8, uint16 or float32")
     return {
         "class_names": json.dumps(list(trained.classes)),
         "image_size": str(trained.image_size),
-        "channels": str(trained.in_channels),
-        "input": f"{input_dtype} images, (N, H, W, C) or (N, C, H, W), any H and W",
+        "channels": str(bands),
+        "layout": layout + f", any H and W, C = {accepted if fmt != 'onnx' else bands}",
+        "dtype": dtype,
+        "value_range": "integers: 0-255 (uint8) or 0-65535 (uint16); floats: [0, 1]",
+        "input": f"{dtype} images, {layout}, any H and W; resized to {trained.image_size} px inside",
         "output": "class probabilities (N, classes), in class_names order",
         "arch": str(trained.run.get("arch", "")),
         "mlflow_run_id": str(trained.run.get("run_id", "")),
@@ -248,28 +294,25 @@ def metadata(trained: Trained, input_dtype: str) -> dict[str, str]:
 
 def export(trained: Trained, fmt: Format, out: Path) -> Path:
     """Write the :class:`Packaged` model as TorchScript or ONNX to ``out`` (replaced only on success)."""
-    packaged = Packaged(trained.model, trained.image_size, trained.classes).eval()
-    example = _example(trained)
-    meta = metadata(trained, "uint8, uint16 or float32 in [0, 1]" if fmt == "torchscript"
-                    else str(example.dtype).removeprefix("torch."))
+    meta = metadata(trained, fmt)
     with atomic_file(out) as tmp, torch.no_grad():
         if fmt == "torchscript":
             # Deprecated in recent torch in favour of torch.export, but still what libtorch (C++) loads.
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
-                scripted = torch.jit.script(packaged)
+                scripted = torch.jit.script(package(trained))
                 torch.jit.save(scripted, str(tmp), _extra_files={CLASS_NAMES_FILE: meta["class_names"],
                                                                  "metadata.json": json.dumps(meta)})
         else:
-            _export_onnx(packaged, example, tmp, meta)
+            _export_onnx(package(trained, onnx=True), _example(trained), tmp, meta)
     return out
 
 
 def _export_onnx(packaged: Packaged, example: torch.Tensor, out: Path, meta: dict[str, str]) -> None:
     import onnx
 
-    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("dim1"),
-            2: torch.export.Dim("dim2"), 3: torch.export.Dim("dim3")}
+    # Batch, height and width are dynamic; the band axis is fixed (PackagedNHWC).
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("height"), 2: torch.export.Dim("width")}
     program = torch.onnx.export(packaged, (example,), None, input_names=["images"],
                                 output_names=["probabilities"], dynamic_shapes={"images": dims},
                                 dynamo=True, external_data=False, verbose=False)
@@ -277,3 +320,25 @@ def _export_onnx(packaged: Packaged, example: torch.Tensor, out: Path, meta: dic
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
     onnx.save_model(model, str(out))
+
+
+def log_model(trained: Trained, registered_model: str | None = None) -> None:
+    """Log :func:`package` of ``trained`` to the active MLflow run (and register it as ``registered_model``).
+
+    The logged model is the exported one: eval mode, preprocessing inside, probabilities out, so
+    ``mlflow.pyfunc.load_model(...).predict(images)`` answers as predict and the exports do, for one
+    image as for a batch. MLflow saves it with ``torch.export`` (its "pt2" format, no pickle), which
+    traces one layout: (N, H, W, C) like the ONNX export, any N, H and W (the signature says so).
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from pipeline import tracking  # here: predict and export need no MLflow
+
+    packaged = package(trained, onnx=True)
+    example = _example(trained)  # batch 2 and sizes off image_size: traced with every dimension dynamic
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(example.numpy().dtype, (-1, -1, -1, trained.in_channels))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(trained.classes)))]))
+    tracking.log_model(packaged, example.numpy(), signature=signature, registered_model=registered_model,
+                       metadata=metadata(trained, "onnx"))

@@ -178,8 +178,9 @@ def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
     mlflow.log_metrics(numbers, step=step)
 
 
-def log_model(model: Any, example: Any, name: str = "model", registered_model: str | None = None) -> None:
-    """Log the trained network with ``mlflow.pytorch`` (input example -> signature) on the active run.
+def log_model(model: Any, example: Any, name: str = "model", registered_model: str | None = None,
+              signature: Any = None, metadata: dict[str, str] | None = None) -> None:
+    """Log a network with ``mlflow.pytorch`` on the active run (signature given, else inferred from ``example``).
 
     With ``registered_model`` (``mlflow.registered_model``), the logged model also becomes the next
     version of that registered model: ``mlflow.pyfunc.load_model("models:/<name>/latest")`` loads it.
@@ -192,8 +193,8 @@ def log_model(model: Any, example: Any, name: str = "model", registered_model: s
 
     # Explicit requirements: MLflow's inference would reload the model in a subprocess (slow).
     requirements = [f"{m.__name__}=={m.__version__.split('+')[0]}" for m in (torch, torchvision, lightning, torchmetrics)]
-    mlflow.pytorch.log_model(model, name=name, input_example=example, pip_requirements=requirements,
-                             registered_model_name=registered_model)
+    mlflow.pytorch.log_model(model, name=name, input_example=example, signature=signature, metadata=metadata,
+                             pip_requirements=requirements, registered_model_name=registered_model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,9 +118,14 @@ def test_exported_model_equals_the_lightning_model(project, model, fmt, tmp_path
         assert json.loads(meta["class_names"]) == list(CLASSES) and meta["image_size"] == str(SIZE)
         session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         run = lambda x: session.run(None, {"images": np.ascontiguousarray(x)})[0]  # noqa: E731
-    # At the training size, NHWC or NCHW: the model's own preprocessing, so equal to float precision.
+    # At the training size, NHWC (or NCHW for TorchScript): the model's own preprocessing, so equal to float
+    # precision. ONNX declares one layout, NHWC with the band axis fixed, and onnxruntime refuses the other.
     np.testing.assert_allclose(run(cached), expected, atol=1e-5)
-    np.testing.assert_allclose(run(cached.transpose(0, 3, 1, 2)), expected, atol=1e-5)
+    if fmt == "torchscript":
+        np.testing.assert_allclose(run(cached.transpose(0, 3, 1, 2)), expected, atol=1e-5)
+    else:
+        with pytest.raises(Exception, match="index: 3 Got: 32 Expected: 3"):
+            run(cached.transpose(0, 3, 1, 2))
     # The files as stored: resized inside the export as ingest resized them (shrinking: OpenCV's area mean).
     np.testing.assert_allclose(run(files), expected, atol=1e-4)
 
@@ -131,20 +136,103 @@ def test_export_writes_to_paths_exports_by_default(project, monkeypatch):
     assert (project / "exports" / "model.pt").stat().st_size > 1_000_000
 
 
-def test_the_registered_model_loads_by_name_and_predicts(project, model, tmp_path, monkeypatch):
+def _probabilities(model: Classifier, cached: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(np.ascontiguousarray(cached.transpose(0, 3, 1, 2)))).softmax(-1).numpy()
+
+
+def test_the_logged_model_gives_the_checkpoints_probabilities_alone_and_in_a_batch(project, model, tmp_path,
+                                                                                 monkeypatch):
+    """What the train stage logs and registers (serve.log_model over load_trained), loaded back by name."""
     monkeypatch.chdir(tmp_path)
     previous = mlflow.get_tracking_uri()
     try:
         tracking.setup(config.Tracking(tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment="e"))
-        _, cached = exported_inputs(project)
-        example = np.ascontiguousarray(cached[:2].transpose(0, 3, 1, 2))
+        trained = serve.load_trained(project / "models")
         with mlflow.start_run() as run:
-            tracking.log_model(model, example, registered_model="tiny-classifier")
+            serve.log_model(trained, registered_model="tiny-classifier")
         (version,) = mlflow.MlflowClient().search_model_versions("name='tiny-classifier'")
         assert int(version.version) == 1 and version.run_id == run.info.run_id
         latest = mlflow.pyfunc.load_model("models:/tiny-classifier/latest")
-        with torch.no_grad():
-            expected = model(torch.from_numpy(example)).numpy()
-        np.testing.assert_allclose(latest.predict(example), expected, atol=1e-5)
+        files, cached = exported_inputs(project)
+        expected = _probabilities(model, cached)
+        batch = latest.predict(cached)  # NHWC uint8, as cached: probabilities, not logits
+        np.testing.assert_allclose(batch, expected, atol=1e-5)
+        for i in range(len(cached)):  # one image alone: the same answer as in the batch (eval-mode BatchNorm)
+            np.testing.assert_allclose(latest.predict(cached[i:i + 1]), expected[i:i + 1], atol=1e-5)
+        np.testing.assert_allclose(latest.predict(files), expected, atol=1e-4)  # stored size: resized inside
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="module", params=[1, 3, 5])
+def banded(request, tmp_path_factory) -> tuple[serve.Trained, np.ndarray, list[Path]]:
+    """A tiny model on 1-, 3- or 5-band TIFFs kept as stored (data.channels: keep), with its cache and files."""
+    import tifffile
+
+    bands = request.param
+    root = tmp_path_factory.mktemp(f"bands{bands}")
+    rng = np.random.default_rng(bands)
+    for k, name in enumerate(CLASSES[:2]):
+        (root / "raw" / name).mkdir(parents=True)
+        for i in range(6):
+            img = rng.integers(0, 120, (RAW_SIZE, RAW_SIZE, bands)).astype(np.uint8)
+            img[..., 0] += np.uint8(100 * k)
+            tifffile.imwrite(root / "raw" / name / f"{name}_{i}.tif", img[..., 0] if bands == 1 else img)
+    data = config.Data(image_size=SIZE, val_fraction=0.25, test_fraction=0.25, channels="keep")
+    ingest(root / "raw", root / "prepared", seed=0, data=data)
+    prepared = load_prepared(root / "prepared")
+    params = config.parse({"data": {"image_size": SIZE, "channels": "keep"}, "model": {"weights": "none"},
+                           "train": {"max_epochs": 1, "batch_size": 4, "accelerator": "cpu"}})
+    result = fit(params, datamodule(params, prepared, None), out_dir=root / "ckpt")
+    (root / "models").mkdir()
+    shutil.copy2(result.best_checkpoint, root / "models" / "best.ckpt")
+    run = {"run_id": "r1", "arch": "resnet18", "classes": list(prepared.classes), "checkpoint": "best.ckpt",
+           "preprocessing": {"image_size": SIZE, "channels": "keep", "dicom_window": None, "dtype": "uint8"}}
+    (root / "models" / RUN_INFO).write_text(json.dumps(run))
+    rows = prepared.table.iloc[:4]
+    return (serve.load_trained(root / "models"), np.asarray(prepared.images[rows["cache_index"].to_numpy()]),
+            [Path(p) for p in rows["path"]])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_exports_of_1_3_and_n_band_models_equal_predict_and_reject_other_layouts(banded, fmt, tmp_path):
+    import onnx
+    import onnxruntime
+
+    trained, cached, files = banded
+    bands = trained.in_channels
+    expected = serve.predict(trained, files)[[f"prob_{c}" for c in trained.classes]].to_numpy(float)
+    out = serve.export(trained, fmt, tmp_path / f"m{serve.SUFFIX[fmt]}")
+    if fmt == "torchscript":
+        extra = {"metadata.json": ""}
+        loaded = torch.jit.load(str(out), _extra_files=extra)
+        meta = json.loads(extra["metadata.json"])
+        run = lambda x: loaded(torch.from_numpy(np.ascontiguousarray(x))).detach().numpy()  # noqa: E731
+        layouts = [cached, cached.transpose(0, 3, 1, 2)] + ([cached[..., 0]] if bands == 1 else [])
+    else:
+        meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        run = lambda x: session.run(None, {"images": np.ascontiguousarray(x)})[0]  # noqa: E731
+        layouts = [cached]
+    assert meta["channels"] == str(bands) and meta["dtype"] and meta["value_range"] and meta["layout"]
+    for x in layouts:  # every documented layout gives predict's probabilities
+        np.testing.assert_allclose(run(x), expected, atol=1e-4)
+    wrong = np.zeros((2, SIZE, SIZE, bands + 1), np.uint8)  # another band count: refused, not guessed
+    with pytest.raises(Exception, match="band|channel|dimension|index: 3"):
+        run(wrong)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+def test_an_rgb_model_takes_a_gray_batch_as_ingest_does(project, model, tmp_path):
+    """data.channels: rgb replicates a gray image into 3 bands at ingest; the export must do the same."""
+    files, cached = exported_inputs(project)
+    gray = cached[..., :1]
+    expected = _probabilities(model, np.repeat(gray, 3, axis=-1))
+    out = serve.export(serve.load_trained(project / "models"), "torchscript", tmp_path / "m.pt")
+    loaded = torch.jit.load(str(out))
+    for x in (gray, gray.transpose(0, 3, 1, 2), gray[..., 0]):
+        with torch.no_grad():
+            np.testing.assert_allclose(loaded(torch.from_numpy(np.ascontiguousarray(x))).numpy(), expected,
+                                       atol=1e-5)

@@ -11,20 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import yaml
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from pipeline import augment, tracking
+from pipeline import augment, serve, tracking
 from pipeline.config import ConfigError, Params, as_dict, with_overrides
 from pipeline.data.ingest import load_prepared
 from pipeline.fit import RUN_INFO, datamodule, fit
 from pipeline.fsutil import atomic_dir
-from pipeline.model import Classifier
 from pipeline.resume import Resume
 from pipeline.stages import dataset_dir, open_tracking, stage_input
-
 
 
 def with_best_params(params: Params) -> tuple[Params, dict[str, Any]]:
@@ -81,9 +78,8 @@ def main(params: Params) -> None:
             shutil.copy2(result.best_checkpoint, staging / result.best_checkpoint.name)
             (staging / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
         mlflow.log_dict(info, RUN_INFO)
-        model = Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu")
-        tracking.log_model(model, np.ascontiguousarray(prepared.images[:2].transpose(0, 3, 1, 2)),
-                           registered_model=params.mlflow.registered_model)
+        # What ships: the model as predict and export load it, with its preprocessing, in eval mode.
+        serve.log_model(serve.load_trained(Path(paths.model_dir)), registered_model=params.mlflow.registered_model)
     resume.clear()
     print(f"train: best {params.train.monitor}={result.best_score:.4f} after {result.epochs_run} epochs; "
           f"weights {result.weights.source}; checkpoint in {paths.model_dir}; MLflow run {run.info.run_id}")
