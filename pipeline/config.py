@@ -88,8 +88,10 @@ class Data:
     on_leakage: Literal["fail", "warn"] = Field(
         "fail", description="Duplicates or one group in two splits of a predefined split: stop, or warn.")
     folds: int = Field(
-        0, ge=0, le=20, description="0: no folds; k >= 2: a 'fold' column (0..k-1, grouped, stratified) "
-                                    "over train and val in splits.csv, -1 for test.")
+        0, ge=0, le=20, description="0: no cross-validation; k >= 2: k-fold cross-validation over train+val. "
+                                    "Ingest writes a 'fold' column (0..k-1, grouped, stratified; -1 for test) "
+                                    "to splits.csv; train fits one model per fold, selected on its fold, and "
+                                    "ships their ensemble with out-of-fold predictions (models/oof.csv).")
 
     def __post_init__(self) -> None:
         if self.folds == 1:

@@ -29,11 +29,15 @@ STRIDE = 32  # of a torchvision ResNet's layer4
 PANEL_PNG = "gradcam.png"  # the evaluate stage's panel, in paths.plots
 
 
-def _target_layer(model: nn.Module) -> nn.Module:
-    net = getattr(model, "net", model)  # the Classifier wraps the torchvision ResNet as .net
-    if not hasattr(net, "layer4"):
-        raise TypeError(f"{type(net).__name__} has no layer4: Grad-CAM here expects a torchvision ResNet")
-    return net.layer4
+def _target_layers(model: nn.Module) -> list[nn.Module]:
+    """layer4 of the ResNet, or of each member of an ensemble (pytorch-grad-cam averages their maps)."""
+    layers = []
+    for member in getattr(model, "members", [model]):
+        net = getattr(member, "net", member)  # the Classifier wraps the torchvision ResNet as .net
+        if not hasattr(net, "layer4"):
+            raise TypeError(f"{type(net).__name__} has no layer4: Grad-CAM here expects a torchvision ResNet")
+        layers.append(net.layer4)
+    return layers
 
 
 def grad_cam(model: nn.Module, images: np.ndarray, target: int | Sequence[int] | None = None,
@@ -62,7 +66,7 @@ def grad_cam(model: nn.Module, images: np.ndarray, target: int | Sequence[int] |
     was_training = model.training
     maps = []
     try:
-        with torch.enable_grad(), GradCAM(model=model, target_layers=[_target_layer(model)]) as cam:
+        with torch.enable_grad(), GradCAM(model=model, target_layers=_target_layers(model)) as cam:
             for start in range(0, len(images), batch_size):
                 x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size].transpose(0, 3, 1, 2)))
                 chosen = targets[start:start + batch_size]

@@ -137,3 +137,32 @@ class Classifier(L.LightningModule):
         warmup = round(hp.warmup_epochs * per_epoch)
         return {"optimizer": opt,
                 "lr_scheduler": {"scheduler": recipe.warmup_cosine(opt, warmup, total), "interval": "step"}}
+
+
+class Ensemble(nn.Module):
+    """Models averaged: the mean of the members' class probabilities (``data.folds``: one per fold).
+
+    ``forward`` returns the log of that mean, logits whose softmax is the mean, so evaluation,
+    temperature scaling and Grad-CAM treat an ensemble like one model; one member is that member
+    unchanged. Members share the architecture, classes and input preprocessing of the first.
+    """
+
+    def __init__(self, members: Sequence[Classifier]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    @property
+    def hparams(self):
+        return self.members[0].hparams
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.members[0].mean
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.members) == 1:
+            return self.members[0](x)
+        probs = torch.stack([m(x).softmax(-1) for m in self.members]).mean(0)
+        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()

@@ -26,7 +26,7 @@ from pipeline.data import readers
 from pipeline.errors import PipelineError
 from pipeline.fit import RUN_INFO
 from pipeline.fsutil import atomic_file
-from pipeline.model import Classifier
+from pipeline.model import Classifier, Ensemble
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class ServeError(PipelineError, ValueError):
 class Trained:
     """A trained model with the preprocessing its training data had."""
 
-    model: Classifier
+    model: Ensemble  # one member, or one per fold (data.folds)
     classes: tuple[str, ...]
     image_size: int
     channels: readers.Channels
@@ -57,7 +57,7 @@ class Trained:
 
 
 def load_trained(model_dir: Path, data: Data | None = None) -> Trained:
-    """The train stage's best checkpoint in ``model_dir``, on CPU, in eval mode.
+    """The train stage's model in ``model_dir`` (its best checkpoint, or one per fold), on CPU, in eval mode.
 
     Preprocessing comes from ``run.json`` (written by the train stage); a model trained before it was
     recorded there falls back to ``data`` (the data.* params), which is what its ingest used unless
@@ -67,10 +67,13 @@ def load_trained(model_dir: Path, data: Data | None = None) -> Trained:
     if not info.is_file():
         raise ServeError(f"{info}: not found; train a model first (dvc repro train)")
     run = json.loads(info.read_text())
-    checkpoint = model_dir / run["checkpoint"]
-    if not checkpoint.is_file():
-        raise ServeError(f"{checkpoint}: checkpoint named in {info} not found; rerun the train stage")
-    model = Classifier.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    members = []
+    for name in run["checkpoints"]:
+        checkpoint = model_dir / name
+        if not checkpoint.is_file():
+            raise ServeError(f"{checkpoint}: checkpoint named in {info} not found; rerun the train stage")
+        members.append(Classifier.load_from_checkpoint(checkpoint, map_location="cpu"))
+    model = Ensemble(members).eval()
     pre = run.get("preprocessing")
     if pre is None:
         data = data or Data()
@@ -197,14 +200,15 @@ class Packaged(nn.Module):
     bilinear rounds differently); an image already at ``image_size`` passes unchanged.
     """
 
-    def __init__(self, model: Classifier, image_size: int, class_names: Sequence[str], gray_to_rgb: bool = False):
+    def __init__(self, model: Ensemble, image_size: int, class_names: Sequence[str], gray_to_rgb: bool = False):
         super().__init__()
         self.class_names = list(class_names)  # a TorchScript attribute: scripted.class_names
-        # The plain network, not the LightningModule (which TorchScript cannot compile); the test
-        # checks that this forward equals Classifier.forward.
-        self.net = model.net
-        self.register_buffer("mean", model.mean.detach().clone())
-        self.register_buffer("std", model.std.detach().clone())
+        # The plain networks, not the LightningModules (which TorchScript cannot compile), each with its
+        # own normalization; the tests check that this forward equals the Ensemble's.
+        members = list(model.members)
+        self.nets = nn.ModuleList([m.net for m in members])
+        self.register_buffer("mean", torch.stack([m.mean.detach().clone() for m in members]))
+        self.register_buffer("std", torch.stack([m.std.detach().clone() for m in members]))
         self.image_size = image_size
         self.channels = int(model.mean.shape[1])
         self.gray_to_rgb = gray_to_rgb and self.channels == 3
@@ -240,7 +244,10 @@ class Packaged(nn.Module):
         if not images.is_floating_point():
             top = 255.0 if images.dtype == torch.uint8 else 65535.0
             x = torch.round(x) / top  # resizing only averages: no clamp needed
-        return self.net((x - self.mean) / self.std).softmax(-1)
+        probs: list[torch.Tensor] = []
+        for i, net in enumerate(self.nets):  # a loop, not a comprehension: TorchScript unrolls it
+            probs.append(net((x - self.mean[i]) / self.std[i]).softmax(-1))
+        return torch.stack(probs).mean(0)  # an ensemble's mean probabilities; one member's own
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self._classify(images, self._as_nchw(images))

@@ -226,9 +226,9 @@ def test_curve_tables_are_the_one_vs_rest_curves():
 DATA = {"source": "data/raw/x", "classes": list(CLASSES), "n_images": 6, "image_size": 32, "rejected": [],
         "counts": {s: {c: 2 for c in CLASSES} for s in ("train", "val", "test")}, "split_by": "stratified",
         "duplicates": {"n_exact_sets": 1, "n_near_pairs": 0}, "leakage": [], "warnings": []}
-RANDOM_INIT = {"arch": "resnet18", "run_id": "r1", "checkpoint": "best.ckpt",
+RANDOM_INIT = {"arch": "resnet18", "run_id": "r1", "checkpoints": ["best.ckpt"],
                "weights": {"pretrained": False, "source": "random-init", "fallback_reason": "download failed: offline"}}
-PRETRAINED = {"arch": "resnet18", "run_id": "r1", "checkpoint": "best.ckpt", "monitor": "val/loss",
+PRETRAINED = {"arch": "resnet18", "run_id": "r1", "checkpoints": ["best.ckpt"], "monitor": "val/loss",
               "best_score": 0.5, "epochs_run": 3, "weights": {"pretrained": True, "source": "url"}}
 
 

@@ -40,7 +40,7 @@ def save_untrained_model(params: config.Params, classes: tuple[str, ...], run_id
     model_dir.mkdir(parents=True)
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
                 "pytorch-lightning_version": lightning.__version__}, model_dir / "best.ckpt")
-    info = {"run_id": run_id, "arch": params.model.arch, "classes": list(classes), "checkpoint": "best.ckpt",
+    info = {"run_id": run_id, "arch": params.model.arch, "classes": list(classes), "checkpoints": ["best.ckpt"],
             "monitor": "val/loss", "best_score": 1.1, "epochs_run": 1,
             "weights": {"pretrained": False, "source": "random-init", "fallback_reason": None}}
     (model_dir / RUN_INFO).write_text(json.dumps(info))

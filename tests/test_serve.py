@@ -33,7 +33,7 @@ def project(tmp_path_factory) -> Path:
     result = fit(params, datamodule(params, prepared, None), out_dir=root / "ckpt")
     (root / "models").mkdir()
     shutil.copy2(result.best_checkpoint, root / "models" / "best.ckpt")
-    run = {"run_id": "r0", "arch": "resnet18", "classes": list(prepared.classes), "checkpoint": "best.ckpt",
+    run = {"run_id": "r0", "arch": "resnet18", "classes": list(prepared.classes), "checkpoints": ["best.ckpt"],
            "preprocessing": {"image_size": SIZE, "channels": "rgb", "dicom_window": None, "dtype": "uint8"}}
     (root / "models" / RUN_INFO).write_text(json.dumps(run))
     (root / "params.yaml").write_text(yaml.safe_dump({"paths": {"model_dir": str(root / "models"),
@@ -187,7 +187,7 @@ def banded(request, tmp_path_factory) -> tuple[serve.Trained, np.ndarray, list[P
     result = fit(params, datamodule(params, prepared, None), out_dir=root / "ckpt")
     (root / "models").mkdir()
     shutil.copy2(result.best_checkpoint, root / "models" / "best.ckpt")
-    run = {"run_id": "r1", "arch": "resnet18", "classes": list(prepared.classes), "checkpoint": "best.ckpt",
+    run = {"run_id": "r1", "arch": "resnet18", "classes": list(prepared.classes), "checkpoints": ["best.ckpt"],
            "preprocessing": {"image_size": SIZE, "channels": "keep", "dicom_window": None, "dtype": "uint8"}}
     (root / "models" / RUN_INFO).write_text(json.dumps(run))
     rows = prepared.table.iloc[:4]

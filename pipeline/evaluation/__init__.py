@@ -82,8 +82,10 @@ def split_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[s
 
 def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
              settings: Evaluate, seed: int, tta: Sequence[A.BasicTransform] = (),
-             val: tuple[np.ndarray, np.ndarray] | None = None) -> Evaluation:
-    """Test-split predictions and every metric; ``val`` (images, labels) is needed for temperature scaling."""
+             val: tuple[np.ndarray, np.ndarray] | None = None,
+             val_logits: tuple[np.ndarray, np.ndarray] | None = None) -> Evaluation:
+    """Test-split predictions and every metric; temperature scaling needs ``val`` (images, labels) or
+    ``val_logits`` (held-out logits and labels, e.g. a fold ensemble's out-of-fold log-probabilities)."""
     positive = positive_index(class_names, settings.positive_class)
     logits = predict_logits(model, images, settings.batch_size)
     probs = calibration.softmax(logits)
@@ -93,9 +95,12 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, cla
         metrics |= split_metrics(tta_probs, labels, class_names, TTA_SPLIT, settings, seed, positive)
     calibrated = None
     if settings.temperature_scaling:
-        if val is None:
+        if val_logits is None and val is None:
             raise ValueError("temperature scaling needs the validation split's images and labels")
-        val_logits = predict_logits(model, val[0], settings.batch_size)
+        if val_logits is None:
+            val_logits = (predict_logits(model, val[0], settings.batch_size), val[1])
+        val_logits, val_labels = val_logits
+        val = (None, val_labels)
         temperature = calibration.fit_temperature(val_logits, val[1])
         calibrated = calibration.softmax(logits, temperature)
         metrics |= {

@@ -110,6 +110,22 @@ def _settings_section(metrics: Mapping[str, Any], run: Mapping[str, Any], settin
     return ["## Settings", "", "| setting | value |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows.items()], ""]
 
 
+def cv_section(metrics: Mapping[str, Any], k: int) -> list[str]:
+    """Out-of-fold scores beside the test scores, when the model is a fold ensemble."""
+    names = [m for m in (*HEADLINE, *BINARY) if f"cv/{m}" in metrics]
+    if not names:
+        return []
+    rows = [f"| {m} | {metrics[f'cv/{m}']:.3f} | {metrics.get(f'cv/{m}_fold_mean', float('nan')):.3f} "
+            f"± {metrics.get(f'cv/{m}_fold_std', float('nan')):.3f} | "
+            + (f"{metrics[f'test/{m}']:.3f}" if f"test/{m}" in metrics else "–") + " |" for m in names]
+    return ["## Cross-validation", "",
+            f"{k}-fold cross-validation over train+val (grouped, stratified folds): each fold model was "
+            "selected on its own fold, and every train+val image has one out-of-fold (OOF) prediction "
+            "(`models/oof.csv`). Test is the ensemble's, on images no member saw.", "",
+            "| metric | OOF, all folds | per fold, mean ± sd | test (ensemble) |", "| --- | --- | --- | --- |",
+            *rows, ""]
+
+
 def report(metrics: Mapping[str, Any], data_report: Mapping[str, Any], run: Mapping[str, Any],
            plot_files: Sequence[str], tta: Sequence[str] = (), *, settings: Evaluate | None = None,
            hparams: Mapping[str, Any] | None = None, extra: Sequence[tuple[str, str]] = ()) -> str:
@@ -132,13 +148,16 @@ def report(metrics: Mapping[str, Any], data_report: Mapping[str, Any], run: Mapp
                      "specificity) use the others.")
     calibration = []
     if "calibration/temperature" in metrics:
-        calibration = [f"Temperature T = {metrics['calibration/temperature']:.3f}, fitted on the validation split "
+        fitted_on = "the out-of-fold predictions" if "cv/accuracy" in metrics else "the validation split"
+        calibration = [f"Temperature T = {metrics['calibration/temperature']:.3f}, fitted on {fitted_on} "
                        f"(NLL {metrics['calibration/val_nll']:.4f} → {metrics['calibration/val_nll_calibrated']:.4f}); "
                        "it changes confidences, not predicted classes.", ""]
     lines = [
         f"# Evaluation report — {data_report['source']}", "",
         f"Model `{run['arch']}`, weights: `{run['weights']['source']}`; MLflow run `{run['run_id']}`; "
-        f"best epoch checkpoint `{run['checkpoint']}`.", "",
+        + (f"an ensemble of {len(run['checkpoints'])} fold models (mean probabilities)." if len(run["checkpoints"]) > 1
+         else f"best epoch checkpoint `{run['checkpoints'][0]}`."), "",
+        *cv_section(metrics, len(run["checkpoints"])),
         "## Warnings", "", *([f"- {w}" for w in warnings(metrics, data_report, run, settings)] or ["- none"]), "",
         "## Test metrics", "", metric_table(metrics, (*HEADLINE, *BINARY), splits), "", *notes, "",
         "## Calibration", "",

@@ -1,18 +1,16 @@
 """evaluate: test-split metrics with intervals (with and without TTA, before and after temperature scaling),
 plots and the report; logged to the train run in MLflow under the same names."""
 
-import json
 import os
 from pathlib import Path
 
 import mlflow
 
-from pipeline import augment, evaluation, explain, tracking
+from pipeline import augment, crossval, evaluation, explain, serve, tracking
 from pipeline.config import Params
 from pipeline.data.ingest import Prepared, load_prepared
 from pipeline.fit import RUN_INFO
 from pipeline.fsutil import atomic_dir, atomic_file, write_json
-from pipeline.model import Classifier
 from pipeline.stages import open_tracking, stage_input
 
 
@@ -25,13 +23,19 @@ def split_arrays(prepared: Prepared, split: str) -> tuple:
 def main(params: Params) -> None:
     paths, settings = params.paths, params.evaluate
     tta = augment.build_tta(settings.tta)  # a bad entry fails before any work
-    run = json.loads(stage_input(Path(paths.model_dir) / RUN_INFO, "paths.model_dir", "train").read_text())
+    stage_input(Path(paths.model_dir) / RUN_INFO, "paths.model_dir", "train")
     prepared = load_prepared(Path(paths.prepared))
-    evaluation.positive_index(prepared.classes, settings.positive_class)  # a bad class fails before any work
-    model = Classifier.load_from_checkpoint(Path(paths.model_dir) / run["checkpoint"], map_location="cpu")
+    positive = evaluation.positive_index(prepared.classes, settings.positive_class)  # a bad class fails early
+    trained = serve.load_trained(Path(paths.model_dir))
+    model, run = trained.model, trained.run
     images, labels = split_arrays(prepared, "test")
+    oof = crossval.load_oof(Path(paths.model_dir))
+    # With folds, val images trained most members: the out-of-fold predictions are the held-out set.
+    held_out = None if oof is None else (crossval.oof_logits(oof, prepared.classes), oof["label_index"].to_numpy())
     result = evaluation.evaluate(model, images, labels, prepared.classes, settings, params.seed, tta,
-                                 val=split_arrays(prepared, "val"))
+                                 val=split_arrays(prepared, "val"), val_logits=held_out)
+    if oof is not None:
+        result.metrics.update(crossval.cv_metrics(oof, prepared.classes, positive))
     metrics = result.metrics | {"weights/pretrained": run["weights"]["pretrained"],
                                 "weights/source": run["weights"]["source"]}
     plots = Path(paths.plots)

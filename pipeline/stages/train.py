@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import yaml
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from pipeline import augment, serve, tracking
+from pipeline import augment, crossval, serve, tracking
 from pipeline.config import ConfigError, Params, as_dict, with_overrides
 from pipeline.data.ingest import load_prepared
 from pipeline.fit import RUN_INFO, datamodule, fit
@@ -38,13 +39,18 @@ def main(params: Params) -> None:
     paths = params.paths
     params, tuned = with_best_params(params)
     prepared = load_prepared(Path(paths.prepared))
-    data = datamodule(params, prepared, augment.load(Path(paths.augment_pipeline), params.seed))
+    transform = augment.load(Path(paths.augment_pipeline), params.seed)
     resume = Resume.beside(paths.model_dir, json.dumps(as_dict(params), sort_keys=True), prepared.digest,
                            Path(paths.augment_pipeline).read_bytes())
+    folds = params.data.folds
     if rank_zero_only.rank != 0:
         # A DDP worker (started by Lightning, torchrun or SLURM) trains its shard and writes nothing:
         # rank 0 owns the MLflow run and the outputs, and broadcasts the checkpoint folder.
-        fit(params, data, out_dir=resume.checkpoints, resume_from=resume.last_checkpoint())
+        if folds:
+            crossval.fit_folds(params, prepared, transform, resume)
+        else:
+            fit(params, datamodule(params, prepared, transform), out_dir=resume.checkpoints,
+                resume_from=resume.last_checkpoint())
         return
 
     tags = open_tracking(params)
@@ -59,27 +65,43 @@ def main(params: Params) -> None:
             mlflow.log_dict(tuned, "best_params.json")
             mlflow.log_artifact(paths.augment_preview)
             mlflow.log_artifact(paths.augment_pipeline)
-        elif last is not None:
-            print(f"train: resuming MLflow run {run_id} from {last}", flush=True)
-        logger = MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run.info.run_id)
-        result = fit(params, data, out_dir=resume.checkpoints, logger=logger, resume_from=last)
-        mlflow.set_tags({"weights.pretrained": str(result.weights.pretrained).lower(),
-                         "weights.source": result.weights.source})
+        elif last is not None or folds:
+            print(f"train: resuming MLflow run {run_id}" + (f" from {last}" if last else ""), flush=True)
+        oof = None
+        if folds:
+            cv = crossval.fit_folds(params, prepared, transform, resume,
+                                    crossval.FoldRuns(run.info.run_id, name, tags, params))
+            results, oof = cv.results, cv.oof
+            members = {crossval.member_name(i): r.best_checkpoint for i, r in enumerate(results)}
+            tracking.log_metrics(crossval.cv_metrics(oof, prepared.classes))
+        else:
+            logger = MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run.info.run_id)
+            results = [fit(params, datamodule(params, prepared, transform), out_dir=resume.checkpoints,
+                           logger=logger, resume_from=last)]
+            members = {results[0].best_checkpoint.name: results[0].best_checkpoint}
+        weights = results[0].weights
+        mlflow.set_tags({"weights.pretrained": str(weights.pretrained).lower(), "weights.source": weights.source})
         info = {
             "run_id": run.info.run_id, "arch": params.model.arch, "classes": list(prepared.classes),
-            "checkpoint": result.best_checkpoint.name, "monitor": params.train.monitor,
-            "best_score": result.best_score, "epochs_run": result.epochs_run,
-            "weights": dataclasses.asdict(result.weights),
+            "checkpoints": list(members), "monitor": params.train.monitor,
+            "best_score": float(np.mean([r.best_score for r in results])),
+            "epochs_run": int(max(r.epochs_run for r in results)),
+            "folds": [{"best_score": r.best_score, "epochs_run": r.epochs_run} for r in results] if folds else [],
+            "weights": dataclasses.asdict(weights),
             # What predict and export must do to a new file to give the pixels this model was trained on.
             "preprocessing": {"image_size": int(prepared.images.shape[1]), "channels": params.data.channels,
                               "dicom_window": params.data.dicom_window, "dtype": str(prepared.images.dtype)},
         }
         with atomic_dir(paths.model_dir) as staging:
-            shutil.copy2(result.best_checkpoint, staging / result.best_checkpoint.name)
+            for member, checkpoint in members.items():
+                shutil.copy2(checkpoint, staging / member)
+            if oof is not None:
+                oof.to_csv(staging / crossval.OOF_CSV, index=False, float_format="%.6f")
             (staging / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
         mlflow.log_dict(info, RUN_INFO)
         # What ships: the model as predict and export load it, with its preprocessing, in eval mode.
         serve.log_model(serve.load_trained(Path(paths.model_dir)), registered_model=params.mlflow.registered_model)
     resume.clear()
-    print(f"train: best {params.train.monitor}={result.best_score:.4f} after {result.epochs_run} epochs; "
-          f"weights {result.weights.source}; checkpoint in {paths.model_dir}; MLflow run {run.info.run_id}")
+    print(f"train: best {params.train.monitor}={info['best_score']:.4f}" + (f" (mean of {folds} folds)" if folds else "")
+          + f" after {info['epochs_run']} epochs; weights {weights.source}; checkpoint in {paths.model_dir}; "
+          f"MLflow run {run.info.run_id}")
