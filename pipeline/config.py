@@ -87,6 +87,13 @@ class Data:
                                      "are near duplicates; null turns the check off.")
     on_leakage: Literal["fail", "warn"] = Field(
         "fail", description="Duplicates or one group in two splits of a predefined split: stop, or warn.")
+    on_label_conflict: Literal["fail", "drop"] = Field(
+        "fail", description="Identical files under different labels: stop, or leave every copy out (listed in "
+                            "the data card and report.json label_conflicts), e.g. to keep a published split.")
+    max_image_pixels: int = Field(
+        100_000_000, ge=1, description="Pixel budget per image (width x height, times frames for DICOM), checked "
+                                       "before decoding: larger files are skipped as unreadable (decompression "
+                                       "bombs). Pillow refuses PNG/JPEG past about 179 million on its own.")
     folds: int = Field(
         0, ge=0, le=20, description="0: no folds; k >= 2: a 'fold' column (0..k-1, grouped, stratified) "
                                     "over train and val in splits.csv, -1 for test.")
@@ -304,7 +311,9 @@ def load(path: str | Path = PARAMS_FILE) -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if raw is not None and not isinstance(raw, dict):
+    if raw is None or raw == {}:  # an emptied or truncated file must not silently mean "all defaults"
+        raise ConfigError(f"{path}: is empty; it must hold the project's params (restore it: git checkout {path})")
+    if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     return parse(raw, str(path))
 
