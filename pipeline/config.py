@@ -17,6 +17,7 @@ import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
+from pipeline.credentials import redact, refuse_in_params
 from pipeline.errors import PipelineError
 
 PARAMS_FILE = "params.yaml"
@@ -211,8 +212,9 @@ class Tune:
         "median", description="Optuna pruner, applied to the validation metric after every epoch.")
     storage: str = Field("sqlite:///optuna.db",
                          description="Optuna storage URL, kept between runs: SQLite for one machine, "
-                                     "postgresql://user:password@host:port/db for workers on several "
-                                     "(python -m pipeline tune --worker).")
+                                     "postgresql://user@host:port/db for workers on several "
+                                     "(python -m pipeline tune --worker); the password comes from PGPASSWORD "
+                                     "or ~/.pgpass, never from here (a URI with one is refused).")
     n_jobs: int = Field(1, ge=1, description="Worker processes on this machine filling the study at once, one "
                                             "trial each: GPU i for worker i when there are GPUs, else the CPU "
                                             "cores split between them.")
@@ -222,6 +224,9 @@ class Tune:
             "train.weight_decay": SearchDim(type="float", low=1e-6, high=1e-2, log=True),
         },
         description="params key -> {type: float|int|categorical, low, high, log, choices}.")
+
+    def __post_init__(self) -> None:
+        refuse_in_params("tune.storage", self.storage)
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -261,6 +266,9 @@ class Tracking:
         "pipeline-classifier", min_length=1,
         description="The train stage registers its model under this name in the MLflow model registry "
                     "(load it with models:/<name>/latest); null: log the model without registering it.")
+
+    def __post_init__(self) -> None:
+        refuse_in_params("mlflow.tracking_uri", self.tracking_uri)
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -328,7 +336,7 @@ def _describe(err: ValidationError, source: str, prefix: str = "") -> str:
             lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-    return f"{source}: invalid params\n" + "\n".join(lines)
+    return redact(f"{source}: invalid params\n" + "\n".join(lines))  # a refused password is not echoed
 
 
 def value_at(params: Params, key: str) -> Any:

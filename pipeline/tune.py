@@ -34,7 +34,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from pipeline import augment, tracking
+from pipeline import augment, credentials, tracking
 from pipeline.config import Params, SearchDim, as_dict, mode_of, with_overrides
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.ingest import load_prepared
@@ -129,11 +129,8 @@ def storage(url: str, *, create_tables: bool = True) -> optuna.storages.RDBStora
 
 
 def _shown(url: str) -> str:
-    """The URL without its password, for messages."""
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return url
+    """The URL without its password or secret query values, for messages."""
+    return credentials.redact(url)
 
 
 def open_study(params: Params, name: str, *, create: bool = True) -> optuna.Study:
