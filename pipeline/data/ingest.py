@@ -382,7 +382,8 @@ def load_prepared(out_dir: Path) -> Prepared:
     """Load what ingest wrote; the pixel cache is memory-mapped, not read."""
     splits = out_dir / SPLITS_CSV
     if not splits.is_file():
-        raise DataError(f"{splits}: not found; run the ingest stage first (dvc repro ingest)")
+        raise DataError(f"{splits}: not found; run the ingest stage first (dvc repro ingest), or, if a killed "
+                        f"run left it missing, restore the last committed one: dvc checkout {out_dir}")
     table = pd.read_csv(splits)
     report = json.loads((out_dir / REPORT_JSON).read_text())
     if "normalization" not in report:
