@@ -214,3 +214,10 @@ def test_exif_orientation_is_applied(tmp_path):
     pixels = readers.read(tmp_path / "phone.jpg").pixels
     assert pixels.shape[:2] == (40, 20)
     assert pixels[:15].mean() > 200 and pixels[25:].mean() < 50  # the white half is now on top
+
+
+def test_invalid_params_are_one_line_too_and_never_show_a_password(project, capsys):
+    (project / "params.yaml").write_text("train:\n  lr: -1\n  lrr: 1\ntune:\n  storage: postgresql://u:hunter2@db/x\n")
+    line = one_error_line(capsys, cli(["ingest"]))
+    assert "train.lr" in line and "train.lrr: unknown key" in line and "tune.storage holds a password" in line
+    assert "hunter2" not in line
