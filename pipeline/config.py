@@ -319,7 +319,7 @@ def load(path: str | Path = PARAMS_FILE) -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if raw is None or raw == {}:  # an emptied or truncated file must not silently mean "all defaults"
+    if raw is None:  # an emptied file must not silently mean "all defaults" (an explicit {} still does)
         raise ConfigError(f"{path}: is empty; it must hold the project's params (restore it: git checkout {path})")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")

@@ -73,7 +73,7 @@ def test_a_credential_in_a_params_uri_is_refused_without_echoing_it(tmp_path, ke
 
 
 def test_an_empty_params_file_is_refused(tmp_path):
-    for text in ("", "# all commented out\n", "{}\n"):
+    for text in ("", "# all commented out\n", "---\n"):
         (tmp_path / "params.yaml").write_text(text)
         with pytest.raises(config.ConfigError, match=r"params.yaml: is empty"):
             config.load(tmp_path / "params.yaml")
