@@ -13,6 +13,7 @@ a link to an ancestor; ``Path.rglob`` lists links to folders without entering th
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -44,7 +45,7 @@ def _loops(path: Path) -> bool:
     try:
         os.stat(path)
     except OSError as err:
-        return err.errno == 40  # ELOOP
+        return err.errno == errno.ELOOP
     return False
 
 
