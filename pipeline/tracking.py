@@ -99,14 +99,18 @@ def relocate_artifacts(uri: str, cfg: Tracking, experiment: mlflow.entities.Expe
     moved project would keep writing into the original folder. When the experiment's location is
     ``<another folder>/<mlflow.artifact_root>`` for a relative ``artifact_root``, every stored location
     under it (experiment, runs, logged models, model versions) is rewritten to the same path under the
-    project's folder (the cwd, as for the store URI). Written here because MLflow has no API to change
+    project's folder (the cwd, as for the store URI). Only a store file inside the project moved with it:
+    a store elsewhere (an absolute ``MLFLOW_TRACKING_URI`` shared by ``dvc queue``'s temporary copies of
+    the project) keeps its locations. Written here because MLflow has no API to change
     an artifact location (mlflow/mlflow#3144); only these columns are touched, in one transaction.
     """
     stored, root = experiment.artifact_location, Path(cfg.artifact_root)
     if not uri.startswith("sqlite:") or root.is_absolute() or not stored.startswith("file:"):
         return stored
     current = root.resolve().as_uri()
-    if stored == current or not stored.endswith("/" + root.as_posix().strip("/")):
+    store_file = Path(uri.removeprefix("sqlite:///")).resolve()
+    if stored == current or not stored.endswith("/" + root.as_posix().strip("/")) or \
+            not store_file.is_relative_to(Path.cwd().resolve()):
         return stored
     import sqlalchemy
 

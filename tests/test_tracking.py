@@ -130,6 +130,11 @@ def test_a_moved_project_keeps_its_store_and_artifacts_in_its_own_folder(tmp_pat
     assert mlflow.get_run(before.info.run_id).info.artifact_uri.startswith((new / "mlartifacts").as_uri())
     assert mlflow.artifacts.load_text(f"runs:/{before.info.run_id}/note.txt") == "logged before the move"
     assert not old.exists()
+    elsewhere = tmp_path / "temporary_copy"  # dvc queue: a copy of the project logging to the shared store
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    tracking.setup(cfg, env_uri=f"sqlite:///{new}/mlflow.db")
+    assert mlflow.get_experiment(exp_id).artifact_location == (new / "mlartifacts").as_uri()
 
 
 def test_an_unreachable_tracking_server_is_one_quick_error_naming_it(tmp_path, monkeypatch, capsys):
