@@ -10,6 +10,7 @@ import logging
 import sys
 
 from pipeline.config import PARAMS_FILE, load
+from pipeline.credentials import redact
 from pipeline.errors import PipelineError
 
 STAGES = ("demo", "ingest", "augment", "tune", "train", "evaluate")
@@ -53,9 +54,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             command.main(load(args.params))
     except PipelineError as err:  # anything else keeps its traceback
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
         return 2
     return 0
+
+
+def one_line(message: str) -> str:
+    """A message as the one ``error:`` line the CLI prints (a list of bad keys, a tool's stderr joined with
+    '; '), with any URI credential masked: the one place every user error passes through."""
+    parts = [part.strip() for part in message.splitlines() if part.strip()]
+    joined = "".join(part if i == 0 else (" " if parts[i - 1].endswith(":") else "; ") + part
+                     for i, part in enumerate(parts))
+    return redact(joined)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
+from pipeline.credentials import redact, refuse_in_params
 from pipeline.errors import PipelineError
 
 PARAMS_FILE = "params.yaml"
@@ -87,6 +88,13 @@ class Data:
                                      "are near duplicates; null turns the check off.")
     on_leakage: Literal["fail", "warn"] = Field(
         "fail", description="Duplicates or one group in two splits of a predefined split: stop, or warn.")
+    on_label_conflict: Literal["fail", "drop"] = Field(
+        "fail", description="Identical files under different labels: stop, or leave every copy out (listed in "
+                            "the data card and report.json label_conflicts), e.g. to keep a published split.")
+    max_image_pixels: int = Field(
+        100_000_000, ge=1, description="Pixel budget per image (width x height, times frames for DICOM), checked "
+                                       "before decoding: larger files are skipped as unreadable (decompression "
+                                       "bombs). Pillow refuses PNG/JPEG past about 179 million on its own.")
     folds: int = Field(
         0, ge=0, le=20, description="0: no cross-validation; k >= 2: k-fold cross-validation over train+val. "
                                     "Ingest writes a 'fold' column (0..k-1, grouped, stratified; -1 for test) "
@@ -206,8 +214,9 @@ class Tune:
         "median", description="Optuna pruner, applied to the validation metric after every epoch.")
     storage: str = Field("sqlite:///optuna.db",
                          description="Optuna storage URL, kept between runs: SQLite for one machine, "
-                                     "postgresql://user:password@host:port/db for workers on several "
-                                     "(python -m pipeline tune --worker).")
+                                     "postgresql://user@host:port/db for workers on several "
+                                     "(python -m pipeline tune --worker); the password comes from PGPASSWORD "
+                                     "or ~/.pgpass, never from here (a URI with one is refused).")
     n_jobs: int = Field(1, ge=1, description="Worker processes on this machine filling the study at once, one "
                                             "trial each: GPU i for worker i when there are GPUs, else the CPU "
                                             "cores split between them.")
@@ -217,6 +226,9 @@ class Tune:
             "train.weight_decay": SearchDim(type="float", low=1e-6, high=1e-2, log=True),
         },
         description="params key -> {type: float|int|categorical, low, high, log, choices}.")
+
+    def __post_init__(self) -> None:
+        refuse_in_params("tune.storage", self.storage)
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -256,6 +268,9 @@ class Tracking:
         "pipeline-classifier", min_length=1,
         description="The train stage registers its model under this name in the MLflow model registry "
                     "(load it with models:/<name>/latest); null: log the model without registering it.")
+
+    def __post_init__(self) -> None:
+        refuse_in_params("mlflow.tracking_uri", self.tracking_uri)
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -306,7 +321,9 @@ def load(path: str | Path = PARAMS_FILE) -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if raw is not None and not isinstance(raw, dict):
+    if raw is None:  # an emptied file must not silently mean "all defaults" (an explicit {} still does)
+        raise ConfigError(f"{path}: is empty; it must hold the project's params (restore it: git checkout {path})")
+    if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     return parse(raw, str(path))
 
@@ -321,7 +338,7 @@ def _describe(err: ValidationError, source: str, prefix: str = "") -> str:
             lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-    return f"{source}: invalid params\n" + "\n".join(lines)
+    return redact(f"{source}: invalid params\n" + "\n".join(lines))  # a refused password is not echoed
 
 
 def value_at(params: Params, key: str) -> Any:

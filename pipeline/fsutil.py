@@ -1,15 +1,28 @@
-"""Writing outputs so that a failure never leaves a half-written or missing previous result."""
+"""Writing outputs so that a failure never leaves a half-written or missing previous result.
+
+Staging copies are named ``.<target>.staging-<pid>-<host>-<random>`` beside their target (the
+pattern .gitignore lists). A killed writer (SIGKILL, a power cut) cannot remove its own, so the next
+writer of the same target removes those whose process on this machine is gone, and puts back a
+previous output that a kill left renamed to ``.<target>.old``.
+"""
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
+STAGING = "staging"
 
 
 def _umask() -> int:
@@ -18,12 +31,46 @@ def _umask() -> int:
     return mask
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())
+
+
+def _prefix(target: Path) -> str:
+    return f".{target.name}.{STAGING}-{os.getpid()}-{_host()}-"
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    return False
+
+
+def clean_stale(target: Path) -> None:
+    """Remove the staging copies of ``target`` left by killed writers on this machine; restore a previous
+    output that a kill left as ``.<target>.old`` while ``target`` itself is missing."""
+    stem = f".{target.name}.{STAGING}-"
+    for path in target.parent.glob(glob.escape(stem) + "*"):
+        pid, _, rest = path.name[len(stem):].partition("-")
+        if pid.isdigit() and rest.startswith(_host() + "-") and _gone(int(pid)):
+            log.info("removing %s, left by a killed run", path)
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    old = target.with_name(f".{target.name}.old")
+    if old.is_dir() and not target.exists():
+        log.warning("restoring %s from %s (a run was killed while replacing it)", target, old)
+        old.rename(target)
+
+
 @contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield an empty staging folder that replaces ``target`` only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    clean_stale(target)
+    staging = Path(tempfile.mkdtemp(prefix=_prefix(target), dir=target.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; outputs get the usual permissions
     try:
         yield staging
@@ -43,7 +90,8 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; it replaces ``target`` if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
+    clean_stale(target)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(target), suffix=target.suffix, dir=target.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; outputs get the usual permissions
     try:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Data
-from pipeline.data import readers
+from pipeline.data import readers, sources
 from pipeline.errors import PipelineError
 from pipeline.fit import RUN_INFO
 from pipeline.fsutil import atomic_file
@@ -94,9 +94,10 @@ def list_images(src: Path) -> list[Path]:
 
     A manifest's rows are all kept, whatever their suffix or existence, so each gets a row in the
     output (with an error when it cannot be read); its relative paths are relative to its folder.
+    Ingest's link policy holds (``sources``): a link out of the folder is an error, nothing outside is read.
     """
     if src.is_dir():
-        found = [p for p in sorted(src.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+        found = sources.listing(src)
         images = [p for p in found if p.suffix.lower() in readers.IMAGE_SUFFIXES]
         if len(found) > len(images):
             log.info("%s: %d non-image files ignored", src, len(found) - len(images))
@@ -119,7 +120,7 @@ def _manifest_paths(manifest: Path) -> list[Path]:
     paths = [Path(p.strip()) for p in table[column] if p.strip()]
     if not paths:
         raise ServeError(f"{manifest}: no paths listed")
-    return [p if p.is_absolute() else manifest.parent / p for p in paths]
+    return [sources.inside(manifest.parent / p, manifest.parent) for p in paths]
 
 
 def read_image(path: Path, trained: Trained) -> np.ndarray:

@@ -18,6 +18,8 @@ import mlflow
 import yaml
 
 from pipeline.config import PARAMS_FILE, Params, Tracking, as_dict, flatten, load
+from pipeline.credentials import redact
+from pipeline.errors import PipelineError
 
 # The MLflow UI treats experiments with this tag as model-training experiments (runs table first).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -25,6 +27,15 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 ENV_URI = "MLFLOW_TRACKING_URI"  # the user's store, which wins over mlflow.tracking_uri
 MAX_PARAM_CHARS = 250
 PARAMS_ARTIFACT_DIR = "params"
+PROBE_TIMEOUT_S = 5.0  # one request to a tracking server; MLflow's own client retries for minutes
+# Where a local store records artifact locations (absolute, as MLflow writes them): rewritten when it moved.
+ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                    ("logged_models", "artifact_location"), ("model_versions", "storage_location"),
+                    ("model_versions", "source"))
+
+
+class TrackingError(PipelineError, RuntimeError):
+    """The tracking store cannot be reached; the message names its URI and where the URI came from."""
 
 
 def _is_local(uri: str) -> bool:
@@ -60,9 +71,68 @@ def use_tracking_uri(uri: str) -> None:
         os.environ[ENV_URI] = previous
 
 
+def check_reachable(uri: str, source: str) -> None:
+    """One request with a short timeout to an http(s) tracking server, so that a server that is down is
+    one clear error at stage start instead of MLflow's minutes of silent retries and a traceback.
+
+    Any HTTP answer (even 401 or 404) means the server is there; MLflow reports what it answers itself.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests  # MLflow's own HTTP client
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S)
+    except requests.RequestException as err:
+        reason = type(err).__name__ if isinstance(err, requests.Timeout) else redact(str(err.args[0] if err.args
+                                                                                          else err))
+        raise TrackingError(f"MLflow tracking server {redact(uri)} (from {source}) cannot be reached within "
+                            f"{PROBE_TIMEOUT_S:.0f} s ({reason}); start it, or point {source} at a running "
+                            "one") from None
+
+
+def relocate_artifacts(uri: str, cfg: Tracking, experiment: mlflow.entities.Experiment) -> str:
+    """Keep a local store usable after its project moved (copied, renamed, cloned elsewhere); return the
+    experiment's artifact location as it now is.
+
+    MLflow stores artifact locations as absolute paths (it resolves a relative one at creation), so a
+    moved project would keep writing into the original folder. When the experiment's location is
+    ``<another folder>/<mlflow.artifact_root>`` for a relative ``artifact_root``, every stored location
+    under it (experiment, runs, logged models, model versions) is rewritten to the same path under the
+    project's folder (the cwd, as for the store URI). Only a store file inside the project moved with it:
+    a store elsewhere (an absolute ``MLFLOW_TRACKING_URI`` shared by ``dvc queue``'s temporary copies of
+    the project) keeps its locations. Written here because MLflow has no API to change
+    an artifact location (mlflow/mlflow#3144); only these columns are touched, in one transaction.
+    """
+    stored, root = experiment.artifact_location, Path(cfg.artifact_root)
+    if not uri.startswith("sqlite:") or root.is_absolute() or not stored.startswith("file:"):
+        return stored
+    current = root.resolve().as_uri()
+    store_file = Path(uri.removeprefix("sqlite:///")).resolve()
+    if stored == current or not stored.endswith("/" + root.as_posix().strip("/")) or \
+            not store_file.is_relative_to(Path.cwd().resolve()):
+        return stored
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        tables = set(sqlalchemy.inspect(engine).get_table_names())
+        with engine.begin() as db:
+            for table, column in ARTIFACT_COLUMNS:
+                if table in tables:
+                    db.execute(sqlalchemy.text(
+                        f"UPDATE {table} SET {column} = :new || substr({column}, :n + 1) "
+                        f"WHERE {column} = :old OR substr({column}, 1, :n + 1) = :old || '/'"),
+                        {"old": stored, "new": current, "n": len(stored)})
+    finally:
+        engine.dispose()
+    return current
+
+
 def setup(cfg: Tracking, env_uri: str | None = None) -> str:
     """Point MLflow at the store (``env_uri`` wins over params) and its experiment; return the experiment id."""
     uri = absolute_uri(env_uri or cfg.tracking_uri)
+    check_reachable(uri, ENV_URI if env_uri else "mlflow.tracking_uri in params.yaml")
     use_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is None:
@@ -71,6 +141,7 @@ def setup(cfg: Tracking, env_uri: str | None = None) -> str:
         experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
     else:
         experiment_id = experiment.experiment_id
+        relocate_artifacts(uri, cfg, experiment)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
@@ -128,14 +199,14 @@ def log_params(params: Params) -> None:
     """
     logged = {}
     for key, value in flatten(params).items():
-        text = "" if value is None else str(value)
+        text = "" if value is None else redact(str(value))
         if len(text) > MAX_PARAM_CHARS:
             artifact = f"{PARAMS_ARTIFACT_DIR}/{key}.json"
-            mlflow.log_text(_pretty_json(value), artifact)
+            mlflow.log_text(redact(_pretty_json(value)), artifact)
             text = f"see artifact {artifact}"
         logged[key] = text
     mlflow.log_params(logged)
-    mlflow.log_dict(as_dict(params), "params.json")
+    mlflow.log_text(redact(json.dumps(as_dict(params), indent=2)), "params.json")
 
 
 def _pretty_json(value: Any) -> str:

@@ -34,7 +34,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from pipeline import augment, tracking
+from pipeline import augment, credentials, tracking
 from pipeline.config import Params, SearchDim, as_dict, mode_of, with_overrides
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.ingest import load_prepared
@@ -56,6 +56,7 @@ SURPLUS_ATTR = "surplus"  # on a trial that found its slot taken by another work
 HEARTBEAT_S, GRACE_S = 60, 180
 # Several local processes on one SQLite file wait this long for its write lock instead of failing.
 SQLITE_LOCK_TIMEOUT_S = 120
+CONNECT_TIMEOUT_S = 10  # to a database server, before saying it cannot be reached
 
 DataFor = Callable[[Params], ImageDataModule]
 
@@ -119,6 +120,8 @@ def storage(url: str, *, create_tables: bool = True) -> optuna.storages.RDBStora
     the SQLite file that earlier runs resume from. ``postgresql://`` URLs use psycopg 3.
     """
     engine_kwargs = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}} if url.startswith("sqlite") else {}
+    if not url.startswith("sqlite"):
+        check_server(url)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
@@ -128,12 +131,30 @@ def storage(url: str, *, create_tables: bool = True) -> optuna.storages.RDBStora
         raise TuneError(f"tune.storage {_shown(url)}: cannot open it: {err}") from err
 
 
-def _shown(url: str) -> str:
-    """The URL without its password, for messages."""
+def check_server(url: str) -> None:
+    """Connect once, with a short timeout, so that a database server that is down or unreachable is said
+    so (host and port) rather than read by Optuna as a missing study."""
     try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return url
+        address = sqlalchemy.engine.make_url(url)
+        args = {"connect_timeout": CONNECT_TIMEOUT_S} if address.get_backend_name() == "postgresql" else {}
+        engine = sqlalchemy.create_engine(address, connect_args=args, poolclass=sqlalchemy.pool.NullPool)
+    except (sqlalchemy.exc.ArgumentError, ImportError, ValueError) as err:
+        raise TuneError(f"tune.storage {_shown(url)}: cannot open it: {_shown(str(err))}") from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.OperationalError as err:
+        reason = _shown(str(err.orig or err).strip().splitlines()[0])
+        raise TuneError(f"tune.storage {_shown(url)}: the database server {address.host or 'localhost'}:"
+                        f"{address.port or 'default port'} cannot be reached or refused the connection ({reason}); "
+                        "start it, or check host, port, user and PGPASSWORD") from None
+    finally:
+        engine.dispose()
+
+
+def _shown(url: str) -> str:
+    """The URL without its password or secret query values, for messages."""
+    return credentials.redact(url)
 
 
 def open_study(params: Params, name: str, *, create: bool = True) -> optuna.Study:
@@ -174,6 +195,14 @@ def objective(params: Params, data_for: DataFor, parent_run_id: str, experiment_
     monitor = params.train.monitor
 
     def run_trial(trial: optuna.Trial) -> float:
+        try:
+            return _run_trial(trial)
+        except SystemExit as err:
+            # Lightning answers Ctrl-C with sys.exit(1), which Optuna does not catch: the trial would stay
+            # RUNNING (and block a rerun). As a KeyboardInterrupt, Optuna fails it, then re-raises.
+            raise KeyboardInterrupt(f"trial {trial.number} interrupted") from err
+
+    def _run_trial(trial: optuna.Trial) -> float:
         if _slot_taken(trial, params.tune.n_trials):
             trial.set_user_attr(SURPLUS_ATTR, True)
             raise SlotTaken(f"tune.n_trials={params.tune.n_trials} trials were already finished or running")
@@ -220,11 +249,34 @@ def _slot_taken(trial: optuna.Trial, n_trials: int) -> bool:
 
 def _trials(study: optuna.Study, states: tuple[TrialState, ...]) -> list[FrozenTrial]:
     """The study's trials in ``states``, after failing those whose worker was killed (its heartbeat
-    stopped), so that their slot is free again."""
+    stopped, or its process on this machine is gone), so that their slot is free again."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if _worker_gone(trial.user_attrs.get("worker", "")):
+            log.warning("trial %d: its worker %s is gone; failed, its slot is free again", trial.number,
+                        trial.user_attrs["worker"])
+            try:
+                study.tell(trial.number, state=TrialState.FAIL)
+            except (ValueError, RuntimeError):  # another process reclaimed it first
+                pass
     return study.get_trials(deepcopy=False, states=states)
+
+
+def _worker_gone(worker: str) -> bool:
+    """Whether ``worker`` ('host:pid', as trials record it) is a process of this machine that no longer
+    runs: its trial is reclaimed at once instead of after the heartbeat's grace period (GRACE_S)."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _open_slots(study: optuna.Study, n_trials: int) -> int:

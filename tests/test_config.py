@@ -59,3 +59,21 @@ def test_flatten_uses_params_yaml_names():
     assert flat["train.lr"] == 1e-3 and flat["model.arch"] == "resnet18"
     assert flat["tune.search_space.train.lr.log"] is True
     assert flat["augment.transforms"].startswith("[{")
+
+
+@pytest.mark.parametrize("key,uri", [("tune.storage", "postgresql://optuna:hunter2@db:5432/optuna"),
+                                     ("mlflow.tracking_uri", "http://me:hunter2@mlflow.example:5000"),
+                                     ("mlflow.tracking_uri", "https://mlflow.example/?token=hunter2")])
+def test_a_credential_in_a_params_uri_is_refused_without_echoing_it(tmp_path, key, uri):
+    section, name = key.split(".")
+    (tmp_path / "params.yaml").write_text(f"{section}:\n  {name}: '{uri}'\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(tmp_path / "params.yaml")
+    assert key in str(err.value) and "environment" in str(err.value) and "hunter2" not in str(err.value)
+
+
+def test_an_empty_params_file_is_refused(tmp_path):
+    for text in ("", "# all commented out\n", "---\n"):
+        (tmp_path / "params.yaml").write_text(text)
+        with pytest.raises(config.ConfigError, match=r"params.yaml: is empty"):
+            config.load(tmp_path / "params.yaml")

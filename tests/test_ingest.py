@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.data.ingest import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError, ingest, load_prepared
+from pipeline.data.ingest import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError, decode, ingest, load_prepared
 
 ARGS = dict(image_size=24, val_fraction=0.25, test_fraction=0.25, seed=3, on_bad_file="skip")
 
@@ -310,3 +310,37 @@ def test_identifying_dicom_tags_reach_no_output(tmp_path, caplog):
     for value in IDENTIFYING.values():
         for part in [value, *value.split("^")]:
             assert part.encode() not in outputs and part not in texts, part
+
+
+def test_label_conflicts_can_be_dropped_and_are_listed(image_folder, tmp_path):
+    """data.on_label_conflict: drop keeps a published split usable: every copy is left out, and listed."""
+    copy = image_folder / "beta" / "copy_of_alpha.png"
+    copy.write_bytes((image_folder / "alpha" / "alpha_03.png").read_bytes())
+    with pytest.raises(DataError, match="on_label_conflict: drop"):
+        ingest(image_folder, tmp_path / "out", seed=0)
+    report = ingest(image_folder, tmp_path / "out", seed=0, on_label_conflict="drop")
+    assert report["label_conflicts"] == [{"paths": [str(image_folder / "alpha" / "alpha_03.png"), str(copy)],
+                                          "labels": ["alpha", "beta"]}]
+    assert report["n_images"] == 23 and any("left out" in w for w in report["warnings"])
+    prepared = load_prepared(tmp_path / "out")
+    assert str(copy) not in set(prepared.table["path"]) and len(prepared.table) == 23
+    rows = prepared.table.set_index("path")
+    kept = image_folder / "beta" / "beta_00.png"  # cache rows still line up after the rows left out
+    assert (prepared.images[rows.loc[str(kept), "cache_index"]] == decode(kept, 64)).all()
+    from pipeline.data.card import summary
+    assert "copy_of_alpha.png (beta) (identical files under different labels)" in summary(report)
+
+
+def test_a_one_class_set_is_refused(tmp_path):
+    src = tmp_path / "one"
+    for i in range(6):
+        noise_png(src / "only" / f"{i}.png", seed=i)
+    with pytest.raises(DataError, match="only one class"):
+        ingest(src, tmp_path / "out", seed=0)
+    manifest = manifest_set(tmp_path / "listed", n_groups=8, per_group=2)
+    table = pd.read_csv(manifest)
+    table["split"] = np.where(table["label"] == "sick", "test", "train")  # train holds one class only
+    table.loc[table.index[-2:], "split"] = "val"
+    table.to_csv(manifest, index=False)
+    with pytest.raises(DataError, match=r"train split holds images of 1 class"):
+        ingest(manifest.parent, tmp_path / "out", seed=0, on_leakage="warn")

@@ -74,7 +74,8 @@ def test_predict_a_nested_folder_with_a_corrupt_file(project, model, tmp_path):
 
 
 def test_predict_a_manifest_reports_missing_files_and_fails_when_nothing_is_readable(project, tmp_path, capsys):
-    files = sorted((project / "raw" / "beta").glob("*.png"))[:2]
+    # Listed by absolute path, inside the manifest's folder (nothing outside it is read: tests/test_sources.py)
+    files = [Path(shutil.copy(f, tmp_path)) for f in sorted((project / "raw" / "beta").glob("*.png"))[:2]]
     (tmp_path / "list.csv").write_text("Path,label\n" + "".join(f"{f},x\n" for f in files) + "gone.png,x\n")
     assert cli(project, "predict", str(tmp_path / "list.csv"), "--out", str(tmp_path / "p.csv")) == 0
     table = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)

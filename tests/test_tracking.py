@@ -106,3 +106,76 @@ def test_stages_in_one_process_log_to_each_projects_own_store(tmp_path, monkeypa
         assert "MLFLOW_TRACKING_URI" not in os.environ
     assert (tmp_path / "a" / "mlflow.db").is_file() and (tmp_path / "b" / "mlflow.db").is_file()
     assert tracking.absolute_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"  # a server: as it is
+
+
+def test_a_moved_project_keeps_its_store_and_artifacts_in_its_own_folder(tmp_path, monkeypatch):
+    """The experiment's artifact location follows the project: new runs write into the moved folder, and
+    the runs logged before the move are read from it (the old folder is gone)."""
+    cfg = config.Tracking(tracking_uri="sqlite:///mlflow.db", experiment="e", artifact_root="mlartifacts")
+    old = tmp_path / "project"
+    old.mkdir()
+    monkeypatch.chdir(old)
+    exp_id = tracking.setup(cfg)
+    with mlflow.start_run(experiment_id=exp_id) as before:
+        mlflow.log_text("logged before the move", "note.txt")
+    monkeypatch.chdir(tmp_path)
+    new = tmp_path / "moved"
+    old.rename(new)
+    monkeypatch.chdir(new)
+    exp_id = tracking.setup(cfg)
+    assert mlflow.get_experiment(exp_id).artifact_location == (new / "mlartifacts").as_uri()
+    with mlflow.start_run(experiment_id=exp_id) as after:
+        mlflow.log_text("logged after", "note.txt")
+    assert after.info.artifact_uri.startswith((new / "mlartifacts").as_uri())
+    assert mlflow.get_run(before.info.run_id).info.artifact_uri.startswith((new / "mlartifacts").as_uri())
+    assert mlflow.artifacts.load_text(f"runs:/{before.info.run_id}/note.txt") == "logged before the move"
+    assert not old.exists()
+    elsewhere = tmp_path / "temporary_copy"  # dvc queue: a copy of the project logging to the shared store
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    tracking.setup(cfg, env_uri=f"sqlite:///{new}/mlflow.db")
+    assert mlflow.get_experiment(exp_id).artifact_location == (new / "mlartifacts").as_uri()
+
+
+def test_an_unreachable_tracking_server_is_one_quick_error_naming_it(tmp_path, monkeypatch, capsys):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingError, match=rf"{uri} \(from MLFLOW_TRACKING_URI\) cannot be reached"):
+        tracking.setup(config.Tracking(), env_uri=uri)
+    with pytest.raises(tracking.TrackingError, match=r"from mlflow.tracking_uri in params.yaml"):
+        tracking.setup(config.Tracking(tracking_uri=uri))
+    assert time.monotonic() - start < 2 * tracking.PROBE_TIMEOUT_S
+    from tests.conftest import write_tiny_params
+    from pipeline.__main__ import main as cli
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    write_tiny_params(tmp_path / "params.yaml")
+    assert cli(["tune"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: MLflow tracking server") and "MLFLOW_TRACKING_URI" in err[0]
+
+
+def test_no_credential_reaches_mlflow_params_or_messages(tmp_path, monkeypatch):
+    from pipeline.credentials import redact
+    for secret, text in (("hunter2", "postgresql://u:hunter2@db:5432/optuna"), ("pw", "http://u:pw@host:5000"),
+                         ("abc", "https://h/x?token=abc&n=1"), ("s3cr3t", "x?a=1&api_key=s3cr3t")):
+        assert secret not in redact(text) and "***" in redact(text)
+    assert redact("postgresql://postgres@127.0.0.1:5432/db") == "postgresql://postgres@127.0.0.1:5432/db"
+    monkeypatch.chdir(tmp_path)
+    exp_id = tracking.setup(config.Tracking(tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment="e"))
+    # A params object built around the params.yaml check (which refuses these, see test_config.py).
+    params = config.parse({})
+    tune = object.__new__(config.Tune)
+    object.__setattr__(tune, "__dict__", {**params.tune.__dict__, "storage": "postgresql://u:hunter2@db/optuna"})
+    object.__setattr__(params, "tune", tune)
+    with mlflow.start_run(experiment_id=exp_id) as run:
+        tracking.log_params(params)
+    logged = mlflow.get_run(run.info.run_id).data.params
+    assert logged["tune.storage"] == "postgresql://u:***@db/optuna"
+    assert "hunter2" not in mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/params.json")

@@ -1,3 +1,5 @@
+import os
+
 import mlflow
 import optuna
 
@@ -170,3 +172,44 @@ def test_best_params_reach_the_train_stage(tiny_params, tmp_path):
     import pytest
     with pytest.raises(ConfigError, match="train.nope"):
         train.with_best_params(params)
+
+
+def test_ctrl_c_inside_lightning_fails_the_trial_instead_of_leaving_it_running(
+        tiny_params, prepared, tmp_path, monkeypatch):
+    import pytest
+    params, exp_id, data_for = _setup(tiny_params, prepared, tmp_path, monkeypatch, **{"tune.n_trials": 2})
+
+    def ctrl_c_in_lightning(*args, **kwargs):
+        raise SystemExit(1)  # what Lightning's trainer does on KeyboardInterrupt, after its graceful shutdown
+
+    monkeypatch.setattr(tune, "fit", ctrl_c_in_lightning)
+    with pytest.raises(KeyboardInterrupt):
+        tune.run(params, data_for, "s", {})
+    study = optuna.load_study(study_name="s", storage=params.tune.storage)
+    assert [t.state.name for t in study.trials] == ["FAIL"]
+
+
+def test_a_running_trial_whose_worker_process_is_gone_is_reclaimed(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/optuna.db")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan, alive = study.ask(), study.ask()
+    orphan.set_user_attr("worker", f"{socket.gethostname()}:{int(dead.stdout)}")  # killed by Ctrl-C, say
+    alive.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    assert [t.number for t in tune._trials(study, (optuna.trial.TrialState.RUNNING,))] == [alive.number]
+    assert study.trials[orphan.number].state == optuna.trial.TrialState.FAIL
+
+
+def test_an_unreachable_postgresql_server_is_named_with_host_and_port(tiny_params):
+    import socket
+
+    import pytest
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    params = with_overrides(tiny_params, {"tune.storage": f"postgresql://optuna@127.0.0.1:{port}/optuna"})
+    for create in (True, False):  # the tune stage, and tune --worker
+        with pytest.raises(tune.TuneError, match=rf"server 127.0.0.1:{port} cannot be reached"):
+            tune.open_study(params, "s", create=create)

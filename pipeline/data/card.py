@@ -36,5 +36,8 @@ def summary(report: dict, root: Path | None = None) -> str:
     lines += [f"  exact:      {', '.join(map(rel, paths))}" for paths in dups["exact"][:5]]
     lines += [f"  near:       {', '.join(map(rel, d['paths']))} ({d['bits']} bits)" for d in dups["near"][:5]]
     lines += [f"  unreadable: {rel(r['path'])}: {r['reason']}" for r in report["rejected"][:10]]
+    lines += [f"  non-image:  {rel(p)}" for p in report.get("non_images", [])[:10]]
+    lines += [f"  left out:   {', '.join(f'{rel(p)} ({label})' for p, label in zip(c['paths'], c['labels']))} "
+              "(identical files under different labels)" for c in report.get("label_conflicts", [])[:10]]
     lines += [f"  warning:    {w}" for w in report["warnings"][:10]]
     return "\n".join(lines)

@@ -29,7 +29,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.config import Data
-from pipeline.data import readers, splits, validation
+from pipeline.data import readers, sources, splits, validation
 from pipeline.data.cache import CacheWriter
 from pipeline.data.readers import IMAGE_SUFFIXES
 from pipeline.errors import PipelineError
@@ -67,18 +67,27 @@ class Prepared:
         return self.table[self.table["split"] == name]
 
 
+def class_folders(root: Path) -> list[Path]:
+    """The non-hidden subfolders of ``root``, sorted; a link among them must stay inside ``root``."""
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    return [p for p in entries if sources.inside(p, root).is_dir()]
+
+
 def scan(root: Path) -> tuple[pd.DataFrame, list[str]]:
-    """The set's image files as a table (path, label[, split][, group]), and the non-image files ignored."""
+    """The set's image files as a table (path, label[, split][, group]), and the non-image files ignored.
+
+    Files are listed under ``sources``' link policy: nothing outside ``root`` is read.
+    """
     if not root.is_dir():
         raise DataError(f"{root}: data set folder not found")
     if (root / MANIFEST_CSV).is_file():
-        return read_manifest(root / MANIFEST_CSV)
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return read_manifest(sources.inside(root / MANIFEST_CSV, root))
+    class_dirs = class_folders(root)
     if not class_dirs:
         raise DataError(f"{root}: no class folders (expected one subfolder of images per class, or {MANIFEST_CSV})")
     rows, ignored = [], []
     for class_dir in class_dirs:
-        found = [p for p in sorted(class_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+        found = sources.listing(class_dir, root)
         images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
         ignored += [str(p) for p in found if p.suffix.lower() not in IMAGE_SUFFIXES]
         if not images:
@@ -89,7 +98,10 @@ def scan(root: Path) -> tuple[pd.DataFrame, list[str]]:
 
 
 def read_manifest(manifest: Path) -> tuple[pd.DataFrame, list[str]]:
-    """``path,label[,split][,group]`` rows; paths relative to the manifest's folder. Non-image rows are ignored."""
+    """``path,label[,split][,group]`` rows; paths relative to the manifest's folder, and inside it.
+
+    Returns the image rows and the paths of the non-image rows, which are ignored (and listed in the report).
+    """
     try:
         table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
@@ -100,6 +112,8 @@ def read_manifest(manifest: Path) -> tuple[pd.DataFrame, list[str]]:
     if missing or unknown:
         raise DataError(f"{manifest}: columns must be path,label and optionally split,group "
                         f"(missing: {sorted(missing)}, unknown: {sorted(unknown)})")
+    if table.empty:
+        raise DataError(f"{manifest}: only a header row; list one image a line (path,label)")
     for column in table.columns:
         table[column] = table[column].str.strip()
     for i, row in table.iterrows():  # line i + 2: the header is line 1
@@ -107,9 +121,9 @@ def read_manifest(manifest: Path) -> tuple[pd.DataFrame, list[str]]:
             raise DataError(f"{manifest}, line {i + 2}: empty path or label")
         if "split" in table and row["split"] not in SPLITS:
             raise DataError(f"{manifest}, line {i + 2}: split '{row['split']}' is not one of {', '.join(SPLITS)}")
-    table["path"] = [str(p if Path(p).is_absolute() else manifest.parent / p) for p in table["path"]]
+    table["path"] = [str(sources.inside(manifest.parent / p, manifest.parent)) for p in table["path"]]
     is_image = table["path"].map(lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES)
-    absent = [p for p in table["path"][is_image] if not Path(p).is_file()]
+    absent = [p for p in table["path"][is_image] if not Path(p).exists()]  # a FIFO exists: its reader skips it
     if absent:
         raise DataError(f"{manifest}: {len(absent)} listed files not found, e.g. {absent[:3]}")
     return table[is_image].reset_index(drop=True), list(table["path"][~is_image])
@@ -174,7 +188,7 @@ def _decode_all(table: pd.DataFrame, data: Data, cache: CacheWriter) -> _Decoded
     out = _Decoded()
     for i, path in enumerate(_progress(list(map(Path, table["path"])))):
         try:
-            found = readers.read(path, data.dicom_window)
+            found = readers.read(path, data.dicom_window, data.max_image_pixels)
         except (readers.UnreadableImage, OSError) as err:
             reason = str(err)  # readers.read says "empty file" for zero bytes
             if data.on_bad_file == "fail":
@@ -198,14 +212,31 @@ def _decode_all(table: pd.DataFrame, data: Data, cache: CacheWriter) -> _Decoded
     return out
 
 
+def _label_conflicts(table: pd.DataFrame, dhashes: list[np.ndarray | None], data: Data,
+                     warnings: list[str]) -> tuple[pd.DataFrame, list[dict]]:
+    """Identical files under different labels: an error (``data.on_label_conflict: fail``), or every copy
+    left out (``drop``: the table without them, ``dhashes`` shortened in place) and listed."""
+    conflicts = [idx for idx in validation.exact_groups(list(table["sha256"])) if table["label"].iloc[idx].nunique() > 1]
+    if not conflicts:
+        return table, []
+    named = "; ".join(", ".join(f"{table['path'].iloc[i]} ({table['label'].iloc[i]})" for i in idx)
+                      for idx in conflicts[:3])
+    if data.on_label_conflict == "fail":
+        raise DataError(f"identical files under different labels: {named}; keep one, under its right label "
+                        "(or set data.on_label_conflict: drop to leave all of them out)")
+    dropped = sorted(i for idx in conflicts for i in idx)
+    listed = [{"paths": list(table["path"].iloc[idx]), "labels": list(table["label"].iloc[idx])} for idx in conflicts]
+    warnings.append(f"{len(dropped)} identical files under different labels left out "
+                    f"(data.on_label_conflict: drop), e.g. {named}")
+    keep = sorted(set(range(len(table))) - set(dropped))
+    dhashes[:] = [dhashes[i] for i in keep] if dhashes else dhashes
+    return table.iloc[keep].reset_index(drop=True), listed
+
+
 def _duplicates(table: pd.DataFrame, dhashes: list[np.ndarray | None], near_bits: int | None,
                 warnings: list[str]) -> tuple[list[list[int]], list[tuple[int, int, int]]]:
-    """Exact (same bytes) and near (dHash) duplicate index groups; the same bytes under two labels is an error."""
+    """Exact (same bytes) and near (dHash) duplicate index groups (label conflicts are already settled)."""
     exact = validation.exact_groups(list(table["sha256"]))
-    for idx in exact:
-        if table["label"].iloc[idx].nunique() > 1:
-            named = ", ".join(f"{table['path'].iloc[i]} ({table['label'].iloc[i]})" for i in idx)
-            raise DataError(f"identical files under different labels: {named}; keep one, under its right label")
     near = []
     if near_bits is not None:
         same = {(a, b) for idx in exact for a in idx for b in idx}
@@ -254,6 +285,9 @@ def _split(table: pd.DataFrame, units: np.ndarray, data: Data, seed: int, warnin
 
 def _check_classes(table: pd.DataFrame, classes: tuple[str, ...], raw_dir: Path, data: Data,
                    warnings: list[str]) -> None:
+    if len(classes) < 2:
+        raise DataError(f"{raw_dir}: only one class ({', '.join(map(repr, classes))}); a classifier needs at least "
+                        "two (one folder of images per class, or two labels in the manifest)")
     counts = table["label"].value_counts()
     for name in classes:
         n = int(counts.get(name, 0))
@@ -279,9 +313,9 @@ def ingest(raw_dir: Path, out_dir: Path, *, seed: int, data: Data | None = None,
     with atomic_dir(out_dir) as staging, CacheWriter(staging / CACHE_NPY, len(files)) as cache:
         decoded = _decode_all(files, data, cache)
         table = files.iloc[decoded.rows].reset_index(drop=True)
-        report = _validate_and_split(table, files, ignored, decoded, raw_dir, data, seed)
+        table, report = _validate_and_split(table, files, ignored, decoded, raw_dir, data, seed)
         images = cache.finish()
-        train = np.flatnonzero((table["split"] == "train").to_numpy())
+        train = table.loc[table["split"] == "train", "cache_index"].to_numpy()
         mean, std = channel_stats(images, rows=train)
         report["cache"] = {"dtype": str(images.dtype), "channels": int(images.shape[-1]), "policy": data.channels}
         report["normalization"] = {"split": "train", "units": "[0, 1]", "mean": mean, "std": std}
@@ -294,24 +328,30 @@ def ingest(raw_dir: Path, out_dir: Path, *, seed: int, data: Data | None = None,
 
 
 def _validate_and_split(table: pd.DataFrame, files: pd.DataFrame, ignored: list[str], decoded: _Decoded,
-                        raw_dir: Path, data: Data, seed: int) -> dict:
-    """Check classes and band counts, find duplicates, split ``table`` in place; return the report so far."""
+                        raw_dir: Path, data: Data, seed: int) -> tuple[pd.DataFrame, dict]:
+    """Check classes and band counts, find duplicates, split; return the table (its files left out by
+    ``data.on_label_conflict: drop``) and the report so far."""
     classes = tuple(sorted(set(files["label"])))
     warnings: list[str] = []
-    _check_classes(table, classes, raw_dir, data, warnings)
     if len(decoded.bands) > 1:
         raise DataError(f"{raw_dir}: images have different band counts {dict(decoded.bands)} (data.channels: keep); "
                         "hand in one band count, or set data.channels: rgb for gray/RGB sets")
+    table["cache_index"] = np.arange(len(table))  # the cache's row; rows left out below keep theirs unread
     table["sha256"] = [validation.file_hash(Path(p)) for p in table["path"]]
+    table, conflicts = _label_conflicts(table, decoded.dhashes, data, warnings)
+    _check_classes(table, classes, raw_dir, data, warnings)
     exact, near = _duplicates(table, decoded.dhashes, data.near_duplicate_bits, warnings)
     units = _units(table, exact, near)
     how, leaks = _split(table, units, data, seed, warnings)
+    trained_on = sorted(set(table.loc[table["split"] == "train", "label"]))
+    if len(trained_on) < 2:
+        raise DataError(f"{raw_dir}: the train split holds images of {len(trained_on)} class(es) {trained_on}; "
+                        "training needs at least two")
     table["label_index"] = table["label"].map({c: i for i, c in enumerate(classes)})
-    table["cache_index"] = np.arange(len(table))
     for message in warnings:
         log.warning("%s", message)
     formats = pd.DataFrame(decoded.formats)
-    return {
+    return table, {
         "source": str(raw_dir),
         "classes": list(classes),
         "n_images": len(table),
@@ -325,6 +365,8 @@ def _validate_and_split(table: pd.DataFrame, files: pd.DataFrame, ignored: list[
                     for key in ("mode", "bits", "size")},
         "rejected": decoded.rejected,
         "ignored_non_images": len(ignored),
+        "non_images": _listed(ignored),
+        "label_conflicts": _listed(conflicts),
         "duplicates": {
             "exact": _listed([list(table["path"].iloc[idx]) for idx in exact]),
             "near": _listed([{"paths": [table["path"].iat[a], table["path"].iat[b]], "bits": d} for a, b, d in near]),
@@ -340,7 +382,8 @@ def load_prepared(out_dir: Path) -> Prepared:
     """Load what ingest wrote; the pixel cache is memory-mapped, not read."""
     splits = out_dir / SPLITS_CSV
     if not splits.is_file():
-        raise DataError(f"{splits}: not found; run the ingest stage first (dvc repro ingest)")
+        raise DataError(f"{splits}: not found; run the ingest stage first (dvc repro ingest), or, if a killed "
+                        f"run left it missing, restore the last committed one: dvc checkout {out_dir}")
     table = pd.read_csv(splits)
     report = json.loads((out_dir / REPORT_JSON).read_text())
     if "normalization" not in report:

@@ -1,6 +1,8 @@
 """Intake: copy a user's image set into paths.raw in the layout ingest reads, validate it, then swap it in.
 
-The source is never written to. A folder per class is copied as it is; a CSV manifest
+The source is never written to, and nothing outside it is read (``sources``' link policy: a link that
+leaves the source folder is an error). Only regular files are copied: a FIFO, device or socket is
+skipped with a reason (``data.on_bad_file``). A folder per class is copied as it is; a CSV manifest
 (``path,label[,split][,group]``, paths relative to the manifest's folder) becomes a folder per class
 plus ``manifest.csv`` with the copies' paths, keeping the split and group columns. The copy is
 validated by a full ingest into a scratch folder and replaces an existing set of the same name
@@ -33,7 +35,8 @@ import yaml
 
 from pipeline.config import Data
 from pipeline.data import ingest as ingest_module
-from pipeline.data.ingest import MANIFEST_CSV, DataError, ingest, read_manifest
+from pipeline.data import sources
+from pipeline.data.ingest import MANIFEST_CSV, DataError, class_folders, ingest, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_dir, atomic_file
 
@@ -57,35 +60,58 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
-def copy_manifest(manifest: Path, dest: Path) -> dict[str, str]:
-    """Copy each listed image into ``dest/<label>/``, write ``dest/manifest.csv``; return copy -> source paths."""
-    table, _ = read_manifest(manifest)
-    rows, taken, sources = [], set(), {}
+@dataclasses.dataclass
+class Copied:
+    """What ``copy_set`` did: copy -> source paths, and the source files it left out (with why)."""
+
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    rejected: list[dict] = dataclasses.field(default_factory=list)  # not regular files: {path, reason}
+    non_images: list[str] = dataclasses.field(default_factory=list)  # manifest rows that name no image file
+
+
+def _copy_file(src: Path, dest: Path, copied: Copied, on_bad_file: str) -> bool:
+    """Copy ``src`` (links followed: ``sources`` checked them) if it is a regular file; else record why not."""
+    if kind := sources.non_regular(src):
+        reason = f"not a regular file ({kind})"
+        if on_bad_file == "fail":
+            raise DataError(f"{src}: {reason}; set data.on_bad_file: skip to skip it")
+        copied.rejected.append({"path": str(src), "reason": reason})
+        return False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    return True
+
+
+def copy_manifest(manifest: Path, dest: Path, on_bad_file: str = "skip") -> Copied:
+    """Copy each listed image into ``dest/<label>/``, write ``dest/manifest.csv``."""
+    table, ignored = read_manifest(manifest)
+    rows, taken, copied = [], set(), Copied(non_images=ignored)
     for row in table.to_dict("records"):
         src = Path(row["path"])
         label = check_name(row["label"], "label")
         name, n = src.name, 1
         while (label, name.lower()) in taken:  # same file name from two source folders
             name, n = f"{src.stem}_{n}{src.suffix}", n + 1
-        taken.add((label, name.lower()))
-        (dest / label).mkdir(exist_ok=True)
-        shutil.copyfile(src, dest / label / name)
-        sources[str(dest / label / name)] = str(src)
-        rows.append(row | {"path": f"{label}/{name}"})
+        if _copy_file(src, dest / label / name, copied, on_bad_file):
+            taken.add((label, name.lower()))
+            copied.sources[str(dest / label / name)] = str(src)
+            rows.append(row | {"path": f"{label}/{name}"})
     pd.DataFrame(rows, columns=table.columns).to_csv(dest / MANIFEST_CSV, index=False)
-    return sources
+    return copied
 
 
-def copy_set(src: Path, dest: Path) -> dict[str, str]:
-    """Copy a folder-per-class set or a manifest's images into the empty folder ``dest``; return copy -> source."""
+def copy_set(src: Path, dest: Path, on_bad_file: str = "skip") -> Copied:
+    """Copy a folder-per-class set or a manifest's images into the empty folder ``dest``."""
     if src.is_dir():
-        for class_dir in src.iterdir():
-            if class_dir.is_dir() and not class_dir.name.startswith("."):
-                check_name(class_dir.name, "class folder")
-        shutil.copytree(src, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*"))
-        return {str(dest): str(src)}
+        copied = Copied()
+        for class_dir in class_folders(src):
+            check_name(class_dir.name, "class folder")
+        for path in sources.listing(src):
+            _copy_file(path, dest / path.relative_to(src), copied, on_bad_file)
+        copied.sources[str(dest)] = str(src)
+        return copied
     if src.is_file() and src.suffix.lower() == ".csv":
-        return copy_manifest(src, dest)
+        return copy_manifest(src, dest, on_bad_file)
     raise DataError(f"{src}: expected a folder with one subfolder per class, or a CSV manifest "
                     "(path,label[,split][,group])")
 
@@ -146,17 +172,27 @@ def intake(src: Path, target: Path, *, seed: int, data: Data, salt: str) -> dict
     if target == src or target in src.parents:
         raise DataError(f"{src}: already inside {target}; hand in a set from outside paths.raw")
     with atomic_dir(target) as staging, tempfile.TemporaryDirectory() as scratch:
-        sources = copy_set(src, staging)
+        try:
+            copied = copy_set(src, staging, data.on_bad_file)
+        except sources.UnsafePath as err:
+            raise DataError(f"{src}: not taken in ({target} left as it was): {err}") from None
+        for skipped in copied.rejected:
+            ingest_module.log.warning("skipping %s (%s)", skipped["path"], skipped["reason"])
         if (staging / MANIFEST_CSV).is_file():
             hash_groups(staging / MANIFEST_CSV, salt)
         try:
-            with _logged_as_sources(sources):
+            with _logged_as_sources(copied.sources):
                 report = ingest(staging, Path(scratch) / "prepared", seed=seed,
                                 data=dataclasses.replace(data, dataset=target.name))
         except DataError as err:  # name the user's own files, not their staging copies
-            raise DataError(f"{src}: not taken in ({target} left as it was): {_to_sources(str(err), sources)}") \
-                from None
-    return json.loads(json.dumps(report).replace(json.dumps(str(staging))[1:-1], json.dumps(str(target))[1:-1]))
+            raise DataError(f"{src}: not taken in ({target} left as it was): "
+                            f"{_to_sources(str(err), copied.sources)}") from None
+    report = json.loads(json.dumps(report).replace(json.dumps(str(staging))[1:-1], json.dumps(str(target))[1:-1]))
+    # What never reached the copy: listed in the report as ingest would have listed it.
+    report["rejected"] = copied.rejected + report["rejected"]
+    report["non_images"] = copied.non_images + report.get("non_images", [])
+    report["ignored_non_images"] += len(copied.non_images)
+    return report
 
 
 def dvc_add(path: Path) -> None:

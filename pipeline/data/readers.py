@@ -4,6 +4,12 @@ Readers return pixels in the file's own terms: uint8 for 8-bit files, uint16 for
 [0, 1] for DICOM (after rescale and window) and float data. ``conform`` then applies the channel policy
 (``data.channels``) and the size; ``to_dtype`` brings a whole set to one cache dtype. Each reader is the
 format's well-kept library: Pillow (PNG, JPEG, BMP), tifffile (any TIFF, multi-band included), pydicom.
+
+Every reader checks two things before decoding: that the file is a regular file (a FIFO or a device
+named ``.png`` would be read forever), and that the image it declares fits the pixel budget
+(``max_pixels``, ``data.max_image_pixels``): a small compressed file can declare 30000x30000 pixels,
+and Pillow's own ``MAX_IMAGE_PIXELS`` covers only its formats. JPEG/PNG orientation tags (EXIF) are
+applied, so a phone photo is read upright by ingest and predict alike.
 """
 
 from __future__ import annotations
@@ -14,12 +20,15 @@ from typing import Literal
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
+
+from pipeline.data.sources import non_regular
 
 Channels = Literal["rgb", "keep"]
 PIL_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 IMAGE_SUFFIXES = PIL_SUFFIXES | TIFF_SUFFIXES | {".dcm", ".npy"}
+MAX_PIXELS = 100_000_000  # data.max_image_pixels' default: 10000x10000, about 300 MB as 8-bit RGB
 
 
 class UnreadableImage(ValueError):
@@ -33,26 +42,38 @@ class Decoded:
     bits: int  # bit depth of the stored samples (32 for float)
 
 
-def read(path: Path, dicom_window: tuple[float, float] | None = None) -> Decoded:
+def read(path: Path, dicom_window: tuple[float, float] | None = None, max_pixels: int = MAX_PIXELS) -> Decoded:
     """Decode ``path`` by its suffix; raises ``UnreadableImage`` (or OSError) with the reason."""
+    if kind := non_regular(path):
+        raise UnreadableImage(f"not a regular file ({kind})")
     if path.stat().st_size == 0:
         raise UnreadableImage("empty file")
     suffix = path.suffix.lower()
     if suffix in PIL_SUFFIXES:
-        return _read_pil(path)
+        return _read_pil(path, max_pixels)
     if suffix in TIFF_SUFFIXES:
-        return _read_tiff(path)
+        return _read_tiff(path, max_pixels)
     if suffix == ".dcm":
-        return _read_dicom(path, dicom_window)
+        return _read_dicom(path, dicom_window, max_pixels)
     if suffix == ".npy":
-        return _read_npy(path)
+        return _read_npy(path, max_pixels)
     raise UnreadableImage(f"unsupported suffix '{suffix}' (accepted: {', '.join(sorted(IMAGE_SUFFIXES))})")
 
 
-def _read_pil(path: Path) -> Decoded:
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """Refuse, before decoding, an image that declares more pixels than the budget."""
+    if width * height > max_pixels:
+        raise UnreadableImage(f"{width}x{height} pixels is over data.max_image_pixels ({max_pixels}); "
+                              "raise it if the image is real (a small file declaring this many is a "
+                              "decompression bomb)")
+
+
+def _read_pil(path: Path, max_pixels: int) -> Decoded:
     try:
         with Image.open(path) as img:
+            _check_pixels(*img.size, max_pixels)
             img.load()
+            img = ImageOps.exif_transpose(img)  # EXIF orientation: what the camera saw, not how it stored it
             mode = img.mode
             if mode == "P":
                 img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -66,12 +87,13 @@ def _read_pil(path: Path) -> Decoded:
     return _decoded(arr, mode)
 
 
-def _read_tiff(path: Path) -> Decoded:
+def _read_tiff(path: Path, max_pixels: int) -> Decoded:
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
+            _check_pixels(page.imagewidth, page.imagelength, max_pixels)
             arr = page.asarray()
             planar = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and arr.ndim == 3
             alpha = page.photometric == tifffile.PHOTOMETRIC.RGB and any(
@@ -85,13 +107,16 @@ def _read_tiff(path: Path) -> Decoded:
     return _decoded(arr, "TIFF")
 
 
-def _read_dicom(path: Path, window: tuple[float, float] | None) -> Decoded:
+def _read_dicom(path: Path, window: tuple[float, float] | None, max_pixels: int) -> Decoded:
     """Modality values (rescale slope/intercept), then the window from params, else from the tags."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(path)
+        # All frames are decoded at once: the budget is over rows x columns x frames.
+        _check_pixels(int(ds.get("Columns", 0)), int(ds.get("Rows", 0)) * int(ds.get("NumberOfFrames", 1) or 1),
+                      max_pixels)
         raw = ds.pixel_array
     except (InvalidDicomError, AttributeError, ValueError, OSError, RuntimeError) as err:
         raise UnreadableImage(f"{type(err).__name__}: {err}") from None
@@ -120,9 +145,12 @@ def _first(value) -> float:
     return float(value[0]) if hasattr(value, "__len__") and not isinstance(value, str) else float(value)
 
 
-def _read_npy(path: Path) -> Decoded:
+def _read_npy(path: Path, max_pixels: int) -> Decoded:
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)  # the header only, until the budget is checked
+        height, width = sorted(arr.shape)[-2:] if arr.ndim >= 2 else (1, arr.size)  # the band axis is the short one
+        _check_pixels(width, height, max_pixels)
+        arr = np.array(arr)
     except (ValueError, OSError) as err:
         raise UnreadableImage(f"{type(err).__name__}: {err}") from None
     return _decoded(arr, "npy")

@@ -1,0 +1,54 @@
+"""Checkpoints are data, never code: a pickle that would run something is refused wherever one is loaded.
+
+The guarantee comes from the torch floor (pyproject: torch>=2.6, where torch.load defaults to
+weights_only=True); Lightning's loaders pass weights_only=None through to that default.
+"""
+
+import json
+import pathlib
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from packaging.requirements import Requirement
+
+from pipeline import serve
+from pipeline.config import Data
+from pipeline.fit import RUN_INFO
+from pipeline.model import Classifier
+
+
+class RunsCode:
+    """Unpickling this writes a file: what a malicious checkpoint would do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.write_text, (self.marker, "the checkpoint ran code")
+
+
+def malicious_checkpoint(folder: Path) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / "pwned"
+    torch.save({"state_dict": {}, "hyper_parameters": {"num_classes": 2}, "payload": RunsCode(marker)},
+               folder / "best.ckpt")
+    return folder / "best.ckpt", marker
+
+
+def test_predict_refuses_a_checkpoint_that_would_run_code(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
+    checkpoint, marker = malicious_checkpoint(tmp_path / "models")
+    (tmp_path / "models" / RUN_INFO).write_text(json.dumps({"classes": ["a", "b"], "checkpoint": "best.ckpt"}))
+    with pytest.raises(Exception, match="Weights only load failed"):
+        serve.load_trained(tmp_path / "models", Data())
+    with pytest.raises(Exception, match="Weights only load failed"):
+        Classifier.load_from_checkpoint(checkpoint, map_location="cpu")  # the evaluate and train stages' load
+    assert not marker.exists()
+
+
+def test_the_torch_floor_makes_safe_loading_the_default():
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    torch_req = next(Requirement(r) for r in project["dependencies"] if Requirement(r).name == "torch")
+    assert not any(torch_req.specifier.contains(v) for v in ("2.4.1", "2.5.1")), torch_req
