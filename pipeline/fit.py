@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from pipeline.weights import WeightsInfo, load_pretrained
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "best"  # written as <out_dir>/best.ckpt
+PROGRESS_EVERY_S = 30.0  # a progress line this often within a long training epoch
 RUN_INFO = "run.json"  # the train stage's, beside the best checkpoint in paths.model_dir; evaluate, predict read it
 
 
@@ -40,12 +42,35 @@ class FitResult:
 
 
 class EpochSummary(Callback):
-    """One plain line per epoch: readable in `dvc repro` logs, where progress bars are noise."""
+    """One plain line per epoch with that epoch's training and validation metrics, readable in `dvc repro` logs
+    (where progress bars are noise); within an epoch longer than ``every_s`` seconds, a progress line that often.
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+    Printed at the end of the training epoch, which Lightning reaches after that epoch's validation: at
+    validation end the epoch's training metrics are not aggregated yet (the line showed the previous epoch's).
+    """
+
+    def __init__(self, every_s: float = PROGRESS_EVERY_S) -> None:
+        self.every_s = every_s
+        self._last = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last = time.monotonic()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if not trainer.is_global_zero or time.monotonic() - self._last < self.every_s:
             return
-        shown = "  ".join(f"{k}={float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()))
+        self._last = time.monotonic()
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        total = trainer.num_training_batches
+        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  batch {batch_idx + 1}/{total}"
+              + (f"  train/loss (batch)={float(loss):.4f}" if loss is not None else ""), flush=True)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        ordered = sorted(metrics, key=lambda k: (not k.startswith("train/"), k))  # train/* first, then val/*
+        shown = "  ".join(f"{k}={float(metrics[k]):.4f}" for k in ordered)
         print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {shown}", flush=True)
 
 
