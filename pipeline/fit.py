@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from pipeline.resume import LAST_NAME  # <out_dir>/last.ckpt: full state of the 
 from pipeline.weights import WeightsInfo, load_pretrained
 
 log = logging.getLogger(__name__)
+_NOTED: set[str] = set()  # warnings already given in this process (a tune stage calls fit once per trial)
 
 CHECKPOINT_NAME = "best"  # written as <out_dir>/best.ckpt
 PROGRESS_EVERY_S = 30.0  # a progress line this often within a long training epoch
@@ -137,6 +140,24 @@ def build_model(params: Params, class_names: Sequence[str], hub_dir: Path | None
     return model, info
 
 
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Silence, for one fit, what Lightning says on every Trainer: its INFO lines (GPU/TPU available, the
+    litlogger tip, "estimate number of stepping batches", "`Trainer.fit` stopped") and torch's FutureWarning
+    about ``LeafSpec`` that Lightning 2.6 triggers itself. A tune stage would print them once per trial;
+    Lightning's own warnings and errors still show."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = rank_zero.level
+    rank_zero.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        rank_zero.setLevel(level)
+
+
 def _tolerate_frozen_parameters(strategy: str, devices: int | str, num_nodes: int = 1) -> str:
     """DDP expects a gradient for every parameter in every step; frozen ones have none. Its
     ``find_unused_parameters`` mode tolerates that (at some cost, so only while a recipe freezes)."""
@@ -168,10 +189,11 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
     all_callbacks = [stopper, StopOnNonFiniteLoss(), EpochSummary(), *callbacks]
     strategy = t.strategy
     freezing = t.freeze_epochs > 0 or t.unfreeze == "gradual"
-    if freezing and not weights.pretrained:
+    if freezing and not weights.pretrained and "freeze" not in _NOTED:  # once per stage, not once per trial
+        _NOTED.add("freeze")
         log.warning("train.freeze_epochs=%d / train.unfreeze=%s ignored: the backbone is randomly initialised, "
                     "so it trains from the first epoch", t.freeze_epochs, t.unfreeze)
-    elif freezing:
+    if freezing and weights.pretrained:
         all_callbacks.append(recipe.FreezeSchedule(t.freeze_epochs, t.unfreeze))
         strategy = _tolerate_frozen_parameters(t.strategy, t.devices, t.num_nodes)
     checkpoint = None
@@ -183,7 +205,7 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
         latest = ModelCheckpoint(dirpath=out_dir, filename=LAST_NAME, monitor=None, save_top_k=1,
                                  enable_version_counter=False)
         all_callbacks += [checkpoint, latest]
-    with tempfile.TemporaryDirectory(prefix="fit-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="fit-") as scratch, _quiet_lightning():
         trainer = L.Trainer(
             max_epochs=max_epochs or t.max_epochs, accelerator=t.accelerator, devices=t.devices,
             num_nodes=t.num_nodes, strategy=strategy, precision=t.precision, logger=logger, callbacks=all_callbacks,

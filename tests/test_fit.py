@@ -43,7 +43,7 @@ def test_a_diverging_loss_stops_with_a_message_and_no_checkpoint(tiny_params, pr
     assert not (tmp_path / "ckpt" / "best.ckpt").exists()
 
 
-def test_each_epoch_line_shows_that_epochs_own_train_and_val_metrics(tiny_params, prepared, capsys):
+def test_each_epoch_line_shows_that_epochs_own_train_and_val_metrics(tiny_params, prepared, capsys, caplog):
     import re
 
     from lightning.pytorch.loggers import Logger
@@ -60,7 +60,10 @@ def test_each_epoch_line_shows_that_epochs_own_train_and_val_metrics(tiny_params
 
     recorder = Recorder()
     fit(tiny_params, datamodule(tiny_params, prepared, None), logger=recorder)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    for noise in ("GPU available", "TPU available", "litlogger", "stepping batches", "LeafSpec", "Trainer.fit"):
+        assert noise not in out + err + caplog.text, noise  # Lightning's per-Trainer lines, silenced at the source
     assert [line.split()[1] for line in lines] == ["1/2", "2/2"]  # one per epoch, the last included
     for line, epoch in zip(lines, range(2), strict=True):
         shown = dict(re.findall(r"(\S+)=(\S+)", line))
