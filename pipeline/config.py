@@ -80,6 +80,10 @@ class Data:
     dicom_window: tuple[float, float] | None = Field(
         None, description="DICOM [center, width] in modality units (after rescale slope/intercept); "
                           "null: each file's WindowCenter/WindowWidth tags, else its own min..max.")
+    dicom_group: Literal["PatientID", "StudyInstanceUID"] | None = Field(
+        "PatientID", description="intake of a set without a group column: each DICOM file's group is this header "
+                                 "element, stored as a salted hash, so one patient's (or study's) slices share a "
+                                 "split; null: DICOM files are not grouped.")
     min_images_per_class: int = Field(
         20, ge=3, description="Classes with fewer readable images get a warning (fewer than 3 is an error).")
     near_duplicate_bits: int | None = Field(

@@ -33,6 +33,7 @@ import yaml
 
 from pipeline.config import Data
 from pipeline.data import ingest as ingest_module
+from pipeline.data.groups import add_dicom_groups
 from pipeline.data.ingest import MANIFEST_CSV, DataError, ingest, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_dir, atomic_file
@@ -149,6 +150,8 @@ def intake(src: Path, target: Path, *, seed: int, data: Data, salt: str) -> dict
         sources = copy_set(src, staging)
         if (staging / MANIFEST_CSV).is_file():
             hash_groups(staging / MANIFEST_CSV, salt)
+        n_groups = add_dicom_groups(staging, data.dicom_group, lambda v: group_hash(v, salt)) \
+            if data.dicom_group else 0  # after hash_groups: these are hashed already
         try:
             with _logged_as_sources(sources):
                 report = ingest(staging, Path(scratch) / "prepared", seed=seed,
@@ -156,6 +159,8 @@ def intake(src: Path, target: Path, *, seed: int, data: Data, salt: str) -> dict
         except DataError as err:  # name the user's own files, not their staging copies
             raise DataError(f"{src}: not taken in ({target} left as it was): {_to_sources(str(err), sources)}") \
                 from None
+    if n_groups:
+        report["groups_from"] = f"DICOM {data.dicom_group}: {n_groups} groups, stored as salted hashes"
     return json.loads(json.dumps(report).replace(json.dumps(str(staging))[1:-1], json.dumps(str(target))[1:-1]))
 
 
