@@ -47,7 +47,11 @@ class Paths:
     best_params: str = Field("data/tune/best_params.yaml", description="Tuned values the train stage uses.")
     tune_summary: str = Field("data/tune/summary.json", description="Study summary (DVC metrics).")
     model_dir: str = Field("models", description="Best checkpoint and the MLflow run it belongs to.")
-    metrics: str = Field("reports/metrics.json", description="Test metrics (DVC metrics).")
+    metrics: str = Field("reports/metrics.json", description="Headline test metrics (DVC metrics: what "
+                                                             "`dvc metrics show` and `dvc exp show` print).")
+    metrics_detail: str = Field("reports/metrics_detail.json",
+                                description="Every other test metric: intervals, per class, calibration "
+                                            "(`dvc metrics show reports/metrics_detail.json`).")
     confusion: str = Field("reports/confusion.csv", description="Test predictions for the DVC confusion plot.")
     plots: str = Field("reports/plots", description="Evaluation images (confusion matrix).")
     report: str = Field("reports/report.md", description="Human-readable evaluation report.")

@@ -11,9 +11,19 @@ import pandas as pd
 from pipeline.config import Evaluate
 from pipeline.evaluation.calibration import TEMPERATURE_BOUNDS
 from pipeline.evaluation.metrics import BINARY, CALIBRATION, HEADLINE, PER_CLASS
+# The metrics file DVC shows by default (`dvc metrics show`, `dvc exp show`): what runs are compared on. Every
+# other number (intervals, per class, calibration details) is in paths.metrics_detail, and all are in MLflow.
+HEADLINE_KEYS = (*(f"{split}/{m}" for split in ("test", "test_tta") for m in (*HEADLINE, *BINARY)),
+                 "test/ece", "test_calibrated/ece", "weights/pretrained")
 SPLITS = {"test": "plain", "test_tta": "with TTA", "test_calibrated": "temperature-scaled"}
 KEY_HPARAMS = ("lr", "weight_decay", "optimizer", "dropout", "label_smoothing", "monitor")
 SMALL_TEST_CLASS = 10  # fewer test images of a class than this: a warning
+
+
+def split_headline(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The metrics as (headline, the rest): the ``HEADLINE_KEYS`` present, in that order, and all others."""
+    return {k: metrics[k] for k in HEADLINE_KEYS if k in metrics}, \
+        {k: v for k, v in metrics.items() if k not in HEADLINE_KEYS}
 
 
 def _value(metrics: Mapping[str, Any], key: str) -> str:
@@ -173,8 +183,9 @@ def report(metrics: Mapping[str, Any], data_report: Mapping[str, Any], run: Mapp
                        "", *calibration]
     lines = [
         f"# Evaluation report — {data_report['source']}", "",
-        f"Model `{run['arch']}`, weights: `{run['weights']['source']}`; MLflow run `{run['run_id']}`; "
-        f"best epoch checkpoint `{run['checkpoint']}`.", "",
+        # No run id here: the report stays the same between identical runs (a clean git tree after `make demo`).
+        f"Model `{run['arch']}`, weights: `{run['weights']['source']}`; best epoch checkpoint `{run['checkpoint']}` "
+        "(its MLflow run: `run_id` in models/run.json; this report is logged to it).", "",
         "## Warnings", "", *([f"- {w}" for w in warnings(metrics, data_report, run, settings)] or ["- none"]), "",
         "## Test metrics", "", metric_table(metrics, (*HEADLINE, *BINARY), splits, binary_names(classes, settings)),
         "", *notes, "",
