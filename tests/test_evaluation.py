@@ -357,3 +357,9 @@ def test_the_reliability_diagram_shows_each_bins_image_count(tmp_path):
     fig = plots.plot_reliability({"test": table}, tmp_path / "r.png", {"test": "uncalibrated"})
     shown = [t.get_text() for t in fig.axes[0].texts]
     assert shown == [str(n) for n in table["count"]] and (tmp_path / "r.png").is_file()
+
+
+def test_the_report_is_the_same_for_identical_results_of_another_train_run():
+    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)
+    first = evaluation.report(m, DATA, PRETRAINED, [], settings=Evaluate(bootstrap=0))
+    assert evaluation.report(m, DATA, PRETRAINED | {"run_id": "r2"}, [], settings=Evaluate(bootstrap=0)) == first

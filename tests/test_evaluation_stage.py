@@ -161,6 +161,8 @@ def test_report_warns_and_embeds_the_plots(project):
         assert f"]({Path(params.paths.plots).name}/{image})" in text
         assert (report.parent / Path(params.paths.plots).name / image).is_file()
     assert "## Calibration" in text and "Temperature T =" in text and "| model | `resnet18` |" in text
+    stage.main(params)  # an identical run: the report (git-tracked) does not change
+    assert report.read_text() == text
 
 
 def test_a_positive_class_on_a_multiclass_set_fails_before_any_work(project):
