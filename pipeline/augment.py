@@ -57,7 +57,7 @@ PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
 
 @dataclass(frozen=True)
 class DomainSettings:
-    """What ``intake --domain`` writes to params.yaml: ``augment.preset``, ``augment.transforms``, ``evaluate.tta``."""
+    """What ``intake --domain`` writes to params.yaml: augment.preset, augment.transforms, evaluate.tta."""
 
     preset: Preset
     transforms: tuple[dict[str, Any], ...]
@@ -79,8 +79,10 @@ DOMAINS: dict[str, DomainSettings] = {
     "ultrasound": DomainSettings("medical", ({"name": "HorizontalFlip", "p": 0.5},), ("HorizontalFlip",)),
     # A skin lesion seen from above and a tissue tile have no orientation: every flip and 90-degree
     # rotation is the same image (SquareSymmetry draws them uniformly); TTA may use flips.
-    "dermoscopy": DomainSettings("medical", ({"name": "SquareSymmetry", "p": 1.0},), ("HorizontalFlip", "VerticalFlip")),
-    "pathology": DomainSettings("medical", ({"name": "SquareSymmetry", "p": 1.0},), ("HorizontalFlip", "VerticalFlip")),
+    "dermoscopy": DomainSettings("medical", ({"name": "SquareSymmetry", "p": 1.0},),
+                                 ("HorizontalFlip", "VerticalFlip")),
+    "pathology": DomainSettings("medical", ({"name": "SquareSymmetry", "p": 1.0},),
+                                ("HorizontalFlip", "VerticalFlip")),
     # Nadir views: north-up is a convention, not content; the satellite preset already has SquareSymmetry.
     "satellite": DomainSettings("satellite", (), ("HorizontalFlip", "VerticalFlip")),
     # Photographs: a mirror image is still the same scene, an upside-down one is not (sky above ground).

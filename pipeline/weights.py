@@ -195,7 +195,7 @@ def load_pretrained(net: nn.Module, arch: str, weights: str, *, require_pretrain
                                f"model.require_pretrained is true: {advice}") from err
         reason = f"download of {url} failed: {err}"
         if url in _FAILED:  # a tune stage fits once per trial: the banner once per stage (process) is enough
-            log.info("training %s from random init again (%s)", arch, reason)
+            log.debug("training %s from random init again (%s)", arch, reason)
             return WeightsInfo(requested=weights, source="random-init", pretrained=False, fallback_reason=reason)
         _FAILED.add(url)
         log.warning("\n" + "!" * 78 + "\n!! PRETRAINED WEIGHTS UNAVAILABLE - training %s from RANDOM INIT.\n"

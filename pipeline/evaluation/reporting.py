@@ -40,7 +40,8 @@ def metric_table(metrics: Mapping[str, Any], names: Sequence[str], splits: Seque
     """Rows: the ``names`` any split has (as ``shown`` names them); per split a value column and a 95% CI column."""
     rows = [n for n in names if any(f"{s}/{n}" in metrics for s in splits)]
     header = ["metric"] + [h for s in splits for h in (SPLITS.get(s, s), "95% CI")]
-    body = [[(shown or {}).get(n, n)] + [cell for s in splits for cell in (_value(metrics, f"{s}/{n}"), _interval(metrics, f"{s}/{n}"))]
+    body = [[(shown or {}).get(n, n)]
+            + [cell for s in splits for cell in (_value(metrics, f"{s}/{n}"), _interval(metrics, f"{s}/{n}"))]
             for n in rows]
     return "\n".join("| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *body])
 

@@ -2,9 +2,9 @@
 it, select it. --domain sets augment.preset, augment.transforms and evaluate.tta in params.yaml to what fits that
 kind of image (pipeline/augment.py DOMAINS: no flips for radiographs, any flip for tissue tiles, ...).
 
-A manifest's group column (or, without one, each DICOM file's data.dicom_group element) is stored hashed with the repository's salt: $PIPELINE_GROUP_SALT when set,
-else a random one created once in .dvc/group_salt (git-ignored; keep it to reproduce hashes, share it
-through the variable, never print it).
+A manifest's group column (or, without one, each DICOM file's data.dicom_group element) is stored hashed
+with the repository's salt: $PIPELINE_GROUP_SALT when set, else a random one created once in
+.dvc/group_salt (git-ignored; keep it to reproduce hashes, share it through the variable, never print it).
 """
 
 import argparse
