@@ -171,3 +171,8 @@ def test_a_positive_class_on_a_multiclass_set_fails_before_any_work(project):
     with pytest.raises(evaluation.EvaluationError, match="evaluate.positive_class"):
         stage.main(tiny_params(positive_class="alpha"))
     assert Path(params.paths.metrics).stat().st_mtime_ns == before
+
+
+def test_dvc_plots_output_is_git_ignored():
+    ignored = subprocess.run(["git", "check-ignore", "-q", "dvc_plots/index.html"], cwd=REPO)
+    assert ignored.returncode == 0  # `dvc plots show` leaves the tree clean

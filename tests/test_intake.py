@@ -220,7 +220,7 @@ def test_domain_sets_augmentation_and_tta_and_the_card_says_so(repo, tmp_path, c
     assert all("#" in b for b in added) and len(removed) == 4  # comments kept; the old SquareSymmetry line out
     out = capsys.readouterr().out
     assert "--domain xray, written to params.yaml" in out and "evaluate.tta [] (none)" in out
-    assert "upscaled to 16x16" in out and "consider data.image_size: 16" in out
+    assert "upscaled to 16x16" in out and "data.image_size: 16 trains on them as they are" in out
     assert "training never applies it" not in out
 
 

@@ -51,8 +51,8 @@ def upscaled(report: dict) -> str | None:
         return None
     smallest = min(min(map(int, size.split("x"))) for size in small)
     return (f"{sum(small.values())} of {report['n_images']} images are smaller than data.image_size {side} (e.g. "
-            f"{next(iter(small))}) and are upscaled to {side}x{side}: that adds compute, not detail; "
-            f"consider data.image_size: {max(smallest, 16)}")
+            f"{next(iter(small))}) and are upscaled to {side}x{side}: that adds compute, not detail (it may still "
+            f"suit pretrained weights); data.image_size: {max(smallest, 16)} trains on them as they are")
 
 
 def _entries(entries: Sequence[Any]) -> str:
