@@ -20,6 +20,15 @@ COMMANDS = {**{s: f"pipeline.stages.{s}" for s in STAGES}, "summary": "pipeline.
 WITH_ARGS = frozenset({"intake", "weights", "tune", "predict", "export"})
 
 
+def command_help(command: str) -> str:
+    """The help of a command without arguments of its own: its usage and its module's docstring."""
+    doc = (importlib.import_module(COMMANDS[command]).__doc__ or "").strip()
+    how = f"A DVC stage: `dvc repro {command}` runs it after the stages it depends on, when its inputs changed."
+    return (f"usage: python -m pipeline {command} [--params PARAMS]\n\n{doc}\n\n"
+            f"Takes no arguments: every setting comes from params.yaml (--params: another file).\n"
+            + (how if command in STAGES else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__, add_help=False)
     parser.add_argument("command", nargs="?", choices=list(COMMANDS),
@@ -29,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.help and args.command in WITH_ARGS:
         rest.append("--help")  # the command's own parser prints its help
+    elif args.help and args.command:
+        print(command_help(args.command))
+        return 0
     elif args.help:
         parser.print_help()
         return 0

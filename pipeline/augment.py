@@ -13,6 +13,7 @@ uint16 some transforms crash and RandomGamma returns out-of-range float64), so `
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,66 @@ PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
         {"name": "RandomBrightnessContrast", "brightness_limit": 0.2, "contrast_limit": 0.2, "p": 0.5},
     ),
 }
+
+
+@dataclass(frozen=True)
+class DomainSettings:
+    """What ``intake --domain`` writes to params.yaml: augment.preset, augment.transforms, evaluate.tta."""
+
+    preset: Preset
+    transforms: tuple[dict[str, Any], ...]
+    tta: tuple[str, ...]
+
+
+# Which invariances each kind of image has decides its flips and rotations, for training and for TTA alike
+# (a test-time view is only useful if training taught the model it is the same image).
+DOMAINS: dict[str, DomainSettings] = {
+    # Chest films, bone radiographs: left and right are anatomy (the heart is on the left; side markers are
+    # text), and up is up; no flips or 90-degree rotations, so no TTA either.
+    "xray": DomainSettings("medical", (), ()),
+    # Axial CT and MRI slices are displayed in a fixed radiological convention (patient's left on the
+    # image's right); a flip makes a different, mislabelled patient. Same as radiographs.
+    "ct": DomainSettings("medical", (), ()),
+    "mri": DomainSettings("medical", (), ()),
+    # The probe sits at the top of a sector image, so no vertical flip or rotation; which side is the
+    # probe marker varies between machines and operators, so a horizontal flip is a plausible image.
+    "ultrasound": DomainSettings("medical", ({"name": "HorizontalFlip", "p": 0.5},), ("HorizontalFlip",)),
+    # A skin lesion seen from above and a tissue tile have no orientation: every flip and 90-degree
+    # rotation is the same image (SquareSymmetry draws them uniformly); TTA may use flips.
+    "dermoscopy": DomainSettings("medical", ({"name": "SquareSymmetry", "p": 1.0},),
+                                 ("HorizontalFlip", "VerticalFlip")),
+    "pathology": DomainSettings("medical", ({"name": "SquareSymmetry", "p": 1.0},),
+                                ("HorizontalFlip", "VerticalFlip")),
+    # Nadir views: north-up is a convention, not content; the satellite preset already has SquareSymmetry.
+    "satellite": DomainSettings("satellite", (), ("HorizontalFlip", "VerticalFlip")),
+    # Photographs: a mirror image is still the same scene, an upside-down one is not (sky above ground).
+    "natural": DomainSettings("natural", (), ("HorizontalFlip",)),
+}
+
+# Training transforms that teach the invariance a deterministic TTA view relies on.
+_TEACHES = {
+    "HorizontalFlip": {"HorizontalFlip", "SquareSymmetry", "D4"},
+    "VerticalFlip": {"VerticalFlip", "SquareSymmetry", "D4"},
+    "Transpose": {"Transpose", "SquareSymmetry", "D4"},
+}
+
+
+def tta_conflicts(preset: Preset, transforms: Sequence[dict[str, Any]],
+                  tta: Sequence[str | dict[str, Any]]) -> list[str]:
+    """Each ``evaluate.tta`` flip or transpose that the training augmentation never applies (p > 0), described.
+
+    Averaging in a view the model never saw in training (an upside-down chest film) mixes in predictions
+    on images unlike any it learned from. Transforms other than flips and transposes are not judged.
+    """
+    trained = {e.get("name") for _, e in resolve(preset, transforms) if e.get("p", 0.5) > 0}
+    out = []
+    for entry in tta:
+        name = entry if isinstance(entry, str) else entry.get("name")
+        if name in _TEACHES and not trained & _TEACHES[name]:
+            out.append(f"evaluate.tta has {name}, but training never applies it (augment.preset {preset} with "
+                       f"augment.transforms has no {' / '.join(sorted(_TEACHES[name]))}): the TTA average mixes in "
+                       "views the model never learned; remove it from evaluate.tta or add it to augment.transforms")
+    return out
 
 
 class AugmentError(PipelineError, ValueError):

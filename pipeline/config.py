@@ -48,7 +48,11 @@ class Paths:
     best_params: str = Field("data/tune/best_params.yaml", description="Tuned values the train stage uses.")
     tune_summary: str = Field("data/tune/summary.json", description="Study summary (DVC metrics).")
     model_dir: str = Field("models", description="Best checkpoint and the MLflow run it belongs to.")
-    metrics: str = Field("reports/metrics.json", description="Test metrics (DVC metrics).")
+    metrics: str = Field("reports/metrics.json", description="Headline test metrics (DVC metrics: what "
+                                                             "`dvc metrics show` and `dvc exp show` print).")
+    metrics_detail: str = Field("reports/metrics_detail.json",
+                                description="Every other test metric: intervals, per class, calibration "
+                                            "(`dvc metrics show reports/metrics_detail.json`).")
     confusion: str = Field("reports/confusion.csv", description="Test predictions for the DVC confusion plot.")
     plots: str = Field("reports/plots", description="Evaluation images (confusion matrix).")
     report: str = Field("reports/report.md", description="Human-readable evaluation report.")
@@ -81,6 +85,10 @@ class Data:
     dicom_window: tuple[float, float] | None = Field(
         None, description="DICOM [center, width] in modality units (after rescale slope/intercept); "
                           "null: each file's WindowCenter/WindowWidth tags, else its own min..max.")
+    dicom_group: Literal["PatientID", "StudyInstanceUID"] | None = Field(
+        "PatientID", description="intake of a set without a group column: each DICOM file's group is this header "
+                                 "element, stored as a salted hash, so one patient's (or study's) slices share a "
+                                 "split; null: DICOM files are not grouped.")
     min_images_per_class: int = Field(
         20, ge=3, description="Classes with fewer readable images get a warning (fewer than 3 is an error).")
     near_duplicate_bits: int | None = Field(

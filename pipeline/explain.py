@@ -8,7 +8,9 @@ pipeline already installs is ``ttach``. Importable from notebooks::
     explain.panel(images, maps, captions, "cam.png")
 
 ``layer4`` has a stride of 32: at 64 px it is a 2x2 grid (one cell per quadrant), at 32 px a single cell
-that cannot localise anything (a warning says so, and the maps are all zero).
+that cannot localise anything, however smooth the upsampled map looks. ``grad_cam`` warns whenever its
+layer's map is coarser than ``MIN_GRID`` x ``MIN_GRID``; the evaluate stage's panel uses the deepest stage
+that is not (``layer_for``: layer3 at 64 px) and its title states the map's real resolution.
 """
 
 from __future__ import annotations
@@ -25,28 +27,48 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-STRIDE = 32  # of a torchvision ResNet's layer4
+STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}  # of a torchvision ResNet's residual stages
+MIN_GRID = 4  # a map coarser than 4x4 cells is drawn as smooth blobs that look like localisation but are not
 PANEL_PNG = "gradcam.png"  # the evaluate stage's panel, in paths.plots
 
 
-def _target_layers(model: nn.Module) -> list[nn.Module]:
-    """layer4 of the ResNet, or of each member of an ensemble (pytorch-grad-cam averages their maps)."""
+def _target_layers(model: nn.Module, layer: str = "layer4") -> list[nn.Module]:
+    """``layer`` of the ResNet, or of each member of an ensemble (pytorch-grad-cam averages their maps)."""
     layers = []
     for member in getattr(model, "members", [model]):
         net = getattr(member, "net", member)  # the Classifier wraps the torchvision ResNet as .net
-        if not hasattr(net, "layer4"):
-            raise TypeError(f"{type(net).__name__} has no layer4: Grad-CAM here expects a torchvision ResNet")
-        layers.append(net.layer4)
+        if layer not in STRIDES or not hasattr(net, layer):
+            raise TypeError(f"{type(net).__name__} has no {layer}: Grad-CAM here expects a torchvision ResNet "
+                            f"stage ({', '.join(STRIDES)})")
+        layers.append(getattr(net, layer))
     return layers
 
 
+def grid(side: int, layer: str = "layer4") -> int:
+    """Cells per side of ``layer``'s feature map for ``side``-pixel images: the heat map's real resolution."""
+    return math.ceil(side / STRIDES[layer])
+
+
+def layer_for(side: int) -> str:
+    """The deepest (most class-specific) stage whose map is at least ``MIN_GRID`` cells a side: layer4 from
+    128 px, layer3 from 64 px, layer2 from 32 px."""
+    return next((name for name in reversed(STRIDES) if grid(side, name) >= MIN_GRID), "layer1")
+
+
+def describe(side: int, layer: str) -> str:
+    """'layer3: a 4x4 map, one cell per 16x16 px': what a heat map at this resolution can show."""
+    g, stride = grid(side, layer), STRIDES[layer]
+    return f"{layer}: a {g}x{g} map, one cell per {stride}x{stride} px, drawn smoothed"
+
+
 def grad_cam(model: nn.Module, images: np.ndarray, target: int | Sequence[int] | None = None,
-             batch_size: int = 32) -> np.ndarray:
+             batch_size: int = 32, layer: str = "layer4") -> np.ndarray:
     """Grad-CAM heat maps (N, H, W) in [0, 1] of cached images (N, H, W, C), as the prepared cache holds them.
 
     ``target``: the class explained: None, each image's predicted class; an int, that class for all;
     a sequence, one class per image. Each map is scaled to [0, 1] on its own (an all-zero map: no
-    positive evidence for the class).
+    positive evidence for the class). ``layer``: the ResNet stage explained (``layer_for`` picks one
+    fine enough for the image size).
     """
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -54,9 +76,15 @@ def grad_cam(model: nn.Module, images: np.ndarray, target: int | Sequence[int] |
     images = np.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"expected images as (N, H, W, C), got shape {images.shape}")
-    if math.ceil(min(images.shape[1:3]) / STRIDE) < 2:
-        log.warning("Grad-CAM: at %d px layer4 is a single cell, so the heat maps cannot localise anything; "
-                    "train at data.image_size >= 64 to see where the model looks", min(images.shape[1:3]))
+    side = min(images.shape[1:3])
+    if grid(side, layer) < 2:
+        log.warning("Grad-CAM: at %d px %s is a single cell, so the heat maps cannot localise anything; use "
+                    "layer='%s' or train at a larger data.image_size to see where the model looks", side, layer,
+                    layer_for(side))
+    elif grid(side, layer) < MIN_GRID:
+        log.warning("Grad-CAM: at %d px %s (%s) is coarser than %dx%d: the smooth blobs are interpolated from "
+                    "that few cells and do not localise within one; layer='%s' is finer", side, layer,
+                    describe(side, layer), MIN_GRID, MIN_GRID, layer_for(side))
     if target is None or isinstance(target, (int, np.integer)):
         targets = [target] * len(images)
     else:
@@ -66,7 +94,7 @@ def grad_cam(model: nn.Module, images: np.ndarray, target: int | Sequence[int] |
     was_training = model.training
     maps = []
     try:
-        with torch.enable_grad(), GradCAM(model=model, target_layers=_target_layers(model)) as cam:
+        with torch.enable_grad(), GradCAM(model=model, target_layers=_target_layers(model, layer)) as cam:
             for start in range(0, len(images), batch_size):
                 x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size].transpose(0, 3, 1, 2)))
                 chosen = targets[start:start + batch_size]
@@ -146,13 +174,16 @@ def gradcam_panel(model: nn.Module, images: np.ndarray, labels: np.ndarray, prob
                   batch_size: int = 32) -> int:
     """The evaluate stage's panel: one row per true class, its most confident right then wrong test images.
 
-    Each heat map explains the predicted class (what the model saw, right or wrong). Returns the
-    number of images shown.
+    Each heat map explains the predicted class (what the model saw, right or wrong), on the deepest
+    stage with a map of at least ``MIN_GRID`` cells a side; the title gives that map's resolution.
+    Returns the number of images shown.
     """
-    grid = select(labels, probs, per_class)
-    chosen = sorted({i for row in grid for i in row if i is not None})
-    maps = dict(zip(chosen, grad_cam(model, images[chosen], batch_size=batch_size), strict=True)) if chosen else {}
-    slots = [i for row in grid for i in row]
+    rows = select(labels, probs, per_class)
+    chosen = sorted({i for row in rows for i in row if i is not None})
+    layer = layer_for(min(images.shape[1:3]))
+    maps = dict(zip(chosen, grad_cam(model, images[chosen], batch_size=batch_size, layer=layer), strict=True)) \
+        if chosen else {}
+    slots = [i for row in rows for i in row]
     predicted = np.asarray(probs).argmax(1)
     captions = ["" if i is None else
                 f"true {class_names[labels[i]]}\npred {class_names[predicted[i]]} ({probs[i].max():.2f})"
@@ -160,8 +191,8 @@ def gradcam_panel(model: nn.Module, images: np.ndarray, labels: np.ndarray, prob
     panel([None if i is None else images[i] for i in slots], [None if i is None else maps[i] for i in slots],
           captions, path, columns=2 * per_class, wrong=[i is not None and predicted[i] != labels[i] for i in slots],
           row_titles=[f"true {c}" for c in class_names],
-          title=f"Grad-CAM (layer4) of the predicted class: the {per_class} most confident right, "
-                f"then wrong, test images per class")
+          title=f"Grad-CAM ({describe(min(images.shape[1:3]), layer)}) of the predicted class:\n"
+                f"the {per_class} most confident right, then wrong, test images per class")
     return len(chosen)
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Sequence
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +28,10 @@ from pipeline.resume import LAST_NAME  # <out_dir>/last.ckpt: full state of the 
 from pipeline.weights import WeightsInfo, load_pretrained
 
 log = logging.getLogger(__name__)
+_NOTED: set[str] = set()  # warnings already given in this process (a tune stage calls fit once per trial)
 
 CHECKPOINT_NAME = "best"  # written as <out_dir>/best.ckpt
+PROGRESS_EVERY_S = 30.0  # a progress line this often within a long training epoch
 RUN_INFO = "run.json"  # the train stage's, beside the best checkpoint in paths.model_dir; evaluate, predict read it
 
 
@@ -40,12 +45,35 @@ class FitResult:
 
 
 class EpochSummary(Callback):
-    """One plain line per epoch: readable in `dvc repro` logs, where progress bars are noise."""
+    """One plain line per epoch with that epoch's training and validation metrics, readable in `dvc repro` logs
+    (where progress bars are noise); within an epoch longer than ``every_s`` seconds, a progress line that often.
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+    Printed at the end of the training epoch, which Lightning reaches after that epoch's validation: at
+    validation end the epoch's training metrics are not aggregated yet (the line showed the previous epoch's).
+    """
+
+    def __init__(self, every_s: float = PROGRESS_EVERY_S) -> None:
+        self.every_s = every_s
+        self._last = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last = time.monotonic()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if not trainer.is_global_zero or time.monotonic() - self._last < self.every_s:
             return
-        shown = "  ".join(f"{k}={float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()))
+        self._last = time.monotonic()
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        total = trainer.num_training_batches
+        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  batch {batch_idx + 1}/{total}"
+              + (f"  train/loss (batch)={float(loss):.4f}" if loss is not None else ""), flush=True)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        ordered = sorted(metrics, key=lambda k: (not k.startswith("train/"), k))  # train/* first, then val/*
+        shown = "  ".join(f"{k}={float(metrics[k]):.4f}" for k in ordered)
         print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {shown}", flush=True)
 
 
@@ -112,6 +140,24 @@ def build_model(params: Params, class_names: Sequence[str], hub_dir: Path | None
     return model, info
 
 
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Silence, for one fit, what Lightning says on every Trainer: its INFO lines (GPU/TPU available, the
+    litlogger tip, "estimate number of stepping batches", "`Trainer.fit` stopped") and torch's FutureWarning
+    about ``LeafSpec`` that Lightning 2.6 triggers itself. A tune stage would print them once per trial;
+    Lightning's own warnings and errors still show."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = rank_zero.level
+    rank_zero.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        rank_zero.setLevel(level)
+
+
 def _tolerate_frozen_parameters(strategy: str, devices: int | str, num_nodes: int = 1) -> str:
     """DDP expects a gradient for every parameter in every step; frozen ones have none. Its
     ``find_unused_parameters`` mode tolerates that (at some cost, so only while a recipe freezes)."""
@@ -143,10 +189,11 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
     all_callbacks = [stopper, StopOnNonFiniteLoss(), EpochSummary(), *callbacks]
     strategy = t.strategy
     freezing = t.freeze_epochs > 0 or t.unfreeze == "gradual"
-    if freezing and not weights.pretrained:
+    if freezing and not weights.pretrained and "freeze" not in _NOTED:  # once per stage, not once per trial
+        _NOTED.add("freeze")
         log.warning("train.freeze_epochs=%d / train.unfreeze=%s ignored: the backbone is randomly initialised, "
                     "so it trains from the first epoch", t.freeze_epochs, t.unfreeze)
-    elif freezing:
+    if freezing and weights.pretrained:
         all_callbacks.append(recipe.FreezeSchedule(t.freeze_epochs, t.unfreeze))
         strategy = _tolerate_frozen_parameters(t.strategy, t.devices, t.num_nodes)
     checkpoint = None
@@ -158,7 +205,7 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
         latest = ModelCheckpoint(dirpath=out_dir, filename=LAST_NAME, monitor=None, save_top_k=1,
                                  enable_version_counter=False)
         all_callbacks += [checkpoint, latest]
-    with tempfile.TemporaryDirectory(prefix="fit-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="fit-") as scratch, _quiet_lightning():
         trainer = L.Trainer(
             max_epochs=max_epochs or t.max_epochs, accelerator=t.accelerator, devices=t.devices,
             num_nodes=t.num_nodes, strategy=strategy, precision=t.precision, logger=logger, callbacks=all_callbacks,

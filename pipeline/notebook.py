@@ -169,6 +169,18 @@ def runs_table(project: Project, experiments: Sequence[str] | None = None) -> pd
     return pd.concat([info, params, metrics], axis=1)
 
 
+def for_dataset(runs: pd.DataFrame, dataset: str | None) -> pd.DataFrame:
+    """The runs on one data set (``data.dataset``, the ``dataset`` column), so that runs on other images are
+    not ranked against them; None keeps every run. Within a set, ``data_version`` tells versions apart."""
+    if dataset is None:
+        return runs
+    kept = runs[runs["dataset"] == dataset]
+    if kept.empty:
+        raise PipelineError(f"no run on data set '{dataset}'; data sets with runs: "
+                            f"{sorted(runs['dataset'].dropna().unique())} (or pass None for every run)")
+    return kept
+
+
 def _numbers_where_possible(column: pd.Series) -> pd.Series:
     """MLflow stores params as strings; a column whose every value parses as a number becomes numeric."""
     numeric = pd.to_numeric(column, errors="coerce")

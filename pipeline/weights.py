@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 HEAD_PREFIX = "fc."
 FIRST_CONV = "conv1.weight"
 DOWNLOAD_TIMEOUT_S = 60
+# URLs whose download failed in this process: the random-init banner is shown once, not once per tune trial.
+_FAILED: set[str] = set()
 
 
 class WeightsError(PipelineError, RuntimeError):
@@ -101,16 +103,25 @@ def hub_checkpoint(url: str, hub_dir: Path | None = None) -> Path:
 
 
 def fetch(url: str, hub_dir: Path | None = None) -> dict[str, torch.Tensor]:
-    """Download (or reuse the cached copy of) a torchvision checkpoint, verifying its hash suffix."""
-    model_dir = str(hub_dir) if hub_dir else None
-    # torch.hub opens the URL without a timeout; behind a silent firewall that would hang forever.
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
-        return torch.hub.load_state_dict_from_url(url, model_dir=model_dir, progress=False,
-                                                  check_hash=True, weights_only=True)
-    finally:
-        socket.setdefaulttimeout(previous)
+    """Download (or reuse the cached copy of) a torchvision checkpoint, verifying its hash suffix.
+
+    What ``torch.hub.load_state_dict_from_url`` does, minus the "Downloading: ..." line it prints before
+    every attempt (offline, once per tune trial, each followed by the failure): downloaded through
+    ``download_url_to_file`` (to a temporary file, checked, then moved into place) and logged once done.
+    """
+    target = hub_checkpoint(url, hub_dir)
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        match = HASH_REGEX.search(target.name)
+        # torch.hub opens the URL without a timeout; behind a silent firewall that would hang forever.
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            torch.hub.download_url_to_file(url, str(target), match.group(1) if match else None, progress=False)
+        finally:
+            socket.setdefaulttimeout(previous)
+        log.info("downloaded %s -> %s", url, target)
+    return torch.load(target, map_location="cpu", weights_only=True)
 
 
 def read(path: Path) -> dict[str, torch.Tensor]:
@@ -183,6 +194,10 @@ def load_pretrained(net: nn.Module, arch: str, weights: str, *, require_pretrain
             raise WeightsError(f"ImageNet weights for {arch} could not be obtained from {url} ({err}); "
                                f"model.require_pretrained is true: {advice}") from err
         reason = f"download of {url} failed: {err}"
+        if url in _FAILED:  # a tune stage fits once per trial: the banner once per stage (process) is enough
+            log.debug("training %s from random init again (%s)", arch, reason)
+            return WeightsInfo(requested=weights, source="random-init", pretrained=False, fallback_reason=reason)
+        _FAILED.add(url)
         log.warning("\n" + "!" * 78 + "\n!! PRETRAINED WEIGHTS UNAVAILABLE - training %s from RANDOM INIT.\n"
                     "!! %s\n!! To fix: %s\n" + "!" * 78, arch, reason, advice)
         return WeightsInfo(requested=weights, source="random-init", pretrained=False, fallback_reason=reason)
@@ -203,7 +218,12 @@ def import_checkpoint(file: Path, arch: str, name: str = "imagenet", hub_dir: Pa
     enum = weight_enum(arch, name)
     if not file.is_file():
         raise WeightsError(f"{file}: no such file")
-    verify_file(file, url=enum.url)
+    # Checked here, not with verify_file, whose advice is to run this very command.
+    match, actual = HASH_REGEX.search(Path(enum.url).name), sha256_of(file)
+    if match is not None and not actual.startswith(match.group(1)):
+        raise WeightsError(f"{file}: not the checkpoint {enum} needs: its SHA-256 {actual[:16]}... does not start "
+                           f"with {match.group(1)}, the hash in the name of {enum.url} (an interrupted download, or "
+                           "a file for other weights: check --arch and --weights); download that URL again")
     state = read(file)
     own = build_network(arch, len(enum.meta["categories"])).state_dict()
     wrong = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]

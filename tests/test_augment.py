@@ -161,3 +161,16 @@ def test_offline_copies_are_augmented_draws_with_their_labels(images):
     assert labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and np.array_equal(copies[2], images[1][::-1])
     none, no_labels = augment.offline_copies(pipeline, images, np.arange(4), 0)
     assert none.shape == (0, 32, 32, 3) and len(no_labels) == 0
+
+
+def test_every_domain_builds_and_its_tta_is_taught_in_training():
+    from pipeline.augment import DOMAINS, build, build_tta, tta_conflicts
+
+    for name, domain in DOMAINS.items():
+        build(domain.transforms, seed=0, preset=domain.preset)
+        build_tta(domain.tta)
+        assert tta_conflicts(domain.preset, domain.transforms, domain.tta) == [], name
+    for radiograph in ("xray", "ct", "mri"):  # no flips, none at test time
+        assert DOMAINS[radiograph].tta == () and not DOMAINS[radiograph].transforms
+    assert tta_conflicts("medical", (), ["HorizontalFlip", "Transpose"])[0].startswith("evaluate.tta has HorizontalFlip")
+    assert tta_conflicts("medical", ({"name": "SquareSymmetry", "p": 0},), ["VerticalFlip"])  # switched off

@@ -321,3 +321,45 @@ def test_evaluate_reports_plain_tta_and_calibrated_metrics(tiny_model):
     t = both.metrics["calibration/temperature"]
     np.testing.assert_allclose(both.calibrated.argmax(1), both.probs.argmax(1))
     assert both.metrics["calibration/val_nll_calibrated"] <= both.metrics["calibration/val_nll"] + 1e-9 and t > 0
+
+
+def test_report_names_the_positive_class():
+    labels = np.array([0, 0, 1, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+    classes = ("normal", "pneumonia")
+    data = DATA | {"classes": list(classes), "counts": {s: {c: 20 for c in classes} for s in ("train", "val", "test")}}
+    m = evaluation.compute_metrics(probs, labels, classes, positive=1)
+    text = evaluation.report(m, data, PRETRAINED, [], settings=Evaluate(bootstrap=0))
+    assert "| sensitivity for pneumonia | 0.6667 |" in text and "| specificity (recall of normal) | 0.5000 |" in text
+    assert "| positive class | `pneumonia` (evaluate.positive_class is null" in text
+    chosen = evaluation.report(m, data, PRETRAINED, [], settings=Evaluate(bootstrap=0, positive_class="normal"))
+    assert "| sensitivity for normal |" in chosen
+
+
+def test_report_states_temperature_scalings_test_effect_and_warns_when_it_hurts():
+    settings = Evaluate(bootstrap=0)
+    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)
+    m |= {f"test_calibrated/{name}": m[f"test/{name}"] + 0.05 for name in evaluation.CALIBRATION}  # all worse
+    m |= {"calibration/temperature": 0.25, "calibration/val_nll": 0.9, "calibration/val_nll_calibrated": 0.7}
+    assert m["test_calibrated/ece"] > m["test/ece"]
+    text = evaluation.report(m, DATA, PRETRAINED, [], settings=settings)
+    warnings = text.split("## Warnings")[1].split("##")[0]
+    assert "**Temperature scaling made test calibration worse** (ECE " in warnings
+    assert f"ECE {m['test/ece']:.3f} → {m['test_calibrated/ece']:.3f}" in text and "**worse**" in text
+    assert "predict, export and the registered MLflow model: the plain softmax" in text
+    m |= {k.replace("test/", "test_calibrated/"): v for k, v in m.items() if k.startswith("test/")}  # no change
+    assert "Temperature scaling made" not in evaluation.report(m, DATA, PRETRAINED, [], settings=settings)
+
+
+def test_the_reliability_diagram_shows_each_bins_image_count(tmp_path):
+    from pipeline.evaluation import plots
+    table = calibration.reliability_table(PROBS, LABELS, 4)
+    fig = plots.plot_reliability({"test": table}, tmp_path / "r.png", {"test": "uncalibrated"})
+    shown = [t.get_text() for t in fig.axes[0].texts]
+    assert shown == [str(n) for n in table["count"]] and (tmp_path / "r.png").is_file()
+
+
+def test_the_report_is_the_same_for_identical_results_of_another_train_run():
+    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)
+    first = evaluation.report(m, DATA, PRETRAINED, [], settings=Evaluate(bootstrap=0))
+    assert evaluation.report(m, DATA, PRETRAINED | {"run_id": "r2"}, [], settings=Evaluate(bootstrap=0)) == first

@@ -68,15 +68,25 @@ def project(tmp_path_factory):
             mlflow.set_tracking_uri(previous_uri)
 
 
+def all_metrics(params) -> dict:
+    """The headline metrics file and the detail file together."""
+    return {k: v for path in (params.paths.metrics, params.paths.metrics_detail)
+            for k, v in json.loads(Path(path).read_text(), parse_constant=pytest.fail).items()}  # no NaN/Infinity
+
+
 def test_stage_writes_metrics_with_intervals_and_calibration(project):
     _, params, _ = project
-    metrics = json.loads(Path(params.paths.metrics).read_text(), parse_constant=pytest.fail)  # no NaN/Infinity
+    metrics = all_metrics(params)
     for split in ("test", "test_tta"):
         for name in (*evaluation.HEADLINE, *evaluation.CALIBRATION):
             assert metrics[f"{split}/{name}_ci_low"] <= metrics[f"{split}/{name}"] <= metrics[f"{split}/{name}_ci_high"]
     assert {"test_calibrated/ece", "test_calibrated/brier_ci_high", "calibration/temperature"} <= set(metrics)
     assert metrics["test/support/alpha"] == 2 and metrics["weights/pretrained"] is False
     assert len(pd.read_csv(params.paths.confusion)) == 6
+    headline = json.loads(Path(params.paths.metrics).read_text())  # what dvc metrics show / exp show print
+    assert list(headline) == [k for k in evaluation.reporting.HEADLINE_KEYS if k in metrics]
+    assert "test/accuracy" in headline and "test_tta/auroc" in headline and len(headline) <= 16
+    assert not set(headline) & set(json.loads(Path(params.paths.metrics_detail).read_text()))
 
 
 def test_plots_folder_holds_the_images_and_the_curve_data(project):
@@ -95,7 +105,8 @@ def test_plots_folder_holds_the_images_and_the_curve_data(project):
 def test_dvc_yaml_declares_what_the_stage_writes():
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     evaluate = dvc["stages"]["evaluate"]
-    assert evaluate["outs"] == ["${paths.plots}", {"${paths.report}": {"cache": False}}]
+    assert evaluate["outs"] == ["${paths.plots}", {"${paths.report}": {"cache": False}},
+                                {"${paths.metrics_detail}": {"cache": False}}]
     assert evaluate["metrics"] == [{"${paths.metrics}": {"cache": False}}]
     assert [next(iter(p)) for p in evaluate["plots"]] == ["${paths.confusion}"]
     assert {"seed", "evaluate"} <= set(evaluate["params"])
@@ -130,14 +141,14 @@ def test_dvc_plots_show_renders_every_plot(project):
 
 def test_train_run_gets_the_metrics_and_plots_under_the_same_names(project):
     _, params, run_id = project
-    metrics = json.loads(Path(params.paths.metrics).read_text())
+    metrics = all_metrics(params)
     logged = mlflow.MlflowClient().get_run(run_id).data.metrics
     for name in ("test/accuracy", "test/accuracy_ci_low", "test_tta/auroc_ci_high", "test_calibrated/ece",
                  "calibration/temperature"):
         assert logged[name] == pytest.approx(metrics[name])
     listed = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "evaluation")}
     assert {f"evaluation/{name}" for name in (*evaluation.IMAGES, "roc", "reliability", "metrics.json",
-                                               "report.md", "confusion.csv")} <= listed
+                                               "metrics_detail.json", "report.md", "confusion.csv")} <= listed
 
 
 def test_report_warns_and_embeds_the_plots(project):
@@ -150,6 +161,8 @@ def test_report_warns_and_embeds_the_plots(project):
         assert f"]({Path(params.paths.plots).name}/{image})" in text
         assert (report.parent / Path(params.paths.plots).name / image).is_file()
     assert "## Calibration" in text and "Temperature T =" in text and "| model | `resnet18` |" in text
+    stage.main(params)  # an identical run: the report (git-tracked) does not change
+    assert report.read_text() == text
 
 
 def test_a_positive_class_on_a_multiclass_set_fails_before_any_work(project):
@@ -158,3 +171,8 @@ def test_a_positive_class_on_a_multiclass_set_fails_before_any_work(project):
     with pytest.raises(evaluation.EvaluationError, match="evaluate.positive_class"):
         stage.main(tiny_params(positive_class="alpha"))
     assert Path(params.paths.metrics).stat().st_mtime_ns == before
+
+
+def test_dvc_plots_output_is_git_ignored():
+    ignored = subprocess.run(["git", "check-ignore", "-q", "dvc_plots/index.html"], cwd=REPO)
+    assert ignored.returncode == 0  # `dvc plots show` leaves the tree clean

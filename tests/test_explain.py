@@ -137,3 +137,17 @@ def test_evaluate_stage_writes_logs_and_embeds_the_panel(tmp_path, monkeypatch):
     finally:
         mlflow.set_tracking_uri(previous_uri)
     assert explain.panel_png(None, np.zeros((1, 32, 32, 3)), np.zeros(1), np.ones((1, 2)), ["a", "b"], 0) is None
+
+
+def test_a_map_coarser_than_4x4_is_named_and_the_panel_uses_a_finer_layer(model, caplog):
+    assert [explain.layer_for(side) for side in (16, 32, 64, 128, 224)] == \
+        ["layer1", "layer2", "layer3", "layer4", "layer4"]
+    assert explain.describe(64, "layer3") == "layer3: a 4x4 map, one cell per 16x16 px, drawn smoothed"
+    images, _ = squares(2)  # 64 px: layer4 is 2x2
+    with caplog.at_level("WARNING", logger="pipeline.explain"):
+        explain.grad_cam(model, images)
+    assert "layer4 (layer4: a 2x2 map, one cell per 32x32 px, drawn smoothed) is coarser than 4x4" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.explain"):
+        maps = explain.grad_cam(model, images, layer="layer3")
+    assert caplog.text == "" and maps.shape == (2, SIZE, SIZE)

@@ -1,3 +1,5 @@
+import pytest
+
 import torch
 
 from pipeline import augment
@@ -39,3 +41,47 @@ def test_a_diverging_loss_stops_with_a_message_and_no_checkpoint(tiny_params, pr
     with pytest.raises(TrainingDiverged, match="lower train.lr"):
         fit(params, datamodule(params, prepared, None), out_dir=tmp_path / "ckpt", max_epochs=20)
     assert not (tmp_path / "ckpt" / "best.ckpt").exists()
+
+
+def test_each_epoch_line_shows_that_epochs_own_train_and_val_metrics(tiny_params, prepared, capsys, caplog):
+    import re
+
+    from lightning.pytorch.loggers import Logger
+
+    class Recorder(Logger):  # what MLflow receives, per epoch
+        name, version = "recorder", "0"
+        logged: list[dict] = []
+
+        def log_hyperparams(self, params, *args, **kwargs) -> None:
+            pass
+
+        def log_metrics(self, metrics, step=None) -> None:
+            self.logged.append(dict(metrics))
+
+    recorder = Recorder()
+    fit(tiny_params, datamodule(tiny_params, prepared, None), logger=recorder)
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    for noise in ("GPU available", "TPU available", "litlogger", "stepping batches", "LeafSpec", "Trainer.fit"):
+        assert noise not in out + err + caplog.text, noise  # Lightning's per-Trainer lines, silenced at the source
+    assert [line.split()[1] for line in lines] == ["1/2", "2/2"]  # one per epoch, the last included
+    for line, epoch in zip(lines, range(2), strict=True):
+        shown = dict(re.findall(r"(\S+)=(\S+)", line))
+        logged = {k: v for m in recorder.logged if m.get("epoch") == epoch for k, v in m.items()}
+        for name in ("train/loss", "val/loss", "val/acc"):
+            assert float(shown[name]) == pytest.approx(logged[name], abs=1e-4), (line, name)
+
+
+def test_a_long_epoch_prints_progress_lines(capsys):
+    from types import SimpleNamespace
+
+    from pipeline.fit import EpochSummary
+
+    trainer = SimpleNamespace(is_global_zero=True, current_epoch=0, max_epochs=3, num_training_batches=50)
+    summary = EpochSummary(every_s=3600)
+    summary.on_train_epoch_start(trainer, None)
+    summary.on_train_batch_end(trainer, None, {"loss": torch.tensor(0.5)}, None, 9)
+    assert capsys.readouterr().out == ""  # a short epoch: nothing between epoch lines
+    summary.every_s = 0
+    summary.on_train_batch_end(trainer, None, {"loss": torch.tensor(0.5)}, None, 9)
+    assert capsys.readouterr().out == "epoch 1/3  batch 10/50  train/loss (batch)=0.5000\n"

@@ -1,5 +1,6 @@
 """intake: copy, validate, version with DVC and select a user's set; the source is never touched."""
 
+import difflib
 import os
 import shutil
 import subprocess
@@ -201,3 +202,70 @@ def test_intake_help_is_its_own(capsys):
         cli(["intake", "--help"])
     out = capsys.readouterr().out
     assert done.value.code == 0 and "usage: python -m pipeline intake" in out and "SRC" in out and "--name" in out
+
+
+# --- the domain sets the augmentation; DICOM sets group themselves -----------------------------------
+
+def test_domain_sets_augmentation_and_tta_and_the_card_says_so(repo, tmp_path, capsys):
+    from pipeline.config import load
+    src = write_class_folders(tmp_path / "films", per_class=4, size=12)  # smaller than data.image_size 16
+    before = (repo / "params.yaml").read_text()
+    assert load(repo / "params.yaml").augment.transforms  # the demo's SquareSymmetry, flips at test time
+    assert cli(["intake", str(src), "--name", "chest", "--domain", "xray"]) == 0
+    params = load(repo / "params.yaml")
+    assert (params.augment.preset, params.augment.transforms, params.evaluate.tta) == ("medical", (), ())
+    diff = list(difflib.ndiff(before.splitlines(), (repo / "params.yaml").read_text().splitlines()))
+    added, removed = ([d[2:] for d in diff if d.startswith(sign)] for sign in ("+ ", "- "))
+    assert [b.split("#")[0].strip() for b in added] == ["dataset: chest", "transforms: []", "tta: []"]
+    assert all("#" in b for b in added) and len(removed) == 4  # comments kept; the old SquareSymmetry line out
+    out = capsys.readouterr().out
+    assert "--domain xray, written to params.yaml" in out and "evaluate.tta [] (none)" in out
+    assert "upscaled to 16x16" in out and "data.image_size: 16 trains on them as they are" in out
+    assert "training never applies it" not in out
+
+
+def test_without_a_domain_the_card_names_what_is_kept_and_a_contradicting_tta(repo, tmp_path, capsys):
+    params = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(params.replace("tta: [HorizontalFlip, VerticalFlip]", "tta: [VerticalFlip]")
+                                      .replace("    - {name: SquareSymmetry, p: 1.0}", "    - {name: HorizontalFlip}"))
+    src = write_class_folders(tmp_path / "s", per_class=4, size=16)
+    assert cli(["intake", str(src), "--name", "kept"]) == 0
+    out = capsys.readouterr().out
+    assert "kept from params.yaml (no --domain given" in out and "upscaled" not in out
+    assert "warning:    evaluate.tta has VerticalFlip, but training never applies it" in out
+
+
+def write_patient_slices(root: Path, n_patients: int = 6) -> dict[str, str]:
+    """DICOM slices per class folder, two per patient in each class; returns file name -> PatientID."""
+    import numpy as np
+    import pydicom
+
+    from tests.test_readers import write_dicom
+    rng, owners = np.random.default_rng(0), {}
+    for label in ("normal", "pneumonia"):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for p in range(n_patients):
+            for s in range(2):
+                path = root / label / f"{label}_{p}_{s}.dcm"
+                write_dicom(path, rng.integers(0, 4096, (16, 16)), slope=1.0, intercept=0.0, window=(2048, 4096))
+                ds = pydicom.dcmread(path)
+                ds.PatientID = owners[path.name] = f"PAT-{p:03d}"
+                ds.save_as(path)
+    return owners
+
+
+def test_dicom_slices_are_grouped_by_patient_as_salted_hashes(repo, tmp_path, monkeypatch, capsys):
+    from pipeline.data.ingest import SPLITS_CSV, ingest
+    monkeypatch.setenv("PIPELINE_GROUP_SALT", "salt-9")
+    owners = write_patient_slices(tmp_path / "scans")
+    assert cli(["intake", str(tmp_path / "scans"), "--name", "ward", "--domain", "ct"]) == 0
+    raw = repo / "data" / "raw" / "ward"
+    stored = pd.read_csv(raw / "manifest.csv", dtype=str)
+    assert list(stored.columns) == ["path", "label", "group"]
+    assert list(stored["group"]) == [group_hash(owners[Path(p).name], "salt-9") for p in stored["path"]]
+    ingest(raw, repo / "data" / "prepared", seed=0, image_size=16, val_fraction=0.25, test_fraction=0.25)
+    splits = pd.read_csv(repo / "data" / "prepared" / SPLITS_CSV, dtype=str)
+    assert splits["group"].nunique() == 6 and (splits.groupby("group")["split"].nunique() == 1).all()
+    out = capsys.readouterr().out
+    assert "groups from DICOM PatientID: 6 groups, stored as salted hashes" in out
+    assert "PAT-0" not in out and b"PAT-0" not in (raw / "manifest.csv").read_bytes()

@@ -161,3 +161,14 @@ def test_tracking_uri_is_resolved_against_the_project(tmp_path, monkeypatch):
     assert nb.open_project(tmp_path).tracking_uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
     assert nb.open_project(tmp_path).tracking_uri == "http://127.0.0.1:5001"
+
+
+def test_runs_of_other_data_sets_are_not_ranked_together():
+    import pandas as pd
+    runs = pd.DataFrame({"run_id": ["a", "b", "c"], "stage": "train", "dataset": ["demo", "xray", "xray"],
+                         "val/loss": [0.1, 0.5, 0.4]})
+    xray = nb.for_dataset(runs, "xray")
+    assert list(xray["run_id"]) == ["b", "c"] and nb.best_run(xray, "val/loss")["run_id"] == "c"
+    assert nb.best_run(nb.for_dataset(runs, None), "val/loss")["run_id"] == "a"  # demo's easy tiles would win
+    with pytest.raises(PipelineError, match=r"no run on data set 'ct'.*\['demo', 'xray'\]"):
+        nb.for_dataset(runs, "ct")

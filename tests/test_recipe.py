@@ -64,7 +64,10 @@ def test_gradual_unfreezing_goes_from_the_top(tiny_params, prepared, pretrained_
     assert [recipe.trainable_stages(e, 2, "all") for e in range(4)] == [0, 0, 5, 5]
 
 
-def test_random_init_ignores_freezing_and_the_lower_backbone_rate(tiny_params, prepared, caplog):
+def test_random_init_ignores_freezing_and_the_lower_backbone_rate(tiny_params, prepared, caplog, monkeypatch):
+    from pipeline import fit as fit_module
+
+    monkeypatch.setattr(fit_module, "_NOTED", set())  # the warning is given once per process
     params = with_overrides(tiny_params, {"train.freeze_epochs": 1})  # tiny_params: model.weights none
     start, first = fit_with_snapshots(params, prepared, epochs=1)
     assert changed(start, first, "layer1.") and "randomly initialised" in caplog.text

@@ -185,8 +185,9 @@ def test_weights_import_checks_hash_and_keys_and_places_the_file(saved_state, tm
     corrupt = tmp_path / "dl" / path.name
     corrupt.parent.mkdir()
     corrupt.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(weights.WeightsError, match="corrupt or another checkpoint"):
+    with pytest.raises(weights.WeightsError, match="interrupted download") as refused:
         weights.import_checkpoint(corrupt, "resnet18", hub_dir=tmp_path / "hub2")
+    assert "weights import" not in str(refused.value)  # not advice to run the command that just refused it
     assert not (tmp_path / "hub2" / path.name).exists()
 
 
@@ -222,3 +223,21 @@ def test_a_wrong_file_copied_into_the_hub_folder_by_hand_is_refused(saved_state,
     with pytest.raises(weights.WeightsError, match="corrupt or another checkpoint"):
         weights.load_pretrained(build_network("resnet18", 3), "resnet18", "imagenet", require_pretrained=False,
                                 hub_dir=hub)
+
+
+def test_an_unavailable_download_is_announced_once_per_process(tmp_path, monkeypatch, caplog, capsys):
+    from urllib.error import URLError
+
+    def offline(url, dst, hash_prefix=None, progress=True):
+        raise URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(weights, "imagenet_url", lambda arch, name="imagenet": "http://127.0.0.1:9/resnet18-00000000.pth")
+    monkeypatch.setattr(weights, "_FAILED", set())
+    for _ in range(3):  # three tune trials
+        info = weights.load_pretrained(build_network("resnet18", 2), "resnet18", "imagenet", require_pretrained=False,
+                                       hub_dir=tmp_path / "hub")
+        assert not info.pretrained and "Name or service not known" in info.fallback_reason
+    banners = [r for r in caplog.records if "PRETRAINED WEIGHTS UNAVAILABLE" in r.getMessage()]
+    assert len(banners) == 1 and banners[0].levelname == "WARNING"
+    assert "Downloading" not in capsys.readouterr().out  # torch.hub's line before each failing try

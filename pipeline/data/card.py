@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _counts(mapping: dict) -> str:
@@ -23,7 +25,8 @@ def summary(report: dict, root: Path | None = None) -> str:
         f"({len(report['rejected'])} unreadable skipped, {report['ignored_non_images']} non-image files ignored)",
         f"  per class   {_counts(per_class)}",
         *(f"  {split:11s} {_counts(c)}" for split, c in counts.items()),
-        f"  split by    {report['split_by']}" + (f", {report['folds']} folds" if report["folds"] else ""),
+        f"  split by    {report['split_by']}" + (f", {report['folds']} folds" if report["folds"] else "")
+        + (f"; groups from {report['groups_from']}" if report.get("groups_from") else ""),
         f"  modes       {_counts(report['formats']['mode'])}",
         f"  bit depths  {_counts(report['formats']['bits'])}",
         f"  sizes       {_counts(report['formats']['size'])}",
@@ -39,5 +42,33 @@ def summary(report: dict, root: Path | None = None) -> str:
     lines += [f"  non-image:  {rel(p)}" for p in report.get("non_images", [])[:10]]
     lines += [f"  left out:   {', '.join(f'{rel(p)} ({label})' for p, label in zip(c['paths'], c['labels']))} "
               "(identical files under different labels)" for c in report.get("label_conflicts", [])[:10]]
-    lines += [f"  warning:    {w}" for w in report["warnings"][:10]]
+    lines += [f"  warning:    {w}" for w in [*report["warnings"][:10], *filter(None, [upscaled(report)])]]
     return "\n".join(lines)
+
+
+def upscaled(report: dict) -> str | None:
+    """A warning when images are enlarged at ingest (28 px to 64 px adds pixels, not detail), else None."""
+    side = report["image_size"]
+    small = {size: n for size, n in report["formats"]["size"].items() if min(map(int, size.split("x"))) < side}
+    if not small:
+        return None
+    smallest = min(min(map(int, size.split("x"))) for size in small)
+    return (f"{sum(small.values())} of {report['n_images']} images are smaller than data.image_size {side} (e.g. "
+            f"{next(iter(small))}) and are upscaled to {side}x{side}: that adds compute, not detail (it may still "
+            f"suit pretrained weights); data.image_size: {max(smallest, 16)} trains on them as they are")
+
+
+def _entries(entries: Sequence[Any]) -> str:
+    names = [e if isinstance(e, str) else ", ".join(f"{k}: {v}" for k, v in e.items()) for e in entries]
+    return "[" + "; ".join(names) + "]" if names else "[] (none)"
+
+
+def augmentation(domain: str | None, preset: str, transforms: Sequence[dict], tta: Sequence[Any],
+                 conflicts: Sequence[str] = ()) -> str:
+    """The card's lines on the augmentation the set will train with: from ``intake --domain``, or kept."""
+    how = f"--domain {domain}, written to params.yaml" if domain else \
+        "kept from params.yaml (no --domain given: it may be the previous set's; see docs/training.md)"
+    lines = [f"  augment     {how}",
+             f"              augment.preset {preset}, augment.transforms {_entries(transforms)}",
+             f"              evaluate.tta {_entries(tta)}"]
+    return "\n".join([*lines, *(f"  warning:    {c}" for c in conflicts)])

@@ -36,6 +36,7 @@ import yaml
 from pipeline.config import Data
 from pipeline.data import ingest as ingest_module
 from pipeline.data import sources
+from pipeline.data.groups import add_dicom_groups
 from pipeline.data.ingest import MANIFEST_CSV, DataError, class_folders, ingest, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_dir, atomic_file
@@ -180,6 +181,8 @@ def intake(src: Path, target: Path, *, seed: int, data: Data, salt: str) -> dict
             ingest_module.log.warning("skipping %s (%s)", skipped["path"], skipped["reason"])
         if (staging / MANIFEST_CSV).is_file():
             hash_groups(staging / MANIFEST_CSV, salt)
+        n_groups = add_dicom_groups(staging, data.dicom_group, lambda v: group_hash(v, salt)) \
+            if data.dicom_group else 0  # after hash_groups: these are hashed already
         try:
             with _logged_as_sources(copied.sources):
                 report = ingest(staging, Path(scratch) / "prepared", seed=seed,
@@ -192,6 +195,8 @@ def intake(src: Path, target: Path, *, seed: int, data: Data, salt: str) -> dict
     report["rejected"] = copied.rejected + report["rejected"]
     report["non_images"] = copied.non_images + report.get("non_images", [])
     report["ignored_non_images"] += len(copied.non_images)
+    if n_groups:
+        report["groups_from"] = f"DICOM {data.dicom_group}: {n_groups} groups, stored as salted hashes"
     return report
 
 

@@ -98,17 +98,22 @@ def plot_curves(kind: str, curves: Mapping[str, pd.DataFrame], path: Path, label
     fig.savefig(path, dpi=100)
 
 
-def plot_reliability(tables: Mapping[str, pd.DataFrame], path: Path, labels: Mapping[str, str]) -> None:
-    """Accuracy against mean confidence per bin, for each prediction set (e.g. before and after calibration)."""
+def plot_reliability(tables: Mapping[str, pd.DataFrame], path: Path, labels: Mapping[str, str]):
+    """Accuracy against mean confidence per bin, for each prediction set (e.g. before and after calibration),
+    each point labelled with its bin's image count (a point of 2 images says little); returns the figure."""
     fig, ax = _figure((5.5, 5))
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfect calibration")
-    for split, table in tables.items():
-        ax.plot(table["confidence"], table["accuracy"], marker="o", label=labels[split])
+    for k, (split, table) in enumerate(tables.items()):
+        line, = ax.plot(table["confidence"], table["accuracy"], marker="o", label=labels[split])
+        for x, y, n in zip(table["confidence"], table["accuracy"], table["count"], strict=True):
+            ax.annotate(f"{n}", (x, y), textcoords="offset points", xytext=(0, 6 if k == 0 else -11), ha="center",
+                        fontsize=6, color=line.get_color())
     ax.set(xlabel="mean confidence (top class)", ylabel="accuracy", xlim=(0, 1.02), ylim=(-0.02, 1.02),
-           title="Test reliability diagram")
+           title="Test reliability diagram (numbers: images per bin)")
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    return fig
 
 
 def write_plots(folder: Path, probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],

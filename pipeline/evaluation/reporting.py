@@ -11,9 +11,19 @@ import pandas as pd
 from pipeline.config import Evaluate
 from pipeline.evaluation.calibration import TEMPERATURE_BOUNDS
 from pipeline.evaluation.metrics import BINARY, CALIBRATION, HEADLINE, PER_CLASS
+# The metrics file DVC shows by default (`dvc metrics show`, `dvc exp show`): what runs are compared on. Every
+# other number (intervals, per class, calibration details) is in paths.metrics_detail, and all are in MLflow.
+HEADLINE_KEYS = (*(f"{split}/{m}" for split in ("test", "test_tta") for m in (*HEADLINE, *BINARY)),
+                 "test/ece", "test_calibrated/ece", "weights/pretrained")
 SPLITS = {"test": "plain", "test_tta": "with TTA", "test_calibrated": "temperature-scaled"}
 KEY_HPARAMS = ("lr", "weight_decay", "optimizer", "dropout", "label_smoothing", "monitor")
 SMALL_TEST_CLASS = 10  # fewer test images of a class than this: a warning
+
+
+def split_headline(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The metrics as (headline, the rest): the ``HEADLINE_KEYS`` present, in that order, and all others."""
+    return {k: metrics[k] for k in HEADLINE_KEYS if k in metrics}, \
+        {k: v for k, v in metrics.items() if k not in HEADLINE_KEYS}
 
 
 def _value(metrics: Mapping[str, Any], key: str) -> str:
@@ -25,13 +35,35 @@ def _interval(metrics: Mapping[str, Any], key: str) -> str:
     return "—" if low is None or high is None else f"{low:.3f} – {high:.3f}"
 
 
-def metric_table(metrics: Mapping[str, Any], names: Sequence[str], splits: Sequence[str]) -> str:
-    """Rows: the ``names`` any split has; per split a value column and a 95% CI column."""
+def metric_table(metrics: Mapping[str, Any], names: Sequence[str], splits: Sequence[str],
+                 shown: Mapping[str, str] | None = None) -> str:
+    """Rows: the ``names`` any split has (as ``shown`` names them); per split a value column and a 95% CI column."""
     rows = [n for n in names if any(f"{s}/{n}" in metrics for s in splits)]
     header = ["metric"] + [h for s in splits for h in (SPLITS.get(s, s), "95% CI")]
-    body = [[n] + [cell for s in splits for cell in (_value(metrics, f"{s}/{n}"), _interval(metrics, f"{s}/{n}"))]
+    body = [[(shown or {}).get(n, n)]
+            + [cell for s in splits for cell in (_value(metrics, f"{s}/{n}"), _interval(metrics, f"{s}/{n}"))]
             for n in rows]
     return "\n".join("| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *body])
+
+
+def binary_names(classes: Sequence[str], settings: Evaluate) -> dict[str, str]:
+    """'sensitivity for pneumonia', 'specificity (recall of normal)': the binary metrics named by their classes."""
+    from pipeline.evaluation import positive_index  # the package imports this module
+
+    positive = positive_index(classes, settings.positive_class)
+    if positive is None:
+        return {}
+    negative = classes[1 - positive]
+    return {"sensitivity": f"sensitivity for {classes[positive]}", "specificity": f"specificity (recall of {negative})"}
+
+
+def _calibration_effect(metrics: Mapping[str, Any]) -> tuple[str, bool]:
+    """Temperature scaling's effect on the test split, in words, and whether it made test calibration worse."""
+    changes = [(name, metrics[f"test/{name}"], metrics[f"test_calibrated/{name}"]) for name in CALIBRATION
+               if f"test/{name}" in metrics and f"test_calibrated/{name}" in metrics]
+    text = ", ".join(f"{name.upper() if name != 'brier' else 'Brier'} {a:.3f} → {b:.3f}" for name, a, b in changes)
+    worse = any(name in ("ece", "nll") and b > a for name, a, b in changes)
+    return text, worse
 
 
 def _wide_intervals(metrics: Mapping[str, Any], limit: float) -> list[str]:
@@ -72,6 +104,12 @@ def warnings(metrics: Mapping[str, Any], data_report: Mapping[str, Any], run: Ma
     elif temperature is not None and temperature in TEMPERATURE_BOUNDS:
         out.append(f"The fitted temperature hit its bound ({temperature:g}): the validation split is too small or too "
                    "easy to calibrate on; treat test_calibrated/* with care.")
+    effect, worse = _calibration_effect(metrics)
+    if worse and temperature is not None:
+        out.append(f"**Temperature scaling made test calibration worse** ({effect}; T = {temperature:.3f} fitted on "
+                   "the validation split): do not use the temperature-scaled confidences. The probabilities that "
+                   "predict, export and the registered model return are the uncalibrated ones (the \"plain\" "
+                   "column).")
     out += [f"Ingest: {w}" for w in data_report.get("warnings", [])]
     return out
 
@@ -93,7 +131,7 @@ def _data_section(data_report: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _settings_section(metrics: Mapping[str, Any], run: Mapping[str, Any], settings: Evaluate,
+def _settings_section(classes: Sequence[str], run: Mapping[str, Any], settings: Evaluate,
                       hparams: Mapping[str, Any], tta: Sequence[str]) -> list[str]:
     rows = {"model": f"`{run['arch']}`", "weights": f"`{run['weights']['source']}`"}
     rows |= {f"train {k}": f"`{hparams[k]}`" for k in KEY_HPARAMS if k in hparams}
@@ -105,8 +143,11 @@ def _settings_section(metrics: Mapping[str, Any], run: Mapping[str, Any], settin
         "calibration": f"ECE over {settings.ece_bins} equal-width confidence bins; temperature scaling "
                        + ("on" if settings.temperature_scaling else "off"),
     }
-    if "test/sensitivity" in metrics:
-        rows["positive class"] = f"{settings.positive_class or 'second class in sorted order'}"
+    names = binary_names(classes, settings)
+    if names:
+        how = "evaluate.positive_class" if settings.positive_class else \
+            "evaluate.positive_class is null: the second class name in sorted order"
+        rows["positive class"] = f"`{names['sensitivity'].removeprefix('sensitivity for ')}` ({how})"
     return ["## Settings", "", "| setting | value |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows.items()], ""]
 
 
@@ -146,20 +187,29 @@ def report(metrics: Mapping[str, Any], data_report: Mapping[str, Any], run: Mapp
         notes.append(f"{metrics['test/bootstrap_skipped']} of {settings.bootstrap} bootstrap resamples lacked a "
                      "class; the class-dependent intervals (balanced accuracy, macro-F1, AUROC, sensitivity, "
                      "specificity) use the others.")
-    calibration = []
+    calibration = ["Probabilities returned by predict, export and the registered MLflow model: the plain softmax "
+                   "(no test-time augmentation, no temperature), the \"plain\" column.", ""]
     if "calibration/temperature" in metrics:
+        effect, worse = _calibration_effect(metrics)
         fitted_on = "the out-of-fold predictions" if "cv/accuracy" in metrics else "the validation split"
         calibration = [f"Temperature T = {metrics['calibration/temperature']:.3f}, fitted on {fitted_on} "
                        f"(NLL {metrics['calibration/val_nll']:.4f} → {metrics['calibration/val_nll_calibrated']:.4f}); "
-                       "it changes confidences, not predicted classes.", ""]
+                       "it changes confidences, not predicted classes. "
+                       f"On the test split: {effect} — "
+                       + ("**worse**: the validation split did not carry over to the test split." if worse
+                          else "better or unchanged.") + " The temperature is not applied to the served model.",
+                       "", *calibration]
     lines = [
         f"# Evaluation report — {data_report['source']}", "",
-        f"Model `{run['arch']}`, weights: `{run['weights']['source']}`; MLflow run `{run['run_id']}`; "
-        + (f"an ensemble of {len(run['checkpoints'])} fold models (mean probabilities)." if len(run["checkpoints"]) > 1
-         else f"best epoch checkpoint `{run['checkpoints'][0]}`."), "",
+        # No run id here: the report stays the same between identical runs (a clean git tree after `make demo`).
+        f"Model `{run['arch']}`, weights: `{run['weights']['source']}`; "
+        + (f"an ensemble of {len(run['checkpoints'])} fold models (mean probabilities)" if len(run["checkpoints"]) > 1
+           else f"best epoch checkpoint `{run['checkpoints'][0]}`")
+        + " (its MLflow run: `run_id` in models/run.json; this report is logged to it).", "",
         *cv_section(metrics, len(run["checkpoints"])),
         "## Warnings", "", *([f"- {w}" for w in warnings(metrics, data_report, run, settings)] or ["- none"]), "",
-        "## Test metrics", "", metric_table(metrics, (*HEADLINE, *BINARY), splits), "", *notes, "",
+        "## Test metrics", "", metric_table(metrics, (*HEADLINE, *BINARY), splits, binary_names(classes, settings)),
+        "", *notes, "",
         "## Calibration", "",
         metric_table(metrics, CALIBRATION, [s for s in (*splits, "test_calibrated") if f"{s}/ece" in metrics]), "",
         "ECE: expected calibration error; Brier: mean over images of the summed squared error of the class "
@@ -167,7 +217,7 @@ def report(metrics: Mapping[str, Any], data_report: Mapping[str, Any], run: Mapp
         "## Per class", "", "Plain predictions (no TTA).", "",
         per_class.to_markdown(floatfmt=("", ".3f", ".3f", ".3f", ".3f", ".0f"), missingval="—"), "",  # support: a count
         *_data_section(data_report),
-        *_settings_section(metrics, run, settings, hparams or {}, tta),
+        *_settings_section(classes, run, settings, hparams or {}, tta),
         "## Plots", "", *[line for f in plot_files for line in (f"![{Path(f).stem}]({f})", "")],
     ]
     for heading, body in extra:

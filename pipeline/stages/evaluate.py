@@ -9,6 +9,7 @@ import mlflow
 from pipeline import augment, crossval, evaluation, explain, serve, tracking
 from pipeline.config import Params
 from pipeline.data.ingest import Prepared, load_prepared
+from pipeline.evaluation.reporting import split_headline
 from pipeline.fit import RUN_INFO
 from pipeline.fsutil import atomic_dir, atomic_file, write_json
 from pipeline.stages import open_tracking, stage_input
@@ -57,13 +58,15 @@ def main(params: Params) -> None:
         evaluation.confusion_table(result.probs, labels, prepared.classes).to_csv(tmp, index=False)
     with atomic_file(paths.report) as tmp:
         tmp.write_text(report)
-    write_json(paths.metrics, metrics)
+    headline, detail = split_headline(metrics)  # DVC shows the first file by default
+    write_json(paths.metrics_detail, detail)
+    write_json(paths.metrics, headline)
 
     open_tracking(params)
     with mlflow.start_run(run_id=run["run_id"]):
         tracking.log_metrics(metrics)
         mlflow.log_artifacts(str(plots), artifact_path="evaluation")
-        for path in (paths.metrics, paths.confusion, paths.report):
+        for path in (paths.metrics, paths.metrics_detail, paths.confusion, paths.report):
             mlflow.log_artifact(str(path), artifact_path="evaluation")
     shown = [f"{split}/{m}={metrics[f'{split}/{m}']:.4f}" for split in ("test", evaluation.TTA_SPLIT)
              for m in evaluation.HEADLINE if f"{split}/{m}" in metrics]

@@ -1,17 +1,21 @@
-"""intake SRC [--name NAME]: copy a user's image set into paths.raw/NAME, validate it, version it, select it.
+"""intake SRC [--name NAME] [--domain DOMAIN]: copy a user's image set into paths.raw/NAME, validate it, version
+it, select it. --domain sets augment.preset, augment.transforms and evaluate.tta in params.yaml to what fits that
+kind of image (pipeline/augment.py DOMAINS: no flips for radiographs, any flip for tissue tiles, ...).
 
-A manifest's group column is stored hashed with the repository's salt: $PIPELINE_GROUP_SALT when set,
-else a random one created once in .dvc/group_salt (git-ignored; keep it to reproduce hashes, share it
-through the variable, never print it).
+A manifest's group column (or, without one, each DICOM file's data.dicom_group element) is stored hashed
+with the repository's salt: $PIPELINE_GROUP_SALT when set, else a random one created once in
+.dvc/group_salt (git-ignored; keep it to reproduce hashes, share it through the variable, never print it).
 """
 
 import argparse
 import os
 from pathlib import Path
 
+from pipeline.augment import DOMAINS, tta_conflicts
 from pipeline.config import Params
-from pipeline.data.card import summary
+from pipeline.data.card import augmentation, summary
 from pipeline.data.intake import IntakeError, check_name, default_name, dvc_add, group_salt, intake, set_dataset
+from pipeline.paramsfile import set_values
 
 SALT_ENV = "PIPELINE_GROUP_SALT"
 SALT_FILE = Path(".dvc") / "group_salt"  # in the DVC repository, ignored by .dvc/.gitignore
@@ -23,6 +27,9 @@ def main(params: Params, argv: list[str], params_file: str) -> None:
     parser.add_argument("src", type=Path, metavar="SRC", help="folder with one subfolder per class, or a CSV manifest "
                                                "path,label[,split][,group] (paths relative to its folder)")
     parser.add_argument("--name", help="data set name under paths.raw (default: the source folder's name)")
+    parser.add_argument("--domain", choices=list(DOMAINS),
+                        help="the kind of image: sets augment.preset/transforms and evaluate.tta to fit it "
+                             "(default: keep params.yaml's, which may be the previous set's)")
     args = parser.parse_args(argv)
     name = check_name(args.name or default_name(args.src), "--name")
     if name == params.demo.name:
@@ -32,6 +39,12 @@ def main(params: Params, argv: list[str], params_file: str) -> None:
     report = intake(args.src, target, seed=params.seed, data=params.data, salt=salt)
     dvc_add(target)
     set_dataset(Path(params_file), name)
+    chosen = (params.augment.preset, params.augment.transforms, params.evaluate.tta)
+    if args.domain:
+        domain = DOMAINS[args.domain]
+        chosen = (domain.preset, domain.transforms, domain.tta)
+        set_values(Path(params_file), dict(zip(("augment.preset", "augment.transforms", "evaluate.tta"), chosen)))
     print(f"intake: {args.src} -> {target} (versioned: {target}.dvc; {params_file}: data.dataset: {name})")
     print(summary(report, target.absolute()))
+    print(augmentation(args.domain, *chosen, conflicts=tta_conflicts(*chosen)))
     print(f"\nnext: git add {target}.dvc {target.parent}/.gitignore {params_file} && dvc repro")
