@@ -140,22 +140,29 @@ def build_model(params: Params, class_names: Sequence[str], hub_dir: Path | None
     return model, info
 
 
+# Lightning's loggers of its per-Trainer INFO lines; the second says "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES" on GPUs.
+_LIGHTNING_CHATTER = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")
+
+
 @contextmanager
 def _quiet_lightning() -> Iterator[None]:
     """Silence, for one fit, what Lightning says on every Trainer: its INFO lines (GPU/TPU available, the
-    litlogger tip, "estimate number of stepping batches", "`Trainer.fit` stopped") and torch's FutureWarning
-    about ``LeafSpec`` that Lightning 2.6 triggers itself. A tune stage would print them once per trial;
-    Lightning's own warnings and errors still show."""
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    level = rank_zero.level
-    rank_zero.setLevel(logging.WARNING)
+    litlogger tip, "estimate number of stepping batches", "`Trainer.fit` stopped", the CUDA devices) and
+    torch's FutureWarning about ``LeafSpec`` that Lightning 2.6 triggers itself. A tune stage would print
+    them once per trial; Lightning's own warnings and errors still show (the train stage says itself when
+    it resumes)."""
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_CHATTER]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                                     category=FutureWarning)
             yield
     finally:
-        rank_zero.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _tolerate_frozen_parameters(strategy: str, devices: int | str, num_nodes: int = 1) -> str:
