@@ -22,6 +22,7 @@ import torch
 from pipeline.config import Evaluate
 from pipeline.errors import PipelineError
 from pipeline.evaluation import calibration
+from pipeline.evaluation.decision import Decision, decide
 from pipeline.evaluation.metrics import BINARY, CALIBRATION, HEADLINE, NEED_EVERY_CLASS, bootstrap, compute_metrics
 from pipeline.evaluation.plots import IMAGES, confusion_table, plot_confusion, write_plots
 from pipeline.evaluation.predictions import predict_logits, predict_proba, predict_tta
@@ -30,7 +31,7 @@ from pipeline.evaluation.reporting import report
 __all__ = [
     "BINARY", "CALIBRATION", "HEADLINE", "IMAGES", "TTA_SPLIT", "CALIBRATED_SPLIT", "Evaluation", "EvaluationError", "confusion_table",
     "evaluate", "plot_confusion", "positive_index", "predict_logits", "predict_proba", "predict_tta", "report",
-    "split_metrics", "write_plots",
+    "split_metrics", "write_plots", "Decision",
 ]
 
 TTA_SPLIT = "test_tta"  # metrics with test-time augmentation: test_tta/accuracy, ...
@@ -46,6 +47,8 @@ class Evaluation:
     probs: np.ndarray  # test-split probabilities, plain (no TTA, no temperature)
     calibrated: np.ndarray | None  # the same after temperature scaling; None when it is off
     metrics: dict[str, float]
+    selection: tuple[np.ndarray, np.ndarray] | None = None  # (probs, labels) the decisions were fitted on
+    decision: Decision | None = None  # threshold and conformal quantile (pipeline.evaluation.decision)
 
 
 def positive_index(class_names: Sequence[str], positive_class: str | None) -> int | None:
@@ -82,9 +85,15 @@ def split_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[s
 
 def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
              settings: Evaluate, seed: int, tta: Sequence[A.BasicTransform] = (),
-             val: tuple[np.ndarray, np.ndarray] | None = None) -> Evaluation:
-    """Test-split predictions and every metric; ``val`` (images, labels) is needed for temperature scaling."""
+             val: tuple[np.ndarray, np.ndarray] | None = None,
+             selection: tuple[np.ndarray, np.ndarray] | None = None, run_id: str = "") -> Evaluation:
+    """Test-split predictions and every metric; ``val`` (images, labels) is needed for temperature scaling.
+
+    The decisions (threshold, conformal sets) are fitted on ``selection`` (probs, labels), held-out
+    predictions such as out-of-fold ones; by default on the model's ``val`` predictions.
+    """
     positive = positive_index(class_names, settings.positive_class)
+    val_logits = None if val is None else predict_logits(model, val[0], settings.batch_size)
     logits = predict_logits(model, images, settings.batch_size)
     probs = calibration.softmax(logits)
     metrics = split_metrics(probs, labels, class_names, "test", settings, seed, positive)
@@ -95,7 +104,6 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, cla
     if settings.temperature_scaling:
         if val is None:
             raise ValueError("temperature scaling needs the validation split's images and labels")
-        val_logits = predict_logits(model, val[0], settings.batch_size)
         temperature = calibration.fit_temperature(val_logits, val[1])
         calibrated = calibration.softmax(logits, temperature)
         metrics |= {
@@ -106,4 +114,10 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, cla
         }
         metrics |= split_metrics(calibrated, labels, class_names, CALIBRATED_SPLIT, settings, seed, positive,
                                  only=CALIBRATION)
-    return Evaluation(probs, calibrated, metrics)
+    if selection is None and val_logits is not None:
+        selection = (calibration.softmax(val_logits), np.asarray(val[1]))
+    made = None
+    if selection is not None:
+        made, decided = decide(selection, (probs, labels), class_names, positive, settings, seed, run_id=run_id)
+        metrics |= decided
+    return Evaluation(probs, calibrated, metrics, selection, made)
