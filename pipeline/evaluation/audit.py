@@ -32,7 +32,7 @@ def label_issues(probs: np.ndarray, labels: np.ndarray, paths: Sequence[str],
     flagged = np.zeros(len(labels), dtype=bool)
     if len(np.unique(labels)) > 1:  # confident learning estimates noise rates between classes: it needs two
         flagged[find_label_issues(labels, probs, n_jobs=1)] = True
-    names = np.asarray(class_names, dtype=object)
+    names = np.asarray(list(class_names), dtype=object)
     table = pd.DataFrame({"path": list(paths), "given": names[labels], "suggested": names[probs.argmax(1)],
                           "score": np.round(get_label_quality_scores(labels, probs), 6), "issue": flagged})
     return table.sort_values(["score", "path"], kind="stable")
