@@ -94,3 +94,25 @@ def test_a_cut_on_a_multiclass_task_is_refused_and_the_report_shows_both_cuts():
     row = next(line for line in text.splitlines() if line.startswith("| sensitivity |"))
     assert "—" not in row  # both cuts' values and intervals
     assert "coverage (truth in the set)" in text and "mean set size" in text
+
+
+def test_evaluate_fits_the_decisions_on_val_and_scores_them_on_test():
+    import torch
+
+    from pipeline.evaluation import evaluate
+    from pipeline.model import Classifier
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = Classifier("resnet18", 2)
+    images = rng.integers(0, 255, (40, 16, 16, 3), dtype=np.uint8)
+    labels = np.arange(40) % 2
+    settings = Evaluate(threshold="specificity:0.5", conformal_alpha=0.2, bootstrap=20, temperature_scaling=False)
+    out = evaluate(model, images[:20], labels[:20], ("neg", "pos"), settings, 0, val=(images[20:], labels[20:]),
+                   run_id="r9")
+    val_probs, val_labels = out.selection
+    assert out.decision.run_id == "r9" and out.decision.positive_class == "pos"
+    assert out.decision.threshold == choose_threshold(val_probs[:, 1], val_labels == 1, "specificity:0.5")
+    assert out.decision.conformal_quantile == conformal_quantile(val_probs, val_labels, 0.2)
+    assert {"decision/threshold", "decision_val/specificity", "conformal/coverage"} <= set(out.metrics)
+    assert out.metrics["decision_val/specificity"] >= 0.5
