@@ -20,6 +20,7 @@ from pipeline.config import Params, mode_of
 from pipeline.data.datamodule import ImageDataModule, load_offline
 from pipeline.data.ingest import Prepared
 from pipeline.errors import PipelineError
+from pipeline.fsutil import atomic_file
 from pipeline.model import Classifier
 from pipeline.resume import LAST_NAME  # <out_dir>/last.ckpt: full state of the latest epoch
 from pipeline.weights import WeightsInfo, load_pretrained
@@ -105,19 +106,19 @@ def weight_averaging(decay: float) -> WeightAveraging:
     return WeightAveraging(use_buffers=True, avg_fn=WarmedEMA(decay))
 
 
+WEIGHTS_ONLY_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "state_dict", "loops",
+                     "hparams_name", "hyper_parameters")  # what Lightning writes with save_weights_only
+
+
 def slim_checkpoint(path: Path) -> None:
-    """Reduce a full checkpoint to what a weights-only one holds (the weights and hyperparameters).
+    """Reduce a full checkpoint to what a weights-only one holds (the weights and hyperparameters), atomically.
 
     With EMA on, the best checkpoint is saved in full: Lightning calls the callbacks' checkpoint hooks
     only for full saves, and that hook is what puts the averaged weights into ``state_dict``.
     """
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    kept = {k: v for k, v in checkpoint.items() if k in WEIGHTS_ONLY_KEYS}
-    torch.save(kept, path)
-
-
-WEIGHTS_ONLY_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "state_dict", "loops",
-                     "hparams_name", "hyper_parameters")
+    with atomic_file(path) as tmp:
+        torch.save({k: v for k, v in checkpoint.items() if k in WEIGHTS_ONLY_KEYS}, tmp)
 
 
 def datamodule(params: Params, prepared: Prepared, train_transform: A.BasicTransform | None) -> ImageDataModule:
