@@ -70,7 +70,8 @@ def base_params(size: int, epochs: int, seed: int) -> config.Params:
 
 def scored(metrics: dict[str, float], split: str) -> dict[str, float]:
     return {f"{m}{suffix}": metrics[f"{split}/{m}{suffix}"]
-            for m in ("accuracy", "auroc") for suffix in ("", "_ci_low", "_ci_high") if f"{split}/{m}{suffix}" in metrics}
+            for m in ("accuracy", "auroc") for suffix in ("", "_ci_low", "_ci_high")
+            if f"{split}/{m}{suffix}" in metrics}
 
 
 def run(npz: Path, size: int, epochs: int, seeds: list[int], rows: list[str]) -> list[dict[str, Any]]:

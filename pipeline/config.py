@@ -127,7 +127,8 @@ class Augment:
     cutmix_alpha: float = Field(
         0.0, ge=0, le=10, description="CutMix: a box of a shuffled copy is pasted in, labels mixed by its area; "
                                       "Beta(alpha, alpha); 0 turns it off (1.0 is usual).")
-    mix_prob: float = Field(1.0, ge=0, le=1, description="Share of training batches mixed (when MixUp or CutMix is on).")
+    mix_prob: float = Field(1.0, ge=0, le=1,
+                            description="Share of training batches mixed (when MixUp or CutMix is on).")
     cutmix_switch_prob: float = Field(
         0.5, ge=0, le=1, description="With both on: the chance that a mixed batch uses CutMix rather than MixUp.")
 

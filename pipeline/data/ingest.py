@@ -129,7 +129,8 @@ def read_exclusions(csv: Path) -> list[str]:
     return [p.strip() for p in table[column] if p.strip()]
 
 
-def exclude(files: pd.DataFrame, listed: list[str], raw_dir: Path, warnings: list[str]) -> tuple[pd.DataFrame, list[str]]:
+def exclude(files: pd.DataFrame, listed: list[str], raw_dir: Path,
+            warnings: list[str]) -> tuple[pd.DataFrame, list[str]]:
     """``files`` without the ``listed`` paths, and the paths dropped. A listed path is absolute, relative to
     the working directory (as splits.csv and the label audit write them) or relative to the data set folder."""
     wanted = {q for p in listed for q in (Path(p).resolve(), (raw_dir / p).resolve())}

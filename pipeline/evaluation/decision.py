@@ -125,7 +125,8 @@ def conformal_metrics(probs: np.ndarray, labels: np.ndarray, quantile: float, al
         weights = resample_weights(len(labels), n_resamples, np.random.default_rng(seed))
         for name in ("coverage", "mean_set_size"):
             low, high = np.percentile(weights @ per_image[name] / len(labels), [2.5, 97.5])
-            out |= {f"conformal/{name}_ci_low": round(float(low), 6), f"conformal/{name}_ci_high": round(float(high), 6)}
+            out |= {f"conformal/{name}_ci_low": round(float(low), 6),
+                    f"conformal/{name}_ci_high": round(float(high), 6)}
     return out
 
 
