@@ -1,4 +1,5 @@
 """``make bench``: speed and memory of the pipeline's hot paths, one JSON object per line.
+(``python -m pipeline.bench quality``: test quality on real X-rays instead, see ``pipeline.bench_quality``.)
 
 Measured on a generated demo set in a temporary folder, so it needs no prior ``dvc repro``:
 - ``ingest``: decode + resize + cache throughput;
@@ -291,4 +292,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["quality"]:
+        from pipeline import bench_quality
+
+        sys.exit(bench_quality.main(sys.argv[2:]))
     sys.exit(main())

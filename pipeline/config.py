@@ -56,6 +56,10 @@ class Paths:
     confusion: str = Field("reports/confusion.csv", description="Test predictions for the DVC confusion plot.")
     plots: str = Field("reports/plots", description="Evaluation images (confusion matrix).")
     report: str = Field("reports/report.md", description="Human-readable evaluation report.")
+    decision: str = Field("reports/decision.json", description="The decision threshold and conformal quantile "
+                                                              "evaluate chose; predict applies them.")
+    label_audit: str = Field("reports/label_audit.csv", description="Likely label errors (cleanlab), most "
+                                                                    "suspect first: path, given, suggested, score.")
     exports: str = Field("exports", description="Where 'python -m pipeline export' writes model.pt / model.onnx "
                                                 "by default (outside the DVC-tracked model_dir).")
 
@@ -108,6 +112,10 @@ class Data:
                                     "Ingest writes a 'fold' column (0..k-1, grouped, stratified; -1 for test) "
                                     "to splits.csv; train fits one model per fold, selected on its fold, and "
                                     "ships their ensemble with out-of-fold predictions (models/oof.csv).")
+    exclude: str | None = Field(
+        None, min_length=1, description="A CSV with a 'path' column (e.g. rows kept from the label audit, "
+                                        "paths.label_audit): those files are left out at ingest and listed in "
+                                        "report.json as excluded; the source files are not touched. null: none.")
 
     def __post_init__(self) -> None:
         if self.folds == 1:
@@ -130,6 +138,17 @@ class Augment:
                                                              "at the augment stage and added to the train split.")
     preview_images: int = Field(6, ge=1, le=32, description="Training images shown in the preview grid.")
     preview_draws: int = Field(5, ge=1, le=16, description="Augmented draws per preview image.")
+    # Batch-level mixing, applied in the training step (pipeline/model.py), not by the augment stage.
+    mixup_alpha: float = Field(
+        0.0, ge=0, le=10, description="MixUp: each training batch is blended with a shuffled copy of itself, "
+                                      "labels too, by a Beta(alpha, alpha) weight; 0 turns it off (0.2-0.4 is usual).")
+    cutmix_alpha: float = Field(
+        0.0, ge=0, le=10, description="CutMix: a box of a shuffled copy is pasted in, labels mixed by its area; "
+                                      "Beta(alpha, alpha); 0 turns it off (1.0 is usual).")
+    mix_prob: float = Field(1.0, ge=0, le=1,
+                            description="Share of training batches mixed (when MixUp or CutMix is on).")
+    cutmix_switch_prob: float = Field(
+        0.5, ge=0, le=1, description="With both on: the chance that a mixed batch uses CutMix rather than MixUp.")
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -186,6 +205,11 @@ class Train:
     balance: Literal["none", "loss", "sampler"] = Field(
         "none", description="Imbalanced classes: 'loss' weights the cross-entropy by inverse class frequency; "
                             "'sampler' draws training batches class-balanced (with replacement).")
+    ema_decay: float | None = Field(
+        None, ge=0, lt=1, description="Exponential moving average of the weights (and BatchNorm statistics), "
+                                      "updated every step with this decay (warmed up as min(decay, (1+n)/(10+n))); "
+                                      "the averaged weights are validated, checkpointed, evaluated and exported. "
+                                      "null or 0: off.")
 
     def __post_init__(self) -> None:
         if isinstance(self.devices, int) and self.devices < 1:
@@ -239,6 +263,29 @@ class Tune:
         refuse_in_params("tune.storage", self.storage)
 
 
+ThresholdObjective = Literal["fixed", "youden", "balanced_accuracy", "f1", "sensitivity", "specificity"]
+NAMED_THRESHOLDS = ("youden", "balanced_accuracy", "f1")  # objectives without a target
+TARGET_THRESHOLDS = ("sensitivity", "specificity")  # written '<name>:<target>', e.g. sensitivity:0.95
+
+
+def parse_threshold(value: float | str) -> tuple[ThresholdObjective, float | None]:
+    """``evaluate.threshold`` as (objective, number): ('fixed', cut), (name, None) or (name, target)."""
+    text = str(value).strip()
+    name, _, target = text.partition(":")
+    try:
+        number = float(target if target else text)
+    except ValueError:
+        number = None
+    if name in NAMED_THRESHOLDS and not target:
+        return name, None
+    if name in TARGET_THRESHOLDS and number is not None and 0 < number < 1:
+        return name, number
+    if not target and number is not None and 0 < number < 1:
+        return "fixed", number
+    raise ValueError(f"threshold {value!r}: expected a number in (0, 1), {' | '.join(NAMED_THRESHOLDS)}, or "
+                     f"sensitivity:<target> / specificity:<target> with a target in (0, 1), e.g. sensitivity:0.95")
+
+
 @dataclass(frozen=True, config=_STRICT)
 class Evaluate:
     batch_size: int = Field(64, ge=1, description="Images per inference batch.")
@@ -264,6 +311,22 @@ class Evaluate:
     ci_warn_width: float = Field(
         0.2, gt=0, le=1, description="The report warns when a headline metric's 95% interval is wider than this "
                                      "(the test set is too small to pin it down).")
+    threshold: float | str = Field(
+        0.5, description="Binary tasks: the positive-class probability at or above which an image is called "
+                         "positive. A number in (0, 1), or chosen on the selection set (the validation split's "
+                         "predictions) for an objective: youden | balanced_accuracy (the same cut) | f1 | "
+                         "sensitivity:<target> (the highest cut reaching it) | specificity:<target> (the lowest); "
+                         "then applied unchanged to test and predict.")
+    conformal_alpha: float | None = Field(
+        None, gt=0, lt=1, description="Split conformal prediction sets (LAC) fitted on the selection set: each "
+                                      "image gets the classes whose set covers the truth with probability "
+                                      ">= 1 - alpha; null turns them off.")
+    label_audit_panel: int = Field(
+        8, ge=0, le=64, description="Thumbnails of the most suspect labels (cleanlab on the selection set) shown "
+                                    "in the report; 0: no panel (the ranked CSV is written either way).")
+
+    def __post_init__(self) -> None:
+        parse_threshold(self.threshold)
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -15,7 +15,7 @@ import albumentations as A
 import lightning.pytorch as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.loggers import Logger
 
 from pipeline import recipe
@@ -23,6 +23,7 @@ from pipeline.config import Params, mode_of
 from pipeline.data.datamodule import ImageDataModule, load_offline
 from pipeline.data.ingest import Prepared
 from pipeline.errors import PipelineError
+from pipeline.fsutil import atomic_file
 from pipeline.model import Classifier
 from pipeline.resume import LAST_NAME  # <out_dir>/last.ckpt: full state of the latest epoch
 from pipeline.weights import WeightsInfo, load_pretrained
@@ -104,6 +105,50 @@ class StopOnNonFiniteLoss(Callback):
                         pl_module)
 
 
+class WarmedEMA:
+    """The EMA update ``avg + (1 - d) (current - avg)`` with d = min(decay, (1 + n) / (10 + n)) after n updates.
+
+    torch's ``get_ema_avg_fn`` keeps d fixed: with a few hundred images (~20 steps an epoch) a decay of
+    0.99-0.999 would average in the random initial weights for most of the run; the warm-up (as in timm's
+    ModelEmaV3 and TensorFlow's ExponentialMovingAverage with num_updates) lets the average follow early on.
+    A class, not a closure, so the callback pickles (ddp_spawn).
+    """
+
+    def __init__(self, decay: float):
+        self.decay = decay
+
+    def __call__(self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        d = torch.clamp((1 + num_averaged) / (10 + num_averaged), max=self.decay)
+        return averaged + (current - averaged) * (1 - d)
+
+
+def weight_averaging(decay: float) -> WeightAveraging:
+    """Lightning's weight averaging with :class:`WarmedEMA`, every optimizer step, buffers included.
+
+    ``use_buffers=True``: BatchNorm running statistics are averaged like the weights, so the averaged
+    network's statistics belong to its own (averaged) weights without an extra ``update_bn`` pass.
+    Lightning swaps the averaged weights in for every validation epoch (so val/* and the checkpoint choice
+    score them), stores them as the checkpoint's ``state_dict`` (the training weights and the average's state
+    go beside it, so a resumed run continues both) and leaves them in the model when training ends.
+    """
+    return WeightAveraging(use_buffers=True, avg_fn=WarmedEMA(decay))
+
+
+WEIGHTS_ONLY_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "state_dict", "loops",
+                     "hparams_name", "hyper_parameters")  # what Lightning writes with save_weights_only
+
+
+def slim_checkpoint(path: Path) -> None:
+    """Reduce a full checkpoint to what a weights-only one holds (the weights and hyperparameters), atomically.
+
+    With EMA on, the best checkpoint is saved in full: Lightning calls the callbacks' checkpoint hooks
+    only for full saves, and that hook is what puts the averaged weights into ``state_dict``.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    with atomic_file(path) as tmp:
+        torch.save({k: v for k, v in checkpoint.items() if k in WEIGHTS_ONLY_KEYS}, tmp)
+
+
 def datamodule(params: Params, prepared: Prepared, train_transform: A.BasicTransform | None) -> ImageDataModule:
     copies = params.augment.offline_copies
     offline = load_offline(Path(params.paths.augment_offline), prepared, copies) if copies else None
@@ -121,14 +166,15 @@ def build_model(params: Params, class_names: Sequence[str], hub_dir: Path | None
     other band counts use ``dataset_stats`` (ingest's train-split mean/std) when given.
     ``train_labels`` give the class weights of ``train.balance: loss``.
     """
-    m, t = params.model, params.train
+    m, t, a = params.model, params.train, params.augment
     weights = None if train_labels is None or t.balance != "loss" else \
         recipe.class_weights(train_labels, len(class_names)).tolist()
     model = Classifier(arch=m.arch, num_classes=len(class_names), class_names=list(class_names),
                        dropout=m.dropout, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer,
                        monitor=t.monitor, in_channels=in_channels, backbone_lr_mult=t.backbone_lr_mult,
                        warmup_epochs=t.warmup_epochs, label_smoothing=t.label_smoothing, class_weights=weights,
-                       channels_last=t.channels_last)
+                       channels_last=t.channels_last, mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha,
+                       mix_prob=a.mix_prob, cutmix_switch_prob=a.cutmix_switch_prob)
     info = load_pretrained(model.net, m.arch, m.weights, require_pretrained=m.require_pretrained, hub_dir=hub_dir,
                            sha256=m.weights_sha256)
     if not info.pretrained and t.backbone_lr_mult != 1.0:
@@ -203,11 +249,16 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
     if freezing and weights.pretrained:
         all_callbacks.append(recipe.FreezeSchedule(t.freeze_epochs, t.unfreeze))
         strategy = _tolerate_frozen_parameters(t.strategy, t.devices, t.num_nodes)
+    ema = bool(t.ema_decay)
+    if ema:
+        all_callbacks.append(weight_averaging(t.ema_decay))
     checkpoint = None
     if out_dir is not None:
+        # Weights only: what evaluate needs, a third of the size. With EMA the averaged weights reach the file
+        # only through a full save (see slim_checkpoint), which is slimmed when training ends.
         checkpoint = ModelCheckpoint(dirpath=out_dir, filename=CHECKPOINT_NAME, monitor=t.monitor, mode=mode,
                                      save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
-                                     save_weights_only=True)  # what evaluate needs; a third of the size
+                                     save_weights_only=not ema)
         # Every epoch overwrites last.ckpt: what a killed run resumes from.
         latest = ModelCheckpoint(dirpath=out_dir, filename=LAST_NAME, monitor=None, save_top_k=1,
                                  enable_version_counter=False)
@@ -222,9 +273,12 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
         )
         trainer.fit(model, datamodule=data, ckpt_path=resume_from)
     best = stopper.best_score.item()
+    best_path = Path(checkpoint.best_model_path) if checkpoint and checkpoint.best_model_path else None
+    if ema and best_path is not None and trainer.is_global_zero:
+        slim_checkpoint(best_path)
     return FitResult(
         best_score=best,
-        best_checkpoint=Path(checkpoint.best_model_path) if checkpoint and checkpoint.best_model_path else None,
+        best_checkpoint=best_path,
         epochs_run=trainer.current_epoch,
         weights=weights,
         last_metrics={k: float(v) for k, v in trainer.callback_metrics.items()},

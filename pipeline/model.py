@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
+from torchvision.transforms import v2
 
 from pipeline import recipe
 
@@ -32,6 +33,24 @@ def build_network(arch: str, num_classes: int, dropout: float = 0.0, in_channels
     head = nn.Linear(net.fc.in_features, num_classes)
     net.fc = nn.Sequential(nn.Dropout(dropout), head) if dropout > 0 else head
     return net
+
+
+def batch_mixer(num_classes: int, mixup_alpha: float, cutmix_alpha: float,
+                cutmix_switch_prob: float) -> v2.Transform | None:
+    """torchvision's MixUp and/or CutMix on a (images, labels) batch, giving mixed images and soft labels;
+    None when both are off. With both on, each mixed batch uses CutMix with ``cutmix_switch_prob``."""
+    mixers, weights = [], []
+    if mixup_alpha > 0:
+        mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+        weights.append(1 - cutmix_switch_prob)
+    if cutmix_alpha > 0:
+        mixers.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+        weights.append(cutmix_switch_prob)
+    if len(mixers) < 2:
+        return mixers[0] if mixers else None
+    if min(weights) == 0:  # a switch of 0 or 1 picks one of them always
+        return mixers[weights.index(max(weights))]
+    return v2.RandomChoice(mixers, p=weights)
 
 
 def to_unit_range(x: torch.Tensor) -> torch.Tensor:
@@ -60,6 +79,10 @@ class Classifier(L.LightningModule):
         label_smoothing: float = 0.0,
         class_weights: Sequence[float] | None = None,
         channels_last: bool | str = False,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mix_prob: float = 1.0,
+        cutmix_switch_prob: float = 0.5,
     ):
         super().__init__()
         # Logged to MLflow by the stage under params.yaml names, not by Lightning under these.
@@ -85,6 +108,7 @@ class Classifier(L.LightningModule):
         })
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
+        self.mixer = batch_mixer(num_classes, mixup_alpha, cutmix_alpha, cutmix_switch_prob)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for pixel batches (N, C, H, W): integer pixels or floats in [0, 1]."""
@@ -99,10 +123,28 @@ class Classifier(L.LightningModule):
         self.channels_last = self.device.type == "cuda" if wanted == "auto" else bool(wanted)
         self.net.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
+    def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch MixUp/CutMix-ed (``augment.mixup_alpha`` etc.): floats in [0, 1] and soft labels.
+
+        Every batch gets soft (one-hot) labels while mixing is on, mixed or not (``augment.mix_prob``), so
+        the class-weighted loss is averaged the same way in every step.
+        """
+        x = to_unit_range(x)
+        if torch.rand(()) < self.hparams.mix_prob:
+            return self.mixer(x, y)
+        return x, F.one_hot(y, self.hparams.num_classes).to(x.dtype)
+
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         x, y = batch
+        if split == "train" and self.mixer is not None:
+            x, target = self.mix(x, y)
+            y = target.argmax(-1)  # train/* metrics score the dominant label of each mixed image
+        else:
+            target = y
         logits = self(x)
-        loss = F.cross_entropy(logits, y, weight=self.class_weights,
+        # Soft targets: the weighted loss is -sum_c w_c t_c log p_c averaged over images; label smoothing
+        # is applied to them as to hard labels.
+        loss = F.cross_entropy(logits, target, weight=self.class_weights,
                                label_smoothing=self.hparams.label_smoothing)
         metrics = self.train_metrics if split == "train" else self.val_metrics
         metrics.update(logits.softmax(dim=-1), y)

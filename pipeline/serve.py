@@ -24,6 +24,7 @@ from torch import nn
 from pipeline.config import Data
 from pipeline.data import readers, sources
 from pipeline.errors import PipelineError
+from pipeline.evaluation.decision import Decision
 from pipeline.fit import RUN_INFO
 from pipeline.fsutil import atomic_file
 from pipeline.model import Classifier, Ensemble
@@ -134,10 +135,26 @@ def read_image(path: Path, trained: Trained) -> np.ndarray:
     return pixels
 
 
+def load_decision(path: Path, trained: Trained) -> Decision | None:
+    """The evaluate stage's decision (``paths.decision``) for this model; None when there is none, or (with a
+    warning) when it was fitted for another model."""
+    if not path.is_file():
+        return None
+    made = Decision.read(path)
+    if made.run_id != trained.run.get("run_id") or made.classes != trained.classes:
+        log.warning("%s was fitted for MLflow run %s, not for this model (run %s): its threshold and conformal "
+                    "sets are not applied; rerun the evaluate stage", path, made.run_id, trained.run.get("run_id"))
+        return None
+    return made
+
+
 @torch.inference_mode()
-def predict(trained: Trained, paths: Sequence[Path], batch_size: int = 64) -> pd.DataFrame:
+def predict(trained: Trained, paths: Sequence[Path], batch_size: int = 64,
+            decision: Decision | None = None) -> pd.DataFrame:
     """A row per file, in order: path, predicted class, ``prob_<class>`` per class, ``error`` (empty when read).
 
+    With a ``decision`` (see :func:`load_decision`): ``predicted`` applies its binary threshold, and with a
+    conformal quantile a ``set`` column holds each image's prediction set (class names joined by '|').
     Unreadable files get their reason in ``error`` and empty probabilities; nothing is raised for them.
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -157,10 +174,15 @@ def predict(trained: Trained, paths: Sequence[Path], batch_size: int = 64) -> pd
         dtype = readers.cache_dtype({p.dtype for p in pixels})  # one batch, one dtype, as in the cache
         x = np.stack([readers.to_dtype(p, dtype) for p in pixels]).transpose(0, 3, 1, 2)
         probs = model(torch.from_numpy(np.ascontiguousarray(x)).to(device)).softmax(-1).cpu().numpy()
-        for i, p in zip(read, probs, strict=True):
-            rows[i] |= {"predicted": trained.classes[int(p.argmax())], "error": "",
+        predicted = probs.argmax(1) if decision is None else decision.predicted(probs)
+        sets = None if decision is None else decision.sets(probs)
+        for j, (i, p) in enumerate(zip(read, probs, strict=True)):
+            rows[i] |= {"predicted": trained.classes[int(predicted[j])], "error": "",
                         **{f"prob_{c}": float(v) for c, v in zip(trained.classes, p, strict=True)}}
-    columns = ["path", "predicted", *(f"prob_{c}" for c in trained.classes), "error"]
+            if sets is not None:
+                rows[i]["set"] = sets[j]
+    with_sets = decision is not None and decision.conformal_quantile is not None
+    columns = ["path", "predicted", *(f"prob_{c}" for c in trained.classes), *(["set"] if with_sets else []), "error"]
     return pd.DataFrame(rows, columns=columns)
 
 

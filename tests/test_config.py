@@ -23,6 +23,9 @@ def test_repository_params_are_valid_and_complete():
     ({"data": {"val_fraction": 0.7}}, "data.val_fraction", "less than 0.5"),
     ({"tune": {"search_space": {"train.nope": {"type": "float", "low": 1, "high": 2}}}}, "train.nope", "not a params key"),
     ({"tune": {"search_space": {"train.lr": {"type": "float", "low": 2, "high": 1}}}}, "tune.search_space.train.lr", "low"),
+    ({"evaluate": {"threshold": "sensitivity"}}, "evaluate", "sensitivity:<target>"),
+    ({"evaluate": {"threshold": 1.5}}, "evaluate", "a number in (0, 1)"),
+    ({"train": {"ema_decay": 1.0}}, "train.ema_decay", "less than 1"),
 ])
 def test_bad_values_name_the_key(raw, key, words):
     with pytest.raises(config.ConfigError) as err:
@@ -77,3 +80,14 @@ def test_an_empty_params_file_is_refused(tmp_path):
         (tmp_path / "params.yaml").write_text(text)
         with pytest.raises(config.ConfigError, match=r"params.yaml: is empty"):
             config.load(tmp_path / "params.yaml")
+def test_regularizers_and_decisions_are_keys_the_tuner_can_search():
+    params = config.parse({"tune": {"search_space": {
+        "augment.mixup_alpha": {"type": "float", "low": 0.0, "high": 0.4},
+        "augment.cutmix_alpha": {"type": "categorical", "choices": [0.0, 1.0]},
+        "train.ema_decay": {"type": "categorical", "choices": [None, 0.99]},
+    }}})
+    tuned = config.with_overrides(params, {"augment.mixup_alpha": 0.2, "train.ema_decay": 0.99})
+    assert (tuned.augment.mixup_alpha, tuned.train.ema_decay) == (0.2, 0.99)
+    assert config.parse_threshold("specificity:0.9") == ("specificity", 0.9)
+    assert config.parse_threshold(0.3) == config.parse_threshold("0.3") == ("fixed", 0.3)
+    assert config.parse_threshold("youden") == ("youden", None)

@@ -16,7 +16,7 @@ import yaml
 
 from pipeline import config, evaluation, tracking
 from pipeline.data.ingest import ingest, load_prepared
-from pipeline.evaluation import plots
+from pipeline.evaluation import decision, plots
 from pipeline.fit import RUN_INFO
 from pipeline.model import Classifier
 from pipeline.stages import evaluate as stage
@@ -106,7 +106,8 @@ def test_dvc_yaml_declares_what_the_stage_writes():
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     evaluate = dvc["stages"]["evaluate"]
     assert evaluate["outs"] == ["${paths.plots}", {"${paths.report}": {"cache": False}},
-                                {"${paths.metrics_detail}": {"cache": False}}]
+                                {"${paths.metrics_detail}": {"cache": False}},
+                                {"${paths.decision}": {"cache": False}}, {"${paths.label_audit}": {"cache": False}}]
     assert evaluate["metrics"] == [{"${paths.metrics}": {"cache": False}}]
     assert [next(iter(p)) for p in evaluate["plots"]] == ["${paths.confusion}"]
     assert {"seed", "evaluate"} <= set(evaluate["params"])
@@ -148,7 +149,8 @@ def test_train_run_gets_the_metrics_and_plots_under_the_same_names(project):
         assert logged[name] == pytest.approx(metrics[name])
     listed = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "evaluation")}
     assert {f"evaluation/{name}" for name in (*evaluation.IMAGES, "roc", "reliability", "metrics.json",
-                                               "metrics_detail.json", "report.md", "confusion.csv")} <= listed
+                                               "metrics_detail.json", "report.md", "confusion.csv", "decision.json",
+                                               "label_audit.csv")} <= listed
 
 
 def test_report_warns_and_embeds_the_plots(project):
@@ -170,9 +172,24 @@ def test_a_positive_class_on_a_multiclass_set_fails_before_any_work(project):
     before = Path(params.paths.metrics).stat().st_mtime_ns
     with pytest.raises(evaluation.EvaluationError, match="evaluate.positive_class"):
         stage.main(tiny_params(positive_class="alpha"))
+    with pytest.raises(decision.DecisionError, match="evaluate.threshold"):
+        stage.main(tiny_params(threshold="youden"))
     assert Path(params.paths.metrics).stat().st_mtime_ns == before
 
 
 def test_dvc_plots_output_is_git_ignored():
     ignored = subprocess.run(["git", "check-ignore", "-q", "dvc_plots/index.html"], cwd=REPO)
     assert ignored.returncode == 0  # `dvc plots show` leaves the tree clean
+
+
+def test_label_audit_and_decision_are_written_for_the_validation_split(project):
+    _, params, run_id = project
+    table = pd.read_csv(params.paths.label_audit)
+    val = load_prepared(Path(params.paths.prepared)).split("val")
+    assert list(table.columns) == ["path", "given", "suggested", "score", "issue"]
+    assert sorted(table["path"]) == sorted(val["path"]) and table["score"].is_monotonic_increasing
+    text = Path(params.paths.report).read_text()
+    assert "## Label audit" in text and f"]({Path(params.paths.plots).name}/label_audit.png)" in text
+    assert (Path(params.paths.plots) / "label_audit.png").stat().st_size > 1000
+    made = decision.Decision.read(params.paths.decision)
+    assert made.run_id == run_id and made.threshold is None and made.conformal_quantile is None  # 3 classes, off

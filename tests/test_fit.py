@@ -1,5 +1,4 @@
 import pytest
-
 import torch
 
 from pipeline import augment
@@ -89,3 +88,41 @@ def test_a_long_epoch_prints_progress_lines(capsys):
     summary.every_s = 0
     summary.on_train_batch_end(trainer, None, {"loss": torch.tensor(0.5)}, None, 9)
     assert capsys.readouterr().out == "epoch 1/3  batch 10/50  train/loss (batch)=0.5000\n"
+def _val_loss(model, prepared, label_smoothing):
+    rows = prepared.split("val")
+    x = torch.from_numpy(prepared.images[rows["cache_index"].to_numpy()].transpose(0, 3, 1, 2).copy())
+    y = torch.tensor(rows["label_index"].to_numpy())
+    model.eval()
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(model(x), y, label_smoothing=label_smoothing).item()
+
+
+def test_ema_weights_are_the_validated_and_checkpointed_ones_and_resume(tiny_params, prepared, tmp_path):
+    import lightning.pytorch as L
+
+    from pipeline.config import with_overrides
+
+    params = with_overrides(tiny_params, {"train.ema_decay": 0.9, "train.monitor": "val/loss",
+                                          "augment.mixup_alpha": 0.4, "augment.cutmix_alpha": 1.0})
+    straight = fit(params, datamodule(params, prepared, None), out_dir=tmp_path / "straight")
+    best = Classifier.load_from_checkpoint(straight.best_checkpoint, map_location="cpu")
+    # The checkpoint holds the averaged weights, and they are the ones val/loss was measured on.
+    assert _val_loss(best, prepared, params.train.label_smoothing) == pytest.approx(straight.best_score, abs=1e-4)
+    saved = torch.load(straight.best_checkpoint, weights_only=False)
+    assert "optimizer_states" not in saved and "current_model_state" not in saved  # slimmed to weights only
+    last = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=False)
+    steps = int(last["averaging_state"]["n_averaged"])
+    assert steps == last["global_step"] > 0
+    averaged, current = last["state_dict"], last["current_model_state"]
+    assert not torch.equal(averaged["net.fc.weight"], current["net.fc.weight"])
+
+    class StopAfterFirstEpoch(L.Callback):  # a run killed after its first epoch
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    out = tmp_path / "resumed"
+    fit(params, datamodule(params, prepared, None), out_dir=out, callbacks=[StopAfterFirstEpoch()])
+    fit(params, datamodule(params, prepared, None), out_dir=out, resume_from=out / "last.ckpt")
+    resumed = torch.load(out / "last.ckpt", weights_only=False)
+    # The average went on from the checkpoint (a restarted one would count only the second epoch's steps).
+    assert int(resumed["averaging_state"]["n_averaged"]) == steps == resumed["global_step"]

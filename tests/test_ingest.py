@@ -344,3 +344,19 @@ def test_a_one_class_set_is_refused(tmp_path):
     table.to_csv(manifest, index=False)
     with pytest.raises(DataError, match=r"train split holds images of 1 class"):
         ingest(manifest.parent, tmp_path / "out", seed=0, on_leakage="warn")
+def test_excluded_files_are_left_out_listed_and_untouched(image_folder, tmp_path):
+    from pipeline.data.card import summary
+
+    dropped = [image_folder / "alpha" / "alpha_00.png", image_folder / "beta" / "beta_03.png"]
+    (tmp_path / "exclude.csv").write_text("path,given,score\n"  # the label audit's columns: only path counts
+                                          f"{dropped[0]},alpha,0.1\nbeta/beta_03.png,beta,0.2\nnot/there.png,x,0\n")
+    before = tree_digest(image_folder)
+    report = ingest(image_folder, tmp_path / "out", **ARGS, exclude=str(tmp_path / "exclude.csv"))
+    table = pd.read_csv(tmp_path / "out" / "splits.csv")
+    assert report["n_images"] == 22 and not set(map(str, dropped)) & set(table["path"])
+    assert sorted(report["excluded"]["paths"]) == sorted(map(str, dropped)) and report["excluded"]["n"] == 2
+    assert any("not/there.png" in w for w in report["warnings"])
+    assert "excluded    2 files" in summary(report) and tree_digest(image_folder) == before
+    (tmp_path / "bad.csv").write_text("file\nx.png\n")
+    with pytest.raises(DataError, match="data.exclude.*'path' column"):
+        ingest(image_folder, tmp_path / "out2", **ARGS, exclude=str(tmp_path / "bad.csv"))

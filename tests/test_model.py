@@ -36,3 +36,40 @@ def test_channels_last_gives_the_same_outputs():
     assert fast.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert torch.allclose(plain(x), fast(x), atol=1e-4)
+
+
+def test_mixup_and_cutmix_give_soft_labels_that_reach_the_weighted_loss():
+    torch.manual_seed(0)
+    model = Classifier("resnet18", 3, mixup_alpha=0.4, cutmix_alpha=1.0, cutmix_switch_prob=0.5,
+                       label_smoothing=0.1, class_weights=[0.5, 1.0, 2.0])
+    x, y = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2])
+    mixed, target = model.mix(x, y)
+    assert mixed.dtype == torch.float32 and 0 <= mixed.min() and mixed.max() <= 1
+    assert target.shape == (6, 3) and torch.allclose(target.sum(1), torch.ones(6))
+    assert (target.max(1).values < 1).any(), "some images carry two labels"
+    logits = torch.randn(6, 3)
+    torch.manual_seed(1)
+    _, drawn = model.mix(x, y)  # what the training step will draw after the same seed
+    expected = torch.nn.functional.cross_entropy(logits, drawn, weight=torch.tensor([0.5, 1.0, 2.0]),
+                                                 label_smoothing=0.1)
+    model.forward = lambda _: logits
+    model.log = model.log_dict = lambda *a, **k: None
+    torch.manual_seed(1)
+    assert model.training_step((x, y), 0).item() == pytest.approx(expected.item())
+    model.eval()
+    assert model.validation_step((x, y), 0) is None  # validation is never mixed (it ran on the hard labels)
+
+
+def test_mixing_is_off_by_default_and_either_mixer_alone_works():
+    from torchvision.transforms import v2
+
+    from pipeline.model import batch_mixer
+
+    assert Classifier("resnet18", 2).mixer is None
+    assert isinstance(batch_mixer(2, 0.2, 0.0, 0.5), v2.MixUp)
+    assert isinstance(batch_mixer(2, 0.0, 1.0, 0.5), v2.CutMix)
+    assert isinstance(batch_mixer(2, 0.2, 1.0, 1.0), v2.CutMix)
+    assert isinstance(batch_mixer(2, 0.2, 1.0, 0.3), v2.RandomChoice)
+    never = Classifier("resnet18", 2, mixup_alpha=0.4, mix_prob=0.0)
+    x, y = torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 1, 0])
+    assert torch.equal(never.mix(x, y)[1], torch.nn.functional.one_hot(y, 2).float())

@@ -237,3 +237,18 @@ def test_an_rgb_model_takes_a_gray_batch_as_ingest_does(project, model, tmp_path
         with torch.no_grad():
             np.testing.assert_allclose(loaded(torch.from_numpy(np.ascontiguousarray(x))).numpy(), expected,
                                        atol=1e-5)
+def test_predict_writes_conformal_sets_of_this_models_decision_only(project, tmp_path, caplog):
+    from pipeline.evaluation.decision import Decision
+
+    src, out = project / "raw" / "alpha", tmp_path / "preds.csv"
+    made = Decision(run_id="r0", classes=CLASSES, selection="val", conformal_alpha=0.1, conformal_quantile=0.6)
+    made.write(tmp_path / "decision.json")
+    assert cli(project, "predict", str(src), "--out", str(out), "--decision", str(tmp_path / "decision.json")) == 0
+    table = pd.read_csv(out, keep_default_na=False)
+    assert list(table.columns) == ["path", "predicted", *(f"prob_{c}" for c in CLASSES), "set", "error"]
+    probs = table[[f"prob_{c}" for c in CLASSES]].to_numpy(float)
+    expected = ["|".join(c for c, p in zip(CLASSES, row) if p >= 1 - 0.6 - 1e-6) for row in probs]
+    assert list(table["set"]) == expected
+    Decision(run_id="another", classes=CLASSES, selection="val", conformal_quantile=0.6).write(tmp_path / "old.json")
+    assert cli(project, "predict", str(src), "--out", str(out), "--decision", str(tmp_path / "old.json")) == 0
+    assert "set" not in pd.read_csv(out).columns and "not for this model" in caplog.text

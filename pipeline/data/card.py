@@ -36,6 +36,10 @@ def summary(report: dict, root: Path | None = None) -> str:
         + (" (kept in one split)" if report["split_by"] != "manifest" and dups["n_near_pairs"] + dups["n_exact_sets"]
            else ""),
     ]
+    excluded = report.get("excluded") or {}
+    if excluded.get("n"):
+        lines.append(f"  excluded    {excluded['n']} files listed in {excluded['file']} (data.exclude), e.g. "
+                     + ", ".join(map(rel, excluded["paths"][:3])))
     lines += [f"  exact:      {', '.join(map(rel, paths))}" for paths in dups["exact"][:5]]
     lines += [f"  near:       {', '.join(map(rel, d['paths']))} ({d['bits']} bits)" for d in dups["near"][:5]]
     lines += [f"  unreadable: {rel(r['path'])}: {r['reason']}" for r in report["rejected"][:10]]

@@ -129,6 +129,35 @@ def read_manifest(manifest: Path) -> tuple[pd.DataFrame, list[str]]:
     return table[is_image].reset_index(drop=True), list(table["path"][~is_image])
 
 
+def read_exclusions(csv: Path) -> list[str]:
+    """The ``path`` column of ``data.exclude``'s CSV (other columns, such as the label audit's, are ignored)."""
+    if not csv.is_file():
+        raise DataError(f"{csv} (data.exclude): not found")
+    try:
+        table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(f"{csv} (data.exclude): not a readable CSV ({err})") from None
+    column = next((c for c in table.columns if c.strip().lower() == "path"), None)
+    if column is None:
+        raise DataError(f"{csv} (data.exclude): no 'path' column (columns: {', '.join(map(str, table.columns))})")
+    return [p.strip() for p in table[column] if p.strip()]
+
+
+def exclude(files: pd.DataFrame, listed: list[str], raw_dir: Path,
+            warnings: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """``files`` without the ``listed`` paths, and the paths dropped. A listed path is absolute, relative to
+    the working directory (as splits.csv and the label audit write them) or relative to the data set folder."""
+    wanted = {q for p in listed for q in (Path(p).resolve(), (raw_dir / p).resolve())}
+    resolved = files["path"].map(lambda p: Path(p).resolve())
+    drop = resolved.isin(wanted).to_numpy()
+    found = set(resolved[drop])
+    unknown = [p for p in listed if Path(p).resolve() not in found and (raw_dir / p).resolve() not in found]
+    if unknown:
+        warnings.append(f"{len(unknown)} path(s) listed in data.exclude are not in the data set, e.g. "
+                        f"{', '.join(unknown[:3])}")
+    return files[~drop].reset_index(drop=True), list(files["path"][drop])
+
+
 def decode(path: Path, size: int) -> np.ndarray:
     """One file as (size, size, 3) uint8 RGB (the benchmark's decode-every-epoch loader)."""
     pixels = readers.conform(readers.read(path), size, "rgb")
@@ -310,10 +339,17 @@ def ingest(raw_dir: Path, out_dir: Path, *, seed: int, data: Data | None = None,
     """
     data = dataclasses.replace(data or Data(), **fields)
     files, ignored = scan(raw_dir)
+    excluded: list[str] = []
+    exclude_warnings: list[str] = []
+    if data.exclude is not None:
+        files, excluded = exclude(files, read_exclusions(Path(data.exclude)), raw_dir, exclude_warnings)
+        log.info("ingest: %d file(s) left out (data.exclude: %s)", len(excluded), data.exclude)
     with atomic_dir(out_dir) as staging, CacheWriter(staging / CACHE_NPY, len(files)) as cache:
         decoded = _decode_all(files, data, cache)
         table = files.iloc[decoded.rows].reset_index(drop=True)
         table, report = _validate_and_split(table, files, ignored, decoded, raw_dir, data, seed)
+        report["excluded"] = {"file": data.exclude, "n": len(excluded), "paths": _listed(excluded, 1000)}
+        report["warnings"] += exclude_warnings
         images = cache.finish()
         train = table.loc[table["split"] == "train", "cache_index"].to_numpy()
         mean, std = channel_stats(images, rows=train)

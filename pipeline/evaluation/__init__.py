@@ -22,6 +22,7 @@ import torch
 from pipeline.config import Evaluate
 from pipeline.errors import PipelineError
 from pipeline.evaluation import calibration
+from pipeline.evaluation.decision import Decision, decide
 from pipeline.evaluation.metrics import BINARY, CALIBRATION, HEADLINE, NEED_EVERY_CLASS, bootstrap, compute_metrics
 from pipeline.evaluation.plots import IMAGES, confusion_table, plot_confusion, write_plots
 from pipeline.evaluation.predictions import predict_logits, predict_proba, predict_tta
@@ -30,7 +31,7 @@ from pipeline.evaluation.reporting import report
 __all__ = [
     "BINARY", "CALIBRATION", "HEADLINE", "IMAGES", "TTA_SPLIT", "CALIBRATED_SPLIT", "Evaluation", "EvaluationError", "confusion_table",
     "evaluate", "plot_confusion", "positive_index", "predict_logits", "predict_proba", "predict_tta", "report",
-    "split_metrics", "write_plots",
+    "split_metrics", "write_plots", "Decision",
 ]
 
 TTA_SPLIT = "test_tta"  # metrics with test-time augmentation: test_tta/accuracy, ...
@@ -46,6 +47,8 @@ class Evaluation:
     probs: np.ndarray  # test-split probabilities, plain (no TTA, no temperature)
     calibrated: np.ndarray | None  # the same after temperature scaling; None when it is off
     metrics: dict[str, float]
+    selection: tuple[np.ndarray, np.ndarray] | None = None  # (probs, labels) the decisions were fitted on
+    decision: Decision | None = None  # threshold and conformal quantile (pipeline.evaluation.decision)
 
 
 def positive_index(class_names: Sequence[str], positive_class: str | None) -> int | None:
@@ -83,10 +86,16 @@ def split_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[s
 def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
              settings: Evaluate, seed: int, tta: Sequence[A.BasicTransform] = (),
              val: tuple[np.ndarray, np.ndarray] | None = None,
-             val_logits: tuple[np.ndarray, np.ndarray] | None = None) -> Evaluation:
-    """Test-split predictions and every metric; temperature scaling needs ``val`` (images, labels) or
-    ``val_logits`` (held-out logits and labels, e.g. a fold ensemble's out-of-fold log-probabilities)."""
+             held_out: tuple[np.ndarray, np.ndarray] | None = None, run_id: str = "") -> Evaluation:
+    """Test-split predictions and every metric.
+
+    Temperature scaling and the decisions (threshold, conformal sets) are fitted on held-out predictions:
+    ``held_out`` (logits, labels), e.g. a fold ensemble's out-of-fold log-probabilities, else the model's
+    predictions on ``val`` (images, labels).
+    """
     positive = positive_index(class_names, settings.positive_class)
+    if held_out is None and val is not None:
+        held_out = (predict_logits(model, val[0], settings.batch_size), np.asarray(val[1]))
     logits = predict_logits(model, images, settings.batch_size)
     probs = calibration.softmax(logits)
     metrics = split_metrics(probs, labels, class_names, "test", settings, seed, positive)
@@ -95,20 +104,22 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, cla
         metrics |= split_metrics(tta_probs, labels, class_names, TTA_SPLIT, settings, seed, positive)
     calibrated = None
     if settings.temperature_scaling:
-        if val_logits is None and val is None:
+        if held_out is None:
             raise ValueError("temperature scaling needs the validation split's images and labels")
-        if val_logits is None:
-            val_logits = (predict_logits(model, val[0], settings.batch_size), val[1])
-        val_logits, val_labels = val_logits
-        val = (None, val_labels)
-        temperature = calibration.fit_temperature(val_logits, val[1])
+        val_logits, val_labels = held_out
+        temperature = calibration.fit_temperature(val_logits, val_labels)
         calibrated = calibration.softmax(logits, temperature)
         metrics |= {
             "calibration/temperature": round(temperature, 6),
-            "calibration/val_accuracy": round(float((val_logits.argmax(1) == val[1]).mean()), 6),
-            "calibration/val_nll": round(calibration.nll(val_logits, val[1]), 6),
-            "calibration/val_nll_calibrated": round(calibration.nll(val_logits, val[1], temperature), 6),
+            "calibration/val_accuracy": round(float((val_logits.argmax(1) == val_labels).mean()), 6),
+            "calibration/val_nll": round(calibration.nll(val_logits, val_labels), 6),
+            "calibration/val_nll_calibrated": round(calibration.nll(val_logits, val_labels, temperature), 6),
         }
         metrics |= split_metrics(calibrated, labels, class_names, CALIBRATED_SPLIT, settings, seed, positive,
                                  only=CALIBRATION)
-    return Evaluation(probs, calibrated, metrics)
+    selection = None if held_out is None else (calibration.softmax(held_out[0]), np.asarray(held_out[1]))
+    made = None
+    if selection is not None:
+        made, decided = decide(selection, (probs, labels), class_names, positive, settings, seed, run_id=run_id)
+        metrics |= decided
+    return Evaluation(probs, calibrated, metrics, selection, made)

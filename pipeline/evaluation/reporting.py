@@ -14,7 +14,7 @@ from pipeline.evaluation.metrics import BINARY, CALIBRATION, HEADLINE, PER_CLASS
 # The metrics file DVC shows by default (`dvc metrics show`, `dvc exp show`): what runs are compared on. Every
 # other number (intervals, per class, calibration details) is in paths.metrics_detail, and all are in MLflow.
 HEADLINE_KEYS = (*(f"{split}/{m}" for split in ("test", "test_tta") for m in (*HEADLINE, *BINARY)),
-                 "test/ece", "test_calibrated/ece", "weights/pretrained")
+                 "test/ece", "test_calibrated/ece", "cv/accuracy", "cv/auroc", "weights/pretrained")
 SPLITS = {"test": "plain", "test_tta": "with TTA", "test_calibrated": "temperature-scaled"}
 KEY_HPARAMS = ("lr", "weight_decay", "optimizer", "dropout", "label_smoothing", "monitor")
 SMALL_TEST_CLASS = 10  # fewer test images of a class than this: a warning

@@ -2,7 +2,9 @@
 
 SRC is a folder of images (nested or flat) or a CSV manifest with a 'path' column (paths relative to
 its folder). Each file gets a row: path, predicted, prob_<class> per class, error (unreadable files:
-the reason, and no prediction). Fails only when no file at all could be read.
+the reason, and no prediction). Fails only when no file at all could be read. When the evaluate stage
+recorded a decision for this model (paths.decision), predicted applies its threshold and a 'set' column
+holds each image's conformal prediction set (class names joined by '|').
 """
 
 import argparse
@@ -19,9 +21,13 @@ def main(params: Params, argv: list[str], params_file: str) -> None:
     parser.add_argument("--out", type=Path, required=True, help="CSV to write (replaced only when complete)")
     parser.add_argument("--model-dir", type=Path, default=Path(params.paths.model_dir),
                         help="the train stage's output (default: paths.model_dir, %(default)s)")
+    parser.add_argument("--decision", type=Path, default=Path(params.paths.decision),
+                        help="evaluate's threshold and conformal quantile, applied if present "
+                             "(default: paths.decision, %(default)s)")
     args = parser.parse_args(argv)
     trained = serve.load_trained(args.model_dir, params.data)
-    table = serve.predict(trained, serve.list_images(args.src), params.evaluate.batch_size)
+    made = serve.load_decision(args.decision, trained)
+    table = serve.predict(trained, serve.list_images(args.src), params.evaluate.batch_size, made)
     serve.write_predictions(table, args.out)
     failed = int((table["error"] != "").sum())
     print(f"predict: {len(table) - failed} images predicted, {failed} unreadable -> {args.out}")

@@ -1,0 +1,76 @@
+"""Label audit: images whose given label the model's held-out probabilities doubt, ranked, with cleanlab.
+
+Held-out means predicted by a model that did not train on them (today the validation split; out-of-fold
+predictions cover every train+val image once cross-validation produces them). cleanlab's confident
+learning (``find_label_issues``, prune by noise rate) flags likely errors; its label quality score
+(self-confidence: the probability of the given label) ranks every image, most suspect first. A person
+confirms the suspects and lists the wrong ones in ``data.exclude``; nothing is changed automatically.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+COLUMNS = ("path", "given", "suggested", "score", "issue")
+PANEL_PNG = "label_audit.png"  # in paths.plots
+
+
+def label_issues(probs: np.ndarray, labels: np.ndarray, paths: Sequence[str],
+                 class_names: Sequence[str]) -> pd.DataFrame:
+    """One row per image, most suspect first: path, given label, suggested label (the most probable class),
+    score (cleanlab's label quality in [0, 1], low = suspect) and issue (cleanlab flags it as a likely error).
+    The index keeps each row's position in the inputs."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    probs, labels = np.asarray(probs, dtype=float), np.asarray(labels)
+    flagged = np.zeros(len(labels), dtype=bool)
+    if len(np.unique(labels)) > 1:  # confident learning estimates noise rates between classes: it needs two
+        flagged[find_label_issues(labels, probs, n_jobs=1)] = True
+    names = np.asarray(list(class_names), dtype=object)
+    table = pd.DataFrame({"path": list(paths), "given": names[labels], "suggested": names[probs.argmax(1)],
+                          "score": np.round(get_label_quality_scores(labels, probs), 6), "issue": flagged})
+    return table.sort_values(["score", "path"], kind="stable")
+
+
+def panel_png(images: np.ndarray, table: pd.DataFrame, top: int, columns: int = 4) -> bytes:
+    """Thumbnails of the ``top`` first rows of ``table`` (its index: their positions in ``images``), captioned."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
+    from pipeline.explain import to_display
+
+    shown = min(top, len(table))
+    n_rows = max(1, math.ceil(shown / columns))
+    fig = Figure(figsize=(columns * 1.7, n_rows * 1.9 + 0.4))
+    axes = np.asarray(fig.subplots(n_rows, columns, squeeze=False))
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for i in range(shown):
+        row = table.iloc[i]
+        ax = axes.flat[i]
+        ax.imshow(to_display(images[table.index[i]]))
+        ax.set_title(f"given {row['given']}\nsuggested {row['suggested']}\nscore {row['score']:.2f}", fontsize=7,
+                     color="tab:red" if row["issue"] else "black")
+    fig.suptitle("Most suspect labels (held-out predictions; red: flagged by cleanlab)", fontsize=9)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, dpi=110, format="png")
+    return png.getvalue()
+
+
+def report_section(table: pd.DataFrame, selection: str, *, csv_path: str, panel: str | None, top: int) -> str:
+    """The report's Markdown: how many are flagged, the top rows, the panel."""
+    flagged = int(table["issue"].sum())
+    head = table.head(max(top, 5))
+    lines = [f"cleanlab on the {len(table)} {selection} predictions: {flagged} image(s) flagged as likely label "
+             f"errors. Full ranking (most suspect first): `{csv_path}`. Check the files; list the confirmed errors "
+             "in a CSV with a `path` column and set `data.exclude` to it to leave them out at the next ingest.", "",
+             head.to_markdown(index=False, floatfmt=".3f"), ""]
+    if panel:
+        lines += [f"![label audit]({panel})", ""]
+    return "\n".join(lines)
