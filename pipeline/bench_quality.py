@@ -8,7 +8,9 @@ pretrained weights on these machines). Rows, each adding to the one before:
   with the medical preset minus the demo's histology flips;
 - ``mix``: + MixUp (alpha 0.2) and CutMix (alpha 1.0), half the mixed batches each;
 - ``ema``: + an EMA of the weights (decay 0.995);
-- ``threshold``: the ``ema`` model with the Youden threshold chosen on val predictions.
+- ``threshold``: the ``ema`` model with the Youden threshold chosen on val predictions;
+- ``long``: 40 epochs, checkpoint and early stopping on val/auroc (patience 15) instead of val/loss;
+- ``cv5``: ``long`` with ``data.folds: 5``: five fold models, their ensemble tested (OOF scores beside).
 
 Each row prints one JSON line: test accuracy and AUROC with 95% bootstrap intervals (1000 resamples of
 the 468 test images), epochs, seconds. Not part of ``make test``; minutes per row on 2 CPU cores.
@@ -29,16 +31,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline import augment, config, evaluation
-from pipeline.data.ingest import ingest, load_prepared
+from pipeline import augment, config, crossval, evaluation
+from pipeline.data.ingest import Prepared, ingest, load_prepared
 from pipeline.fit import datamodule, fit
-from pipeline.model import Classifier
+from pipeline.model import Classifier, Ensemble
+from pipeline.resume import Resume
 
 DATA = Path("../shared/data/pneumoniamnist_balanced.npz")  # relative to the repository root, as the README says
 CLASSES = ("normal", "pneumonia")
 MIX = {"augment.mixup_alpha": 0.2, "augment.cutmix_alpha": 1.0, "augment.cutmix_switch_prob": 0.5}
 # Run in this order (the full recipe before the partial one, for when the machine is slow): rows print as they end.
-ROWS: dict[str, dict[str, Any]] = {"single": {}, "ema": MIX | {"train.ema_decay": 0.995}, "mix": MIX}
+LONG = {"train.max_epochs": 40, "train.monitor": "val/auroc", "train.patience": 15}
+ROWS: dict[str, dict[str, Any]] = {"single": {}, "ema": MIX | {"train.ema_decay": 0.995}, "mix": MIX,
+                                   "long": LONG, "cv5": LONG | {"data.folds": 5}}
 
 
 def write_pngs(npz: Path, root: Path) -> Path:
@@ -74,35 +79,56 @@ def scored(metrics: dict[str, float], split: str) -> dict[str, float]:
             if f"{split}/{m}{suffix}" in metrics}
 
 
+def _prepared(raw: Path, root: Path, data: config.Data) -> Prepared:
+    """Ingest once per fold count (the fold column is ingest's)."""
+    out = root / f"prepared-{data.folds}"
+    if not out.exists():
+        with contextlib.redirect_stdout(sys.stderr):
+            ingest(raw, out, seed=0, data=data)
+    return load_prepared(out)
+
+
+def _train(params: config.Params, prepared: Prepared, transform, out: Path) -> tuple[Ensemble, Any, int, dict]:
+    """(model, held-out logits and labels or None, epochs run, CV metrics): one fit, or k folds and their ensemble."""
+    with contextlib.redirect_stdout(sys.stderr):  # per-epoch lines; stdout is for the JSON lines
+        if not params.data.folds:
+            result = fit(params, datamodule(params, prepared, transform), out_dir=out)
+            return Ensemble([Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu")]), \
+                None, result.epochs_run, {}
+        folds = crossval.fit_folds(params, prepared, transform, Resume(out, "bench"))
+    members = [Classifier.load_from_checkpoint(r.best_checkpoint, map_location="cpu") for r in folds.results]
+    held_out = (crossval.oof_logits(folds.oof, prepared.classes), folds.oof["label_index"].to_numpy())
+    cv = crossval.cv_metrics(folds.oof, prepared.classes, positive=1)
+    return Ensemble(members), held_out, max(r.epochs_run for r in folds.results), \
+        {k: v for k, v in cv.items() if k in ("cv/accuracy", "cv/auroc")}
+
+
 def run(npz: Path, size: int, epochs: int, seeds: list[int], rows: list[str]) -> list[dict[str, Any]]:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         raw = write_pngs(npz, Path(tmp) / "raw")
-        with contextlib.redirect_stdout(sys.stderr):
-            ingest(raw, Path(tmp) / "prepared", seed=0, data=base_params(size, epochs, 0).data)
-        prepared = load_prepared(Path(tmp) / "prepared")
-        arrays = {s: (prepared.images[prepared.split(s)["cache_index"].to_numpy()],
-                      prepared.split(s)["label_index"].to_numpy()) for s in ("val", "test")}
         for seed in seeds:
             for name, overrides in ((n, ROWS[n]) for n in rows):
                 params = config.with_overrides(base_params(size, epochs, seed), overrides)
+                prepared = _prepared(raw, Path(tmp), params.data)
+                arrays = {s: (prepared.images[prepared.split(s)["cache_index"].to_numpy()],
+                              prepared.split(s)["label_index"].to_numpy()) for s in ("val", "test")}
                 transform = augment.build(params.augment.transforms, seed, preset=params.augment.preset,
                                           dtype=prepared.images.dtype)
                 start = time.perf_counter()
-                with contextlib.redirect_stdout(sys.stderr):  # per-epoch lines; stdout is for the JSON lines
-                    result = fit(params, datamodule(params, prepared, transform), out_dir=Path(tmp) / f"{name}-{seed}")
+                model, held_out, epochs_run, cv = _train(params, prepared, transform, Path(tmp) / f"{name}-{seed}")
                 seconds = time.perf_counter() - start
-                model = Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu")
                 rows = [(name, params.evaluate)]
                 if name == "ema":
                     rows.append(("threshold", dataclasses.replace(params.evaluate, threshold="youden")))
                 for row, settings in rows:
                     out = evaluation.evaluate(model, *arrays["test"], prepared.classes, settings, seed, (),
-                                              val=arrays["val"])
+                                              val=arrays["val"], held_out=held_out)
                     split = "test_threshold" if row == "threshold" else "test"
-                    line = {"bench": "quality", "row": row, "seed": seed, "image_size": size, "max_epochs": epochs,
-                            "epochs_run": result.epochs_run, "fit_s": round(seconds, 1),
-                            **{k: round(v, 4) for k, v in scored(out.metrics, split).items()}}
+                    line = {"bench": "quality", "row": row, "seed": seed, "image_size": size,
+                            "max_epochs": params.train.max_epochs, "epochs_run": epochs_run,
+                            "fit_s": round(seconds, 1), **{k: round(v, 4) for k, v in scored(out.metrics, split).items()},
+                            **cv}
                     if row == "threshold":  # AUROC does not depend on the cut: the ema row's
                         line |= {"threshold": out.metrics["decision/threshold"],
                                  **{k: round(v, 4) for k, v in scored(out.metrics, "test").items() if "auroc" in k}}
@@ -118,7 +144,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--size", type=int, default=28, help="data.image_size (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=20, help="train.max_epochs (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: %(default)s)")
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS),
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=["single", "ema", "mix"],
                         help="rows to train (the threshold row comes with ema; default: all)")
     args = parser.parse_args(argv)
     if not args.data.is_file():
