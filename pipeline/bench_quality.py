@@ -10,7 +10,7 @@ pretrained weights on these machines). Rows, each adding to the one before:
 - ``ema``: + an EMA of the weights (decay 0.995);
 - ``threshold``: the ``ema`` model with the Youden threshold chosen on val predictions;
 - ``long``: 40 epochs, checkpoint and early stopping on val/auroc (patience 15) instead of val/loss;
-- ``cv5``: ``long`` with ``data.folds: 5``: five fold models, their ensemble tested (OOF scores beside).
+- ``cv3``, ``cv5``: ``long`` with ``data.folds: 3`` or ``5``: the fold models' ensemble tested (OOF scores beside).
 
 Each row prints one JSON line: test accuracy and AUROC with 95% bootstrap intervals (1000 resamples of
 the 468 test images), epochs, seconds. Not part of ``make test``; minutes per row on 2 CPU cores.
@@ -43,7 +43,7 @@ MIX = {"augment.mixup_alpha": 0.2, "augment.cutmix_alpha": 1.0, "augment.cutmix_
 # Run in this order (the full recipe before the partial one, for when the machine is slow): rows print as they end.
 LONG = {"train.max_epochs": 40, "train.monitor": "val/auroc", "train.patience": 15}
 ROWS: dict[str, dict[str, Any]] = {"single": {}, "ema": MIX | {"train.ema_decay": 0.995}, "mix": MIX,
-                                   "long": LONG, "cv5": LONG | {"data.folds": 5}}
+                                   "long": LONG, "cv3": LONG | {"data.folds": 3}, "cv5": LONG | {"data.folds": 5}}
 
 
 def write_pngs(npz: Path, root: Path) -> Path:
