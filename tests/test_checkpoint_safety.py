@@ -40,7 +40,7 @@ def malicious_checkpoint(folder: Path) -> tuple[Path, Path]:
 def test_predict_refuses_a_checkpoint_that_would_run_code(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
     checkpoint, marker = malicious_checkpoint(tmp_path / "models")
-    (tmp_path / "models" / RUN_INFO).write_text(json.dumps({"classes": ["a", "b"], "checkpoint": "best.ckpt"}))
+    (tmp_path / "models" / RUN_INFO).write_text(json.dumps({"classes": ["a", "b"], "checkpoints": ["best.ckpt"]}))
     with pytest.raises(Exception, match="Weights only load failed"):
         serve.load_trained(tmp_path / "models", Data())
     with pytest.raises(Exception, match="Weights only load failed"):
