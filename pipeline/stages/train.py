@@ -67,11 +67,11 @@ def main(params: Params) -> None:
         logger = MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run.info.run_id)
         result = fit(params, data, out_dir=resume.checkpoints, logger=logger, resume_from=last)
         mlflow.set_tags({"weights.pretrained": str(result.weights.pretrained).lower(),
-                         "weights.source": result.weights.source})
+                         "weights.source": result.weights.source, "train.mode": params.train.mode})
         info = {
             "run_id": run.info.run_id, "arch": params.model.arch, "classes": list(prepared.classes),
             "checkpoint": result.best_checkpoint.name, "monitor": params.train.monitor,
-            "best_score": result.best_score, "epochs_run": result.epochs_run,
+            "best_score": result.best_score, "epochs_run": result.epochs_run, "mode": params.train.mode,
             "weights": dataclasses.asdict(result.weights),
             # What predict and export must do to a new file to give the pixels this model was trained on.
             "preprocessing": {"image_size": int(prepared.images.shape[1]), "channels": params.data.channels,
