@@ -70,6 +70,7 @@ def test_predict_and_export_work_for_the_frozen_modes(mode, tiny_params, prepare
     assert (table["error"] == "").all() and set(table["predicted"]) <= set(prepared.classes)
     exported = torch.jit.load(serve.export(trained, "torchscript", tmp_path / "model.pt"))
     pixels = torch.from_numpy(np.stack([serve.read_image(f, trained) for f in files]))
-    probs = exported(pixels)
+    with torch.no_grad():
+        probs = exported(pixels)
     np.testing.assert_allclose(probs.sum(1).numpy(), 1.0, atol=1e-5)
     assert [prepared.classes[i] for i in probs.argmax(1)] == list(table["predicted"])
