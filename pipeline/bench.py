@@ -291,4 +291,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["transfer"]:  # minutes on real data, not part of make bench: pipeline/transfer_bench.py
+        from pipeline.transfer_bench import main as transfer
+        sys.exit(transfer(sys.argv[2:]))
     sys.exit(main())

@@ -182,14 +182,15 @@ def methods(models: Path) -> dict[str, dict]:
     }
 
 
-def adapt(models: Path, target: Prepared, out: Path, only: set[str] | None = None) -> None:
+def adapt(models: Path, target: Prepared, out: Path, only: set[str] | None = None,
+          seeds: tuple[int, ...] = SEEDS) -> None:
     """Every method at every K; one JSON line per (method, K, seed) appended to ``out``."""
     done = {(r["method"], r["shots"], r["seed"]) for r in map(json.loads, out.read_text().splitlines())} \
         if out.is_file() else set()
     test = target.split("test")
     images, labels = np.asarray(target.images[test["cache_index"].to_numpy()]), test["label_index"].to_numpy()
     for shots in SHOTS:
-        for seed in SEEDS:
+        for seed in seeds:
             prepared = draw(target, shots, seed)
             for name, sections in methods(models).items():
                 if (name, shots, seed) in done or only and name not in only:
@@ -232,13 +233,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/transfer-bench"))
     parser.add_argument("--pretrain-only", action="store_true")
     parser.add_argument("--only", nargs="*", help="methods to run (default: all)")
+    parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS),
+                        help="draws of the K labelled images (default: %(default)s); rows already in results are kept")
     args = parser.parse_args(argv)
     root = extract(args.eurosat, args.work)
     models = pretrain(root, args.work)
     if args.pretrain_only:
         return 0
     results = args.work / "results.jsonl"
-    adapt(models, target_set(root, args.work), results, set(args.only) if args.only else None)
+    adapt(models, target_set(root, args.work), results, set(args.only) if args.only else None,
+          tuple(args.seeds))
     print(table(results, args.work / "pretrain" / "pretrain.json"))
     return 0
 
