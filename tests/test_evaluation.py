@@ -321,3 +321,10 @@ def test_evaluate_reports_plain_tta_and_calibrated_metrics(tiny_model):
     t = both.metrics["calibration/temperature"]
     np.testing.assert_allclose(both.calibrated.argmax(1), both.probs.argmax(1))
     assert both.metrics["calibration/val_nll_calibrated"] <= both.metrics["calibration/val_nll"] + 1e-9 and t > 0
+
+
+def test_report_says_which_training_mode_ran():
+    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)
+    report = lambda run: evaluation.report(m, DATA, run, [], settings=Evaluate(bootstrap=0))  # noqa: E731
+    assert "| training mode | `knn` |" in report(PRETRAINED | {"mode": "knn"})
+    assert "| training mode | `finetune` |" in report(PRETRAINED)  # a run.json written before train.mode
