@@ -172,7 +172,8 @@ def load_backbone(net: nn.Module, arch: str, backbone: Backbone, requested: str)
     if in_channels != backbone.in_channels:
         if backbone.in_channels != 3:
             raise WeightsError(f"model.weights: {backbone.source} was trained on {backbone.in_channels} bands, this "
-                               f"data set has {in_channels}; only an RGB (3-band) backbone adapts to another band count")
+                               f"data set has {in_channels}; only an RGB (3-band) backbone adapts to another "
+                               "band count")
         state[FIRST_CONV] = adapt_first_conv(state[FIRST_CONV], in_channels)
     result = net.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIX)]

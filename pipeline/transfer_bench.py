@@ -211,7 +211,7 @@ def adapt(models: Path, target: Prepared, out: Path, only: set[str] | None = Non
                     f.write(json.dumps(row) + "\n")
 
 
-def table(results: Path, pretrain_json: Path) -> str:
+def table(results: Path) -> str:
     """The docs/benchmarks.md table: accuracy [95% CI] per method and K (mean over seeds when several)."""
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     frame = pd.DataFrame(rows)
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     results = args.work / "results.jsonl"
     adapt(models, target_set(root, args.work), results, set(args.only) if args.only else None,
           tuple(args.seeds))
-    print(table(results, args.work / "pretrain" / "pretrain.json"))
+    print(table(results))
     return 0
 
 
