@@ -296,4 +296,8 @@ if __name__ == "__main__":
         from pipeline import bench_quality
 
         sys.exit(bench_quality.main(sys.argv[2:]))
+    if sys.argv[1:2] == ["transfer"]:  # minutes on real data, not part of make bench: pipeline/transfer_bench.py
+        from pipeline.transfer_bench import main as transfer
+
+        sys.exit(transfer(sys.argv[2:]))
     sys.exit(main())

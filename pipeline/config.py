@@ -188,6 +188,13 @@ class Train:
         "auto", description="Run the network and its inputs in channels_last memory format: faster convolutions "
                             "on GPUs (tensor cores, mixed precision). auto: on CUDA devices only (on CPU it was "
                             "no faster here, see make bench).")
+    mode: Literal["finetune", "linear_probe", "knn"] = Field(
+        "finetune", description="finetune: train the network (the recipe below); linear_probe: a logistic "
+                                "regression head on the frozen backbone's pooled features; knn: a cosine "
+                                "k-nearest-neighbour vote over them (pipeline/probe.py). The frozen modes compute "
+                                "each image's features once and train in seconds; with under ~10 images per "
+                                "class they often beat fine-tuning.")
+    knn_k: int = Field(20, ge=1, description="train.mode knn: neighbours that vote (at most the training images).")
     # The small-data recipe (pipeline/recipe.py).
     freeze_epochs: int = Field(
         2, ge=0, description="Epochs that train only the new head, backbone frozen (BatchNorm statistics "

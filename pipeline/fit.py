@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.loggers import Logger
 
-from pipeline import recipe
+from pipeline import probe, recipe
 from pipeline.config import Params, mode_of
 from pipeline.data.datamodule import ImageDataModule, load_offline
 from pipeline.data.ingest import Prepared
@@ -176,13 +176,13 @@ def build_model(params: Params, class_names: Sequence[str], hub_dir: Path | None
                        channels_last=t.channels_last, mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha,
                        mix_prob=a.mix_prob, cutmix_switch_prob=a.cutmix_switch_prob)
     info = load_pretrained(model.net, m.arch, m.weights, require_pretrained=m.require_pretrained, hub_dir=hub_dir,
-                           sha256=m.weights_sha256)
+                           sha256=m.weights_sha256, tracking_uri=params.mlflow.tracking_uri)
     if not info.pretrained and t.backbone_lr_mult != 1.0:
         model.hparams.backbone_lr_mult = 1.0  # a random backbone has nothing to protect
-    if dataset_stats is not None and not (info.pretrained and len(dataset_stats[0]) == 3):
-        mean, std = (list(map(float, v)) for v in dataset_stats)
-        model.mean, model.std = (torch.tensor(v).view(1, -1, 1, 1) for v in (mean, std))
-        model.hparams.update(mean=mean, std=std)  # so checkpoints rebuild the model with them
+    if info.mean is not None:  # weights that carry the statistics they were trained with (an earlier run)
+        use_statistics(model, info.mean, info.std)
+    elif dataset_stats is not None and not (info.pretrained and len(dataset_stats[0]) == 3):
+        use_statistics(model, *dataset_stats)
     return model, info
 
 
@@ -209,6 +209,11 @@ def _quiet_lightning() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+def use_statistics(model: Classifier, mean: Sequence[float], std: Sequence[float]) -> None:
+    """Normalize with ``mean``/``std``, recorded in the hyperparameters so checkpoints rebuild the model with them."""
+    mean, std = list(map(float, mean)), list(map(float, std))
+    model.mean, model.std = (torch.tensor(v).view(1, -1, 1, 1) for v in (mean, std))
+    model.hparams.update(mean=mean, std=std)
 
 
 def _tolerate_frozen_parameters(strategy: str, devices: int | str, num_nodes: int = 1) -> str:
@@ -237,6 +242,8 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
     model, weights = build_model(params, data.prepared.classes, hub_dir, (data.prepared.mean, data.prepared.std),
                                  in_channels=data.prepared.images.shape[-1],
                                  train_labels=data.prepared.split("train")["label_index"].to_numpy())
+    if t.mode != "finetune":
+        return _fit_frozen(params, data, model, weights, out_dir, logger)
     mode = mode_of(t.monitor)
     stopper = EarlyStopping(monitor=t.monitor, mode=mode, patience=t.patience)
     all_callbacks = [stopper, StopOnNonFiniteLoss(), EpochSummary(), *callbacks]
@@ -283,3 +290,12 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
         weights=weights,
         last_metrics={k: float(v) for k, v in trainer.callback_metrics.items()},
     )
+
+
+def _fit_frozen(params: Params, data: ImageDataModule, model: Classifier, weights: WeightsInfo,
+                out_dir: Path | None, logger: Logger | bool) -> FitResult:
+    """``train.mode`` linear_probe or knn: no epochs, the head fitted on frozen features (``pipeline.probe``)."""
+    checkpoint = None if out_dir is None else Path(out_dir) / f"{CHECKPOINT_NAME}.ckpt"
+    metrics = probe.fit_frozen(params, data, model, weights, checkpoint=checkpoint, logger=logger)
+    return FitResult(best_score=metrics[params.train.monitor], best_checkpoint=checkpoint, epochs_run=0,
+                     weights=weights, last_metrics=metrics)

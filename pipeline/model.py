@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, Mul
 from torchvision.transforms import v2
 
 from pipeline import recipe
+from pipeline.heads import KNNHead, linear_of
 
 # ImageNet statistics, which torchvision's ResNet weights were trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -83,11 +84,17 @@ class Classifier(L.LightningModule):
         cutmix_alpha: float = 0.0,
         mix_prob: float = 1.0,
         cutmix_switch_prob: float = 0.5,
+        knn_bank: int = 0,
+        knn_k: int = 20,
     ):
+        """``knn_bank`` > 0: the head is a :class:`~pipeline.heads.KNNHead` over that many stored training
+        features (``train.mode: knn``), voting among the ``knn_k`` nearest."""
         super().__init__()
         # Logged to MLflow by the stage under params.yaml names, not by Lightning under these.
         self.save_hyperparameters(logger=False)
         self.net = build_network(arch, num_classes, dropout, in_channels)
+        if knn_bank:
+            self.net.fc = KNNHead(linear_of(self.net.fc).in_features, num_classes, knn_bank, knn_k)
         self.channels_last = False  # decided where the device is known: on_fit_start
         # Not persistent: rebuilt from the hyperparameters, so checkpoints load with or without it.
         self.register_buffer("class_weights", None if class_weights is None else

@@ -46,6 +46,12 @@ class WeightsInfo:
     source: str  # URL or file the tensors came from, or "random-init"
     pretrained: bool
     fallback_reason: str | None = None
+    # Weights that bring their own input statistics (an earlier run, a domain backbone): the normalization
+    # the model must use, the band count the weights were trained on, the classes of the head they had.
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    in_channels: int | None = None
+    source_classes: tuple[str, ...] | None = None
 
 
 def weight_enum(arch: str, name: str = "imagenet") -> torchvision.models.WeightsEnum:
@@ -165,13 +171,20 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> No
 
 
 def load_pretrained(net: nn.Module, arch: str, weights: str, *, require_pretrained: bool,
-                    hub_dir: Path | None = None, sha256: str | None = None) -> WeightsInfo:
+                    hub_dir: Path | None = None, sha256: str | None = None,
+                    tracking_uri: str = "sqlite:///mlflow.db") -> WeightsInfo:
     """Put the requested weights into ``net`` (a freshly built ``arch``) and say what happened.
 
-    ``sha256``: the weights file must have this hash (checked before it is read).
+    ``sha256``: the weights file must have this hash (checked before it is read). ``tracking_uri``
+    (``mlflow.tracking_uri``): where ``runs:/`` and ``models:/`` weights are looked up when no stage has
+    pointed MLflow at a store.
     """
     if weights == "none":
         return WeightsInfo(requested=weights, source="random-init", pretrained=False)
+    from pipeline import transfer  # imported here: it builds on this module
+    if transfer.is_run_source(weights):
+        return transfer.load_backbone(net, arch, transfer.resolve(weights, tracking_uri=tracking_uri, sha256=sha256),
+                                      weights)
     if weights != "imagenet" and not is_enum_name(weights):
         path = Path(weights)
         if path.is_file():

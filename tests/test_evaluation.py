@@ -363,3 +363,8 @@ def test_the_report_is_the_same_for_identical_results_of_another_train_run():
     m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)
     first = evaluation.report(m, DATA, PRETRAINED, [], settings=Evaluate(bootstrap=0))
     assert evaluation.report(m, DATA, PRETRAINED | {"run_id": "r2"}, [], settings=Evaluate(bootstrap=0)) == first
+def test_report_says_which_training_mode_ran():
+    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)
+    report = lambda run: evaluation.report(m, DATA, run, [], settings=Evaluate(bootstrap=0))  # noqa: E731
+    assert "| training mode | `knn` |" in report(PRETRAINED | {"mode": "knn"})
+    assert "| training mode | `finetune` |" in report(PRETRAINED)  # a run.json written before train.mode

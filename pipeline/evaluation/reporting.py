@@ -133,7 +133,8 @@ def _data_section(data_report: Mapping[str, Any]) -> list[str]:
 
 def _settings_section(classes: Sequence[str], run: Mapping[str, Any], settings: Evaluate,
                       hparams: Mapping[str, Any], tta: Sequence[str]) -> list[str]:
-    rows = {"model": f"`{run['arch']}`", "weights": f"`{run['weights']['source']}`"}
+    rows = {"model": f"`{run['arch']}`", "weights": f"`{run['weights']['source']}`",
+            "training mode": f"`{run.get('mode', 'finetune')}`"}
     rows |= {f"train {k}": f"`{hparams[k]}`" for k in KEY_HPARAMS if k in hparams}
     if "best_score" in run:
         rows["best checkpoint"] = f"{run.get('monitor', 'score')} {run['best_score']:.4f} after {run['epochs_run']} epochs"

@@ -80,12 +80,13 @@ def main(params: Params) -> None:
                            logger=logger, resume_from=last)]
             members = {results[0].best_checkpoint.name: results[0].best_checkpoint}
         weights = results[0].weights
-        mlflow.set_tags({"weights.pretrained": str(weights.pretrained).lower(), "weights.source": weights.source})
+        mlflow.set_tags({"weights.pretrained": str(weights.pretrained).lower(), "weights.source": weights.source,
+                         "train.mode": params.train.mode})
         info = {
             "run_id": run.info.run_id, "arch": params.model.arch, "classes": list(prepared.classes),
             "checkpoints": list(members), "monitor": params.train.monitor,
             "best_score": float(np.mean([r.best_score for r in results])),
-            "epochs_run": int(max(r.epochs_run for r in results)),
+            "epochs_run": int(max(r.epochs_run for r in results)), "mode": params.train.mode,
             "folds": [{"best_score": r.best_score, "epochs_run": r.epochs_run} for r in results] if folds else [],
             "weights": dataclasses.asdict(weights),
             # What predict and export must do to a new file to give the pixels this model was trained on.

@@ -1,0 +1,251 @@
+"""``python -m pipeline.bench transfer``: does transfer from the pipeline's own pretraining help, and how?
+
+A ResNet-18 is pretrained by :func:`pipeline.fit.fit` on five EuroSAT classes, then adapted to the
+other five with K labelled images per class (K in ``SHOTS``) and tested on ``TEST_PER_CLASS`` other
+images of each: from scratch, linear probe, kNN, fine-tuning everything at one learning rate, the
+default recipe (frozen warm-up + lower backbone lr) and gradual unfreezing; accuracy with a bootstrap
+95% interval per row, averaged over ``SEEDS`` draws of the labelled images.
+
+Not part of ``make test`` (minutes on 2 cores). The data is the shared EuroSAT RGB tar
+(``--eurosat``), extracted to a scratch folder (``--work``), never into the repository. On the 2-core
+machine the pretraining runs at ``SIZE`` px on ``PRETRAIN_PER_CLASS`` images per class (the issue asks
+for all of them at 64 px, which costs minutes per epoch here); the settings are printed with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import augment, config
+from pipeline.bench import emit
+from pipeline.data.ingest import MANIFEST_CSV, Prepared, ingest, load_prepared
+from pipeline.evaluation.predictions import predict_proba
+from pipeline.fit import RUN_INFO, datamodule, fit
+from pipeline.model import Classifier
+
+EUROSAT = Path("/work/shared/data/eurosat_rgb.tar")
+PRETRAIN_CLASSES = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial")
+TARGET_CLASSES = ("Pasture", "PermanentCrop", "Residential", "River", "SeaLake")
+SIZE = 32
+PRETRAIN_PER_CLASS, PRETRAIN_EPOCHS = 1000, 10
+SHOTS = (10, 20, 50)
+VAL_PER_CLASS = 5  # labelled images held out of K for early stopping, on top of K (said in the table)
+TEST_PER_CLASS = 250  # 1,250 test images, none of them among the labelled ones
+POOL_PER_CLASS = 100  # the K training and VAL_PER_CLASS validation images are drawn from these
+SEEDS = (0,)
+ADAPT_EPOCHS = 12
+
+
+def extract(tar: Path, work: Path) -> Path:
+    """The EuroSAT folder (``<Class>/<Class>_<n>.jpg``) under ``work``, extracted once."""
+    root = work / "eurosat"
+    if not (root / TARGET_CLASSES[-1]).is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tar) as archive:
+            archive.extractall(root, filter="data")
+    return root
+
+
+def files_of(root: Path, cls: str) -> list[Path]:
+    return sorted((root / cls).glob("*.jpg"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+
+
+def link_set(folder: Path, rows: list[tuple[Path, str, str]]) -> Path:
+    """A manifest folder (``path,label,split``) of symlinks to the chosen files: ingest's predefined split."""
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, (src, label, split) in enumerate(rows):
+        link = folder / f"{i:06d}{src.suffix}"
+        if not link.exists():
+            os.symlink(src, link)
+        records.append({"path": link.name, "label": label, "split": split})
+    pd.DataFrame(records).to_csv(folder / MANIFEST_CSV, index=False)
+    return folder
+
+
+def bench_params(seed: int = 0, **sections) -> config.Params:
+    base = {"seed": seed, "data": {"image_size": SIZE, "near_duplicate_bits": None, "on_leakage": "warn"},
+            "augment": {"preset": "satellite", "transforms": []},
+            "train": {"accelerator": "cpu", "batch_size": 64, "num_workers": 0}}
+    for name, values in sections.items():
+        base[name] = base.get(name, {}) | values
+    return config.parse(base)
+
+
+def pretrain_rows(root: Path) -> list[tuple[Path, str, str]]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for cls in PRETRAIN_CLASSES:
+        files = files_of(root, cls)
+        chosen = rng.permutation(len(files))[:PRETRAIN_PER_CLASS]
+        n_val = n_test = PRETRAIN_PER_CLASS // 10
+        for j, k in enumerate(chosen):
+            rows.append((files[k], cls, "val" if j < n_val else "test" if j < n_val + n_test else "train"))
+    return rows
+
+
+def pretrain(root: Path, work: Path) -> Path:
+    """Fit from random init on the pretraining classes; a ``models/``-like folder (best.ckpt + run.json).
+
+    A pretraining stopped early (killed for time) is taken up from its best checkpoint so far.
+    """
+    out = work / "pretrain"
+    models = out / "models"
+    if (models / RUN_INFO).is_file():
+        return models
+    params = bench_params(model={"weights": "none"},
+                          train={"max_epochs": PRETRAIN_EPOCHS, "patience": 3, "lr": 2e-3, "freeze_epochs": 0})
+    best = out / "checkpoints" / "best.ckpt"
+    seconds = None
+    if not best.is_file():
+        ingest(link_set(out / "raw", pretrain_rows(root)), out / "prepared", seed=0, data=params.data)
+        pipeline = augment.build(params.augment.transforms, seed=0, preset=params.augment.preset)
+        start = time.perf_counter()
+        fit(params, datamodule(params, load_prepared(out / "prepared"), pipeline), out_dir=out / "checkpoints")
+        seconds = round(time.perf_counter() - start, 1)
+    prepared = load_prepared(out / "prepared")
+    models.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(best, models / "best.ckpt")
+    checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+    (models / RUN_INFO).write_text(json.dumps({"arch": params.model.arch, "classes": list(prepared.classes),
+                                               "checkpoints": ["best.ckpt"]}, indent=2))
+    model = Classifier.load_from_checkpoint(models / "best.ckpt", map_location="cpu")
+    test = prepared.split("test")
+    probs = predict_proba(model, np.asarray(prepared.images[test["cache_index"].to_numpy()]), 256)
+    summary = {"classes": list(PRETRAIN_CLASSES), "images_per_class": PRETRAIN_PER_CLASS, "image_size": SIZE,
+               "train_images": len(prepared.split("train")), "test_images": len(test),
+               "best_epoch": int(checkpoint["epoch"]) + 1, "max_epochs": PRETRAIN_EPOCHS, "seconds": seconds,
+               **accuracy_ci(probs, test["label_index"].to_numpy()), "threads": torch.get_num_threads()}
+    (out / "pretrain.json").write_text(json.dumps(summary, indent=2))
+    emit("transfer_pretrain", **summary)
+    return models
+
+
+def accuracy_ci(probs: np.ndarray, labels: np.ndarray, resamples: int = 1000) -> dict[str, float]:
+    """Accuracy with a 95% percentile bootstrap interval over the test images (seeded)."""
+    correct = (probs.argmax(1) == labels).astype(float)
+    rng = np.random.default_rng(0)
+    means = correct[rng.integers(0, len(correct), (resamples, len(correct)))].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"accuracy": round(correct.mean(), 4), "ci_low": round(low, 4), "ci_high": round(high, 4)}
+
+
+def target_set(root: Path, work: Path) -> Prepared:
+    """The five target classes ingested once: TEST_PER_CLASS test images each, and a pool to draw K from."""
+    out = work / "target"
+    if not (out / "prepared" / "splits.csv").is_file():
+        rng = np.random.default_rng(1)
+        rows = []
+        for cls in TARGET_CLASSES:
+            files = files_of(root, cls)
+            chosen = rng.permutation(len(files))[:TEST_PER_CLASS + POOL_PER_CLASS]
+            rows += [(files[k], cls, "test" if j < TEST_PER_CLASS else "train") for j, k in enumerate(chosen)]
+        ingest(link_set(out / "raw", rows), out / "prepared", seed=0, data=bench_params().data)
+    return load_prepared(out / "prepared")
+
+
+def draw(prepared: Prepared, shots: int, seed: int) -> Prepared:
+    """``shots`` training and VAL_PER_CLASS validation images per class from the pool; the rest unused."""
+    table = prepared.table.copy()
+    rng = np.random.default_rng(100 + seed)
+    pool = table.index[table["split"] != "test"]
+    table.loc[pool, "split"] = "unused"
+    for _, rows in table.loc[pool].groupby("label"):
+        picked = rng.permutation(rows.index.to_numpy())
+        table.loc[picked[:shots], "split"] = "train"
+        table.loc[picked[shots:shots + VAL_PER_CLASS], "split"] = "val"
+    return dataclasses.replace(prepared, table=table)
+
+
+def methods(models: Path) -> dict[str, dict]:
+    """Benchmark rows as params sections (on top of bench_params)."""
+    w = {"weights": str(models)}
+    return {
+        "scratch": {"model": {"weights": "none"}, "train": {"freeze_epochs": 0}},
+        "linear probe": {"model": w, "train": {"mode": "linear_probe"}},
+        "kNN": {"model": w, "train": {"mode": "knn"}},
+        "fine-tune all, one lr": {"model": w, "train": {"freeze_epochs": 0, "backbone_lr_mult": 1.0}},
+        "default recipe": {"model": w, "train": {}},  # freeze_epochs 2, backbone_lr_mult 0.1 (params.yaml)
+        "gradual unfreezing": {"model": w, "train": {"unfreeze": "gradual"}},
+    }
+
+
+def adapt(models: Path, target: Prepared, out: Path, only: set[str] | None = None,
+          seeds: tuple[int, ...] = SEEDS) -> None:
+    """Every method at every K; one JSON line per (method, K, seed) appended to ``out``."""
+    done = {(r["method"], r["shots"], r["seed"]) for r in map(json.loads, out.read_text().splitlines())} \
+        if out.is_file() else set()
+    test = target.split("test")
+    images, labels = np.asarray(target.images[test["cache_index"].to_numpy()]), test["label_index"].to_numpy()
+    for shots in SHOTS:
+        for seed in seeds:
+            prepared = draw(target, shots, seed)
+            for name, sections in methods(models).items():
+                if (name, shots, seed) in done or only and name not in only:
+                    continue
+                train = {"max_epochs": ADAPT_EPOCHS, "batch_size": 16} | sections["train"]
+                params = bench_params(seed=seed, model=sections["model"], train=train)
+                pipeline = augment.build(params.augment.transforms, seed=seed, preset=params.augment.preset)
+                start = time.perf_counter()
+                with tempfile.TemporaryDirectory(prefix="adapt-") as tmp:
+                    result = fit(params, datamodule(params, prepared, pipeline), out_dir=Path(tmp))
+                    model = Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu")
+                seconds = round(time.perf_counter() - start, 1)
+                row = {"method": name, "shots": shots, "seed": seed, "test_images": len(labels),
+                       **accuracy_ci(predict_proba(model, images, 256), labels), "epochs_run": result.epochs_run,
+                       "pretrained": result.weights.pretrained, "seconds": seconds}
+                emit("transfer", **row)
+                with open(out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+
+def table(results: Path) -> str:
+    """The docs/benchmarks.md table: accuracy [95% CI] per method and K (mean over seeds when several)."""
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    frame = pd.DataFrame(rows)
+    lines = ["| method | " + " | ".join(f"K = {k}" for k in SHOTS) + " |", "|---" * (len(SHOTS) + 1) + "|"]
+    for name in dict.fromkeys(frame["method"]):
+        cells = []
+        for k in SHOTS:
+            got = frame[(frame["method"] == name) & (frame["shots"] == k)]
+            cells.append("—" if got.empty else f"{got['accuracy'].mean():.3f} [{got['ci_low'].mean():.3f}, "
+                                               f"{got['ci_high'].mean():.3f}] ({len(got)} seed{'s' * (len(got) > 1)}, "
+                                               f"{got['seconds'].mean():.0f} s)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench transfer", description=__doc__.split("\n")[0])
+    parser.add_argument("--eurosat", type=Path, default=EUROSAT)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/transfer-bench"))
+    parser.add_argument("--pretrain-only", action="store_true")
+    parser.add_argument("--only", nargs="*", help="methods to run (default: all)")
+    parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS),
+                        help="draws of the K labelled images (default: %(default)s); rows already in results are kept")
+    args = parser.parse_args(argv)
+    root = extract(args.eurosat, args.work)
+    models = pretrain(root, args.work)
+    if args.pretrain_only:
+        return 0
+    results = args.work / "results.jsonl"
+    adapt(models, target_set(root, args.work), results, set(args.only) if args.only else None,
+          tuple(args.seeds))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline import config, serve
+from pipeline.fit import datamodule, fit
+from pipeline.model import Classifier, build_network
+from pipeline.probe import pooled_features
+
+
+@pytest.fixture
+def backbone_file(tmp_path):
+    """A resnet18 state dict standing in for pretrained weights (so the frozen modes see 'pretrained')."""
+    state = build_network("resnet18", 1000).state_dict()
+    torch.save(state, tmp_path / "backbone.pth")
+    return state, tmp_path / "backbone.pth"
+
+
+def frozen_params(tiny_params, path, mode, **train):
+    return config.with_overrides(tiny_params, {"model.weights": str(path), "train.mode": mode,
+                                               **{f"train.{k}": v for k, v in train.items()}})
+
+
+def test_linear_probe_leaves_the_backbone_unchanged(tiny_params, prepared, backbone_file, tmp_path):
+    state, path = backbone_file
+    result = fit(frozen_params(tiny_params, path, "linear_probe"), datamodule(tiny_params, prepared, None),
+                 out_dir=tmp_path / "out")
+    model = Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu")
+    own = model.net.state_dict()
+    backbone = [k for k in state if not k.startswith("fc.")]
+    assert all(torch.equal(own[k], state[k]) for k in backbone)  # BatchNorm running statistics included
+    assert result.epochs_run == 0 and result.weights.pretrained and "val/acc" in result.last_metrics
+    assert own["fc.weight"].abs().sum() > 0 and own["fc.weight"].shape == (3, 512)
+    # The head is the logistic regression: it separates the training features (classes differ by colour).
+    rows = prepared.split("train")
+    features = pooled_features(model, prepared.images[rows["cache_index"].to_numpy()])
+    logits = features @ own["fc.weight"].numpy().T + own["fc.bias"].numpy()
+    assert (logits.argmax(1) == rows["label_index"].to_numpy()).mean() == 1.0
+
+
+def test_knn_takes_no_gradient_steps_and_remembers_its_images(tiny_params, prepared, backbone_file, tmp_path,
+                                                              monkeypatch):
+    _, path = backbone_file
+    steps = []  # every backward pass and optimizer built would land here
+    monkeypatch.setattr(torch.autograd, "backward", lambda *a, **k: steps.append("backward"))
+    monkeypatch.setattr(torch.optim.Optimizer, "__init__", lambda self, *a, **k: steps.append("optimizer"))
+    params = frozen_params(tiny_params, path, "knn", knn_k=1)
+    result = fit(params, datamodule(params, prepared, None), out_dir=tmp_path / "out")
+    assert steps == [] and result.epochs_run == 0
+    model = Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu").eval()
+    assert model.hparams.knn_bank == len(prepared.split("train")) and not any(p.grad is not None
+                                                                               for p in model.parameters())
+    rows = prepared.split("train")
+    with torch.no_grad():
+        probs = model(torch.from_numpy(prepared.images[rows["cache_index"].to_numpy()].transpose(0, 3, 1, 2)))
+    np.testing.assert_array_equal(probs.argmax(1).numpy(), rows["label_index"].to_numpy())  # its own neighbour
+
+
+@pytest.mark.parametrize("mode", ["linear_probe", "knn"])
+def test_predict_and_export_work_for_the_frozen_modes(mode, tiny_params, prepared, image_folder, backbone_file,
+                                                      tmp_path):
+    _, path = backbone_file
+    params = frozen_params(tiny_params, path, mode)
+    result = fit(params, datamodule(params, prepared, None), out_dir=tmp_path / "out")
+    model = Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu").eval()
+    trained = serve.Trained(model=model, classes=prepared.classes, image_size=32, channels="rgb", dicom_window=None,
+                            dtype="uint8", run={})
+    files = sorted(image_folder.rglob("*.png"))[:4]
+    table = serve.predict(trained, files)
+    assert (table["error"] == "").all() and set(table["predicted"]) <= set(prepared.classes)
+    exported = torch.jit.load(serve.export(trained, "torchscript", tmp_path / "model.pt"))
+    pixels = torch.from_numpy(np.stack([serve.read_image(f, trained) for f in files]))
+    with torch.no_grad():
+        probs = exported(pixels)
+    np.testing.assert_allclose(probs.sum(1).numpy(), 1.0, atol=1e-5)
+    assert [prepared.classes[i] for i in probs.argmax(1)] == list(table["predicted"])
