@@ -111,14 +111,7 @@ def list_images(src: Path) -> list[Path]:
 
 
 def _manifest_paths(manifest: Path) -> list[Path]:
-    try:
-        table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ServeError(f"{manifest}: not a readable CSV ({err})") from None
-    column = next((c for c in table.columns if c.strip().lower() == "path"), None)
-    if column is None:
-        raise ServeError(f"{manifest}: no 'path' column (columns: {', '.join(map(str, table.columns))})")
-    paths = [Path(p.strip()) for p in table[column] if p.strip()]
+    paths = [Path(p) for p in sources.path_column(manifest, ServeError)]
     if not paths:
         raise ServeError(f"{manifest}: no paths listed")
     return [sources.inside(manifest.parent / p, manifest.parent) for p in paths]

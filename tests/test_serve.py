@@ -21,6 +21,18 @@ from tests.conftest import CLASSES, write_class_folders
 RAW_SIZE, SIZE = 40, 32  # files are 40 px: predict and the exports must resize them as ingest did
 
 
+def train_tiny(root: Path, prepared, channels: str, run_id: str) -> None:
+    """A one-epoch model in root/models, with the run.json the train stage would write for it."""
+    params = config.parse({"data": {"image_size": SIZE, "channels": channels}, "model": {"weights": "none"},
+                           "train": {"max_epochs": 1, "batch_size": 4, "accelerator": "cpu"}})
+    result = fit(params, datamodule(params, prepared, None), out_dir=root / "ckpt")
+    (root / "models").mkdir()
+    shutil.copy2(result.best_checkpoint, root / "models" / "best.ckpt")
+    run = {"run_id": run_id, "arch": "resnet18", "classes": list(prepared.classes), "checkpoints": ["best.ckpt"],
+           "preprocessing": {"image_size": SIZE, "channels": channels, "dicom_window": None, "dtype": "uint8"}}
+    (root / "models" / RUN_INFO).write_text(json.dumps(run))
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """raw/ (the files), prepared/ (ingest), models/ (best.ckpt + run.json as the train stage writes), params.yaml."""
@@ -28,14 +40,7 @@ def project(tmp_path_factory) -> Path:
     raw = write_class_folders(root / "raw", per_class=6, size=RAW_SIZE)
     ingest(raw, root / "prepared", seed=0, image_size=SIZE, val_fraction=0.25, test_fraction=0.25)
     prepared = load_prepared(root / "prepared")
-    params = config.parse({"data": {"image_size": SIZE}, "model": {"weights": "none"},
-                           "train": {"max_epochs": 1, "batch_size": 4, "accelerator": "cpu"}})
-    result = fit(params, datamodule(params, prepared, None), out_dir=root / "ckpt")
-    (root / "models").mkdir()
-    shutil.copy2(result.best_checkpoint, root / "models" / "best.ckpt")
-    run = {"run_id": "r0", "arch": "resnet18", "classes": list(prepared.classes), "checkpoints": ["best.ckpt"],
-           "preprocessing": {"image_size": SIZE, "channels": "rgb", "dicom_window": None, "dtype": "uint8"}}
-    (root / "models" / RUN_INFO).write_text(json.dumps(run))
+    train_tiny(root, prepared, "rgb", "r0")
     (root / "params.yaml").write_text(yaml.safe_dump({"paths": {"model_dir": str(root / "models"),
                                                                 "exports": str(root / "exports")}}))
     return root
@@ -183,14 +188,7 @@ def banded(request, tmp_path_factory) -> tuple[serve.Trained, np.ndarray, list[P
     data = config.Data(image_size=SIZE, val_fraction=0.25, test_fraction=0.25, channels="keep")
     ingest(root / "raw", root / "prepared", seed=0, data=data)
     prepared = load_prepared(root / "prepared")
-    params = config.parse({"data": {"image_size": SIZE, "channels": "keep"}, "model": {"weights": "none"},
-                           "train": {"max_epochs": 1, "batch_size": 4, "accelerator": "cpu"}})
-    result = fit(params, datamodule(params, prepared, None), out_dir=root / "ckpt")
-    (root / "models").mkdir()
-    shutil.copy2(result.best_checkpoint, root / "models" / "best.ckpt")
-    run = {"run_id": "r1", "arch": "resnet18", "classes": list(prepared.classes), "checkpoints": ["best.ckpt"],
-           "preprocessing": {"image_size": SIZE, "channels": "keep", "dicom_window": None, "dtype": "uint8"}}
-    (root / "models" / RUN_INFO).write_text(json.dumps(run))
+    train_tiny(root, prepared, "keep", "r1")
     rows = prepared.table.iloc[:4]
     return (serve.load_trained(root / "models"), np.asarray(prepared.images[rows["cache_index"].to_numpy()]),
             [Path(p) for p in rows["path"]])

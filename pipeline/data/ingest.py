@@ -133,14 +133,7 @@ def read_exclusions(csv: Path) -> list[str]:
     """The ``path`` column of ``data.exclude``'s CSV (other columns, such as the label audit's, are ignored)."""
     if not csv.is_file():
         raise DataError(f"{csv} (data.exclude): not found")
-    try:
-        table = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"{csv} (data.exclude): not a readable CSV ({err})") from None
-    column = next((c for c in table.columns if c.strip().lower() == "path"), None)
-    if column is None:
-        raise DataError(f"{csv} (data.exclude): no 'path' column (columns: {', '.join(map(str, table.columns))})")
-    return [p.strip() for p in table[column] if p.strip()]
+    return sources.path_column(csv, DataError, " (data.exclude)")
 
 
 def exclude(files: pd.DataFrame, listed: list[str], raw_dir: Path,

@@ -86,3 +86,18 @@ def non_regular(path: Path) -> str | None:
     kinds = {stat.S_ISFIFO: "FIFO", stat.S_ISCHR: "character device", stat.S_ISBLK: "block device",
              stat.S_ISSOCK: "socket", stat.S_ISDIR: "folder"}
     return next((name for test, name in kinds.items() if test(mode)), "special file")
+
+
+def path_column(csv: Path, error: type[Exception], what: str = "") -> list[str]:
+    """The non-empty entries of a CSV's ``path`` column (any case, other columns ignored), or ``error``
+    naming the file (``what``: the key it came from, e.g. ' (data.exclude)')."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise error(f"{csv}{what}: not a readable CSV ({err})") from None
+    column = next((c for c in table.columns if c.strip().lower() == "path"), None)
+    if column is None:
+        raise error(f"{csv}{what}: no 'path' column (columns: {', '.join(map(str, table.columns))})")
+    return [p.strip() for p in table[column] if p.strip()]
