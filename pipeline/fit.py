@@ -197,7 +197,11 @@ def _quiet_lightning() -> Iterator[None]:
     torch's FutureWarning about ``LeafSpec`` that Lightning 2.6 triggers itself. A tune stage would print
     them once per trial; Lightning's own warnings and errors still show (the train stage says itself when
     it resumes)."""
-    loggers = [logging.getLogger(name) for name in _LIGHTNING_CHATTER]
+    from lightning_utilities.core import rank_zero
+
+    # rank_zero_only's logger is shared by lightning and pytorch_lightning: whichever was imported last
+    # (MLflow's pytorch flavor imports pytorch_lightning) named it, so it is silenced as it is now too.
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_CHATTER] + [rank_zero.log]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.WARNING)

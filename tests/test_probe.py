@@ -4,7 +4,7 @@ import torch
 
 from pipeline import config, serve
 from pipeline.fit import datamodule, fit
-from pipeline.model import Classifier, build_network
+from pipeline.model import Classifier, Ensemble, build_network
 from pipeline.probe import pooled_features
 
 
@@ -63,7 +63,7 @@ def test_predict_and_export_work_for_the_frozen_modes(mode, tiny_params, prepare
     params = frozen_params(tiny_params, path, mode)
     result = fit(params, datamodule(params, prepared, None), out_dir=tmp_path / "out")
     model = Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu").eval()
-    trained = serve.Trained(model=model, classes=prepared.classes, image_size=32, channels="rgb", dicom_window=None,
+    trained = serve.Trained(model=Ensemble([model]), classes=prepared.classes, image_size=32, channels="rgb", dicom_window=None,
                             dtype="uint8", run={})
     files = sorted(image_folder.rglob("*.png"))[:4]
     table = serve.predict(trained, files)
