@@ -107,7 +107,7 @@ def test_changing_only_evaluate_keys_retrains_nothing(project):
 def test_a_run_killed_mid_fold_resumes_at_that_fold(tmp_path):
     root = tmp_path / "p"
     root.mkdir()
-    write_tiny_params(root / "params.yaml", **(SETTINGS | {"train": {"max_epochs": 6, "patience": 6}}))
+    write_tiny_params(root / "params.yaml", **(SETTINGS | {"train": {"max_epochs": 4, "patience": 4}}))
     with in_project(root):
         run_stages("demo", "ingest", "augment", "tune")
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
