@@ -117,11 +117,12 @@ def _manifest_paths(manifest: Path) -> list[Path]:
     return [sources.inside(manifest.parent / p, manifest.parent) for p in paths]
 
 
-def read_image(path: Path, trained: Trained) -> np.ndarray:
-    """One file as the cache would hold it: (S, S, C) after ingest's readers, channel policy and resize."""
+def read_image(path: Path, trained: Trained, max_pixels: int = readers.MAX_PIXELS) -> np.ndarray:
+    """One file as the cache would hold it: (S, S, C) after ingest's readers, channel policy and resize;
+    ``max_pixels``: the pixel budget (``data.max_image_pixels``) checked before decoding."""
     if not path.is_file():
         raise readers.UnreadableImage("file not found")
-    found = readers.read(path, trained.dicom_window)
+    found = readers.read(path, trained.dicom_window, max_pixels)
     pixels = readers.conform(found, trained.image_size, trained.channels)
     if pixels.shape[-1] != trained.in_channels:
         raise readers.UnreadableImage(f"{pixels.shape[-1]} bands; the model takes {trained.in_channels}")
@@ -143,7 +144,7 @@ def load_decision(path: Path, trained: Trained) -> Decision | None:
 
 @torch.inference_mode()
 def predict(trained: Trained, paths: Sequence[Path], batch_size: int = 64,
-            decision: Decision | None = None) -> pd.DataFrame:
+            decision: Decision | None = None, max_pixels: int = readers.MAX_PIXELS) -> pd.DataFrame:
     """A row per file, in order: path, predicted class, ``prob_<class>`` per class, ``error`` (empty when read).
 
     With a ``decision`` (see :func:`load_decision`): ``predicted`` applies its binary threshold, and with a
@@ -157,7 +158,7 @@ def predict(trained: Trained, paths: Sequence[Path], batch_size: int = 64,
         read, pixels = [], []
         for i in range(start, min(start + batch_size, len(paths))):
             try:
-                pixels.append(read_image(paths[i], trained))
+                pixels.append(read_image(paths[i], trained, max_pixels))
                 read.append(i)
             except (readers.UnreadableImage, OSError) as err:
                 log.warning("cannot read %s (%s)", paths[i], err)

@@ -250,3 +250,14 @@ def test_predict_writes_conformal_sets_of_this_models_decision_only(project, tmp
     Decision(run_id="another", classes=CLASSES, selection="val", conformal_quantile=0.6).write(tmp_path / "old.json")
     assert cli(project, "predict", str(src), "--out", str(out), "--decision", str(tmp_path / "old.json")) == 0
     assert "set" not in pd.read_csv(out).columns and "not for this model" in caplog.text
+
+
+def test_predict_applies_the_configured_pixel_budget(project, tmp_path):
+    """data.max_image_pixels reaches predict's reader as it reaches ingest's: a file over it is a row with a reason."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params | {"data": {"max_image_pixels": 1000}}))
+    src = shutil.copytree(project / "raw" / "alpha", tmp_path / "few")
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--params", str(tmp_path / "params.yaml"), str(src), "--out", str(out)]) == 2
+    errors = pd.read_csv(out)["error"]
+    assert errors.str.contains("over data.max_image_pixels \\(1000\\)").all()  # 40x40 = 1600 pixels each

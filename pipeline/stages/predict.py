@@ -27,7 +27,8 @@ def main(params: Params, argv: list[str], params_file: str) -> None:
     args = parser.parse_args(argv)
     trained = serve.load_trained(args.model_dir, params.data)
     made = serve.load_decision(args.decision, trained)
-    table = serve.predict(trained, serve.list_images(args.src), params.evaluate.batch_size, made)
+    table = serve.predict(trained, serve.list_images(args.src), params.evaluate.batch_size, made,
+                          max_pixels=params.data.max_image_pixels)
     serve.write_predictions(table, args.out)
     failed = int((table["error"] != "").sum())
     print(f"predict: {len(table) - failed} images predicted, {failed} unreadable -> {args.out}")
