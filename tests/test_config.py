@@ -64,9 +64,9 @@ def test_flatten_uses_params_yaml_names():
     assert flat["augment.transforms"].startswith("[{")
 
 
-@pytest.mark.parametrize("key,uri", [("tune.storage", "postgresql://optuna:hunter2@db:5432/optuna"),
-                                     ("mlflow.tracking_uri", "http://me:hunter2@mlflow.example:5000"),
-                                     ("mlflow.tracking_uri", "https://mlflow.example/?token=hunter2")])
+@pytest.mark.parametrize("key,uri", [("tune.storage", "postgresql://optuna:hunter2@127.0.0.1:5432/optuna"),
+                                     ("mlflow.tracking_uri", "http://me:hunter2@127.0.0.1:5000"),
+                                     ("mlflow.tracking_uri", "https://127.0.0.1/?token=hunter2")])
 def test_a_credential_in_a_params_uri_is_refused_without_echoing_it(tmp_path, key, uri):
     section, name = key.split(".")
     (tmp_path / "params.yaml").write_text(f"{section}:\n  {name}: '{uri}'\n")
