@@ -14,25 +14,38 @@ from pipeline.credentials import redact
 from pipeline.errors import PipelineError
 
 STAGES = ("demo", "ingest", "augment", "tune", "train", "evaluate")
-COMMANDS = {**{s: f"pipeline.stages.{s}" for s in STAGES}, "summary": "pipeline.summary",
-            "predict": "pipeline.stages.predict", "export": "pipeline.stages.export",
-            "intake": "pipeline.stages.intake", "weights": "pipeline.stages.weights"}
+COMMANDS = {
+    **{s: f"pipeline.stages.{s}" for s in STAGES},
+    "summary": "pipeline.summary",
+    "predict": "pipeline.stages.predict",
+    "export": "pipeline.stages.export",
+    "intake": "pipeline.stages.intake",
+    "weights": "pipeline.stages.weights",
+}
 WITH_ARGS = frozenset({"intake", "weights", "tune", "predict", "export"})
 
 
 def command_help(command: str) -> str:
     """The help of a command without arguments of its own: its usage and its module's docstring."""
     doc = (importlib.import_module(COMMANDS[command]).__doc__ or "").strip()
-    how = f"A DVC stage: `dvc repro {command}` runs it after the stages it depends on, when its inputs changed."
-    return (f"usage: python -m pipeline {command} [--params PARAMS]\n\n{doc}\n\n"
-            f"Takes no arguments: every setting comes from params.yaml (--params: another file).\n"
-            + (how if command in STAGES else ""))
+    how = (
+        f"A DVC stage: `dvc repro {command}` runs it after the stages it depends on, when its inputs changed."
+    )
+    return (
+        f"usage: python -m pipeline {command} [--params PARAMS]\n\n{doc}\n\n"
+        f"Takes no arguments: every setting comes from params.yaml (--params: another file).\n"
+        + (how if command in STAGES else "")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__, add_help=False)
-    parser.add_argument("command", nargs="?", choices=list(COMMANDS),
-                        help="a DVC stage, 'summary', 'intake SRC [--name]' or 'tune --worker'")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=list(COMMANDS),
+        help="a DVC stage, 'summary', 'intake SRC [--name]' or 'tune --worker'",
+    )
     parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
     parser.add_argument("-h", "--help", action="store_true", help="this help; 'intake --help' shows intake's")
     args, rest = parser.parse_known_args(argv)
@@ -75,8 +88,10 @@ def one_line(message: str) -> str:
     """A message as the one ``error:`` line the CLI prints (a list of bad keys, a tool's stderr joined with
     '; '), with any URI credential masked: the one place every user error passes through."""
     parts = [part.strip() for part in message.splitlines() if part.strip()]
-    joined = "".join(part if i == 0 else (" " if parts[i - 1].endswith(":") else "; ") + part
-                     for i, part in enumerate(parts))
+    joined = "".join(
+        part if i == 0 else (" " if parts[i - 1].endswith(":") else "; ") + part
+        for i, part in enumerate(parts)
+    )
     return redact(joined)
 
 

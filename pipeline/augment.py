@@ -30,8 +30,14 @@ PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
     # CLAHE is left out: it accepts only 1- or 3-channel images (TypeError on N bands); add
     # {name: CLAHE, p: 0.3} as an override for grayscale or RGB data.
     "medical": (
-        {"name": "Affine", "rotate": [-10, 10], "scale": [0.9, 1.1], "translate_percent": [-0.05, 0.05],
-         "border_mode": 4, "p": 0.5},  # 4: cv2.BORDER_REFLECT_101, no black corners
+        {
+            "name": "Affine",
+            "rotate": [-10, 10],
+            "scale": [0.9, 1.1],
+            "translate_percent": [-0.05, 0.05],
+            "border_mode": 4,
+            "p": 0.5,
+        },  # 4: cv2.BORDER_REFLECT_101, no black corners
         {"name": "ElasticTransform", "alpha": 15, "sigma": 6, "border_mode": 4, "p": 0.25},
         {"name": "RandomBrightnessContrast", "brightness_limit": 0.1, "contrast_limit": 0.1, "p": 0.5},
         {"name": "RandomGamma", "gamma_limit": [90, 110], "p": 0.3},
@@ -40,16 +46,27 @@ PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
     # RandomRotate90). Per-band gain: one brightness factor per band, as sensor/atmosphere differences.
     "satellite": (
         {"name": "SquareSymmetry", "p": 1.0},
-        {"name": "MultiplicativeNoise", "multiplier": [0.9, 1.1], "per_channel": True, "elementwise": False,
-         "p": 0.5},
+        {
+            "name": "MultiplicativeNoise",
+            "multiplier": [0.9, 1.1],
+            "per_channel": True,
+            "elementwise": False,
+            "p": 0.5,
+        },
     ),
     # ImageNet-style: flip, scale/shift/rotate (in place of RandomResizedCrop, which needs the image
     # size), brightness/contrast. ColorJitter/HueSaturationValue are left out: they accept only 1 or
     # 3 channels; add {name: ColorJitter, saturation: 0.2, hue: 0.05, p: 0.5} for RGB data.
     "natural": (
         {"name": "HorizontalFlip", "p": 0.5},
-        {"name": "Affine", "rotate": [-15, 15], "scale": [0.8, 1.2], "translate_percent": [-0.1, 0.1],
-         "border_mode": 4, "p": 0.7},
+        {
+            "name": "Affine",
+            "rotate": [-15, 15],
+            "scale": [0.8, 1.2],
+            "translate_percent": [-0.1, 0.1],
+            "border_mode": 4,
+            "p": 0.7,
+        },
         {"name": "RandomBrightnessContrast", "brightness_limit": 0.2, "contrast_limit": 0.2, "p": 0.5},
     ),
 }
@@ -79,10 +96,12 @@ DOMAINS: dict[str, DomainSettings] = {
     "ultrasound": DomainSettings("medical", ({"name": "HorizontalFlip", "p": 0.5},), ("HorizontalFlip",)),
     # A skin lesion seen from above and a tissue tile have no orientation: every flip and 90-degree
     # rotation is the same image (SquareSymmetry draws them uniformly); TTA may use flips.
-    "dermoscopy": DomainSettings("medical", ({"name": "SquareSymmetry", "p": 1.0},),
-                                 ("HorizontalFlip", "VerticalFlip")),
-    "pathology": DomainSettings("medical", ({"name": "SquareSymmetry", "p": 1.0},),
-                                ("HorizontalFlip", "VerticalFlip")),
+    "dermoscopy": DomainSettings(
+        "medical", ({"name": "SquareSymmetry", "p": 1.0},), ("HorizontalFlip", "VerticalFlip")
+    ),
+    "pathology": DomainSettings(
+        "medical", ({"name": "SquareSymmetry", "p": 1.0},), ("HorizontalFlip", "VerticalFlip")
+    ),
     # Nadir views: north-up is a convention, not content; the satellite preset already has SquareSymmetry.
     "satellite": DomainSettings("satellite", (), ("HorizontalFlip", "VerticalFlip")),
     # Photographs: a mirror image is still the same scene, an upside-down one is not (sky above ground).
@@ -97,8 +116,9 @@ _TEACHES = {
 }
 
 
-def tta_conflicts(preset: Preset, transforms: Sequence[dict[str, Any]],
-                  tta: Sequence[str | dict[str, Any]]) -> list[str]:
+def tta_conflicts(
+    preset: Preset, transforms: Sequence[dict[str, Any]], tta: Sequence[str | dict[str, Any]]
+) -> list[str]:
     """Each ``evaluate.tta`` flip or transpose that the training augmentation never applies (p > 0), described.
 
     Averaging in a view the model never saw in training (an upside-down chest film) mixes in predictions
@@ -109,9 +129,11 @@ def tta_conflicts(preset: Preset, transforms: Sequence[dict[str, Any]],
     for entry in tta:
         name = entry if isinstance(entry, str) else entry.get("name")
         if name in _TEACHES and not trained & _TEACHES[name]:
-            out.append(f"evaluate.tta has {name}, but training never applies it (augment.preset {preset} with "
-                       f"augment.transforms has no {' / '.join(sorted(_TEACHES[name]))}): the TTA average mixes in "
-                       "views the model never learned; remove it from evaluate.tta or add it to augment.transforms")
+            out.append(
+                f"evaluate.tta has {name}, but training never applies it (augment.preset {preset} with "
+                f"augment.transforms has no {' / '.join(sorted(_TEACHES[name]))}): the TTA average mixes in "
+                "views the model never learned; remove it from evaluate.tta or add it to augment.transforms"
+            )
     return out
 
 
@@ -135,8 +157,10 @@ def resolve(preset: Preset, transforms: Sequence[dict[str, Any]]) -> list[tuple[
         where, name = f"augment.transforms[{i}]", entry.get("name")
         if name in in_preset:
             if name in overridden:
-                raise AugmentError(f"{where}: '{name}' overrides preset '{preset}' a second time; "
-                                   "merge the two entries into one")
+                raise AugmentError(
+                    f"{where}: '{name}' overrides preset '{preset}' a second time; "
+                    "merge the two entries into one"
+                )
             overridden.add(name)
             k = in_preset[name]
             entries[k] = (f"{where} (overriding preset '{preset}')", entries[k][1] | dict(entry))
@@ -156,8 +180,10 @@ def _transform(where: str, entry: dict[str, Any]) -> A.BasicTransform:
     name = args.pop("name", None)
     cls = getattr(A, name, None) if isinstance(name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
-        raise AugmentError(f"{where}: '{name}' is not an albumentations transform "
-                           "(write e.g. {name: HorizontalFlip, p: 0.5})")
+        raise AugmentError(
+            f"{where}: '{name}' is not an albumentations transform "
+            "(write e.g. {name: HorizontalFlip, p: 0.5})"
+        )
     owner = next(k for k in cls.__mro__ if "__init__" in k.__dict__)
     strict = {"strict": True} if "InitSchema" in owner.__dict__ else {}
     try:
@@ -166,8 +192,13 @@ def _transform(where: str, entry: dict[str, Any]) -> A.BasicTransform:
         raise AugmentError(f"{where} ({name}): {err}") from None
 
 
-def build(transforms: Sequence[dict[str, Any]], seed: int, *, preset: Preset = "none",
-          dtype: np.dtype | str = "uint8") -> A.Compose:
+def build(
+    transforms: Sequence[dict[str, Any]],
+    seed: int,
+    *,
+    preset: Preset = "none",
+    dtype: np.dtype | str = "uint8",
+) -> A.Compose:
     """A seeded ``A.Compose`` of ``preset`` overridden by ``transforms`` (see ``resolve``), for ``dtype`` images."""
     built = [_transform(where, entry) for where, entry in resolve(preset, transforms)]
     dtype = np.dtype(dtype)
@@ -187,12 +218,16 @@ def build_tta(entries: Sequence[str | dict[str, Any]]) -> list[A.BasicTransform]
     for i, entry in enumerate(entries):
         where, entry = f"evaluate.tta[{i}]", {"name": entry} if isinstance(entry, str) else dict(entry)
         if entry.setdefault("p", 1.0) != 1.0:
-            raise AugmentError(f"{where} ({entry.get('name')}): test-time transforms always apply; remove 'p'")
+            raise AugmentError(
+                f"{where} ({entry.get('name')}): test-time transforms always apply; remove 'p'"
+            )
         transform = _transform(where, entry)
         outputs = [A.Compose([transform], seed=s)(image=probe)["image"] for s in range(8)]
         if any(not np.array_equal(outputs[0], o) for o in outputs[1:]):
-            raise AugmentError(f"{where} ({entry['name']}): random, not deterministic; test-time augmentation "
-                               "needs fixed transforms such as HorizontalFlip, VerticalFlip or Transpose")
+            raise AugmentError(
+                f"{where} ({entry['name']}): random, not deterministic; test-time augmentation "
+                "needs fixed transforms such as HorizontalFlip, VerticalFlip or Transpose"
+            )
         built.append(transform)
     return built
 
@@ -209,8 +244,9 @@ def load(path: Path, seed: int) -> A.Compose:
     return pipeline
 
 
-def offline_copies(pipeline: A.BasicTransform, images: np.ndarray, labels: np.ndarray,
-                   copies: int) -> tuple[np.ndarray, np.ndarray]:
+def offline_copies(
+    pipeline: A.BasicTransform, images: np.ndarray, labels: np.ndarray, copies: int
+) -> tuple[np.ndarray, np.ndarray]:
     """``copies`` augmented draws of every image (image-major order), and their labels."""
     if copies == 0:
         return np.empty((0, *images.shape[1:]), images.dtype), np.empty(0, np.int64)
@@ -225,7 +261,9 @@ def displayable(image: np.ndarray) -> np.ndarray:
     return image[..., 0] if image.shape[-1] < 3 else np.clip(image[..., :3], 0, 1)
 
 
-def preview(pipeline: A.BasicTransform, images: np.ndarray, labels: Sequence[str], draws: int, path: Path) -> None:
+def preview(
+    pipeline: A.BasicTransform, images: np.ndarray, labels: Sequence[str], draws: int, path: Path
+) -> None:
     """Save a grid: each row one training image (first column as is) followed by ``draws`` augmented copies."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
@@ -237,7 +275,9 @@ def preview(pipeline: A.BasicTransform, images: np.ndarray, labels: Sequence[str
         for c, panel in enumerate(panels):
             ax = axes[r][c]
             shown = displayable(panel)
-            ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+            ax.imshow(
+                shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest"
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:

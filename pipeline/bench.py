@@ -46,8 +46,10 @@ AUGMENT_SECONDS = 1.5  # per library and preset
 # tune_pruning: a study small enough for ~2 minutes on 2 cores, long enough for the pruner to act
 TUNE_PER_CLASS, TUNE_SIZE, TUNE_TRIALS, TUNE_EPOCHS, TUNE_ROUND = 24, 32, 10, 4, 2
 # A first search's wide learning-rate range: the poor corners are what pruning saves time on.
-TUNE_SPACE = {"train.lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True},
-              "train.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True}}
+TUNE_SPACE = {
+    "train.lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True},
+    "train.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+}
 
 
 def emit(name: str, **values) -> None:
@@ -60,14 +62,23 @@ def peak_rss_mb() -> float:
 
 def bench_ingest(raw: Path, out: Path) -> None:
     start = time.perf_counter()
-    report = ingest(raw, out, image_size=SIZE, val_fraction=0.15, test_fraction=0.15, seed=0, on_bad_file="skip")
+    report = ingest(
+        raw, out, image_size=SIZE, val_fraction=0.15, test_fraction=0.15, seed=0, on_bad_file="skip"
+    )
     seconds = time.perf_counter() - start
-    emit("ingest", images=report["n_images"], seconds=round(seconds, 2), images_per_s=round(report["n_images"] / seconds, 1))
+    emit(
+        "ingest",
+        images=report["n_images"],
+        seconds=round(seconds, 2),
+        images_per_s=round(report["n_images"] / seconds, 1),
+    )
 
 
 def bench_loader(prepared, pipeline) -> None:
     rows = prepared.split("train")
-    dataset = CachedImageDataset(prepared.images[rows["cache_index"].to_numpy()], rows["label_index"].to_numpy(), pipeline)
+    dataset = CachedImageDataset(
+        prepared.images[rows["cache_index"].to_numpy()], rows["label_index"].to_numpy(), pipeline
+    )
     start = time.perf_counter()
     for i in range(len(dataset)):
         dataset[i]
@@ -77,8 +88,13 @@ def bench_loader(prepared, pipeline) -> None:
     for p in paths:
         pipeline(image=decode(p, SIZE))
     decoded = len(paths) / (time.perf_counter() - start)
-    emit("loader", workers=0, cached_images_per_s=round(cached, 1), decode_each_epoch_images_per_s=round(decoded, 1),
-         speedup=round(cached / decoded, 2))
+    emit(
+        "loader",
+        workers=0,
+        cached_images_per_s=round(cached, 1),
+        decode_each_epoch_images_per_s=round(decoded, 1),
+        speedup=round(cached / decoded, 2),
+    )
 
 
 def _random_gamma(x: torch.Tensor) -> torch.Tensor:
@@ -98,20 +114,32 @@ def torchvision_equivalent(preset: str) -> v2.Compose:
     """Each preset (``augment.PRESETS``) in torchvision v2: same probabilities and ranges where v2 has
     the transform, a small lambda where it does not (gamma, 90-degree rotation, per-band gain)."""
     bilinear = v2.InterpolationMode.BILINEAR
-    return v2.Compose({
-        "medical": [
-            v2.RandomApply([v2.RandomAffine(10, translate=(0.05, 0.05), scale=(0.9, 1.1), interpolation=bilinear)], p=0.5),
-            v2.RandomApply([v2.ElasticTransform(alpha=15.0, sigma=6.0)], p=0.25),
-            v2.RandomApply([v2.ColorJitter(brightness=0.1, contrast=0.1)], p=0.5),
-            v2.RandomApply([v2.Lambda(_random_gamma)], p=0.3),
-        ],
-        "satellite": [v2.RandomHorizontalFlip(), v2.Lambda(_random_rot90), v2.RandomApply([v2.Lambda(_band_gain)], p=0.5)],
-        "natural": [
-            v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.RandomAffine(15, translate=(0.1, 0.1), scale=(0.8, 1.2), interpolation=bilinear)], p=0.7),
-            v2.RandomApply([v2.ColorJitter(brightness=0.2, contrast=0.2)], p=0.5),
-        ],
-    }[preset])
+    return v2.Compose(
+        {
+            "medical": [
+                v2.RandomApply(
+                    [v2.RandomAffine(10, translate=(0.05, 0.05), scale=(0.9, 1.1), interpolation=bilinear)],
+                    p=0.5,
+                ),
+                v2.RandomApply([v2.ElasticTransform(alpha=15.0, sigma=6.0)], p=0.25),
+                v2.RandomApply([v2.ColorJitter(brightness=0.1, contrast=0.1)], p=0.5),
+                v2.RandomApply([v2.Lambda(_random_gamma)], p=0.3),
+            ],
+            "satellite": [
+                v2.RandomHorizontalFlip(),
+                v2.Lambda(_random_rot90),
+                v2.RandomApply([v2.Lambda(_band_gain)], p=0.5),
+            ],
+            "natural": [
+                v2.RandomHorizontalFlip(),
+                v2.RandomApply(
+                    [v2.RandomAffine(15, translate=(0.1, 0.1), scale=(0.8, 1.2), interpolation=bilinear)],
+                    p=0.7,
+                ),
+                v2.RandomApply([v2.ColorJitter(brightness=0.2, contrast=0.2)], p=0.5),
+            ],
+        }[preset]
+    )
 
 
 def _images_per_s(apply, images) -> float:
@@ -125,7 +153,9 @@ def _images_per_s(apply, images) -> float:
 
 def bench_augment(prepared) -> None:
     images = np.ascontiguousarray(prepared.images[prepared.split("train")["cache_index"].to_numpy()])
-    tensors = [torch.from_numpy(image.transpose(2, 0, 1).copy()) for image in images]  # v2's own layout, not timed
+    tensors = [
+        torch.from_numpy(image.transpose(2, 0, 1).copy()) for image in images
+    ]  # v2's own layout, not timed
     threads = torch.get_num_threads(), cv2.getNumThreads()
     torch.set_num_threads(1)  # one loader worker: a single thread for both libraries
     cv2.setNumThreads(1)
@@ -135,8 +165,15 @@ def bench_augment(prepared) -> None:
             torchvision = torchvision_equivalent(preset)
             ours = _images_per_s(lambda image: albumentations(image=image), images)
             theirs = _images_per_s(torchvision, tensors)
-            emit("augment", preset=preset, image_size=SIZE, threads=1, albumentations_img_s=round(ours, 1),
-                 torchvision_v2_img_s=round(theirs, 1), ratio=round(ours / theirs, 2))
+            emit(
+                "augment",
+                preset=preset,
+                image_size=SIZE,
+                threads=1,
+                albumentations_img_s=round(ours, 1),
+                torchvision_v2_img_s=round(theirs, 1),
+                ratio=round(ours / theirs, 2),
+            )
     finally:
         torch.set_num_threads(threads[0])
         cv2.setNumThreads(threads[1])
@@ -161,8 +198,9 @@ def plain_loop(params: config.Params, data) -> float:
     """The baseline: the same network (channels_last as configured), optimizer and batches in a bare
     PyTorch loop; images/s over the epochs after the first, like ``EpochClock``."""
     torch.manual_seed(params.seed)
-    model = Classifier(params.model.arch, data.num_classes, lr=params.train.lr,
-                       channels_last=params.train.channels_last)
+    model = Classifier(
+        params.model.arch, data.num_classes, lr=params.train.lr, channels_last=params.train.channels_last
+    )
     model.on_fit_start()  # the memory format, as Lightning would set it (on CPU here)
     opt = torch.optim.AdamW(model.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay)
     train, val = data.train_dataloader(), data.val_dataloader()
@@ -185,8 +223,12 @@ def plain_loop(params: config.Params, data) -> float:
 
 def bench_train_step(data) -> float:
     """Lightning ``fit`` images/s against the plain loop on the same model, batches and threads; returns ours."""
-    params = config.parse({"model": {"weights": "none"}, "train": {"accelerator": "cpu", "max_epochs": EPOCHS,
-                                                                   "patience": EPOCHS}})
+    params = config.parse(
+        {
+            "model": {"weights": "none"},
+            "train": {"accelerator": "cpu", "max_epochs": EPOCHS, "patience": EPOCHS},
+        }
+    )
     n_train = len(data.dataset("train")) // params.train.batch_size * params.train.batch_size
     ours, baseline = [], []
     for _ in range(2):  # interleaved, so a noisy neighbour hits both loops alike
@@ -195,9 +237,18 @@ def bench_train_step(data) -> float:
         fit(params, data, callbacks=[clock])
         ours.append(n_train * (EPOCHS - 1) / (clock.end - clock.start))
     ours_s, theirs_s = max(ours), max(baseline)
-    emit("train_step", arch=params.model.arch, image_size=SIZE, batch_size=params.train.batch_size,
-         epochs_timed=EPOCHS - 1, channels_last=params.train.channels_last, lightning_img_s=round(ours_s, 1),
-         torch_img_s=round(theirs_s, 1), ratio=round(ours_s / theirs_s, 3), threads=torch.get_num_threads())
+    emit(
+        "train_step",
+        arch=params.model.arch,
+        image_size=SIZE,
+        batch_size=params.train.batch_size,
+        epochs_timed=EPOCHS - 1,
+        channels_last=params.train.channels_last,
+        lightning_img_s=round(ours_s, 1),
+        torch_img_s=round(theirs_s, 1),
+        ratio=round(ours_s / theirs_s, 3),
+        threads=torch.get_num_threads(),
+    )
     return ours_s
 
 
@@ -221,9 +272,14 @@ def bench_train_memory(prepared_dir: Path) -> None:
     child.start()
     rss, gpu = queue.get()
     child.join()
-    emit("train_memory", arch=params.model.arch, image_size=params.data.image_size,
-         batch_size=params.train.batch_size, peak_rss_mb=rss,
-         peak_gpu_mb=None if gpu is None else round(gpu, 1))
+    emit(
+        "train_memory",
+        arch=params.model.arch,
+        image_size=params.data.image_size,
+        batch_size=params.train.batch_size,
+        peak_rss_mb=rss,
+        peak_gpu_mb=None if gpu is None else round(gpu, 1),
+    )
 
 
 def bench_dataloader(data, train_img_s: float) -> None:
@@ -233,8 +289,13 @@ def bench_dataloader(data, train_img_s: float) -> None:
         for x, _ in data.train_dataloader():
             seen += len(x)
     img_s = seen / (time.perf_counter() - start)
-    emit("dataloader", workers=data.num_workers, img_s=round(img_s, 1), train_img_s=round(train_img_s, 1),
-         ratio=round(img_s / train_img_s, 1))
+    emit(
+        "dataloader",
+        workers=data.num_workers,
+        img_s=round(img_s, 1),
+        train_img_s=round(train_img_s, 1),
+        ratio=round(img_s / train_img_s, 1),
+    )
 
 
 def bench_tune_pruning(tmp: Path) -> None:
@@ -255,24 +316,43 @@ def bench_tune_pruning(tmp: Path) -> None:
     studies = {}
     for n_trials in range(TUNE_ROUND, TUNE_TRIALS + 1, TUNE_ROUND):
         for pruner in ("median", "none"):
-            params = config.parse({
-                "data": {"image_size": TUNE_SIZE}, "model": {"weights": "none"},
-                "train": {"accelerator": "cpu", "batch_size": 16, "patience": TUNE_EPOCHS},
-                "tune": {"n_trials": n_trials, "max_epochs": TUNE_EPOCHS, "pruner": pruner,
-                         "storage": f"sqlite:///{tmp}/optuna.db", "search_space": TUNE_SPACE},
-                "mlflow": store,
-            })
+            params = config.parse(
+                {
+                    "data": {"image_size": TUNE_SIZE},
+                    "model": {"weights": "none"},
+                    "train": {"accelerator": "cpu", "batch_size": 16, "patience": TUNE_EPOCHS},
+                    "tune": {
+                        "n_trials": n_trials,
+                        "max_epochs": TUNE_EPOCHS,
+                        "pruner": pruner,
+                        "storage": f"sqlite:///{tmp}/optuna.db",
+                        "search_space": TUNE_SPACE,
+                    },
+                    "mlflow": store,
+                }
+            )
             with contextlib.redirect_stdout(sys.stderr):  # per-epoch lines; stdout is for the JSON lines
                 studies[pruner], _ = tune.run(params, lambda p: datamodule(p, prepared, pipeline), pruner, {})
-    seconds = {k: sum((t.datetime_complete - t.datetime_start).total_seconds() for t in s.trials)
-               for k, s in studies.items()}
+    seconds = {
+        k: sum((t.datetime_complete - t.datetime_start).total_seconds() for t in s.trials)
+        for k, s in studies.items()
+    }
     epochs = {k: sum(len(t.intermediate_values) for t in s.trials) for k, s in studies.items()}
-    emit("tune_pruning", trials=TUNE_TRIALS, max_epochs=TUNE_EPOCHS, image_size=TUNE_SIZE, monitor="val/loss",
-         wall_s_pruned=round(seconds["median"], 1), wall_s_unpruned=round(seconds["none"], 1),
-         speedup=round(seconds["none"] / seconds["median"], 2), epochs_pruned=epochs["median"],
-         epochs_unpruned=epochs["none"], best_pruned=round(studies["median"].best_value, 4),
-         best_unpruned=round(studies["none"].best_value, 4),
-         pruned_trials=sum(t.state.name == "PRUNED" for t in studies["median"].trials))
+    emit(
+        "tune_pruning",
+        trials=TUNE_TRIALS,
+        max_epochs=TUNE_EPOCHS,
+        image_size=TUNE_SIZE,
+        monitor="val/loss",
+        wall_s_pruned=round(seconds["median"], 1),
+        wall_s_unpruned=round(seconds["none"], 1),
+        speedup=round(seconds["none"] / seconds["median"], 2),
+        epochs_pruned=epochs["median"],
+        epochs_unpruned=epochs["none"],
+        best_pruned=round(studies["median"].best_value, 4),
+        best_unpruned=round(studies["none"].best_value, 4),
+        pruned_trials=sum(t.state.name == "PRUNED" for t in studies["median"].trials),
+    )
 
 
 def main() -> int:
@@ -296,7 +376,9 @@ if __name__ == "__main__":
         from pipeline import bench_quality
 
         sys.exit(bench_quality.main(sys.argv[2:]))
-    if sys.argv[1:2] == ["transfer"]:  # minutes on real data, not part of make bench: pipeline/transfer_bench.py
+    if sys.argv[1:2] == [
+        "transfer"
+    ]:  # minutes on real data, not part of make bench: pipeline/transfer_bench.py
         from pipeline.transfer_bench import main as transfer
 
         sys.exit(transfer(sys.argv[2:]))

@@ -23,8 +23,13 @@ from pipeline.errors import PipelineError
 PARAMS_FILE = "params.yaml"
 
 Arch = Literal[
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "resnext50_32x4d", "wide_resnet50_2",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "wide_resnet50_2",
 ]
 Preset = Literal["none", "medical", "satellite", "natural"]  # augment.PRESETS holds their transforms
 _STRICT = ConfigDict(extra="forbid")
@@ -40,28 +45,43 @@ class Paths:
 
     raw: str = Field("data/raw", description="Folder of handed-in data sets, one subfolder each.")
     prepared: str = Field("data/prepared", description="Ingest output: splits.csv, report.json, image cache.")
-    augment_pipeline: str = Field("data/augment/train_transforms.json",
-                                  description="Serialized albumentations training pipeline.")
+    augment_pipeline: str = Field(
+        "data/augment/train_transforms.json", description="Serialized albumentations training pipeline."
+    )
     augment_preview: str = Field("data/augment/preview.png", description="Grid of augmented samples.")
-    augment_offline: str = Field("data/augment/offline",
-                                 description="Offline augmented training copies (images.npy, labels.npy).")
+    augment_offline: str = Field(
+        "data/augment/offline", description="Offline augmented training copies (images.npy, labels.npy)."
+    )
     best_params: str = Field("data/tune/best_params.yaml", description="Tuned values the train stage uses.")
     tune_summary: str = Field("data/tune/summary.json", description="Study summary (DVC metrics).")
     model_dir: str = Field("models", description="Best checkpoint and the MLflow run it belongs to.")
-    metrics: str = Field("reports/metrics.json", description="Headline test metrics (DVC metrics: what "
-                                                             "`dvc metrics show` and `dvc exp show` print).")
-    metrics_detail: str = Field("reports/metrics_detail.json",
-                                description="Every other test metric: intervals, per class, calibration "
-                                            "(`dvc metrics show reports/metrics_detail.json`).")
-    confusion: str = Field("reports/confusion.csv", description="Test predictions for the DVC confusion plot.")
+    metrics: str = Field(
+        "reports/metrics.json",
+        description="Headline test metrics (DVC metrics: what `dvc metrics show` and `dvc exp show` print).",
+    )
+    metrics_detail: str = Field(
+        "reports/metrics_detail.json",
+        description="Every other test metric: intervals, per class, calibration "
+        "(`dvc metrics show reports/metrics_detail.json`).",
+    )
+    confusion: str = Field(
+        "reports/confusion.csv", description="Test predictions for the DVC confusion plot."
+    )
     plots: str = Field("reports/plots", description="Evaluation images (confusion matrix).")
     report: str = Field("reports/report.md", description="Human-readable evaluation report.")
-    decision: str = Field("reports/decision.json", description="The decision threshold and conformal quantile "
-                                                              "evaluate chose; predict applies them.")
-    label_audit: str = Field("reports/label_audit.csv", description="Likely label errors (cleanlab), most "
-                                                                    "suspect first: path, given, suggested, score.")
-    exports: str = Field("exports", description="Where 'python -m pipeline export' writes model.pt / model.onnx "
-                                                "by default (outside the DVC-tracked model_dir).")
+    decision: str = Field(
+        "reports/decision.json",
+        description="The decision threshold and conformal quantile evaluate chose; predict applies them.",
+    )
+    label_audit: str = Field(
+        "reports/label_audit.csv",
+        description="Likely label errors (cleanlab), most suspect first: path, given, suggested, score.",
+    )
+    exports: str = Field(
+        "exports",
+        description="Where 'python -m pipeline export' writes model.pt / model.onnx "
+        "by default (outside the DVC-tracked model_dir).",
+    )
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -78,44 +98,71 @@ class Data:
     """Which data set to ingest and how to split it."""
 
     dataset: str = Field("demo", min_length=1, description="Data set folder under paths.raw.")
-    image_size: int = Field(64, ge=16, le=1024, description="Images are resized to this square side at ingest.")
+    image_size: int = Field(
+        64, ge=16, le=1024, description="Images are resized to this square side at ingest."
+    )
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of each class for validation.")
     test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of each class for test.")
     on_bad_file: Literal["skip", "fail"] = Field(
-        "skip", description="Unreadable image files: skip with a warning, or stop.")
+        "skip", description="Unreadable image files: skip with a warning, or stop."
+    )
     channels: Literal["rgb", "keep"] = Field(
-        "rgb", description="rgb: grayscale replicated to 3 channels, alpha dropped (for ImageNet weights); "
-                           "keep: 1 or N bands as the files hold them (all files must agree).")
+        "rgb",
+        description="rgb: grayscale replicated to 3 channels, alpha dropped (for ImageNet weights); "
+        "keep: 1 or N bands as the files hold them (all files must agree).",
+    )
     dicom_window: tuple[float, float] | None = Field(
-        None, description="DICOM [center, width] in modality units (after rescale slope/intercept); "
-                          "null: each file's WindowCenter/WindowWidth tags, else its own min..max.")
+        None,
+        description="DICOM [center, width] in modality units (after rescale slope/intercept); "
+        "null: each file's WindowCenter/WindowWidth tags, else its own min..max.",
+    )
     dicom_group: Literal["PatientID", "StudyInstanceUID"] | None = Field(
-        "PatientID", description="intake of a set without a group column: each DICOM file's group is this header "
-                                 "element, stored as a salted hash, so one patient's (or study's) slices share a "
-                                 "split; null: DICOM files are not grouped.")
+        "PatientID",
+        description="intake of a set without a group column: each DICOM file's group is this header "
+        "element, stored as a salted hash, so one patient's (or study's) slices share a "
+        "split; null: DICOM files are not grouped.",
+    )
     min_images_per_class: int = Field(
-        20, ge=3, description="Classes with fewer readable images get a warning (fewer than 3 is an error).")
+        20, ge=3, description="Classes with fewer readable images get a warning (fewer than 3 is an error)."
+    )
     near_duplicate_bits: int | None = Field(
-        10, ge=0, le=64, description="Images whose 256-bit difference hashes differ in at most this many bits "
-                                     "are near duplicates; null turns the check off.")
+        10,
+        ge=0,
+        le=64,
+        description="Images whose 256-bit difference hashes differ in at most this many bits "
+        "are near duplicates; null turns the check off.",
+    )
     on_leakage: Literal["fail", "warn"] = Field(
-        "fail", description="Duplicates or one group in two splits of a predefined split: stop, or warn.")
+        "fail", description="Duplicates or one group in two splits of a predefined split: stop, or warn."
+    )
     on_label_conflict: Literal["fail", "drop"] = Field(
-        "fail", description="Identical files under different labels: stop, or leave every copy out (listed in "
-                            "the data card and report.json label_conflicts), e.g. to keep a published split.")
+        "fail",
+        description="Identical files under different labels: stop, or leave every copy out (listed in "
+        "the data card and report.json label_conflicts), e.g. to keep a published split.",
+    )
     max_image_pixels: int = Field(
-        100_000_000, ge=1, description="Pixel budget per image (width x height, times frames for DICOM), checked "
-                                       "before decoding: larger files are skipped as unreadable (decompression "
-                                       "bombs). Pillow refuses PNG/JPEG past about 179 million on its own.")
+        100_000_000,
+        ge=1,
+        description="Pixel budget per image (width x height, times frames for DICOM), checked "
+        "before decoding: larger files are skipped as unreadable (decompression "
+        "bombs). Pillow refuses PNG/JPEG past about 179 million on its own.",
+    )
     folds: int = Field(
-        0, ge=0, le=20, description="0: no cross-validation; k >= 2: k-fold cross-validation over train+val. "
-                                    "Ingest writes a 'fold' column (0..k-1, grouped, stratified; -1 for test) "
-                                    "to splits.csv; train fits one model per fold, selected on its fold, and "
-                                    "ships their ensemble with out-of-fold predictions (models/oof.csv).")
+        0,
+        ge=0,
+        le=20,
+        description="0: no cross-validation; k >= 2: k-fold cross-validation over train+val. "
+        "Ingest writes a 'fold' column (0..k-1, grouped, stratified; -1 for test) "
+        "to splits.csv; train fits one model per fold, selected on its fold, and "
+        "ships their ensemble with out-of-fold predictions (models/oof.csv).",
+    )
     exclude: str | None = Field(
-        None, min_length=1, description="A CSV with a 'path' column (e.g. rows kept from the label audit, "
-                                        "paths.label_audit): those files are left out at ingest and listed in "
-                                        "report.json as excluded; the source files are not touched. null: none.")
+        None,
+        min_length=1,
+        description="A CSV with a 'path' column (e.g. rows kept from the label audit, "
+        "paths.label_audit): those files are left out at ingest and listed in "
+        "report.json as excluded; the source files are not touched. null: none.",
+    )
 
     def __post_init__(self) -> None:
         if self.folds == 1:
@@ -129,41 +176,67 @@ class Augment:
     """The training augmentation pipeline: a domain preset, overridden or extended by albumentations entries."""
 
     preset: Preset = Field(
-        "medical", description="Starting list of transforms (pipeline/augment.py PRESETS); 'none' starts empty.")
+        "medical",
+        description="Starting list of transforms (pipeline/augment.py PRESETS); 'none' starts empty.",
+    )
     transforms: tuple[dict[str, Any], ...] = Field(
         ({"name": "SquareSymmetry", "p": 1.0},),
         description="List of {name: <albumentations transform>, <argument>: <value>, ...}. An entry named like "
-                    "a preset transform updates that transform's arguments; other entries are appended.")
-    offline_copies: int = Field(0, ge=0, le=20, description="Augmented copies of each training image written "
-                                                             "at the augment stage and added to the train split.")
+        "a preset transform updates that transform's arguments; other entries are appended.",
+    )
+    offline_copies: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="Augmented copies of each training image written "
+        "at the augment stage and added to the train split.",
+    )
     preview_images: int = Field(6, ge=1, le=32, description="Training images shown in the preview grid.")
     preview_draws: int = Field(5, ge=1, le=16, description="Augmented draws per preview image.")
     # Batch-level mixing, applied in the training step (pipeline/model.py), not by the augment stage.
     mixup_alpha: float = Field(
-        0.0, ge=0, le=10, description="MixUp: each training batch is blended with a shuffled copy of itself, "
-                                      "labels too, by a Beta(alpha, alpha) weight; 0 turns it off (0.2-0.4 is usual).")
+        0.0,
+        ge=0,
+        le=10,
+        description="MixUp: each training batch is blended with a shuffled copy of itself, "
+        "labels too, by a Beta(alpha, alpha) weight; 0 turns it off (0.2-0.4 is usual).",
+    )
     cutmix_alpha: float = Field(
-        0.0, ge=0, le=10, description="CutMix: a box of a shuffled copy is pasted in, labels mixed by its area; "
-                                      "Beta(alpha, alpha); 0 turns it off (1.0 is usual).")
-    mix_prob: float = Field(1.0, ge=0, le=1,
-                            description="Share of training batches mixed (when MixUp or CutMix is on).")
+        0.0,
+        ge=0,
+        le=10,
+        description="CutMix: a box of a shuffled copy is pasted in, labels mixed by its area; "
+        "Beta(alpha, alpha); 0 turns it off (1.0 is usual).",
+    )
+    mix_prob: float = Field(
+        1.0, ge=0, le=1, description="Share of training batches mixed (when MixUp or CutMix is on)."
+    )
     cutmix_switch_prob: float = Field(
-        0.5, ge=0, le=1, description="With both on: the chance that a mixed batch uses CutMix rather than MixUp.")
+        0.5,
+        ge=0,
+        le=1,
+        description="With both on: the chance that a mixed batch uses CutMix rather than MixUp.",
+    )
 
 
 @dataclass(frozen=True, config=_STRICT)
 class Model:
     arch: Arch = Field("resnet18", description="torchvision architecture.")
     weights: str = Field(
-        "imagenet", min_length=1,
+        "imagenet",
+        min_length=1,
         description="'imagenet' (the arch's default torchvision weights), a torchvision weight enum name "
-                    "(e.g. ResNet50_Weights.IMAGENET1K_V2), a path to a .pth state dict, or 'none'.")
+        "(e.g. ResNet50_Weights.IMAGENET1K_V2), a path to a .pth state dict, or 'none'.",
+    )
     weights_sha256: str | None = Field(
-        None, pattern=r"^[0-9a-fA-F]{64}$",
+        None,
+        pattern=r"^[0-9a-fA-F]{64}$",
         description="SHA-256 of the weights file (a local .pth, or the downloaded checkpoint); a file with "
-                    "another hash is refused. null: torchvision's own hash-prefix check only.")
+        "another hash is refused. null: torchvision's own hash-prefix check only.",
+    )
     require_pretrained: bool = Field(
-        False, description="Fail instead of falling back to random init when weights cannot be obtained.")
+        False, description="Fail instead of falling back to random init when weights cannot be obtained."
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the classification head.")
 
 
@@ -175,48 +248,79 @@ class Train:
     weight_decay: float = Field(1e-4, ge=0, lt=1, description="AdamW / SGD weight decay.")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
     monitor: Literal["val/loss", "val/acc", "val/balanced_accuracy", "val/auroc"] = Field(
-        "val/loss", description="Validation metric for checkpointing, early stopping and tuning.")
+        "val/loss", description="Validation metric for checkpointing, early stopping and tuning."
+    )
     patience: int = Field(6, ge=1, description="Epochs without improvement before early stopping.")
-    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field("auto", description="Lightning accelerator.")
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field(
+        "auto", description="Lightning accelerator."
+    )
     devices: int | Literal["auto"] = Field(1, description="Devices to train on (DDP when > 1); per node.")
-    num_nodes: int = Field(1, ge=1, description="Machines in a multi-node DDP run (devices on each); must match "
-                                                "the launcher's node count (torchrun --nnodes, SLURM --nodes).")
+    num_nodes: int = Field(
+        1,
+        ge=1,
+        description="Machines in a multi-node DDP run (devices on each); must match "
+        "the launcher's node count (torchrun --nnodes, SLURM --nodes).",
+    )
     strategy: Literal["auto", "ddp", "ddp_spawn"] = Field("auto", description="Lightning strategy.")
     precision: Literal["32", "16-mixed", "bf16-mixed"] = Field("32", description="Numeric precision.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     channels_last: bool | Literal["auto"] = Field(
-        "auto", description="Run the network and its inputs in channels_last memory format: faster convolutions "
-                            "on GPUs (tensor cores, mixed precision). auto: on CUDA devices only (on CPU it was "
-                            "no faster here, see make bench).")
+        "auto",
+        description="Run the network and its inputs in channels_last memory format: faster convolutions "
+        "on GPUs (tensor cores, mixed precision). auto: on CUDA devices only (on CPU it was "
+        "no faster here, see make bench).",
+    )
     mode: Literal["finetune", "linear_probe", "knn"] = Field(
-        "finetune", description="finetune: train the network (the recipe below); linear_probe: a logistic "
-                                "regression head on the frozen backbone's pooled features; knn: a cosine "
-                                "k-nearest-neighbour vote over them (pipeline/probe.py). The frozen modes compute "
-                                "each image's features once and train in seconds; with under ~10 images per "
-                                "class they often beat fine-tuning.")
-    knn_k: int = Field(20, ge=1, description="train.mode knn: neighbours that vote (at most the training images).")
+        "finetune",
+        description="finetune: train the network (the recipe below); linear_probe: a logistic "
+        "regression head on the frozen backbone's pooled features; knn: a cosine "
+        "k-nearest-neighbour vote over them (pipeline/probe.py). The frozen modes compute "
+        "each image's features once and train in seconds; with under ~10 images per "
+        "class they often beat fine-tuning.",
+    )
+    knn_k: int = Field(
+        20, ge=1, description="train.mode knn: neighbours that vote (at most the training images)."
+    )
     # The small-data recipe (pipeline/recipe.py).
     freeze_epochs: int = Field(
-        2, ge=0, description="Epochs that train only the new head, backbone frozen (BatchNorm statistics "
-                             "too). Ignored, with a warning, when the backbone is randomly initialised.")
+        2,
+        ge=0,
+        description="Epochs that train only the new head, backbone frozen (BatchNorm statistics "
+        "too). Ignored, with a warning, when the backbone is randomly initialised.",
+    )
     unfreeze: Literal["all", "gradual"] = Field(
-        "all", description="After the frozen epochs: 'all' unfreezes the whole backbone at once; 'gradual' "
-                           "one residual stage per epoch, layer4 first, the stem last.")
+        "all",
+        description="After the frozen epochs: 'all' unfreezes the whole backbone at once; 'gradual' "
+        "one residual stage per epoch, layer4 first, the stem last.",
+    )
     backbone_lr_mult: float = Field(
-        0.1, gt=0, le=1, description="Backbone learning rate = train.lr x this (the head gets train.lr). "
-                                     "1.0 when the backbone is randomly initialised.")
+        0.1,
+        gt=0,
+        le=1,
+        description="Backbone learning rate = train.lr x this (the head gets train.lr). "
+        "1.0 when the backbone is randomly initialised.",
+    )
     warmup_epochs: float = Field(
-        1.0, ge=0, description="Linear learning-rate warm-up (per step) over this many epochs, then cosine "
-                             "decay to zero at train.max_epochs.")
+        1.0,
+        ge=0,
+        description="Linear learning-rate warm-up (per step) over this many epochs, then cosine "
+        "decay to zero at train.max_epochs.",
+    )
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
     balance: Literal["none", "loss", "sampler"] = Field(
-        "none", description="Imbalanced classes: 'loss' weights the cross-entropy by inverse class frequency; "
-                            "'sampler' draws training batches class-balanced (with replacement).")
+        "none",
+        description="Imbalanced classes: 'loss' weights the cross-entropy by inverse class frequency; "
+        "'sampler' draws training batches class-balanced (with replacement).",
+    )
     ema_decay: float | None = Field(
-        None, ge=0, lt=1, description="Exponential moving average of the weights (and BatchNorm statistics), "
-                                      "updated every step with this decay (warmed up as min(decay, (1+n)/(10+n))); "
-                                      "the averaged weights are validated, checkpointed, evaluated and exported. "
-                                      "null or 0: off.")
+        None,
+        ge=0,
+        lt=1,
+        description="Exponential moving average of the weights (and BatchNorm statistics), "
+        "updated every step with this decay (warmed up as min(decay, (1+n)/(10+n))); "
+        "the averaged weights are validated, checkpointed, evaluated and exported. "
+        "null or 0: off.",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.devices, int) and self.devices < 1:
@@ -248,23 +352,33 @@ class Tune:
     enabled: bool = Field(True, description="Run the Optuna study; false passes params.yaml values through.")
     n_trials: int = Field(4, ge=1, description="Completed-or-pruned trials the study should hold.")
     max_epochs: int = Field(3, ge=1, description="Epochs per trial.")
-    timeout_s: float | None = Field(None, gt=0, description="Stop starting new trials after this many seconds.")
+    timeout_s: float | None = Field(
+        None, gt=0, description="Stop starting new trials after this many seconds."
+    )
     pruner: Literal["median", "hyperband", "none"] = Field(
-        "median", description="Optuna pruner, applied to the validation metric after every epoch.")
-    storage: str = Field("sqlite:///optuna.db",
-                         description="Optuna storage URL, kept between runs: SQLite for one machine, "
-                                     "postgresql://user@host:port/db for workers on several "
-                                     "(python -m pipeline tune --worker); the password comes from PGPASSWORD "
-                                     "or ~/.pgpass, never from here (a URI with one is refused).")
-    n_jobs: int = Field(1, ge=1, description="Worker processes on this machine filling the study at once, one "
-                                            "trial each: GPU i for worker i when there are GPUs, else the CPU "
-                                            "cores split between them.")
+        "median", description="Optuna pruner, applied to the validation metric after every epoch."
+    )
+    storage: str = Field(
+        "sqlite:///optuna.db",
+        description="Optuna storage URL, kept between runs: SQLite for one machine, "
+        "postgresql://user@host:port/db for workers on several "
+        "(python -m pipeline tune --worker); the password comes from PGPASSWORD "
+        "or ~/.pgpass, never from here (a URI with one is refused).",
+    )
+    n_jobs: int = Field(
+        1,
+        ge=1,
+        description="Worker processes on this machine filling the study at once, one "
+        "trial each: GPU i for worker i when there are GPUs, else the CPU "
+        "cores split between them.",
+    )
     search_space: dict[str, SearchDim] = Field(
         default_factory=lambda: {
             "train.lr": SearchDim(type="float", low=1e-4, high=3e-3, log=True),
             "train.weight_decay": SearchDim(type="float", low=1e-6, high=1e-2, log=True),
         },
-        description="params key -> {type: float|int|categorical, low, high, log, choices}.")
+        description="params key -> {type: float|int|categorical, low, high, log, choices}.",
+    )
 
     def __post_init__(self) -> None:
         refuse_in_params("tune.storage", self.storage)
@@ -289,48 +403,81 @@ def parse_threshold(value: float | str) -> tuple[ThresholdObjective, float | Non
         return name, number
     if not target and number is not None and 0 < number < 1:
         return "fixed", number
-    raise ValueError(f"threshold {value!r}: expected a number in (0, 1), {' | '.join(NAMED_THRESHOLDS)}, or "
-                     f"sensitivity:<target> / specificity:<target> with a target in (0, 1), e.g. sensitivity:0.95")
+    raise ValueError(
+        f"threshold {value!r}: expected a number in (0, 1), {' | '.join(NAMED_THRESHOLDS)}, or "
+        f"sensitivity:<target> / specificity:<target> with a target in (0, 1), e.g. sensitivity:0.95"
+    )
 
 
 @dataclass(frozen=True, config=_STRICT)
 class Evaluate:
     batch_size: int = Field(64, ge=1, description="Images per inference batch.")
     gradcam_per_class: int = Field(
-        2, ge=0, le=10, description="Grad-CAM panel (pipeline/explain.py): the most confident correct and the most "
-                                    "confident wrong test images per true class, this many of each; 0 turns it off.")
+        2,
+        ge=0,
+        le=10,
+        description="Grad-CAM panel (pipeline/explain.py): the most confident correct and the most "
+        "confident wrong test images per true class, this many of each; 0 turns it off.",
+    )
     tta: tuple[str | dict[str, Any], ...] = Field(
         ("HorizontalFlip", "VerticalFlip"),
         description="Test-time augmentation: deterministic albumentations transforms (names, or {name, args}); "
-                    "predictions are averaged over the image and each transform. [] turns it off.")
+        "predictions are averaged over the image and each transform. [] turns it off.",
+    )
     positive_class: str | None = Field(
-        None, min_length=1,
+        None,
+        min_length=1,
         description="Binary tasks: the class whose recall is the sensitivity (the other's is the specificity). "
-                    "null: the second class name in sorted order. Must be null for more than two classes.")
+        "null: the second class name in sorted order. Must be null for more than two classes.",
+    )
     bootstrap: int = Field(
-        1000, ge=0, description="Bootstrap resamples of the test set (seeded by seed) for the 95% intervals "
-                                "stored as <metric>_ci_low / _ci_high; 0 turns the intervals off.")
-    ece_bins: int = Field(15, ge=2, le=100, description="Equal-width confidence bins of the expected calibration "
-                                                          "error and the reliability diagram.")
+        1000,
+        ge=0,
+        description="Bootstrap resamples of the test set (seeded by seed) for the 95% intervals "
+        "stored as <metric>_ci_low / _ci_high; 0 turns the intervals off.",
+    )
+    ece_bins: int = Field(
+        15,
+        ge=2,
+        le=100,
+        description="Equal-width confidence bins of the expected calibration "
+        "error and the reliability diagram.",
+    )
     temperature_scaling: bool = Field(
-        True, description="Fit one temperature on the validation split's logits and report the test calibration "
-                          "metrics before (test/*) and after (test_calibrated/*) it.")
+        True,
+        description="Fit one temperature on the validation split's logits and report the test calibration "
+        "metrics before (test/*) and after (test_calibrated/*) it.",
+    )
     ci_warn_width: float = Field(
-        0.2, gt=0, le=1, description="The report warns when a headline metric's 95% interval is wider than this "
-                                     "(the test set is too small to pin it down).")
+        0.2,
+        gt=0,
+        le=1,
+        description="The report warns when a headline metric's 95% interval is wider than this "
+        "(the test set is too small to pin it down).",
+    )
     threshold: float | str = Field(
-        0.5, description="Binary tasks: the positive-class probability at or above which an image is called "
-                         "positive. A number in (0, 1), or chosen on the selection set (the validation split's "
-                         "predictions) for an objective: youden | balanced_accuracy (the same cut) | f1 | "
-                         "sensitivity:<target> (the highest cut reaching it) | specificity:<target> (the lowest); "
-                         "then applied unchanged to test and predict.")
+        0.5,
+        description="Binary tasks: the positive-class probability at or above which an image is called "
+        "positive. A number in (0, 1), or chosen on the selection set (the validation split's "
+        "predictions) for an objective: youden | balanced_accuracy (the same cut) | f1 | "
+        "sensitivity:<target> (the highest cut reaching it) | specificity:<target> (the lowest); "
+        "then applied unchanged to test and predict.",
+    )
     conformal_alpha: float | None = Field(
-        None, gt=0, lt=1, description="Split conformal prediction sets (LAC) fitted on the selection set: each "
-                                      "image gets the classes whose set covers the truth with probability "
-                                      ">= 1 - alpha; null turns them off.")
+        None,
+        gt=0,
+        lt=1,
+        description="Split conformal prediction sets (LAC) fitted on the selection set: each "
+        "image gets the classes whose set covers the truth with probability "
+        ">= 1 - alpha; null turns them off.",
+    )
     label_audit_panel: int = Field(
-        8, ge=0, le=64, description="Thumbnails of the most suspect labels (cleanlab on the selection set) shown "
-                                    "in the report; 0: no panel (the ranked CSV is written either way).")
+        8,
+        ge=0,
+        le=64,
+        description="Thumbnails of the most suspect labels (cleanlab on the selection set) shown "
+        "in the report; 0: no panel (the ranked CSV is written either way).",
+    )
 
     def __post_init__(self) -> None:
         parse_threshold(self.threshold)
@@ -338,14 +485,17 @@ class Evaluate:
 
 @dataclass(frozen=True, config=_STRICT)
 class Tracking:
-    tracking_uri: str = Field("sqlite:///mlflow.db",
-                              description="MLflow store; the MLFLOW_TRACKING_URI environment variable wins.")
+    tracking_uri: str = Field(
+        "sqlite:///mlflow.db", description="MLflow store; the MLFLOW_TRACKING_URI environment variable wins."
+    )
     experiment: str = Field("pipeline", min_length=1, description="MLflow experiment name.")
     artifact_root: str = Field("mlartifacts", description="Artifact folder for a local (sqlite/file) store.")
     registered_model: str | None = Field(
-        "pipeline-classifier", min_length=1,
+        "pipeline-classifier",
+        min_length=1,
         description="The train stage registers its model under this name in the MLflow model registry "
-                    "(load it with models:/<name>/latest); null: log the model without registering it.")
+        "(load it with models:/<name>/latest); null: log the model without registering it.",
+    )
 
     def __post_init__(self) -> None:
         refuse_in_params("mlflow.tracking_uri", self.tracking_uri)
@@ -378,9 +528,14 @@ def _check_key(params: Params, key: str) -> None:
     """Raise unless ``key`` ('section.name') names a scalar params field."""
     section, _, name = key.partition(".")
     fields = {f.name for f in dataclasses.fields(Params)}
-    if section not in fields or not dataclasses.is_dataclass(getattr(params, section)) or \
-            name not in {f.name for f in dataclasses.fields(getattr(params, section))}:
-        raise ValueError(f"tune.search_space: '{key}' is not a params key (use 'section.name', e.g. 'train.lr')")
+    if (
+        section not in fields
+        or not dataclasses.is_dataclass(getattr(params, section))
+        or name not in {f.name for f in dataclasses.fields(getattr(params, section))}
+    ):
+        raise ValueError(
+            f"tune.search_space: '{key}' is not a params key (use 'section.name', e.g. 'train.lr')"
+        )
 
 
 def parse(raw: dict[str, Any] | None, source: str = PARAMS_FILE) -> Params:
@@ -400,7 +555,9 @@ def load(path: str | Path = PARAMS_FILE) -> Params:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if raw is None:  # an emptied file must not silently mean "all defaults" (an explicit {} still does)
-        raise ConfigError(f"{path}: is empty; it must hold the project's params (restore it: git checkout {path})")
+        raise ConfigError(
+            f"{path}: is empty; it must hold the project's params (restore it: git checkout {path})"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     return parse(raw, str(path))

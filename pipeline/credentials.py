@@ -14,8 +14,10 @@ import re
 
 MASK = "***"
 # Query parameters that carry a secret: ?password=, &token=, &api_key=, Azure SAS's &sig=, ...
-_SECRET_NAME = r"[^=&;\s?#]*(?:password|passwd|pwd|token|secret|api[_-]?key|access[_-]?key|signature|sig|credential)" \
-               r"[^=&;\s#]*"
+_SECRET_NAME = (
+    r"[^=&;\s?#]*(?:password|passwd|pwd|token|secret|api[_-]?key|access[_-]?key|signature|sig|credential)"
+    r"[^=&;\s#]*"
+)
 _QUERY = re.compile(rf"(?P<key>[?&;]{_SECRET_NAME}=)(?P<value>[^&;\s#]+)", re.IGNORECASE)
 # scheme://user:password@host: the password runs to the last '@' before the path.
 _USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)(?P<password>[^/\s]*)@")
@@ -37,7 +39,9 @@ def redact(text: str) -> str:
 def refuse_in_params(key: str, uri: str) -> None:
     """Raise ``ValueError`` (naming ``key``, never the secret) when a params URI holds a credential."""
     if found := found_in(uri):
-        raise ValueError(f"{key} holds {' and '.join(found)}: params.yaml values are copied into dvc.lock and "
-                         "logged to MLflow, so take secrets from the environment instead (PGPASSWORD or ~/.pgpass "
-                         "for PostgreSQL; MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
-                         "MLFLOW_TRACKING_TOKEN, for an MLflow server); see docs/tuning.md")
+        raise ValueError(
+            f"{key} holds {' and '.join(found)}: params.yaml values are copied into dvc.lock and "
+            "logged to MLflow, so take secrets from the environment instead (PGPASSWORD or ~/.pgpass "
+            "for PostgreSQL; MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
+            "MLFLOW_TRACKING_TOKEN, for an MLflow server); see docs/tuning.md"
+        )

@@ -72,11 +72,15 @@ def check(params: Params, prepared: Prepared) -> int:
     """The fold count to train, or an error when the inputs cannot be cross-validated."""
     k = fold_count(prepared)
     if k != params.data.folds:
-        raise FoldError(f"data.folds is {params.data.folds} but the prepared data has {k} folds; "
-                        "rerun the ingest stage (dvc repro ingest)")
+        raise FoldError(
+            f"data.folds is {params.data.folds} but the prepared data has {k} folds; "
+            "rerun the ingest stage (dvc repro ingest)"
+        )
     if params.augment.offline_copies:
-        raise FoldError("augment.offline_copies makes copies of the train split, which folds redraw: "
-                        "set it to 0 with data.folds")
+        raise FoldError(
+            "augment.offline_copies makes copies of the train split, which folds redraw: "
+            "set it to 0 with data.folds"
+        )
     return k
 
 
@@ -86,8 +90,14 @@ def oof_table(prepared: Prepared, fold: int, probs: np.ndarray) -> pd.DataFrame:
     return pd.concat([table, pd.DataFrame(probs, columns=[f"prob_{c}" for c in prepared.classes])], axis=1)
 
 
-def fit_folds(params: Params, prepared: Prepared, transform: A.BasicTransform | None, resume: Resume,
-              runs: FoldRuns | None = None, batch_size: int = 64) -> Folds:
+def fit_folds(
+    params: Params,
+    prepared: Prepared,
+    transform: A.BasicTransform | None,
+    resume: Resume,
+    runs: FoldRuns | None = None,
+    batch_size: int = 64,
+) -> Folds:
     """Train the k fold models (resuming, skipping finished folds) and collect their OOF predictions.
 
     ``runs``: the nested MLflow run of each fold (rank 0); every DDP rank runs this loop, the others
@@ -107,8 +117,13 @@ def fit_folds(params: Params, prepared: Prepared, transform: A.BasicTransform | 
         print(f"train: fold {i + 1}/{k}", flush=True)
         view = fold_view(prepared, i)
         logger = runs.logger(i, part) if runs else False
-        result = fit(params, datamodule(params, view, transform), out_dir=part.checkpoints, logger=logger,
-                     resume_from=part.last_checkpoint())
+        result = fit(
+            params,
+            datamodule(params, view, transform),
+            out_dir=part.checkpoints,
+            logger=logger,
+            resume_from=part.last_checkpoint(),
+        )
         results.append(result)
         if rank_zero_only.rank != 0:  # rank 0 predicts and writes; the others only train
             continue
@@ -121,7 +136,9 @@ def fit_folds(params: Params, prepared: Prepared, transform: A.BasicTransform | 
         write_json(done, _as_done(result))  # last: a kill before it retrains (or resumes) this fold
     if not tables:
         return Folds(results=results, oof=pd.DataFrame())
-    oof = pd.concat(tables, ignore_index=True).sort_values("cache_index", kind="stable").reset_index(drop=True)
+    oof = (
+        pd.concat(tables, ignore_index=True).sort_values("cache_index", kind="stable").reset_index(drop=True)
+    )
     return Folds(results=results, oof=oof)
 
 
@@ -137,7 +154,10 @@ def _load_done(path: Path) -> dict:
     from pipeline.weights import WeightsInfo
 
     done = json.loads(path.read_text())
-    return done | {"best_checkpoint": Path(done["best_checkpoint"]), "weights": WeightsInfo(**done["weights"])}
+    return done | {
+        "best_checkpoint": Path(done["best_checkpoint"]),
+        "weights": WeightsInfo(**done["weights"]),
+    }
 
 
 def oof_probs(oof: pd.DataFrame, classes: tuple[str, ...]) -> np.ndarray:
@@ -161,8 +181,13 @@ def cv_metrics(oof: pd.DataFrame, classes: tuple[str, ...], positive: int | None
     from pipeline.evaluation.metrics import BINARY, HEADLINE, compute_metrics
 
     names = HEADLINE + (BINARY if positive is not None else ())
-    score = lambda t: compute_metrics(oof_probs(t, classes), t["label_index"].to_numpy(), classes,  # noqa: E731
-                                      "cv", positive)
+    score = lambda t: compute_metrics(
+        oof_probs(t, classes),
+        t["label_index"].to_numpy(),
+        classes,
+        "cv",
+        positive,
+    )
     overall = score(oof)
     metrics = {f"cv/{n}": overall[f"cv/{n}"] for n in names if f"cv/{n}" in overall}
     per_fold = [score(t) for _, t in oof.groupby("fold")]
@@ -188,9 +213,12 @@ class FoldRuns:
 
         run_id = part.run_id()
         if run_id is None:
-            with mlflow.start_run(run_name=f"fold-{fold}:{self.run_name}", nested=True,
-                                  parent_run_id=self.parent_run_id,
-                                  tags=self.tags | {"stage": "train", "fold": str(fold)}) as run:
+            with mlflow.start_run(
+                run_name=f"fold-{fold}:{self.run_name}",
+                nested=True,
+                parent_run_id=self.parent_run_id,
+                tags=self.tags | {"stage": "train", "fold": str(fold)},
+            ) as run:
                 run_id = run.info.run_id
                 part.start(run_id)
                 tracking.log_params(self.params)

@@ -25,14 +25,46 @@ CLASSES: tuple[str, ...] = ("normal", "inflamed", "tumor", "necrotic")
 # 64x64 field, lengths in pixels of a 64 px tile: a larger image_size is the same field of
 # view sampled more finely, so tiles of every size look alike.
 _PARAMS: dict[str, dict[str, tuple[float, float]]] = {
-    "normal": dict(nuclei=(8, 22), radius=(2.2, 3.0), irregular=(0.0, 0.15), lymph=(0, 6),
-                   debris=(0, 3), necrosis=(0.0, 0.15), glands=(0, 2.5), stain=(0.7, 1.0)),
-    "inflamed": dict(nuclei=(6, 18), radius=(2.2, 3.2), irregular=(0.05, 0.2), lymph=(15, 45),
-                     debris=(0, 8), necrosis=(0.0, 0.2), glands=(0, 1.2), stain=(0.75, 1.05)),
-    "tumor": dict(nuclei=(16, 36), radius=(2.8, 4.2), irregular=(0.12, 0.35), lymph=(0, 10),
-                  debris=(0, 8), necrosis=(0.0, 0.3), glands=(0, 1.2), stain=(0.95, 1.3)),
-    "necrotic": dict(nuclei=(3, 16), radius=(2.2, 3.6), irregular=(0.1, 0.35), lymph=(0, 12),
-                     debris=(12, 45), necrosis=(0.3, 0.75), glands=(0, 0.5), stain=(0.55, 0.95)),
+    "normal": dict(
+        nuclei=(8, 22),
+        radius=(2.2, 3.0),
+        irregular=(0.0, 0.15),
+        lymph=(0, 6),
+        debris=(0, 3),
+        necrosis=(0.0, 0.15),
+        glands=(0, 2.5),
+        stain=(0.7, 1.0),
+    ),
+    "inflamed": dict(
+        nuclei=(6, 18),
+        radius=(2.2, 3.2),
+        irregular=(0.05, 0.2),
+        lymph=(15, 45),
+        debris=(0, 8),
+        necrosis=(0.0, 0.2),
+        glands=(0, 1.2),
+        stain=(0.75, 1.05),
+    ),
+    "tumor": dict(
+        nuclei=(16, 36),
+        radius=(2.8, 4.2),
+        irregular=(0.12, 0.35),
+        lymph=(0, 10),
+        debris=(0, 8),
+        necrosis=(0.0, 0.3),
+        glands=(0, 1.2),
+        stain=(0.95, 1.3),
+    ),
+    "necrotic": dict(
+        nuclei=(3, 16),
+        radius=(2.2, 3.6),
+        irregular=(0.1, 0.35),
+        lymph=(0, 12),
+        debris=(12, 45),
+        necrosis=(0.3, 0.75),
+        glands=(0, 0.5),
+        stain=(0.55, 0.95),
+    ),
 }
 # Optical-density colours of the two stains (Macenko's reference H&E), jittered per tile.
 _HAEMATOXYLIN = np.array([0.56, 0.72, 0.41])
@@ -58,8 +90,9 @@ def generate(out_dir: Path, n_per_class: int, image_size: int, seed: int) -> dic
         for i in range(n_per_class):
             rng = np.random.default_rng([seed, class_idx, i])
             pixels = render_tile(name, image_size, rng)
-            Image.fromarray(pixels, "RGB").save(class_dir / f"{name}_{i:04d}.png", format="PNG",
-                                                compress_level=6)
+            Image.fromarray(pixels, "RGB").save(
+                class_dir / f"{name}_{i:04d}.png", format="PNG", compress_level=6
+            )
         counts[name] = n_per_class
     return counts
 
@@ -74,8 +107,15 @@ def render_tile(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
     haem = np.zeros((size, size))
 
     r, s = p["radius"] * scale, p["stain"]
-    _scatter(haem, p["nuclei"] * area, (r - 0.5 * scale, r + 0.5 * scale), (0, 0.35),
-             p["irregular"], (0.85 * s, 1.15 * s), rng)
+    _scatter(
+        haem,
+        p["nuclei"] * area,
+        (r - 0.5 * scale, r + 0.5 * scale),
+        (0, 0.35),
+        p["irregular"],
+        (0.85 * s, 1.15 * s),
+        rng,
+    )
     for _ in range(rng.poisson(p["glands"] * area)):
         _gland(haem, eosin, scale, rng)
     # Lymphocytes: small, round, dark.
@@ -90,14 +130,27 @@ def render_tile(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return _to_rgb(haem * chromatin, eosin, rng)
 
 
-def _scatter(haem: np.ndarray, mean_count: float, radius: tuple[float, float],
-             elongation: tuple[float, float], irregularity: float, strength: tuple[float, float],
-             rng: np.random.Generator) -> None:
+def _scatter(
+    haem: np.ndarray,
+    mean_count: float,
+    radius: tuple[float, float],
+    elongation: tuple[float, float],
+    irregularity: float,
+    strength: tuple[float, float],
+    rng: np.random.Generator,
+) -> None:
     """Paint a Poisson number of blobs at random places, sizes drawn from (low, high) ranges."""
     size, n = haem.shape[0], rng.poisson(mean_count)
     centres = rng.uniform(-2, size + 2, (n, 2))
-    _stamp(haem, centres, rng.uniform(*radius, n), rng.uniform(*elongation, n), irregularity,
-           rng.uniform(*strength, n), rng)
+    _stamp(
+        haem,
+        centres,
+        rng.uniform(*radius, n),
+        rng.uniform(*elongation, n),
+        irregularity,
+        rng.uniform(*strength, n),
+        rng,
+    )
 
 
 def _stroma(size: int, scale: float, rng: np.random.Generator) -> np.ndarray:
@@ -126,13 +179,28 @@ def _gland(haem: np.ndarray, eosin: np.ndarray, scale: float, rng: np.random.Gen
     theta = np.linspace(0, 2 * np.pi, n, endpoint=False) + rng.uniform(0, 2 * np.pi)
     r = radius + 3 * scale + rng.normal(0, 0.4 * scale, n)
     centres = np.stack([cy + r * np.sin(theta), cx + r * np.cos(theta)], axis=1)
-    _stamp(haem, centres, rng.uniform(1.6, 2.2, n) * scale, np.full(n, 0.35), 0.05,
-           rng.uniform(0.8, 1.0, n), rng, angles=theta)
+    _stamp(
+        haem,
+        centres,
+        rng.uniform(1.6, 2.2, n) * scale,
+        np.full(n, 0.35),
+        0.05,
+        rng.uniform(0.8, 1.0, n),
+        rng,
+        angles=theta,
+    )
 
 
-def _stamp(canvas: np.ndarray, centres: np.ndarray, radii: np.ndarray, elongation: np.ndarray,
-           irregularity: float, strength: np.ndarray, rng: np.random.Generator,
-           angles: np.ndarray | None = None) -> None:
+def _stamp(
+    canvas: np.ndarray,
+    centres: np.ndarray,
+    radii: np.ndarray,
+    elongation: np.ndarray,
+    irregularity: float,
+    strength: np.ndarray,
+    rng: np.random.Generator,
+    angles: np.ndarray | None = None,
+) -> None:
     """Paint soft-edged blobs whose outline wobbles with `irregularity`, all at once."""
     n = len(centres)
     if n == 0:
@@ -181,8 +249,10 @@ def _to_rgb(haem: np.ndarray, eosin: np.ndarray, rng: np.random.Generator) -> np
     for vector in (_HAEMATOXYLIN, _EOSIN):
         v = (vector + rng.normal(0, 0.05, 3)).clip(0.02)
         stains.append(v / np.linalg.norm(v))
-    density = (rng.uniform(0.7, 1.35) * haem[..., None] * stains[0]
-               + rng.uniform(0.7, 1.35) * eosin[..., None] * stains[1])
+    density = (
+        rng.uniform(0.7, 1.35) * haem[..., None] * stains[0]
+        + rng.uniform(0.7, 1.35) * eosin[..., None] * stains[1]
+    )
     light = rng.uniform(215, 255) * rng.uniform(0.95, 1.0, 3)
     rgb = light * np.exp(-ndimage.gaussian_filter(density, (0.5, 0.5, 0)))
     rgb += rng.normal(0, rng.uniform(2, 7), rgb.shape)

@@ -32,8 +32,12 @@ SEARCH_DIM_DESCRIPTIONS = {
 }
 
 _NAMES = {int: "integer", float: "number", str: "string", bool: "boolean", Any: "any"}
-_BOUNDS = ((annotated_types.Ge, "ge", "≥"), (annotated_types.Gt, "gt", ">"),
-           (annotated_types.Le, "le", "≤"), (annotated_types.Lt, "lt", "<"))
+_BOUNDS = (
+    (annotated_types.Ge, "ge", "≥"),
+    (annotated_types.Gt, "gt", ">"),
+    (annotated_types.Le, "le", "≤"),
+    (annotated_types.Lt, "lt", "<"),
+)
 
 
 def type_text(annotation: Any) -> str:
@@ -56,13 +60,21 @@ def type_text(annotation: Any) -> str:
 
 
 def constraints_text(field: FieldInfo) -> str:
-    parts = [f"{sign} {getattr(m, attr)}" for m in field.metadata for cls, attr, sign in _BOUNDS if isinstance(m, cls)]
-    parts += ["non-empty" for m in field.metadata if isinstance(m, annotated_types.MinLen) and m.min_length == 1]
+    parts = [
+        f"{sign} {getattr(m, attr)}"
+        for m in field.metadata
+        for cls, attr, sign in _BOUNDS
+        if isinstance(m, cls)
+    ]
+    parts += [
+        "non-empty" for m in field.metadata if isinstance(m, annotated_types.MinLen) and m.min_length == 1
+    ]
     return ", ".join(parts)
 
 
 def default_text(value: Any) -> str:
     """The default as it would be written in params.yaml (JSON flow style for lists and mappings)."""
+
     def plain(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
             return {k: plain(x) for k, x in dataclasses.asdict(v).items() if x is not None}
@@ -81,7 +93,9 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _table(prefix: str, fields: dict[str, FieldInfo], descriptions: dict[str, str] | None = None) -> list[str]:
+def _table(
+    prefix: str, fields: dict[str, FieldInfo], descriptions: dict[str, str] | None = None
+) -> list[str]:
     rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for name, field in fields.items():
         description = (descriptions or {}).get(name) or field.description
@@ -90,8 +104,12 @@ def _table(prefix: str, fields: dict[str, FieldInfo], descriptions: dict[str, st
         kind = type_text(field.annotation)
         if bounds := constraints_text(field):
             kind += f"; {bounds}"
-        default = "required" if field.is_required() else default_text(field.get_default(call_default_factory=True))
-        rows.append("| " + " | ".join(_cell(c) for c in (f"`{prefix}{name}`", kind, default, description)) + " |")
+        default = (
+            "required" if field.is_required() else default_text(field.get_default(call_default_factory=True))
+        )
+        rows.append(
+            "| " + " | ".join(_cell(c) for c in (f"`{prefix}{name}`", kind, default, description)) + " |"
+        )
     return rows
 
 

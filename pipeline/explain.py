@@ -38,8 +38,10 @@ def _target_layers(model: nn.Module, layer: str = "layer4") -> list[nn.Module]:
     for member in getattr(model, "members", [model]):
         net = getattr(member, "net", member)  # the Classifier wraps the torchvision ResNet as .net
         if layer not in STRIDES or not hasattr(net, layer):
-            raise TypeError(f"{type(net).__name__} has no {layer}: Grad-CAM here expects a torchvision ResNet "
-                            f"stage ({', '.join(STRIDES)})")
+            raise TypeError(
+                f"{type(net).__name__} has no {layer}: Grad-CAM here expects a torchvision ResNet "
+                f"stage ({', '.join(STRIDES)})"
+            )
         layers.append(getattr(net, layer))
     return layers
 
@@ -61,8 +63,13 @@ def describe(side: int, layer: str) -> str:
     return f"{layer}: a {g}x{g} map, one cell per {stride}x{stride} px, drawn smoothed"
 
 
-def grad_cam(model: nn.Module, images: np.ndarray, target: int | Sequence[int] | None = None,
-             batch_size: int = 32, layer: str = "layer4") -> np.ndarray:
+def grad_cam(
+    model: nn.Module,
+    images: np.ndarray,
+    target: int | Sequence[int] | None = None,
+    batch_size: int = 32,
+    layer: str = "layer4",
+) -> np.ndarray:
     """Grad-CAM heat maps (N, H, W) in [0, 1] of cached images (N, H, W, C), as the prepared cache holds them.
 
     ``target``: the class explained: None, each image's predicted class; an int, that class for all;
@@ -78,13 +85,24 @@ def grad_cam(model: nn.Module, images: np.ndarray, target: int | Sequence[int] |
         raise ValueError(f"expected images as (N, H, W, C), got shape {images.shape}")
     side = min(images.shape[1:3])
     if grid(side, layer) < 2:
-        log.warning("Grad-CAM: at %d px %s is a single cell, so the heat maps cannot localise anything; use "
-                    "layer='%s' or train at a larger data.image_size to see where the model looks", side, layer,
-                    layer_for(side))
+        log.warning(
+            "Grad-CAM: at %d px %s is a single cell, so the heat maps cannot localise anything; use "
+            "layer='%s' or train at a larger data.image_size to see where the model looks",
+            side,
+            layer,
+            layer_for(side),
+        )
     elif grid(side, layer) < MIN_GRID:
-        log.warning("Grad-CAM: at %d px %s (%s) is coarser than %dx%d: the smooth blobs are interpolated from "
-                    "that few cells and do not localise within one; layer='%s' is finer", side, layer,
-                    describe(side, layer), MIN_GRID, MIN_GRID, layer_for(side))
+        log.warning(
+            "Grad-CAM: at %d px %s (%s) is coarser than %dx%d: the smooth blobs are interpolated from "
+            "that few cells and do not localise within one; layer='%s' is finer",
+            side,
+            layer,
+            describe(side, layer),
+            MIN_GRID,
+            MIN_GRID,
+            layer_for(side),
+        )
     if target is None or isinstance(target, (int, np.integer)):
         targets = [target] * len(images)
     else:
@@ -96,8 +114,10 @@ def grad_cam(model: nn.Module, images: np.ndarray, target: int | Sequence[int] |
     try:
         with torch.enable_grad(), GradCAM(model=model, target_layers=_target_layers(model, layer)) as cam:
             for start in range(0, len(images), batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size].transpose(0, 3, 1, 2)))
-                chosen = targets[start:start + batch_size]
+                x = torch.from_numpy(
+                    np.ascontiguousarray(images[start : start + batch_size].transpose(0, 3, 1, 2))
+                )
+                chosen = targets[start : start + batch_size]
                 wanted = None if target is None else [ClassifierOutputTarget(int(t)) for t in chosen]
                 maps.append(cam(input_tensor=x, targets=wanted))
     finally:
@@ -139,9 +159,16 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, weight: float = 0.5) -> np.n
     return show_cam_on_image(to_display(image), np.clip(heatmap, 0, 1), use_rgb=True, image_weight=weight)
 
 
-def panel(images: Sequence[np.ndarray | None], heatmaps: Sequence[np.ndarray | None], captions: Sequence[str],
-          path: str | Path | io.BytesIO, columns: int = 4, wrong: Sequence[bool] | None = None,
-          row_titles: Sequence[str] | None = None, title: str = "Grad-CAM (layer4)") -> None:
+def panel(
+    images: Sequence[np.ndarray | None],
+    heatmaps: Sequence[np.ndarray | None],
+    captions: Sequence[str],
+    path: str | Path | io.BytesIO,
+    columns: int = 4,
+    wrong: Sequence[bool] | None = None,
+    row_titles: Sequence[str] | None = None,
+    title: str = "Grad-CAM (layer4)",
+) -> None:
     """Save a grid of (image, heat-map overlay) pairs, ``columns`` pairs per row, captioned; None leaves a gap.
 
     ``wrong`` marks captions in red (misclassified images).
@@ -160,18 +187,36 @@ def panel(images: Sequence[np.ndarray | None], heatmaps: Sequence[np.ndarray | N
         left, right = axes[row, 2 * col], axes[row, 2 * col + 1]
         left.imshow(to_display(image))
         right.imshow(overlay(image, heatmap))
-        right.set_title(captions[i], fontsize=7, color="tab:red" if wrong is not None and wrong[i] else "black")
+        right.set_title(
+            captions[i], fontsize=7, color="tab:red" if wrong is not None and wrong[i] else "black"
+        )
     for row, name in enumerate(row_titles or []):
-        axes[row, 0].text(-0.06, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, fontsize=8,
-                          fontweight="bold", ha="right", va="center")
+        axes[row, 0].text(
+            -0.06,
+            0.5,
+            name,
+            transform=axes[row, 0].transAxes,
+            rotation=90,
+            fontsize=8,
+            fontweight="bold",
+            ha="right",
+            va="center",
+        )
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
 
 
-def gradcam_panel(model: nn.Module, images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                  class_names: Sequence[str], per_class: int, path: str | Path | io.BytesIO,
-                  batch_size: int = 32) -> int:
+def gradcam_panel(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    per_class: int,
+    path: str | Path | io.BytesIO,
+    batch_size: int = 32,
+) -> int:
     """The evaluate stage's panel: one row per true class, its most confident right then wrong test images.
 
     Each heat map explains the predicted class (what the model saw, right or wrong), on the deepest
@@ -181,23 +226,42 @@ def gradcam_panel(model: nn.Module, images: np.ndarray, labels: np.ndarray, prob
     rows = select(labels, probs, per_class)
     chosen = sorted({i for row in rows for i in row if i is not None})
     layer = layer_for(min(images.shape[1:3]))
-    maps = dict(zip(chosen, grad_cam(model, images[chosen], batch_size=batch_size, layer=layer), strict=True)) \
-        if chosen else {}
+    maps = (
+        dict(zip(chosen, grad_cam(model, images[chosen], batch_size=batch_size, layer=layer), strict=True))
+        if chosen
+        else {}
+    )
     slots = [i for row in rows for i in row]
     predicted = np.asarray(probs).argmax(1)
-    captions = ["" if i is None else
-                f"true {class_names[labels[i]]}\npred {class_names[predicted[i]]} ({probs[i].max():.2f})"
-                for i in slots]
-    panel([None if i is None else images[i] for i in slots], [None if i is None else maps[i] for i in slots],
-          captions, path, columns=2 * per_class, wrong=[i is not None and predicted[i] != labels[i] for i in slots],
-          row_titles=[f"true {c}" for c in class_names],
-          title=f"Grad-CAM ({describe(min(images.shape[1:3]), layer)}) of the predicted class:\n"
-                f"the {per_class} most confident right, then wrong, test images per class")
+    captions = [
+        ""
+        if i is None
+        else f"true {class_names[labels[i]]}\npred {class_names[predicted[i]]} ({probs[i].max():.2f})"
+        for i in slots
+    ]
+    panel(
+        [None if i is None else images[i] for i in slots],
+        [None if i is None else maps[i] for i in slots],
+        captions,
+        path,
+        columns=2 * per_class,
+        wrong=[i is not None and predicted[i] != labels[i] for i in slots],
+        row_titles=[f"true {c}" for c in class_names],
+        title=f"Grad-CAM ({describe(min(images.shape[1:3]), layer)}) of the predicted class:\n"
+        f"the {per_class} most confident right, then wrong, test images per class",
+    )
     return len(chosen)
 
 
-def panel_png(model: nn.Module, images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-              class_names: Sequence[str], per_class: int, batch_size: int = 32) -> bytes | None:
+def panel_png(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    per_class: int,
+    batch_size: int = 32,
+) -> bytes | None:
     """:func:`gradcam_panel` rendered to PNG bytes, for a stage that writes its outputs last; None when off (0)."""
     if per_class == 0:
         return None

@@ -33,7 +33,9 @@ _NOTED: set[str] = set()  # warnings already given in this process (a tune stage
 
 CHECKPOINT_NAME = "best"  # written as <out_dir>/best.ckpt
 PROGRESS_EVERY_S = 30.0  # a progress line this often within a long training epoch
-RUN_INFO = "run.json"  # the train stage's, beside the best checkpoint in paths.model_dir; evaluate, predict read it
+RUN_INFO = (
+    "run.json"  # the train stage's, beside the best checkpoint in paths.model_dir; evaluate, predict read it
+)
 
 
 @dataclass(frozen=True)
@@ -60,14 +62,19 @@ class EpochSummary(Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last = time.monotonic()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
+    ) -> None:
         if not trainer.is_global_zero or time.monotonic() - self._last < self.every_s:
             return
         self._last = time.monotonic()
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         total = trainer.num_training_batches
-        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  batch {batch_idx + 1}/{total}"
-              + (f"  train/loss (batch)={float(loss):.4f}" if loss is not None else ""), flush=True)
+        print(
+            f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  batch {batch_idx + 1}/{total}"
+            + (f"  train/loss (batch)={float(loss):.4f}" if loss is not None else ""),
+            flush=True,
+        )
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -92,17 +99,26 @@ class StopOnNonFiniteLoss(Callback):
     @staticmethod
     def _check(loss: torch.Tensor | None, what: str, pl_module: L.LightningModule) -> None:
         if loss is not None and not torch.isfinite(loss).all():
-            raise TrainingDiverged(f"{what} became {loss.item()}; lower train.lr (now {pl_module.hparams.lr:g}) "
-                                   "or check the input data for NaN/inf values")
+            raise TrainingDiverged(
+                f"{what} became {loss.item()}; lower train.lr (now {pl_module.hparams.lr:g}) "
+                "or check the input data for NaN/inf values"
+            )
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
+    ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self._check(loss, f"the training loss at epoch {trainer.current_epoch + 1}, batch {batch_idx + 1}", pl_module)
+        self._check(
+            loss, f"the training loss at epoch {trainer.current_epoch + 1}, batch {batch_idx + 1}", pl_module
+        )
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._check(trainer.callback_metrics.get("val/loss"), f"val/loss at epoch {trainer.current_epoch + 1}",
-                        pl_module)
+            self._check(
+                trainer.callback_metrics.get("val/loss"),
+                f"val/loss at epoch {trainer.current_epoch + 1}",
+                pl_module,
+            )
 
 
 class WarmedEMA:
@@ -117,7 +133,9 @@ class WarmedEMA:
     def __init__(self, decay: float):
         self.decay = decay
 
-    def __call__(self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor
+    ) -> torch.Tensor:
         d = torch.clamp((1 + num_averaged) / (10 + num_averaged), max=self.decay)
         return averaged + (current - averaged) * (1 - d)
 
@@ -134,8 +152,15 @@ def weight_averaging(decay: float) -> WeightAveraging:
     return WeightAveraging(use_buffers=True, avg_fn=WarmedEMA(decay))
 
 
-WEIGHTS_ONLY_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "state_dict", "loops",
-                     "hparams_name", "hyper_parameters")  # what Lightning writes with save_weights_only
+WEIGHTS_ONLY_KEYS = (
+    "epoch",
+    "global_step",
+    "pytorch-lightning_version",
+    "state_dict",
+    "loops",
+    "hparams_name",
+    "hyper_parameters",
+)  # what Lightning writes with save_weights_only
 
 
 def slim_checkpoint(path: Path) -> None:
@@ -149,17 +174,30 @@ def slim_checkpoint(path: Path) -> None:
         torch.save({k: v for k, v in checkpoint.items() if k in WEIGHTS_ONLY_KEYS}, tmp)
 
 
-def datamodule(params: Params, prepared: Prepared, train_transform: A.BasicTransform | None) -> ImageDataModule:
+def datamodule(
+    params: Params, prepared: Prepared, train_transform: A.BasicTransform | None
+) -> ImageDataModule:
     copies = params.augment.offline_copies
     offline = load_offline(Path(params.paths.augment_offline), prepared, copies) if copies else None
-    return ImageDataModule(prepared, train_transform, batch_size=params.train.batch_size,
-                           num_workers=params.train.num_workers, offline=offline,
-                           balanced=params.train.balance == "sampler", seed=params.seed)
+    return ImageDataModule(
+        prepared,
+        train_transform,
+        batch_size=params.train.batch_size,
+        num_workers=params.train.num_workers,
+        offline=offline,
+        balanced=params.train.balance == "sampler",
+        seed=params.seed,
+    )
 
 
-def build_model(params: Params, class_names: Sequence[str], hub_dir: Path | None = None,
-                dataset_stats: tuple[Sequence[float], Sequence[float]] | None = None,
-                in_channels: int = 3, train_labels: np.ndarray | None = None) -> tuple[Classifier, WeightsInfo]:
+def build_model(
+    params: Params,
+    class_names: Sequence[str],
+    hub_dir: Path | None = None,
+    dataset_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+    in_channels: int = 3,
+    train_labels: np.ndarray | None = None,
+) -> tuple[Classifier, WeightsInfo]:
     """The classifier with its weights loaded, normalizing with the statistics those weights expect.
 
     Pretrained 3-channel weights keep ImageNet mean/std (what they were trained with); random init or
@@ -167,16 +205,40 @@ def build_model(params: Params, class_names: Sequence[str], hub_dir: Path | None
     ``train_labels`` give the class weights of ``train.balance: loss``.
     """
     m, t, a = params.model, params.train, params.augment
-    weights = None if train_labels is None or t.balance != "loss" else \
-        recipe.class_weights(train_labels, len(class_names)).tolist()
-    model = Classifier(arch=m.arch, num_classes=len(class_names), class_names=list(class_names),
-                       dropout=m.dropout, lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer,
-                       monitor=t.monitor, in_channels=in_channels, backbone_lr_mult=t.backbone_lr_mult,
-                       warmup_epochs=t.warmup_epochs, label_smoothing=t.label_smoothing, class_weights=weights,
-                       channels_last=t.channels_last, mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha,
-                       mix_prob=a.mix_prob, cutmix_switch_prob=a.cutmix_switch_prob)
-    info = load_pretrained(model.net, m.arch, m.weights, require_pretrained=m.require_pretrained, hub_dir=hub_dir,
-                           sha256=m.weights_sha256, tracking_uri=params.mlflow.tracking_uri)
+    weights = (
+        None
+        if train_labels is None or t.balance != "loss"
+        else recipe.class_weights(train_labels, len(class_names)).tolist()
+    )
+    model = Classifier(
+        arch=m.arch,
+        num_classes=len(class_names),
+        class_names=list(class_names),
+        dropout=m.dropout,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        optimizer=t.optimizer,
+        monitor=t.monitor,
+        in_channels=in_channels,
+        backbone_lr_mult=t.backbone_lr_mult,
+        warmup_epochs=t.warmup_epochs,
+        label_smoothing=t.label_smoothing,
+        class_weights=weights,
+        channels_last=t.channels_last,
+        mixup_alpha=a.mixup_alpha,
+        cutmix_alpha=a.cutmix_alpha,
+        mix_prob=a.mix_prob,
+        cutmix_switch_prob=a.cutmix_switch_prob,
+    )
+    info = load_pretrained(
+        model.net,
+        m.arch,
+        m.weights,
+        require_pretrained=m.require_pretrained,
+        hub_dir=hub_dir,
+        sha256=m.weights_sha256,
+        tracking_uri=params.mlflow.tracking_uri,
+    )
     if not info.pretrained and t.backbone_lr_mult != 1.0:
         model.hparams.backbone_lr_mult = 1.0  # a random backbone has nothing to protect
     if info.mean is not None:  # weights that carry the statistics they were trained with (an earlier run)
@@ -207,12 +269,15 @@ def _quiet_lightning() -> Iterator[None]:
         logger.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                                    category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+            )
             yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
 def use_statistics(model: Classifier, mean: Sequence[float], std: Sequence[float]) -> None:
     """Normalize with ``mean``/``std``, recorded in the hyperparameters so checkpoints rebuild the model with them."""
     mean, std = list(map(float, mean)), list(map(float, std))
@@ -225,16 +290,27 @@ def _tolerate_frozen_parameters(strategy: str, devices: int | str, num_nodes: in
     ``find_unused_parameters`` mode tolerates that (at some cost, so only while a recipe freezes)."""
     if strategy == "ddp_spawn":
         return "ddp_spawn_find_unused_parameters_true"
-    several = num_nodes > 1 or devices == "auto" and torch.cuda.device_count() > 1 \
-        or isinstance(devices, int) and devices > 1
-    if strategy == "ddp" or strategy == "auto" and several:
+    several = (
+        num_nodes > 1
+        or (devices == "auto" and torch.cuda.device_count() > 1)
+        or (isinstance(devices, int) and devices > 1)
+    )
+    if strategy == "ddp" or (strategy == "auto" and several):
         return "ddp_find_unused_parameters_true"
     return strategy
 
 
-def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, logger: Logger | bool = False,
-        callbacks: Sequence[Callback] = (), max_epochs: int | None = None,
-        hub_dir: Path | None = None, resume_from: Path | None = None) -> FitResult:
+def fit(
+    params: Params,
+    data: ImageDataModule,
+    *,
+    out_dir: Path | None = None,
+    logger: Logger | bool = False,
+    callbacks: Sequence[Callback] = (),
+    max_epochs: int | None = None,
+    hub_dir: Path | None = None,
+    resume_from: Path | None = None,
+) -> FitResult:
     """Fine-tune on ``data``'s train split, scored on val.
 
     With ``out_dir``, the best epoch's weights are saved there, and the full state of the latest
@@ -243,9 +319,14 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
     """
     t = params.train
     L.seed_everything(params.seed, workers=True, verbose=False)
-    model, weights = build_model(params, data.prepared.classes, hub_dir, (data.prepared.mean, data.prepared.std),
-                                 in_channels=data.prepared.images.shape[-1],
-                                 train_labels=data.prepared.split("train")["label_index"].to_numpy())
+    model, weights = build_model(
+        params,
+        data.prepared.classes,
+        hub_dir,
+        (data.prepared.mean, data.prepared.std),
+        in_channels=data.prepared.images.shape[-1],
+        train_labels=data.prepared.split("train")["label_index"].to_numpy(),
+    )
     if t.mode != "finetune":
         return _fit_frozen(params, data, model, weights, out_dir, logger)
     mode = mode_of(t.monitor)
@@ -255,8 +336,12 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
     freezing = t.freeze_epochs > 0 or t.unfreeze == "gradual"
     if freezing and not weights.pretrained and "freeze" not in _NOTED:  # once per stage, not once per trial
         _NOTED.add("freeze")
-        log.warning("train.freeze_epochs=%d / train.unfreeze=%s ignored: the backbone is randomly initialised, "
-                    "so it trains from the first epoch", t.freeze_epochs, t.unfreeze)
+        log.warning(
+            "train.freeze_epochs=%d / train.unfreeze=%s ignored: the backbone is randomly initialised, "
+            "so it trains from the first epoch",
+            t.freeze_epochs,
+            t.unfreeze,
+        )
     if freezing and weights.pretrained:
         all_callbacks.append(recipe.FreezeSchedule(t.freeze_epochs, t.unfreeze))
         strategy = _tolerate_frozen_parameters(t.strategy, t.devices, t.num_nodes)
@@ -267,20 +352,38 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
     if out_dir is not None:
         # Weights only: what evaluate needs, a third of the size. With EMA the averaged weights reach the file
         # only through a full save (see slim_checkpoint), which is slimmed when training ends.
-        checkpoint = ModelCheckpoint(dirpath=out_dir, filename=CHECKPOINT_NAME, monitor=t.monitor, mode=mode,
-                                     save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
-                                     save_weights_only=not ema)
+        checkpoint = ModelCheckpoint(
+            dirpath=out_dir,
+            filename=CHECKPOINT_NAME,
+            monitor=t.monitor,
+            mode=mode,
+            save_top_k=1,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+            save_weights_only=not ema,
+        )
         # Every epoch overwrites last.ckpt: what a killed run resumes from.
-        latest = ModelCheckpoint(dirpath=out_dir, filename=LAST_NAME, monitor=None, save_top_k=1,
-                                 enable_version_counter=False)
+        latest = ModelCheckpoint(
+            dirpath=out_dir, filename=LAST_NAME, monitor=None, save_top_k=1, enable_version_counter=False
+        )
         all_callbacks += [checkpoint, latest]
     with tempfile.TemporaryDirectory(prefix="fit-") as scratch, _quiet_lightning():
         trainer = L.Trainer(
-            max_epochs=max_epochs or t.max_epochs, accelerator=t.accelerator, devices=t.devices,
-            num_nodes=t.num_nodes, strategy=strategy, precision=t.precision, logger=logger, callbacks=all_callbacks,
-            enable_checkpointing=checkpoint is not None, enable_progress_bar=False,
-            enable_model_summary=False, num_sanity_val_steps=0, deterministic="warn",
-            log_every_n_steps=1, default_root_dir=str(out_dir or scratch),
+            max_epochs=max_epochs or t.max_epochs,
+            accelerator=t.accelerator,
+            devices=t.devices,
+            num_nodes=t.num_nodes,
+            strategy=strategy,
+            precision=t.precision,
+            logger=logger,
+            callbacks=all_callbacks,
+            enable_checkpointing=checkpoint is not None,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            deterministic="warn",
+            log_every_n_steps=1,
+            default_root_dir=str(out_dir or scratch),
         )
         trainer.fit(model, datamodule=data, ckpt_path=resume_from)
     best = stopper.best_score.item()
@@ -296,10 +399,21 @@ def fit(params: Params, data: ImageDataModule, *, out_dir: Path | None = None, l
     )
 
 
-def _fit_frozen(params: Params, data: ImageDataModule, model: Classifier, weights: WeightsInfo,
-                out_dir: Path | None, logger: Logger | bool) -> FitResult:
+def _fit_frozen(
+    params: Params,
+    data: ImageDataModule,
+    model: Classifier,
+    weights: WeightsInfo,
+    out_dir: Path | None,
+    logger: Logger | bool,
+) -> FitResult:
     """``train.mode`` linear_probe or knn: no epochs, the head fitted on frozen features (``pipeline.probe``)."""
     checkpoint = None if out_dir is None else Path(out_dir) / f"{CHECKPOINT_NAME}.ckpt"
     metrics = probe.fit_frozen(params, data, model, weights, checkpoint=checkpoint, logger=logger)
-    return FitResult(best_score=metrics[params.train.monitor], best_checkpoint=checkpoint, epochs_run=0,
-                     weights=weights, last_metrics=metrics)
+    return FitResult(
+        best_score=metrics[params.train.monitor],
+        best_checkpoint=checkpoint,
+        epochs_run=0,
+        weights=weights,
+        last_metrics=metrics,
+    )

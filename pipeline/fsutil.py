@@ -54,7 +54,7 @@ def clean_stale(target: Path) -> None:
     output that a kill left as ``.<target>.old`` while ``target`` itself is missing."""
     stem = f".{target.name}.{STAGING}-"
     for path in target.parent.glob(glob.escape(stem) + "*"):
-        pid, _, rest = path.name[len(stem):].partition("-")
+        pid, _, rest = path.name[len(stem) :].partition("-")
         if pid.isdigit() and rest.startswith(_host() + "-") and _gone(int(pid)):
             log.info("removing %s, left by a killed run", path)
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()

@@ -35,5 +35,7 @@ class KNNHead(nn.Module):
         similarity = F.normalize(x, dim=1) @ self.bank.T
         top, index = similarity.topk(self.k, dim=1)
         weights = ((top - top[:, :1]) / self.temperature).exp()  # shares as exp(s / t); no overflow
-        votes = (F.one_hot(self.bank_labels[index], self.num_classes).float() * weights.unsqueeze(-1)).sum(dim=1)
+        votes = (F.one_hot(self.bank_labels[index], self.num_classes).float() * weights.unsqueeze(-1)).sum(
+            dim=1
+        )
         return torch.log(votes / votes.sum(dim=1, keepdim=True) + 1e-12)

@@ -30,14 +30,17 @@ def build_network(arch: str, num_classes: int, dropout: float = 0.0, in_channels
     net = torchvision.models.get_model(arch, weights=None)
     if in_channels != 3:
         old = net.conv1
-        net.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+        net.conv1 = nn.Conv2d(
+            in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False
+        )
     head = nn.Linear(net.fc.in_features, num_classes)
     net.fc = nn.Sequential(nn.Dropout(dropout), head) if dropout > 0 else head
     return net
 
 
-def batch_mixer(num_classes: int, mixup_alpha: float, cutmix_alpha: float,
-                cutmix_switch_prob: float) -> v2.Transform | None:
+def batch_mixer(
+    num_classes: int, mixup_alpha: float, cutmix_alpha: float, cutmix_switch_prob: float
+) -> v2.Transform | None:
     """torchvision's MixUp and/or CutMix on a (images, labels) batch, giving mixed images and soft labels;
     None when both are off. With both on, each mixed batch uses CutMix with ``cutmix_switch_prob``."""
     mixers, weights = [], []
@@ -97,22 +100,30 @@ class Classifier(L.LightningModule):
             self.net.fc = KNNHead(linear_of(self.net.fc).in_features, num_classes, knn_bank, knn_k)
         self.channels_last = False  # decided where the device is known: on_fit_start
         # Not persistent: rebuilt from the hyperparameters, so checkpoints load with or without it.
-        self.register_buffer("class_weights", None if class_weights is None else
-                             torch.tensor(class_weights, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "class_weights",
+            None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32),
+            persistent=False,
+        )
         # Defaults: ImageNet statistics for RGB; their average per band otherwise (fit.build_model
         # passes the data set's own statistics where ImageNet's do not apply).
         if mean is None or std is None:
-            mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_channels == 3 else \
-                ([sum(IMAGENET_MEAN) / 3] * in_channels, [sum(IMAGENET_STD) / 3] * in_channels)
+            mean, std = (
+                (IMAGENET_MEAN, IMAGENET_STD)
+                if in_channels == 3
+                else ([sum(IMAGENET_MEAN) / 3] * in_channels, [sum(IMAGENET_STD) / 3] * in_channels)
+            )
             self.hparams.update(mean=list(mean), std=list(std))  # the checkpoint records what was used
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-        metrics = MetricCollection({
-            "acc": MulticlassAccuracy(num_classes, average="micro"),
-            "balanced_accuracy": MulticlassAccuracy(num_classes, average="macro"),
-            "macro_f1": MulticlassF1Score(num_classes, average="macro"),
-            "auroc": MulticlassAUROC(num_classes, average="macro"),
-        })
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "balanced_accuracy": MulticlassAccuracy(num_classes, average="macro"),
+                "macro_f1": MulticlassF1Score(num_classes, average="macro"),
+                "auroc": MulticlassAUROC(num_classes, average="macro"),
+            }
+        )
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.mixer = batch_mixer(num_classes, mixup_alpha, cutmix_alpha, cutmix_switch_prob)
@@ -151,12 +162,20 @@ class Classifier(L.LightningModule):
         logits = self(x)
         # Soft targets: the weighted loss is -sum_c w_c t_c log p_c averaged over images; label smoothing
         # is applied to them as to hard labels.
-        loss = F.cross_entropy(logits, target, weight=self.class_weights,
-                               label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(
+            logits, target, weight=self.class_weights, label_smoothing=self.hparams.label_smoothing
+        )
         metrics = self.train_metrics if split == "train" else self.val_metrics
         metrics.update(logits.softmax(dim=-1), y)
-        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
-                 batch_size=len(y))
+        self.log(
+            f"{split}/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=len(y),
+        )
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split == "val")
         return loss
 
@@ -184,8 +203,10 @@ class Classifier(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = total / max(1, self.trainer.max_epochs or 1)
         warmup = round(hp.warmup_epochs * per_epoch)
-        return {"optimizer": opt,
-                "lr_scheduler": {"scheduler": recipe.warmup_cosine(opt, warmup, total), "interval": "step"}}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": recipe.warmup_cosine(opt, warmup, total), "interval": "step"},
+        }
 
 
 class Ensemble(nn.Module):

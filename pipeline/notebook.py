@@ -28,10 +28,19 @@ from pipeline.errors import PipelineError
 
 # mlflow.search_runs columns shown first, renamed to what they mean here.
 RUN_COLUMNS = {
-    "run_id": "run_id", "experiment_id": "experiment_id", "tags.mlflow.runName": "run_name", "tags.stage": "stage",
-    "tags.dvc.exp_name": "dvc_exp", "tags.optuna.trial": "trial", "tags.optuna.state": "trial_state",
-    "tags.mlflow.parentRunId": "parent_run_id", "tags.data.dataset": "dataset", "tags.data.version": "data_version",
-    "tags.git.commit": "git_commit", "status": "status", "start_time": "start_time",
+    "run_id": "run_id",
+    "experiment_id": "experiment_id",
+    "tags.mlflow.runName": "run_name",
+    "tags.stage": "stage",
+    "tags.dvc.exp_name": "dvc_exp",
+    "tags.optuna.trial": "trial",
+    "tags.optuna.state": "trial_state",
+    "tags.mlflow.parentRunId": "parent_run_id",
+    "tags.data.dataset": "dataset",
+    "tags.data.version": "data_version",
+    "tags.git.commit": "git_commit",
+    "status": "status",
+    "start_time": "start_time",
 }
 
 
@@ -49,7 +58,9 @@ class Project:
     @property
     def tracking_uri(self) -> str:
         """``$MLFLOW_TRACKING_URI`` when set (as for the stages), else ``mlflow.tracking_uri`` resolved against ``root``."""
-        return tracking.absolute_uri(os.environ.get(tracking.ENV_URI) or self.params.mlflow.tracking_uri, self.root)
+        return tracking.absolute_uri(
+            os.environ.get(tracking.ENV_URI) or self.params.mlflow.tracking_uri, self.root
+        )
 
 
 def open_project(root: str | Path = "..") -> Project:
@@ -76,7 +87,9 @@ def prepared(project: Project) -> Prepared:
 
 def class_balance(report: dict) -> pd.DataFrame:
     """Images per class (rows) and split (columns), with a total column and the share of each class."""
-    table = pd.DataFrame(report["counts"]).reindex(report["classes"]).fillna(0).astype(int).rename_axis("class")
+    table = (
+        pd.DataFrame(report["counts"]).reindex(report["classes"]).fillna(0).astype(int).rename_axis("class")
+    )
     table["total"] = table.sum(axis=1)
     table["share"] = (table["total"] / table["total"].sum()).round(3)
     return table
@@ -99,25 +112,41 @@ def plot_class_balance(balance: pd.DataFrame) -> Figure:
 
 def formats(report: dict) -> pd.DataFrame:
     """How many images had each mode, bit depth and size on disk (before the resize at ingest)."""
-    rows = [{"property": prop, "value": value, "images": n}
-            for prop, counts in report["formats"].items() for value, n in counts.items()]
+    rows = [
+        {"property": prop, "value": value, "images": n}
+        for prop, counts in report["formats"].items()
+        for value, n in counts.items()
+    ]
     return pd.DataFrame(rows, columns=["property", "value", "images"])
 
 
 def duplicates(report: dict, root: Path | None = None) -> pd.DataFrame:
     """One row per file in an exact-duplicate set or near-duplicate pair (``bits``: dHash distance)."""
+
     def rel(path: str) -> str:
-        return str(Path(path).relative_to(root)) if root is not None and Path(path).is_relative_to(root) else path
+        return (
+            str(Path(path).relative_to(root))
+            if root is not None and Path(path).is_relative_to(root)
+            else path
+        )
 
     found = report["duplicates"]
-    rows = [{"kind": "exact", "set": i, "path": rel(p), "bits": 0} for i, paths in enumerate(found["exact"]) for p in paths]
-    rows += [{"kind": "near", "set": i, "path": rel(p), "bits": pair["bits"]}
-             for i, pair in enumerate(found["near"]) for p in pair["paths"]]
+    rows = [
+        {"kind": "exact", "set": i, "path": rel(p), "bits": 0}
+        for i, paths in enumerate(found["exact"])
+        for p in paths
+    ]
+    rows += [
+        {"kind": "near", "set": i, "path": rel(p), "bits": pair["bits"]}
+        for i, pair in enumerate(found["near"])
+        for p in pair["paths"]
+    ]
     return pd.DataFrame(rows, columns=["kind", "set", "path", "bits"])
 
 
-def image_grid(images: Sequence[np.ndarray] | np.ndarray, titles: Sequence[str], ncols: int = 6,
-               size: float = 1.7) -> Figure:
+def image_grid(
+    images: Sequence[np.ndarray] | np.ndarray, titles: Sequence[str], ncols: int = 6, size: float = 1.7
+) -> Figure:
     """Images (H, W, C; any cache dtype) in a grid with a title each."""
     n = len(images)
     ncols = max(1, min(ncols, n))
@@ -160,7 +189,9 @@ def runs_table(project: Project, experiments: Sequence[str] | None = None) -> pd
     names = list(experiments or [project.params.mlflow.experiment])
     missing = [n for n in names if mlflow.get_experiment_by_name(n) is None]
     if missing:
-        raise PipelineError(f"{project.tracking_uri}: no MLflow experiment {missing}; run the pipeline first (dvc repro)")
+        raise PipelineError(
+            f"{project.tracking_uri}: no MLflow experiment {missing}; run the pipeline first (dvc repro)"
+        )
     runs = mlflow.search_runs(experiment_names=names, order_by=["attributes.start_time ASC"])
     info = runs.reindex(columns=list(RUN_COLUMNS)).rename(columns=RUN_COLUMNS)
     params = runs.filter(like="params.", axis=1).rename(columns=lambda c: c.removeprefix("params."))
@@ -176,8 +207,10 @@ def for_dataset(runs: pd.DataFrame, dataset: str | None) -> pd.DataFrame:
         return runs
     kept = runs[runs["dataset"] == dataset]
     if kept.empty:
-        raise PipelineError(f"no run on data set '{dataset}'; data sets with runs: "
-                            f"{sorted(runs['dataset'].dropna().unique())} (or pass None for every run)")
+        raise PipelineError(
+            f"no run on data set '{dataset}'; data sets with runs: "
+            f"{sorted(runs['dataset'].dropna().unique())} (or pass None for every run)"
+        )
     return kept
 
 
@@ -193,7 +226,9 @@ def param_columns(runs: pd.DataFrame, vary: bool = True) -> list[str]:
     return [c for c in columns if not vary or runs[c].dropna().astype(str).nunique() > 1]
 
 
-def plot_metric_vs_params(runs: pd.DataFrame, metric: str, params: Sequence[str], by: str = "stage") -> Figure:
+def plot_metric_vs_params(
+    runs: pd.DataFrame, metric: str, params: Sequence[str], by: str = "stage"
+) -> Figure:
     """One scatter per param: ``metric`` against it, a colour per value of ``by`` (stage, dvc_exp, ...).
 
     A positive param spanning more than a factor of 3 gets a log axis (learning rates, weight decay).
@@ -229,8 +264,9 @@ def metric_columns(runs: pd.DataFrame) -> list[str]:
     return [c for c in runs.columns if "/" in c or c == "epoch"]
 
 
-def best_run(runs: pd.DataFrame, metric: str, stage: str | None = None,
-             mode: Literal["min", "max"] | None = None) -> pd.Series:
+def best_run(
+    runs: pd.DataFrame, metric: str, stage: str | None = None, mode: Literal["min", "max"] | None = None
+) -> pd.Series:
     """The run with the best ``metric``, among ``stage``'s runs if given. ``mode`` defaults to the
     pipeline's rule for ``train.monitor``: lowest for a loss, else highest (pass "min" for ECE or Brier)."""
     pool = runs if stage is None else runs[runs["stage"] == stage]
@@ -259,11 +295,16 @@ def predict_test_split(model, data: Prepared, batch_size: int = 64) -> pd.DataFr
     probs = predict_proba(model, data.images[test["cache_index"].to_numpy()], batch_size)
     names = np.asarray(data.classes)
     actual = test["label_index"].to_numpy()
-    return pd.DataFrame({
-        "path": test["path"].to_numpy(), "actual": names[actual], "predicted": names[probs.argmax(1)],
-        "confidence": probs.max(1).round(4), "p_actual": probs[np.arange(len(actual)), actual].round(4),
-        "cache_index": test["cache_index"].to_numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "path": test["path"].to_numpy(),
+            "actual": names[actual],
+            "predicted": names[probs.argmax(1)],
+            "confidence": probs.max(1).round(4),
+            "p_actual": probs[np.arange(len(actual)), actual].round(4),
+            "cache_index": test["cache_index"].to_numpy(),
+        }
+    )
 
 
 def misclassified(predictions: pd.DataFrame) -> pd.DataFrame:
@@ -302,8 +343,18 @@ def mistakes_gradcam(model, mistakes: pd.DataFrame, data: Prepared, n: int = 8) 
     for k, row in enumerate(shown.itertuples()):
         slots += [images[k], images[k]]
         maps += [predicted[k], actual[k]]
-        captions += [f"pred {row.predicted} ({row.confidence:.2f})", f"true {row.actual} ({row.p_actual:.2f})"]
+        captions += [
+            f"pred {row.predicted} ({row.confidence:.2f})",
+            f"true {row.actual} ({row.p_actual:.2f})",
+        ]
     png = io.BytesIO()
-    explain.panel(slots, maps, captions, png, columns=4, wrong=[True, False] * len(shown),
-                  title="Grad-CAM of misclassified test images: evidence for the predicted (red), then the actual class")
+    explain.panel(
+        slots,
+        maps,
+        captions,
+        png,
+        columns=4,
+        wrong=[True, False] * len(shown),
+        title="Grad-CAM of misclassified test images: evidence for the predicted (red), then the actual class",
+    )
     return png.getvalue()

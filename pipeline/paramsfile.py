@@ -34,24 +34,34 @@ def _is_content(line: str) -> bool:
 
 
 def _flow(value: Any) -> str:
-    return yaml.safe_dump(json.loads(json.dumps(value)), default_flow_style=True, width=math.inf,
-                          sort_keys=False).strip().removesuffix("\n...").strip()
+    return (
+        yaml.safe_dump(
+            json.loads(json.dumps(value)), default_flow_style=True, width=math.inf, sort_keys=False
+        )
+        .strip()
+        .removesuffix("\n...")
+        .strip()
+    )
 
 
 def _set_line(lines: list[str], section: str, key: str, value: Any) -> list[str]:
-    start = next((i for i, line in enumerate(lines) if re.match(rf"{re.escape(section)}:\s*(#.*)?$", line)), None)
+    start = next(
+        (i for i, line in enumerate(lines) if re.match(rf"{re.escape(section)}:\s*(#.*)?$", line)), None
+    )
     if start is None:
         return [*lines, "\n", f"{section}:\n", f"  {key}: {_flow(value)}\n"]
     end = next((i for i in range(start + 1, len(lines)) if re.match(r"[^\s#]", lines[i])), len(lines))
     children = [i for i in range(start + 1, end) if _is_content(lines[i])]
     depth = min((_indent(lines[i]) for i in children), default=2)
-    at = next((i for i in children if _indent(lines[i]) == depth and re.match(rf"\s*{re.escape(key)}:", lines[i])),
-              None)
+    at = next(
+        (i for i in children if _indent(lines[i]) == depth and re.match(rf"\s*{re.escape(key)}:", lines[i])),
+        None,
+    )
     if at is None:
-        return [*lines[:start + 1], f"{' ' * depth}{key}: {_flow(value)}\n", *lines[start + 1:]]
+        return [*lines[: start + 1], f"{' ' * depth}{key}: {_flow(value)}\n", *lines[start + 1 :]]
     head, _, comment = lines[at].rstrip("\n").partition(" #")
     after = next((i for i in range(at + 1, end) if _is_content(lines[i]) and _indent(lines[i]) <= depth), end)
-    kept = [line for line in lines[at + 1:after] if not _is_content(line)]  # comments of the key stay
+    kept = [line for line in lines[at + 1 : after] if not _is_content(line)]  # comments of the key stay
     new = f"{' ' * depth}{key}: {_flow(value)}"
     if comment:  # at the comment's old column, or two spaces after a longer value
         new = (new.ljust(len(head)) if len(new) < len(head) else new + " ") + " #" + comment

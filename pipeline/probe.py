@@ -45,8 +45,9 @@ def pooled_features(model: Classifier, images: np.ndarray) -> np.ndarray:
         model.net.fc = head
 
 
-def fit_linear_probe(model: Classifier, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-                     seed: int) -> float:
+def fit_linear_probe(
+    model: Classifier, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], seed: int
+) -> float:
     """Logistic regression on standardized features, folded into ``model``'s linear head; returns the C chosen."""
     scaler = StandardScaler().fit(train[0])
     x_train, x_val = scaler.transform(train[0]), scaler.transform(val[0])
@@ -58,7 +59,9 @@ def fit_linear_probe(model: Classifier, train: tuple[np.ndarray, np.ndarray], va
     best = min(fits, key=lambda c: fits[c][0])
     clf = fits[best][1]
     if not np.array_equal(clf.classes_, classes):
-        raise ValueError(f"the linear probe needs training images of every class; it saw {clf.classes_.tolist()}")
+        raise ValueError(
+            f"the linear probe needs training images of every class; it saw {clf.classes_.tolist()}"
+        )
     coef, intercept = clf.coef_, clf.intercept_
     if len(classes) == 2:  # sklearn's binary model is one logit difference; split it over the two rows
         coef, intercept = np.concatenate([-coef, coef]) / 2, np.concatenate([-intercept, intercept]) / 2
@@ -81,14 +84,24 @@ def fit_knn(model: Classifier, train: tuple[np.ndarray, np.ndarray], k: int) -> 
     model.hparams.update(knn_bank=len(features), knn_k=k)  # so a checkpoint rebuilds this head
 
 
-def fit_frozen(params: Params, data: ImageDataModule, model: Classifier, weights: WeightsInfo, *,
-               checkpoint: Path | None = None, logger: Logger | bool = False) -> dict[str, float]:
+def fit_frozen(
+    params: Params,
+    data: ImageDataModule,
+    model: Classifier,
+    weights: WeightsInfo,
+    *,
+    checkpoint: Path | None = None,
+    logger: Logger | bool = False,
+) -> dict[str, float]:
     """Train ``model``'s head on frozen features and score it on val as fine-tuning is scored (same metrics
     and names, to the same logger); save it as ``checkpoint`` when given. Returns the validation metrics."""
     t = params.train
     if not weights.pretrained:
-        log.warning("train.mode=%s on a randomly initialised backbone: its features are random projections "
-                    "(a baseline, not transfer)", t.mode)
+        log.warning(
+            "train.mode=%s on a randomly initialised backbone: its features are random projections "
+            "(a baseline, not transfer)",
+            t.mode,
+        )
     L.seed_everything(params.seed, workers=True, verbose=False)
     split = {}
     for name in ("train", "val"):
@@ -100,9 +113,15 @@ def fit_frozen(params: Params, data: ImageDataModule, model: Classifier, weights
     else:
         fit_knn(model, split["train"], t.knn_k)
     # One device: there is nothing to share out. validate logs val/* like a fine-tuning epoch does.
-    trainer = L.Trainer(accelerator=t.accelerator, devices=1, logger=logger, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False,
-                        default_root_dir=str(checkpoint.parent) if checkpoint else None)
+    trainer = L.Trainer(
+        accelerator=t.accelerator,
+        devices=1,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(checkpoint.parent) if checkpoint else None,
+    )
     metrics = {k: float(v) for k, v in trainer.validate(model, datamodule=data, verbose=False)[0].items()}
     if checkpoint is not None:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)

@@ -73,15 +73,22 @@ class FreezeSchedule(Callback):
         for i, (_, modules) in enumerate(stages):
             set_trainable(modules, i >= len(stages) - n)
         if n != self._shown and trainer.is_global_zero:
-            what = "head only, backbone frozen" if n == 0 else \
-                "whole network" if n == len(stages) else "head + " + ", ".join(name for name, _ in stages[-n:])
+            what = (
+                "head only, backbone frozen"
+                if n == 0
+                else "whole network"
+                if n == len(stages)
+                else "head + " + ", ".join(name for name, _ in stages[-n:])
+            )
             log.info("epoch %d: training %s", trainer.current_epoch + 1, what)
         self._shown = n
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
-                  ) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step multiplier: linear from ~0 to 1 over ``warmup_steps``, then cosine to 0 at ``total_steps``."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps

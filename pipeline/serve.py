@@ -78,17 +78,33 @@ def load_trained(model_dir: Path, data: Data | None = None) -> Trained:
     pre = run.get("preprocessing")
     if pre is None:
         data = data or Data()
-        log.warning("%s records no preprocessing (older train stage); using data.image_size=%d, "
-                    "data.channels=%s from params", info, data.image_size, data.channels)
-        pre = {"image_size": data.image_size, "channels": data.channels, "dicom_window": data.dicom_window,
-               "dtype": "uint8"}
+        log.warning(
+            "%s records no preprocessing (older train stage); using data.image_size=%d, "
+            "data.channels=%s from params",
+            info,
+            data.image_size,
+            data.channels,
+        )
+        pre = {
+            "image_size": data.image_size,
+            "channels": data.channels,
+            "dicom_window": data.dicom_window,
+            "dtype": "uint8",
+        }
     window = pre.get("dicom_window")
-    return Trained(model=model, classes=tuple(run["classes"]), image_size=int(pre["image_size"]),
-                   channels=pre["channels"], dicom_window=tuple(window) if window else None,
-                   dtype=pre.get("dtype", "uint8"), run=run)
+    return Trained(
+        model=model,
+        classes=tuple(run["classes"]),
+        image_size=int(pre["image_size"]),
+        channels=pre["channels"],
+        dicom_window=tuple(window) if window else None,
+        dtype=pre.get("dtype", "uint8"),
+        run=run,
+    )
 
 
 # --- predict -----------------------------------------------------------------------------------------
+
 
 def list_images(src: Path) -> list[Path]:
     """The image files of a folder (nested or flat, sorted), or the ``path`` column of a CSV manifest.
@@ -136,15 +152,25 @@ def load_decision(path: Path, trained: Trained) -> Decision | None:
         return None
     made = Decision.read(path)
     if made.run_id != trained.run.get("run_id") or made.classes != trained.classes:
-        log.warning("%s was fitted for MLflow run %s, not for this model (run %s): its threshold and conformal "
-                    "sets are not applied; rerun the evaluate stage", path, made.run_id, trained.run.get("run_id"))
+        log.warning(
+            "%s was fitted for MLflow run %s, not for this model (run %s): its threshold and conformal "
+            "sets are not applied; rerun the evaluate stage",
+            path,
+            made.run_id,
+            trained.run.get("run_id"),
+        )
         return None
     return made
 
 
 @torch.inference_mode()
-def predict(trained: Trained, paths: Sequence[Path], batch_size: int = 64,
-            decision: Decision | None = None, max_pixels: int = readers.MAX_PIXELS) -> pd.DataFrame:
+def predict(
+    trained: Trained,
+    paths: Sequence[Path],
+    batch_size: int = 64,
+    decision: Decision | None = None,
+    max_pixels: int = readers.MAX_PIXELS,
+) -> pd.DataFrame:
     """A row per file, in order: path, predicted class, ``prob_<class>`` per class, ``error`` (empty when read).
 
     With a ``decision`` (see :func:`load_decision`): ``predicted`` applies its binary threshold, and with a
@@ -171,12 +197,21 @@ def predict(trained: Trained, paths: Sequence[Path], batch_size: int = 64,
         predicted = probs.argmax(1) if decision is None else decision.predicted(probs)
         sets = None if decision is None else decision.sets(probs)
         for j, (i, p) in enumerate(zip(read, probs, strict=True)):
-            rows[i] |= {"predicted": trained.classes[int(predicted[j])], "error": "",
-                        **{f"prob_{c}": float(v) for c, v in zip(trained.classes, p, strict=True)}}
+            rows[i] |= {
+                "predicted": trained.classes[int(predicted[j])],
+                "error": "",
+                **{f"prob_{c}": float(v) for c, v in zip(trained.classes, p, strict=True)},
+            }
             if sets is not None:
                 rows[i]["set"] = sets[j]
     with_sets = decision is not None and decision.conformal_quantile is not None
-    columns = ["path", "predicted", *(f"prob_{c}" for c in trained.classes), *(["set"] if with_sets else []), "error"]
+    columns = [
+        "path",
+        "predicted",
+        *(f"prob_{c}" for c in trained.classes),
+        *(["set"] if with_sets else []),
+        "error",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -186,6 +221,7 @@ def write_predictions(table: pd.DataFrame, out: Path) -> None:
 
 
 # --- export ------------------------------------------------------------------------------------------
+
 
 def _resize_matrix(n: int, size: int, shrink: torch.Tensor) -> torch.Tensor:
     """(size, n) weights that resize n source pixels as ``readers.conform`` does with OpenCV.
@@ -217,7 +253,9 @@ class Packaged(nn.Module):
     bilinear rounds differently); an image already at ``image_size`` passes unchanged.
     """
 
-    def __init__(self, model: Ensemble, image_size: int, class_names: Sequence[str], gray_to_rgb: bool = False):
+    def __init__(
+        self, model: Ensemble, image_size: int, class_names: Sequence[str], gray_to_rgb: bool = False
+    ):
         super().__init__()
         self.class_names = list(class_names)  # a TorchScript attribute: scripted.class_names
         # The plain networks, not the LightningModules (which TorchScript cannot compile), each with its
@@ -233,8 +271,10 @@ class Packaged(nn.Module):
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[2], x.shape[3]
-        shrink = torch.minimum(torch.ones((), dtype=torch.int64) * h,
-                               torch.ones((), dtype=torch.int64) * w) > self.image_size
+        shrink = (
+            torch.minimum(torch.ones((), dtype=torch.int64) * h, torch.ones((), dtype=torch.int64) * w)
+            > self.image_size
+        )
         rows = _resize_matrix(h, self.image_size, shrink)
         cols = _resize_matrix(w, self.image_size, shrink)
         return rows @ x @ cols.transpose(0, 1)
@@ -249,8 +289,14 @@ class Packaged(nn.Module):
         elif images.shape[3] in self.accepted and images.shape[1] not in self.accepted:
             images = images.permute(0, 3, 1, 2)
         elif images.shape[1] not in self.accepted:
-            raise ValueError("images of shape " + str(list(images.shape)) + " have no axis of "
-                             + str(self.accepted) + " bands: expected " + expected)
+            raise ValueError(
+                "images of shape "
+                + str(list(images.shape))
+                + " have no axis of "
+                + str(self.accepted)
+                + " bands: expected "
+                + expected
+            )
         if images.shape[1] != self.channels:  # a gray batch for an RGB model
             images = images.expand(-1, self.channels, -1, -1)
         return images
@@ -290,18 +336,27 @@ def _example(trained: Trained) -> torch.Tensor:
 def package(trained: Trained, onnx: bool = False) -> Packaged:
     """The trained model with its preprocessing in front, in eval mode: what is exported and registered."""
     kind = PackagedNHWC if onnx else Packaged
-    return kind(trained.model, trained.image_size, trained.classes, gray_to_rgb=trained.channels == "rgb").eval()
+    return kind(
+        trained.model, trained.image_size, trained.classes, gray_to_rgb=trained.channels == "rgb"
+    ).eval()
 
 
 def metadata(trained: Trained, fmt: Format) -> dict[str, str]:
     """What an exported file carries beside the weights: class names and the input contract (ONNX's is the
     registered MLflow model's too: one traced layout)."""
     bands = trained.in_channels
-    accepted = f"{bands}" + (" (or 1: a gray image, replicated as at ingest)" if trained.channels == "rgb" else "")
-    layout = ("(N, H, W, C)" if fmt == "onnx" else
-              "(N, H, W, C) or (N, C, H, W)" + (" or (N, H, W)" if bands == 1 or trained.channels == "rgb" else ""))
-    dtype = (str(_example(trained).dtype).removeprefix("torch.") if fmt == "onnx"
-             else "uint8, uint16 or float32")
+    accepted = f"{bands}" + (
+        " (or 1: a gray image, replicated as at ingest)" if trained.channels == "rgb" else ""
+    )
+    layout = (
+        "(N, H, W, C)"
+        if fmt == "onnx"
+        else "(N, H, W, C) or (N, C, H, W)"
+        + (" or (N, H, W)" if bands == 1 or trained.channels == "rgb" else "")
+    )
+    dtype = (
+        str(_example(trained).dtype).removeprefix("torch.") if fmt == "onnx" else "uint8, uint16 or float32"
+    )
     return {
         "class_names": json.dumps(list(trained.classes)),
         "image_size": str(trained.image_size),
@@ -325,8 +380,11 @@ def export(trained: Trained, fmt: Format, out: Path) -> Path:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
                 scripted = torch.jit.script(package(trained))
-                torch.jit.save(scripted, str(tmp), _extra_files={CLASS_NAMES_FILE: meta["class_names"],
-                                                                 "metadata.json": json.dumps(meta)})
+                torch.jit.save(
+                    scripted,
+                    str(tmp),
+                    _extra_files={CLASS_NAMES_FILE: meta["class_names"], "metadata.json": json.dumps(meta)},
+                )
         else:
             _export_onnx(package(trained, onnx=True), _example(trained), tmp, meta)
     return out
@@ -337,9 +395,17 @@ def _export_onnx(packaged: Packaged, example: torch.Tensor, out: Path, meta: dic
 
     # Batch, height and width are dynamic; the band axis is fixed (PackagedNHWC).
     dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("height"), 2: torch.export.Dim("width")}
-    program = torch.onnx.export(packaged, (example,), None, input_names=["images"],
-                                output_names=["probabilities"], dynamic_shapes={"images": dims},
-                                dynamo=True, external_data=False, verbose=False)
+    program = torch.onnx.export(
+        packaged,
+        (example,),
+        None,
+        input_names=["images"],
+        output_names=["probabilities"],
+        dynamic_shapes={"images": dims},
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
     model = program.model_proto
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
@@ -363,6 +429,12 @@ def log_model(trained: Trained, registered_model: str | None = None) -> None:
     example = _example(trained)  # batch 2 and sizes off image_size: traced with every dimension dynamic
     signature = ModelSignature(
         inputs=Schema([TensorSpec(example.numpy().dtype, (-1, -1, -1, trained.in_channels))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(trained.classes)))]))
-    tracking.log_model(packaged, example.numpy(), signature=signature, registered_model=registered_model,
-                       metadata=metadata(trained, "onnx"))
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(trained.classes)))]),
+    )
+    tracking.log_model(
+        packaged,
+        example.numpy(),
+        signature=signature,
+        registered_model=registered_model,
+        metadata=metadata(trained, "onnx"),
+    )

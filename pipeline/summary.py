@@ -29,19 +29,30 @@ def main(params: Params) -> None:
     if unknown:
         print(f"\nPipeline status unknown: dvc status failed ({unknown}).")
     elif stale:
-        print(f"\nPipeline NOT up to date: stale {', '.join(stale)} (dvc status; `dvc repro` reruns them). "
-              "The results below are from an earlier run.")
+        print(
+            f"\nPipeline NOT up to date: stale {', '.join(stale)} (dvc status; `dvc repro` reruns them). "
+            "The results below are from an earlier run."
+        )
     else:
         print("\nPipeline finished: every stage up to date.")
     if metrics:
         # The headline file's test metrics; one can be undefined (AUROC when the test split lacks a class).
-        shown = {k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/") and k.count("/") == 1
-                 and not k.endswith(("_ci_low", "_ci_high", "bootstrap_skipped"))}  # also an older, full file
+        shown = {
+            k.removeprefix("test/"): v
+            for k, v in metrics.items()
+            if k.startswith("test/")
+            and k.count("/") == 1
+            and not k.endswith(("_ci_low", "_ci_high", "bootstrap_skipped"))
+        }  # also an older, full file
         print("  test metrics   " + "  ".join(f"{k}={v:.3f}" for k, v in shown.items()))
         if not metrics.get("weights/pretrained", True):
-            print("  WARNING        trained from random init: ImageNet weights could not be downloaded (see report)")
+            print(
+                "  WARNING        trained from random init: ImageNet weights could not be downloaded (see report)"
+            )
     print(f"  metrics        {p.metrics}        (dvc metrics show; the rest: {p.metrics_detail})")
-    print(f"  plots          {p.plots}/, {p.confusion}, {p.augment_preview}   (dvc plots show: needs the network)")
+    print(
+        f"  plots          {p.plots}/, {p.confusion}, {p.augment_preview}   (dvc plots show: needs the network)"
+    )
     print(f"  report         {p.report}")
     print(f"  model          {p.model_dir}/")
     print(f"  MLflow UI      make ui   (or: mlflow ui --backend-store-uri {params.mlflow.tracking_uri})")

@@ -29,9 +29,13 @@ MAX_PARAM_CHARS = 250
 PARAMS_ARTIFACT_DIR = "params"
 PROBE_TIMEOUT_S = 5.0  # one request to a tracking server; MLflow's own client retries for minutes
 # Where a local store records artifact locations (absolute, as MLflow writes them): rewritten when it moved.
-ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
-                    ("logged_models", "artifact_location"), ("model_versions", "storage_location"),
-                    ("model_versions", "source"))
+ARTIFACT_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+    ("model_versions", "source"),
+)
 
 
 class TrackingError(PipelineError, RuntimeError):
@@ -84,11 +88,16 @@ def check_reachable(uri: str, source: str) -> None:
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S)
     except requests.RequestException as err:
-        reason = type(err).__name__ if isinstance(err, requests.Timeout) else redact(str(err.args[0] if err.args
-                                                                                          else err))
-        raise TrackingError(f"MLflow tracking server {redact(uri)} (from {source}) cannot be reached within "
-                            f"{PROBE_TIMEOUT_S:.0f} s ({reason}); start it, or point {source} at a running "
-                            "one") from None
+        reason = (
+            type(err).__name__
+            if isinstance(err, requests.Timeout)
+            else redact(str(err.args[0] if err.args else err))
+        )
+        raise TrackingError(
+            f"MLflow tracking server {redact(uri)} (from {source}) cannot be reached within "
+            f"{PROBE_TIMEOUT_S:.0f} s ({reason}); start it, or point {source} at a running "
+            "one"
+        ) from None
 
 
 def relocate_artifacts(uri: str, cfg: Tracking, experiment: mlflow.entities.Experiment) -> str:
@@ -109,8 +118,11 @@ def relocate_artifacts(uri: str, cfg: Tracking, experiment: mlflow.entities.Expe
         return stored
     current = root.resolve().as_uri()
     store_file = Path(uri.removeprefix("sqlite:///")).resolve()
-    if stored == current or not stored.endswith("/" + root.as_posix().strip("/")) or \
-            not store_file.is_relative_to(Path.cwd().resolve()):
+    if (
+        stored == current
+        or not stored.endswith("/" + root.as_posix().strip("/"))
+        or not store_file.is_relative_to(Path.cwd().resolve())
+    ):
         return stored
     import sqlalchemy
 
@@ -120,10 +132,13 @@ def relocate_artifacts(uri: str, cfg: Tracking, experiment: mlflow.entities.Expe
         with engine.begin() as db:
             for table, column in ARTIFACT_COLUMNS:
                 if table in tables:
-                    db.execute(sqlalchemy.text(
-                        f"UPDATE {table} SET {column} = :new || substr({column}, :n + 1) "
-                        f"WHERE {column} = :old OR substr({column}, 1, :n + 1) = :old || '/'"),
-                        {"old": stored, "new": current, "n": len(stored)})
+                    db.execute(
+                        sqlalchemy.text(
+                            f"UPDATE {table} SET {column} = :new || substr({column}, :n + 1) "
+                            f"WHERE {column} = :old OR substr({column}, 1, :n + 1) = :old || '/'"
+                        ),
+                        {"old": stored, "new": current, "n": len(stored)},
+                    )
     finally:
         engine.dispose()
     return current
@@ -138,7 +153,9 @@ def setup(cfg: Tracking, env_uri: str | None = None) -> str:
     if experiment is None:
         # A local store keeps artifacts beside it in the repository, not in MLflow's cwd-relative default.
         location = Path(cfg.artifact_root).resolve().as_uri() if _is_local(uri) else None
-        experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
+        experiment_id = mlflow.create_experiment(
+            cfg.experiment, artifact_location=location, tags=EXPERIMENT_KIND
+        )
     else:
         experiment_id = experiment.experiment_id
         relocate_artifacts(uri, cfg, experiment)
@@ -188,7 +205,9 @@ def lineage_tags(raw_dir: Path, exp_name: str | None) -> dict[str, str]:
 def run_name(stage: str, arch: str, tags: dict[str, str]) -> str:
     """``stage:dataset:arch[:dvc experiment]`` (e.g. ``tune:demo:resnet18:exp-1``, ``trial-3:...``), one
     scheme for every run, so the runs table scans by data set, model and experiment."""
-    return ":".join(part for part in (stage, tags.get("data.dataset"), arch, tags.get("dvc.exp_name")) if part)
+    return ":".join(
+        part for part in (stage, tags.get("data.dataset"), arch, tags.get("dvc.exp_name")) if part
+    )
 
 
 def log_params(params: Params) -> None:
@@ -245,12 +264,20 @@ def run_url(experiment_id: str, run_id: str, host: str = "127.0.0.1", port: int 
 
 def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
     """The numeric entries of ``metrics`` (strings and flags such as ``weights/pretrained`` are skipped)."""
-    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numbers = {
+        k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     mlflow.log_metrics(numbers, step=step)
 
 
-def log_model(model: Any, example: Any, name: str = "model", registered_model: str | None = None,
-              signature: Any = None, metadata: dict[str, str] | None = None) -> None:
+def log_model(
+    model: Any,
+    example: Any,
+    name: str = "model",
+    registered_model: str | None = None,
+    signature: Any = None,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Log a network with ``mlflow.pytorch`` on the active run (signature given, else inferred from ``example``).
 
     With ``registered_model`` (``mlflow.registered_model``), the logged model also becomes the next
@@ -263,17 +290,29 @@ def log_model(model: Any, example: Any, name: str = "model", registered_model: s
     import torchvision
 
     # Explicit requirements: MLflow's inference would reload the model in a subprocess (slow).
-    requirements = [f"{m.__name__}=={m.__version__.split('+')[0]}" for m in (torch, torchvision, lightning, torchmetrics)]
-    mlflow.pytorch.log_model(model, name=name, input_example=example, signature=signature, metadata=metadata,
-                             pip_requirements=requirements, registered_model_name=registered_model)
+    requirements = [
+        f"{m.__name__}=={m.__version__.split('+')[0]}" for m in (torch, torchvision, lightning, torchmetrics)
+    ]
+    mlflow.pytorch.log_model(
+        model,
+        name=name,
+        input_example=example,
+        signature=signature,
+        metadata=metadata,
+        pip_requirements=requirements,
+        registered_model_name=registered_model,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Print the UI link to the runs table of the params' experiment (created when missing, as stages do)."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.tracking", description=main.__doc__)
     parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
-    parser.add_argument("--tracking-uri", default=os.environ.get(ENV_URI),
-                        help="store to look in (default: $MLFLOW_TRACKING_URI, else mlflow.tracking_uri)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=os.environ.get(ENV_URI),
+        help="store to look in (default: $MLFLOW_TRACKING_URI, else mlflow.tracking_uri)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
     args = parser.parse_args(argv)

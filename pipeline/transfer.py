@@ -58,8 +58,10 @@ def _from_state(state: dict[str, torch.Tensor], hparams: dict, source: str) -> B
     prefixes = (NET_PREFIX, MEMBER_PREFIX)
     anchors = sorted((k for k in state for p in prefixes if k.endswith(p + FIRST_CONV)), key=len)
     if not anchors or not hparams.get("arch"):
-        raise WeightsError(f"{source}: not a model of this pipeline's classifier (no '{NET_PREFIX}{FIRST_CONV}' "
-                           "tensor, or no record of its arch)")
+        raise WeightsError(
+            f"{source}: not a model of this pipeline's classifier (no '{NET_PREFIX}{FIRST_CONV}' "
+            "tensor, or no record of its arch)"
+        )
     prefix = anchors[0].removesuffix(FIRST_CONV)
     outer = next(prefix.removesuffix(p) for p in prefixes if prefix.endswith(p))
     net = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
@@ -67,10 +69,14 @@ def _from_state(state: dict[str, torch.Tensor], hparams: dict, source: str) -> B
     mean, std = state.get(outer + "mean"), state.get(outer + "std")
     if mean is not None and mean.dim() == 5:  # Packaged: (members, 1, C, 1, 1)
         mean, std = mean[0], std[0]
-    return Backbone(state=net, arch=hparams["arch"],
-                    mean=tuple(hparams["mean"] if mean is None else mean.flatten().tolist()),
-                    std=tuple(hparams["std"] if std is None else std.flatten().tolist()),
-                    classes=tuple(hparams.get("class_names") or ()), source=source)
+    return Backbone(
+        state=net,
+        arch=hparams["arch"],
+        mean=tuple(hparams["mean"] if mean is None else mean.flatten().tolist()),
+        std=tuple(hparams["std"] if std is None else std.flatten().tolist()),
+        classes=tuple(hparams.get("class_names") or ()),
+        source=source,
+    )
 
 
 def read_checkpoint(path: Path, sha256: str | None = None) -> Backbone:
@@ -88,8 +94,10 @@ def read_model_dir(folder: Path, sha256: str | None = None) -> Backbone:
     """A train stage's ``models/`` folder: the checkpoint its ``run.json`` names."""
     info = folder / RUN_INFO
     if not info.is_file():
-        raise WeightsError(f"model.weights: folder '{folder}' has no {RUN_INFO}; point it at the models/ folder "
-                           "of a train stage (or its best.ckpt)")
+        raise WeightsError(
+            f"model.weights: folder '{folder}' has no {RUN_INFO}; point it at the models/ folder "
+            "of a train stage (or its best.ckpt)"
+        )
     # A fold ensemble (data.folds) names one checkpoint per member: the first member's backbone is taken.
     return read_checkpoint(folder / json.loads(info.read_text())["checkpoints"][0], sha256)
 
@@ -97,10 +105,11 @@ def read_model_dir(folder: Path, sha256: str | None = None) -> Backbone:
 def store_uri(configured: str) -> str:
     """The MLflow store to resolve URIs against: the one a stage has set (or $MLFLOW_TRACKING_URI), else
     ``mlflow.tracking_uri`` from params.yaml, made absolute."""
+    import mlflow
     from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
 
-    import mlflow
     from pipeline.tracking import absolute_uri
+
     return mlflow.get_tracking_uri() if is_tracking_uri_set() else absolute_uri(configured)
 
 
@@ -112,6 +121,7 @@ def _pointed_at(uri: str) -> Iterator[None]:
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     from pipeline.tracking import ENV_URI
+
     previous = os.environ.get(ENV_URI)
     try:
         with _use_tracking_uri(uri):
@@ -141,14 +151,22 @@ def read_mlflow(uri: str, tracking_uri: str) -> Backbone:
             with _pointed_at(tracking_uri):
                 local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
                 run_id = Model.load(local).run_id
-                info = json.loads(Path(mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"runs:/{run_id}/{RUN_INFO}", dst_path=tmp)).read_text())
+                info = json.loads(
+                    Path(
+                        mlflow.artifacts.download_artifacts(
+                            artifact_uri=f"runs:/{run_id}/{RUN_INFO}", dst_path=tmp
+                        )
+                    ).read_text()
+                )
             # The train stage's own store: a pickled module in it is trusted as its checkpoints are.
             module = mlflow.pytorch.load_model(local, map_location="cpu")
         except (MlflowException, OSError) as err:
-            raise WeightsError(f"model.weights: {uri} could not be loaded from the MLflow store {tracking_uri}: "
-                               f"{err}") from err
-    hparams = {"arch": info.get("arch"), "class_names": info.get("classes")} | dict(getattr(module, "hparams", {}))
+            raise WeightsError(
+                f"model.weights: {uri} could not be loaded from the MLflow store {tracking_uri}: {err}"
+            ) from err
+    hparams = {"arch": info.get("arch"), "class_names": info.get("classes")} | dict(
+        getattr(module, "hparams", {})
+    )
     return _from_state(module.state_dict(), hparams, f"{uri} (run {run_id} in {tracking_uri})")
 
 
@@ -167,27 +185,42 @@ def carried_statistics(backbone: Backbone, in_channels: int) -> tuple[list[float
         return list(backbone.mean), list(backbone.std)
     if in_channels == 1:
         return [sum(backbone.mean) / 3], [sum(backbone.std) / 3]
-    return [backbone.mean[i % 3] for i in range(in_channels)], [backbone.std[i % 3] for i in range(in_channels)]
+    return [backbone.mean[i % 3] for i in range(in_channels)], [
+        backbone.std[i % 3] for i in range(in_channels)
+    ]
 
 
 def load_backbone(net: nn.Module, arch: str, backbone: Backbone, requested: str) -> WeightsInfo:
     """Put ``backbone``'s tensors, all but the head, into ``net`` (a fresh ``arch``), or say why they do not fit."""
     in_channels = net.get_parameter(FIRST_CONV).shape[1]
     if backbone.arch != arch:
-        raise WeightsError(f"model.weights: {backbone.source} is a {backbone.arch} backbone, but model.arch is "
-                           f"{arch}; set model.arch: {backbone.arch} (or start from weights for {arch})")
+        raise WeightsError(
+            f"model.weights: {backbone.source} is a {backbone.arch} backbone, but model.arch is "
+            f"{arch}; set model.arch: {backbone.arch} (or start from weights for {arch})"
+        )
     state = {k: v for k, v in backbone.state.items() if not k.startswith(HEAD_PREFIX)}
     if in_channels != backbone.in_channels:
         if backbone.in_channels != 3:
-            raise WeightsError(f"model.weights: {backbone.source} was trained on {backbone.in_channels} bands, this "
-                               f"data set has {in_channels}; only an RGB (3-band) backbone adapts to another "
-                               "band count")
+            raise WeightsError(
+                f"model.weights: {backbone.source} was trained on {backbone.in_channels} bands, this "
+                f"data set has {in_channels}; only an RGB (3-band) backbone adapts to another "
+                "band count"
+            )
         state[FIRST_CONV] = adapt_first_conv(state[FIRST_CONV], in_channels)
     result = net.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIX)]
     if missing or result.unexpected_keys:
-        raise WeightsError(f"{backbone.source}: weights do not fit {arch}; missing keys {missing[:8]}, "
-                           f"unexpected keys {result.unexpected_keys[:8]}")
+        raise WeightsError(
+            f"{backbone.source}: weights do not fit {arch}; missing keys {missing[:8]}, "
+            f"unexpected keys {result.unexpected_keys[:8]}"
+        )
     mean, std = carried_statistics(backbone, in_channels)
-    return WeightsInfo(requested=requested, source=backbone.source, pretrained=True, mean=tuple(mean), std=tuple(std),
-                       in_channels=backbone.in_channels, source_classes=backbone.classes)
+    return WeightsInfo(
+        requested=requested,
+        source=backbone.source,
+        pretrained=True,
+        mean=tuple(mean),
+        std=tuple(std),
+        in_channels=backbone.in_channels,
+        source_classes=backbone.classes,
+    )

@@ -76,9 +76,12 @@ def link_set(folder: Path, rows: list[tuple[Path, str, str]]) -> Path:
 
 
 def bench_params(seed: int = 0, **sections) -> config.Params:
-    base = {"seed": seed, "data": {"image_size": SIZE, "near_duplicate_bits": None, "on_leakage": "warn"},
-            "augment": {"preset": "satellite", "transforms": []},
-            "train": {"accelerator": "cpu", "batch_size": 64, "num_workers": 0}}
+    base = {
+        "seed": seed,
+        "data": {"image_size": SIZE, "near_duplicate_bits": None, "on_leakage": "warn"},
+        "augment": {"preset": "satellite", "transforms": []},
+        "train": {"accelerator": "cpu", "batch_size": 64, "num_workers": 0},
+    }
     for name, values in sections.items():
         base[name] = base.get(name, {}) | values
     return config.parse(base)
@@ -105,29 +108,45 @@ def pretrain(root: Path, work: Path) -> Path:
     models = out / "models"
     if (models / RUN_INFO).is_file():
         return models
-    params = bench_params(model={"weights": "none"},
-                          train={"max_epochs": PRETRAIN_EPOCHS, "patience": 3, "lr": 2e-3, "freeze_epochs": 0})
+    params = bench_params(
+        model={"weights": "none"},
+        train={"max_epochs": PRETRAIN_EPOCHS, "patience": 3, "lr": 2e-3, "freeze_epochs": 0},
+    )
     best = out / "checkpoints" / "best.ckpt"
     seconds = None
     if not best.is_file():
         ingest(link_set(out / "raw", pretrain_rows(root)), out / "prepared", seed=0, data=params.data)
         pipeline = augment.build(params.augment.transforms, seed=0, preset=params.augment.preset)
         start = time.perf_counter()
-        fit(params, datamodule(params, load_prepared(out / "prepared"), pipeline), out_dir=out / "checkpoints")
+        fit(
+            params, datamodule(params, load_prepared(out / "prepared"), pipeline), out_dir=out / "checkpoints"
+        )
         seconds = round(time.perf_counter() - start, 1)
     prepared = load_prepared(out / "prepared")
     models.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(best, models / "best.ckpt")
     checkpoint = torch.load(best, map_location="cpu", weights_only=True)
-    (models / RUN_INFO).write_text(json.dumps({"arch": params.model.arch, "classes": list(prepared.classes),
-                                               "checkpoints": ["best.ckpt"]}, indent=2))
+    (models / RUN_INFO).write_text(
+        json.dumps(
+            {"arch": params.model.arch, "classes": list(prepared.classes), "checkpoints": ["best.ckpt"]},
+            indent=2,
+        )
+    )
     model = Classifier.load_from_checkpoint(models / "best.ckpt", map_location="cpu")
     test = prepared.split("test")
     probs = predict_proba(model, np.asarray(prepared.images[test["cache_index"].to_numpy()]), 256)
-    summary = {"classes": list(PRETRAIN_CLASSES), "images_per_class": PRETRAIN_PER_CLASS, "image_size": SIZE,
-               "train_images": len(prepared.split("train")), "test_images": len(test),
-               "best_epoch": int(checkpoint["epoch"]) + 1, "max_epochs": PRETRAIN_EPOCHS, "seconds": seconds,
-               **accuracy_ci(probs, test["label_index"].to_numpy()), "threads": torch.get_num_threads()}
+    summary = {
+        "classes": list(PRETRAIN_CLASSES),
+        "images_per_class": PRETRAIN_PER_CLASS,
+        "image_size": SIZE,
+        "train_images": len(prepared.split("train")),
+        "test_images": len(test),
+        "best_epoch": int(checkpoint["epoch"]) + 1,
+        "max_epochs": PRETRAIN_EPOCHS,
+        "seconds": seconds,
+        **accuracy_ci(probs, test["label_index"].to_numpy()),
+        "threads": torch.get_num_threads(),
+    }
     (out / "pretrain.json").write_text(json.dumps(summary, indent=2))
     emit("transfer_pretrain", **summary)
     return models
@@ -150,7 +169,7 @@ def target_set(root: Path, work: Path) -> Prepared:
         rows = []
         for cls in TARGET_CLASSES:
             files = files_of(root, cls)
-            chosen = rng.permutation(len(files))[:TEST_PER_CLASS + POOL_PER_CLASS]
+            chosen = rng.permutation(len(files))[: TEST_PER_CLASS + POOL_PER_CLASS]
             rows += [(files[k], cls, "test" if j < TEST_PER_CLASS else "train") for j, k in enumerate(chosen)]
         ingest(link_set(out / "raw", rows), out / "prepared", seed=0, data=bench_params().data)
     return load_prepared(out / "prepared")
@@ -165,7 +184,7 @@ def draw(prepared: Prepared, shots: int, seed: int) -> Prepared:
     for _, rows in table.loc[pool].groupby("label"):
         picked = rng.permutation(rows.index.to_numpy())
         table.loc[picked[:shots], "split"] = "train"
-        table.loc[picked[shots:shots + VAL_PER_CLASS], "split"] = "val"
+        table.loc[picked[shots : shots + VAL_PER_CLASS], "split"] = "val"
     return dataclasses.replace(prepared, table=table)
 
 
@@ -182,18 +201,22 @@ def methods(models: Path) -> dict[str, dict]:
     }
 
 
-def adapt(models: Path, target: Prepared, out: Path, only: set[str] | None = None,
-          seeds: tuple[int, ...] = SEEDS) -> None:
+def adapt(
+    models: Path, target: Prepared, out: Path, only: set[str] | None = None, seeds: tuple[int, ...] = SEEDS
+) -> None:
     """Every method at every K; one JSON line per (method, K, seed) appended to ``out``."""
-    done = {(r["method"], r["shots"], r["seed"]) for r in map(json.loads, out.read_text().splitlines())} \
-        if out.is_file() else set()
+    done = (
+        {(r["method"], r["shots"], r["seed"]) for r in map(json.loads, out.read_text().splitlines())}
+        if out.is_file()
+        else set()
+    )
     test = target.split("test")
     images, labels = np.asarray(target.images[test["cache_index"].to_numpy()]), test["label_index"].to_numpy()
     for shots in SHOTS:
         for seed in seeds:
             prepared = draw(target, shots, seed)
             for name, sections in methods(models).items():
-                if (name, shots, seed) in done or only and name not in only:
+                if (name, shots, seed) in done or (only and name not in only):
                     continue
                 train = {"max_epochs": ADAPT_EPOCHS, "batch_size": 16} | sections["train"]
                 params = bench_params(seed=seed, model=sections["model"], train=train)
@@ -203,9 +226,16 @@ def adapt(models: Path, target: Prepared, out: Path, only: set[str] | None = Non
                     result = fit(params, datamodule(params, prepared, pipeline), out_dir=Path(tmp))
                     model = Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu")
                 seconds = round(time.perf_counter() - start, 1)
-                row = {"method": name, "shots": shots, "seed": seed, "test_images": len(labels),
-                       **accuracy_ci(predict_proba(model, images, 256), labels), "epochs_run": result.epochs_run,
-                       "pretrained": result.weights.pretrained, "seconds": seconds}
+                row = {
+                    "method": name,
+                    "shots": shots,
+                    "seed": seed,
+                    "test_images": len(labels),
+                    **accuracy_ci(predict_proba(model, images, 256), labels),
+                    "epochs_run": result.epochs_run,
+                    "pretrained": result.weights.pretrained,
+                    "seconds": seconds,
+                }
                 emit("transfer", **row)
                 with open(out, "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -220,29 +250,41 @@ def table(results: Path) -> str:
         cells = []
         for k in SHOTS:
             got = frame[(frame["method"] == name) & (frame["shots"] == k)]
-            cells.append("—" if got.empty else f"{got['accuracy'].mean():.3f} [{got['ci_low'].mean():.3f}, "
-                                               f"{got['ci_high'].mean():.3f}] ({len(got)} seed{'s' * (len(got) > 1)}, "
-                                               f"{got['seconds'].mean():.0f} s)")
+            cells.append(
+                "—"
+                if got.empty
+                else f"{got['accuracy'].mean():.3f} [{got['ci_low'].mean():.3f}, "
+                f"{got['ci_high'].mean():.3f}] ({len(got)} seed{'s' * (len(got) > 1)}, "
+                f"{got['seconds'].mean():.0f} s)"
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench transfer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.bench transfer", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--eurosat", type=Path, default=EUROSAT)
     parser.add_argument("--work", type=Path, default=Path("/tmp/transfer-bench"))
     parser.add_argument("--pretrain-only", action="store_true")
     parser.add_argument("--only", nargs="*", help="methods to run (default: all)")
-    parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS),
-                        help="draws of the K labelled images (default: %(default)s); rows already in results are kept")
+    parser.add_argument(
+        "--seeds",
+        nargs="*",
+        type=int,
+        default=list(SEEDS),
+        help="draws of the K labelled images (default: %(default)s); rows already in results are kept",
+    )
     args = parser.parse_args(argv)
     root = extract(args.eurosat, args.work)
     models = pretrain(root, args.work)
     if args.pretrain_only:
         return 0
     results = args.work / "results.jsonl"
-    adapt(models, target_set(root, args.work), results, set(args.only) if args.only else None,
-          tuple(args.seeds))
+    adapt(
+        models, target_set(root, args.work), results, set(args.only) if args.only else None, tuple(args.seeds)
+    )
     print(table(results))
     return 0
 

@@ -43,6 +43,7 @@ from pipeline.fit import datamodule, fit
 
 log = logging.getLogger(__name__)
 
+
 class TuneError(PipelineError, RuntimeError):
     """The study produced nothing usable, or cannot be reached."""
 
@@ -125,8 +126,13 @@ def storage(url: str, *, create_tables: bool = True) -> optuna.storages.RDBStora
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
-                                              grace_period=GRACE_S, skip_table_creation=not create_tables)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                skip_table_creation=not create_tables,
+            )
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
         raise TuneError(f"tune.storage {_shown(url)}: cannot open it: {err}") from err
 
@@ -145,9 +151,11 @@ def check_server(url: str) -> None:
             pass
     except sqlalchemy.exc.OperationalError as err:
         reason = _shown(str(err.orig or err).strip().splitlines()[0])
-        raise TuneError(f"tune.storage {_shown(url)}: the database server {address.host or 'localhost'}:"
-                        f"{address.port or 'default port'} cannot be reached or refused the connection ({reason}); "
-                        "start it, or check host, port, user and PGPASSWORD") from None
+        raise TuneError(
+            f"tune.storage {_shown(url)}: the database server {address.host or 'localhost'}:"
+            f"{address.port or 'default port'} cannot be reached or refused the connection ({reason}); "
+            "start it, or check host, port, user and PGPASSWORD"
+        ) from None
     finally:
         engine.dispose()
 
@@ -162,15 +170,26 @@ def open_study(params: Params, name: str, *, create: bool = True) -> optuna.Stud
     sampler, pruner = optuna.samplers.TPESampler(seed=params.seed), make_pruner(params)
     if create:
         return optuna.create_study(
-            study_name=name, storage=storage(params.tune.storage), load_if_exists=True, sampler=sampler,
-            pruner=pruner, direction="minimize" if mode_of(params.train.monitor) == "min" else "maximize")
+            study_name=name,
+            storage=storage(params.tune.storage),
+            load_if_exists=True,
+            sampler=sampler,
+            pruner=pruner,
+            direction="minimize" if mode_of(params.train.monitor) == "min" else "maximize",
+        )
     try:
-        return optuna.load_study(study_name=name, storage=storage(params.tune.storage, create_tables=False),
-                                 sampler=sampler, pruner=pruner)
+        return optuna.load_study(
+            study_name=name,
+            storage=storage(params.tune.storage, create_tables=False),
+            sampler=sampler,
+            pruner=pruner,
+        )
     except (KeyError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as err:
-        raise TuneError(f"study '{name}' not found in tune.storage {_shown(params.tune.storage)} ({err!r}): "
-                        "start the tune stage first (dvc repro tune), from the same commit, params and data "
-                        "(dvc pull) as this worker") from None
+        raise TuneError(
+            f"study '{name}' not found in tune.storage {_shown(params.tune.storage)} ({err!r}): "
+            "start the tune stage first (dvc repro tune), from the same commit, params and data "
+            "(dvc pull) as this worker"
+        ) from None
 
 
 def create(params: Params, name: str, tags: dict[str, str]) -> optuna.Study:
@@ -178,8 +197,10 @@ def create(params: Params, name: str, tags: dict[str, str]) -> optuna.Study:
     creating the tables of a fresh PostgreSQL database at the same moment collide)."""
     study = open_study(params, name)
     if RUN_ID_ATTR not in study.user_attrs:
-        with mlflow.start_run(run_name=tracking.run_name("tune", params.model.arch, tags),
-                              tags=tags | {"stage": "tune", "optuna.study": name}) as parent:
+        with mlflow.start_run(
+            run_name=tracking.run_name("tune", params.model.arch, tags),
+            tags=tags | {"stage": "tune", "optuna.study": name},
+        ) as parent:
             study.set_user_attr(RUN_ID_ATTR, parent.info.run_id)
             mlflow.log_dict({k: as_dict(v) for k, v in params.tune.search_space.items()}, "search_space.json")
     return study
@@ -189,8 +210,9 @@ class SlotTaken(RuntimeError):
     """Another worker started the trial that completes the study first; this one stands down."""
 
 
-def objective(params: Params, data_for: DataFor, parent_run_id: str, experiment_id: str,
-              tags: dict[str, str]) -> Callable[[optuna.Trial], float]:
+def objective(
+    params: Params, data_for: DataFor, parent_run_id: str, experiment_id: str, tags: dict[str, str]
+) -> Callable[[optuna.Trial], float]:
     """A trial: sample, fit on one device for tune.max_epochs with pruning, log to a nested MLflow run."""
     monitor = params.train.monitor
 
@@ -211,17 +233,26 @@ def objective(params: Params, data_for: DataFor, parent_run_id: str, experiment_
         trial.set_user_attr("worker", worker)
         pruned = None
         name = tracking.run_name(f"trial-{trial.number}", params.model.arch, tags)
-        with mlflow.start_run(run_name=name, nested=True, parent_run_id=parent_run_id, experiment_id=experiment_id,
-                              tags=tags | {"stage": "tune-trial", "optuna.trial": str(trial.number),
-                                           "optuna.worker": worker}) as run:
+        with mlflow.start_run(
+            run_name=name,
+            nested=True,
+            parent_run_id=parent_run_id,
+            experiment_id=experiment_id,
+            tags=tags | {"stage": "tune-trial", "optuna.trial": str(trial.number), "optuna.worker": worker},
+        ) as run:
             mlflow.log_params(values)
             state = "failed"
             try:
                 # Trial-level parallelism: one device per trial; the train stage may then use several.
                 trial_params = with_overrides(params, values | {"train.devices": 1, "train.strategy": "auto"})
                 logger = MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run.info.run_id)
-                result = fit(trial_params, data_for(trial_params), logger=logger, max_epochs=params.tune.max_epochs,
-                             callbacks=[PyTorchLightningPruningCallback(trial, monitor=monitor)])
+                result = fit(
+                    trial_params,
+                    data_for(trial_params),
+                    logger=logger,
+                    max_epochs=params.tune.max_epochs,
+                    callbacks=[PyTorchLightningPruningCallback(trial, monitor=monitor)],
+                )
                 state = "complete"
                 mlflow.log_metric(f"best_{monitor}", result.best_score)
                 return result.best_score
@@ -255,8 +286,11 @@ def _trials(study: optuna.Study, states: tuple[TrialState, ...]) -> list[FrozenT
         optuna.storages.fail_stale_trials(study)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if _worker_gone(trial.user_attrs.get("worker", "")):
-            log.warning("trial %d: its worker %s is gone; failed, its slot is free again", trial.number,
-                        trial.user_attrs["worker"])
+            log.warning(
+                "trial %d: its worker %s is gone; failed, its slot is free again",
+                trial.number,
+                trial.user_attrs["worker"],
+            )
             try:
                 study.tell(trial.number, state=TrialState.FAIL)
             except (ValueError, RuntimeError):  # another process reclaimed it first
@@ -305,7 +339,9 @@ class Worker:
         study = open_study(self.params, self.study, create=False)
         # A sampler seeded alike in every worker, or again on resuming, would draw the values drawn before.
         key = f"{self.seed}:{self.index}:{len(study.trials)}".encode()
-        study.sampler = optuna.samplers.TPESampler(seed=int.from_bytes(hashlib.sha256(key).digest()[:4], "big"))
+        study.sampler = optuna.samplers.TPESampler(
+            seed=int.from_bytes(hashlib.sha256(key).digest()[:4], "big")
+        )
         run_trial = objective(self.params, self.data_for, self.parent_run_id, self.experiment_id, self.tags)
         ended: list[FrozenTrial] = []
         while self.deadline is None or time.time() < self.deadline:
@@ -315,8 +351,13 @@ class Worker:
                 break
             if _open_slots(study, n_trials) <= 0:
                 break
-            study.optimize(run_trial, n_trials=1, catch=(Exception,), gc_after_trial=True,
-                           callbacks=[lambda _, trial: ended.append(trial)])
+            study.optimize(
+                run_trial,
+                n_trials=1,
+                catch=(Exception,),
+                gc_after_trial=True,
+                callbacks=[lambda _, trial: ended.append(trial)],
+            )
         return sum(not t.user_attrs.get(SURPLUS_ATTR) for t in ended)
 
 
@@ -335,7 +376,9 @@ def work(params: Params, worker: Worker) -> int:
         # Worker i trains on GPU i (round robin when there are fewer); without GPUs the cores are shared.
         env = {"CUDA_VISIBLE_DEVICES": devices[i % len(devices)]} if devices else {}
         with _environ(env):
-            process = context.Process(target=_run_worker, args=(worker, i, threads, results), name=f"tune-worker-{i}")
+            process = context.Process(
+                target=_run_worker, args=(worker, i, threads, results), name=f"tune-worker-{i}"
+            )
             process.start()
         processes.append(process)
     try:
@@ -347,8 +390,10 @@ def work(params: Params, worker: Worker) -> int:
         raise
     broken = [f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode]
     if broken:
-        raise TuneError(f"tune worker processes failed: {', '.join(broken)}; their errors are above. "
-                        "The study is kept: run the stage again to continue it")
+        raise TuneError(
+            f"tune worker processes failed: {', '.join(broken)}; their errors are above. "
+            "The study is kept: run the stage again to continue it"
+        )
     return sum(results.get() for _ in processes)
 
 
@@ -390,8 +435,9 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def run(params: Params, data_for: DataFor, name: str, tags: dict[str, str],
-        dataset: Path | None = None) -> tuple[optuna.Study, dict[str, Any]]:
+def run(
+    params: Params, data_for: DataFor, name: str, tags: dict[str, str], dataset: Path | None = None
+) -> tuple[optuna.Study, dict[str, Any]]:
     """Fill the study under its MLflow parent run (tune.n_jobs processes); return the study and a summary.
 
     ``dataset``: the data set folder, logged as the parent run's MLflow dataset input.
@@ -404,8 +450,11 @@ def run(params: Params, data_for: DataFor, name: str, tags: dict[str, str],
         if _open_slots(study, params.tune.n_trials) > 0:
             work(params, _worker(params, data_for, name, parent.info, tags, seed=params.seed))
         else:
-            log.info("study %s already holds %d finished or running trials; nothing to run", name,
-                     params.tune.n_trials)
+            log.info(
+                "study %s already holds %d finished or running trials; nothing to run",
+                name,
+                params.tune.n_trials,
+            )
         _wait_for_running(study)
         summary = summarize(study, time.monotonic() - start)
         tracking.log_metrics({f"study/{k}": v for k, v in summary.items()})
@@ -430,27 +479,51 @@ def join(params: Params, data_for: DataFor, name: str, tags: dict[str, str]) -> 
     try:
         parent = mlflow.get_run(parent_id).info
     except mlflow.exceptions.MlflowException as err:
-        raise TuneError(f"study '{name}': its MLflow parent run {parent_id} is not in the tracking store "
-                        f"{mlflow.get_tracking_uri()}: workers need the tune stage's store (set MLFLOW_TRACKING_URI "
-                        f"to its tracking server) ({err.message})") from None
+        raise TuneError(
+            f"study '{name}': its MLflow parent run {parent_id} is not in the tracking store "
+            f"{mlflow.get_tracking_uri()}: workers need the tune stage's store (set MLFLOW_TRACKING_URI "
+            f"to its tracking server) ({err.message})"
+        ) from None
     # The stage's workers seed their samplers from params.seed; a joining one must not draw their values.
-    return work(params, _worker(params, data_for, name, parent, tags, seed=int.from_bytes(os.urandom(4), "big")))
+    return work(
+        params, _worker(params, data_for, name, parent, tags, seed=int.from_bytes(os.urandom(4), "big"))
+    )
 
 
-def _worker(params: Params, data_for: DataFor, name: str, parent: mlflow.entities.RunInfo, tags: dict[str, str],
-            seed: int) -> Worker:
+def _worker(
+    params: Params,
+    data_for: DataFor,
+    name: str,
+    parent: mlflow.entities.RunInfo,
+    tags: dict[str, str],
+    seed: int,
+) -> Worker:
     timeout = params.tune.timeout_s
-    return Worker(params, data_for, name, parent.run_id, parent.experiment_id, tags, mlflow.get_tracking_uri(),
-                  deadline=None if timeout is None else time.time() + timeout, seed=seed)
+    return Worker(
+        params,
+        data_for,
+        name,
+        parent.run_id,
+        parent.experiment_id,
+        tags,
+        mlflow.get_tracking_uri(),
+        deadline=None if timeout is None else time.time() + timeout,
+        seed=seed,
+    )
 
 
 def summarize(study: optuna.Study, wall_time_s: float) -> dict[str, Any]:
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SURPLUS_ATTR)]
-    count = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    count = {
+        s: sum(t.state == s for t in trials)
+        for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    }
     if not count[TrialState.COMPLETE]:
-        raise TuneError(f"Optuna study '{study.study_name}' has no completed trial "
-                        f"({count[TrialState.FAIL]} failed, {count[TrialState.PRUNED]} pruned); "
-                        "see the failed trials' errors above")
+        raise TuneError(
+            f"Optuna study '{study.study_name}' has no completed trial "
+            f"({count[TrialState.FAIL]} failed, {count[TrialState.PRUNED]} pruned); "
+            "see the failed trials' errors above"
+        )
     return {
         "study": study.study_name,
         "trials_complete": count[TrialState.COMPLETE],

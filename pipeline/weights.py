@@ -64,10 +64,14 @@ def weight_enum(arch: str, name: str = "imagenet") -> torchvision.models.Weights
     try:
         enum = torchvision.models.get_weight(name)
     except (KeyError, ValueError) as err:
-        raise WeightsError(f"model.weights: '{name}' is not a torchvision weight name; for {arch}: {choices}") from err
+        raise WeightsError(
+            f"model.weights: '{name}' is not a torchvision weight name; for {arch}: {choices}"
+        ) from err
     if type(enum) is not available:
-        raise WeightsError(f"model.weights: {name} are weights for another architecture than model.arch={arch}; "
-                           f"for {arch}: {choices}")
+        raise WeightsError(
+            f"model.weights: {name} are weights for another architecture than model.arch={arch}; "
+            f"for {arch}: {choices}"
+        )
     return enum
 
 
@@ -95,12 +99,16 @@ def verify_file(path: Path, *, url: str | None = None, sha256: str | None = None
         return
     actual = sha256_of(path)
     if match is not None and not actual.startswith(match.group(1)):
-        raise WeightsError(f"{path}: SHA-256 {actual[:16]}... is not that of {url} (its hash starts {match.group(1)}); "
-                           "the file is corrupt or another checkpoint: delete it, or check a download with "
-                           "`python -m pipeline weights import FILE`")
+        raise WeightsError(
+            f"{path}: SHA-256 {actual[:16]}... is not that of {url} (its hash starts {match.group(1)}); "
+            "the file is corrupt or another checkpoint: delete it, or check a download with "
+            "`python -m pipeline weights import FILE`"
+        )
     if sha256 is not None and actual != sha256.lower():
-        raise WeightsError(f"{path}: SHA-256 is {actual}, but model.weights_sha256 is {sha256.lower()}; "
-                           "the file is not the one the params name (corrupt, truncated or replaced)")
+        raise WeightsError(
+            f"{path}: SHA-256 is {actual}, but model.weights_sha256 is {sha256.lower()}; "
+            "the file is not the one the params name (corrupt, truncated or replaced)"
+        )
 
 
 def hub_checkpoint(url: str, hub_dir: Path | None = None) -> Path:
@@ -123,7 +131,9 @@ def fetch(url: str, hub_dir: Path | None = None) -> dict[str, torch.Tensor]:
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
         try:
-            torch.hub.download_url_to_file(url, str(target), match.group(1) if match else None, progress=False)
+            torch.hub.download_url_to_file(
+                url, str(target), match.group(1) if match else None, progress=False
+            )
         finally:
             socket.setdefaulttimeout(previous)
         log.info("downloaded %s -> %s", url, target)
@@ -162,17 +172,28 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> No
     conv = state.get(FIRST_CONV)
     if conv is not None and FIRST_CONV in own and conv.shape[1] == 3 and own[FIRST_CONV].shape[1] != 3:
         state = state | {FIRST_CONV: adapt_first_conv(conv, own[FIRST_CONV].shape[1])}
-    head_mismatch = [k for k in state if k.startswith(HEAD_PREFIX) and k in own and state[k].shape != own[k].shape]
+    head_mismatch = [
+        k for k in state if k.startswith(HEAD_PREFIX) and k in own and state[k].shape != own[k].shape
+    ]
     result = net.load_state_dict({k: v for k, v in state.items() if k not in head_mismatch}, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIX)]
     if missing or result.unexpected_keys:
-        raise WeightsError(f"{source}: weights do not fit this architecture; missing keys {missing[:8]}, "
-                           f"unexpected keys {result.unexpected_keys[:8]} (only '{HEAD_PREFIX}*' may differ)")
+        raise WeightsError(
+            f"{source}: weights do not fit this architecture; missing keys {missing[:8]}, "
+            f"unexpected keys {result.unexpected_keys[:8]} (only '{HEAD_PREFIX}*' may differ)"
+        )
 
 
-def load_pretrained(net: nn.Module, arch: str, weights: str, *, require_pretrained: bool,
-                    hub_dir: Path | None = None, sha256: str | None = None,
-                    tracking_uri: str = "sqlite:///mlflow.db") -> WeightsInfo:
+def load_pretrained(
+    net: nn.Module,
+    arch: str,
+    weights: str,
+    *,
+    require_pretrained: bool,
+    hub_dir: Path | None = None,
+    sha256: str | None = None,
+    tracking_uri: str = "sqlite:///mlflow.db",
+) -> WeightsInfo:
     """Put the requested weights into ``net`` (a freshly built ``arch``) and say what happened.
 
     ``sha256``: the weights file must have this hash (checked before it is read). ``tracking_uri``
@@ -182,9 +203,11 @@ def load_pretrained(net: nn.Module, arch: str, weights: str, *, require_pretrain
     if weights == "none":
         return WeightsInfo(requested=weights, source="random-init", pretrained=False)
     from pipeline import transfer  # imported here: it builds on this module
+
     if transfer.is_run_source(weights):
-        return transfer.load_backbone(net, arch, transfer.resolve(weights, tracking_uri=tracking_uri, sha256=sha256),
-                                      weights)
+        return transfer.load_backbone(
+            net, arch, transfer.resolve(weights, tracking_uri=tracking_uri, sha256=sha256), weights
+        )
     if weights != "imagenet" and not is_enum_name(weights):
         path = Path(weights)
         if path.is_file():
@@ -200,19 +223,30 @@ def load_pretrained(net: nn.Module, arch: str, weights: str, *, require_pretrain
     try:
         state = fetch(url, hub_dir)
     except (URLError, OSError, RuntimeError) as err:
-        advice = (f"pre-seed the file at {cached} (`python -m pipeline weights import FILE "
-                  f"--arch {arch}` puts it there; set TORCH_HOME to move it), or point model.weights at a local "
-                  f".pth state dict")
+        advice = (
+            f"pre-seed the file at {cached} (`python -m pipeline weights import FILE "
+            f"--arch {arch}` puts it there; set TORCH_HOME to move it), or point model.weights at a local "
+            f".pth state dict"
+        )
         if require_pretrained:
-            raise WeightsError(f"ImageNet weights for {arch} could not be obtained from {url} ({err}); "
-                               f"model.require_pretrained is true: {advice}") from err
+            raise WeightsError(
+                f"ImageNet weights for {arch} could not be obtained from {url} ({err}); "
+                f"model.require_pretrained is true: {advice}"
+            ) from err
         reason = f"download of {url} failed: {err}"
         if url in _FAILED:  # a tune stage fits once per trial: the banner once per stage (process) is enough
             log.debug("training %s from random init again (%s)", arch, reason)
-            return WeightsInfo(requested=weights, source="random-init", pretrained=False, fallback_reason=reason)
+            return WeightsInfo(
+                requested=weights, source="random-init", pretrained=False, fallback_reason=reason
+            )
         _FAILED.add(url)
-        log.warning("\n" + "!" * 78 + "\n!! PRETRAINED WEIGHTS UNAVAILABLE - training %s from RANDOM INIT.\n"
-                    "!! %s\n!! To fix: %s\n" + "!" * 78, arch, reason, advice)
+        log.warning(
+            "\n" + "!" * 78 + "\n!! PRETRAINED WEIGHTS UNAVAILABLE - training %s from RANDOM INIT.\n"
+            "!! %s\n!! To fix: %s\n" + "!" * 78,
+            arch,
+            reason,
+            advice,
+        )
         return WeightsInfo(requested=weights, source="random-init", pretrained=False, fallback_reason=reason)
     if downloading:  # torch.hub has checked the prefix
         verify_file(cached, sha256=sha256)
@@ -234,9 +268,11 @@ def import_checkpoint(file: Path, arch: str, name: str = "imagenet", hub_dir: Pa
     # Checked here, not with verify_file, whose advice is to run this very command.
     match, actual = HASH_REGEX.search(Path(enum.url).name), sha256_of(file)
     if match is not None and not actual.startswith(match.group(1)):
-        raise WeightsError(f"{file}: not the checkpoint {enum} needs: its SHA-256 {actual[:16]}... does not start "
-                           f"with {match.group(1)}, the hash in the name of {enum.url} (an interrupted download, or "
-                           "a file for other weights: check --arch and --weights); download that URL again")
+        raise WeightsError(
+            f"{file}: not the checkpoint {enum} needs: its SHA-256 {actual[:16]}... does not start "
+            f"with {match.group(1)}, the hash in the name of {enum.url} (an interrupted download, or "
+            "a file for other weights: check --arch and --weights); download that URL again"
+        )
     state = read(file)
     own = build_network(arch, len(enum.meta["categories"])).state_dict()
     wrong = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]

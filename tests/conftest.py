@@ -36,18 +36,27 @@ def image_folder(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_params() -> config.Params:
     """Params for a real but tiny CPU fit."""
-    return config.parse({
-        "data": {"dataset": "tiny", "image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25},
-        "model": {"weights": "none"},
-        "train": {"max_epochs": 2, "batch_size": 4, "accelerator": "cpu", "patience": 2},
-        "tune": {"n_trials": 2, "max_epochs": 1},
-    })
+    return config.parse(
+        {
+            "data": {"dataset": "tiny", "image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25},
+            "model": {"weights": "none"},
+            "train": {"max_epochs": 2, "batch_size": 4, "accelerator": "cpu", "patience": 2},
+            "tune": {"n_trials": 2, "max_epochs": 1},
+        }
+    )
 
 
 @pytest.fixture
 def prepared(image_folder: Path, tmp_path: Path) -> Prepared:
-    ingest(image_folder, tmp_path / "prepared", image_size=32, val_fraction=0.25, test_fraction=0.25,
-           seed=0, on_bad_file="skip")
+    ingest(
+        image_folder,
+        tmp_path / "prepared",
+        image_size=32,
+        val_fraction=0.25,
+        test_fraction=0.25,
+        seed=0,
+        on_bad_file="skip",
+    )
     return load_prepared(tmp_path / "prepared")
 
 
@@ -85,7 +94,9 @@ def in_project(root: Path, tracking_uri: str | None = None, exp_name: str | None
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         for name, value in (("MLFLOW_TRACKING_URI", tracking_uri), ("DVC_EXP_NAME", exp_name)):
-            mp.setenv(name, value or "")  # recorded, so undo also removes what mlflow.set_tracking_uri exports
+            mp.setenv(
+                name, value or ""
+            )  # recorded, so undo also removes what mlflow.set_tracking_uri exports
             if not value:
                 mp.delenv(name)
         mp.setenv("TORCH_HOME", str(root / "torch"))

@@ -35,13 +35,19 @@ def test_serialization_round_trips_to_the_same_pipeline(images, tmp_path):
     assert np.array_equal(draws(loaded, images), draws(built, images))
 
 
-@pytest.mark.parametrize("entry, words", [
-    ({"name": "NoSuchTransform"}, "augment.transforms[1]: 'NoSuchTransform' is not an albumentations transform"),
-    ({"name": "Compose"}, "'Compose' is not an albumentations transform"),
-    ({"p": 0.5}, "'None' is not an albumentations transform"),
-    ({"name": "Affine", "rotate_limit": 10}, "augment.transforms[1] (Affine)"),
-    ({"name": "HorizontalFlip", "p": 3}, "augment.transforms[1] (HorizontalFlip)"),
-])
+@pytest.mark.parametrize(
+    "entry, words",
+    [
+        (
+            {"name": "NoSuchTransform"},
+            "augment.transforms[1]: 'NoSuchTransform' is not an albumentations transform",
+        ),
+        ({"name": "Compose"}, "'Compose' is not an albumentations transform"),
+        ({"p": 0.5}, "'None' is not an albumentations transform"),
+        ({"name": "Affine", "rotate_limit": 10}, "augment.transforms[1] (Affine)"),
+        ({"name": "HorizontalFlip", "p": 3}, "augment.transforms[1] (HorizontalFlip)"),
+    ],
+)
 def test_bad_entries_are_named(entry, words):
     with pytest.raises(augment.AugmentError) as err:
         augment.build([SPEC[0], entry], seed=0)
@@ -70,6 +76,7 @@ def test_presets_are_the_params_choices():
     from typing import get_args
 
     from pipeline.config import Preset
+
     assert set(augment.PRESETS) == set(get_args(Preset))
 
 
@@ -88,14 +95,22 @@ def test_each_preset_keeps_shape_dtype_and_range(preset, dtype, channels):
 
 
 def test_sixteen_bit_runs_through_float_and_back_explicitly():
-    names = [type(t).__name__ for t in augment.build([], seed=0, preset="satellite", dtype="uint16").transforms]
+    names = [
+        type(t).__name__ for t in augment.build([], seed=0, preset="satellite", dtype="uint16").transforms
+    ]
     assert names == ["ToFloat", "SquareSymmetry", "MultiplicativeNoise", "FromFloat"]
-    assert "ToFloat" not in [type(t).__name__ for t in augment.build([], seed=0, preset="satellite").transforms]
+    assert "ToFloat" not in [
+        type(t).__name__ for t in augment.build([], seed=0, preset="satellite").transforms
+    ]
 
 
 def test_overrides_update_preset_arguments_and_new_names_append():
-    entries = [e for _, e in augment.resolve("medical", [{"name": "Affine", "rotate": [-3, 3]},
-                                                         {"name": "CLAHE", "p": 0.3}])]
+    entries = [
+        e
+        for _, e in augment.resolve(
+            "medical", [{"name": "Affine", "rotate": [-3, 3]}, {"name": "CLAHE", "p": 0.3}]
+        )
+    ]
     names = [e["name"] for e in entries]
     assert names == [e["name"] for e in augment.PRESETS["medical"]] + ["CLAHE"]
     affine = entries[names.index("Affine")]
@@ -104,9 +119,13 @@ def test_overrides_update_preset_arguments_and_new_names_append():
 
 
 def test_override_errors_name_the_entry():
-    with pytest.raises(augment.AugmentError, match=r"augment.transforms\[1\]: 'Affine' overrides preset 'medical' a second"):
+    with pytest.raises(
+        augment.AugmentError, match=r"augment.transforms\[1\]: 'Affine' overrides preset 'medical' a second"
+    ):
         augment.resolve("medical", [{"name": "Affine", "p": 0.1}, {"name": "Affine", "p": 0.2}])
-    with pytest.raises(augment.AugmentError, match=r"augment.transforms\[0\] \(overriding preset 'natural'\) \(Affine\)"):
+    with pytest.raises(
+        augment.AugmentError, match=r"augment.transforms\[0\] \(overriding preset 'natural'\) \(Affine\)"
+    ):
         augment.build([{"name": "Affine", "rotate_limit": 5}], seed=0, preset="natural")
     with pytest.raises(augment.AugmentError, match="'xray' is not a preset"):
         augment.resolve("xray", [])
@@ -129,26 +148,38 @@ def test_a_preset_pipeline_round_trips_with_its_dtype_conversion(tmp_path):
 
 def test_preview_of_sixteen_bit_n_band_images(tmp_path):
     images = np.random.default_rng(0).integers(0, 65536, (2, 24, 24, 13)).astype(np.uint16)
-    augment.preview(augment.build([], seed=0, preset="satellite", dtype="uint16"), images, ["a", "b"], 2,
-                    tmp_path / "p.png")
+    augment.preview(
+        augment.build([], seed=0, preset="satellite", dtype="uint16"),
+        images,
+        ["a", "b"],
+        2,
+        tmp_path / "p.png",
+    )
     with Image.open(tmp_path / "p.png") as png:
         assert png.size[0] > 100 and np.asarray(png).std() > 10  # drawn, not blank
 
 
 # --- test-time transforms and offline copies -------------------------------------------------------
 
+
 def test_tta_transforms_always_apply(images):
-    flip, = augment.build_tta(["HorizontalFlip"])
+    (flip,) = augment.build_tta(["HorizontalFlip"])
     assert np.array_equal(flip(image=images[0])["image"], images[0][:, ::-1])
-    transpose, = augment.build_tta([{"name": "Transpose"}])
+    (transpose,) = augment.build_tta([{"name": "Transpose"}])
     assert np.array_equal(transpose(image=images[0])["image"], images[0].transpose(1, 0, 2))
 
 
-@pytest.mark.parametrize("entry, words", [
-    ("RandomRotate90", r"evaluate.tta\[0\] \(RandomRotate90\): random, not deterministic"),
-    ({"name": "HorizontalFlip", "p": 0.5}, r"evaluate.tta\[0\] \(HorizontalFlip\): test-time transforms always apply"),
-    ("Flip", r"evaluate.tta\[0\]: 'Flip' is not an albumentations transform"),
-])
+@pytest.mark.parametrize(
+    "entry, words",
+    [
+        ("RandomRotate90", r"evaluate.tta\[0\] \(RandomRotate90\): random, not deterministic"),
+        (
+            {"name": "HorizontalFlip", "p": 0.5},
+            r"evaluate.tta\[0\] \(HorizontalFlip\): test-time transforms always apply",
+        ),
+        ("Flip", r"evaluate.tta\[0\]: 'Flip' is not an albumentations transform"),
+    ],
+)
 def test_bad_tta_entries_are_named(entry, words):
     with pytest.raises(augment.AugmentError, match=words):
         augment.build_tta([entry])
@@ -172,5 +203,7 @@ def test_every_domain_builds_and_its_tta_is_taught_in_training():
         assert tta_conflicts(domain.preset, domain.transforms, domain.tta) == [], name
     for radiograph in ("xray", "ct", "mri"):  # no flips, none at test time
         assert DOMAINS[radiograph].tta == () and not DOMAINS[radiograph].transforms
-    assert tta_conflicts("medical", (), ["HorizontalFlip", "Transpose"])[0].startswith("evaluate.tta has HorizontalFlip")
+    assert tta_conflicts("medical", (), ["HorizontalFlip", "Transpose"])[0].startswith(
+        "evaluate.tta has HorizontalFlip"
+    )
     assert tta_conflicts("medical", ({"name": "SquareSymmetry", "p": 0},), ["VerticalFlip"])  # switched off

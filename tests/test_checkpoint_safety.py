@@ -6,10 +6,10 @@ weights_only=True); Lightning's loaders pass weights_only=None through to that d
 
 import json
 import pathlib
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from packaging.requirements import Requirement
 
@@ -32,15 +32,19 @@ class RunsCode:
 def malicious_checkpoint(folder: Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / "pwned"
-    torch.save({"state_dict": {}, "hyper_parameters": {"num_classes": 2}, "payload": RunsCode(marker)},
-               folder / "best.ckpt")
+    torch.save(
+        {"state_dict": {}, "hyper_parameters": {"num_classes": 2}, "payload": RunsCode(marker)},
+        folder / "best.ckpt",
+    )
     return folder / "best.ckpt", marker
 
 
 def test_predict_refuses_a_checkpoint_that_would_run_code(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
     checkpoint, marker = malicious_checkpoint(tmp_path / "models")
-    (tmp_path / "models" / RUN_INFO).write_text(json.dumps({"classes": ["a", "b"], "checkpoints": ["best.ckpt"]}))
+    (tmp_path / "models" / RUN_INFO).write_text(
+        json.dumps({"classes": ["a", "b"], "checkpoints": ["best.ckpt"]})
+    )
     with pytest.raises(Exception, match="Weights only load failed"):
         serve.load_trained(tmp_path / "models", Data())
     with pytest.raises(Exception, match="Weights only load failed"):

@@ -14,19 +14,30 @@ def test_repository_params_are_valid_and_complete():
     assert set(config.flatten(params)) == set(config.flatten(config.parse({})))
 
 
-@pytest.mark.parametrize("raw, key, words", [
-    ({"train": {"lrr": 0.1}}, "train.lrr", "unknown key"),
-    ({"bogus": 1}, "bogus", "unknown key"),
-    ({"train": {"max_epochs": "ten"}}, "train.max_epochs", "integer"),
-    ({"train": {"lr": -1}}, "train.lr", "greater than 0"),
-    ({"model": {"arch": "vgg16"}}, "model.arch", "resnet50"),
-    ({"data": {"val_fraction": 0.7}}, "data.val_fraction", "less than 0.5"),
-    ({"tune": {"search_space": {"train.nope": {"type": "float", "low": 1, "high": 2}}}}, "train.nope", "not a params key"),
-    ({"tune": {"search_space": {"train.lr": {"type": "float", "low": 2, "high": 1}}}}, "tune.search_space.train.lr", "low"),
-    ({"evaluate": {"threshold": "sensitivity"}}, "evaluate", "sensitivity:<target>"),
-    ({"evaluate": {"threshold": 1.5}}, "evaluate", "a number in (0, 1)"),
-    ({"train": {"ema_decay": 1.0}}, "train.ema_decay", "less than 1"),
-])
+@pytest.mark.parametrize(
+    "raw, key, words",
+    [
+        ({"train": {"lrr": 0.1}}, "train.lrr", "unknown key"),
+        ({"bogus": 1}, "bogus", "unknown key"),
+        ({"train": {"max_epochs": "ten"}}, "train.max_epochs", "integer"),
+        ({"train": {"lr": -1}}, "train.lr", "greater than 0"),
+        ({"model": {"arch": "vgg16"}}, "model.arch", "resnet50"),
+        ({"data": {"val_fraction": 0.7}}, "data.val_fraction", "less than 0.5"),
+        (
+            {"tune": {"search_space": {"train.nope": {"type": "float", "low": 1, "high": 2}}}},
+            "train.nope",
+            "not a params key",
+        ),
+        (
+            {"tune": {"search_space": {"train.lr": {"type": "float", "low": 2, "high": 1}}}},
+            "tune.search_space.train.lr",
+            "low",
+        ),
+        ({"evaluate": {"threshold": "sensitivity"}}, "evaluate", "sensitivity:<target>"),
+        ({"evaluate": {"threshold": 1.5}}, "evaluate", "a number in (0, 1)"),
+        ({"train": {"ema_decay": 1.0}}, "train.ema_decay", "less than 1"),
+    ],
+)
 def test_bad_values_name_the_key(raw, key, words):
     with pytest.raises(config.ConfigError) as err:
         config.parse(raw)
@@ -64,9 +75,14 @@ def test_flatten_uses_params_yaml_names():
     assert flat["augment.transforms"].startswith("[{")
 
 
-@pytest.mark.parametrize("key,uri", [("tune.storage", "postgresql://optuna:hunter2@127.0.0.1:5432/optuna"),
-                                     ("mlflow.tracking_uri", "http://me:hunter2@127.0.0.1:5000"),
-                                     ("mlflow.tracking_uri", "https://127.0.0.1/?token=hunter2")])
+@pytest.mark.parametrize(
+    "key,uri",
+    [
+        ("tune.storage", "postgresql://optuna:hunter2@127.0.0.1:5432/optuna"),
+        ("mlflow.tracking_uri", "http://me:hunter2@127.0.0.1:5000"),
+        ("mlflow.tracking_uri", "https://127.0.0.1/?token=hunter2"),
+    ],
+)
 def test_a_credential_in_a_params_uri_is_refused_without_echoing_it(tmp_path, key, uri):
     section, name = key.split(".")
     (tmp_path / "params.yaml").write_text(f"{section}:\n  {name}: '{uri}'\n")
@@ -80,12 +96,20 @@ def test_an_empty_params_file_is_refused(tmp_path):
         (tmp_path / "params.yaml").write_text(text)
         with pytest.raises(config.ConfigError, match=r"params.yaml: is empty"):
             config.load(tmp_path / "params.yaml")
+
+
 def test_regularizers_and_decisions_are_keys_the_tuner_can_search():
-    params = config.parse({"tune": {"search_space": {
-        "augment.mixup_alpha": {"type": "float", "low": 0.0, "high": 0.4},
-        "augment.cutmix_alpha": {"type": "categorical", "choices": [0.0, 1.0]},
-        "train.ema_decay": {"type": "categorical", "choices": [None, 0.99]},
-    }}})
+    params = config.parse(
+        {
+            "tune": {
+                "search_space": {
+                    "augment.mixup_alpha": {"type": "float", "low": 0.0, "high": 0.4},
+                    "augment.cutmix_alpha": {"type": "categorical", "choices": [0.0, 1.0]},
+                    "train.ema_decay": {"type": "categorical", "choices": [None, 0.99]},
+                }
+            }
+        }
+    )
     tuned = config.with_overrides(params, {"augment.mixup_alpha": 0.2, "train.ema_decay": 0.99})
     assert (tuned.augment.mixup_alpha, tuned.train.ema_decay) == (0.2, 0.99)
     assert config.parse_threshold("specificity:0.9") == ("specificity", 0.9)

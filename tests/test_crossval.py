@@ -19,8 +19,12 @@ from pipeline.data.ingest import load_prepared
 from tests.conftest import REPO, in_project, run_stages, write_tiny_params
 
 FOLDS = 2
-SETTINGS = {"data": {"folds": FOLDS}, "tune": {"enabled": False},
-            "train": {"max_epochs": 2, "patience": 2}, "evaluate": {"bootstrap": 50, "gradcam_per_class": 1}}
+SETTINGS = {
+    "data": {"folds": FOLDS},
+    "tune": {"enabled": False},
+    "train": {"max_epochs": 2, "patience": 2},
+    "evaluate": {"bootstrap": 50, "gradcam_per_class": 1},
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +52,9 @@ def test_oof_covers_every_train_and_val_image_once_and_no_group_spans_two_folds(
 
 def test_the_shipped_model_is_the_mean_of_the_fold_members(project):
     run = json.loads((project / "models" / "run.json").read_text())
-    assert run["checkpoints"] == [crossval.member_name(i) for i in range(FOLDS)] and len(run["folds"]) == FOLDS
+    assert (
+        run["checkpoints"] == [crossval.member_name(i) for i in range(FOLDS)] and len(run["folds"]) == FOLDS
+    )
     trained = serve.load_trained(project / "models")
     images = load_prepared(project / "data" / "prepared").images[:6]
     x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
@@ -70,8 +76,9 @@ def test_the_exported_ensemble_equals_the_in_process_one(project, tmp_path):
     scripted = torch.jit.load(str(serve.export(trained, "torchscript", tmp_path / "m.pt")))
     with torch.no_grad():
         np.testing.assert_allclose(scripted(torch.from_numpy(images)).numpy(), expected, atol=1e-5)
-    session = onnxruntime.InferenceSession(str(serve.export(trained, "onnx", tmp_path / "m.onnx")),
-                                           providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        str(serve.export(trained, "onnx", tmp_path / "m.onnx")), providers=["CPUExecutionProvider"]
+    )
     np.testing.assert_allclose(session.run(None, {"images": images})[0], expected, atol=1e-5)
 
 
@@ -86,13 +93,14 @@ def test_cv_metrics_reach_metrics_json_the_report_and_nested_mlflow_runs(project
     client = mlflow.MlflowClient()
     parent = client.get_run(run["run_id"])
     assert "test/accuracy" in parent.data.metrics and "cv/accuracy" in parent.data.metrics
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{run['run_id']}'")
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run['run_id']}'")
     assert sorted(c.data.tags["fold"] for c in children) == [str(i) for i in range(FOLDS)]
     for child in children:
         assert child.info.status == "FINISHED" and child.data.params["data.folds"] == str(FOLDS)
         assert "val/loss" in child.data.metrics
-        assert [a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")] == ["checkpoint/best.ckpt"]
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")] == [
+            "checkpoint/best.ckpt"
+        ]
 
 
 def test_changing_only_evaluate_keys_retrains_nothing(project):
@@ -113,8 +121,13 @@ def test_a_run_killed_mid_fold_resumes_at_that_fold(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
     env |= {"PYTHONPATH": str(REPO), "TORCH_HOME": str(root / "torch")}
     resume = root / ".models.resume"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train"], cwd=root, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         while not (resume / "fold_1" / "checkpoints" / "last.ckpt").is_file():  # fold 0 done, fold 1 begun
@@ -124,11 +137,18 @@ def test_a_run_killed_mid_fold_resumes_at_that_fold(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     fold_run = json.loads((resume / "fold_1" / "state.json").read_text())["run_id"]
-    out = subprocess.run([sys.executable, "-m", "pipeline", "train", "--params", "params.yaml"], cwd=root, env=env,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--params", "params.yaml"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "resuming MLflow run" in out and "fold 1/2" not in out and "fold 2/2" in out  # fold 0 kept
     assert not resume.exists()
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     assert mlflow.get_run(fold_run).info.status == "FINISHED"  # fold 1 went on in its own run
     assert len(pd.read_csv(root / "models" / crossval.OOF_CSV)) == len(
-        load_prepared(root / "data" / "prepared").table.query("split != 'test'"))
+        load_prepared(root / "data" / "prepared").table.query("split != 'test'")
+    )

@@ -12,10 +12,13 @@ from pipeline.stages import augment as augment_stage
 @pytest.fixture
 def offline_params(tiny_params, prepared, tmp_path):
     """tiny_params writing the augment stage's outputs under tmp_path, with 2 offline copies."""
-    paths = dataclasses.replace(tiny_params.paths, prepared=str(tmp_path / "prepared"),
-                                augment_pipeline=str(tmp_path / "augment" / "t.json"),
-                                augment_preview=str(tmp_path / "augment" / "preview.png"),
-                                augment_offline=str(tmp_path / "augment" / "offline"))
+    paths = dataclasses.replace(
+        tiny_params.paths,
+        prepared=str(tmp_path / "prepared"),
+        augment_pipeline=str(tmp_path / "augment" / "t.json"),
+        augment_preview=str(tmp_path / "augment" / "preview.png"),
+        augment_offline=str(tmp_path / "augment" / "offline"),
+    )
     return with_overrides(dataclasses.replace(tiny_params, paths=paths), {"augment.offline_copies": 2})
 
 
@@ -30,8 +33,14 @@ def test_offline_copies_from_the_augment_stage_join_the_train_split_only(offline
     assert train.labels[n_train:].tolist() == np.repeat(source, 2).tolist()
     changed = (train.images[n_train:] != np.repeat(train.images[:n_train], 2, axis=0)).any(axis=(1, 2, 3))
     assert changed.mean() > 0.5
-    assert len(datamodule(with_overrides(offline_params, {"augment.offline_copies": 0}), prepared, None)
-               .dataset("train")) == n_train
+    assert (
+        len(
+            datamodule(with_overrides(offline_params, {"augment.offline_copies": 0}), prepared, None).dataset(
+                "train"
+            )
+        )
+        == n_train
+    )
 
 
 def test_missing_or_stale_offline_copies_say_what_to_run(offline_params, prepared):

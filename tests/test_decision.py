@@ -6,7 +6,13 @@ import pytest
 
 from pipeline.config import Evaluate
 from pipeline.evaluation import decision, split_metrics
-from pipeline.evaluation.decision import Decision, choose_threshold, conformal_quantile, decide, prediction_sets
+from pipeline.evaluation.decision import (
+    Decision,
+    choose_threshold,
+    conformal_quantile,
+    decide,
+    prediction_sets,
+)
 
 
 def scored(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -25,8 +31,9 @@ def test_each_objective_gets_its_best_cut():
     s, c, _ = decision.rates(scores, positives, np.array([t]))
     assert s[0] + c[0] == pytest.approx((sens + spec).max())
     assert choose_threshold(scores, positives, "balanced_accuracy") == t  # (1 + J) / 2: the same cut
-    assert decision.rates(scores, positives, np.array([choose_threshold(scores, positives, "f1")]))[2][0] == \
-        pytest.approx(f1.max())
+    assert decision.rates(scores, positives, np.array([choose_threshold(scores, positives, "f1")]))[2][
+        0
+    ] == pytest.approx(f1.max())
     high = choose_threshold(scores, positives, "sensitivity:0.95")
     s, c, _ = decision.rates(scores, positives, np.array([high]))
     assert s[0] >= 0.95 and c[0] == pytest.approx(spec[sens >= 0.95].max())
@@ -46,7 +53,9 @@ def test_the_decision_never_sees_test_labels():
     again, other = decide(selection, (test_probs, shuffled), ("neg", "pos"), 1, settings, seed=0)
     assert again == made and made.threshold is not None and made.conformal_quantile is not None
     assert other["decision/threshold"] == metrics["decision/threshold"]
-    assert other["test_threshold/accuracy"] != metrics["test_threshold/accuracy"]  # the labels did matter there
+    assert (
+        other["test_threshold/accuracy"] != metrics["test_threshold/accuracy"]
+    )  # the labels did matter there
     low, high = metrics["test_threshold/sensitivity_ci_low"], metrics["test_threshold/sensitivity_ci_high"]
     assert low <= metrics["test_threshold/sensitivity"] <= high
 
@@ -70,8 +79,16 @@ def test_conformal_coverage_matches_theory_on_known_probabilities():
 
 
 def test_decision_file_round_trips_and_applies_the_cut_and_the_sets(tmp_path):
-    made = Decision(run_id="r1", classes=("neg", "pos"), selection="val", positive_class="pos",
-                    threshold_rule="youden", threshold=0.3, conformal_alpha=0.1, conformal_quantile=0.75)
+    made = Decision(
+        run_id="r1",
+        classes=("neg", "pos"),
+        selection="val",
+        positive_class="pos",
+        threshold_rule="youden",
+        threshold=0.3,
+        conformal_alpha=0.1,
+        conformal_quantile=0.75,
+    )
     made.write(tmp_path / "decision.json")
     read = Decision.read(tmp_path / "decision.json")
     assert read == made
@@ -107,9 +124,19 @@ def test_evaluate_fits_the_decisions_on_val_and_scores_them_on_test():
     model = Classifier("resnet18", 2)
     images = rng.integers(0, 255, (40, 16, 16, 3), dtype=np.uint8)
     labels = np.arange(40) % 2
-    settings = Evaluate(threshold="specificity:0.5", conformal_alpha=0.2, bootstrap=20, temperature_scaling=False)
-    out = evaluate(model, images[:20], labels[:20], ("neg", "pos"), settings, 0, val=(images[20:], labels[20:]),
-                   run_id="r9")
+    settings = Evaluate(
+        threshold="specificity:0.5", conformal_alpha=0.2, bootstrap=20, temperature_scaling=False
+    )
+    out = evaluate(
+        model,
+        images[:20],
+        labels[:20],
+        ("neg", "pos"),
+        settings,
+        0,
+        val=(images[20:], labels[20:]),
+        run_id="r9",
+    )
     val_probs, val_labels = out.selection
     assert out.decision.run_id == "r9" and out.decision.positive_class == "pos"
     assert out.decision.threshold == choose_threshold(val_probs[:, 1], val_labels == 1, "specificity:0.5")

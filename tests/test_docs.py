@@ -28,7 +28,9 @@ def yaml_keys(mapping: dict, prefix: str = "") -> list[str]:
 
 def test_committed_reference_is_what_the_generator_renders():
     committed = (REPO / docs.OUTPUT).read_text()
-    assert committed == docs.render(), f"{docs.OUTPUT} is out of date with pipeline/config.py: run `{docs.COMMAND}`"
+    assert committed == docs.render(), (
+        f"{docs.OUTPUT} is out of date with pipeline/config.py: run `{docs.COMMAND}`"
+    )
 
 
 def test_every_params_yaml_key_is_documented_in_params_yaml_order():
@@ -39,7 +41,9 @@ def test_every_params_yaml_key_is_documented_in_params_yaml_order():
     missing = [k for k in keys if f"| `{k}` |" not in text]
     assert not missing, f"params.yaml keys missing from {docs.OUTPUT}: {missing}"
     sections = [k for k, v in raw.items() if isinstance(v, dict)]
-    headings = [line.removeprefix("## `").removesuffix("`") for line in text.splitlines() if line.startswith("## `")]
+    headings = [
+        line.removeprefix("## `").removesuffix("`") for line in text.splitlines() if line.startswith("## `")
+    ]
     assert headings == sections
 
 
@@ -55,8 +59,11 @@ def test_main_writes_the_file_and_types_show_choices_and_null(tmp_path, capsys):
 
 def anchors(markdown: str) -> set[str]:
     """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
-    return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
-            for line in markdown.splitlines() if line.startswith("#")}
+    return {
+        re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in markdown.splitlines()
+        if line.startswith("#")
+    }
 
 
 def test_links_in_the_readme_and_docs_resolve():
@@ -69,7 +76,7 @@ def test_links_in_the_readme_and_docs_resolve():
                 continue
             path, _, anchor = target.partition("#")
             linked = (page.parent / path).resolve() if path else page
-            if not linked.exists() or anchor and anchor not in anchors(linked.read_text()):
+            if not linked.exists() or (anchor and anchor not in anchors(linked.read_text())):
                 broken.append(f"{page.relative_to(REPO)}: {target}")
     assert not broken, f"links to missing files or headings: {broken}"
     readme = (REPO / "README.md").read_text()

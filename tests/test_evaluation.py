@@ -12,14 +12,16 @@ from pipeline.evaluation import calibration, metrics, reporting
 CLASSES = ("a", "b", "c")
 # 6 images: true labels and predicted probabilities chosen so every metric is easy to work out by hand.
 LABELS = np.array([0, 0, 1, 1, 2, 2])
-PROBS = np.array([
-    [0.8, 0.1, 0.1],  # a -> a
-    [0.2, 0.7, 0.1],  # a -> b (wrong)
-    [0.1, 0.8, 0.1],  # b -> b
-    [0.1, 0.6, 0.3],  # b -> b
-    [0.1, 0.1, 0.8],  # c -> c
-    [0.3, 0.2, 0.5],  # c -> c
-])
+PROBS = np.array(
+    [
+        [0.8, 0.1, 0.1],  # a -> a
+        [0.2, 0.7, 0.1],  # a -> b (wrong)
+        [0.1, 0.8, 0.1],  # b -> b
+        [0.1, 0.6, 0.3],  # b -> b
+        [0.1, 0.1, 0.8],  # c -> c
+        [0.3, 0.2, 0.5],  # c -> c
+    ]
+)
 
 
 def auc(scores, positive):
@@ -47,7 +49,7 @@ def test_metrics_match_hand_computed_values():
     assert m["test/f1/a"] == pytest.approx(f1[0], abs=1e-5)
     assert m["test/macro_f1"] == pytest.approx(np.mean(f1), abs=1e-5)
     assert m["test/support/c"] == 2
-    expected = [auc(PROBS[:, k], LABELS == k) for k in range(3)]
+    expected = [auc(PROBS[:, k], k == LABELS) for k in range(3)]
     assert m["test/auroc"] == pytest.approx(np.mean(expected), abs=1e-5)
     assert m["test/auroc/b"] == pytest.approx(expected[1], abs=1e-5)
     # Brier, per image sum over classes of (p - onehot)^2: .06, 1.14, .06, .26, .06, .38 -> mean 1.96 / 6
@@ -63,11 +65,19 @@ def test_point_metrics_equal_torchmetrics_on_a_larger_set():
     probs, labels = synthetic(300, k=4)
     m = evaluation.compute_metrics(probs, labels, "abcd", ece_bins=15)
     p, y = torch.tensor(probs), torch.tensor(labels)
-    assert m["test/accuracy"] == pytest.approx(float(tmf.multiclass_accuracy(p, y, 4, average="micro")), abs=1e-6)
-    assert m["test/balanced_accuracy"] == pytest.approx(float(tmf.multiclass_accuracy(p, y, 4, average="macro")), abs=1e-6)
-    assert m["test/macro_f1"] == pytest.approx(float(tmf.multiclass_f1_score(p, y, 4, average="macro")), abs=1e-6)
+    assert m["test/accuracy"] == pytest.approx(
+        float(tmf.multiclass_accuracy(p, y, 4, average="micro")), abs=1e-6
+    )
+    assert m["test/balanced_accuracy"] == pytest.approx(
+        float(tmf.multiclass_accuracy(p, y, 4, average="macro")), abs=1e-6
+    )
+    assert m["test/macro_f1"] == pytest.approx(
+        float(tmf.multiclass_f1_score(p, y, 4, average="macro")), abs=1e-6
+    )
     assert m["test/auroc"] == pytest.approx(float(tmf.multiclass_auroc(p, y, 4, average="macro")), abs=1e-6)
-    assert m["test/ece"] == pytest.approx(float(tmf.multiclass_calibration_error(p, y, 4, n_bins=15)), abs=1e-6)
+    assert m["test/ece"] == pytest.approx(
+        float(tmf.multiclass_calibration_error(p, y, 4, n_bins=15)), abs=1e-6
+    )
     per_class_f1 = tmf.multiclass_f1_score(p, y, 4, average=None)
     assert [m[f"test/f1/{c}"] for c in "abcd"] == pytest.approx(per_class_f1.tolist(), abs=1e-6)
 
@@ -82,13 +92,18 @@ def test_binary_sensitivity_and_specificity():
     assert positive == 1
     assert m["test/sensitivity"] == pytest.approx(2 / 3) and m["test/specificity"] == pytest.approx(3 / 4)
     assert m["test/auroc"] == pytest.approx(11 / 12)  # 11 of the 12 (positive, negative) pairs ordered right
-    flipped = evaluation.compute_metrics(probs, labels, ("no", "yes"),
-                                         positive=evaluation.positive_index(("no", "yes"), "no"))
-    assert flipped["test/sensitivity"] == pytest.approx(3 / 4) and flipped["test/specificity"] == pytest.approx(2 / 3)
+    flipped = evaluation.compute_metrics(
+        probs, labels, ("no", "yes"), positive=evaluation.positive_index(("no", "yes"), "no")
+    )
+    assert flipped["test/sensitivity"] == pytest.approx(3 / 4) and flipped[
+        "test/specificity"
+    ] == pytest.approx(2 / 3)
 
 
 def test_positive_class_errors_name_the_key():
-    with pytest.raises(evaluation.EvaluationError, match="evaluate.positive_class: 'maybe' is not a class.*no, yes"):
+    with pytest.raises(
+        evaluation.EvaluationError, match="evaluate.positive_class: 'maybe' is not a class.*no, yes"
+    ):
         evaluation.positive_index(("no", "yes"), "maybe")
     with pytest.raises(evaluation.EvaluationError, match="evaluate.positive_class.*3 classes"):
         evaluation.positive_index(CLASSES, "a")
@@ -105,6 +120,7 @@ def test_macro_averages_run_over_the_classes_present():
 
 
 # --- bootstrap ---------------------------------------------------------------------------------------
+
 
 def test_resample_weights_count_draws_with_replacement():
     w = metrics.resample_weights(7, 500, np.random.default_rng(0))
@@ -126,8 +142,15 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_images()
         probs, labels = synthetic(n)
         point = evaluation.compute_metrics(probs, labels, CLASSES)
         intervals, skipped = metrics.bootstrap(probs, labels, 1000, seed=0)
-        assert skipped == 0 and set(intervals) == {"accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece",
-                                                   "brier", "nll"}
+        assert skipped == 0 and set(intervals) == {
+            "accuracy",
+            "balanced_accuracy",
+            "macro_f1",
+            "auroc",
+            "ece",
+            "brier",
+            "nll",
+        }
         for name, (low, high) in intervals.items():
             assert low <= point[f"test/{name}"] <= high, (n, name)
         widths[n] = {name: high - low for name, (low, high) in intervals.items()}
@@ -165,6 +188,7 @@ def test_split_metrics_store_intervals_beside_each_metric():
 
 # --- calibration --------------------------------------------------------------------------------------
 
+
 def over_confident(n=3000, temperature=3.0, seed=0):
     """Labels drawn from softmax(z), so z is calibrated; the 'model' reports z x temperature."""
     rng = np.random.default_rng(seed)
@@ -197,12 +221,17 @@ def test_temperature_stays_1_when_validation_is_all_right():
 def test_reliability_table_uses_the_ece_bins():
     table = calibration.reliability_table(PROBS, LABELS, 4)
     assert table["bin"].tolist() == [2, 3] and table["count"].tolist() == [3, 3]
-    assert table["confidence"].tolist() == pytest.approx([0.6, 0.8]) and table["accuracy"].tolist() == pytest.approx([2 / 3, 1])
+    assert table["confidence"].tolist() == pytest.approx([0.6, 0.8]) and table[
+        "accuracy"
+    ].tolist() == pytest.approx([2 / 3, 1])
     ece = (table["count"] / 6 * (table["accuracy"] - table["confidence"]).abs()).sum()
-    assert ece == pytest.approx(evaluation.compute_metrics(PROBS, LABELS, CLASSES, ece_bins=4)["test/ece"], abs=1e-5)
+    assert ece == pytest.approx(
+        evaluation.compute_metrics(PROBS, LABELS, CLASSES, ece_bins=4)["test/ece"], abs=1e-5
+    )
 
 
 # --- plots and report ---------------------------------------------------------------------------------
+
 
 def test_confusion_table_and_plot(tmp_path):
     table = evaluation.confusion_table(PROBS, LABELS, CLASSES)
@@ -213,6 +242,7 @@ def test_confusion_table_and_plot(tmp_path):
 
 def test_curve_tables_are_the_one_vs_rest_curves():
     from pipeline.evaluation import plots
+
     tables = plots.curve_tables(PROBS, LABELS, CLASSES)
     roc = tables["roc"]["a"]
     assert (roc["fpr"].iloc[0], roc["tpr"].iloc[0], roc["fpr"].iloc[-1], roc["tpr"].iloc[-1]) == (0, 0, 1, 1)
@@ -223,13 +253,33 @@ def test_curve_tables_are_the_one_vs_rest_curves():
     assert plots.file_stems(["a b", "a/b", "x"]) == ["0_a_b", "1_a_b", "2_x"]
 
 
-DATA = {"source": "data/raw/x", "classes": list(CLASSES), "n_images": 6, "image_size": 32, "rejected": [],
-        "counts": {s: {c: 2 for c in CLASSES} for s in ("train", "val", "test")}, "split_by": "stratified",
-        "duplicates": {"n_exact_sets": 1, "n_near_pairs": 0}, "leakage": [], "warnings": []}
-RANDOM_INIT = {"arch": "resnet18", "run_id": "r1", "checkpoints": ["best.ckpt"],
-               "weights": {"pretrained": False, "source": "random-init", "fallback_reason": "download failed: offline"}}
-PRETRAINED = {"arch": "resnet18", "run_id": "r1", "checkpoints": ["best.ckpt"], "monitor": "val/loss",
-              "best_score": 0.5, "epochs_run": 3, "weights": {"pretrained": True, "source": "url"}}
+DATA = {
+    "source": "data/raw/x",
+    "classes": list(CLASSES),
+    "n_images": 6,
+    "image_size": 32,
+    "rejected": [],
+    "counts": {s: {c: 2 for c in CLASSES} for s in ("train", "val", "test")},
+    "split_by": "stratified",
+    "duplicates": {"n_exact_sets": 1, "n_near_pairs": 0},
+    "leakage": [],
+    "warnings": [],
+}
+RANDOM_INIT = {
+    "arch": "resnet18",
+    "run_id": "r1",
+    "checkpoints": ["best.ckpt"],
+    "weights": {"pretrained": False, "source": "random-init", "fallback_reason": "download failed: offline"},
+}
+PRETRAINED = {
+    "arch": "resnet18",
+    "run_id": "r1",
+    "checkpoints": ["best.ckpt"],
+    "monitor": "val/loss",
+    "best_score": 0.5,
+    "epochs_run": 3,
+    "weights": {"pretrained": True, "source": "url"},
+}
 
 
 def test_report_warns_about_random_init_tiny_classes_and_wide_intervals():
@@ -245,8 +295,11 @@ def test_report_warns_about_random_init_tiny_classes_and_wide_intervals():
 
 
 def test_report_warns_about_leakage_and_ingest_findings():
-    data = DATA | {"leakage": [["x/a1.png", "x/a1_copy.png"]], "warnings": ["class 'a' has only 4 images"],
-                   "counts": {s: {c: 20 for c in CLASSES} for s in ("train", "val", "test")}}
+    data = DATA | {
+        "leakage": [["x/a1.png", "x/a1_copy.png"]],
+        "warnings": ["class 'a' has only 4 images"],
+        "counts": {s: {c: 20 for c in CLASSES} for s in ("train", "val", "test")},
+    }
     m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)  # no intervals: no width warning
     text = evaluation.report(m, data, PRETRAINED, [], settings=Evaluate(bootstrap=0), hparams={"lr": 0.001})
     warnings = text.split("## Warnings")[1].split("##")[0]
@@ -260,13 +313,31 @@ def test_report_warns_about_leakage_and_ingest_findings():
 def test_report_shows_tta_and_calibration_columns_and_extra_sections():
     settings = Evaluate(bootstrap=0)
     m = evaluation.compute_metrics(PROBS, LABELS, CLASSES) | evaluation.compute_metrics(
-        np.eye(3)[LABELS], LABELS, CLASSES, evaluation.TTA_SPLIT)
-    m |= evaluation.split_metrics(PROBS ** 0.5 / (PROBS ** 0.5).sum(1, keepdims=True), LABELS, CLASSES,
-                                  evaluation.CALIBRATED_SPLIT, settings, 0, only=evaluation.CALIBRATION)
+        np.eye(3)[LABELS], LABELS, CLASSES, evaluation.TTA_SPLIT
+    )
+    m |= evaluation.split_metrics(
+        PROBS**0.5 / (PROBS**0.5).sum(1, keepdims=True),
+        LABELS,
+        CLASSES,
+        evaluation.CALIBRATED_SPLIT,
+        settings,
+        0,
+        only=evaluation.CALIBRATION,
+    )
     m |= {"calibration/temperature": 2.0, "calibration/val_nll": 0.9, "calibration/val_nll_calibrated": 0.7}
-    text = evaluation.report(m, DATA, PRETRAINED, [], ["HorizontalFlip", "VerticalFlip"], settings=settings,
-                             extra=[("Grad-CAM", "![gradcam](plots/gradcam.png)")])
-    assert "| metric | plain | 95% CI | with TTA | 95% CI |" in text and "| accuracy | 0.8333 | — | 1.0000 | — |" in text
+    text = evaluation.report(
+        m,
+        DATA,
+        PRETRAINED,
+        [],
+        ["HorizontalFlip", "VerticalFlip"],
+        settings=settings,
+        extra=[("Grad-CAM", "![gradcam](plots/gradcam.png)")],
+    )
+    assert (
+        "| metric | plain | 95% CI | with TTA | 95% CI |" in text
+        and "| accuracy | 0.8333 | — | 1.0000 | — |" in text
+    )
     assert "HorizontalFlip, VerticalFlip" in text
     assert "| metric | plain | 95% CI | with TTA | 95% CI | temperature-scaled | 95% CI |" in text
     assert "Temperature T = 2.000" in text and "NLL 0.9000 → 0.7000" in text
@@ -275,6 +346,7 @@ def test_report_shows_tta_and_calibration_columns_and_extra_sections():
 
 
 # --- predictions and the whole evaluation ----------------------------------------------------------------
+
 
 @pytest.fixture
 def tiny_model():
@@ -294,45 +366,79 @@ def tiny_model():
 
 def test_tta_averages_the_plain_and_transformed_predictions(tiny_model):
     from pipeline import augment
+
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     flip = augment.build_tta(["HorizontalFlip"])
     plain = evaluation.predict_proba(tiny_model, images, batch_size=3)
     flipped = evaluation.predict_proba(tiny_model, np.ascontiguousarray(images[:, :, ::-1]), batch_size=3)
     assert not np.allclose(plain, flipped, atol=1e-4)  # else the check below proves nothing
-    np.testing.assert_allclose(evaluation.predict_tta(tiny_model, images, 3, flip), (plain + flipped) / 2, atol=1e-6)
+    np.testing.assert_allclose(
+        evaluation.predict_tta(tiny_model, images, 3, flip), (plain + flipped) / 2, atol=1e-6
+    )
 
 
 def test_evaluate_reports_plain_tta_and_calibrated_metrics(tiny_model):
     from pipeline import augment
+
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     val = rng.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8), np.array([0, 1, 2] * 3)
     settings = Evaluate(batch_size=4, bootstrap=100, temperature_scaling=False)
     plain = evaluation.evaluate(tiny_model, images, LABELS, CLASSES, settings, seed=0)
     assert plain.calibrated is None and plain.probs.shape == (6, 3)
-    assert "test/accuracy_ci_high" in plain.metrics and not any(k.startswith(("test_tta/", "calibration/"))
-                                                                 for k in plain.metrics)
-    both = evaluation.evaluate(tiny_model, images, LABELS, CLASSES, Evaluate(batch_size=4, bootstrap=100), seed=0,
-                               tta=augment.build_tta(["VerticalFlip"]), val=val)
-    assert {k: v for k, v in both.metrics.items() if k.startswith("test/")} == plain.metrics  # same seed, same CIs
+    assert "test/accuracy_ci_high" in plain.metrics and not any(
+        k.startswith(("test_tta/", "calibration/")) for k in plain.metrics
+    )
+    both = evaluation.evaluate(
+        tiny_model,
+        images,
+        LABELS,
+        CLASSES,
+        Evaluate(batch_size=4, bootstrap=100),
+        seed=0,
+        tta=augment.build_tta(["VerticalFlip"]),
+        val=val,
+    )
+    assert {
+        k: v for k, v in both.metrics.items() if k.startswith("test/")
+    } == plain.metrics  # same seed, same CIs
     assert {f"test_tta/{m}" for m in evaluation.HEADLINE} <= set(both.metrics)
     assert {k.split("/")[1] for k in both.metrics if k.startswith("test_calibrated/")} == {
-        "ece", "brier", "nll", "ece_ci_low", "ece_ci_high", "brier_ci_low", "brier_ci_high", "nll_ci_low", "nll_ci_high"}
+        "ece",
+        "brier",
+        "nll",
+        "ece_ci_low",
+        "ece_ci_high",
+        "brier_ci_low",
+        "brier_ci_high",
+        "nll_ci_low",
+        "nll_ci_high",
+    }
     t = both.metrics["calibration/temperature"]
     np.testing.assert_allclose(both.calibrated.argmax(1), both.probs.argmax(1))
-    assert both.metrics["calibration/val_nll_calibrated"] <= both.metrics["calibration/val_nll"] + 1e-9 and t > 0
+    assert (
+        both.metrics["calibration/val_nll_calibrated"] <= both.metrics["calibration/val_nll"] + 1e-9 and t > 0
+    )
 
 
 def test_report_names_the_positive_class():
     labels = np.array([0, 0, 1, 1, 1])
     probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
     classes = ("normal", "pneumonia")
-    data = DATA | {"classes": list(classes), "counts": {s: {c: 20 for c in classes} for s in ("train", "val", "test")}}
+    data = DATA | {
+        "classes": list(classes),
+        "counts": {s: {c: 20 for c in classes} for s in ("train", "val", "test")},
+    }
     m = evaluation.compute_metrics(probs, labels, classes, positive=1)
     text = evaluation.report(m, data, PRETRAINED, [], settings=Evaluate(bootstrap=0))
-    assert "| sensitivity for pneumonia | 0.6667 |" in text and "| specificity (recall of normal) | 0.5000 |" in text
+    assert (
+        "| sensitivity for pneumonia | 0.6667 |" in text
+        and "| specificity (recall of normal) | 0.5000 |" in text
+    )
     assert "| positive class | `pneumonia` (evaluate.positive_class is null" in text
-    chosen = evaluation.report(m, data, PRETRAINED, [], settings=Evaluate(bootstrap=0, positive_class="normal"))
+    chosen = evaluation.report(
+        m, data, PRETRAINED, [], settings=Evaluate(bootstrap=0, positive_class="normal")
+    )
     assert "| sensitivity for normal |" in chosen
 
 
@@ -347,12 +453,15 @@ def test_report_states_temperature_scalings_test_effect_and_warns_when_it_hurts(
     assert "**Temperature scaling made test calibration worse** (ECE " in warnings
     assert f"ECE {m['test/ece']:.3f} → {m['test_calibrated/ece']:.3f}" in text and "**worse**" in text
     assert "predict, export and the registered MLflow model: the plain softmax" in text
-    m |= {k.replace("test/", "test_calibrated/"): v for k, v in m.items() if k.startswith("test/")}  # no change
+    m |= {
+        k.replace("test/", "test_calibrated/"): v for k, v in m.items() if k.startswith("test/")
+    }  # no change
     assert "Temperature scaling made" not in evaluation.report(m, DATA, PRETRAINED, [], settings=settings)
 
 
 def test_the_reliability_diagram_shows_each_bins_image_count(tmp_path):
     from pipeline.evaluation import plots
+
     table = calibration.reliability_table(PROBS, LABELS, 4)
     fig = plots.plot_reliability({"test": table}, tmp_path / "r.png", {"test": "uncalibrated"})
     shown = [t.get_text() for t in fig.axes[0].texts]
@@ -362,7 +471,11 @@ def test_the_reliability_diagram_shows_each_bins_image_count(tmp_path):
 def test_the_report_is_the_same_for_identical_results_of_another_train_run():
     m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)
     first = evaluation.report(m, DATA, PRETRAINED, [], settings=Evaluate(bootstrap=0))
-    assert evaluation.report(m, DATA, PRETRAINED | {"run_id": "r2"}, [], settings=Evaluate(bootstrap=0)) == first
+    assert (
+        evaluation.report(m, DATA, PRETRAINED | {"run_id": "r2"}, [], settings=Evaluate(bootstrap=0)) == first
+    )
+
+
 def test_report_says_which_training_mode_ran():
     m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)
     report = lambda run: evaluation.report(m, DATA, run, [], settings=Evaluate(bootstrap=0))  # noqa: E731

@@ -26,11 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_params(**evaluate) -> config.Params:
-    return config.parse({
-        "data": {"dataset": "tiny", "image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25},
-        "model": {"weights": "none"},
-        "evaluate": {"tta": ["HorizontalFlip"], "bootstrap": 200} | evaluate,
-    })
+    return config.parse(
+        {
+            "data": {"dataset": "tiny", "image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25},
+            "model": {"weights": "none"},
+            "evaluate": {"tta": ["HorizontalFlip"], "bootstrap": 200} | evaluate,
+        }
+    )
 
 
 def save_untrained_model(params: config.Params, classes: tuple[str, ...], run_id: str) -> None:
@@ -38,11 +40,24 @@ def save_untrained_model(params: config.Params, classes: tuple[str, ...], run_id
     model = Classifier(params.model.arch, len(classes), class_names=classes)
     model_dir = Path(params.paths.model_dir)
     model_dir.mkdir(parents=True)
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                "pytorch-lightning_version": lightning.__version__}, model_dir / "best.ckpt")
-    info = {"run_id": run_id, "arch": params.model.arch, "classes": list(classes), "checkpoints": ["best.ckpt"],
-            "monitor": "val/loss", "best_score": 1.1, "epochs_run": 1,
-            "weights": {"pretrained": False, "source": "random-init", "fallback_reason": None}}
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": lightning.__version__,
+        },
+        model_dir / "best.ckpt",
+    )
+    info = {
+        "run_id": run_id,
+        "arch": params.model.arch,
+        "classes": list(classes),
+        "checkpoints": ["best.ckpt"],
+        "monitor": "val/loss",
+        "best_score": 1.1,
+        "epochs_run": 1,
+        "weights": {"pretrained": False, "source": "random-init", "fallback_reason": None},
+    }
     (model_dir / RUN_INFO).write_text(json.dumps(info))
 
 
@@ -70,8 +85,11 @@ def project(tmp_path_factory):
 
 def all_metrics(params) -> dict:
     """The headline metrics file and the detail file together."""
-    return {k: v for path in (params.paths.metrics, params.paths.metrics_detail)
-            for k, v in json.loads(Path(path).read_text(), parse_constant=pytest.fail).items()}  # no NaN/Infinity
+    return {
+        k: v
+        for path in (params.paths.metrics, params.paths.metrics_detail)
+        for k, v in json.loads(Path(path).read_text(), parse_constant=pytest.fail).items()
+    }  # no NaN/Infinity
 
 
 def test_stage_writes_metrics_with_intervals_and_calibration(project):
@@ -79,7 +97,11 @@ def test_stage_writes_metrics_with_intervals_and_calibration(project):
     metrics = all_metrics(params)
     for split in ("test", "test_tta"):
         for name in (*evaluation.HEADLINE, *evaluation.CALIBRATION):
-            assert metrics[f"{split}/{name}_ci_low"] <= metrics[f"{split}/{name}"] <= metrics[f"{split}/{name}_ci_high"]
+            assert (
+                metrics[f"{split}/{name}_ci_low"]
+                <= metrics[f"{split}/{name}"]
+                <= metrics[f"{split}/{name}_ci_high"]
+            )
     assert {"test_calibrated/ece", "test_calibrated/brier_ci_high", "calibration/temperature"} <= set(metrics)
     assert metrics["test/support/alpha"] == 2 and metrics["weights/pretrained"] is False
     assert len(pd.read_csv(params.paths.confusion)) == 6
@@ -95,7 +117,10 @@ def test_plots_folder_holds_the_images_and_the_curve_data(project):
     assert all((folder / image).stat().st_size > 1000 for image in evaluation.IMAGES)
     for kind in plots.CURVES:
         assert sorted(p.name for p in (folder / kind).iterdir()) == [f"{c}.csv" for c in CLASSES]
-    assert sorted(p.name for p in (folder / plots.RELIABILITY).iterdir()) == ["test.csv", "test_calibrated.csv"]
+    assert sorted(p.name for p in (folder / plots.RELIABILITY).iterdir()) == [
+        "test.csv",
+        "test_calibrated.csv",
+    ]
     for kind, (x, y) in plots.AXES.items():
         for csv in (folder / kind).iterdir():
             table = pd.read_csv(csv)
@@ -105,19 +130,31 @@ def test_plots_folder_holds_the_images_and_the_curve_data(project):
 def test_dvc_yaml_declares_what_the_stage_writes():
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     evaluate = dvc["stages"]["evaluate"]
-    assert evaluate["outs"] == ["${paths.plots}", {"${paths.report}": {"cache": False}},
-                                {"${paths.metrics_detail}": {"cache": False}},
-                                {"${paths.decision}": {"cache": False}}, {"${paths.label_audit}": {"cache": False}}]
+    assert evaluate["outs"] == [
+        "${paths.plots}",
+        {"${paths.report}": {"cache": False}},
+        {"${paths.metrics_detail}": {"cache": False}},
+        {"${paths.decision}": {"cache": False}},
+        {"${paths.label_audit}": {"cache": False}},
+    ]
     assert evaluate["metrics"] == [{"${paths.metrics}": {"cache": False}}]
     assert [next(iter(p)) for p in evaluate["plots"]] == ["${paths.confusion}"]
     assert {"seed", "evaluate"} <= set(evaluate["params"])
     code = {dep for dep in evaluate["deps"] if not dep.startswith("$")}
-    assert all((REPO / dep).is_file() for dep in code)  # files, not folders: __pycache__ would change the hash
+    assert all(
+        (REPO / dep).is_file() for dep in code
+    )  # files, not folders: __pycache__ would change the hash
     assert {str(p.relative_to(REPO)) for p in (REPO / "pipeline" / "evaluation").glob("*.py")} <= code
     declared = {next(iter(p)): next(iter(p.values())) for p in dvc["plots"] if isinstance(p, dict)}
     assert "${paths.plots}" in dvc["plots"]
-    assert declared == {f"${{paths.plots}}/{kind}": {"x": x, "y": y, "template": declared[f"${{paths.plots}}/{kind}"]
-                                                     ["template"]} for kind, (x, y) in plots.AXES.items()}
+    assert declared == {
+        f"${{paths.plots}}/{kind}": {
+            "x": x,
+            "y": y,
+            "template": declared[f"${{paths.plots}}/{kind}"]["template"],
+        }
+        for kind, (x, y) in plots.AXES.items()
+    }
 
 
 def test_dvc_plots_show_renders_every_plot(project):
@@ -127,11 +164,15 @@ def test_dvc_plots_show_renders_every_plot(project):
     dvc = [str(Path(sys.executable).with_name("dvc"))]
     for cmd in (["git", "init", "-q"], [*dvc, "init", "-q"]):
         subprocess.run(cmd, cwd=root, check=True, capture_output=True)
-    done = subprocess.run([*dvc, "plots", "show", "--json"], cwd=root, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [*dvc, "plots", "show", "--json"], cwd=root, capture_output=True, text=True, timeout=120
+    )
     shown = json.loads(done.stdout)
     ours = [e for e in shown.get("errors", []) if e["name"].startswith(params.paths.plots)]
     assert not ours, ours
-    data = {name: entries[0] for name, entries in shown["data"].items() if entries}  # empty: missing elsewhere
+    data = {
+        name: entries[0] for name, entries in shown["data"].items() if entries
+    }  # empty: missing elsewhere
     vega = {name: entry["content"] for name, entry in data.items() if entry["type"] == "vega"}
     roc = vega[f"{params.paths.plots}/roc/alpha.csv"]
     assert roc["encoding"]["x"]["field"] == "fpr" and len(roc["data"]["values"]) > 2
@@ -144,13 +185,29 @@ def test_train_run_gets_the_metrics_and_plots_under_the_same_names(project):
     _, params, run_id = project
     metrics = all_metrics(params)
     logged = mlflow.MlflowClient().get_run(run_id).data.metrics
-    for name in ("test/accuracy", "test/accuracy_ci_low", "test_tta/auroc_ci_high", "test_calibrated/ece",
-                 "calibration/temperature"):
+    for name in (
+        "test/accuracy",
+        "test/accuracy_ci_low",
+        "test_tta/auroc_ci_high",
+        "test_calibrated/ece",
+        "calibration/temperature",
+    ):
         assert logged[name] == pytest.approx(metrics[name])
     listed = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "evaluation")}
-    assert {f"evaluation/{name}" for name in (*evaluation.IMAGES, "roc", "reliability", "metrics.json",
-                                               "metrics_detail.json", "report.md", "confusion.csv", "decision.json",
-                                               "label_audit.csv")} <= listed
+    assert {
+        f"evaluation/{name}"
+        for name in (
+            *evaluation.IMAGES,
+            "roc",
+            "reliability",
+            "metrics.json",
+            "metrics_detail.json",
+            "report.md",
+            "confusion.csv",
+            "decision.json",
+            "label_audit.csv",
+        )
+    } <= listed
 
 
 def test_report_warns_and_embeds_the_plots(project):
@@ -158,7 +215,9 @@ def test_report_warns_and_embeds_the_plots(project):
     report = Path(params.paths.report)
     text = report.read_text()
     warnings = text.split("## Warnings")[1].split("\n## ")[0]
-    assert "Random initialization" in warnings and "Wide intervals" in warnings and "Fewer than 10" in warnings
+    assert (
+        "Random initialization" in warnings and "Wide intervals" in warnings and "Fewer than 10" in warnings
+    )
     for image in evaluation.IMAGES:
         assert f"]({Path(params.paths.plots).name}/{image})" in text
         assert (report.parent / Path(params.paths.plots).name / image).is_file()
@@ -192,4 +251,6 @@ def test_label_audit_and_decision_are_written_for_the_validation_split(project):
     assert "## Label audit" in text and f"]({Path(params.paths.plots).name}/label_audit.png)" in text
     assert (Path(params.paths.plots) / "label_audit.png").stat().st_size > 1000
     made = decision.Decision.read(params.paths.decision)
-    assert made.run_id == run_id and made.threshold is None and made.conformal_quantile is None  # 3 classes, off
+    assert (
+        made.run_id == run_id and made.threshold is None and made.conformal_quantile is None
+    )  # 3 classes, off

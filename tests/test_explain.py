@@ -45,13 +45,17 @@ def squares(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     quadrant = np.arange(n) % 4
     for i, q in enumerate(quadrant):
         r, c = (q // 2) * HALF + rng.integers(2, HALF - 16), (q % 2) * HALF + rng.integers(2, HALF - 16)
-        images[i, r:r + 14, c:c + 14] = 230
+        images[i, r : r + 14, c : c + 14] = 230
     return images, quadrant
 
 
 def share_in_quadrant(maps: np.ndarray, quadrant: np.ndarray) -> np.ndarray:
-    return np.array([m[(q // 2) * HALF:(q // 2 + 1) * HALF, (q % 2) * HALF:(q % 2 + 1) * HALF].sum() / m.sum()
-                     for m, q in zip(maps, quadrant)])
+    return np.array(
+        [
+            m[(q // 2) * HALF : (q // 2 + 1) * HALF, (q % 2) * HALF : (q % 2 + 1) * HALF].sum() / m.sum()
+            for m, q in zip(maps, quadrant)
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -130,23 +134,34 @@ def test_evaluate_stage_writes_logs_and_embeds_the_panel(tmp_path, monkeypatch):
         stage.main(params)
         panel = Path(params.paths.plots) / explain.PANEL_PNG
         assert panel.stat().st_size > 10_000
-        assert f"]({Path(params.paths.plots).name}/{explain.PANEL_PNG})" in Path(params.paths.report).read_text()
+        assert (
+            f"]({Path(params.paths.plots).name}/{explain.PANEL_PNG})" in Path(params.paths.report).read_text()
+        )
         logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
         assert f"evaluation/{explain.PANEL_PNG}" in logged
         assert json.loads(Path(params.paths.metrics).read_text())  # the rest of the stage ran as before
     finally:
         mlflow.set_tracking_uri(previous_uri)
-    assert explain.panel_png(None, np.zeros((1, 32, 32, 3)), np.zeros(1), np.ones((1, 2)), ["a", "b"], 0) is None
+    assert (
+        explain.panel_png(None, np.zeros((1, 32, 32, 3)), np.zeros(1), np.ones((1, 2)), ["a", "b"], 0) is None
+    )
 
 
 def test_a_map_coarser_than_4x4_is_named_and_the_panel_uses_a_finer_layer(model, caplog):
-    assert [explain.layer_for(side) for side in (16, 32, 64, 128, 224)] == \
-        ["layer1", "layer2", "layer3", "layer4", "layer4"]
+    assert [explain.layer_for(side) for side in (16, 32, 64, 128, 224)] == [
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
+        "layer4",
+    ]
     assert explain.describe(64, "layer3") == "layer3: a 4x4 map, one cell per 16x16 px, drawn smoothed"
     images, _ = squares(2)  # 64 px: layer4 is 2x2
     with caplog.at_level("WARNING", logger="pipeline.explain"):
         explain.grad_cam(model, images)
-    assert "layer4 (layer4: a 2x2 map, one cell per 32x32 px, drawn smoothed) is coarser than 4x4" in caplog.text
+    assert (
+        "layer4 (layer4: a 2x2 map, one cell per 32x32 px, drawn smoothed) is coarser than 4x4" in caplog.text
+    )
     caplog.clear()
     with caplog.at_level("WARNING", logger="pipeline.explain"):
         maps = explain.grad_cam(model, images, layer="layer3")

@@ -13,7 +13,15 @@ def test_tiny_fit_saves_the_best_checkpoint_and_logs_the_vocabulary(tiny_params,
     result = fit(tiny_params, data, out_dir=tmp_path / "ckpt")
     assert result.best_checkpoint == tmp_path / "ckpt" / "best.ckpt" and result.best_checkpoint.is_file()
     assert result.epochs_run == 2 and not result.weights.pretrained
-    for name in ("train/loss", "train/acc", "val/loss", "val/acc", "val/balanced_accuracy", "val/auroc", "val/macro_f1"):
+    for name in (
+        "train/loss",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "val/balanced_accuracy",
+        "val/auroc",
+        "val/macro_f1",
+    ):
         assert name in result.last_metrics, name
     model = Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu")
     assert model.hparams.class_names == list(prepared.classes)
@@ -24,8 +32,10 @@ def test_tiny_fit_saves_the_best_checkpoint_and_logs_the_vocabulary(tiny_params,
 
 
 def test_same_seed_same_validation_metrics(tiny_params, prepared):
-    runs = [fit(tiny_params, datamodule(tiny_params, prepared, augment.build(TRANSFORMS, seed=0)))
-            for _ in range(2)]
+    runs = [
+        fit(tiny_params, datamodule(tiny_params, prepared, augment.build(TRANSFORMS, seed=0)))
+        for _ in range(2)
+    ]
     assert runs[0].last_metrics == runs[1].last_metrics
 
 
@@ -35,8 +45,10 @@ def test_a_diverging_loss_stops_with_a_message_and_no_checkpoint(tiny_params, pr
     from pipeline.config import with_overrides
     from pipeline.fit import TrainingDiverged
 
-    params = with_overrides(tiny_params, {"train.lr": 9.0, "train.optimizer": "sgd", "train.warmup_epochs": 0,
-                                          "train.label_smoothing": 0.0})
+    params = with_overrides(
+        tiny_params,
+        {"train.lr": 9.0, "train.optimizer": "sgd", "train.warmup_epochs": 0, "train.label_smoothing": 0.0},
+    )
     with pytest.raises(TrainingDiverged, match="lower train.lr"):
         fit(params, datamodule(params, prepared, None), out_dir=tmp_path / "ckpt", max_epochs=20)
     assert not (tmp_path / "ckpt" / "best.ckpt").exists()
@@ -65,8 +77,17 @@ def test_each_epoch_line_shows_that_epochs_own_train_and_val_metrics(tiny_params
     assert not [w for w in caught if "LeafSpec" in str(w.message)]  # raised by Lightning itself, every fit
     out, err = capsys.readouterr()
     lines = [line for line in out.splitlines() if line.startswith("epoch ")]
-    for noise in ("GPU available", "TPU available", "litlogger", "stepping batches", "LeafSpec", "Trainer.fit"):
-        assert noise not in out + err + caplog.text, noise  # Lightning's per-Trainer lines, silenced at the source
+    for noise in (
+        "GPU available",
+        "TPU available",
+        "litlogger",
+        "stepping batches",
+        "LeafSpec",
+        "Trainer.fit",
+    ):
+        assert noise not in out + err + caplog.text, (
+            noise
+        )  # Lightning's per-Trainer lines, silenced at the source
     assert [line.split()[1] for line in lines] == ["1/2", "2/2"]  # one per epoch, the last included
     for line, epoch in zip(lines, range(2), strict=True):
         shown = dict(re.findall(r"(\S+)=(\S+)", line))
@@ -88,6 +109,8 @@ def test_a_long_epoch_prints_progress_lines(capsys):
     summary.every_s = 0
     summary.on_train_batch_end(trainer, None, {"loss": torch.tensor(0.5)}, None, 9)
     assert capsys.readouterr().out == "epoch 1/3  batch 10/50  train/loss (batch)=0.5000\n"
+
+
 def _val_loss(model, prepared, label_smoothing):
     rows = prepared.split("val")
     x = torch.from_numpy(prepared.images[rows["cache_index"].to_numpy()].transpose(0, 3, 1, 2).copy())
@@ -102,12 +125,21 @@ def test_ema_weights_are_the_validated_and_checkpointed_ones_and_resume(tiny_par
 
     from pipeline.config import with_overrides
 
-    params = with_overrides(tiny_params, {"train.ema_decay": 0.9, "train.monitor": "val/loss",
-                                          "augment.mixup_alpha": 0.4, "augment.cutmix_alpha": 1.0})
+    params = with_overrides(
+        tiny_params,
+        {
+            "train.ema_decay": 0.9,
+            "train.monitor": "val/loss",
+            "augment.mixup_alpha": 0.4,
+            "augment.cutmix_alpha": 1.0,
+        },
+    )
     straight = fit(params, datamodule(params, prepared, None), out_dir=tmp_path / "straight")
     best = Classifier.load_from_checkpoint(straight.best_checkpoint, map_location="cpu")
     # The checkpoint holds the averaged weights, and they are the ones val/loss was measured on.
-    assert _val_loss(best, prepared, params.train.label_smoothing) == pytest.approx(straight.best_score, abs=1e-4)
+    assert _val_loss(best, prepared, params.train.label_smoothing) == pytest.approx(
+        straight.best_score, abs=1e-4
+    )
     saved = torch.load(straight.best_checkpoint, weights_only=False)
     assert "optimizer_states" not in saved and "current_model_state" not in saved  # slimmed to weights only
     last = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=False)

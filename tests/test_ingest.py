@@ -25,7 +25,11 @@ def test_ingest_writes_splits_report_and_cache(image_folder, tmp_path):
     assert report["n_images"] == len(table) == 24
     # stratified: every class in every split, 2/2/4 of 8
     counts = table.groupby(["split", "label"]).size().unstack()
-    assert (counts.loc["test"] == 2).all() and (counts.loc["val"] == 2).all() and (counts.loc["train"] == 4).all()
+    assert (
+        (counts.loc["test"] == 2).all()
+        and (counts.loc["val"] == 2).all()
+        and (counts.loc["train"] == 4).all()
+    )
     cache = np.load(tmp_path / "out" / CACHE_NPY)
     assert cache.shape == (24, 24, 24, 3) and cache.dtype == np.uint8
     assert json.loads((tmp_path / "out" / REPORT_JSON).read_text())["counts"]["train"]["alpha"] == 4
@@ -80,6 +84,7 @@ def test_a_failed_ingest_keeps_the_previous_outputs(image_folder, tmp_path):
 
 def test_sixteen_bit_images_keep_their_range(tmp_path):
     from PIL import Image
+
     rng = np.random.default_rng(0)
     for name in ("a", "b", "c"):
         (tmp_path / "raw" / name).mkdir(parents=True)
@@ -107,21 +112,26 @@ def test_report_holds_the_train_split_normalization(image_folder, tmp_path):
 
 def test_channel_stats_of_sixteen_bit_n_band_pixels():
     from pipeline.data.ingest import channel_stats
+
     pixels = np.zeros((5, 4, 4, 13), dtype=np.uint16)
     pixels[..., 1] = 65535
     pixels[:2, ..., 2] = 65535  # 2 of 5 images bright: mean 0.4, std sqrt(0.24)
     mean, std = channel_stats(pixels, chunk=2)
-    assert mean[:3] == pytest.approx([0.0, 1.0, 0.4]) and std[2] == pytest.approx(0.24 ** 0.5)
+    assert mean[:3] == pytest.approx([0.0, 1.0, 0.4]) and std[2] == pytest.approx(0.24**0.5)
     assert std[0] == std[1] == 1.0  # constant bands: no division by ~0
 
 
 # --- validation, duplicates, manifests and splits -------------------------------------------------
 
+
 def noise_png(path: Path, seed: int, size: int = 16, gray: bool = False) -> Path:
     rng = np.random.default_rng(seed)
     from PIL import Image
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (size, size) if gray else (size, size, 3)).astype(np.uint8)).save(path)
+    Image.fromarray(rng.integers(0, 256, (size, size) if gray else (size, size, 3)).astype(np.uint8)).save(
+        path
+    )
     return path
 
 
@@ -133,8 +143,14 @@ def manifest_set(root: Path, n_groups: int = 12, per_group: int = 3, split: bool
             label = "sick" if g % 2 else "well"
             name = f"imgs/p{g:02d}_{i}.png"
             noise_png(root / name, seed=100 * g + i)
-            rows.append({"path": name, "label": label, "group": f"p{g:02d}",
-                         "split": ("test", "val", "train", "train")[g % 4 if g > 1 else 2 + g]})
+            rows.append(
+                {
+                    "path": name,
+                    "label": label,
+                    "group": f"p{g:02d}",
+                    "split": ("test", "val", "train", "train")[g % 4 if g > 1 else 2 + g],
+                }
+            )
     table = pd.DataFrame(rows)
     (table if split else table.drop(columns="split")).to_csv(root / "manifest.csv", index=False)
     return root / "manifest.csv"
@@ -149,6 +165,7 @@ def test_identical_files_under_two_labels_are_an_error_naming_both(image_folder,
 
 def test_exact_and_near_duplicates_are_reported_and_kept_in_one_split(image_folder, tmp_path):
     from PIL import Image
+
     original = image_folder / "alpha" / "alpha_00.png"
     (image_folder / "alpha" / "exact.png").write_bytes(original.read_bytes())
     brighter = np.clip(np.asarray(Image.open(original)).astype(int) + 6, 0, 255).astype(np.uint8)
@@ -167,6 +184,7 @@ def test_exact_and_near_duplicates_are_reported_and_kept_in_one_split(image_fold
 
 def test_near_duplicate_check_can_be_turned_off(image_folder, tmp_path):
     from PIL import Image
+
     original = np.asarray(Image.open(image_folder / "alpha" / "alpha_00.png")).astype(int)
     Image.fromarray(np.clip(original + 6, 0, 255).astype(np.uint8)).save(image_folder / "alpha" / "near.png")
     report = ingest(image_folder, tmp_path / "out", **(ARGS | {"near_duplicate_bits": None}))
@@ -239,6 +257,7 @@ def test_channel_policy_sets_the_cache_channels(tmp_path):
 
 def test_dicom_sets_are_cached_as_floats_in_unit_range(tmp_path):
     from tests.test_readers import write_dicom
+
     for k, label in enumerate(("a", "b", "c")):
         (tmp_path / "raw" / label).mkdir(parents=True)
         for i in range(3):
@@ -246,13 +265,14 @@ def test_dicom_sets_are_cached_as_floats_in_unit_range(tmp_path):
             write_dicom(tmp_path / "raw" / label / f"{i}.dcm", stored, slope=1.0, intercept=-1024.0)
     report = ingest(tmp_path / "raw", tmp_path / "out", **ARGS)
     cache = load_prepared(tmp_path / "out").images
-    assert cache.dtype == np.float32 and 0.0 <= cache.min() and cache.max() <= 1.0
+    assert cache.dtype == np.float32 and cache.min() >= 0.0 and cache.max() <= 1.0
     assert report["formats"]["mode"] == {"DICOM MONOCHROME2": 9}
     text = json.dumps(report)
     assert "Doe" not in text and "P-0001" not in text  # identifying tags never reach the report
 
 
 # --- streaming: bounded memory, progress ----------------------------------------------------------
+
 
 def test_ingest_streams_the_cache_in_bounded_memory(tmp_path):
     """150 images of 128 px make a 7.4 MB cache; ingest's traced peak stays under 3 MB.
@@ -262,6 +282,7 @@ def test_ingest_streams_the_cache_in_bounded_memory(tmp_path):
     holds the cache, or a float copy of it, in memory.
     """
     import tracemalloc
+
     for k, label in enumerate(("a", "b", "c")):
         for i in range(50):
             noise_png(tmp_path / "raw" / label / f"{i}.png", seed=1000 * k + i)
@@ -279,6 +300,7 @@ def test_ingest_streams_the_cache_in_bounded_memory(tmp_path):
 
 def test_progress_is_logged_without_a_terminal(image_folder, tmp_path, monkeypatch, caplog):
     import pipeline.data.ingest as module
+
     monkeypatch.setattr(module, "PROGRESS_LOG_S", 0.0)
     with caplog.at_level("INFO", logger="pipeline.data.ingest"):
         ingest(image_folder, tmp_path / "out", **ARGS)
@@ -291,6 +313,7 @@ def test_identifying_dicom_tags_reach_no_output(tmp_path, caplog):
     log lines or error messages (a truncated file makes pydicom's own error message part of them)."""
     from pipeline.data.card import summary
     from tests.test_readers import IDENTIFYING, write_dicom
+
     for k, label in enumerate(("a", "b", "c")):
         (tmp_path / "raw" / label).mkdir(parents=True)
         for i in range(3):
@@ -319,8 +342,9 @@ def test_label_conflicts_can_be_dropped_and_are_listed(image_folder, tmp_path):
     with pytest.raises(DataError, match="on_label_conflict: drop"):
         ingest(image_folder, tmp_path / "out", seed=0)
     report = ingest(image_folder, tmp_path / "out", seed=0, on_label_conflict="drop")
-    assert report["label_conflicts"] == [{"paths": [str(image_folder / "alpha" / "alpha_03.png"), str(copy)],
-                                          "labels": ["alpha", "beta"]}]
+    assert report["label_conflicts"] == [
+        {"paths": [str(image_folder / "alpha" / "alpha_03.png"), str(copy)], "labels": ["alpha", "beta"]}
+    ]
     assert report["n_images"] == 23 and any("left out" in w for w in report["warnings"])
     prepared = load_prepared(tmp_path / "out")
     assert str(copy) not in set(prepared.table["path"]) and len(prepared.table) == 23
@@ -328,6 +352,7 @@ def test_label_conflicts_can_be_dropped_and_are_listed(image_folder, tmp_path):
     kept = image_folder / "beta" / "beta_00.png"  # cache rows still line up after the rows left out
     assert (prepared.images[rows.loc[str(kept), "cache_index"]] == decode(kept, 64)).all()
     from pipeline.data.card import summary
+
     assert "copy_of_alpha.png (beta) (identical files under different labels)" in summary(report)
 
 
@@ -344,12 +369,16 @@ def test_a_one_class_set_is_refused(tmp_path):
     table.to_csv(manifest, index=False)
     with pytest.raises(DataError, match=r"train split holds images of 1 class"):
         ingest(manifest.parent, tmp_path / "out", seed=0, on_leakage="warn")
+
+
 def test_excluded_files_are_left_out_listed_and_untouched(image_folder, tmp_path):
     from pipeline.data.card import summary
 
     dropped = [image_folder / "alpha" / "alpha_00.png", image_folder / "beta" / "beta_03.png"]
-    (tmp_path / "exclude.csv").write_text("path,given,score\n"  # the label audit's columns: only path counts
-                                          f"{dropped[0]},alpha,0.1\nbeta/beta_03.png,beta,0.2\nnot/there.png,x,0\n")
+    (tmp_path / "exclude.csv").write_text(
+        "path,given,score\n"  # the label audit's columns: only path counts
+        f"{dropped[0]},alpha,0.1\nbeta/beta_03.png,beta,0.2\nnot/there.png,x,0\n"
+    )
     before = tree_digest(image_folder)
     report = ingest(image_folder, tmp_path / "out", **ARGS, exclude=str(tmp_path / "exclude.csv"))
     table = pd.read_csv(tmp_path / "out" / "splits.csv")

@@ -1,7 +1,6 @@
 """intake: copy, validate, version with DVC and select a user's set; the source is never touched."""
 
 import difflib
-import os
 import shutil
 import subprocess
 import sys
@@ -26,8 +25,11 @@ def repo(tmp_path, monkeypatch):
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
     params = REPO_PARAMS.read_text().replace("image_size: 64 ", "image_size: 16 ")
-    (root / "params.yaml").write_text(params.replace("val_fraction: 0.15", "val_fraction: 0.25")
-                                      .replace("test_fraction: 0.15", "test_fraction: 0.25"))
+    (root / "params.yaml").write_text(
+        params.replace("val_fraction: 0.15", "val_fraction: 0.25").replace(
+            "test_fraction: 0.15", "test_fraction: 0.25"
+        )
+    )
     monkeypatch.chdir(root)
     return root
 
@@ -39,12 +41,15 @@ def test_intake_of_a_folder_copies_versions_and_selects_it(repo, tmp_path, capsy
     assert cli(["intake", str(src), "--name", "mine"]) == 0
     assert tree_digest(src) == before
     target = repo / "data" / "raw" / "mine"
-    assert sorted(p.name for p in (target / "beta").iterdir()) == sorted(p.name for p in (src / "beta").iterdir())
+    assert sorted(p.name for p in (target / "beta").iterdir()) == sorted(
+        p.name for p in (src / "beta").iterdir()
+    )
     assert (repo / "data" / "raw" / "mine.dvc").is_file()
     params = (repo / "params.yaml").read_text()
     assert "  dataset: mine              # folder under paths.raw to train on\n" in params
     assert params.replace("dataset: mine ", "dataset: demo ") == (repo / "params.yaml").read_text().replace(
-        "dataset: mine ", "dataset: demo ")  # nothing else changed
+        "dataset: mine ", "dataset: demo "
+    )  # nothing else changed
     out = capsys.readouterr().out
     assert "12 images, 3 classes" in out and "1 non-image files ignored" in out and "dvc repro" in out
     assert "per class   alpha: 4, beta: 4, gamma: 4" in out
@@ -92,10 +97,14 @@ def test_intake_refuses_the_demo_name_and_extra_args_elsewhere(repo, tmp_path, c
 
 def test_set_dataset_edits_one_line_or_adds_the_key(tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text("seed: 1\ndata:\n  image_size: 32  # side\n  dataset: old  # keep me\ntrain:\n  lr: 0.1\n")
+    params.write_text(
+        "seed: 1\ndata:\n  image_size: 32  # side\n  dataset: old  # keep me\ntrain:\n  lr: 0.1\n"
+    )
     set_dataset(params, "new-set")
-    assert params.read_text() == "seed: 1\ndata:\n  image_size: 32  # side\n  dataset: new-set  # keep me\n" \
-                                 "train:\n  lr: 0.1\n"
+    assert (
+        params.read_text() == "seed: 1\ndata:\n  image_size: 32  # side\n  dataset: new-set  # keep me\n"
+        "train:\n  lr: 0.1\n"
+    )
     set_dataset(params, "2024")  # would read back as a number unquoted
     assert '  dataset: "2024"  # keep me\n' in params.read_text()
     params.write_text("seed: 1\n")
@@ -104,6 +113,7 @@ def test_set_dataset_edits_one_line_or_adds_the_key(tmp_path):
 
 
 # --- privacy: group IDs stored only as salted hashes ----------------------------------------------
+
 
 def patient_manifest(root: Path) -> tuple[Path, list[str]]:
     """``manifest_set`` with patient-like group IDs that could not turn up in any output by chance."""
@@ -122,11 +132,14 @@ def test_group_ids_reach_raw_and_prepared_data_only_as_salted_hashes(repo, tmp_p
     from pipeline.data.card import summary
     from pipeline.data.ingest import SPLITS_CSV, ingest
     from pipeline.data.intake import group_hash
+
     monkeypatch.setenv("PIPELINE_GROUP_SALT", "test-salt-1")
     manifest, ids = patient_manifest(tmp_path / "src")
     assert cli(["intake", str(manifest), "--name", "ward"]) == 0
     raw = repo / "data" / "raw" / "ward"
-    report = ingest(raw, repo / "data" / "prepared", seed=0, image_size=16, val_fraction=0.25, test_fraction=0.25)
+    report = ingest(
+        raw, repo / "data" / "prepared", seed=0, image_size=16, val_fraction=0.25, test_fraction=0.25
+    )
     stored = pd.read_csv(raw / "manifest.csv", dtype=str)
     given = pd.read_csv(manifest, dtype=str)
     assert list(stored["group"]) == [group_hash(g, "test-salt-1") for g in given["group"]]
@@ -144,6 +157,7 @@ def test_group_ids_reach_raw_and_prepared_data_only_as_salted_hashes(repo, tmp_p
 def test_the_same_salt_gives_the_same_hashes_and_another_salt_others(tmp_path):
     from pipeline.config import Data
     from pipeline.data.intake import intake
+
     manifest, _ = patient_manifest(tmp_path / "src")
     data = Data(image_size=16, val_fraction=0.25, test_fraction=0.25)
     groups = {}
@@ -154,7 +168,9 @@ def test_the_same_salt_gives_the_same_hashes_and_another_salt_others(tmp_path):
     assert set(groups["a"]).isdisjoint(groups["c"]) and len(set(groups["c"])) == len(set(groups["a"])) == 8
 
 
-def test_without_the_variable_a_random_salt_is_kept_in_a_git_ignored_file(repo, tmp_path, monkeypatch, capsys):
+def test_without_the_variable_a_random_salt_is_kept_in_a_git_ignored_file(
+    repo, tmp_path, monkeypatch, capsys
+):
     monkeypatch.delenv("PIPELINE_GROUP_SALT", raising=False)
     manifest, _ = patient_manifest(tmp_path / "src")
     assert cli(["intake", str(manifest), "--name", "one"]) == 0
@@ -162,7 +178,9 @@ def test_without_the_variable_a_random_salt_is_kept_in_a_git_ignored_file(repo, 
     salt_file = repo / ".dvc" / "group_salt"
     salt = salt_file.read_text().strip()
     assert len(salt) == 64 and salt_file.stat().st_mode & 0o077 == 0  # readable by its owner only
-    one, two = (pd.read_csv(repo / "data" / "raw" / n / "manifest.csv", dtype=str)["group"] for n in ("one", "two"))
+    one, two = (
+        pd.read_csv(repo / "data" / "raw" / n / "manifest.csv", dtype=str)["group"] for n in ("one", "two")
+    )
     assert one.equals(two)
     captured = capsys.readouterr()
     assert salt not in captured.out + captured.err
@@ -174,18 +192,27 @@ def test_without_the_variable_a_random_salt_is_kept_in_a_git_ignored_file(repo, 
 def test_a_manifest_inside_a_class_folder_set_is_hashed_too(tmp_path):
     from pipeline.config import Data
     from pipeline.data.intake import group_hash, intake
+
     src = write_class_folders(tmp_path / "folders", per_class=4, size=16)
-    rows = [{"path": str(p.relative_to(src)), "label": p.parent.name, "group": f"PATIENT-{i % 4}^Doe"}
-            for i, p in enumerate(sorted(src.rglob("*.png")))]
+    rows = [
+        {"path": str(p.relative_to(src)), "label": p.parent.name, "group": f"PATIENT-{i % 4}^Doe"}
+        for i, p in enumerate(sorted(src.rglob("*.png")))
+    ]
     pd.DataFrame(rows).to_csv(src / "manifest.csv", index=False)
-    intake(src, tmp_path / "raw" / "x", seed=0, data=Data(image_size=16, val_fraction=0.25, test_fraction=0.25),
-           salt="s")
+    intake(
+        src,
+        tmp_path / "raw" / "x",
+        seed=0,
+        data=Data(image_size=16, val_fraction=0.25, test_fraction=0.25),
+        salt="s",
+    )
     assert b"PATIENT-" not in all_bytes(tmp_path / "raw" / "x")
     stored = pd.read_csv(tmp_path / "raw" / "x" / "manifest.csv", dtype=str)
     assert list(stored["group"]) == [group_hash(r["group"], "s") for r in rows]
 
 
 # --- messages and help ----------------------------------------------------------------------------
+
 
 def test_warnings_during_intake_name_the_source_files(repo, tmp_path, caplog):
     src = write_class_folders(tmp_path / "my_set", per_class=4, size=16)
@@ -201,13 +228,20 @@ def test_intake_help_is_its_own(capsys):
     with pytest.raises(SystemExit) as done:
         cli(["intake", "--help"])
     out = capsys.readouterr().out
-    assert done.value.code == 0 and "usage: python -m pipeline intake" in out and "SRC" in out and "--name" in out
+    assert (
+        done.value.code == 0
+        and "usage: python -m pipeline intake" in out
+        and "SRC" in out
+        and "--name" in out
+    )
 
 
 # --- the domain sets the augmentation; DICOM sets group themselves -----------------------------------
 
+
 def test_domain_sets_augmentation_and_tta_and_the_card_says_so(repo, tmp_path, capsys):
     from pipeline.config import load
+
     src = write_class_folders(tmp_path / "films", per_class=4, size=12)  # smaller than data.image_size 16
     before = (repo / "params.yaml").read_text()
     assert load(repo / "params.yaml").augment.transforms  # the demo's SquareSymmetry, flips at test time
@@ -217,7 +251,9 @@ def test_domain_sets_augmentation_and_tta_and_the_card_says_so(repo, tmp_path, c
     diff = list(difflib.ndiff(before.splitlines(), (repo / "params.yaml").read_text().splitlines()))
     added, removed = ([d[2:] for d in diff if d.startswith(sign)] for sign in ("+ ", "- "))
     assert [b.split("#")[0].strip() for b in added] == ["dataset: chest", "transforms: []", "tta: []"]
-    assert all("#" in b for b in added) and len(removed) == 4  # comments kept; the old SquareSymmetry line out
+    assert (
+        all("#" in b for b in added) and len(removed) == 4
+    )  # comments kept; the old SquareSymmetry line out
     out = capsys.readouterr().out
     assert "--domain xray, written to params.yaml" in out and "evaluate.tta [] (none)" in out
     assert "upscaled to 16x16" in out and "data.image_size: 16 trains on them as they are" in out
@@ -226,8 +262,11 @@ def test_domain_sets_augmentation_and_tta_and_the_card_says_so(repo, tmp_path, c
 
 def test_without_a_domain_the_card_names_what_is_kept_and_a_contradicting_tta(repo, tmp_path, capsys):
     params = (repo / "params.yaml").read_text()
-    (repo / "params.yaml").write_text(params.replace("tta: [HorizontalFlip, VerticalFlip]", "tta: [VerticalFlip]")
-                                      .replace("    - {name: SquareSymmetry, p: 1.0}", "    - {name: HorizontalFlip}"))
+    (repo / "params.yaml").write_text(
+        params.replace("tta: [HorizontalFlip, VerticalFlip]", "tta: [VerticalFlip]").replace(
+            "    - {name: SquareSymmetry, p: 1.0}", "    - {name: HorizontalFlip}"
+        )
+    )
     src = write_class_folders(tmp_path / "s", per_class=4, size=16)
     assert cli(["intake", str(src), "--name", "kept"]) == 0
     out = capsys.readouterr().out
@@ -241,13 +280,16 @@ def write_patient_slices(root: Path, n_patients: int = 6) -> dict[str, str]:
     import pydicom
 
     from tests.test_readers import write_dicom
+
     rng, owners = np.random.default_rng(0), {}
     for label in ("normal", "pneumonia"):
         (root / label).mkdir(parents=True, exist_ok=True)
         for p in range(n_patients):
             for s in range(2):
                 path = root / label / f"{label}_{p}_{s}.dcm"
-                write_dicom(path, rng.integers(0, 4096, (16, 16)), slope=1.0, intercept=0.0, window=(2048, 4096))
+                write_dicom(
+                    path, rng.integers(0, 4096, (16, 16)), slope=1.0, intercept=0.0, window=(2048, 4096)
+                )
                 ds = pydicom.dcmread(path)
                 ds.PatientID = owners[path.name] = f"PAT-{p:03d}"
                 ds.save_as(path)
@@ -256,6 +298,7 @@ def write_patient_slices(root: Path, n_patients: int = 6) -> dict[str, str]:
 
 def test_dicom_slices_are_grouped_by_patient_as_salted_hashes(repo, tmp_path, monkeypatch, capsys):
     from pipeline.data.ingest import SPLITS_CSV, ingest
+
     monkeypatch.setenv("PIPELINE_GROUP_SALT", "salt-9")
     owners = write_patient_slices(tmp_path / "scans")
     assert cli(["intake", str(tmp_path / "scans"), "--name", "ward", "--domain", "ct"]) == 0

@@ -30,7 +30,9 @@ def free_port() -> int:
 def api(base: str, endpoint: str, body: dict | None = None, **query) -> dict:
     url = f"{base}/api/2.0/mlflow/{endpoint}" + (f"?{urlencode(query)}" if query else "")
     data = None if body is None else json.dumps(body).encode()
-    with urlopen(Request(url, data=data, headers={"Content-Type": "application/json"}), timeout=30) as response:
+    with urlopen(
+        Request(url, data=data, headers={"Content-Type": "application/json"}), timeout=30
+    ) as response:
         return json.loads(response.read())
 
 
@@ -41,10 +43,24 @@ def server(tmp_path_factory):
     port = free_port()
     log = (root / "server.log").open("w")
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/m.db",
-         "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root}/m.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_S
@@ -56,8 +72,9 @@ def server(tmp_path_factory):
                         break
             except (URLError, OSError):
                 pass
-            assert time.monotonic() < deadline, \
+            assert time.monotonic() < deadline, (
                 f"no /health answer in {STARTUP_S} s:\n{(root / 'server.log').read_text()[-3000:]}"
+            )
             time.sleep(0.5)
         yield base, root / "artifacts"
     finally:
@@ -82,7 +99,9 @@ def pipeline_run(server, tmp_path_factory):
         (root / "data" / "raw" / "demo.dvc").write_text(f"outs:\n- md5: {DATA_HASH}\n  path: demo\n")
         run_stages("tune", "train", "evaluate")
     experiment = api(base, "experiments/get-by-name", experiment_name="pipeline")["experiment"]
-    runs = api(base, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
+    runs = api(base, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})[
+        "runs"
+    ]
     return base, experiment, runs, json.loads((root / "models" / "run.json").read_text())
 
 
@@ -96,7 +115,9 @@ def by_stage(runs: list[dict], stage: str) -> list[dict]:
 
 def test_experiment_is_a_training_experiment(pipeline_run):
     _, experiment, _, _ = pipeline_run
-    assert {t["key"]: t["value"] for t in experiment["tags"]}["mlflow.experimentKind"] == "custom_model_development"
+    assert {t["key"]: t["value"] for t in experiment["tags"]}[
+        "mlflow.experimentKind"
+    ] == "custom_model_development"
 
 
 def test_tune_parent_has_nested_trials_and_the_dataset_input(pipeline_run):
@@ -132,7 +153,15 @@ def test_train_artifacts_arrived_through_the_server(pipeline_run, server):
     _, artifacts_dir = server
     listed = {f["path"] for f in api(base, "artifacts/list", run_id=info["run_id"]).get("files", [])}
     assert {"preview.png", "params.json", "run.json", "evaluation"} <= listed
-    evaluation = {f["path"] for f in api(base, "artifacts/list", run_id=info["run_id"], path="evaluation")["files"]}
-    assert {"evaluation/metrics.json", "evaluation/report.md", "evaluation/confusion_matrix.png"} <= evaluation
+    evaluation = {
+        f["path"] for f in api(base, "artifacts/list", run_id=info["run_id"], path="evaluation")["files"]
+    }
+    assert {
+        "evaluation/metrics.json",
+        "evaluation/report.md",
+        "evaluation/confusion_matrix.png",
+    } <= evaluation
     # Proxied artifacts: the bytes are in the server's --artifacts-destination, not in the client's folder.
-    assert any(p.name == "preview.png" and info["run_id"] in str(p) for p in artifacts_dir.rglob("preview.png"))
+    assert any(
+        p.name == "preview.png" and info["run_id"] in str(p) for p in artifacts_dir.rglob("preview.png")
+    )

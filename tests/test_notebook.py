@@ -58,8 +58,9 @@ def execute(path: Path, root: Path) -> nbformat.NotebookNode:
     notebook.cells.insert(at + 1, injected)
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # the kernel inherits this environment
-        NotebookClient(notebook, timeout=300, kernel_name="python3",
-                       resources={"metadata": {"path": str(path.parent)}}).execute()
+        NotebookClient(
+            notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+        ).execute()
     return notebook
 
 
@@ -83,13 +84,19 @@ def test_notebooks_are_committed_thin_and_without_outputs():
         nbformat.validate(notebook)
         code = [c for c in notebook.cells if c.cell_type == "code"]
         dirty = [i for i, c in enumerate(code) if c.outputs or c.execution_count is not None]
-        assert not dirty, f"{path.name}: code cells {dirty} hold outputs; clear them before committing " \
-                          "(Jupyter: Edit > Clear Outputs of All Cells)"
+        assert not dirty, (
+            f"{path.name}: code cells {dirty} hold outputs; clear them before committing "
+            "(Jupyter: Edit > Clear Outputs of All Cells)"
+        )
         params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
-        assert len(params) == 1 and params[0].source.startswith("ROOT = "), f"{path.name}: no ROOT parameters cell"
+        assert len(params) == 1 and params[0].source.startswith("ROOT = "), (
+            f"{path.name}: no ROOT parameters cell"
+        )
         source = "\n".join(c.source for c in code)
         assert "from pipeline import notebook as nb" in source
-        logic = [line for line in source.splitlines() if line.lstrip().startswith(("def ", "class ", "lambda"))]
+        logic = [
+            line for line in source.splitlines() if line.lstrip().startswith(("def ", "class ", "lambda"))
+        ]
         assert not logic, f"{path.name}: defines {logic}; put functions in pipeline/notebook.py"
 
 
@@ -115,7 +122,9 @@ def test_runs_table_has_trials_and_experiments_with_params_as_numbers(tiny_run):
     assert train["test/accuracy"].notna().sum() == 1 and "val/loss" in nb.metric_columns(runs)
     best = nb.best_run(runs, "val/loss", stage="tune-trial")
     assert best["val/loss"] == trials["val/loss"].min()
-    assert nb.best_run(runs, "val/loss", stage="tune-trial", mode="max")["val/loss"] == trials["val/loss"].max()
+    assert (
+        nb.best_run(runs, "val/loss", stage="tune-trial", mode="max")["val/loss"] == trials["val/loss"].max()
+    )
     with pytest.raises(PipelineError, match="no tune run has the metric 'test/accuracy'"):
         nb.best_run(runs, "test/accuracy", stage="tune")
 
@@ -146,10 +155,13 @@ def test_error_helpers_on_the_test_split(tiny_run):
 
 
 def test_confusion_pairs_counts_and_shares():
-    predictions = pd.DataFrame({
-        "actual": ["a", "a", "a", "a", "b", "b"], "predicted": ["a", "b", "b", "c", "b", "a"],
-        "confidence": [0.9, 0.8, 0.6, 0.7, 0.9, 0.5],
-    })
+    predictions = pd.DataFrame(
+        {
+            "actual": ["a", "a", "a", "a", "b", "b"],
+            "predicted": ["a", "b", "b", "c", "b", "a"],
+            "confidence": [0.9, 0.8, 0.6, 0.7, 0.9, 0.5],
+        }
+    )
     assert list(nb.misclassified(predictions)["confidence"]) == [0.8, 0.7, 0.6, 0.5]
     pairs = nb.confusion_pairs(predictions)
     assert pairs.values.tolist() == [["a", "b", 2, 0.5], ["a", "c", 1, 0.25], ["b", "a", 1, 0.5]]
@@ -165,8 +177,15 @@ def test_tracking_uri_is_resolved_against_the_project(tmp_path, monkeypatch):
 
 def test_runs_of_other_data_sets_are_not_ranked_together():
     import pandas as pd
-    runs = pd.DataFrame({"run_id": ["a", "b", "c"], "stage": "train", "dataset": ["demo", "xray", "xray"],
-                         "val/loss": [0.1, 0.5, 0.4]})
+
+    runs = pd.DataFrame(
+        {
+            "run_id": ["a", "b", "c"],
+            "stage": "train",
+            "dataset": ["demo", "xray", "xray"],
+            "val/loss": [0.1, 0.5, 0.4],
+        }
+    )
     xray = nb.for_dataset(runs, "xray")
     assert list(xray["run_id"]) == ["b", "c"] and nb.best_run(xray, "val/loss")["run_id"] == "c"
     assert nb.best_run(nb.for_dataset(runs, None), "val/loss")["run_id"] == "a"  # demo's easy tiles would win

@@ -33,8 +33,9 @@ def sh(cmd: list[str], cwd: Path, env: dict) -> str:
 def repo(tmp_path_factory):
     """A git + DVC copy of the project's files (as a fresh clone would have them), with tiny params."""
     root = tmp_path_factory.mktemp("e2e") / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
-                           capture_output=True, text=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout.split()
     for name in files:
         if (REPO / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -44,8 +45,14 @@ def repo(tmp_path_factory):
         params[section].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env |= {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "TORCH_HOME": str(root.parent / "torch"),
-            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env |= {
+        "PATH": f"{Path(sys.executable).parent}:{env['PATH']}",
+        "TORCH_HOME": str(root.parent / "torch"),
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     sh(["git", "init", "-q"], root, env)
     sh(["git", "add", "-A"], root, env)
     sh(["git", "commit", "-qm", "copy"], root, env)
@@ -72,19 +79,26 @@ def test_mlflow_holds_tune_trials_and_one_train_run_with_lineage(repo):
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     exp = mlflow.get_experiment_by_name("pipeline")
     runs = mlflow.search_runs([exp.experiment_id], output_format="list")
-    by_stage = {s: [r for r in runs if r.data.tags.get("stage") == s] for s in ("tune", "tune-trial", "train")}
+    by_stage = {
+        s: [r for r in runs if r.data.tags.get("stage") == s] for s in ("tune", "tune-trial", "train")
+    }
     assert [len(by_stage[s]) for s in ("tune", "tune-trial", "train")] == [1, 2, 1]
     train = by_stage["train"][0]
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     demo_hash = lock["stages"]["demo"]["outs"][0]["md5"]
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
+    ).stdout.strip()
     assert train.data.tags["data.version"] == demo_hash
     assert train.data.tags["git.commit"] == head and train.data.tags["weights.pretrained"] == "false"
     assert train.data.params["train.max_epochs"] == "2"
     assert "test/accuracy" in train.data.metrics and "val/loss" in train.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(train.info.run_id)}
     assert {"preview.png", "params.json", "evaluation"} <= artifacts
-    assert mlflow.search_logged_models([exp.experiment_id], output_format="list")[0].source_run_id == train.info.run_id
+    assert (
+        mlflow.search_logged_models([exp.experiment_id], output_format="list")[0].source_run_id
+        == train.info.run_id
+    )
 
 
 def test_second_repro_is_a_noop_and_evaluate_params_rerun_only_evaluate(repo):
@@ -105,8 +119,9 @@ def test_dvc_exp_run_tags_its_runs_with_the_experiment_name(repo):
     assert "Running stage 'train'" in out and "Running stage 'ingest'" not in out
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     exp = mlflow.get_experiment_by_name("pipeline")
-    runs = mlflow.search_runs([exp.experiment_id], filter_string="tags.`dvc.exp_name` = 'short-fit'",
-                              output_format="list")
+    runs = mlflow.search_runs(
+        [exp.experiment_id], filter_string="tags.`dvc.exp_name` = 'short-fit'", output_format="list"
+    )
     stages = sorted(r.data.tags["stage"] for r in runs)
     assert stages.count("train") == 1 and "tune" in stages
     train = next(r for r in runs if r.data.tags["stage"] == "train")
@@ -128,18 +143,35 @@ def test_ddp_on_two_cpu_processes_makes_one_run_and_one_checkpoint(repo):
     torch.save(build_network("resnet18", 1000).state_dict(), root / "pretrained.pth")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["model"] |= {"weights": "pretrained.pth"}
-    params["train"] |= {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_epochs": 2, "freeze_epochs": 1}
+    params["train"] |= {
+        "accelerator": "cpu",
+        "devices": 2,
+        "strategy": "ddp",
+        "max_epochs": 2,
+        "freeze_epochs": 1,
+    }
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh([sys.executable, "-m", "pipeline", "train"], root, env)
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in out
     assert "epoch 1: training head only, backbone frozen" in out and "epoch 2: training whole network" in out
-    new = [r for r in mlflow.search_runs([exp.experiment_id], output_format="list") if r.info.run_id not in before]
-    assert len(new) == 1 and new[0].data.tags["stage"] == "train" and new[0].data.params["train.devices"] == "2"
+    new = [
+        r
+        for r in mlflow.search_runs([exp.experiment_id], output_format="list")
+        if r.info.run_id not in before
+    ]
+    assert (
+        len(new) == 1 and new[0].data.tags["stage"] == "train" and new[0].data.params["train.devices"] == "2"
+    )
     assert sorted(p.name for p in (root / "models").iterdir()) == ["best.ckpt", "run.json"]
-    single = next(r for r in mlflow.search_runs([exp.experiment_id], output_format="list")
-                  if r.data.tags.get("stage") == "train" and r.info.run_id in before)
+    single = next(
+        r
+        for r in mlflow.search_runs([exp.experiment_id], output_format="list")
+        if r.data.tags.get("stage") == "train" and r.info.run_id in before
+    )
     # The single run also holds what evaluate logged (test*/, calibration/); the training schema must match.
-    assert set(new[0].data.metrics) == {m for m in single.data.metrics if not m.startswith(("test", "calibration/"))}
+    assert set(new[0].data.metrics) == {
+        m for m in single.data.metrics if not m.startswith(("test", "calibration/"))
+    }
 
 
 def test_a_killed_training_run_resumes_in_the_same_mlflow_run(repo):
@@ -148,11 +180,22 @@ def test_a_killed_training_run_resumes_in_the_same_mlflow_run(repo):
 
     root, env, _ = repo
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"] |= {"accelerator": "cpu", "devices": 1, "strategy": "auto", "max_epochs": 40, "patience": 40}
+    params["train"] |= {
+        "accelerator": "cpu",
+        "devices": 1,
+        "strategy": "auto",
+        "max_epochs": 40,
+        "patience": 40,
+    }
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     resume = root / ".models.resume"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train"], cwd=root, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         while not (resume / "checkpoints" / "last.ckpt").is_file():  # wait for the first finished epoch

@@ -17,14 +17,19 @@ def backbone_file(tmp_path):
 
 
 def frozen_params(tiny_params, path, mode, **train):
-    return config.with_overrides(tiny_params, {"model.weights": str(path), "train.mode": mode,
-                                               **{f"train.{k}": v for k, v in train.items()}})
+    return config.with_overrides(
+        tiny_params,
+        {"model.weights": str(path), "train.mode": mode, **{f"train.{k}": v for k, v in train.items()}},
+    )
 
 
 def test_linear_probe_leaves_the_backbone_unchanged(tiny_params, prepared, backbone_file, tmp_path):
     state, path = backbone_file
-    result = fit(frozen_params(tiny_params, path, "linear_probe"), datamodule(tiny_params, prepared, None),
-                 out_dir=tmp_path / "out")
+    result = fit(
+        frozen_params(tiny_params, path, "linear_probe"),
+        datamodule(tiny_params, prepared, None),
+        out_dir=tmp_path / "out",
+    )
     model = Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu")
     own = model.net.state_dict()
     backbone = [k for k in state if not k.startswith("fc.")]
@@ -38,8 +43,9 @@ def test_linear_probe_leaves_the_backbone_unchanged(tiny_params, prepared, backb
     assert (logits.argmax(1) == rows["label_index"].to_numpy()).mean() == 1.0
 
 
-def test_knn_takes_no_gradient_steps_and_remembers_its_images(tiny_params, prepared, backbone_file, tmp_path,
-                                                              monkeypatch):
+def test_knn_takes_no_gradient_steps_and_remembers_its_images(
+    tiny_params, prepared, backbone_file, tmp_path, monkeypatch
+):
     _, path = backbone_file
     steps = []  # every backward pass and optimizer built would land here
     monkeypatch.setattr(torch.autograd, "backward", lambda *a, **k: steps.append("backward"))
@@ -48,23 +54,34 @@ def test_knn_takes_no_gradient_steps_and_remembers_its_images(tiny_params, prepa
     result = fit(params, datamodule(params, prepared, None), out_dir=tmp_path / "out")
     assert steps == [] and result.epochs_run == 0
     model = Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu").eval()
-    assert model.hparams.knn_bank == len(prepared.split("train")) and not any(p.grad is not None
-                                                                               for p in model.parameters())
+    assert model.hparams.knn_bank == len(prepared.split("train")) and not any(
+        p.grad is not None for p in model.parameters()
+    )
     rows = prepared.split("train")
     with torch.no_grad():
         probs = model(torch.from_numpy(prepared.images[rows["cache_index"].to_numpy()].transpose(0, 3, 1, 2)))
-    np.testing.assert_array_equal(probs.argmax(1).numpy(), rows["label_index"].to_numpy())  # its own neighbour
+    np.testing.assert_array_equal(
+        probs.argmax(1).numpy(), rows["label_index"].to_numpy()
+    )  # its own neighbour
 
 
 @pytest.mark.parametrize("mode", ["linear_probe", "knn"])
-def test_predict_and_export_work_for_the_frozen_modes(mode, tiny_params, prepared, image_folder, backbone_file,
-                                                      tmp_path):
+def test_predict_and_export_work_for_the_frozen_modes(
+    mode, tiny_params, prepared, image_folder, backbone_file, tmp_path
+):
     _, path = backbone_file
     params = frozen_params(tiny_params, path, mode)
     result = fit(params, datamodule(params, prepared, None), out_dir=tmp_path / "out")
     model = Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu").eval()
-    trained = serve.Trained(model=Ensemble([model]), classes=prepared.classes, image_size=32, channels="rgb", dicom_window=None,
-                            dtype="uint8", run={})
+    trained = serve.Trained(
+        model=Ensemble([model]),
+        classes=prepared.classes,
+        image_size=32,
+        channels="rgb",
+        dicom_window=None,
+        dtype="uint8",
+        run={},
+    )
     files = sorted(image_folder.rglob("*.png"))[:4]
     table = serve.predict(trained, files)
     assert (table["error"] == "").all() and set(table["predicted"]) <= set(prepared.classes)

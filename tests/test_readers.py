@@ -12,14 +12,21 @@ def ramp16(h: int = 16, w: int = 16) -> np.ndarray:
 
 
 IDENTIFYING = {  # tags that identify a person, as write_dicom writes them: none may reach any output
-    "PatientName": "Doe^Jane", "PatientID": "P-0001", "PatientBirthDate": "19700321",
-    "PatientAddress": "12 Elm Street, Springfield", "InstitutionName": "Springfield General",
-    "InstitutionAddress": "1 Hospital Road", "ReferringPhysicianName": "House^Gregory",
-    "OtherPatientIDs": "OTHER-7781", "AccessionNumber": "ACC-55231",
+    "PatientName": "Doe^Jane",
+    "PatientID": "P-0001",
+    "PatientBirthDate": "19700321",
+    "PatientAddress": "12 Elm Street, Springfield",
+    "InstitutionName": "Springfield General",
+    "InstitutionAddress": "1 Hospital Road",
+    "ReferringPhysicianName": "House^Gregory",
+    "OtherPatientIDs": "OTHER-7781",
+    "AccessionNumber": "ACC-55231",
 }
 
 
-def write_dicom(path, stored: np.ndarray, slope: float, intercept: float, window=None, photometric="MONOCHROME2"):
+def write_dicom(
+    path, stored: np.ndarray, slope: float, intercept: float, window=None, photometric="MONOCHROME2"
+):
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -64,6 +71,7 @@ def test_rgba_png_drops_alpha(tmp_path):
 @pytest.mark.parametrize("suffix", [".png", ".tif"])
 def test_sixteen_bit_keeps_its_range(tmp_path, suffix):
     import tifffile
+
     path = tmp_path / f"ramp{suffix}"
     Image.fromarray(ramp16()).save(path) if suffix == ".png" else tifffile.imwrite(path, ramp16())
     found = readers.read(path)
@@ -74,6 +82,7 @@ def test_sixteen_bit_keeps_its_range(tmp_path, suffix):
 
 def test_five_band_tiff_keeps_every_band(tmp_path):
     import tifffile
+
     bands = np.stack([np.full((12, 12), 1000 * (b + 1), np.uint16) for b in range(5)], axis=-1)
     tifffile.imwrite(tmp_path / "tile.tif", bands, planarconfig="contig")
     found = readers.read(tmp_path / "tile.tif")

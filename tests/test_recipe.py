@@ -31,7 +31,11 @@ class Snapshots(Callback):
 
 
 def changed(before, after, prefix):
-    return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix) and before[k].is_floating_point())
+    return any(
+        not torch.equal(before[k], after[k])
+        for k in before
+        if k.startswith(prefix) and before[k].is_floating_point()
+    )
 
 
 def fit_with_snapshots(params, prepared, epochs):
@@ -42,8 +46,9 @@ def fit_with_snapshots(params, prepared, epochs):
 
 
 def test_frozen_warmup_freezes_parameters_and_batchnorm_statistics(tiny_params, prepared, pretrained_file):
-    params = with_overrides(tiny_params, {"model.weights": str(pretrained_file), "train.freeze_epochs": 1,
-                                          "train.patience": 5})
+    params = with_overrides(
+        tiny_params, {"model.weights": str(pretrained_file), "train.freeze_epochs": 1, "train.patience": 5}
+    )
     start, frozen, unfrozen = fit_with_snapshots(params, prepared, epochs=2)
     backbone = [k for k in start if not k.startswith("fc.")]
     assert any("running_mean" in k for k in backbone) and any("num_batches_tracked" in k for k in backbone)
@@ -54,8 +59,15 @@ def test_frozen_warmup_freezes_parameters_and_batchnorm_statistics(tiny_params, 
 
 
 def test_gradual_unfreezing_goes_from_the_top(tiny_params, prepared, pretrained_file):
-    params = with_overrides(tiny_params, {"model.weights": str(pretrained_file), "train.freeze_epochs": 1,
-                                          "train.unfreeze": "gradual", "train.patience": 5})
+    params = with_overrides(
+        tiny_params,
+        {
+            "model.weights": str(pretrained_file),
+            "train.freeze_epochs": 1,
+            "train.unfreeze": "gradual",
+            "train.patience": 5,
+        },
+    )
     start, frozen, one_stage = fit_with_snapshots(params, prepared, epochs=2)
     assert changed(frozen, one_stage, "layer4.") and changed(frozen, one_stage, "fc.")
     for prefix in ("conv1.", "bn1.", "layer1.", "layer2.", "layer3."):
@@ -103,8 +115,9 @@ def test_class_weights_and_balanced_sampler(tiny_params, prepared):
     drawn = np.concatenate([y.numpy() for _ in range(200) for _, y in loader])  # 200 epochs
     share = np.bincount(drawn, minlength=3) / len(drawn)
     assert 0.45 < share[0] < 0.55  # 2/3 of the subset's images, half of the draws (one other class present)
-    model, _ = build_model(with_overrides(tiny_params, {"train.balance": "loss"}), prepared.classes,
-                           train_labels=labels[keep])
+    model, _ = build_model(
+        with_overrides(tiny_params, {"train.balance": "loss"}), prepared.classes, train_labels=labels[keep]
+    )
     assert model.class_weights.tolist() == pytest.approx(recipe.class_weights(labels[keep], 3).tolist())
 
 
@@ -113,8 +126,9 @@ def test_label_smoothing_and_class_weights_reach_the_loss(tiny_params, prepared)
     model, _ = build_model(params, prepared.classes, train_labels=np.array([0, 0, 1, 2]))
     logits = torch.randn(4, 3)
     y = torch.tensor([0, 1, 2, 0])
-    expected = torch.nn.functional.cross_entropy(logits, y, weight=torch.tensor([2 / 3, 4 / 3, 4 / 3]),
-                                                 label_smoothing=0.2)
+    expected = torch.nn.functional.cross_entropy(
+        logits, y, weight=torch.tensor([2 / 3, 4 / 3, 4 / 3]), label_smoothing=0.2
+    )
     model.forward = lambda x: logits
     model.log = model.log_dict = lambda *a, **k: None
     assert model.training_step((torch.zeros(4, 3, 8, 8), y), 0) == pytest.approx(expected.item())

@@ -23,13 +23,23 @@ RAW_SIZE, SIZE = 40, 32  # files are 40 px: predict and the exports must resize 
 
 def train_tiny(root: Path, prepared, channels: str, run_id: str) -> None:
     """A one-epoch model in root/models, with the run.json the train stage would write for it."""
-    params = config.parse({"data": {"image_size": SIZE, "channels": channels}, "model": {"weights": "none"},
-                           "train": {"max_epochs": 1, "batch_size": 4, "accelerator": "cpu"}})
+    params = config.parse(
+        {
+            "data": {"image_size": SIZE, "channels": channels},
+            "model": {"weights": "none"},
+            "train": {"max_epochs": 1, "batch_size": 4, "accelerator": "cpu"},
+        }
+    )
     result = fit(params, datamodule(params, prepared, None), out_dir=root / "ckpt")
     (root / "models").mkdir()
     shutil.copy2(result.best_checkpoint, root / "models" / "best.ckpt")
-    run = {"run_id": run_id, "arch": "resnet18", "classes": list(prepared.classes), "checkpoints": ["best.ckpt"],
-           "preprocessing": {"image_size": SIZE, "channels": channels, "dicom_window": None, "dtype": "uint8"}}
+    run = {
+        "run_id": run_id,
+        "arch": "resnet18",
+        "classes": list(prepared.classes),
+        "checkpoints": ["best.ckpt"],
+        "preprocessing": {"image_size": SIZE, "channels": channels, "dicom_window": None, "dtype": "uint8"},
+    }
     (root / "models" / RUN_INFO).write_text(json.dumps(run))
 
 
@@ -41,8 +51,9 @@ def project(tmp_path_factory) -> Path:
     ingest(raw, root / "prepared", seed=0, image_size=SIZE, val_fraction=0.25, test_fraction=0.25)
     prepared = load_prepared(root / "prepared")
     train_tiny(root, prepared, "rgb", "r0")
-    (root / "params.yaml").write_text(yaml.safe_dump({"paths": {"model_dir": str(root / "models"),
-                                                                "exports": str(root / "exports")}}))
+    (root / "params.yaml").write_text(
+        yaml.safe_dump({"paths": {"model_dir": str(root / "models"), "exports": str(root / "exports")}})
+    )
     return root
 
 
@@ -73,12 +84,16 @@ def test_predict_a_nested_folder_with_a_corrupt_file(project, model, tmp_path):
     by_name = {Path(p).name: i for p, i in zip(prepared.table["path"], prepared.table["cache_index"])}
     rows = [by_name[Path(p).name] for p in ok["path"]]
     with torch.no_grad():
-        expected = model(torch.from_numpy(prepared.images[rows].transpose(0, 3, 1, 2).copy())).softmax(-1).numpy()
+        expected = (
+            model(torch.from_numpy(prepared.images[rows].transpose(0, 3, 1, 2).copy())).softmax(-1).numpy()
+        )
     np.testing.assert_allclose(probs, expected, atol=2e-6)  # the CSV keeps 6 decimals
     assert list(ok["predicted"]) == [CLASSES[k] for k in expected.argmax(1)]
 
 
-def test_predict_a_manifest_reports_missing_files_and_fails_when_nothing_is_readable(project, tmp_path, capsys):
+def test_predict_a_manifest_reports_missing_files_and_fails_when_nothing_is_readable(
+    project, tmp_path, capsys
+):
     # Listed by absolute path, inside the manifest's folder (nothing outside it is read: tests/test_sources.py)
     files = [Path(shutil.copy(f, tmp_path)) for f in sorted((project / "raw" / "beta").glob("*.png"))[:2]]
     (tmp_path / "list.csv").write_text("Path,label\n" + "".join(f"{f},x\n" for f in files) + "gone.png,x\n")
@@ -114,7 +129,9 @@ def test_exported_model_equals_the_lightning_model(project, model, fmt, tmp_path
     if fmt == "torchscript":
         extra = {serve.CLASS_NAMES_FILE: ""}
         loaded = torch.jit.load(str(out), _extra_files=extra)
-        assert loaded.class_names == list(CLASSES) and json.loads(extra[serve.CLASS_NAMES_FILE]) == list(CLASSES)
+        assert loaded.class_names == list(CLASSES) and json.loads(extra[serve.CLASS_NAMES_FILE]) == list(
+            CLASSES
+        )
         run = lambda x: loaded(torch.from_numpy(np.ascontiguousarray(x))).detach().numpy()  # noqa: E731
     else:
         import onnx
@@ -147,8 +164,9 @@ def _probabilities(model: Classifier, cached: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(np.ascontiguousarray(cached.transpose(0, 3, 1, 2)))).softmax(-1).numpy()
 
 
-def test_the_logged_model_gives_the_checkpoints_probabilities_alone_and_in_a_batch(project, model, tmp_path,
-                                                                                 monkeypatch):
+def test_the_logged_model_gives_the_checkpoints_probabilities_alone_and_in_a_batch(
+    project, model, tmp_path, monkeypatch
+):
     """What the train stage logs and registers (serve.log_model over load_trained), loaded back by name."""
     monkeypatch.chdir(tmp_path)
     previous = mlflow.get_tracking_uri()
@@ -165,7 +183,7 @@ def test_the_logged_model_gives_the_checkpoints_probabilities_alone_and_in_a_bat
         batch = latest.predict(cached)  # NHWC uint8, as cached: probabilities, not logits
         np.testing.assert_allclose(batch, expected, atol=1e-5)
         for i in range(len(cached)):  # one image alone: the same answer as in the batch (eval-mode BatchNorm)
-            np.testing.assert_allclose(latest.predict(cached[i:i + 1]), expected[i:i + 1], atol=1e-5)
+            np.testing.assert_allclose(latest.predict(cached[i : i + 1]), expected[i : i + 1], atol=1e-5)
         np.testing.assert_allclose(latest.predict(files), expected, atol=1e-4)  # stored size: resized inside
     finally:
         mlflow.set_tracking_uri(previous)
@@ -190,8 +208,11 @@ def banded(request, tmp_path_factory) -> tuple[serve.Trained, np.ndarray, list[P
     prepared = load_prepared(root / "prepared")
     train_tiny(root, prepared, "keep", "r1")
     rows = prepared.table.iloc[:4]
-    return (serve.load_trained(root / "models"), np.asarray(prepared.images[rows["cache_index"].to_numpy()]),
-            [Path(p) for p in rows["path"]])
+    return (
+        serve.load_trained(root / "models"),
+        np.asarray(prepared.images[rows["cache_index"].to_numpy()]),
+        [Path(p) for p in rows["path"]],
+    )
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
@@ -233,21 +254,31 @@ def test_an_rgb_model_takes_a_gray_batch_as_ingest_does(project, model, tmp_path
     loaded = torch.jit.load(str(out))
     for x in (gray, gray.transpose(0, 3, 1, 2), gray[..., 0]):
         with torch.no_grad():
-            np.testing.assert_allclose(loaded(torch.from_numpy(np.ascontiguousarray(x))).numpy(), expected,
-                                       atol=1e-5)
+            np.testing.assert_allclose(
+                loaded(torch.from_numpy(np.ascontiguousarray(x))).numpy(), expected, atol=1e-5
+            )
+
+
 def test_predict_writes_conformal_sets_of_this_models_decision_only(project, tmp_path, caplog):
     from pipeline.evaluation.decision import Decision
 
     src, out = project / "raw" / "alpha", tmp_path / "preds.csv"
-    made = Decision(run_id="r0", classes=CLASSES, selection="val", conformal_alpha=0.1, conformal_quantile=0.6)
+    made = Decision(
+        run_id="r0", classes=CLASSES, selection="val", conformal_alpha=0.1, conformal_quantile=0.6
+    )
     made.write(tmp_path / "decision.json")
-    assert cli(project, "predict", str(src), "--out", str(out), "--decision", str(tmp_path / "decision.json")) == 0
+    assert (
+        cli(project, "predict", str(src), "--out", str(out), "--decision", str(tmp_path / "decision.json"))
+        == 0
+    )
     table = pd.read_csv(out, keep_default_na=False)
     assert list(table.columns) == ["path", "predicted", *(f"prob_{c}" for c in CLASSES), "set", "error"]
     probs = table[[f"prob_{c}" for c in CLASSES]].to_numpy(float)
     expected = ["|".join(c for c, p in zip(CLASSES, row) if p >= 1 - 0.6 - 1e-6) for row in probs]
     assert list(table["set"]) == expected
-    Decision(run_id="another", classes=CLASSES, selection="val", conformal_quantile=0.6).write(tmp_path / "old.json")
+    Decision(run_id="another", classes=CLASSES, selection="val", conformal_quantile=0.6).write(
+        tmp_path / "old.json"
+    )
     assert cli(project, "predict", str(src), "--out", str(out), "--decision", str(tmp_path / "old.json")) == 0
     assert "set" not in pd.read_csv(out).columns and "not for this model" in caplog.text
 

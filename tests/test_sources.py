@@ -54,7 +54,9 @@ def one_error_line(capsys, rc: int) -> str:
 
 
 @pytest.mark.parametrize("link", ["file", "folder"])
-def test_links_out_of_the_set_are_refused_by_intake_ingest_and_predict(project, tmp_path, outside, capsys, link):
+def test_links_out_of_the_set_are_refused_by_intake_ingest_and_predict(
+    project, tmp_path, outside, capsys, link
+):
     src = write_class_folders(tmp_path / "set", per_class=4, size=16)
     name = src / "alpha" / ("x.png" if link == "file" else "ssl")
     name.symlink_to(outside / "secret.png" if link == "file" else outside)
@@ -100,13 +102,19 @@ def test_a_fifo_named_png_is_skipped_with_a_reason_never_read(project, tmp_path,
     src = write_class_folders(tmp_path / "set", per_class=4, size=16)
     os.mkfifo(src / "alpha" / "pipe.png")  # opening it to read would block for ever
     report = intake(src, project / "raw" / "mine", seed=0, data=DATA, salt="s")
-    assert {"path": str(src / "alpha" / "pipe.png"), "reason": "not a regular file (FIFO)"} in report["rejected"]
+    assert {"path": str(src / "alpha" / "pipe.png"), "reason": "not a regular file (FIFO)"} in report[
+        "rejected"
+    ]
     assert not (project / "raw" / "mine" / "alpha" / "pipe.png").exists()  # only regular files are copied
     assert report["n_images"] == 12
     shutil.copytree(project / "raw" / "mine", tmp_path / "raw2")
-    os.mkfifo(tmp_path / "raw2" / "beta" / "pipe.png")  # a set placed in paths.raw by hand: ingest skips it too
+    os.mkfifo(
+        tmp_path / "raw2" / "beta" / "pipe.png"
+    )  # a set placed in paths.raw by hand: ingest skips it too
     rejected = ingest(tmp_path / "raw2", tmp_path / "prepared", seed=0, data=DATA)["rejected"]
-    assert rejected == [{"path": str(tmp_path / "raw2" / "beta" / "pipe.png"), "reason": "not a regular file (FIFO)"}]
+    assert rejected == [
+        {"path": str(tmp_path / "raw2" / "beta" / "pipe.png"), "reason": "not a regular file (FIFO)"}
+    ]
     with pytest.raises(readers.UnreadableImage, match="not a regular file"):
         readers.read(tmp_path / "raw2" / "beta" / "pipe.png")
 
@@ -114,6 +122,7 @@ def test_a_fifo_named_png_is_skipped_with_a_reason_never_read(project, tmp_path,
 def test_a_device_is_never_copied(tmp_path):
     """/dev/zero grows a copy without limit; linked from inside the set, it is refused before any read."""
     from pipeline.data.intake import Copied, _copy_file
+
     copied = Copied()
     assert not _copy_file(Path("/dev/zero"), tmp_path / "zero.png", copied, "skip")
     assert copied.rejected == [{"path": "/dev/zero", "reason": "not a regular file (character device)"}]
@@ -125,8 +134,9 @@ def test_a_device_is_never_copied(tmp_path):
 def test_fifo_with_on_bad_file_fail_is_one_error_line(project, tmp_path, capsys):
     src = write_class_folders(tmp_path / "set", per_class=4, size=16)
     os.mkfifo(src / "alpha" / "pipe.png")
-    (project / "params.yaml").write_text((project / "params.yaml").read_text().replace(
-        "on_bad_file: skip ", "on_bad_file: fail "))
+    (project / "params.yaml").write_text(
+        (project / "params.yaml").read_text().replace("on_bad_file: skip ", "on_bad_file: fail ")
+    )
     line = one_error_line(capsys, cli(["intake", str(src), "--name", "mine"]))
     assert str(src / "alpha" / "pipe.png") in line and "FIFO" in line
 
@@ -172,6 +182,7 @@ def test_non_image_manifest_rows_are_counted_and_listed(project, tmp_path):
     report = intake(src / "list.csv", project / "raw" / "mine", seed=0, data=DATA, salt="s")
     assert report["ignored_non_images"] == 1 and report["non_images"] == [str(src / "alpha" / "notes.txt")]
     from pipeline.data.card import summary
+
     text = summary(report)
     assert "1 non-image files ignored" in text and "notes.txt" in text
 
@@ -189,6 +200,7 @@ def test_one_pixel_budget_for_every_reader(tmp_path, suffix):
         np.save(path, np.stack([pixels] * 3, axis=-1))
     else:
         from tests.test_readers import write_dicom
+
         write_dicom(path, pixels, slope=1.0, intercept=0.0)
     assert readers.read(path, max_pixels=1200).pixels.shape[:2] == (30, 40)
     with pytest.raises(readers.UnreadableImage, match=r"40x30 pixels is over data.max_image_pixels \(1199\)"):
@@ -198,10 +210,12 @@ def test_one_pixel_budget_for_every_reader(tmp_path, suffix):
 def test_a_decompression_bomb_tiff_is_skipped_by_ingest(tmp_path):
     src = write_class_folders(tmp_path / "set", per_class=4, size=16)
     tifffile.imwrite(src / "alpha" / "bomb.tif", np.zeros((300, 300), np.uint8), compression="zlib")
-    report = ingest(src, tmp_path / "prepared", seed=0, data=Data(**{**DATA.__dict__, "max_image_pixels": 10_000}))
+    report = ingest(
+        src, tmp_path / "prepared", seed=0, data=Data(**{**DATA.__dict__, "max_image_pixels": 10_000})
+    )
     assert report["rejected"][0]["path"] == str(src / "alpha" / "bomb.tif")
     assert "over data.max_image_pixels" in report["rejected"][0]["reason"]
-    assert readers.MAX_PIXELS == Data().max_image_pixels
+    assert Data().max_image_pixels == readers.MAX_PIXELS
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -217,7 +231,9 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def test_invalid_params_are_one_line_too_and_never_show_a_password(project, capsys):
-    (project / "params.yaml").write_text("train:\n  lr: -1\n  lrr: 1\ntune:\n  storage: postgresql://u:hunter2@db/x\n")
+    (project / "params.yaml").write_text(
+        "train:\n  lr: -1\n  lrr: 1\ntune:\n  storage: postgresql://u:hunter2@db/x\n"
+    )
     line = one_error_line(capsys, cli(["ingest"]))
     assert "train.lr" in line and "train.lrr: unknown key" in line and "tune.storage holds a password" in line
     assert "hunter2" not in line

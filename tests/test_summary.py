@@ -11,8 +11,16 @@ def test_summary_shows_the_metrics_there_are(tmp_path, monkeypatch, capsys):
     params = config.parse({})
     (tmp_path / "reports").mkdir()
     # AUROC is undefined (and absent) when the test split lacks a class.
-    (tmp_path / params.paths.metrics).write_text(json.dumps({"test/accuracy": 0.5, "test/balanced_accuracy": 0.5,
-                                                             "test/macro_f1": 0.4, "weights/pretrained": False}))
+    (tmp_path / params.paths.metrics).write_text(
+        json.dumps(
+            {
+                "test/accuracy": 0.5,
+                "test/balanced_accuracy": 0.5,
+                "test/macro_f1": 0.4,
+                "weights/pretrained": False,
+            }
+        )
+    )
     summary.main(params)
     out = capsys.readouterr().out
     assert "accuracy=0.500" in out and "auroc" not in out and "random init" in out
@@ -24,8 +32,9 @@ def test_summary_names_the_stale_stages_and_imports_no_torch(tmp_path, monkeypat
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
         subprocess.run(cmd, check=True)
     (tmp_path / "a.txt").write_text("1")
-    (tmp_path / "dvc.yaml").write_text("stages:\n  copy:\n    cmd: cp a.txt b.txt\n    deps: [a.txt]\n"
-                                       "    outs: [b.txt]\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  copy:\n    cmd: cp a.txt b.txt\n    deps: [a.txt]\n    outs: [b.txt]\n"
+    )
     subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], check=True)
     summary.main(config.parse({}))
     assert "Pipeline finished: every stage up to date." in capsys.readouterr().out
@@ -33,6 +42,10 @@ def test_summary_names_the_stale_stages_and_imports_no_torch(tmp_path, monkeypat
     summary.main(config.parse({}))
     out = capsys.readouterr().out
     assert "NOT up to date: stale copy" in out and "Pipeline finished" not in out
-    loaded = subprocess.run([sys.executable, "-c", "import sys, pipeline.summary; print('torch' in sys.modules)"],
-                            capture_output=True, text=True, check=True)
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, pipeline.summary; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert loaded.stdout.strip() == "False"  # torch alone took most of the 10 s it used to take

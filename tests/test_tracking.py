@@ -16,14 +16,20 @@ def test_data_version_from_dvc_file_and_lock(tmp_path, monkeypatch):
     (raw / "xray.dvc").write_text("outs:\n- md5: abc123.dir\n  path: xray\n")
     assert tracking.data_version(raw / "xray") == "abc123.dir"
     (tmp_path / "dvc.lock").write_text(
-        "schema: '2.0'\nstages:\n  demo:\n    cmd: x\n    outs:\n    - path: data/raw/demo\n      md5: def456.dir\n")
+        "schema: '2.0'\nstages:\n  demo:\n    cmd: x\n    outs:\n    - path: data/raw/demo\n      md5: def456.dir\n"
+    )
     assert tracking.data_version(Path("data/raw/demo")) == "def456.dir"
     assert tracking.data_version(Path("data/raw/other")) == "unversioned"
 
 
 def test_lineage_tags_in_a_git_repo(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     run = lambda *a: subprocess.run(["git", *a], check=True, capture_output=True, env=os.environ | env)
     run("init", "-q")
     (tmp_path / "f").write_text("1")
@@ -61,8 +67,9 @@ def test_long_param_values_go_to_artifacts_and_the_param_points_there(tmp_path, 
     assert logged["augment.transforms"] == "see artifact params/augment.transforms.json"
     assert logged["evaluate.tta"] == '["HorizontalFlip", "VerticalFlip"]'  # short: stays a param
     assert all(len(v) <= tracking.MAX_PARAM_CHARS for v in logged.values())
-    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="params/augment.transforms.json",
-                                               dst_path=str(tmp_path / "dl"))
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="params/augment.transforms.json", dst_path=str(tmp_path / "dl")
+    )
     assert json.loads(Path(path).read_text()) == transforms
 
 
@@ -89,8 +96,10 @@ def test_ui_url_opens_the_runs_table_of_the_params_experiment(tmp_path, monkeypa
     uri = f"sqlite:///{tmp_path}/m.db"
     assert tracking.main(["--tracking-uri", uri, "--port", "5001"]) == 0
     exp_id = mlflow.get_experiment_by_name("mine").experiment_id
-    assert capsys.readouterr().out.strip() == \
-        f"http://127.0.0.1:5001/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    assert (
+        capsys.readouterr().out.strip()
+        == f"http://127.0.0.1:5001/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    )
 
 
 def test_stages_in_one_process_log_to_each_projects_own_store(tmp_path, monkeypatch):
@@ -146,25 +155,37 @@ def test_an_unreachable_tracking_server_is_one_quick_error_naming_it(tmp_path, m
         port = s.getsockname()[1]
     uri = f"http://127.0.0.1:{port}"
     start = time.monotonic()
-    with pytest.raises(tracking.TrackingError, match=rf"{uri} \(from MLFLOW_TRACKING_URI\) cannot be reached"):
+    with pytest.raises(
+        tracking.TrackingError, match=rf"{uri} \(from MLFLOW_TRACKING_URI\) cannot be reached"
+    ):
         tracking.setup(config.Tracking(), env_uri=uri)
     with pytest.raises(tracking.TrackingError, match=r"from mlflow.tracking_uri in params.yaml"):
         tracking.setup(config.Tracking(tracking_uri=uri))
     assert time.monotonic() - start < 2 * tracking.PROBE_TIMEOUT_S
-    from tests.conftest import write_tiny_params
     from pipeline.__main__ import main as cli
+    from tests.conftest import write_tiny_params
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     write_tiny_params(tmp_path / "params.yaml")
     assert cli(["tune"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: MLflow tracking server") and "MLFLOW_TRACKING_URI" in err[0]
+    assert (
+        len(err) == 1
+        and err[0].startswith("error: MLflow tracking server")
+        and "MLFLOW_TRACKING_URI" in err[0]
+    )
 
 
 def test_no_credential_reaches_mlflow_params_or_messages(tmp_path, monkeypatch):
     from pipeline.credentials import redact
-    for secret, text in (("hunter2", "postgresql://u:hunter2@127.0.0.1:5432/optuna"), ("pw", "http://u:pw@127.0.0.1:5000"),
-                         ("abc", "https://127.0.0.1/x?token=abc&n=1"), ("s3cr3t", "x?a=1&api_key=s3cr3t")):
+
+    for secret, text in (
+        ("hunter2", "postgresql://u:hunter2@127.0.0.1:5432/optuna"),
+        ("pw", "http://u:pw@127.0.0.1:5000"),
+        ("abc", "https://127.0.0.1/x?token=abc&n=1"),
+        ("s3cr3t", "x?a=1&api_key=s3cr3t"),
+    ):
         assert secret not in redact(text) and "***" in redact(text)
     assert redact("postgresql://postgres@127.0.0.1:5432/db") == "postgresql://postgres@127.0.0.1:5432/db"
     monkeypatch.chdir(tmp_path)
@@ -172,7 +193,9 @@ def test_no_credential_reaches_mlflow_params_or_messages(tmp_path, monkeypatch):
     # A params object built around the params.yaml check (which refuses these, see test_config.py).
     params = config.parse({})
     tune = object.__new__(config.Tune)
-    object.__setattr__(tune, "__dict__", {**params.tune.__dict__, "storage": "postgresql://u:hunter2@db/optuna"})
+    object.__setattr__(
+        tune, "__dict__", {**params.tune.__dict__, "storage": "postgresql://u:hunter2@db/optuna"}
+    )
     object.__setattr__(params, "tune", tune)
     with mlflow.start_run(experiment_id=exp_id) as run:
         tracking.log_params(params)

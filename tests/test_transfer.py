@@ -19,16 +19,29 @@ NEW_CLASSES = ("x", "y")  # the earlier run had three: alpha, beta, gamma
 @pytest.fixture(scope="module")
 def earlier_run(tmp_path_factory):
     """A real tiny fit's models/ folder (best.ckpt + run.json), trained with the set's own statistics."""
-    from tests.conftest import write_class_folders
     from pipeline.data.ingest import ingest, load_prepared
+    from tests.conftest import write_class_folders
 
     root = tmp_path_factory.mktemp("earlier")
-    ingest(write_class_folders(root / "raw"), root / "prepared", image_size=32, val_fraction=0.25,
-           test_fraction=0.25, seed=0, on_bad_file="skip")
-    params = config.parse({"model": {"weights": "none"},
-                           "train": {"max_epochs": 1, "batch_size": 4, "accelerator": "cpu", "freeze_epochs": 0}})
+    ingest(
+        write_class_folders(root / "raw"),
+        root / "prepared",
+        image_size=32,
+        val_fraction=0.25,
+        test_fraction=0.25,
+        seed=0,
+        on_bad_file="skip",
+    )
+    params = config.parse(
+        {
+            "model": {"weights": "none"},
+            "train": {"max_epochs": 1, "batch_size": 4, "accelerator": "cpu", "freeze_epochs": 0},
+        }
+    )
     result = fit(params, datamodule(params, load_prepared(root / "prepared"), None), out_dir=root / "models")
-    (root / "models" / RUN_INFO).write_text(json.dumps({"arch": "resnet18", "checkpoints": [result.best_checkpoint.name]}))
+    (root / "models" / RUN_INFO).write_text(
+        json.dumps({"arch": "resnet18", "checkpoints": [result.best_checkpoint.name]})
+    )
     return root / "models"
 
 
@@ -57,7 +70,11 @@ def test_an_earlier_runs_backbone_is_carried_over_exactly(earlier_run, pointer):
     assert torch.equal(model.mean, source.mean) and torch.equal(model.std, source.std)
     assert model.hparams.mean == source.mean.flatten().tolist()
     assert info.pretrained and info.in_channels == 3 and info.source == str(earlier_run / "best.ckpt")
-    assert info.mean == tuple(source.mean.flatten().tolist()) and info.source_classes == ("alpha", "beta", "gamma")
+    assert info.mean == tuple(source.mean.flatten().tolist()) and info.source_classes == (
+        "alpha",
+        "beta",
+        "gamma",
+    )
     assert json.loads(json.dumps(dataclasses.asdict(info)))["std"] == list(info.std)
 
 
@@ -74,7 +91,9 @@ def test_another_arch_or_band_count_is_an_error_naming_both(earlier_run, tmp_pat
     with pytest.raises(WeightsError, match="resnet18 backbone, but model.arch is resnet34"):
         build_model(params_with(str(earlier_run), arch="resnet34"), NEW_CLASSES)
     gray = Classifier("resnet18", 2, in_channels=1)
-    torch.save({"state_dict": gray.state_dict(), "hyper_parameters": dict(gray.hparams)}, tmp_path / "gray.ckpt")
+    torch.save(
+        {"state_dict": gray.state_dict(), "hyper_parameters": dict(gray.hparams)}, tmp_path / "gray.ckpt"
+    )
     with pytest.raises(WeightsError, match="trained on 1 bands, this data set has 3"):
         build_model(params_with(str(tmp_path / "gray.ckpt")), NEW_CLASSES)
 
@@ -100,8 +119,9 @@ def logged_run(earlier_run, tmp_path, monkeypatch):
     tracking.setup(config.Tracking(tracking_uri=uri, experiment="transfer"))
     with mlflow.start_run() as run:
         mlflow.log_dict(json.loads((earlier_run / RUN_INFO).read_text()), RUN_INFO)
-        tracking.log_model(source_model(earlier_run).eval(), np.zeros((2, 3, 32, 32), np.uint8),
-                           registered_model="source")
+        tracking.log_model(
+            source_model(earlier_run).eval(), np.zeros((2, 3, 32, 32), np.uint8), registered_model="source"
+        )
     yield run.info.run_id, uri
     mlflow.set_tracking_uri(previous)
 
@@ -127,4 +147,6 @@ def test_runs_and_models_uris_resolve_against_the_store(earlier_run, logged_run,
 def test_run_sources_are_told_from_other_weights(tmp_path):
     assert transfer.is_run_source("runs:/abc") and transfer.is_run_source("models:/m/3")
     assert transfer.is_run_source(str(tmp_path)) and transfer.is_run_source("x/best.ckpt")
-    assert not any(map(transfer.is_run_source, ["imagenet", "none", "w.pth", "ResNet50_Weights.IMAGENET1K_V2"]))
+    assert not any(
+        map(transfer.is_run_source, ["imagenet", "none", "w.pth", "ResNet50_Weights.IMAGENET1K_V2"])
+    )

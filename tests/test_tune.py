@@ -8,7 +8,9 @@ from pipeline.config import with_overrides
 from pipeline.fit import datamodule
 
 
-def test_study_logs_nested_trials_and_resumes_instead_of_restarting(tiny_params, prepared, tmp_path, monkeypatch):
+def test_study_logs_nested_trials_and_resumes_instead_of_restarting(
+    tiny_params, prepared, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     params = with_overrides(tiny_params, {"tune.storage": f"sqlite:///{tmp_path}/optuna.db"})
     params = with_overrides(params, {"mlflow.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"})
@@ -42,7 +44,9 @@ def test_study_name_changes_with_search_space_and_data(tiny_params):
     base = tune.study_name(tiny_params, "v1")
     assert tune.study_name(tiny_params, "v1") == base
     assert tune.study_name(tiny_params, "v2") != base
-    wider = with_overrides(tiny_params, {"tune.search_space": {"train.lr": {"type": "float", "low": 1e-5, "high": 1e-1}}})
+    wider = with_overrides(
+        tiny_params, {"tune.search_space": {"train.lr": {"type": "float", "low": 1e-5, "high": 1e-1}}}
+    )
     assert tune.study_name(wider, "v1") != base
     # n_trials is a budget, not part of what makes trials comparable
     assert tune.study_name(with_overrides(tiny_params, {"tune.n_trials": 9}), "v1") == base
@@ -50,12 +54,19 @@ def test_study_name_changes_with_search_space_and_data(tiny_params):
 
 def test_suggest_covers_every_kind():
     from pipeline.config import SearchDim
-    space = {"train.lr": SearchDim(type="float", low=1e-4, high=1e-2, log=True),
-             "train.batch_size": SearchDim(type="categorical", choices=(8, 16)),
-             "train.patience": SearchDim(type="int", low=1, high=4)}
+
+    space = {
+        "train.lr": SearchDim(type="float", low=1e-4, high=1e-2, log=True),
+        "train.batch_size": SearchDim(type="categorical", choices=(8, 16)),
+        "train.patience": SearchDim(type="int", low=1, high=4),
+    }
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
     values = tune.suggest(trial, space)
-    assert 1e-4 <= values["train.lr"] <= 1e-2 and values["train.batch_size"] in (8, 16) and 1 <= values["train.patience"] <= 4
+    assert (
+        1e-4 <= values["train.lr"] <= 1e-2
+        and values["train.batch_size"] in (8, 16)
+        and 1 <= values["train.patience"] <= 4
+    )
 
 
 class PruneOddTrials(optuna.pruners.BasePruner):
@@ -75,26 +86,38 @@ def _setup(tiny_params, prepared, tmp_path, monkeypatch, **overrides):
 
 
 def trial_runs(exp_id):
-    return [r for r in mlflow.search_runs([exp_id], output_format="list") if r.data.tags.get("stage") == "tune-trial"]
+    return [
+        r
+        for r in mlflow.search_runs([exp_id], output_format="list")
+        if r.data.tags.get("stage") == "tune-trial"
+    ]
 
 
 def test_pruned_trials_are_pruned_in_optuna_and_mlflow_and_plots_reach_the_parent(
-        tiny_params, prepared, tmp_path, monkeypatch):
+    tiny_params, prepared, tmp_path, monkeypatch
+):
     params, exp_id, data_for = _setup(tiny_params, prepared, tmp_path, monkeypatch, **{"tune.max_epochs": 2})
     real = tune.make_pruner
     monkeypatch.setattr(tune, "make_pruner", lambda p: PruneOddTrials())
     study, summary = tune.run(params, data_for, "s", {})
     monkeypatch.setattr(tune, "make_pruner", real)
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+    assert [t.state for t in study.trials] == [
+        optuna.trial.TrialState.COMPLETE,
+        optuna.trial.TrialState.PRUNED,
+    ]
     assert (summary["trials_complete"], summary["trials_pruned"]) == (1, 1)
-    states = {r.data.tags["optuna.trial"]: (r.data.tags["optuna.state"], r.info.status) for r in trial_runs(exp_id)}
+    states = {
+        r.data.tags["optuna.trial"]: (r.data.tags["optuna.state"], r.info.status) for r in trial_runs(exp_id)
+    }
     assert states == {"0": ("complete", "FINISHED"), "1": ("pruned", "FINISHED")}
     parent = study.user_attrs[tune.RUN_ID_ATTR]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent, "study")}
     assert "study/optimization_history.png" in artifacts
 
 
-def test_an_interrupted_study_resumes_and_its_trial_count_continues(tiny_params, prepared, tmp_path, monkeypatch):
+def test_an_interrupted_study_resumes_and_its_trial_count_continues(
+    tiny_params, prepared, tmp_path, monkeypatch
+):
     params, exp_id, data_for = _setup(tiny_params, prepared, tmp_path, monkeypatch, **{"tune.n_trials": 3})
     real_fit, calls = tune.fit, []
 
@@ -106,6 +129,7 @@ def test_an_interrupted_study_resumes_and_its_trial_count_continues(tiny_params,
 
     monkeypatch.setattr(tune, "fit", interrupted_on_second_trial)
     import pytest
+
     with pytest.raises(KeyboardInterrupt):
         tune.run(params, data_for, "s", {})
     monkeypatch.setattr(tune, "fit", real_fit)
@@ -117,7 +141,9 @@ def test_an_interrupted_study_resumes_and_its_trial_count_continues(tiny_params,
     assert (summary["trials_complete"], summary["trials_failed"]) == (3, 1)
     states = sorted(r.data.tags["optuna.state"] for r in trial_runs(exp_id))
     assert states == ["complete", "complete", "complete", "failed"]
-    parents = [r for r in mlflow.search_runs([exp_id], output_format="list") if r.data.tags.get("stage") == "tune"]
+    parents = [
+        r for r in mlflow.search_runs([exp_id], output_format="list") if r.data.tags.get("stage") == "tune"
+    ]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
 
 
@@ -126,11 +152,17 @@ def test_hyperband_pruner_from_params(tiny_params):
     assert isinstance(tune.make_pruner(params), optuna.pruners.HyperbandPruner)
 
 
-def test_a_failing_trial_is_recorded_as_failed_and_the_study_goes_on(tiny_params, prepared, tmp_path, monkeypatch):
+def test_a_failing_trial_is_recorded_as_failed_and_the_study_goes_on(
+    tiny_params, prepared, tmp_path, monkeypatch
+):
     # batch_size 0 is invalid: the seeded sampler draws it for the second trial.
-    space = {"train.lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
-             "train.batch_size": {"type": "categorical", "choices": [0, 4]}}
-    params, exp_id, data_for = _setup(tiny_params, prepared, tmp_path, monkeypatch, **{"tune.search_space": space})
+    space = {
+        "train.lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
+        "train.batch_size": {"type": "categorical", "choices": [0, 4]},
+    }
+    params, exp_id, data_for = _setup(
+        tiny_params, prepared, tmp_path, monkeypatch, **{"tune.search_space": space}
+    )
     tags = {"data.dataset": "tiny", "dvc.exp_name": "exp-1"}
     study, summary = tune.run(params, data_for, "s", tags)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
@@ -152,6 +184,7 @@ def test_a_worker_whose_slot_was_taken_meanwhile_stands_down(tiny_params):
     first, second = study.ask(), study.ask()
     run_trial = tune.objective(params, data_for=None, parent_run_id="", experiment_id="", tags={})
     import pytest
+
     with pytest.raises(tune.SlotTaken):
         run_trial(second)
     assert second.user_attrs == {tune.SURPLUS_ATTR: True}
@@ -166,17 +199,22 @@ def test_best_params_reach_the_train_stage(tiny_params, tmp_path):
     params = with_overrides(tiny_params, {"paths.best_params": str(best)})
     best.write_text("train.lr: 0.000123\ntrain.batch_size: 8\n")  # as the tune stage writes them
     tuned, values = train.with_best_params(params)
-    assert (tuned.train.lr, tuned.train.batch_size) == (0.000123, 8) and values == {"train.lr": 0.000123,
-                                                                                    "train.batch_size": 8}
+    assert (tuned.train.lr, tuned.train.batch_size) == (0.000123, 8) and values == {
+        "train.lr": 0.000123,
+        "train.batch_size": 8,
+    }
     best.write_text("train.nope: 1\n")
     import pytest
+
     with pytest.raises(ConfigError, match="train.nope"):
         train.with_best_params(params)
 
 
 def test_ctrl_c_inside_lightning_fails_the_trial_instead_of_leaving_it_running(
-        tiny_params, prepared, tmp_path, monkeypatch):
+    tiny_params, prepared, tmp_path, monkeypatch
+):
     import pytest
+
     params, exp_id, data_for = _setup(tiny_params, prepared, tmp_path, monkeypatch, **{"tune.n_trials": 2})
 
     def ctrl_c_in_lightning(*args, **kwargs):
@@ -193,8 +231,11 @@ def test_a_running_trial_whose_worker_process_is_gone_is_reclaimed(tmp_path):
     import socket
     import subprocess
     import sys
+
     study = optuna.create_study(storage=f"sqlite:///{tmp_path}/optuna.db")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     orphan, alive = study.ask(), study.ask()
     orphan.set_user_attr("worker", f"{socket.gethostname()}:{int(dead.stdout)}")  # killed by Ctrl-C, say
     alive.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -206,6 +247,7 @@ def test_an_unreachable_postgresql_server_is_named_with_host_and_port(tiny_param
     import socket
 
     import pytest
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

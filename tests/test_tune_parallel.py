@@ -52,7 +52,9 @@ def postgres_server():
         return
     bindir = _postgres_bindir()
     if bindir is None:
-        pytest.skip(f"PostgreSQL tests need ${POSTGRES_ENV} or the server binaries (apt-get install postgresql)")
+        pytest.skip(
+            f"PostgreSQL tests need ${POSTGRES_ENV} or the server binaries (apt-get install postgresql)"
+        )
     as_postgres = []
     if os.geteuid() == 0:  # initdb refuses to run as root
         try:
@@ -65,10 +67,27 @@ def postgres_server():
         shutil.chown(root, "postgres")
     data, port = root / "data", _free_port()
     ctl = [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data)]
-    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                    "--no-sync", "-E", "UTF8"], check=True, capture_output=True)
-    subprocess.run([*ctl, "-l", str(root / "server.log"), "-w", "-o", f"-h 127.0.0.1 -p {port} -k {root} -F",
-                    "start"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *as_postgres,
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [*ctl, "-l", str(root / "server.log"), "-w", "-o", f"-h 127.0.0.1 -p {port} -k {root} -F", "start"],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
@@ -94,13 +113,21 @@ def stage_params(tiny_params, prepared, tmp_path, storage: str, **overrides):
     pipeline_file = tmp_path / "augment" / "train_transforms.json"
     pipeline_file.parent.mkdir()
     augment.save(augment.build([{"name": "HorizontalFlip", "p": 0.5}], seed=0), pipeline_file)
-    return with_overrides(tiny_params, {
-        "paths.raw": str(tmp_path / "raw"), "paths.prepared": str(tmp_path / "prepared"),
-        "paths.augment_pipeline": str(pipeline_file), "paths.best_params": str(tmp_path / "tune" / "best.yaml"),
-        "paths.tune_summary": str(tmp_path / "tune" / "summary.json"),
-        "mlflow.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "mlflow.artifact_root": str(tmp_path / "mlartifacts"),
-        "tune.storage": storage, "tune.n_trials": 3, **overrides,
-    })
+    return with_overrides(
+        tiny_params,
+        {
+            "paths.raw": str(tmp_path / "raw"),
+            "paths.prepared": str(tmp_path / "prepared"),
+            "paths.augment_pipeline": str(pipeline_file),
+            "paths.best_params": str(tmp_path / "tune" / "best.yaml"),
+            "paths.tune_summary": str(tmp_path / "tune" / "summary.json"),
+            "mlflow.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+            "mlflow.artifact_root": str(tmp_path / "mlartifacts"),
+            "tune.storage": storage,
+            "tune.n_trials": 3,
+            **overrides,
+        },
+    )
 
 
 def check_filled(study: optuna.Study, n_trials: int) -> None:
@@ -110,18 +137,24 @@ def check_filled(study: optuna.Study, n_trials: int) -> None:
     assert len(finished) == n_trials
     assert all(t.user_attrs.get(tune.SURPLUS_ATTR) for t in study.trials if t.state not in tune.DONE)
     parent = study.user_attrs[tune.RUN_ID_ATTR]
-    runs = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
-            if r.data.tags.get("stage") == "tune-trial"]
+    runs = [
+        r
+        for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+        if r.data.tags.get("stage") == "tune-trial"
+    ]
     assert sorted(int(r.data.tags["optuna.trial"]) for r in runs) == sorted(t.number for t in finished)
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent}
     assert len({t.user_attrs["worker"] for t in finished}) == 2, "both workers ran trials"
 
 
 def test_n_jobs_worker_processes_fill_one_sqlite_study_and_best_params_reach_train(
-        tiny_params, prepared, tmp_path, monkeypatch):
+    tiny_params, prepared, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = stage_params(tiny_params, prepared, tmp_path, f"sqlite:///{tmp_path}/optuna.db", **{"tune.n_jobs": 2})
+    params = stage_params(
+        tiny_params, prepared, tmp_path, f"sqlite:///{tmp_path}/optuna.db", **{"tune.n_jobs": 2}
+    )
     tune_stage.main(params)
     name, _, _ = tune_stage.study_of(params)
     study = optuna.load_study(study_name=name, storage=params.tune.storage)
@@ -130,7 +163,9 @@ def test_n_jobs_worker_processes_fill_one_sqlite_study_and_best_params_reach_tra
     assert values == study.best_params and tuned.train.lr == study.best_params["train.lr"]
 
 
-def test_worker_commands_fill_one_postgresql_study(tiny_params, prepared, tmp_path, postgres_url, monkeypatch):
+def test_worker_commands_fill_one_postgresql_study(
+    tiny_params, prepared, tmp_path, postgres_url, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = stage_params(tiny_params, prepared, tmp_path, postgres_url)
@@ -141,8 +176,12 @@ def test_worker_commands_fill_one_postgresql_study(tiny_params, prepared, tmp_pa
 
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
     command = [sys.executable, "-m", "pipeline", "--params", str(params_file), "tune", "--worker"]
-    workers = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True) for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n".join(outputs)
 
@@ -153,8 +192,9 @@ def test_worker_commands_fill_one_postgresql_study(tiny_params, prepared, tmp_pa
     assert yaml.safe_load(Path(params.paths.best_params).read_text()) == study.best_params
 
 
-def test_a_worker_needs_the_study_created_by_the_tune_stage(tiny_params, prepared, tmp_path, postgres_url,
-                                                          monkeypatch):
+def test_a_worker_needs_the_study_created_by_the_tune_stage(
+    tiny_params, prepared, tmp_path, postgres_url, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     params = stage_params(tiny_params, prepared, tmp_path, postgres_url)
     with pytest.raises(tune.TuneError, match="start the tune stage first"):

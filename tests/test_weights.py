@@ -52,14 +52,18 @@ def test_imagenet_download_path_through_torch_hub(saved_state, served, tmp_path,
     state, _ = saved_state
     monkeypatch.setattr(weights, "imagenet_url", lambda arch, name="imagenet": served)
     net = build_network("resnet18", 3)
-    info = weights.load_pretrained(net, "resnet18", "imagenet", require_pretrained=True, hub_dir=tmp_path / "hub")
+    info = weights.load_pretrained(
+        net, "resnet18", "imagenet", require_pretrained=True, hub_dir=tmp_path / "hub"
+    )
     assert info.pretrained and info.source == served
     assert (tmp_path / "hub" / Path(served).name).is_file()  # cached for offline reuse
     assert_backbone_equal(net, state)
 
 
 def test_unreachable_weights_fall_back_loudly(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(weights, "imagenet_url", lambda arch, name="imagenet": "http://127.0.0.1:9/resnet18-00000000.pth")
+    monkeypatch.setattr(
+        weights, "imagenet_url", lambda arch, name="imagenet": "http://127.0.0.1:9/resnet18-00000000.pth"
+    )
     net = build_network("resnet18", 3)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     info = weights.load_pretrained(net, "resnet18", "imagenet", require_pretrained=False, hub_dir=tmp_path)
@@ -69,10 +73,13 @@ def test_unreachable_weights_fall_back_loudly(tmp_path, monkeypatch, caplog):
 
 
 def test_require_pretrained_turns_the_fallback_into_advice(tmp_path, monkeypatch):
-    monkeypatch.setattr(weights, "imagenet_url", lambda arch, name="imagenet": "http://127.0.0.1:9/resnet18-00000000.pth")
+    monkeypatch.setattr(
+        weights, "imagenet_url", lambda arch, name="imagenet": "http://127.0.0.1:9/resnet18-00000000.pth"
+    )
     with pytest.raises(weights.WeightsError) as err:
-        weights.load_pretrained(build_network("resnet18", 3), "resnet18", "imagenet", require_pretrained=True,
-                                hub_dir=tmp_path)
+        weights.load_pretrained(
+            build_network("resnet18", 3), "resnet18", "imagenet", require_pretrained=True, hub_dir=tmp_path
+        )
     assert "resnet18-00000000.pth" in str(err.value) and "model.weights" in str(err.value)
 
 
@@ -123,7 +130,9 @@ def test_sha256_accepts_the_right_file_and_rejects_another(saved_state, tmp_path
     state, path = saved_state
     right = hashlib.sha256(path.read_bytes()).hexdigest()
     net = build_network("resnet18", 3)
-    assert weights.load_pretrained(net, "resnet18", str(path), require_pretrained=True, sha256=right).pretrained
+    assert weights.load_pretrained(
+        net, "resnet18", str(path), require_pretrained=True, sha256=right
+    ).pretrained
     other = tmp_path / "other.pth"
     torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, other)
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -136,13 +145,23 @@ def test_sha256_accepts_the_right_file_and_rejects_another(saved_state, tmp_path
 def test_sha256_also_checks_the_downloaded_checkpoint(saved_state, served, tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "imagenet_url", lambda arch, name="imagenet": served)
     with pytest.raises(weights.WeightsError, match="SHA-256"):
-        weights.load_pretrained(build_network("resnet18", 3), "resnet18", "imagenet", require_pretrained=True,
-                                hub_dir=tmp_path / "hub", sha256="0" * 64)
+        weights.load_pretrained(
+            build_network("resnet18", 3),
+            "resnet18",
+            "imagenet",
+            require_pretrained=True,
+            hub_dir=tmp_path / "hub",
+            sha256="0" * 64,
+        )
 
 
 def test_weight_enum_names_resolve_and_must_fit_the_arch():
-    assert weights.imagenet_url("resnet50", "ResNet50_Weights.IMAGENET1K_V2").endswith("resnet50-11ad3fa6.pth")
-    assert weights.imagenet_url("resnet50", "imagenet") == weights.imagenet_url("resnet50", "ResNet50_Weights.DEFAULT")
+    assert weights.imagenet_url("resnet50", "ResNet50_Weights.IMAGENET1K_V2").endswith(
+        "resnet50-11ad3fa6.pth"
+    )
+    assert weights.imagenet_url("resnet50", "imagenet") == weights.imagenet_url(
+        "resnet50", "ResNet50_Weights.DEFAULT"
+    )
     with pytest.raises(weights.WeightsError, match="another architecture.*ResNet18_Weights.IMAGENET1K_V1"):
         weights.weight_enum("resnet18", "ResNet50_Weights.IMAGENET1K_V2")
     with pytest.raises(weights.WeightsError, match="ResNet50_Weights.IMAGENET1K_V9.*IMAGENET1K_V2"):
@@ -154,8 +173,9 @@ def test_enum_name_downloads_through_torch_hub(saved_state, served, tmp_path, mo
     asked = []
     monkeypatch.setattr(weights, "imagenet_url", lambda arch, name="imagenet": asked.append(name) or served)
     net = build_network("resnet18", 3)
-    info = weights.load_pretrained(net, "resnet18", "ResNet18_Weights.IMAGENET1K_V1", require_pretrained=True,
-                                   hub_dir=tmp_path / "hub")
+    info = weights.load_pretrained(
+        net, "resnet18", "ResNet18_Weights.IMAGENET1K_V1", require_pretrained=True, hub_dir=tmp_path / "hub"
+    )
     assert asked == ["ResNet18_Weights.IMAGENET1K_V1"] and info.pretrained
     assert_backbone_equal(net, state)
 
@@ -177,9 +197,13 @@ def test_weights_import_checks_hash_and_keys_and_places_the_file(saved_state, tm
     placed = weights.import_checkpoint(path, "resnet18", hub_dir=tmp_path / "hub")
     assert placed == tmp_path / "hub" / path.name and placed.read_bytes() == path.read_bytes()
     # An offline run now finds it where torch.hub looks, without any network.
-    monkeypatch.setattr(weights, "imagenet_url", lambda arch, name="imagenet": f"http://127.0.0.1:9/{path.name}")
+    monkeypatch.setattr(
+        weights, "imagenet_url", lambda arch, name="imagenet": f"http://127.0.0.1:9/{path.name}"
+    )
     net = build_network("resnet18", 3)
-    assert weights.load_pretrained(net, "resnet18", "imagenet", require_pretrained=True, hub_dir=tmp_path / "hub").pretrained
+    assert weights.load_pretrained(
+        net, "resnet18", "imagenet", require_pretrained=True, hub_dir=tmp_path / "hub"
+    ).pretrained
     assert_backbone_equal(net, state)
 
     corrupt = tmp_path / "dl" / path.name
@@ -219,10 +243,13 @@ def test_a_wrong_file_copied_into_the_hub_folder_by_hand_is_refused(saved_state,
     hub = tmp_path / "hub"
     hub.mkdir()
     (hub / path.name).write_bytes(path.read_bytes()[:-10] + b"0123456789")  # torch reads it; the hash differs
-    monkeypatch.setattr(weights, "imagenet_url", lambda arch, name="imagenet": f"http://127.0.0.1:9/{path.name}")
+    monkeypatch.setattr(
+        weights, "imagenet_url", lambda arch, name="imagenet": f"http://127.0.0.1:9/{path.name}"
+    )
     with pytest.raises(weights.WeightsError, match="corrupt or another checkpoint"):
-        weights.load_pretrained(build_network("resnet18", 3), "resnet18", "imagenet", require_pretrained=False,
-                                hub_dir=hub)
+        weights.load_pretrained(
+            build_network("resnet18", 3), "resnet18", "imagenet", require_pretrained=False, hub_dir=hub
+        )
 
 
 def test_an_unavailable_download_is_announced_once_per_process(tmp_path, monkeypatch, caplog, capsys):
@@ -232,11 +259,18 @@ def test_an_unavailable_download_is_announced_once_per_process(tmp_path, monkeyp
         raise URLError("Name or service not known")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    monkeypatch.setattr(weights, "imagenet_url", lambda arch, name="imagenet": "http://127.0.0.1:9/resnet18-00000000.pth")
+    monkeypatch.setattr(
+        weights, "imagenet_url", lambda arch, name="imagenet": "http://127.0.0.1:9/resnet18-00000000.pth"
+    )
     monkeypatch.setattr(weights, "_FAILED", set())
     for _ in range(3):  # three tune trials
-        info = weights.load_pretrained(build_network("resnet18", 2), "resnet18", "imagenet", require_pretrained=False,
-                                       hub_dir=tmp_path / "hub")
+        info = weights.load_pretrained(
+            build_network("resnet18", 2),
+            "resnet18",
+            "imagenet",
+            require_pretrained=False,
+            hub_dir=tmp_path / "hub",
+        )
         assert not info.pretrained and "Name or service not known" in info.fallback_reason
     banners = [r for r in caplog.records if "PRETRAINED WEIGHTS UNAVAILABLE" in r.getMessage()]
     assert len(banners) == 1 and banners[0].levelname == "WARNING"

@@ -60,8 +60,9 @@ class CacheWriter:
 
     def _open(self, path: Path, dtype: np.dtype, rows: int):
         f = open(path, "wb")
-        npy.write_array_header_1_0(f, {"descr": npy.dtype_to_descr(dtype), "fortran_order": False,
-                                       "shape": (rows, *self.shape)})
+        npy.write_array_header_1_0(
+            f, {"descr": npy.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, *self.shape)}
+        )
         return f
 
     def _rewrite(self, dtype: np.dtype, rows: int) -> None:
@@ -70,12 +71,17 @@ class CacheWriter:
         old = self.path.with_name(self.path.name + ".old")
         os.replace(self.path, old)
         # the header still claims ``capacity`` rows: map exactly the ones written
-        written = np.memmap(old, dtype=self.dtype, mode="r", shape=(self.n, *self.shape), offset=self._offset(old))
+        written = np.memmap(
+            old, dtype=self.dtype, mode="r", shape=(self.n, *self.shape), offset=self._offset(old)
+        )
         self._file = self._open(self.path, dtype, rows)
         step = max(1, CHUNK_BYTES // max(1, written[:1].nbytes))
         for start in range(0, self.n, step):
-            self._file.write(np.ascontiguousarray(readers.to_dtype(np.asarray(written[start:start + step]), dtype))
-                             .tobytes())
+            self._file.write(
+                np.ascontiguousarray(
+                    readers.to_dtype(np.asarray(written[start : start + step]), dtype)
+                ).tobytes()
+            )
         del written
         old.unlink()
         self.dtype = dtype

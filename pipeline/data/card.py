@@ -13,8 +13,13 @@ def _counts(mapping: dict) -> str:
 
 def summary(report: dict, root: Path | None = None) -> str:
     """Images per class and split, formats, duplicates and every problem found; paths relative to ``root``."""
+
     def rel(path: str) -> str:
-        return str(Path(path).relative_to(root)) if root is not None and Path(path).is_relative_to(root) else path
+        return (
+            str(Path(path).relative_to(root))
+            if root is not None and Path(path).is_relative_to(root)
+            else path
+        )
 
     counts = report["counts"]
     per_class = {c: sum(counts[s][c] for s in counts) for c in report["classes"]}
@@ -25,7 +30,8 @@ def summary(report: dict, root: Path | None = None) -> str:
         f"({len(report['rejected'])} unreadable skipped, {report['ignored_non_images']} non-image files ignored)",
         f"  per class   {_counts(per_class)}",
         *(f"  {split:11s} {_counts(c)}" for split, c in counts.items()),
-        f"  split by    {report['split_by']}" + (f", {report['folds']} folds" if report["folds"] else "")
+        f"  split by    {report['split_by']}"
+        + (f", {report['folds']} folds" if report["folds"] else "")
         + (f"; groups from {report['groups_from']}" if report.get("groups_from") else ""),
         f"  modes       {_counts(report['formats']['mode'])}",
         f"  bit depths  {_counts(report['formats']['bits'])}",
@@ -33,19 +39,27 @@ def summary(report: dict, root: Path | None = None) -> str:
         f"  cache       {report['image_size']}x{report['image_size']}, {cache['channels']} channels "
         f"(data.channels: {cache['policy']}), {cache['dtype']}",
         f"  duplicates  {dups['n_exact_sets']} sets of identical files, {dups['n_near_pairs']} near-duplicate pairs"
-        + (" (kept in one split)" if report["split_by"] != "manifest" and dups["n_near_pairs"] + dups["n_exact_sets"]
-           else ""),
+        + (
+            " (kept in one split)"
+            if report["split_by"] != "manifest" and dups["n_near_pairs"] + dups["n_exact_sets"]
+            else ""
+        ),
     ]
     excluded = report.get("excluded") or {}
     if excluded.get("n"):
-        lines.append(f"  excluded    {excluded['n']} files listed in {excluded['file']} (data.exclude), e.g. "
-                     + ", ".join(map(rel, excluded["paths"][:3])))
+        lines.append(
+            f"  excluded    {excluded['n']} files listed in {excluded['file']} (data.exclude), e.g. "
+            + ", ".join(map(rel, excluded["paths"][:3]))
+        )
     lines += [f"  exact:      {', '.join(map(rel, paths))}" for paths in dups["exact"][:5]]
     lines += [f"  near:       {', '.join(map(rel, d['paths']))} ({d['bits']} bits)" for d in dups["near"][:5]]
     lines += [f"  unreadable: {rel(r['path'])}: {r['reason']}" for r in report["rejected"][:10]]
     lines += [f"  non-image:  {rel(p)}" for p in report.get("non_images", [])[:10]]
-    lines += [f"  left out:   {', '.join(f'{rel(p)} ({label})' for p, label in zip(c['paths'], c['labels']))} "
-              "(identical files under different labels)" for c in report.get("label_conflicts", [])[:10]]
+    lines += [
+        f"  left out:   {', '.join(f'{rel(p)} ({label})' for p, label in zip(c['paths'], c['labels']))} "
+        "(identical files under different labels)"
+        for c in report.get("label_conflicts", [])[:10]
+    ]
     lines += [f"  warning:    {w}" for w in [*report["warnings"][:10], *filter(None, [upscaled(report)])]]
     return "\n".join(lines)
 
@@ -53,13 +67,17 @@ def summary(report: dict, root: Path | None = None) -> str:
 def upscaled(report: dict) -> str | None:
     """A warning when images are enlarged at ingest (28 px to 64 px adds pixels, not detail), else None."""
     side = report["image_size"]
-    small = {size: n for size, n in report["formats"]["size"].items() if min(map(int, size.split("x"))) < side}
+    small = {
+        size: n for size, n in report["formats"]["size"].items() if min(map(int, size.split("x"))) < side
+    }
     if not small:
         return None
     smallest = min(min(map(int, size.split("x"))) for size in small)
-    return (f"{sum(small.values())} of {report['n_images']} images are smaller than data.image_size {side} (e.g. "
-            f"{next(iter(small))}) and are upscaled to {side}x{side}: that adds compute, not detail (it may still "
-            f"suit pretrained weights); data.image_size: {max(smallest, 16)} trains on them as they are")
+    return (
+        f"{sum(small.values())} of {report['n_images']} images are smaller than data.image_size {side} (e.g. "
+        f"{next(iter(small))}) and are upscaled to {side}x{side}: that adds compute, not detail (it may still "
+        f"suit pretrained weights); data.image_size: {max(smallest, 16)} trains on them as they are"
+    )
 
 
 def _entries(entries: Sequence[Any]) -> str:
@@ -67,12 +85,22 @@ def _entries(entries: Sequence[Any]) -> str:
     return "[" + "; ".join(names) + "]" if names else "[] (none)"
 
 
-def augmentation(domain: str | None, preset: str, transforms: Sequence[dict], tta: Sequence[Any],
-                 conflicts: Sequence[str] = ()) -> str:
+def augmentation(
+    domain: str | None,
+    preset: str,
+    transforms: Sequence[dict],
+    tta: Sequence[Any],
+    conflicts: Sequence[str] = (),
+) -> str:
     """The card's lines on the augmentation the set will train with: from ``intake --domain``, or kept."""
-    how = f"--domain {domain}, written to params.yaml" if domain else \
-        "kept from params.yaml (no --domain given: it may be the previous set's; see docs/training.md)"
-    lines = [f"  augment     {how}",
-             f"              augment.preset {preset}, augment.transforms {_entries(transforms)}",
-             f"              evaluate.tta {_entries(tta)}"]
+    how = (
+        f"--domain {domain}, written to params.yaml"
+        if domain
+        else "kept from params.yaml (no --domain given: it may be the previous set's; see docs/training.md)"
+    )
+    lines = [
+        f"  augment     {how}",
+        f"              augment.preset {preset}, augment.transforms {_entries(transforms)}",
+        f"              evaluate.tta {_entries(tta)}",
+    ]
     return "\n".join([*lines, *(f"  warning:    {c}" for c in conflicts)])

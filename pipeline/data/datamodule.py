@@ -41,13 +41,17 @@ class CachedImageDataset(Dataset):
 def load_offline(folder: Path, prepared: Prepared, copies: int) -> tuple[np.ndarray, np.ndarray]:
     """The augment stage's offline copies of the train split; checked against ``prepared`` and ``copies``."""
     if not (folder / OFFLINE_LABELS).is_file():
-        raise DataError(f"{folder}: offline copies not found; run the augment stage first (dvc repro augment)")
+        raise DataError(
+            f"{folder}: offline copies not found; run the augment stage first (dvc repro augment)"
+        )
     # Memory-mapped: dataset() copies them into the train split's array anyway.
     images, labels = np.load(folder / OFFLINE_IMAGES, mmap_mode="r"), np.load(folder / OFFLINE_LABELS)
     expected = copies * len(prepared.split("train"))
     if len(labels) != expected or images.shape[1:] != prepared.images.shape[1:]:
-        raise DataError(f"{folder}: {len(labels)} offline copies of {images.shape[1:]} images, expected {expected} "
-                        f"of {prepared.images.shape[1:]} (augment.offline_copies={copies}); rerun the augment stage")
+        raise DataError(
+            f"{folder}: {len(labels)} offline copies of {images.shape[1:]} images, expected {expected} "
+            f"of {prepared.images.shape[1:]} (augment.offline_copies={copies}); rerun the augment stage"
+        )
     return images, labels
 
 
@@ -61,9 +65,17 @@ def _reseed_worker(worker_id: int) -> None:
 
 
 class ImageDataModule(L.LightningDataModule):
-    def __init__(self, prepared: Prepared, train_transform: A.BasicTransform | None, *,
-                 batch_size: int, num_workers: int = 0, offline: tuple[np.ndarray, np.ndarray] | None = None,
-                 balanced: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        prepared: Prepared,
+        train_transform: A.BasicTransform | None,
+        *,
+        batch_size: int,
+        num_workers: int = 0,
+        offline: tuple[np.ndarray, np.ndarray] | None = None,
+        balanced: bool = False,
+        seed: int = 0,
+    ):
         """``offline``: (images, label indices) appended to the train split, e.g. from ``load_offline``.
         ``balanced``: training batches drawn class-balanced, with replacement (``train.balance: sampler``).
         """
@@ -83,7 +95,10 @@ class ImageDataModule(L.LightningDataModule):
         images = np.ascontiguousarray(self.prepared.images[rows["cache_index"].to_numpy()])
         labels = rows["label_index"].to_numpy()
         if split == "train" and self.offline is not None:
-            images, labels = np.concatenate([images, self.offline[0]]), np.concatenate([labels, self.offline[1]])
+            images, labels = (
+                np.concatenate([images, self.offline[0]]),
+                np.concatenate([labels, self.offline[1]]),
+            )
         return CachedImageDataset(images, labels, transform)
 
     def _dataloader(self, split: str) -> DataLoader:
@@ -94,13 +109,21 @@ class ImageDataModule(L.LightningDataModule):
             # Each image drawn with its class's inverse frequency: every class equally likely per draw.
             # Under DDP, Lightning wraps this sampler so that each rank draws its own share.
             weights = recipe.class_weights(dataset.labels, self.num_classes)[dataset.labels]
-            sampler = WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(dataset), replacement=True,
-                                            generator=torch.Generator().manual_seed(self.seed))
+            sampler = WeightedRandomSampler(
+                torch.as_tensor(weights),
+                num_samples=len(dataset),
+                replacement=True,
+                generator=torch.Generator().manual_seed(self.seed),
+            )
         return DataLoader(
             # A last training batch of one image would break BatchNorm; drop it.
-            dataset, batch_size=self.batch_size, shuffle=train and sampler is None, sampler=sampler,
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train and len(dataset) > self.batch_size,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
             worker_init_fn=_reseed_worker if self.num_workers > 0 else None,
             pin_memory=torch.cuda.is_available(),
         )

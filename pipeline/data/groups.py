@@ -51,7 +51,9 @@ def add_dicom_groups(folder: Path, keyword: str, hashed: Callable[[str], str]) -
     else:
         found, _ = scan(folder)
         paths = [Path(p) for p in found["path"]]
-        table = pd.DataFrame({"path": [p.relative_to(folder).as_posix() for p in paths], "label": found["label"]})
+        table = pd.DataFrame(
+            {"path": [p.relative_to(folder).as_posix() for p in paths], "label": found["label"]}
+        )
     ids = [dicom_element(p, keyword) if p.suffix.lower() == DICOM_SUFFIX else "" for p in paths]
     if not any(ids):
         return 0

@@ -44,7 +44,9 @@ MANIFEST_CSV = "manifest.csv"
 SPLITS = splits.SPLITS
 MIN_PER_CLASS = 3  # one image each for train, val and test
 PROGRESS_LOG_S = 30.0  # without a terminal (dvc repro's log): one progress line this often
-STATS_VALUES = 1 << 16  # pixel values per chunk of channel_stats: about 1 MB of float64, whatever the set's size
+STATS_VALUES = (
+    1 << 16
+)  # pixel values per chunk of channel_stats: about 1 MB of float64, whatever the set's size
 
 
 class DataError(PipelineError, ValueError):
@@ -84,15 +86,19 @@ def scan(root: Path) -> tuple[pd.DataFrame, list[str]]:
         return read_manifest(sources.inside(root / MANIFEST_CSV, root))
     class_dirs = class_folders(root)
     if not class_dirs:
-        raise DataError(f"{root}: no class folders (expected one subfolder of images per class, or {MANIFEST_CSV})")
+        raise DataError(
+            f"{root}: no class folders (expected one subfolder of images per class, or {MANIFEST_CSV})"
+        )
     rows, ignored = [], []
     for class_dir in class_dirs:
         found = sources.listing(class_dir, root)
         images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
         ignored += [str(p) for p in found if p.suffix.lower() not in IMAGE_SUFFIXES]
         if not images:
-            raise DataError(f"{class_dir}: class '{class_dir.name}' has no image files "
-                            f"(accepted: {', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise DataError(
+                f"{class_dir}: class '{class_dir.name}' has no image files "
+                f"(accepted: {', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
         rows += [{"path": str(p), "label": class_dir.name} for p in images]
     return pd.DataFrame(rows, columns=["path", "label"]), ignored
 
@@ -110,8 +116,10 @@ def read_manifest(manifest: Path) -> tuple[pd.DataFrame, list[str]]:
     missing = {"path", "label"} - set(table.columns)
     unknown = set(table.columns) - {"path", "label", "split", "group"}
     if missing or unknown:
-        raise DataError(f"{manifest}: columns must be path,label and optionally split,group "
-                        f"(missing: {sorted(missing)}, unknown: {sorted(unknown)})")
+        raise DataError(
+            f"{manifest}: columns must be path,label and optionally split,group "
+            f"(missing: {sorted(missing)}, unknown: {sorted(unknown)})"
+        )
     if table.empty:
         raise DataError(f"{manifest}: only a header row; list one image a line (path,label)")
     for column in table.columns:
@@ -120,10 +128,14 @@ def read_manifest(manifest: Path) -> tuple[pd.DataFrame, list[str]]:
         if not row["path"] or not row["label"]:
             raise DataError(f"{manifest}, line {i + 2}: empty path or label")
         if "split" in table and row["split"] not in SPLITS:
-            raise DataError(f"{manifest}, line {i + 2}: split '{row['split']}' is not one of {', '.join(SPLITS)}")
+            raise DataError(
+                f"{manifest}, line {i + 2}: split '{row['split']}' is not one of {', '.join(SPLITS)}"
+            )
     table["path"] = [str(sources.inside(manifest.parent / p, manifest.parent)) for p in table["path"]]
     is_image = table["path"].map(lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES)
-    absent = [p for p in table["path"][is_image] if not Path(p).exists()]  # a FIFO exists: its reader skips it
+    absent = [
+        p for p in table["path"][is_image] if not Path(p).exists()
+    ]  # a FIFO exists: its reader skips it
     if absent:
         raise DataError(f"{manifest}: {len(absent)} listed files not found, e.g. {absent[:3]}")
     return table[is_image].reset_index(drop=True), list(table["path"][~is_image])
@@ -136,8 +148,9 @@ def read_exclusions(csv: Path) -> list[str]:
     return sources.path_column(csv, DataError, " (data.exclude)")
 
 
-def exclude(files: pd.DataFrame, listed: list[str], raw_dir: Path,
-            warnings: list[str]) -> tuple[pd.DataFrame, list[str]]:
+def exclude(
+    files: pd.DataFrame, listed: list[str], raw_dir: Path, warnings: list[str]
+) -> tuple[pd.DataFrame, list[str]]:
     """``files`` without the ``listed`` paths, and the paths dropped. A listed path is absolute, relative to
     the working directory (as splits.csv and the label audit write them) or relative to the data set folder."""
     wanted = {q for p in listed for q in (Path(p).resolve(), (raw_dir / p).resolve())}
@@ -146,8 +159,10 @@ def exclude(files: pd.DataFrame, listed: list[str], raw_dir: Path,
     found = set(resolved[drop])
     unknown = [p for p in listed if Path(p).resolve() not in found and (raw_dir / p).resolve() not in found]
     if unknown:
-        warnings.append(f"{len(unknown)} path(s) listed in data.exclude are not in the data set, e.g. "
-                        f"{', '.join(unknown[:3])}")
+        warnings.append(
+            f"{len(unknown)} path(s) listed in data.exclude are not in the data set, e.g. "
+            f"{', '.join(unknown[:3])}"
+        )
     return files[~drop].reset_index(drop=True), list(files["path"][drop])
 
 
@@ -159,8 +174,9 @@ def decode(path: Path, size: int) -> np.ndarray:
     return (pixels * 255).round().astype(np.uint8) if pixels.dtype.kind == "f" else pixels
 
 
-def channel_stats(images: np.ndarray, chunk: int | None = None,
-                  rows: np.ndarray | None = None) -> tuple[list[float], list[float]]:
+def channel_stats(
+    images: np.ndarray, chunk: int | None = None, rows: np.ndarray | None = None
+) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of (N, H, W, C) pixels (of ``rows`` only, if given) in [0, 1] units.
 
     Integers are divided by the dtype's max. Summed in chunks of ``chunk`` images (default: about
@@ -172,7 +188,7 @@ def channel_stats(images: np.ndarray, chunk: int | None = None,
     top = float(np.iinfo(images.dtype).max) if images.dtype.kind in "ui" else 1.0
     total, squares, n = np.zeros(images.shape[-1]), np.zeros(images.shape[-1]), 0
     for start in range(0, len(rows), chunk):
-        x = images[rows[start:start + chunk]].reshape(-1, images.shape[-1]).astype(np.float64) / top
+        x = images[rows[start : start + chunk]].reshape(-1, images.shape[-1]).astype(np.float64) / top
         total, squares, n = total + x.sum(0), squares + (x * x).sum(0), n + len(x)
     mean = total / n
     std = np.sqrt(np.maximum(squares / n - mean**2, 0.0))
@@ -214,14 +230,18 @@ def _decode_all(table: pd.DataFrame, data: Data, cache: CacheWriter) -> _Decoded
         except (readers.UnreadableImage, OSError) as err:
             reason = str(err)  # readers.read says "empty file" for zero bytes
             if data.on_bad_file == "fail":
-                raise DataError(f"{path}: unreadable image ({reason}); set data.on_bad_file: skip to skip it") from None
+                raise DataError(
+                    f"{path}: unreadable image ({reason}); set data.on_bad_file: skip to skip it"
+                ) from None
             log.warning("skipping unreadable image %s (%s)", path, reason)
             out.rejected.append({"path": str(path), "reason": reason})
             continue
         bands = found.pixels.shape[-1]
         if data.channels == "rgb" and bands not in (1, 3):
-            raise DataError(f"{path}: {bands} bands cannot be made RGB (data.channels: rgb); "
-                            "set data.channels: keep to train on all bands")
+            raise DataError(
+                f"{path}: {bands} bands cannot be made RGB (data.channels: rgb); "
+                "set data.channels: keep to train on all bands"
+            )
         pixels = readers.conform(found, data.image_size, data.channels)
         out.bands[pixels.shape[-1]] += 1
         if data.near_duplicate_bits is not None:
@@ -229,46 +249,66 @@ def _decode_all(table: pd.DataFrame, data: Data, cache: CacheWriter) -> _Decoded
         if cache.shape in ((), pixels.shape):  # another band count is an error once every file is counted
             cache.append(pixels)
         out.rows.append(i)
-        out.formats.append({"mode": found.mode, "bits": found.bits,
-                            "size": f"{found.pixels.shape[1]}x{found.pixels.shape[0]}"})
+        out.formats.append(
+            {
+                "mode": found.mode,
+                "bits": found.bits,
+                "size": f"{found.pixels.shape[1]}x{found.pixels.shape[0]}",
+            }
+        )
     return out
 
 
-def _label_conflicts(table: pd.DataFrame, dhashes: list[np.ndarray | None], data: Data,
-                     warnings: list[str]) -> tuple[pd.DataFrame, list[dict]]:
+def _label_conflicts(
+    table: pd.DataFrame, dhashes: list[np.ndarray | None], data: Data, warnings: list[str]
+) -> tuple[pd.DataFrame, list[dict]]:
     """Identical files under different labels: an error (``data.on_label_conflict: fail``), or every copy
     left out (``drop``: the table without them, ``dhashes`` shortened in place) and listed."""
-    conflicts = [idx for idx in validation.exact_groups(list(table["sha256"])) if table["label"].iloc[idx].nunique() > 1]
+    conflicts = [
+        idx
+        for idx in validation.exact_groups(list(table["sha256"]))
+        if table["label"].iloc[idx].nunique() > 1
+    ]
     if not conflicts:
         return table, []
-    named = "; ".join(", ".join(f"{table['path'].iloc[i]} ({table['label'].iloc[i]})" for i in idx)
-                      for idx in conflicts[:3])
+    named = "; ".join(
+        ", ".join(f"{table['path'].iloc[i]} ({table['label'].iloc[i]})" for i in idx) for idx in conflicts[:3]
+    )
     if data.on_label_conflict == "fail":
-        raise DataError(f"identical files under different labels: {named}; keep one, under its right label "
-                        "(or set data.on_label_conflict: drop to leave all of them out)")
+        raise DataError(
+            f"identical files under different labels: {named}; keep one, under its right label "
+            "(or set data.on_label_conflict: drop to leave all of them out)"
+        )
     dropped = sorted(i for idx in conflicts for i in idx)
-    listed = [{"paths": list(table["path"].iloc[idx]), "labels": list(table["label"].iloc[idx])} for idx in conflicts]
-    warnings.append(f"{len(dropped)} identical files under different labels left out "
-                    f"(data.on_label_conflict: drop), e.g. {named}")
+    listed = [
+        {"paths": list(table["path"].iloc[idx]), "labels": list(table["label"].iloc[idx])}
+        for idx in conflicts
+    ]
+    warnings.append(
+        f"{len(dropped)} identical files under different labels left out "
+        f"(data.on_label_conflict: drop), e.g. {named}"
+    )
     keep = sorted(set(range(len(table))) - set(dropped))
     dhashes[:] = [dhashes[i] for i in keep] if dhashes else dhashes
     return table.iloc[keep].reset_index(drop=True), listed
 
 
-def _duplicates(table: pd.DataFrame, dhashes: list[np.ndarray | None], near_bits: int | None,
-                warnings: list[str]) -> tuple[list[list[int]], list[tuple[int, int, int]]]:
+def _duplicates(
+    table: pd.DataFrame, dhashes: list[np.ndarray | None], near_bits: int | None, warnings: list[str]
+) -> tuple[list[list[int]], list[tuple[int, int, int]]]:
     """Exact (same bytes) and near (dHash) duplicate index groups (label conflicts are already settled)."""
     exact = validation.exact_groups(list(table["sha256"]))
     near = []
     if near_bits is not None:
         same = {(a, b) for idx in exact for a in idx for b in idx}
-        near = [p for p in validation.near_pairs(dhashes, near_bits)
-                if (p[0], p[1]) not in same]
+        near = [p for p in validation.near_pairs(dhashes, near_bits) if (p[0], p[1]) not in same]
     for a, b, bits in near:
         if table["label"].iat[a] != table["label"].iat[b]:
-            warnings.append(f"near duplicates under different labels ({bits} bits apart): "
-                            f"{table['path'].iat[a]} ({table['label'].iat[a]}), "
-                            f"{table['path'].iat[b]} ({table['label'].iat[b]})")
+            warnings.append(
+                f"near duplicates under different labels ({bits} bits apart): "
+                f"{table['path'].iat[a]} ({table['label'].iat[a]}), "
+                f"{table['path'].iat[b]} ({table['label'].iat[b]})"
+            )
     return exact, near
 
 
@@ -281,23 +321,33 @@ def _units(table: pd.DataFrame, exact: list[list[int]], near: list[tuple[int, in
     return validation.components(len(table), links)
 
 
-def _split(table: pd.DataFrame, units: np.ndarray, data: Data, seed: int, warnings: list[str]) -> tuple[str, list]:
+def _split(
+    table: pd.DataFrame, units: np.ndarray, data: Data, seed: int, warnings: list[str]
+) -> tuple[str, list]:
     """Fill table['split'] (and 'fold'); return how the split was made and the leaking unit file lists."""
     if "split" in table:
         how = "manifest"
     else:
         how = "stratified" if len(np.unique(units)) == len(units) else "grouped"
-        table["split"] = splits.assign(table["label"].to_numpy(), units, data.val_fraction, data.test_fraction, seed)
+        table["split"] = splits.assign(
+            table["label"].to_numpy(), units, data.val_fraction, data.test_fraction, seed
+        )
     leaks = [list(table["path"].iloc[idx]) for idx in splits.crossing_units(units, table["split"].to_numpy())]
     if leaks:
-        message = (f"{len(leaks)} sets of duplicates or groups span more than one split (leakage), e.g. "
-                   + "; ".join(", ".join(f"{p} ({s})" for p, s in zip(files, table.set_index('path').loc[files, 'split']))
-                               for files in leaks[:3]))
+        message = (
+            f"{len(leaks)} sets of duplicates or groups span more than one split (leakage), e.g. "
+            + "; ".join(
+                ", ".join(f"{p} ({s})" for p, s in zip(files, table.set_index("path").loc[files, "split"]))
+                for files in leaks[:3]
+            )
+        )
         if data.on_leakage == "fail":
             raise DataError(message + "; fix the split column, or set data.on_leakage: warn")
         warnings.append(message)
     if data.folds:
-        table["fold"] = splits.folds(table["label"].to_numpy(), units, table["split"].to_numpy(), data.folds, seed)
+        table["fold"] = splits.folds(
+            table["label"].to_numpy(), units, table["split"].to_numpy(), data.folds, seed
+        )
     for split in SPLITS:
         absent = sorted(set(table["label"]) - set(table.loc[table["split"] == split, "label"]))
         if absent:
@@ -305,20 +355,27 @@ def _split(table: pd.DataFrame, units: np.ndarray, data: Data, seed: int, warnin
     return how, leaks
 
 
-def _check_classes(table: pd.DataFrame, classes: tuple[str, ...], raw_dir: Path, data: Data,
-                   warnings: list[str]) -> None:
+def _check_classes(
+    table: pd.DataFrame, classes: tuple[str, ...], raw_dir: Path, data: Data, warnings: list[str]
+) -> None:
     if len(classes) < 2:
-        raise DataError(f"{raw_dir}: only one class ({', '.join(map(repr, classes))}); a classifier needs at least "
-                        "two (one folder of images per class, or two labels in the manifest)")
+        raise DataError(
+            f"{raw_dir}: only one class ({', '.join(map(repr, classes))}); a classifier needs at least "
+            "two (one folder of images per class, or two labels in the manifest)"
+        )
     counts = table["label"].value_counts()
     for name in classes:
         n = int(counts.get(name, 0))
         if n < MIN_PER_CLASS:
-            raise DataError(f"{raw_dir / name}: class '{name}' has {n} readable images; "
-                            f"at least {MIN_PER_CLASS} are needed (one each for train, val and test)")
+            raise DataError(
+                f"{raw_dir / name}: class '{name}' has {n} readable images; "
+                f"at least {MIN_PER_CLASS} are needed (one each for train, val and test)"
+            )
         if n < data.min_images_per_class:
-            warnings.append(f"class '{name}' has only {n} images (data.min_images_per_class: "
-                            f"{data.min_images_per_class}); its metrics will be noisy")
+            warnings.append(
+                f"class '{name}' has only {n} images (data.min_images_per_class: "
+                f"{data.min_images_per_class}); its metrics will be noisy"
+            )
 
 
 def _listed(items: list, limit: int = 200) -> list:
@@ -346,7 +403,11 @@ def ingest(raw_dir: Path, out_dir: Path, *, seed: int, data: Data | None = None,
         images = cache.finish()
         train = table.loc[table["split"] == "train", "cache_index"].to_numpy()
         mean, std = channel_stats(images, rows=train)
-        report["cache"] = {"dtype": str(images.dtype), "channels": int(images.shape[-1]), "policy": data.channels}
+        report["cache"] = {
+            "dtype": str(images.dtype),
+            "channels": int(images.shape[-1]),
+            "policy": data.channels,
+        }
         report["normalization"] = {"split": "train", "units": "[0, 1]", "mean": mean, "std": std}
         del images
         columns = ["path", "label", "label_index", "split", "cache_index", "sha256"]
@@ -356,15 +417,24 @@ def ingest(raw_dir: Path, out_dir: Path, *, seed: int, data: Data | None = None,
     return report
 
 
-def _validate_and_split(table: pd.DataFrame, files: pd.DataFrame, ignored: list[str], decoded: _Decoded,
-                        raw_dir: Path, data: Data, seed: int) -> tuple[pd.DataFrame, dict]:
+def _validate_and_split(
+    table: pd.DataFrame,
+    files: pd.DataFrame,
+    ignored: list[str],
+    decoded: _Decoded,
+    raw_dir: Path,
+    data: Data,
+    seed: int,
+) -> tuple[pd.DataFrame, dict]:
     """Check classes and band counts, find duplicates, split; return the table (its files left out by
     ``data.on_label_conflict: drop``) and the report so far."""
     classes = tuple(sorted(set(files["label"])))
     warnings: list[str] = []
     if len(decoded.bands) > 1:
-        raise DataError(f"{raw_dir}: images have different band counts {dict(decoded.bands)} (data.channels: keep); "
-                        "hand in one band count, or set data.channels: rgb for gray/RGB sets")
+        raise DataError(
+            f"{raw_dir}: images have different band counts {dict(decoded.bands)} (data.channels: keep); "
+            "hand in one band count, or set data.channels: rgb for gray/RGB sets"
+        )
     table["cache_index"] = np.arange(len(table))  # the cache's row; rows left out below keep theirs unread
     table["sha256"] = [validation.file_hash(Path(p)) for p in table["path"]]
     table, conflicts = _label_conflicts(table, decoded.dhashes, data, warnings)
@@ -374,8 +444,10 @@ def _validate_and_split(table: pd.DataFrame, files: pd.DataFrame, ignored: list[
     how, leaks = _split(table, units, data, seed, warnings)
     trained_on = sorted(set(table.loc[table["split"] == "train", "label"]))
     if len(trained_on) < 2:
-        raise DataError(f"{raw_dir}: the train split holds images of {len(trained_on)} class(es) {trained_on}; "
-                        "training needs at least two")
+        raise DataError(
+            f"{raw_dir}: the train split holds images of {len(trained_on)} class(es) {trained_on}; "
+            "training needs at least two"
+        )
     table["label_index"] = table["label"].map({c: i for i, c in enumerate(classes)})
     for message in warnings:
         log.warning("%s", message)
@@ -386,20 +458,31 @@ def _validate_and_split(table: pd.DataFrame, files: pd.DataFrame, ignored: list[
         "n_images": len(table),
         "image_size": data.image_size,
         "cache": None,  # filled in once the cache file is complete
-        "counts": {s: table[table["split"] == s]["label"].value_counts().reindex(classes, fill_value=0)
-                   .astype(int).to_dict() for s in SPLITS},
+        "counts": {
+            s: table[table["split"] == s]["label"]
+            .value_counts()
+            .reindex(classes, fill_value=0)
+            .astype(int)
+            .to_dict()
+            for s in SPLITS
+        },
         "split_by": how,
         "folds": data.folds,
-        "formats": {key: {str(k): int(v) for k, v in formats[key].value_counts().head(20).items()}
-                    for key in ("mode", "bits", "size")},
+        "formats": {
+            key: {str(k): int(v) for k, v in formats[key].value_counts().head(20).items()}
+            for key in ("mode", "bits", "size")
+        },
         "rejected": decoded.rejected,
         "ignored_non_images": len(ignored),
         "non_images": _listed(ignored),
         "label_conflicts": _listed(conflicts),
         "duplicates": {
             "exact": _listed([list(table["path"].iloc[idx]) for idx in exact]),
-            "near": _listed([{"paths": [table["path"].iat[a], table["path"].iat[b]], "bits": d} for a, b, d in near]),
-            "n_exact_sets": len(exact), "n_near_pairs": len(near),
+            "near": _listed(
+                [{"paths": [table["path"].iat[a], table["path"].iat[b]], "bits": d} for a, b, d in near]
+            ),
+            "n_exact_sets": len(exact),
+            "n_near_pairs": len(near),
         },
         "leakage": _listed(leaks),
         "warnings": warnings,
@@ -411,14 +494,24 @@ def load_prepared(out_dir: Path) -> Prepared:
     """Load what ingest wrote; the pixel cache is memory-mapped, not read."""
     splits = out_dir / SPLITS_CSV
     if not splits.is_file():
-        raise DataError(f"{splits}: not found; run the ingest stage first (dvc repro ingest), or, if a killed "
-                        f"run left it missing, restore the last committed one: dvc checkout {out_dir}")
+        raise DataError(
+            f"{splits}: not found; run the ingest stage first (dvc repro ingest), or, if a killed "
+            f"run left it missing, restore the last committed one: dvc checkout {out_dir}"
+        )
     table = pd.read_csv(splits)
     report = json.loads((out_dir / REPORT_JSON).read_text())
     if "normalization" not in report:
-        raise DataError(f"{out_dir / REPORT_JSON}: no normalization statistics (written by an older ingest); "
-                        "rerun the ingest stage")
+        raise DataError(
+            f"{out_dir / REPORT_JSON}: no normalization statistics (written by an older ingest); "
+            "rerun the ingest stage"
+        )
     stats = report["normalization"]
-    return Prepared(table=table, images=np.load(out_dir / CACHE_NPY, mmap_mode="r"), classes=tuple(report["classes"]),
-                    digest=hashlib.sha256(splits.read_bytes()).hexdigest()[:12],
-                    mean=tuple(stats["mean"]), std=tuple(stats["std"]), report=report)
+    return Prepared(
+        table=table,
+        images=np.load(out_dir / CACHE_NPY, mmap_mode="r"),
+        classes=tuple(report["classes"]),
+        digest=hashlib.sha256(splits.read_bytes()).hexdigest()[:12],
+        mean=tuple(stats["mean"]),
+        std=tuple(stats["std"]),
+        report=report,
+    )

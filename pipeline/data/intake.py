@@ -56,8 +56,10 @@ def default_name(src: Path) -> str:
 
 def check_name(name: str, what: str) -> str:
     if not NAME.fullmatch(name):
-        raise DataError(f"{what} '{name}' must start with a letter or digit and hold only letters, digits, '.', "
-                        "'_' and '-' (it becomes a folder name)")
+        raise DataError(
+            f"{what} '{name}' must start with a letter or digit and hold only letters, digits, '.', "
+            "'_' and '-' (it becomes a folder name)"
+        )
     return name
 
 
@@ -113,8 +115,10 @@ def copy_set(src: Path, dest: Path, on_bad_file: str = "skip") -> Copied:
         return copied
     if src.is_file() and src.suffix.lower() == ".csv":
         return copy_manifest(src, dest, on_bad_file)
-    raise DataError(f"{src}: expected a folder with one subfolder per class, or a CSV manifest "
-                    "(path,label[,split][,group])")
+    raise DataError(
+        f"{src}: expected a folder with one subfolder per class, or a CSV manifest "
+        "(path,label[,split][,group])"
+    )
 
 
 def group_salt(path: Path) -> str:
@@ -152,6 +156,7 @@ def _to_sources(message: str, sources: dict[str, str]) -> str:
 @contextmanager
 def _logged_as_sources(sources: dict[str, str]) -> Iterator[None]:
     """Ingest's log lines name the user's own files while it validates their staging copies."""
+
     def rename(record: logging.LogRecord) -> bool:
         record.msg, record.args = _to_sources(record.getMessage(), sources), None
         return True
@@ -181,16 +186,26 @@ def intake(src: Path, target: Path, *, seed: int, data: Data, salt: str) -> dict
             ingest_module.log.warning("skipping %s (%s)", skipped["path"], skipped["reason"])
         if (staging / MANIFEST_CSV).is_file():
             hash_groups(staging / MANIFEST_CSV, salt)
-        n_groups = add_dicom_groups(staging, data.dicom_group, lambda v: group_hash(v, salt)) \
-            if data.dicom_group else 0  # after hash_groups: these are hashed already
+        n_groups = (
+            add_dicom_groups(staging, data.dicom_group, lambda v: group_hash(v, salt))
+            if data.dicom_group
+            else 0
+        )  # after hash_groups: these are hashed already
         try:
             with _logged_as_sources(copied.sources):
-                report = ingest(staging, Path(scratch) / "prepared", seed=seed,
-                                data=dataclasses.replace(data, dataset=target.name))
+                report = ingest(
+                    staging,
+                    Path(scratch) / "prepared",
+                    seed=seed,
+                    data=dataclasses.replace(data, dataset=target.name),
+                )
         except DataError as err:  # name the user's own files, not their staging copies
-            raise DataError(f"{src}: not taken in ({target} left as it was): "
-                            f"{_to_sources(str(err), copied.sources)}") from None
-    report = json.loads(json.dumps(report).replace(json.dumps(str(staging))[1:-1], json.dumps(str(target))[1:-1]))
+            raise DataError(
+                f"{src}: not taken in ({target} left as it was): {_to_sources(str(err), copied.sources)}"
+            ) from None
+    report = json.loads(
+        json.dumps(report).replace(json.dumps(str(staging))[1:-1], json.dumps(str(target))[1:-1])
+    )
     # What never reached the copy: listed in the report as ingest would have listed it.
     report["rejected"] = copied.rejected + report["rejected"]
     report["non_images"] = copied.non_images + report.get("non_images", [])
@@ -220,8 +235,12 @@ def set_dataset(params_file: Path, name: str) -> None:
         if key is None:
             lines.insert(section + 1, f"  dataset: {value}\n")
         else:
-            lines[key] = re.sub(r"(\s+dataset:\s*)([^#\s]+|\"[^\"]*\"|'[^']*')", lambda m: m.group(1) + value,
-                                lines[key], count=1)
+            lines[key] = re.sub(
+                r"(\s+dataset:\s*)([^#\s]+|\"[^\"]*\"|'[^']*')",
+                lambda m: m.group(1) + value,
+                lines[key],
+                count=1,
+            )
     text = "".join(lines)
     if (yaml.safe_load(text) or {}).get("data", {}).get("dataset") != name:
         raise IntakeError(f"{params_file}: could not set data.dataset to '{name}'; set it by hand")

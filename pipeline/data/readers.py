@@ -42,7 +42,9 @@ class Decoded:
     bits: int  # bit depth of the stored samples (32 for float)
 
 
-def read(path: Path, dicom_window: tuple[float, float] | None = None, max_pixels: int = MAX_PIXELS) -> Decoded:
+def read(
+    path: Path, dicom_window: tuple[float, float] | None = None, max_pixels: int = MAX_PIXELS
+) -> Decoded:
     """Decode ``path`` by its suffix; raises ``UnreadableImage`` (or OSError) with the reason."""
     if kind := non_regular(path):
         raise UnreadableImage(f"not a regular file ({kind})")
@@ -63,9 +65,11 @@ def read(path: Path, dicom_window: tuple[float, float] | None = None, max_pixels
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     """Refuse, before decoding, an image that declares more pixels than the budget."""
     if width * height > max_pixels:
-        raise UnreadableImage(f"{width}x{height} pixels is over data.max_image_pixels ({max_pixels}); "
-                              "raise it if the image is real (a small file declaring this many is a "
-                              "decompression bomb)")
+        raise UnreadableImage(
+            f"{width}x{height} pixels is over data.max_image_pixels ({max_pixels}); "
+            "raise it if the image is real (a small file declaring this many is a "
+            "decompression bomb)"
+        )
 
 
 def _read_pil(path: Path, max_pixels: int) -> Decoded:
@@ -97,7 +101,9 @@ def _read_tiff(path: Path, max_pixels: int) -> Decoded:
             arr = page.asarray()
             planar = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and arr.ndim == 3
             alpha = page.photometric == tifffile.PHOTOMETRIC.RGB and any(
-                e in (tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA) for e in page.extrasamples)
+                e in (tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA)
+                for e in page.extrasamples
+            )
     except (tifffile.TiffFileError, ValueError, OSError) as err:
         raise UnreadableImage(f"{type(err).__name__}: {err}") from None
     if planar:
@@ -115,8 +121,11 @@ def _read_dicom(path: Path, window: tuple[float, float] | None, max_pixels: int)
     try:
         ds = pydicom.dcmread(path)
         # All frames are decoded at once: the budget is over rows x columns x frames.
-        _check_pixels(int(ds.get("Columns", 0)), int(ds.get("Rows", 0)) * int(ds.get("NumberOfFrames", 1) or 1),
-                      max_pixels)
+        _check_pixels(
+            int(ds.get("Columns", 0)),
+            int(ds.get("Rows", 0)) * int(ds.get("NumberOfFrames", 1) or 1),
+            max_pixels,
+        )
         raw = ds.pixel_array
     except (InvalidDicomError, AttributeError, ValueError, OSError, RuntimeError) as err:
         raise UnreadableImage(f"{type(err).__name__}: {err}") from None
@@ -148,7 +157,9 @@ def _first(value) -> float:
 def _read_npy(path: Path, max_pixels: int) -> Decoded:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)  # the header only, until the budget is checked
-        height, width = sorted(arr.shape)[-2:] if arr.ndim >= 2 else (1, arr.size)  # the band axis is the short one
+        height, width = (
+            sorted(arr.shape)[-2:] if arr.ndim >= 2 else (1, arr.size)
+        )  # the band axis is the short one
         _check_pixels(width, height, max_pixels)
         arr = np.array(arr)
     except (ValueError, OSError) as err:
@@ -197,11 +208,19 @@ def conform(decoded: Decoded, size: int, channels: Channels) -> np.ndarray:
         if n == 1:
             arr = np.repeat(arr, 3, axis=-1)
         elif n != 3:
-            raise UnreadableImage(f"{n} bands cannot be made RGB; set data.channels: keep for multi-band data")
-    method = cv2.INTER_AREA if size < min(arr.shape[:2]) else cv2.INTER_LINEAR  # area: no aliasing when shrinking
+            raise UnreadableImage(
+                f"{n} bands cannot be made RGB; set data.channels: keep for multi-band data"
+            )
+    method = (
+        cv2.INTER_AREA if size < min(arr.shape[:2]) else cv2.INTER_LINEAR
+    )  # area: no aliasing when shrinking
     # OpenCV resizes at most 4 channels at a time
-    parts = [cv2.resize(np.ascontiguousarray(arr[..., c:c + 4]), (size, size), interpolation=method)
-             .reshape(size, size, -1) for c in range(0, arr.shape[-1], 4)]
+    parts = [
+        cv2.resize(np.ascontiguousarray(arr[..., c : c + 4]), (size, size), interpolation=method).reshape(
+            size, size, -1
+        )
+        for c in range(0, arr.shape[-1], 4)
+    ]
     return np.concatenate(parts, axis=-1)
 
 

@@ -35,8 +35,10 @@ def inside(path: Path, root: Path) -> Path:
         raise UnsafePath(f"{path}: symbolic link loop; remove the link")
     base = root.resolve()
     if real != base and not real.is_relative_to(base):
-        raise UnsafePath(f"{path}: resolves to {real}, outside the source folder {base}; nothing outside it "
-                         "is read: copy the file into the folder instead of linking it")
+        raise UnsafePath(
+            f"{path}: resolves to {real}, outside the source folder {base}; nothing outside it "
+            "is read: copy the file into the folder instead of linking it"
+        )
     return path
 
 
@@ -83,8 +85,13 @@ def non_regular(path: Path) -> str | None:
     mode = os.stat(path).st_mode
     if stat.S_ISREG(mode):
         return None
-    kinds = {stat.S_ISFIFO: "FIFO", stat.S_ISCHR: "character device", stat.S_ISBLK: "block device",
-             stat.S_ISSOCK: "socket", stat.S_ISDIR: "folder"}
+    kinds = {
+        stat.S_ISFIFO: "FIFO",
+        stat.S_ISCHR: "character device",
+        stat.S_ISBLK: "block device",
+        stat.S_ISSOCK: "socket",
+        stat.S_ISDIR: "folder",
+    }
     return next((name for test, name in kinds.items() if test(mode)), "special file")
 
 

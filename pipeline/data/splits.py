@@ -24,8 +24,8 @@ def stratified(labels: np.ndarray, val_fraction: float, test_fraction: float, se
         n_test = max(1, round(len(idx) * test_fraction))
         n_val = max(1, round(len(idx) * val_fraction))
         splits[idx[:n_test]] = "test"
-        splits[idx[n_test:n_test + n_val]] = "val"
-        splits[idx[n_test + n_val:]] = "train"
+        splits[idx[n_test : n_test + n_val]] = "val"
+        splits[idx[n_test + n_val :]] = "train"
     return splits
 
 
@@ -48,7 +48,9 @@ def place_units(labels: np.ndarray, units: np.ndarray, shares: np.ndarray, seed:
     return placed[unit_idx]
 
 
-def assign(labels: np.ndarray, units: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+def assign(
+    labels: np.ndarray, units: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> np.ndarray:
     """'train'/'val'/'test' per image: stratified, and grouped by unit when any unit holds several images."""
     if len(np.unique(units)) == len(units):
         return stratified(labels, val_fraction, test_fraction, seed)

@@ -44,7 +44,9 @@ def exact_groups(hashes: list[str]) -> list[list[int]]:
     return [idx for idx in by_hash.values() if len(idx) > 1]
 
 
-def near_pairs(bits: list[np.ndarray | None], max_distance: int, chunk: int = 256) -> list[tuple[int, int, int]]:
+def near_pairs(
+    bits: list[np.ndarray | None], max_distance: int, chunk: int = 256
+) -> list[tuple[int, int, int]]:
     """(i, j, Hamming distance) with i < j for dHashes at most ``max_distance`` bits apart.
 
     All pairs, in chunks of rows: a +-1 matrix product gives bits - 2 * distance, so 20,000 images
@@ -57,7 +59,7 @@ def near_pairs(bits: list[np.ndarray | None], max_distance: int, chunk: int = 25
     signs = np.stack([bits[i] for i in index]).astype(np.float32) * 2 - 1
     pairs = []
     for start in range(0, len(index), chunk):
-        distance = (signs.shape[1] - signs[start:start + chunk] @ signs.T) / 2
+        distance = (signs.shape[1] - signs[start : start + chunk] @ signs.T) / 2
         rows, cols = np.nonzero(distance <= max_distance)
         for r, c in zip(rows, cols):
             if start + r < c:

@@ -23,19 +23,44 @@ from pipeline.config import Evaluate
 from pipeline.errors import PipelineError
 from pipeline.evaluation import calibration
 from pipeline.evaluation.decision import Decision, decide
-from pipeline.evaluation.metrics import BINARY, CALIBRATION, HEADLINE, NEED_EVERY_CLASS, bootstrap, compute_metrics
+from pipeline.evaluation.metrics import (
+    BINARY,
+    CALIBRATION,
+    HEADLINE,
+    NEED_EVERY_CLASS,
+    bootstrap,
+    compute_metrics,
+)
 from pipeline.evaluation.plots import IMAGES, confusion_table, plot_confusion, write_plots
 from pipeline.evaluation.predictions import predict_logits, predict_proba, predict_tta
 from pipeline.evaluation.reporting import report
 
 __all__ = [
-    "BINARY", "CALIBRATION", "HEADLINE", "IMAGES", "TTA_SPLIT", "CALIBRATED_SPLIT", "Evaluation", "EvaluationError", "confusion_table",
-    "evaluate", "plot_confusion", "positive_index", "predict_logits", "predict_proba", "predict_tta", "report",
-    "split_metrics", "write_plots", "Decision",
+    "BINARY",
+    "CALIBRATED_SPLIT",
+    "CALIBRATION",
+    "HEADLINE",
+    "IMAGES",
+    "TTA_SPLIT",
+    "Decision",
+    "Evaluation",
+    "EvaluationError",
+    "confusion_table",
+    "evaluate",
+    "plot_confusion",
+    "positive_index",
+    "predict_logits",
+    "predict_proba",
+    "predict_tta",
+    "report",
+    "split_metrics",
+    "write_plots",
 ]
 
 TTA_SPLIT = "test_tta"  # metrics with test-time augmentation: test_tta/accuracy, ...
-CALIBRATED_SPLIT = "test_calibrated"  # calibration metrics after temperature scaling: test_calibrated/ece, ...
+CALIBRATED_SPLIT = (
+    "test_calibrated"  # calibration metrics after temperature scaling: test_calibrated/ece, ...
+)
 
 
 class EvaluationError(PipelineError, ValueError):
@@ -55,19 +80,31 @@ def positive_index(class_names: Sequence[str], positive_class: str | None) -> in
     """Index of the positive class for a binary task (default: the second name in sorted order); None otherwise."""
     if len(class_names) != 2:
         if positive_class is not None:
-            raise EvaluationError(f"evaluate.positive_class: '{positive_class}' is set, but the data has "
-                                  f"{len(class_names)} classes; sensitivity and specificity need two (set it to null)")
+            raise EvaluationError(
+                f"evaluate.positive_class: '{positive_class}' is set, but the data has "
+                f"{len(class_names)} classes; sensitivity and specificity need two (set it to null)"
+            )
         return None
     if positive_class is None:
         return list(class_names).index(sorted(class_names)[1])
     if positive_class not in class_names:
-        raise EvaluationError(f"evaluate.positive_class: '{positive_class}' is not a class of the data "
-                              f"(classes: {', '.join(class_names)})")
+        raise EvaluationError(
+            f"evaluate.positive_class: '{positive_class}' is not a class of the data "
+            f"(classes: {', '.join(class_names)})"
+        )
     return list(class_names).index(positive_class)
 
 
-def split_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str], split: str, settings: Evaluate,
-                  seed: int, positive: int | None = None, only: Sequence[str] | None = None) -> dict[str, float]:
+def split_metrics(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    split: str,
+    settings: Evaluate,
+    seed: int,
+    positive: int | None = None,
+    only: Sequence[str] | None = None,
+) -> dict[str, float]:
     """Point metrics of one prediction set and, with ``settings.bootstrap``, their intervals and the number of
     resamples skipped for lacking a class (``<split>/bootstrap_skipped``). ``only``: keep these scalar metrics."""
     metrics = compute_metrics(probs, labels, class_names, split, positive, settings.ece_bins)
@@ -77,16 +114,27 @@ def split_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[s
         intervals, skipped = bootstrap(probs, labels, settings.bootstrap, seed, positive, settings.ece_bins)
         for name, (low, high) in intervals.items():
             if f"{split}/{name}" in metrics:
-                metrics |= {f"{split}/{name}_ci_low": round(low, 6), f"{split}/{name}_ci_high": round(high, 6)}
+                metrics |= {
+                    f"{split}/{name}_ci_low": round(low, 6),
+                    f"{split}/{name}_ci_high": round(high, 6),
+                }
         if any(f"{split}/{name}" in metrics for name in NEED_EVERY_CLASS):
             metrics[f"{split}/bootstrap_skipped"] = skipped
     return metrics
 
 
-def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-             settings: Evaluate, seed: int, tta: Sequence[A.BasicTransform] = (),
-             val: tuple[np.ndarray, np.ndarray] | None = None,
-             held_out: tuple[np.ndarray, np.ndarray] | None = None, run_id: str = "") -> Evaluation:
+def evaluate(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    settings: Evaluate,
+    seed: int,
+    tta: Sequence[A.BasicTransform] = (),
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+    held_out: tuple[np.ndarray, np.ndarray] | None = None,
+    run_id: str = "",
+) -> Evaluation:
     """Test-split predictions and every metric.
 
     Temperature scaling and the decisions (threshold, conformal sets) are fitted on held-out predictions:
@@ -115,11 +163,14 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, cla
             "calibration/val_nll": round(calibration.nll(val_logits, val_labels), 6),
             "calibration/val_nll_calibrated": round(calibration.nll(val_logits, val_labels, temperature), 6),
         }
-        metrics |= split_metrics(calibrated, labels, class_names, CALIBRATED_SPLIT, settings, seed, positive,
-                                 only=CALIBRATION)
+        metrics |= split_metrics(
+            calibrated, labels, class_names, CALIBRATED_SPLIT, settings, seed, positive, only=CALIBRATION
+        )
     selection = None if held_out is None else (calibration.softmax(held_out[0]), np.asarray(held_out[1]))
     made = None
     if selection is not None:
-        made, decided = decide(selection, (probs, labels), class_names, positive, settings, seed, run_id=run_id)
+        made, decided = decide(
+            selection, (probs, labels), class_names, positive, settings, seed, run_id=run_id
+        )
         metrics |= decided
     return Evaluation(probs, calibrated, metrics, selection, made)

@@ -20,8 +20,9 @@ COLUMNS = ("path", "given", "suggested", "score", "issue")
 PANEL_PNG = "label_audit.png"  # in paths.plots
 
 
-def label_issues(probs: np.ndarray, labels: np.ndarray, paths: Sequence[str],
-                 class_names: Sequence[str]) -> pd.DataFrame:
+def label_issues(
+    probs: np.ndarray, labels: np.ndarray, paths: Sequence[str], class_names: Sequence[str]
+) -> pd.DataFrame:
     """One row per image, most suspect first: path, given label, suggested label (the most probable class),
     score (cleanlab's label quality in [0, 1], low = suspect) and issue (cleanlab flags it as a likely error).
     The index keeps each row's position in the inputs."""
@@ -33,8 +34,15 @@ def label_issues(probs: np.ndarray, labels: np.ndarray, paths: Sequence[str],
     if len(np.unique(labels)) > 1:  # confident learning estimates noise rates between classes: it needs two
         flagged[find_label_issues(labels, probs, n_jobs=1)] = True
     names = np.asarray(list(class_names), dtype=object)
-    table = pd.DataFrame({"path": list(paths), "given": names[labels], "suggested": names[probs.argmax(1)],
-                          "score": np.round(get_label_quality_scores(labels, probs), 6), "issue": flagged})
+    table = pd.DataFrame(
+        {
+            "path": list(paths),
+            "given": names[labels],
+            "suggested": names[probs.argmax(1)],
+            "score": np.round(get_label_quality_scores(labels, probs), 6),
+            "issue": flagged,
+        }
+    )
     return table.sort_values(["score", "path"], kind="stable")
 
 
@@ -54,8 +62,11 @@ def panel_png(images: np.ndarray, table: pd.DataFrame, top: int, columns: int = 
         row = table.iloc[i]
         ax = axes.flat[i]
         ax.imshow(to_display(images[table.index[i]]))
-        ax.set_title(f"given {row['given']}\nsuggested {row['suggested']}\nscore {row['score']:.2f}", fontsize=7,
-                     color="tab:red" if row["issue"] else "black")
+        ax.set_title(
+            f"given {row['given']}\nsuggested {row['suggested']}\nscore {row['score']:.2f}",
+            fontsize=7,
+            color="tab:red" if row["issue"] else "black",
+        )
     fig.suptitle("Most suspect labels (held-out predictions; red: flagged by cleanlab)", fontsize=9)
     fig.tight_layout()
     png = io.BytesIO()
@@ -67,10 +78,14 @@ def report_section(table: pd.DataFrame, selection: str, *, csv_path: str, panel:
     """The report's Markdown: how many are flagged, the top rows, the panel."""
     flagged = int(table["issue"].sum())
     head = table.head(max(top, 5))
-    lines = [f"cleanlab on the {len(table)} {selection} predictions: {flagged} image(s) flagged as likely label "
-             f"errors. Full ranking (most suspect first): `{csv_path}`. Check the files; list the confirmed errors "
-             "in a CSV with a `path` column and set `data.exclude` to it to leave them out at the next ingest.", "",
-             head.to_markdown(index=False, floatfmt=".3f"), ""]
+    lines = [
+        f"cleanlab on the {len(table)} {selection} predictions: {flagged} image(s) flagged as likely label "
+        f"errors. Full ranking (most suspect first): `{csv_path}`. Check the files; list the confirmed errors "
+        "in a CSV with a `path` column and set `data.exclude` to it to leave them out at the next ingest.",
+        "",
+        head.to_markdown(index=False, floatfmt=".3f"),
+        "",
+    ]
     if panel:
         lines += [f"![label audit]({panel})", ""]
     return "\n".join(lines)

@@ -55,8 +55,11 @@ def reliability_table(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> pd.
     """Per non-empty confidence bin (the ECE's bins): its range, mean confidence, accuracy and image count."""
     bins = confidence_bins(probs, n_bins)
     frame = pd.DataFrame({"bin": bins, "confidence": probs.max(1), "accuracy": probs.argmax(1) == labels})
-    table = frame.groupby("bin").agg(confidence=("confidence", "mean"), accuracy=("accuracy", "mean"),
-                                     count=("bin", "size")).reset_index()
+    table = (
+        frame.groupby("bin")
+        .agg(confidence=("confidence", "mean"), accuracy=("accuracy", "mean"), count=("bin", "size"))
+        .reset_index()
+    )
     table.insert(1, "lower", table["bin"] / n_bins)
     table.insert(2, "upper", (table["bin"] + 1) / n_bins)
     return table.round(6)

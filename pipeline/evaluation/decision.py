@@ -29,7 +29,13 @@ from pipeline.evaluation.metrics import resample_weights
 from pipeline.fsutil import write_json
 
 THRESHOLD_SPLIT = "test_threshold"  # metrics at the chosen threshold: test_threshold/accuracy, ...
-THRESHOLDED = ("accuracy", "balanced_accuracy", "macro_f1", "sensitivity", "specificity")  # what a cut changes
+THRESHOLDED = (
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "sensitivity",
+    "specificity",
+)  # what a cut changes
 SET_SEPARATOR = "|"  # predict's 'set' column: class names joined by this
 
 
@@ -38,6 +44,7 @@ class DecisionError(PipelineError, ValueError):
 
 
 # --- the threshold -----------------------------------------------------------------------------------
+
 
 def candidate_thresholds(scores: np.ndarray) -> np.ndarray:
     """Cuts between consecutive distinct scores, and one below and one above them all (predict positive at >=)."""
@@ -72,8 +79,10 @@ def choose_threshold(scores: np.ndarray, positives: np.ndarray, rule: float | st
         return float(number)
     positives = np.asarray(positives, dtype=bool)
     if positives.all() or not positives.any():
-        raise DecisionError(f"evaluate.threshold: {rule!r} needs both classes in the selection set; it has "
-                            f"{int(positives.sum())} positive of {len(positives)} images")
+        raise DecisionError(
+            f"evaluate.threshold: {rule!r} needs both classes in the selection set; it has "
+            f"{int(positives.sum())} positive of {len(positives)} images"
+        )
     cuts = candidate_thresholds(scores)
     sensitivity, specificity, f1 = rates(scores, positives, cuts)
     if objective == "sensitivity":
@@ -94,6 +103,7 @@ def thresholded(probs: np.ndarray, positive: int, threshold: float) -> np.ndarra
 
 # --- conformal prediction sets -------------------------------------------------------------------------
 
+
 def conformal_quantile(probs: np.ndarray, labels: np.ndarray, alpha: float) -> float:
     """Split-conformal LAC quantile: the ceil((n + 1)(1 - alpha))-th smallest score 1 - p(true class).
 
@@ -111,26 +121,42 @@ def prediction_sets(probs: np.ndarray, quantile: float) -> np.ndarray:
     return 1 - np.asarray(probs) <= quantile + 1e-12
 
 
-def conformal_metrics(probs: np.ndarray, labels: np.ndarray, quantile: float, alpha: float, n_selection: int,
-                      n_resamples: int, seed: int) -> dict[str, float]:
+def conformal_metrics(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    quantile: float,
+    alpha: float,
+    n_selection: int,
+    n_resamples: int,
+    seed: int,
+) -> dict[str, float]:
     """Empirical coverage and mean set size on ``probs`` (test), with bootstrap 95% intervals."""
     sets = prediction_sets(probs, quantile)
-    per_image = {"coverage": sets[np.arange(len(labels)), labels].astype(float),
-                 "mean_set_size": sets.sum(1).astype(float),
-                 "empty_share": (sets.sum(1) == 0).astype(float),
-                 "singleton_share": (sets.sum(1) == 1).astype(float)}
-    out = {"conformal/alpha": alpha, "conformal/quantile": round(quantile, 6), "conformal/n_selection": n_selection}
+    per_image = {
+        "coverage": sets[np.arange(len(labels)), labels].astype(float),
+        "mean_set_size": sets.sum(1).astype(float),
+        "empty_share": (sets.sum(1) == 0).astype(float),
+        "singleton_share": (sets.sum(1) == 1).astype(float),
+    }
+    out = {
+        "conformal/alpha": alpha,
+        "conformal/quantile": round(quantile, 6),
+        "conformal/n_selection": n_selection,
+    }
     out |= {f"conformal/{k}": round(float(v.mean()), 6) for k, v in per_image.items()}
     if n_resamples:
         weights = resample_weights(len(labels), n_resamples, np.random.default_rng(seed))
         for name in ("coverage", "mean_set_size"):
             low, high = np.percentile(weights @ per_image[name] / len(labels), [2.5, 97.5])
-            out |= {f"conformal/{name}_ci_low": round(float(low), 6),
-                    f"conformal/{name}_ci_high": round(float(high), 6)}
+            out |= {
+                f"conformal/{name}_ci_low": round(float(low), 6),
+                f"conformal/{name}_ci_high": round(float(high), 6),
+            }
     return out
 
 
 # --- the decision record and its metrics ------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -164,21 +190,33 @@ class Decision:
         """Each image's conformal set, class names joined by ``SET_SEPARATOR`` ('' when empty); None when off."""
         if self.conformal_quantile is None:
             return None
-        return [SET_SEPARATOR.join(c for c, inside in zip(self.classes, row, strict=True) if inside)
-                for row in prediction_sets(probs, self.conformal_quantile)]
+        return [
+            SET_SEPARATOR.join(c for c, inside in zip(self.classes, row, strict=True) if inside)
+            for row in prediction_sets(probs, self.conformal_quantile)
+        ]
 
 
 def check(settings: Evaluate, n_classes: int) -> None:
     """Fail early when ``evaluate.threshold`` asks for a cut on a task that is not binary."""
     objective, number = parse_threshold(settings.threshold)
     if n_classes != 2 and (objective != "fixed" or number != 0.5):
-        raise DecisionError(f"evaluate.threshold: {settings.threshold!r} needs a binary task; the data has "
-                            f"{n_classes} classes (set it to 0.5)")
+        raise DecisionError(
+            f"evaluate.threshold: {settings.threshold!r} needs a binary task; the data has "
+            f"{n_classes} classes (set it to 0.5)"
+        )
 
 
-def decide(selection: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-           class_names: Sequence[str], positive: int | None, settings: Evaluate, seed: int, *, run_id: str = "",
-           selection_name: str = "val") -> tuple[Decision, dict[str, float]]:
+def decide(
+    selection: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    class_names: Sequence[str],
+    positive: int | None,
+    settings: Evaluate,
+    seed: int,
+    *,
+    run_id: str = "",
+    selection_name: str = "val",
+) -> tuple[Decision, dict[str, float]]:
     """Fit the threshold and the conformal quantile on ``selection`` (probs, labels); score them on ``test``.
 
     Test labels are used only for the returned metrics, never for the decision itself.
@@ -192,26 +230,55 @@ def decide(selection: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.
     if positive is not None:
         threshold = choose_threshold(sel_probs[:, positive], sel_labels == positive, settings.threshold)
         metrics["decision/threshold"] = round(threshold, 6)
-        sel = split_metrics(thresholded(sel_probs, positive, threshold), sel_labels, class_names,
-                            f"decision_{selection_name}", dataclasses.replace(settings, bootstrap=0), seed,
-                            positive, only=("sensitivity", "specificity"))
+        sel = split_metrics(
+            thresholded(sel_probs, positive, threshold),
+            sel_labels,
+            class_names,
+            f"decision_{selection_name}",
+            dataclasses.replace(settings, bootstrap=0),
+            seed,
+            positive,
+            only=("sensitivity", "specificity"),
+        )
         metrics |= sel
         if threshold != 0.5:
-            metrics |= split_metrics(thresholded(test_probs, positive, threshold), test_labels, class_names,
-                                     THRESHOLD_SPLIT, settings, seed, positive, only=THRESHOLDED)
+            metrics |= split_metrics(
+                thresholded(test_probs, positive, threshold),
+                test_labels,
+                class_names,
+                THRESHOLD_SPLIT,
+                settings,
+                seed,
+                positive,
+                only=THRESHOLDED,
+            )
     quantile = None
     if settings.conformal_alpha is not None:
         quantile = conformal_quantile(sel_probs, sel_labels, settings.conformal_alpha)
-        metrics |= conformal_metrics(test_probs, test_labels, quantile, settings.conformal_alpha, len(sel_labels),
-                                     settings.bootstrap, seed)
-    decision = Decision(run_id=run_id, classes=tuple(class_names), selection=selection_name,
-                        positive_class=None if positive is None else class_names[positive],
-                        threshold_rule=str(settings.threshold), threshold=threshold,
-                        conformal_alpha=settings.conformal_alpha, conformal_quantile=quantile)
+        metrics |= conformal_metrics(
+            test_probs,
+            test_labels,
+            quantile,
+            settings.conformal_alpha,
+            len(sel_labels),
+            settings.bootstrap,
+            seed,
+        )
+    decision = Decision(
+        run_id=run_id,
+        classes=tuple(class_names),
+        selection=selection_name,
+        positive_class=None if positive is None else class_names[positive],
+        threshold_rule=str(settings.threshold),
+        threshold=threshold,
+        conformal_alpha=settings.conformal_alpha,
+        conformal_quantile=quantile,
+    )
     return decision, metrics
 
 
 # --- the report's sections ---------------------------------------------------------------------------------
+
 
 def _cell(metrics: Mapping[str, Any], key: str) -> list[str]:
     low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
@@ -222,8 +289,11 @@ def _cell(metrics: Mapping[str, Any], key: str) -> list[str]:
 def threshold_table(metrics: Mapping[str, Any], threshold: float) -> str:
     """Thresholded metrics at 0.5 (``test/*``) and at the chosen cut (``test_threshold/*``), with 95% CIs."""
     rows = [["metric", "at 0.5", "95% CI", f"at {threshold:.3f}", "95% CI"], ["---"] * 5]
-    rows += [[name, *_cell(metrics, f"test/{name}"), *_cell(metrics, f"{THRESHOLD_SPLIT}/{name}")]
-             for name in THRESHOLDED if f"{THRESHOLD_SPLIT}/{name}" in metrics]
+    rows += [
+        [name, *_cell(metrics, f"test/{name}"), *_cell(metrics, f"{THRESHOLD_SPLIT}/{name}")]
+        for name in THRESHOLDED
+        if f"{THRESHOLD_SPLIT}/{name}" in metrics
+    ]
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -233,30 +303,45 @@ def report_sections(metrics: Mapping[str, Any], decision: Decision) -> list[tupl
     if decision.threshold is not None:
         how = f"`evaluate.threshold: {decision.threshold_rule}`"
         sel = f"decision_{decision.selection}"
-        lines = [f"Positive class `{decision.positive_class}`; cut {decision.threshold:.4f} on its probability "
-                 f"({how}), chosen on the {decision.selection} predictions (sensitivity "
-                 f"{metrics.get(f'{sel}/sensitivity', float('nan')):.3f}, specificity "
-                 f"{metrics.get(f'{sel}/specificity', float('nan')):.3f} there) and applied unchanged to test."]
+        lines = [
+            f"Positive class `{decision.positive_class}`; cut {decision.threshold:.4f} on its probability "
+            f"({how}), chosen on the {decision.selection} predictions (sensitivity "
+            f"{metrics.get(f'{sel}/sensitivity', float('nan')):.3f}, specificity "
+            f"{metrics.get(f'{sel}/specificity', float('nan')):.3f} there) and applied unchanged to test."
+        ]
         if f"{THRESHOLD_SPLIT}/accuracy" in metrics:
-            lines += ["", threshold_table(metrics, decision.threshold), "",
-                      "AUROC, calibration and the per-class table do not depend on the cut (they are above)."]
+            lines += [
+                "",
+                threshold_table(metrics, decision.threshold),
+                "",
+                "AUROC, calibration and the per-class table do not depend on the cut (they are above).",
+            ]
         else:
             lines += ["", "The cut is 0.5: the test metrics above are the ones at this threshold."]
         sections.append(("Decision threshold", "\n".join(lines)))
     if decision.conformal_quantile is not None:
         m = metrics
-        ci = (lambda k: f" (95% CI {m[k + '_ci_low']:.3f} – {m[k + '_ci_high']:.3f})" if f"{k}_ci_low" in m else "")
-        lines = [f"Split conformal (LAC) at alpha = {decision.conformal_alpha:g}, fitted on "
-                 f"{m['conformal/n_selection']} {decision.selection} predictions: a class is in an image's set "
-                 f"when its probability is at least {1 - decision.conformal_quantile:.4f}. Target coverage "
-                 f"{1 - decision.conformal_alpha:.0%}.", "",
-                 "| | test |", "| --- | --- |",
-                 f"| coverage (truth in the set) | {m['conformal/coverage']:.3f}{ci('conformal/coverage')} |",
-                 f"| mean set size | {m['conformal/mean_set_size']:.3f}{ci('conformal/mean_set_size')} |",
-                 f"| single-class sets | {m['conformal/singleton_share']:.1%} |",
-                 f"| empty sets | {m['conformal/empty_share']:.1%} |"]
+        ci = lambda k: (
+            f" (95% CI {m[k + '_ci_low']:.3f} – {m[k + '_ci_high']:.3f})" if f"{k}_ci_low" in m else ""
+        )
+        lines = [
+            f"Split conformal (LAC) at alpha = {decision.conformal_alpha:g}, fitted on "
+            f"{m['conformal/n_selection']} {decision.selection} predictions: a class is in an image's set "
+            f"when its probability is at least {1 - decision.conformal_quantile:.4f}. Target coverage "
+            f"{1 - decision.conformal_alpha:.0%}.",
+            "",
+            "| | test |",
+            "| --- | --- |",
+            f"| coverage (truth in the set) | {m['conformal/coverage']:.3f}{ci('conformal/coverage')} |",
+            f"| mean set size | {m['conformal/mean_set_size']:.3f}{ci('conformal/mean_set_size')} |",
+            f"| single-class sets | {m['conformal/singleton_share']:.1%} |",
+            f"| empty sets | {m['conformal/empty_share']:.1%} |",
+        ]
         if decision.conformal_quantile >= 1:
-            lines += ["", f"**The selection set is too small for alpha {decision.conformal_alpha:g}** (it needs at "
-                          f"least {math.ceil(1 / decision.conformal_alpha - 1)} images): every set holds every class."]
+            lines += [
+                "",
+                f"**The selection set is too small for alpha {decision.conformal_alpha:g}** (it needs at "
+                f"least {math.ceil(1 / decision.conformal_alpha - 1)} images): every set holds every class.",
+            ]
         sections.append(("Conformal prediction sets", "\n".join(lines)))
     return sections

@@ -61,8 +61,13 @@ def _per_image(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> dict[str, 
     }
 
 
-def weighted_metrics(probs: np.ndarray, labels: np.ndarray, weights: np.ndarray, positive: int | None = None,
-                     ece_bins: int = 15) -> dict[str, np.ndarray]:
+def weighted_metrics(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    weights: np.ndarray,
+    positive: int | None = None,
+    ece_bins: int = 15,
+) -> dict[str, np.ndarray]:
     """Scalar metrics, each an array with one value per row of ``weights``; NaN where undefined.
 
     - accuracy; balanced_accuracy (mean recall) and macro_f1 over the classes present in ``labels``;
@@ -83,7 +88,9 @@ def weighted_metrics(probs: np.ndarray, labels: np.ndarray, weights: np.ndarray,
     with np.errstate(divide="ignore", invalid="ignore"):
         recall = tp / support
         f1 = 2 * tp / (support + predicted)
-        auroc = np.mean([_weighted_auroc(probs[:, c], labels == c, weights) for c in np.flatnonzero(present)], axis=0)
+        auroc = np.mean(
+            [_weighted_auroc(probs[:, c], labels == c, weights) for c in np.flatnonzero(present)], axis=0
+        )
     out = {
         "accuracy": weights @ per["correct"] / total,
         "balanced_accuracy": recall[:, present].mean(1),
@@ -120,14 +127,23 @@ def per_class(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
         }
 
 
-def compute_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str], split: str = "test",
-                    positive: int | None = None, ece_bins: int = 15) -> dict[str, float]:
+def compute_metrics(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    split: str = "test",
+    positive: int | None = None,
+    ece_bins: int = 15,
+) -> dict[str, float]:
     """Point estimates named '<split>/<metric>' and '<split>/<metric>/<class>'; undefined values are left out."""
     scalars = weighted_metrics(probs, labels, np.ones((1, len(labels))), positive, ece_bins)
     out = {f"{split}/{name}": round(float(v[0]), 6) for name, v in scalars.items() if np.isfinite(v[0])}
     for name, values in per_class(probs, labels).items():
-        out |= {f"{split}/{name}/{c}": (int(v) if name == "support" else round(float(v), 6))
-                for c, v in zip(class_names, values, strict=True) if np.isfinite(v)}
+        out |= {
+            f"{split}/{name}/{c}": (int(v) if name == "support" else round(float(v), 6))
+            for c, v in zip(class_names, values, strict=True)
+            if np.isfinite(v)
+        }
     return out
 
 
@@ -137,8 +153,14 @@ def resample_weights(n: int, n_resamples: int, rng: np.random.Generator) -> np.n
     return np.bincount(draws.ravel(), minlength=n_resamples * n).reshape(n_resamples, n).astype(float)
 
 
-def bootstrap(probs: np.ndarray, labels: np.ndarray, n_resamples: int, seed: int, positive: int | None = None,
-              ece_bins: int = 15) -> tuple[dict[str, tuple[float, float]], int]:
+def bootstrap(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    n_resamples: int,
+    seed: int,
+    positive: int | None = None,
+    ece_bins: int = 15,
+) -> tuple[dict[str, tuple[float, float]], int]:
     """Percentile bootstrap ``CI_LEVEL`` intervals of every scalar metric, resampling the images with replacement.
 
     Returns {metric: (low, high)} and how many resamples lacked a class of ``labels``: those leave the
@@ -148,9 +170,16 @@ def bootstrap(probs: np.ndarray, labels: np.ndarray, n_resamples: int, seed: int
     """
     rng = np.random.default_rng(seed)
     chunk = max(1, RESAMPLE_CHUNK // max(1, len(labels)))
-    parts = [weighted_metrics(probs, labels, resample_weights(len(labels), min(chunk, n_resamples - start), rng),
-                              positive, ece_bins)
-             for start in range(0, n_resamples, chunk)]
+    parts = [
+        weighted_metrics(
+            probs,
+            labels,
+            resample_weights(len(labels), min(chunk, n_resamples - start), rng),
+            positive,
+            ece_bins,
+        )
+        for start in range(0, n_resamples, chunk)
+    ]
     tail = 100 * (1 - CI_LEVEL) / 2
     intervals, skipped = {}, 0
     for name in parts[0] if parts else ():

@@ -48,9 +48,15 @@ def file_stems(class_names: Sequence[str]) -> list[str]:
     return stems
 
 
-def curve_tables(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict[str, dict[str, pd.DataFrame]]:
+def curve_tables(
+    probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
+) -> dict[str, dict[str, pd.DataFrame]]:
     """{'roc' | 'precision_recall': {class: curve}} for each class present in ``labels`` (torchmetrics, exact thresholds)."""
-    p, y, k = torch.as_tensor(probs, dtype=torch.float32), torch.tensor(labels, dtype=torch.long), probs.shape[1]
+    p, y, k = (
+        torch.as_tensor(probs, dtype=torch.float32),
+        torch.tensor(labels, dtype=torch.long),
+        probs.shape[1],
+    )
     fpr, tpr, roc_thresholds = tmf.multiclass_roc(p, y, k)
     precision, recall, pr_thresholds = tmf.multiclass_precision_recall_curve(p, y, k)
     present = set(np.unique(labels))
@@ -58,11 +64,14 @@ def curve_tables(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[st
     for c, name in enumerate(class_names):
         if c not in present:
             continue
-        tables["roc"][name] = pd.DataFrame({"class": name, "fpr": fpr[c], "tpr": tpr[c], "threshold": roc_thresholds[c]})
+        tables["roc"][name] = pd.DataFrame(
+            {"class": name, "fpr": fpr[c], "tpr": tpr[c], "threshold": roc_thresholds[c]}
+        )
         # the last (recall 0, precision 1) point has no threshold
         thresholds = np.r_[pr_thresholds[c].numpy(), np.nan]
         tables["precision_recall"][name] = pd.DataFrame(
-            {"class": name, "recall": recall[c], "precision": precision[c], "threshold": thresholds})
+            {"class": name, "recall": recall[c], "precision": precision[c], "threshold": thresholds}
+        )
     return {kind: {name: t.round(6) for name, t in per.items()} for kind, per in tables.items()}
 
 
@@ -77,8 +86,14 @@ def plot_confusion(table: pd.DataFrame, class_names: Sequence[str], path: Path) 
     from sklearn.metrics import ConfusionMatrixDisplay
 
     fig, ax = _figure((1.2 * len(class_names) + 2, 1.2 * len(class_names) + 1.5))
-    ConfusionMatrixDisplay.from_predictions(table["actual"], table["predicted"], labels=list(class_names),
-                                            ax=ax, colorbar=False, xticks_rotation=45)
+    ConfusionMatrixDisplay.from_predictions(
+        table["actual"],
+        table["predicted"],
+        labels=list(class_names),
+        ax=ax,
+        colorbar=False,
+        xticks_rotation=45,
+    )
     ax.set_title("Test confusion matrix")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -91,7 +106,13 @@ def plot_curves(kind: str, curves: Mapping[str, pd.DataFrame], path: Path, label
     if kind == "roc":
         ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="chance")
     for name, table in curves.items():
-        ax.plot(table[x], table[y], lw=1.5, label=labels[name], drawstyle="steps-post" if kind == "roc" else "default")
+        ax.plot(
+            table[x],
+            table[y],
+            lw=1.5,
+            label=labels[name],
+            drawstyle="steps-post" if kind == "roc" else "default",
+        )
     ax.set(xlabel=x, ylabel=y, xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title=f"Test {CURVE_TITLES[kind]}")
     ax.legend(loc="lower right" if kind == "roc" else "lower left", fontsize="small")
     fig.tight_layout()
@@ -104,20 +125,38 @@ def plot_reliability(tables: Mapping[str, pd.DataFrame], path: Path, labels: Map
     fig, ax = _figure((5.5, 5))
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfect calibration")
     for k, (split, table) in enumerate(tables.items()):
-        line, = ax.plot(table["confidence"], table["accuracy"], marker="o", label=labels[split])
+        (line,) = ax.plot(table["confidence"], table["accuracy"], marker="o", label=labels[split])
         for x, y, n in zip(table["confidence"], table["accuracy"], table["count"], strict=True):
-            ax.annotate(f"{n}", (x, y), textcoords="offset points", xytext=(0, 6 if k == 0 else -11), ha="center",
-                        fontsize=6, color=line.get_color())
-    ax.set(xlabel="mean confidence (top class)", ylabel="accuracy", xlim=(0, 1.02), ylim=(-0.02, 1.02),
-           title="Test reliability diagram (numbers: images per bin)")
+            ax.annotate(
+                f"{n}",
+                (x, y),
+                textcoords="offset points",
+                xytext=(0, 6 if k == 0 else -11),
+                ha="center",
+                fontsize=6,
+                color=line.get_color(),
+            )
+    ax.set(
+        xlabel="mean confidence (top class)",
+        ylabel="accuracy",
+        xlim=(0, 1.02),
+        ylim=(-0.02, 1.02),
+        title="Test reliability diagram (numbers: images per bin)",
+    )
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return fig
 
 
-def write_plots(folder: Path, probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-                calibrated: np.ndarray | None = None, ece_bins: int = 15) -> None:
+def write_plots(
+    folder: Path,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    calibrated: np.ndarray | None = None,
+    ece_bins: int = 15,
+) -> None:
     """Every image and CSV of the plots folder (layout in the module docstring) into ``folder``."""
     plot_confusion(confusion_table(probs, labels, class_names), class_names, folder / CONFUSION_PNG)
     stems = dict(zip(class_names, file_stems(class_names), strict=True))
@@ -133,5 +172,8 @@ def write_plots(folder: Path, probs: np.ndarray, labels: np.ndarray, class_names
     (folder / RELIABILITY).mkdir()
     for split, table in tables.items():
         table.to_csv(folder / RELIABILITY / f"{split}.csv", index=False)
-    plot_reliability(tables, folder / f"{RELIABILITY}.png",
-                     {"test": "uncalibrated", "test_calibrated": "temperature-scaled"})
+    plot_reliability(
+        tables,
+        folder / f"{RELIABILITY}.png",
+        {"test": "uncalibrated", "test_calibrated": "temperature-scaled"},
+    )

@@ -26,8 +26,13 @@ def predict_proba(model: torch.nn.Module, images: np.ndarray, batch_size: int) -
     return torch.from_numpy(predict_logits(model, images, batch_size)).softmax(-1).numpy()
 
 
-def predict_tta(model: torch.nn.Module, images: np.ndarray, batch_size: int,
-                transforms: Sequence[A.BasicTransform], plain: np.ndarray | None = None) -> np.ndarray:
+def predict_tta(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    batch_size: int,
+    transforms: Sequence[A.BasicTransform],
+    plain: np.ndarray | None = None,
+) -> np.ndarray:
     """Class probabilities averaged over the images as they are and under each (deterministic) transform.
 
     ``plain``: the untransformed images' probabilities when the caller already has them.

@@ -11,10 +11,17 @@ import pandas as pd
 from pipeline.config import Evaluate
 from pipeline.evaluation.calibration import TEMPERATURE_BOUNDS
 from pipeline.evaluation.metrics import BINARY, CALIBRATION, HEADLINE, PER_CLASS
+
 # The metrics file DVC shows by default (`dvc metrics show`, `dvc exp show`): what runs are compared on. Every
 # other number (intervals, per class, calibration details) is in paths.metrics_detail, and all are in MLflow.
-HEADLINE_KEYS = (*(f"{split}/{m}" for split in ("test", "test_tta") for m in (*HEADLINE, *BINARY)),
-                 "test/ece", "test_calibrated/ece", "cv/accuracy", "cv/auroc", "weights/pretrained")
+HEADLINE_KEYS = (
+    *(f"{split}/{m}" for split in ("test", "test_tta") for m in (*HEADLINE, *BINARY)),
+    "test/ece",
+    "test_calibrated/ece",
+    "cv/accuracy",
+    "cv/auroc",
+    "weights/pretrained",
+)
 SPLITS = {"test": "plain", "test_tta": "with TTA", "test_calibrated": "temperature-scaled"}
 KEY_HPARAMS = ("lr", "weight_decay", "optimizer", "dropout", "label_smoothing", "monitor")
 SMALL_TEST_CLASS = 10  # fewer test images of a class than this: a warning
@@ -22,8 +29,9 @@ SMALL_TEST_CLASS = 10  # fewer test images of a class than this: a warning
 
 def split_headline(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The metrics as (headline, the rest): the ``HEADLINE_KEYS`` present, in that order, and all others."""
-    return {k: metrics[k] for k in HEADLINE_KEYS if k in metrics}, \
-        {k: v for k, v in metrics.items() if k not in HEADLINE_KEYS}
+    return {k: metrics[k] for k in HEADLINE_KEYS if k in metrics}, {
+        k: v for k, v in metrics.items() if k not in HEADLINE_KEYS
+    }
 
 
 def _value(metrics: Mapping[str, Any], key: str) -> str:
@@ -35,14 +43,20 @@ def _interval(metrics: Mapping[str, Any], key: str) -> str:
     return "—" if low is None or high is None else f"{low:.3f} – {high:.3f}"
 
 
-def metric_table(metrics: Mapping[str, Any], names: Sequence[str], splits: Sequence[str],
-                 shown: Mapping[str, str] | None = None) -> str:
+def metric_table(
+    metrics: Mapping[str, Any],
+    names: Sequence[str],
+    splits: Sequence[str],
+    shown: Mapping[str, str] | None = None,
+) -> str:
     """Rows: the ``names`` any split has (as ``shown`` names them); per split a value column and a 95% CI column."""
     rows = [n for n in names if any(f"{s}/{n}" in metrics for s in splits)]
     header = ["metric"] + [h for s in splits for h in (SPLITS.get(s, s), "95% CI")]
-    body = [[(shown or {}).get(n, n)]
-            + [cell for s in splits for cell in (_value(metrics, f"{s}/{n}"), _interval(metrics, f"{s}/{n}"))]
-            for n in rows]
+    body = [
+        [(shown or {}).get(n, n)]
+        + [cell for s in splits for cell in (_value(metrics, f"{s}/{n}"), _interval(metrics, f"{s}/{n}"))]
+        for n in rows
+    ]
     return "\n".join("| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *body])
 
 
@@ -54,14 +68,22 @@ def binary_names(classes: Sequence[str], settings: Evaluate) -> dict[str, str]:
     if positive is None:
         return {}
     negative = classes[1 - positive]
-    return {"sensitivity": f"sensitivity for {classes[positive]}", "specificity": f"specificity (recall of {negative})"}
+    return {
+        "sensitivity": f"sensitivity for {classes[positive]}",
+        "specificity": f"specificity (recall of {negative})",
+    }
 
 
 def _calibration_effect(metrics: Mapping[str, Any]) -> tuple[str, bool]:
     """Temperature scaling's effect on the test split, in words, and whether it made test calibration worse."""
-    changes = [(name, metrics[f"test/{name}"], metrics[f"test_calibrated/{name}"]) for name in CALIBRATION
-               if f"test/{name}" in metrics and f"test_calibrated/{name}" in metrics]
-    text = ", ".join(f"{name.upper() if name != 'brier' else 'Brier'} {a:.3f} → {b:.3f}" for name, a, b in changes)
+    changes = [
+        (name, metrics[f"test/{name}"], metrics[f"test_calibrated/{name}"])
+        for name in CALIBRATION
+        if f"test/{name}" in metrics and f"test_calibrated/{name}" in metrics
+    ]
+    text = ", ".join(
+        f"{name.upper() if name != 'brier' else 'Brier'} {a:.3f} → {b:.3f}" for name, a, b in changes
+    )
     worse = any(name in ("ece", "nll") and b > a for name, a, b in changes)
     return text, worse
 
@@ -75,8 +97,9 @@ def _wide_intervals(metrics: Mapping[str, Any], limit: float) -> list[str]:
     return wide
 
 
-def warnings(metrics: Mapping[str, Any], data_report: Mapping[str, Any], run: Mapping[str, Any],
-             settings: Evaluate) -> list[str]:
+def warnings(
+    metrics: Mapping[str, Any], data_report: Mapping[str, Any], run: Mapping[str, Any], settings: Evaluate
+) -> list[str]:
     """What a reader must know before trusting the numbers, most serious first."""
     out = []
     if not run["weights"]["pretrained"]:
@@ -84,32 +107,44 @@ def warnings(metrics: Mapping[str, Any], data_report: Mapping[str, Any], run: Ma
         out.append(f"**Random initialization, not pretrained weights** — {reason}.")
     leaks = data_report.get("leakage") or []
     if leaks:
-        out.append(f"**Leakage** — {len(leaks)} set(s) of duplicate images or groups span more than one split "
-                   f"(data.on_leakage: warn), e.g. {', '.join(leaks[0])}: test metrics are likely optimistic.")
+        out.append(
+            f"**Leakage** — {len(leaks)} set(s) of duplicate images or groups span more than one split "
+            f"(data.on_leakage: warn), e.g. {', '.join(leaks[0])}: test metrics are likely optimistic."
+        )
     wide = _wide_intervals(metrics, settings.ci_warn_width)
     if wide:
         n = sum(data_report["counts"]["test"].values())
-        out.append(f"**Wide intervals** — the test set ({n} images) is too small to pin these down (95% CI wider "
-                   f"than evaluate.ci_warn_width {settings.ci_warn_width}): {'; '.join(wide)}. Differences between "
-                   "runs smaller than these intervals are noise; more test images would narrow them.")
+        out.append(
+            f"**Wide intervals** — the test set ({n} images) is too small to pin these down (95% CI wider "
+            f"than evaluate.ci_warn_width {settings.ci_warn_width}): {'; '.join(wide)}. Differences between "
+            "runs smaller than these intervals are noise; more test images would narrow them."
+        )
     small = [f"{c} ({n})" for c, n in data_report["counts"]["test"].items() if n < SMALL_TEST_CLASS]
     if small:
-        out.append(f"Fewer than {SMALL_TEST_CLASS} test images for: {', '.join(small)} — their metrics are very noisy.")
+        out.append(
+            f"Fewer than {SMALL_TEST_CLASS} test images for: {', '.join(small)} — their metrics are very noisy."
+        )
     if data_report.get("rejected"):
         out.append(f"{len(data_report['rejected'])} unreadable image file(s) were skipped at ingest.")
     temperature = metrics.get("calibration/temperature")
     if metrics.get("calibration/val_accuracy") == 1:
-        out.append("Every validation image is classified right, so temperature scaling has nothing to fit "
-                   "(the validation NLL keeps falling as T -> 0): T is left at 1.")
+        out.append(
+            "Every validation image is classified right, so temperature scaling has nothing to fit "
+            "(the validation NLL keeps falling as T -> 0): T is left at 1."
+        )
     elif temperature is not None and temperature in TEMPERATURE_BOUNDS:
-        out.append(f"The fitted temperature hit its bound ({temperature:g}): the validation split is too small or too "
-                   "easy to calibrate on; treat test_calibrated/* with care.")
+        out.append(
+            f"The fitted temperature hit its bound ({temperature:g}): the validation split is too small or too "
+            "easy to calibrate on; treat test_calibrated/* with care."
+        )
     effect, worse = _calibration_effect(metrics)
     if worse and temperature is not None:
-        out.append(f"**Temperature scaling made test calibration worse** ({effect}; T = {temperature:.3f} fitted on "
-                   "the validation split): do not use the temperature-scaled confidences. The probabilities that "
-                   "predict, export and the registered model return are the uncalibrated ones (the \"plain\" "
-                   "column).")
+        out.append(
+            f"**Temperature scaling made test calibration worse** ({effect}; T = {temperature:.3f} fitted on "
+            "the validation split): do not use the temperature-scaled confidences. The probabilities that "
+            'predict, export and the registered model return are the uncalibrated ones (the "plain" '
+            "column)."
+        )
     out += [f"Ingest: {w}" for w in data_report.get("warnings", [])]
     return out
 
@@ -118,38 +153,66 @@ def _data_section(data_report: Mapping[str, Any]) -> list[str]:
     counts = pd.DataFrame(data_report["counts"]).rename_axis("class")
     counts["total"] = counts.sum(axis=1)
     dup = data_report.get("duplicates", {})
-    how = data_report.get("split_by", "?") + (f", {data_report['folds']} folds" if data_report.get("folds") else "")
+    how = data_report.get("split_by", "?") + (
+        f", {data_report['folds']} folds" if data_report.get("folds") else ""
+    )
     return [
-        "## Data", "",
+        "## Data",
+        "",
         f"`{data_report['source']}`: {data_report['n_images']} images, {len(data_report['classes'])} classes, "
-        f"resized to {data_report['image_size']} px; split {how}.", "",
-        counts.to_markdown(), "",
+        f"resized to {data_report['image_size']} px; split {how}.",
+        "",
+        counts.to_markdown(),
+        "",
         f"Duplicates: {dup.get('n_exact_sets', 0)} set(s) of identical files and {dup.get('n_near_pairs', 0)} "
         f"near-duplicate pair(s), each kept within one split; leakage across splits: "
         f"{len(data_report.get('leakage') or []) or 'none'}. Unreadable files skipped: "
-        f"{len(data_report.get('rejected') or [])}.", "",
+        f"{len(data_report.get('rejected') or [])}.",
+        "",
     ]
 
 
-def _settings_section(classes: Sequence[str], run: Mapping[str, Any], settings: Evaluate,
-                      hparams: Mapping[str, Any], tta: Sequence[str]) -> list[str]:
-    rows = {"model": f"`{run['arch']}`", "weights": f"`{run['weights']['source']}`",
-            "training mode": f"`{run.get('mode', 'finetune')}`"}
+def _settings_section(
+    classes: Sequence[str],
+    run: Mapping[str, Any],
+    settings: Evaluate,
+    hparams: Mapping[str, Any],
+    tta: Sequence[str],
+) -> list[str]:
+    rows = {
+        "model": f"`{run['arch']}`",
+        "weights": f"`{run['weights']['source']}`",
+        "training mode": f"`{run.get('mode', 'finetune')}`",
+    }
     rows |= {f"train {k}": f"`{hparams[k]}`" for k in KEY_HPARAMS if k in hparams}
     if "best_score" in run:
-        rows["best checkpoint"] = f"{run.get('monitor', 'score')} {run['best_score']:.4f} after {run['epochs_run']} epochs"
+        rows["best checkpoint"] = (
+            f"{run.get('monitor', 'score')} {run['best_score']:.4f} after {run['epochs_run']} epochs"
+        )
     rows |= {
         "test-time augmentation": ", ".join(tta) or "off",
-        "bootstrap": f"{settings.bootstrap} resamples, 95% percentile intervals" if settings.bootstrap else "off",
+        "bootstrap": f"{settings.bootstrap} resamples, 95% percentile intervals"
+        if settings.bootstrap
+        else "off",
         "calibration": f"ECE over {settings.ece_bins} equal-width confidence bins; temperature scaling "
-                       + ("on" if settings.temperature_scaling else "off"),
+        + ("on" if settings.temperature_scaling else "off"),
     }
     names = binary_names(classes, settings)
     if names:
-        how = "evaluate.positive_class" if settings.positive_class else \
-            "evaluate.positive_class is null: the second class name in sorted order"
+        how = (
+            "evaluate.positive_class"
+            if settings.positive_class
+            else "evaluate.positive_class is null: the second class name in sorted order"
+        )
         rows["positive class"] = f"`{names['sensitivity'].removeprefix('sensitivity for ')}` ({how})"
-    return ["## Settings", "", "| setting | value |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows.items()], ""]
+    return [
+        "## Settings",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+        *[f"| {k} | {v} |" for k, v in rows.items()],
+        "",
+    ]
 
 
 def cv_section(metrics: Mapping[str, Any], k: int) -> list[str]:
@@ -157,20 +220,38 @@ def cv_section(metrics: Mapping[str, Any], k: int) -> list[str]:
     names = [m for m in (*HEADLINE, *BINARY) if f"cv/{m}" in metrics]
     if not names:
         return []
-    rows = [f"| {m} | {metrics[f'cv/{m}']:.3f} | {metrics.get(f'cv/{m}_fold_mean', float('nan')):.3f} "
-            f"± {metrics.get(f'cv/{m}_fold_std', float('nan')):.3f} | "
-            + (f"{metrics[f'test/{m}']:.3f}" if f"test/{m}" in metrics else "–") + " |" for m in names]
-    return ["## Cross-validation", "",
-            f"{k}-fold cross-validation over train+val (grouped, stratified folds): each fold model was "
-            "selected on its own fold, and every train+val image has one out-of-fold (OOF) prediction "
-            "(`models/oof.csv`). Test is the ensemble's, on images no member saw.", "",
-            "| metric | OOF, all folds | per fold, mean ± sd | test (ensemble) |", "| --- | --- | --- | --- |",
-            *rows, ""]
+    rows = [
+        f"| {m} | {metrics[f'cv/{m}']:.3f} | {metrics.get(f'cv/{m}_fold_mean', float('nan')):.3f} "
+        f"± {metrics.get(f'cv/{m}_fold_std', float('nan')):.3f} | "
+        + (f"{metrics[f'test/{m}']:.3f}" if f"test/{m}" in metrics else "–")
+        + " |"
+        for m in names
+    ]
+    return [
+        "## Cross-validation",
+        "",
+        f"{k}-fold cross-validation over train+val (grouped, stratified folds): each fold model was "
+        "selected on its own fold, and every train+val image has one out-of-fold (OOF) prediction "
+        "(`models/oof.csv`). Test is the ensemble's, on images no member saw.",
+        "",
+        "| metric | OOF, all folds | per fold, mean ± sd | test (ensemble) |",
+        "| --- | --- | --- | --- |",
+        *rows,
+        "",
+    ]
 
 
-def report(metrics: Mapping[str, Any], data_report: Mapping[str, Any], run: Mapping[str, Any],
-           plot_files: Sequence[str], tta: Sequence[str] = (), *, settings: Evaluate | None = None,
-           hparams: Mapping[str, Any] | None = None, extra: Sequence[tuple[str, str]] = ()) -> str:
+def report(
+    metrics: Mapping[str, Any],
+    data_report: Mapping[str, Any],
+    run: Mapping[str, Any],
+    plot_files: Sequence[str],
+    tta: Sequence[str] = (),
+    *,
+    settings: Evaluate | None = None,
+    hparams: Mapping[str, Any] | None = None,
+    extra: Sequence[tuple[str, str]] = (),
+) -> str:
     """The Markdown report.
 
     ``plot_files``: images to embed (paths relative to the report); ``tta``: names of the test-time
@@ -180,46 +261,86 @@ def report(metrics: Mapping[str, Any], data_report: Mapping[str, Any], run: Mapp
     settings = settings or Evaluate()
     splits = ["test", "test_tta"] if tta else ["test"]
     classes = data_report["classes"]
-    per_class = pd.DataFrame({m: {c: metrics.get(f"test/{m}/{c}") for c in classes}
-                              for m in (*PER_CLASS, "support")}).rename_axis("class")
-    notes = [f"TTA averages the predictions over the image and {', '.join(tta)}." if tta else
-             "No test-time augmentation (evaluate.tta is empty)."]
+    per_class = pd.DataFrame(
+        {m: {c: metrics.get(f"test/{m}/{c}") for c in classes} for m in (*PER_CLASS, "support")}
+    ).rename_axis("class")
+    notes = [
+        f"TTA averages the predictions over the image and {', '.join(tta)}."
+        if tta
+        else "No test-time augmentation (evaluate.tta is empty)."
+    ]
     if metrics.get("test/bootstrap_skipped"):
-        notes.append(f"{metrics['test/bootstrap_skipped']} of {settings.bootstrap} bootstrap resamples lacked a "
-                     "class; the class-dependent intervals (balanced accuracy, macro-F1, AUROC, sensitivity, "
-                     "specificity) use the others.")
-    calibration = ["Probabilities returned by predict, export and the registered MLflow model: the plain softmax "
-                   "(no test-time augmentation, no temperature), the \"plain\" column.", ""]
+        notes.append(
+            f"{metrics['test/bootstrap_skipped']} of {settings.bootstrap} bootstrap resamples lacked a "
+            "class; the class-dependent intervals (balanced accuracy, macro-F1, AUROC, sensitivity, "
+            "specificity) use the others."
+        )
+    calibration = [
+        "Probabilities returned by predict, export and the registered MLflow model: the plain softmax "
+        '(no test-time augmentation, no temperature), the "plain" column.',
+        "",
+    ]
     if "calibration/temperature" in metrics:
         effect, worse = _calibration_effect(metrics)
         fitted_on = "the out-of-fold predictions" if "cv/accuracy" in metrics else "the validation split"
-        calibration = [f"Temperature T = {metrics['calibration/temperature']:.3f}, fitted on {fitted_on} "
-                       f"(NLL {metrics['calibration/val_nll']:.4f} → {metrics['calibration/val_nll_calibrated']:.4f}); "
-                       "it changes confidences, not predicted classes. "
-                       f"On the test split: {effect} — "
-                       + ("**worse**: the validation split did not carry over to the test split." if worse
-                          else "better or unchanged.") + " The temperature is not applied to the served model.",
-                       "", *calibration]
+        calibration = [
+            f"Temperature T = {metrics['calibration/temperature']:.3f}, fitted on {fitted_on} "
+            f"(NLL {metrics['calibration/val_nll']:.4f} → {metrics['calibration/val_nll_calibrated']:.4f}); "
+            "it changes confidences, not predicted classes. "
+            f"On the test split: {effect} — "
+            + (
+                "**worse**: the validation split did not carry over to the test split."
+                if worse
+                else "better or unchanged."
+            )
+            + " The temperature is not applied to the served model.",
+            "",
+            *calibration,
+        ]
     lines = [
-        f"# Evaluation report — {data_report['source']}", "",
+        f"# Evaluation report — {data_report['source']}",
+        "",
         # No run id here: the report stays the same between identical runs (a clean git tree after `make demo`).
         f"Model `{run['arch']}`, weights: `{run['weights']['source']}`; "
-        + (f"an ensemble of {len(run['checkpoints'])} fold models (mean probabilities)" if len(run["checkpoints"]) > 1
-           else f"best epoch checkpoint `{run['checkpoints'][0]}`")
-        + " (its MLflow run: `run_id` in models/run.json; this report is logged to it).", "",
+        + (
+            f"an ensemble of {len(run['checkpoints'])} fold models (mean probabilities)"
+            if len(run["checkpoints"]) > 1
+            else f"best epoch checkpoint `{run['checkpoints'][0]}`"
+        )
+        + " (its MLflow run: `run_id` in models/run.json; this report is logged to it).",
+        "",
         *cv_section(metrics, len(run["checkpoints"])),
-        "## Warnings", "", *([f"- {w}" for w in warnings(metrics, data_report, run, settings)] or ["- none"]), "",
-        "## Test metrics", "", metric_table(metrics, (*HEADLINE, *BINARY), splits, binary_names(classes, settings)),
-        "", *notes, "",
-        "## Calibration", "",
-        metric_table(metrics, CALIBRATION, [s for s in (*splits, "test_calibrated") if f"{s}/ece" in metrics]), "",
+        "## Warnings",
+        "",
+        *([f"- {w}" for w in warnings(metrics, data_report, run, settings)] or ["- none"]),
+        "",
+        "## Test metrics",
+        "",
+        metric_table(metrics, (*HEADLINE, *BINARY), splits, binary_names(classes, settings)),
+        "",
+        *notes,
+        "",
+        "## Calibration",
+        "",
+        metric_table(
+            metrics, CALIBRATION, [s for s in (*splits, "test_calibrated") if f"{s}/ece" in metrics]
+        ),
+        "",
         "ECE: expected calibration error; Brier: mean over images of the summed squared error of the class "
-        "probabilities; NLL: mean negative log-likelihood. Lower is better for all three.", "", *calibration,
-        "## Per class", "", "Plain predictions (no TTA).", "",
-        per_class.to_markdown(floatfmt=("", ".3f", ".3f", ".3f", ".3f", ".0f"), missingval="—"), "",  # support: a count
+        "probabilities; NLL: mean negative log-likelihood. Lower is better for all three.",
+        "",
+        *calibration,
+        "## Per class",
+        "",
+        "Plain predictions (no TTA).",
+        "",
+        per_class.to_markdown(floatfmt=("", ".3f", ".3f", ".3f", ".3f", ".0f"), missingval="—"),
+        "",  # support: a count
         *_data_section(data_report),
         *_settings_section(classes, run, settings, hparams or {}, tta),
-        "## Plots", "", *[line for f in plot_files for line in (f"![{Path(f).stem}]({f})", "")],
+        "## Plots",
+        "",
+        *[line for f in plot_files for line in (f"![{Path(f).stem}]({f})", "")],
     ]
     for heading, body in extra:
         lines += [f"## {heading}", "", body, ""]

@@ -20,8 +20,10 @@ def stage_input(path: str | Path, key: str, stage: str) -> Path:
     """``path`` (params key ``key``, written by ``stage``), or an error saying which stage to run first."""
     path = Path(path)
     if not path.exists():
-        raise MissingInput(f"{path} ({key}) not found; run the {stage} stage first (dvc repro {stage}), or, if a "
-                           f"killed run left it missing, restore the last committed one: dvc checkout {path}")
+        raise MissingInput(
+            f"{path} ({key}) not found; run the {stage} stage first (dvc repro {stage}), or, if a "
+            f"killed run left it missing, restore the last committed one: dvc checkout {path}"
+        )
     return path
 
 

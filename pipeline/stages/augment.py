@@ -22,19 +22,28 @@ def main(params: Params) -> None:
     # Round-robin over the classes, so every class shows up before any repeats.
     shuffled = train.sample(frac=1.0, random_state=params.seed)
     order = shuffled.groupby("label").cumcount().sort_values(kind="stable").index
-    rows = shuffled.loc[order[:a.preview_images]].sort_values("label", kind="stable")
+    rows = shuffled.loc[order[: a.preview_images]].sort_values("label", kind="stable")
     pipeline.set_random_seed(params.seed)
     with atomic_file(paths.augment_preview) as tmp:
-        augment.preview(pipeline, prepared.images[rows["cache_index"].to_numpy()], rows["label"].tolist(),
-                        a.preview_draws, tmp)
+        augment.preview(
+            pipeline,
+            prepared.images[rows["cache_index"].to_numpy()],
+            rows["label"].tolist(),
+            a.preview_draws,
+            tmp,
+        )
 
     # Written even when empty, so train and tune always have the dependency DVC declares.
     pipeline.set_random_seed(params.seed)
     # Without copies only the array's shape and dtype matter: do not read the train split into memory.
     source = prepared.images[train["cache_index"].to_numpy()] if a.offline_copies else prepared.images[:0]
-    images, labels = augment.offline_copies(pipeline, source, train["label_index"].to_numpy(), a.offline_copies)
+    images, labels = augment.offline_copies(
+        pipeline, source, train["label_index"].to_numpy(), a.offline_copies
+    )
     with atomic_dir(paths.augment_offline) as staging:
         np.save(staging / OFFLINE_IMAGES, images)
         np.save(staging / OFFLINE_LABELS, labels)
-    print(f"augment: preset {a.preset}, {len(pipeline.transforms)} transforms -> {paths.augment_pipeline}; "
-          f"preview {paths.augment_preview}; {len(labels)} offline copies -> {paths.augment_offline}")
+    print(
+        f"augment: preset {a.preset}, {len(pipeline.transforms)} transforms -> {paths.augment_pipeline}; "
+        f"preview {paths.augment_preview}; {len(labels)} offline copies -> {paths.augment_offline}"
+    )

@@ -41,33 +41,70 @@ def main(params: Params) -> None:
     else:
         held_rows, held_name = oof, "out-of-fold"
         held_out = (crossval.oof_logits(oof, prepared.classes), oof["label_index"].to_numpy())
-    result = evaluation.evaluate(model, images, labels, prepared.classes, settings, params.seed, tta,
-                                 val=split_arrays(prepared, "val"), held_out=held_out, run_id=run["run_id"])
+    result = evaluation.evaluate(
+        model,
+        images,
+        labels,
+        prepared.classes,
+        settings,
+        params.seed,
+        tta,
+        val=split_arrays(prepared, "val"),
+        held_out=held_out,
+        run_id=run["run_id"],
+    )
     if oof is not None:
         result.metrics.update(crossval.cv_metrics(oof, prepared.classes, positive))
     suspects = audit.label_issues(*result.selection, held_rows["path"], prepared.classes)
-    audit_png = audit.panel_png(prepared.images[held_rows["cache_index"].to_numpy()], suspects,
-                                settings.label_audit_panel) if settings.label_audit_panel and len(suspects) else None
-    metrics = result.metrics | {"weights/pretrained": run["weights"]["pretrained"],
-                                "weights/source": run["weights"]["source"]}
+    audit_png = (
+        audit.panel_png(
+            prepared.images[held_rows["cache_index"].to_numpy()], suspects, settings.label_audit_panel
+        )
+        if settings.label_audit_panel and len(suspects)
+        else None
+    )
+    metrics = result.metrics | {
+        "weights/pretrained": run["weights"]["pretrained"],
+        "weights/source": run["weights"]["source"],
+    }
     plots = Path(paths.plots)
     embedded = [os.path.relpath(plots / name, Path(paths.report).parent) for name in evaluation.IMAGES]
     # The Grad-CAM panel (pipeline.explain): rendered now, written with the other plots below.
-    gradcam = explain.panel_png(model, images, labels, result.probs, prepared.classes, settings.gradcam_per_class,
-                                settings.batch_size)
+    gradcam = explain.panel_png(
+        model, images, labels, result.probs, prepared.classes, settings.gradcam_per_class, settings.batch_size
+    )
     if gradcam is not None:
         embedded.append(os.path.relpath(plots / explain.PANEL_PNG, Path(paths.report).parent))
     report_dir = Path(paths.report).parent
     sections = decision.report_sections(metrics, result.decision)
-    sections.append(("Label audit", audit.report_section(
-        suspects, held_name, csv_path=os.path.relpath(paths.label_audit, report_dir), top=settings.label_audit_panel,
-        panel=os.path.relpath(plots / audit.PANEL_PNG, report_dir) if audit_png else None)))
-    report = evaluation.report(metrics, prepared.report, run, embedded, [type(t).__name__ for t in tta],
-                               settings=settings, hparams=dict(model.hparams), extra=sections)
+    sections.append(
+        (
+            "Label audit",
+            audit.report_section(
+                suspects,
+                held_name,
+                csv_path=os.path.relpath(paths.label_audit, report_dir),
+                top=settings.label_audit_panel,
+                panel=os.path.relpath(plots / audit.PANEL_PNG, report_dir) if audit_png else None,
+            ),
+        )
+    )
+    report = evaluation.report(
+        metrics,
+        prepared.report,
+        run,
+        embedded,
+        [type(t).__name__ for t in tta],
+        settings=settings,
+        hparams=dict(model.hparams),
+        extra=sections,
+    )
 
     # Everything is computed before anything is replaced: a failure above leaves the old outputs.
     with atomic_dir(plots) as staging:
-        evaluation.write_plots(staging, result.probs, labels, prepared.classes, result.calibrated, settings.ece_bins)
+        evaluation.write_plots(
+            staging, result.probs, labels, prepared.classes, result.calibrated, settings.ece_bins
+        )
         if gradcam is not None:
             (staging / explain.PANEL_PNG).write_bytes(gradcam)
         if audit_png is not None:
@@ -87,9 +124,19 @@ def main(params: Params) -> None:
     with mlflow.start_run(run_id=run["run_id"]):
         tracking.log_metrics(metrics)
         mlflow.log_artifacts(str(plots), artifact_path="evaluation")
-        for path in (paths.metrics, paths.metrics_detail, paths.confusion, paths.report, paths.decision,
-                     paths.label_audit):
+        for path in (
+            paths.metrics,
+            paths.metrics_detail,
+            paths.confusion,
+            paths.report,
+            paths.decision,
+            paths.label_audit,
+        ):
             mlflow.log_artifact(str(path), artifact_path="evaluation")
-    shown = [f"{split}/{m}={metrics[f'{split}/{m}']:.4f}" for split in ("test", evaluation.TTA_SPLIT)
-             for m in evaluation.HEADLINE if f"{split}/{m}" in metrics]
+    shown = [
+        f"{split}/{m}={metrics[f'{split}/{m}']:.4f}"
+        for split in ("test", evaluation.TTA_SPLIT)
+        for m in evaluation.HEADLINE
+        if f"{split}/{m}" in metrics
+    ]
     print("evaluate: " + "  ".join(shown) + f"  -> {paths.metrics}, {paths.report}")

@@ -14,15 +14,26 @@ from pipeline.config import Params
 
 
 def main(params: Params, argv: list[str], params_file: str) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--format", choices=["torchscript", "onnx"], required=True)
-    parser.add_argument("--out", type=Path, help="file to write (default: paths.exports/model.pt or model.onnx)")
-    parser.add_argument("--model-dir", type=Path, default=Path(params.paths.model_dir),
-                        help="the train stage's output (default: paths.model_dir, %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, help="file to write (default: paths.exports/model.pt or model.onnx)"
+    )
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=Path(params.paths.model_dir),
+        help="the train stage's output (default: paths.model_dir, %(default)s)",
+    )
     args = parser.parse_args(argv)
     out = args.out or Path(params.paths.exports) / f"model{serve.SUFFIX[args.format]}"
     trained = serve.load_trained(args.model_dir, params.data)
     serve.export(trained, args.format, out)
-    print(f"export: {args.format} model of MLflow run {trained.run.get('run_id', '?')} -> {out} (resizes to "
-          f"{trained.image_size} px, {trained.in_channels} bands; classes {', '.join(trained.classes)})")
+    print(
+        f"export: {args.format} model of MLflow run {trained.run.get('run_id', '?')} -> {out} (resizes to "
+        f"{trained.image_size} px, {trained.in_channels} bands; classes {', '.join(trained.classes)})"
+    )

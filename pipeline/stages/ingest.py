@@ -9,6 +9,5 @@ from pipeline.stages import dataset_dir
 
 
 def main(params: Params) -> None:
-    report = ingest(dataset_dir(params), Path(params.paths.prepared),
-                    seed=params.seed, data=params.data)
+    report = ingest(dataset_dir(params), Path(params.paths.prepared), seed=params.seed, data=params.data)
     print(summary(report))

@@ -14,7 +14,15 @@ from pathlib import Path
 from pipeline.augment import DOMAINS, tta_conflicts
 from pipeline.config import Params
 from pipeline.data.card import augmentation, summary
-from pipeline.data.intake import IntakeError, check_name, default_name, dvc_add, group_salt, intake, set_dataset
+from pipeline.data.intake import (
+    IntakeError,
+    check_name,
+    default_name,
+    dvc_add,
+    group_salt,
+    intake,
+    set_dataset,
+)
 from pipeline.paramsfile import set_values
 
 SALT_ENV = "PIPELINE_GROUP_SALT"
@@ -22,14 +30,25 @@ SALT_FILE = Path(".dvc") / "group_salt"  # in the DVC repository, ignored by .dv
 
 
 def main(params: Params, argv: list[str], params_file: str) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline intake", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", type=Path, metavar="SRC", help="folder with one subfolder per class, or a CSV manifest "
-                                               "path,label[,split][,group] (paths relative to its folder)")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline intake",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "src",
+        type=Path,
+        metavar="SRC",
+        help="folder with one subfolder per class, or a CSV manifest "
+        "path,label[,split][,group] (paths relative to its folder)",
+    )
     parser.add_argument("--name", help="data set name under paths.raw (default: the source folder's name)")
-    parser.add_argument("--domain", choices=list(DOMAINS),
-                        help="the kind of image: sets augment.preset/transforms and evaluate.tta to fit it "
-                             "(default: keep params.yaml's, which may be the previous set's)")
+    parser.add_argument(
+        "--domain",
+        choices=list(DOMAINS),
+        help="the kind of image: sets augment.preset/transforms and evaluate.tta to fit it "
+        "(default: keep params.yaml's, which may be the previous set's)",
+    )
     args = parser.parse_args(argv)
     name = check_name(args.name or default_name(args.src), "--name")
     if name == params.demo.name:
@@ -43,7 +62,9 @@ def main(params: Params, argv: list[str], params_file: str) -> None:
     if args.domain:
         domain = DOMAINS[args.domain]
         chosen = (domain.preset, domain.transforms, domain.tta)
-        set_values(Path(params_file), dict(zip(("augment.preset", "augment.transforms", "evaluate.tta"), chosen)))
+        set_values(
+            Path(params_file), dict(zip(("augment.preset", "augment.transforms", "evaluate.tta"), chosen))
+        )
     print(f"intake: {args.src} -> {target} (versioned: {target}.dvc; {params_file}: data.dataset: {name})")
     print(summary(report, target.absolute()))
     print(augmentation(args.domain, *chosen, conflicts=tta_conflicts(*chosen)))

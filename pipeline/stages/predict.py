@@ -15,22 +15,42 @@ from pipeline.config import Params
 
 
 def main(params: Params, argv: list[str], params_file: str) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", type=Path, metavar="SRC", help="folder of images, or a CSV with a 'path' column")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline predict",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "src", type=Path, metavar="SRC", help="folder of images, or a CSV with a 'path' column"
+    )
     parser.add_argument("--out", type=Path, required=True, help="CSV to write (replaced only when complete)")
-    parser.add_argument("--model-dir", type=Path, default=Path(params.paths.model_dir),
-                        help="the train stage's output (default: paths.model_dir, %(default)s)")
-    parser.add_argument("--decision", type=Path, default=Path(params.paths.decision),
-                        help="evaluate's threshold and conformal quantile, applied if present "
-                             "(default: paths.decision, %(default)s)")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=Path(params.paths.model_dir),
+        help="the train stage's output (default: paths.model_dir, %(default)s)",
+    )
+    parser.add_argument(
+        "--decision",
+        type=Path,
+        default=Path(params.paths.decision),
+        help="evaluate's threshold and conformal quantile, applied if present "
+        "(default: paths.decision, %(default)s)",
+    )
     args = parser.parse_args(argv)
     trained = serve.load_trained(args.model_dir, params.data)
     made = serve.load_decision(args.decision, trained)
-    table = serve.predict(trained, serve.list_images(args.src), params.evaluate.batch_size, made,
-                          max_pixels=params.data.max_image_pixels)
+    table = serve.predict(
+        trained,
+        serve.list_images(args.src),
+        params.evaluate.batch_size,
+        made,
+        max_pixels=params.data.max_image_pixels,
+    )
     serve.write_predictions(table, args.out)
     failed = int((table["error"] != "").sum())
     print(f"predict: {len(table) - failed} images predicted, {failed} unreadable -> {args.out}")
     if failed == len(table):
-        raise serve.ServeError(f"{args.src}: none of the {failed} files could be read (reasons in {args.out})")
+        raise serve.ServeError(
+            f"{args.src}: none of the {failed} files could be read (reasons in {args.out})"
+        )

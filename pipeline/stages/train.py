@@ -40,8 +40,12 @@ def main(params: Params) -> None:
     params, tuned = with_best_params(params)
     prepared = load_prepared(Path(paths.prepared))
     transform = augment.load(Path(paths.augment_pipeline), params.seed)
-    resume = Resume.beside(paths.model_dir, json.dumps(as_dict(params), sort_keys=True), prepared.digest,
-                           Path(paths.augment_pipeline).read_bytes())
+    resume = Resume.beside(
+        paths.model_dir,
+        json.dumps(as_dict(params), sort_keys=True),
+        prepared.digest,
+        Path(paths.augment_pipeline).read_bytes(),
+    )
     folds = params.data.folds
     if rank_zero_only.rank != 0:
         # A DDP worker (started by Lightning, torchrun or SLURM) trains its shard and writes nothing:
@@ -49,15 +53,20 @@ def main(params: Params) -> None:
         if folds:
             crossval.fit_folds(params, prepared, transform, resume)
         else:
-            fit(params, datamodule(params, prepared, transform), out_dir=resume.checkpoints,
-                resume_from=resume.last_checkpoint())
+            fit(
+                params,
+                datamodule(params, prepared, transform),
+                out_dir=resume.checkpoints,
+                resume_from=resume.last_checkpoint(),
+            )
         return
 
     tags = open_tracking(params)
     run_id, last = resume.run_id(), resume.last_checkpoint()
     name = tracking.run_name("train", params.model.arch, tags)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else name,
-                          tags=None if run_id else tags | {"stage": "train"}) as run:
+    with mlflow.start_run(
+        run_id=run_id, run_name=None if run_id else name, tags=None if run_id else tags | {"stage": "train"}
+    ) as run:
         if run_id is None:
             resume.start(run.info.run_id)
             tracking.log_dataset(dataset_dir(params), tags["data.version"])
@@ -69,29 +78,52 @@ def main(params: Params) -> None:
             print(f"train: resuming MLflow run {run_id}" + (f" from {last}" if last else ""), flush=True)
         oof = None
         if folds:
-            cv = crossval.fit_folds(params, prepared, transform, resume,
-                                    crossval.FoldRuns(run.info.run_id, name, tags, params))
+            cv = crossval.fit_folds(
+                params, prepared, transform, resume, crossval.FoldRuns(run.info.run_id, name, tags, params)
+            )
             results, oof = cv.results, cv.oof
             members = {crossval.member_name(i): r.best_checkpoint for i, r in enumerate(results)}
             tracking.log_metrics(crossval.cv_metrics(oof, prepared.classes))
         else:
             logger = MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run.info.run_id)
-            results = [fit(params, datamodule(params, prepared, transform), out_dir=resume.checkpoints,
-                           logger=logger, resume_from=last)]
+            results = [
+                fit(
+                    params,
+                    datamodule(params, prepared, transform),
+                    out_dir=resume.checkpoints,
+                    logger=logger,
+                    resume_from=last,
+                )
+            ]
             members = {results[0].best_checkpoint.name: results[0].best_checkpoint}
         weights = results[0].weights
-        mlflow.set_tags({"weights.pretrained": str(weights.pretrained).lower(), "weights.source": weights.source,
-                         "train.mode": params.train.mode})
+        mlflow.set_tags(
+            {
+                "weights.pretrained": str(weights.pretrained).lower(),
+                "weights.source": weights.source,
+                "train.mode": params.train.mode,
+            }
+        )
         info = {
-            "run_id": run.info.run_id, "arch": params.model.arch, "classes": list(prepared.classes),
-            "checkpoints": list(members), "monitor": params.train.monitor,
+            "run_id": run.info.run_id,
+            "arch": params.model.arch,
+            "classes": list(prepared.classes),
+            "checkpoints": list(members),
+            "monitor": params.train.monitor,
             "best_score": float(np.mean([r.best_score for r in results])),
-            "epochs_run": int(max(r.epochs_run for r in results)), "mode": params.train.mode,
-            "folds": [{"best_score": r.best_score, "epochs_run": r.epochs_run} for r in results] if folds else [],
+            "epochs_run": int(max(r.epochs_run for r in results)),
+            "mode": params.train.mode,
+            "folds": [{"best_score": r.best_score, "epochs_run": r.epochs_run} for r in results]
+            if folds
+            else [],
             "weights": dataclasses.asdict(weights),
             # What predict and export must do to a new file to give the pixels this model was trained on.
-            "preprocessing": {"image_size": int(prepared.images.shape[1]), "channels": params.data.channels,
-                              "dicom_window": params.data.dicom_window, "dtype": str(prepared.images.dtype)},
+            "preprocessing": {
+                "image_size": int(prepared.images.shape[1]),
+                "channels": params.data.channels,
+                "dicom_window": params.data.dicom_window,
+                "dtype": str(prepared.images.dtype),
+            },
         }
         with atomic_dir(paths.model_dir) as staging:
             for member, checkpoint in members.items():
@@ -101,8 +133,13 @@ def main(params: Params) -> None:
             (staging / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
         mlflow.log_dict(info, RUN_INFO)
         # What ships: the model as predict and export load it, with its preprocessing, in eval mode.
-        serve.log_model(serve.load_trained(Path(paths.model_dir)), registered_model=params.mlflow.registered_model)
+        serve.log_model(
+            serve.load_trained(Path(paths.model_dir)), registered_model=params.mlflow.registered_model
+        )
     resume.clear()
-    print(f"train: best {params.train.monitor}={info['best_score']:.4f}" + (f" (mean of {folds} folds)" if folds else "")
-          + f" after {info['epochs_run']} epochs; weights {weights.source}; checkpoint in {paths.model_dir}; "
-          f"MLflow run {run.info.run_id}")
+    print(
+        f"train: best {params.train.monitor}={info['best_score']:.4f}"
+        + (f" (mean of {folds} folds)" if folds else "")
+        + f" after {info['epochs_run']} epochs; weights {weights.source}; checkpoint in {paths.model_dir}; "
+        f"MLflow run {run.info.run_id}"
+    )

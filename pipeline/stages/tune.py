@@ -22,12 +22,19 @@ def study_of(params: Params) -> tuple[str, dict[str, str], tune.TrialData]:
     and the data its trials train on."""
     tags = open_tracking(params)
     data = tune.TrialData(Path(params.paths.prepared), Path(params.paths.augment_pipeline), params.seed)
-    return tune.study_name(params, f"{tags['data.version']}-{load_prepared(data.prepared).digest}"), tags, data
+    return (
+        tune.study_name(params, f"{tags['data.version']}-{load_prepared(data.prepared).digest}"),
+        tags,
+        data,
+    )
 
 
 def main(params: Params, argv: list[str] = (), params_file: str = PARAMS_FILE) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline tune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline tune",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--worker", action="store_true", help="join the tune stage's study; write no outputs")
     worker = parser.parse_args(argv).worker
     paths = params.paths
@@ -44,8 +51,10 @@ def main(params: Params, argv: list[str] = (), params_file: str = PARAMS_FILE) -
             return
         study, summary = tune.run(params, data, name, tags, dataset=dataset_dir(params))
         best = study.best_params
-        print(f"tune: study {name}: {summary['trials_complete']} complete, {summary['trials_pruned']} pruned, "
-              f"{summary['trials_failed']} failed; best {params.train.monitor}={summary['best_value']:.4f}")
+        print(
+            f"tune: study {name}: {summary['trials_complete']} complete, {summary['trials_pruned']} pruned, "
+            f"{summary['trials_failed']} failed; best {params.train.monitor}={summary['best_value']:.4f}"
+        )
     with atomic_file(paths.best_params) as tmp:
         tmp.write_text(yaml.safe_dump(best, sort_keys=True))
     write_json(paths.tune_summary, summary)
