@@ -351,12 +351,25 @@ class SearchDim:
 class Tune:
     enabled: bool = Field(True, description="Run the Optuna study; false passes params.yaml values through.")
     n_trials: int = Field(4, ge=1, description="Completed-or-pruned trials the study should hold.")
-    max_epochs: int = Field(3, ge=1, description="Epochs per trial.")
+    max_epochs: int | None = Field(
+        None,
+        ge=1,
+        description="Epochs a trial may train; null: train.max_epochs, the schedule the train stage uses "
+        "(a shorter trial ranks settings for a schedule that is not the one shipped).",
+    )
+    min_epochs: int = Field(
+        3,
+        ge=1,
+        description="pruner hyperband: the first rung; rungs at min_epochs x 3^k epochs up to the trial's "
+        "full length, where the unpromising third of the trials that reached it is stopped.",
+    )
     timeout_s: float | None = Field(
         None, gt=0, description="Stop starting new trials after this many seconds."
     )
     pruner: Literal["median", "hyperband", "none"] = Field(
-        "median", description="Optuna pruner, applied to the validation metric after every epoch."
+        "hyperband",
+        description="Optuna pruner, applied to train.monitor after every epoch: hyperband (multi-fidelity "
+        "rungs, see min_epochs), median (below the running median after the first epoch) or none.",
     )
     storage: str = Field(
         "sqlite:///optuna.db",

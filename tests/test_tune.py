@@ -4,6 +4,9 @@ import mlflow
 import optuna
 
 from pipeline import augment, tracking, tune
+from pipeline.tune import study as tune_study
+from pipeline.tune import trial as tune_trial
+from pipeline.tune import workers as tune_workers
 from pipeline.config import with_overrides
 from pipeline.fit import datamodule
 
@@ -97,10 +100,10 @@ def test_pruned_trials_are_pruned_in_optuna_and_mlflow_and_plots_reach_the_paren
     tiny_params, prepared, tmp_path, monkeypatch
 ):
     params, exp_id, data_for = _setup(tiny_params, prepared, tmp_path, monkeypatch, **{"tune.max_epochs": 2})
-    real = tune.make_pruner
-    monkeypatch.setattr(tune, "make_pruner", lambda p: PruneOddTrials())
+    real = tune_study.make_pruner
+    monkeypatch.setattr(tune_study, "make_pruner", lambda p: PruneOddTrials())
     study, summary = tune.run(params, data_for, "s", {})
-    monkeypatch.setattr(tune, "make_pruner", real)
+    monkeypatch.setattr(tune_study, "make_pruner", real)
     assert [t.state for t in study.trials] == [
         optuna.trial.TrialState.COMPLETE,
         optuna.trial.TrialState.PRUNED,
@@ -119,7 +122,7 @@ def test_an_interrupted_study_resumes_and_its_trial_count_continues(
     tiny_params, prepared, tmp_path, monkeypatch
 ):
     params, exp_id, data_for = _setup(tiny_params, prepared, tmp_path, monkeypatch, **{"tune.n_trials": 3})
-    real_fit, calls = tune.fit, []
+    real_fit, calls = tune_trial.fit, []
 
     def interrupted_on_second_trial(*args, **kwargs):
         calls.append(1)
@@ -127,12 +130,12 @@ def test_an_interrupted_study_resumes_and_its_trial_count_continues(
             raise KeyboardInterrupt  # what Ctrl-C raises inside a trial
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(tune, "fit", interrupted_on_second_trial)
+    monkeypatch.setattr(tune_trial, "fit", interrupted_on_second_trial)
     import pytest
 
     with pytest.raises(KeyboardInterrupt):
         tune.run(params, data_for, "s", {})
-    monkeypatch.setattr(tune, "fit", real_fit)
+    monkeypatch.setattr(tune_trial, "fit", real_fit)
     study = optuna.load_study(study_name="s", storage=params.tune.storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
 
@@ -147,9 +150,38 @@ def test_an_interrupted_study_resumes_and_its_trial_count_continues(
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
 
 
-def test_hyperband_pruner_from_params(tiny_params):
-    params = with_overrides(tiny_params, {"tune.pruner": "hyperband", "tune.max_epochs": 9})
-    assert isinstance(tune.make_pruner(params), optuna.pruners.HyperbandPruner)
+def test_trials_rank_settings_on_the_train_schedule_through_hyperband_rungs(tiny_params):
+    params = with_overrides(
+        tiny_params,
+        {"tune.max_epochs": None, "tune.pruner": "hyperband", "train.max_epochs": 27, "tune.min_epochs": 3},
+    )
+    assert tune.trial_epochs(params) == 27  # null: the train stage's schedule
+    assert tune.trial_epochs(with_overrides(params, {"tune.max_epochs": 5})) == 5
+    pruner = tune.make_pruner(params)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+
+    # A synthetic objective (no training): the curve of a good lr keeps rising, a bad one stalls early.
+    def objective(trial: optuna.Trial) -> float:
+        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        quality = 1 - abs(lr - 1e-2) / 1e-1
+        for epoch in range(27):
+            value = quality * (1 - 0.5 ** (epoch + 1))
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned
+        return value
+
+    study = optuna.create_study(
+        direction="maximize", sampler=optuna.samplers.TPESampler(seed=0), pruner=pruner
+    )
+    study.optimize(objective, n_trials=30)
+    ran = {t.number: max(t.intermediate_values) + 1 for t in study.trials}
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned and all(ran[t.number] == 27 for t in complete), "survivors run the whole schedule"
+    # Steps are 0-based epochs, as the Lightning callback reports them: rung 3 x 3^k is met after 4, 10 epochs.
+    assert {ran[t.number] for t in pruned} <= {4, 10}, "pruned at the rungs 3 x 3^k"
+    assert sum(ran.values()) < 0.7 * 27 * len(study.trials)
 
 
 def test_a_failing_trial_is_recorded_as_failed_and_the_study_goes_on(
@@ -188,7 +220,7 @@ def test_a_worker_whose_slot_was_taken_meanwhile_stands_down(tiny_params):
     with pytest.raises(tune.SlotTaken):
         run_trial(second)
     assert second.user_attrs == {tune.SURPLUS_ATTR: True}
-    assert not tune._slot_taken(first, 2)
+    assert not tune_trial._slot_taken(first, 2)
 
 
 def test_best_params_reach_the_train_stage(tiny_params, tmp_path):
@@ -220,7 +252,7 @@ def test_ctrl_c_inside_lightning_fails_the_trial_instead_of_leaving_it_running(
     def ctrl_c_in_lightning(*args, **kwargs):
         raise SystemExit(1)  # what Lightning's trainer does on KeyboardInterrupt, after its graceful shutdown
 
-    monkeypatch.setattr(tune, "fit", ctrl_c_in_lightning)
+    monkeypatch.setattr(tune_trial, "fit", ctrl_c_in_lightning)
     with pytest.raises(KeyboardInterrupt):
         tune.run(params, data_for, "s", {})
     study = optuna.load_study(study_name="s", storage=params.tune.storage)
@@ -239,7 +271,9 @@ def test_a_running_trial_whose_worker_process_is_gone_is_reclaimed(tmp_path):
     orphan, alive = study.ask(), study.ask()
     orphan.set_user_attr("worker", f"{socket.gethostname()}:{int(dead.stdout)}")  # killed by Ctrl-C, say
     alive.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    assert [t.number for t in tune._trials(study, (optuna.trial.TrialState.RUNNING,))] == [alive.number]
+    assert [t.number for t in tune_workers._trials(study, (optuna.trial.TrialState.RUNNING,))] == [
+        alive.number
+    ]
     assert study.trials[orphan.number].state == optuna.trial.TrialState.FAIL
 
 
