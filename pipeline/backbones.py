@@ -3,16 +3,16 @@
 ``model.weights: ssl4eo_s12_rgb_moco_resnet18`` (etc.) names one of the entries below. The URL (whose
 file name carries the publisher's SHA-256 prefix, as torchvision's do), the band list, the in-channels
 and the preprocessing come from torchgeo's own enum (``torchgeo.models.get_weight``), a dependency: it
-installs from PyPI next to torch and torchvision without replacing either (about 30 s, 23 small
-packages; measured when it was added). Only the vocabulary is ours, so params.yaml can be validated
-without importing torchgeo (about 3 s), and the value range, which torchgeo expresses only as the
-divisor inside its transforms, is stated per entry and checked against them by tests.
+installs from PyPI next to torch and torchvision without replacing either (28 s, 23 packages, measured
+when it was added). Only the vocabulary is ours, so params.yaml can be validated without importing
+torchgeo (about 3 s), and the value range, which torchgeo expresses only as the divisor inside its
+transforms, is stated per entry and checked against them by tests.
 
 Left out, on purpose: SatlasPretrain's multi-band ResNets (their RGB bands are 8-bit TCI, the other
-bands 16-bit, so one pixel dtype cannot feed them), weights whose URL carries no hash (SoftCon) and
-RadImageNet: no well-kept library ships it (the original is Keras on a form-gated drive; the PyTorch
-copies found are third-party uploads of pickled whole models, without a published hash), so a
-converted state dict goes in as a file: ``model.weights: path.pth`` with ``model.weights_sha256``.
+bands 16-bit, so one pixel dtype cannot feed them), weights whose URL carries no hash (SoftCon), and
+RadImageNet: no well-kept library ships it (the original release is Keras weights, shared on request;
+the PyTorch copies found are third-party uploads of pickled whole models, without a published hash), so
+a converted state dict goes in as a file: ``model.weights: path.pth`` with ``model.weights_sha256``.
 
 This module imports nothing heavy: :mod:`pipeline.config` validates ``model.weights`` with it.
 """
@@ -154,7 +154,8 @@ def statistics_for(
     """mean/std for the model, whose input is ``to_unit_range(pixels)``: 16-bit pixels are taken as the
     publisher's raw values (Sentinel-2 digital numbers as distributed), so ``raw / value_range`` is
     ``unit * 65535 / value_range``; 8-bit and float pixels span the weights' scaled range [0, 1] as they are
-    (an 8-bit Sentinel-2 RGB is reflectance x 255, as SSL4EO-S12 made its own 8-bit training images)."""
+    (an 8-bit Sentinel-2 RGB is reflectance x 255: the SSL4EO-S12 authors trained on reflectance / 10000
+    converted to 8 bits, zhu-xlab/SSL4EO-S12 issue 28)."""
     if pixel_dtype == "uint16" and value_range > 255:
         factor = value_range / 65535
         return [m * factor for m in mean], [s * factor for s in std]
