@@ -245,6 +245,9 @@ class Model:
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the classification head.")
 
     def __post_init__(self) -> None:
+        spelled = next((b.name for b in backbones.NAMED.values() if b.enum == self.weights), None)
+        if spelled is not None:  # torchgeo's spelling looks like a torchvision enum name: one vocabulary
+            raise ValueError(f"weights: {self.weights} is torchgeo's name; write model.weights: {spelled}")
         named = backbones.NAMED.get(self.weights)
         if named is not None and named.arch != self.arch:
             raise ValueError(

@@ -49,7 +49,7 @@ def served(tmp_path, monkeypatch):
     state, path = stand_in(tmp_path / "www", "resnet18_sentinel2_rgb_moco")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(path.parent))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/{path.name}"
     real = backbones.spec
     monkeypatch.setattr(backbones, "spec", lambda name: dataclasses.replace(real(name), url=url))
@@ -189,17 +189,22 @@ def test_offline_falls_back_loudly_or_fails_naming_url_and_cache(monkeypatch, tm
     assert url in message and str(tmp_path / Path(url).name) in message and f"--weights {RGB}" in message
 
 
-def test_weights_import_checks_the_named_file_then_runs_load_it_offline(served, tmp_path, monkeypatch):
+def test_weights_import_checks_the_named_file_then_runs_load_it_offline(
+    served, tmp_path, monkeypatch, capsys
+):
+    from pipeline.__main__ import main
+
     state, path, _ = served
-    placed = weights.import_checkpoint(
-        path, "resnet50", RGB, hub_dir=tmp_path / "hub"
-    )  # the entry's arch wins
-    assert placed == tmp_path / "hub" / path.name
-    offline(monkeypatch, path.name)  # no server: the cached copy is all there is
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    params = tmp_path / "params.yaml"
+    params.write_text("model: {arch: resnet50}\n")  # the named entry's arch wins over model.arch
+    assert main(["weights", "import", str(path), "--weights", RGB, "--params", str(params)]) == 0
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    assert (hub / path.name).read_bytes() == path.read_bytes()
+    assert f"model.arch: resnet18, model.weights: {RGB}" in capsys.readouterr().out
+    offline(monkeypatch, path.name)  # no server: the imported copy is all there is
     net = build_network("resnet18", 2)
-    assert weights.load_pretrained(
-        net, "resnet18", RGB, require_pretrained=True, hub_dir=tmp_path / "hub"
-    ).pretrained
+    assert weights.load_pretrained(net, "resnet18", RGB, require_pretrained=True, hub_dir=hub).pretrained
     assert_backbone_equal(net, state)
 
     _, other = stand_in(tmp_path / "other", "resnet18_sentinel2_rgb_moco", in_chans=13)
@@ -208,8 +213,9 @@ def test_weights_import_checks_the_named_file_then_runs_load_it_offline(served, 
         weights.WeightsError, match=r"keys or shapes do not match resnet18: \['conv1.weight'\]"
     ):
         weights.import_checkpoint(other, "resnet18", RGB, hub_dir=tmp_path / "hub2")
-    with pytest.raises(weights.WeightsError, match="interrupted download"):
-        weights.import_checkpoint(path, "resnet18", RGB, hub_dir=tmp_path / "hub2")  # not the hash in the URL
+    with pytest.raises(weights.WeightsError, match="interrupted download"):  # not the hash in the URL
+        weights.import_checkpoint(path, "resnet18", RGB, hub_dir=tmp_path / "hub2")
+    assert not (tmp_path / "hub2").exists()
 
 
 def test_params_validate_the_name_and_its_arch(tmp_path, monkeypatch):
@@ -219,6 +225,8 @@ def test_params_validate_the_name_and_its_arch(tmp_path, monkeypatch):
         config.ConfigError, match=r"resnet50 backbone, but arch is resnet18; set model\.arch: resnet50"
     ):
         config.parse({"model": {"weights": "ssl4eo_s12_rgb_moco_resnet50"}})
+    with pytest.raises(config.ConfigError, match=f"torchgeo's name; write model.weights: {RGB}"):
+        config.parse({"model": {"weights": "ResNet18_Weights.SENTINEL2_RGB_MOCO"}})
     with pytest.raises(config.ConfigError, match=f"neither a named backbone.*{RGB}, {ALL}"):
         config.parse({"model": {"weights": "ssl4eo_rgb_resnet18"}})
     (tmp_path / "my_backbone").mkdir()  # a copied run's folder with a snake name is still a folder
