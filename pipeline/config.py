@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
+from pipeline import backbones
 from pipeline.credentials import redact, refuse_in_params
 from pipeline.errors import PipelineError
 
@@ -226,7 +228,10 @@ class Model:
         "imagenet",
         min_length=1,
         description="'imagenet' (the arch's default torchvision weights), a torchvision weight enum name "
-        "(e.g. ResNet50_Weights.IMAGENET1K_V2), a path to a .pth state dict, or 'none'.",
+        "(e.g. ResNet50_Weights.IMAGENET1K_V2), a named domain backbone (torchgeo's satellite ResNets: "
+        + backbones.choices()
+        + "), a path to a .pth state dict, an earlier run (its models/ folder, a .ckpt, runs:/ or models:/ "
+        "URI), or 'none'.",
     )
     weights_sha256: str | None = Field(
         None,
@@ -238,6 +243,28 @@ class Model:
         False, description="Fail instead of falling back to random init when weights cannot be obtained."
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the classification head.")
+
+    def __post_init__(self) -> None:
+        spelled = next((b.name for b in backbones.NAMED.values() if b.enum == self.weights), None)
+        if spelled is not None:  # torchgeo's spelling looks like a torchvision enum name: one vocabulary
+            raise ValueError(f"weights: {self.weights} is torchgeo's name; write model.weights: {spelled}")
+        named = backbones.NAMED.get(self.weights)
+        if named is not None and named.arch != self.arch:
+            raise ValueError(
+                f"weights: {self.weights} is a {named.arch} backbone, but arch is {self.arch}; "
+                f"set model.arch: {named.arch}"
+            )
+        # A lowercase snake name is meant as a backbone name unless it is a file or folder (a run's copy).
+        if (
+            named is None
+            and self.weights not in ("imagenet", "none")
+            and re.fullmatch(r"[a-z0-9]+(_[a-z0-9]+)+", self.weights)
+            and not Path(self.weights).exists()
+        ):
+            raise ValueError(
+                f"weights: '{self.weights}' is neither a named backbone nor an existing file or folder; "
+                f"named backbones: {backbones.choices()}"
+            )
 
 
 @dataclass(frozen=True, config=_STRICT)

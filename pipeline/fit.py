@@ -197,12 +197,14 @@ def build_model(
     dataset_stats: tuple[Sequence[float], Sequence[float]] | None = None,
     in_channels: int = 3,
     train_labels: np.ndarray | None = None,
+    pixel_dtype: str | None = None,
 ) -> tuple[Classifier, WeightsInfo]:
     """The classifier with its weights loaded, normalizing with the statistics those weights expect.
 
     Pretrained 3-channel weights keep ImageNet mean/std (what they were trained with); random init or
     other band counts use ``dataset_stats`` (ingest's train-split mean/std) when given.
-    ``train_labels`` give the class weights of ``train.balance: loss``.
+    ``train_labels`` give the class weights of ``train.balance: loss``; ``pixel_dtype`` (the cache's) maps a
+    named domain backbone's value range onto the pixels.
     """
     m, t, a = params.model, params.train, params.augment
     weights = (
@@ -238,10 +240,11 @@ def build_model(
         hub_dir=hub_dir,
         sha256=m.weights_sha256,
         tracking_uri=params.mlflow.tracking_uri,
+        pixel_dtype=pixel_dtype,
     )
     if not info.pretrained and t.backbone_lr_mult != 1.0:
         model.hparams.backbone_lr_mult = 1.0  # a random backbone has nothing to protect
-    if info.mean is not None:  # weights that carry the statistics they were trained with (an earlier run)
+    if info.mean is not None:  # weights that carry their statistics (an earlier run, a domain backbone)
         use_statistics(model, info.mean, info.std)
     elif dataset_stats is not None and not (info.pretrained and len(dataset_stats[0]) == 3):
         use_statistics(model, *dataset_stats)
@@ -326,6 +329,7 @@ def fit(
         (data.prepared.mean, data.prepared.std),
         in_channels=data.prepared.images.shape[-1],
         train_labels=data.prepared.split("train")["label_index"].to_numpy(),
+        pixel_dtype=str(data.prepared.images.dtype),
     )
     if t.mode != "finetune":
         return _fit_frozen(params, data, model, weights, out_dir, logger)

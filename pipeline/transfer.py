@@ -20,7 +20,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.weights import FIRST_CONV, HEAD_PREFIX, WeightsError, WeightsInfo, adapt_first_conv, verify_file
+from pipeline.weights import (
+    FIRST_CONV,
+    HEAD_PREFIX,
+    WeightsError,
+    WeightsInfo,
+    adapt_first_conv,
+    adapt_statistics,
+    verify_file,
+)
 
 URI_SCHEMES = ("runs:/", "models:/")
 CHECKPOINT_SUFFIX = ".ckpt"
@@ -181,13 +189,7 @@ def resolve(weights: str, *, tracking_uri: str, sha256: str | None = None) -> Ba
 def carried_statistics(backbone: Backbone, in_channels: int) -> tuple[list[float], list[float]]:
     """The backbone's mean/std for ``in_channels`` bands, adapted as :func:`weights.adapt_first_conv` adapts
     the kernels: one band takes the average, N bands cycle through the three."""
-    if in_channels == backbone.in_channels:
-        return list(backbone.mean), list(backbone.std)
-    if in_channels == 1:
-        return [sum(backbone.mean) / 3], [sum(backbone.std) / 3]
-    return [backbone.mean[i % 3] for i in range(in_channels)], [
-        backbone.std[i % 3] for i in range(in_channels)
-    ]
+    return adapt_statistics(backbone.mean, backbone.std, in_channels)
 
 
 def load_backbone(net: nn.Module, arch: str, backbone: Backbone, requested: str) -> WeightsInfo:

@@ -3,7 +3,9 @@
 ``imagenet`` resolves to the architecture's default torchvision weights, downloaded through
 ``torch.hub`` into ``$TORCH_HOME/hub/checkpoints`` (a file already there is used offline). When they
 cannot be obtained the run falls back to random initialization, loudly, and says so in what it
-returns so the stages can record it; ``require_pretrained`` turns the fallback into an error.
+returns so the stages can record it; ``require_pretrained`` turns the fallback into an error. A named
+domain backbone (:mod:`pipeline.backbones`, through torchgeo's enums) is fetched, cached, imported and
+falls back the same way, and brings the preprocessing it was trained with.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torchvision
 from torch import nn
 from torch.hub import HASH_REGEX  # <arch>-<sha256 prefix>.pth, as torch.hub checks it
 
+from pipeline import backbones
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_file
 from pipeline.model import build_network
@@ -52,6 +55,25 @@ class WeightsInfo:
     std: tuple[float, ...] | None = None
     in_channels: int | None = None
     source_classes: tuple[str, ...] | None = None
+    # The full SHA-256 of the file the tensors were read from (checked against the publisher's prefix).
+    sha256: str | None = None
+    # A named domain backbone's preprocessing: the bands in the order it expects them, and the raw value
+    # its scaling maps to 1 (mean/std above apply to ``raw / value_range``, adapted to the pixel dtype).
+    bands: tuple[str, ...] | None = None
+    value_range: float | None = None
+
+    def preprocessing_tags(self) -> dict[str, str]:
+        """MLflow tags for what the run started from beyond its source: the file's SHA-256 and, for weights
+        that bring their preprocessing, the bands, value range and mean/std the model normalizes with."""
+        tags = {"weights.sha256": self.sha256} if self.sha256 else {}
+        if self.bands:
+            tags["weights.bands"] = ",".join(self.bands)
+        if self.value_range is not None:
+            tags["weights.value_range"] = f"{self.value_range:g}"
+        if self.mean is not None and self.std is not None:
+            tags["weights.mean"] = ",".join(f"{v:.6g}" for v in self.mean)
+            tags["weights.std"] = ",".join(f"{v:.6g}" for v in self.std)
+        return tags
 
 
 def weight_enum(arch: str, name: str = "imagenet") -> torchvision.models.WeightsEnum:
@@ -90,13 +112,14 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def verify_file(path: Path, *, url: str | None = None, sha256: str | None = None) -> None:
+def verify_file(path: Path, *, url: str | None = None, sha256: str | None = None) -> str | None:
     """Refuse a weights file whose SHA-256 (computed once) is not ``sha256`` (``model.weights_sha256``), or
     does not start with the prefix torchvision puts in the name of ``url`` (``<arch>-<sha256 prefix>.pth``;
-    torch.hub checks it only while downloading, so a file copied into the hub folder by hand is checked here)."""
+    torch.hub checks it only while downloading, so a file copied into the hub folder by hand is checked here).
+    Returns the SHA-256 when it was computed."""
     match = HASH_REGEX.search(Path(url).name) if url else None
     if sha256 is None and match is None:
-        return
+        return None
     actual = sha256_of(path)
     if match is not None and not actual.startswith(match.group(1)):
         raise WeightsError(
@@ -109,6 +132,7 @@ def verify_file(path: Path, *, url: str | None = None, sha256: str | None = None
             f"{path}: SHA-256 is {actual}, but model.weights_sha256 is {sha256.lower()}; "
             "the file is not the one the params name (corrupt, truncated or replaced)"
         )
+    return actual
 
 
 def hub_checkpoint(url: str, hub_dir: Path | None = None) -> Path:
@@ -193,12 +217,14 @@ def load_pretrained(
     hub_dir: Path | None = None,
     sha256: str | None = None,
     tracking_uri: str = "sqlite:///mlflow.db",
+    pixel_dtype: str | None = None,
 ) -> WeightsInfo:
     """Put the requested weights into ``net`` (a freshly built ``arch``) and say what happened.
 
     ``sha256``: the weights file must have this hash (checked before it is read). ``tracking_uri``
     (``mlflow.tracking_uri``): where ``runs:/`` and ``models:/`` weights are looked up when no stage has
-    pointed MLflow at a store.
+    pointed MLflow at a store. ``pixel_dtype`` (the pixel cache's, e.g. 'uint16'): how a named domain
+    backbone's value range maps onto the pixels (:func:`backbones.statistics_for`).
     """
     if weights == "none":
         return WeightsInfo(requested=weights, source="random-init", pretrained=False)
@@ -208,77 +234,177 @@ def load_pretrained(
         return transfer.load_backbone(
             net, arch, transfer.resolve(weights, tracking_uri=tracking_uri, sha256=sha256), weights
         )
+    if weights in backbones.NAMED:
+        return _load_named(net, arch, weights, require_pretrained, hub_dir, sha256, pixel_dtype)
     if weights != "imagenet" and not is_enum_name(weights):
         path = Path(weights)
-        if path.is_file():
-            verify_file(path, sha256=sha256)
+        digest = verify_file(path, sha256=sha256) if path.is_file() else None
         load_into(net, read(path), str(path))
-        return WeightsInfo(requested=weights, source=str(path), pretrained=True)
+        return WeightsInfo(requested=weights, source=str(path), pretrained=True, sha256=digest)
 
     url = imagenet_url(arch, weights)
+    obtained = _obtain(
+        url,
+        f"ImageNet weights for {arch}",
+        f"--arch {arch}" + ("" if weights == "imagenet" else f" --weights {weights}"),
+        requested=weights,
+        require_pretrained=require_pretrained,
+        hub_dir=hub_dir,
+        sha256=sha256,
+    )
+    if isinstance(obtained, WeightsInfo):
+        return obtained
+    state, digest = obtained
+    load_into(net, state, url)
+    return WeightsInfo(requested=weights, source=url, pretrained=True, sha256=digest)
+
+
+def _obtain(
+    url: str,
+    what: str,
+    import_args: str,
+    *,
+    requested: str,
+    require_pretrained: bool,
+    hub_dir: Path | None,
+    sha256: str | None,
+) -> tuple[dict[str, torch.Tensor], str | None] | WeightsInfo:
+    """The state dict at ``url`` (from the cache, else downloaded into it) and the file's SHA-256; when it
+    cannot be obtained, the random-init fallback (announced once per process) or, with
+    ``require_pretrained``, an error naming the URL and the cache path."""
     cached = hub_checkpoint(url, hub_dir)
     downloading = not cached.is_file()
-    if not downloading:  # checked before torch reads it
-        verify_file(cached, url=url, sha256=sha256)
+    digest = None if downloading else verify_file(cached, url=url, sha256=sha256)  # before torch reads it
     try:
         state = fetch(url, hub_dir)
     except (URLError, OSError, RuntimeError) as err:
         advice = (
             f"pre-seed the file at {cached} (`python -m pipeline weights import FILE "
-            f"--arch {arch}` puts it there; set TORCH_HOME to move it), or point model.weights at a local "
+            f"{import_args}` puts it there; set TORCH_HOME to move it), or point model.weights at a local "
             f".pth state dict"
         )
         if require_pretrained:
             raise WeightsError(
-                f"ImageNet weights for {arch} could not be obtained from {url} ({err}); "
-                f"model.require_pretrained is true: {advice}"
+                f"{what} could not be obtained from {url} ({err}); model.require_pretrained is true: {advice}"
             ) from err
         reason = f"download of {url} failed: {err}"
+        fallback = WeightsInfo(
+            requested=requested, source="random-init", pretrained=False, fallback_reason=reason
+        )
         if url in _FAILED:  # a tune stage fits once per trial: the banner once per stage (process) is enough
-            log.debug("training %s from random init again (%s)", arch, reason)
-            return WeightsInfo(
-                requested=weights, source="random-init", pretrained=False, fallback_reason=reason
-            )
+            log.debug("training from random init again (%s)", reason)
+            return fallback
         _FAILED.add(url)
         log.warning(
-            "\n" + "!" * 78 + "\n!! PRETRAINED WEIGHTS UNAVAILABLE - training %s from RANDOM INIT.\n"
+            "\n" + "!" * 78 + "\n!! PRETRAINED WEIGHTS UNAVAILABLE - %s: training from RANDOM INIT.\n"
             "!! %s\n!! To fix: %s\n" + "!" * 78,
-            arch,
+            what,
             reason,
             advice,
         )
-        return WeightsInfo(requested=weights, source="random-init", pretrained=False, fallback_reason=reason)
-    if downloading:  # torch.hub has checked the prefix
-        verify_file(cached, sha256=sha256)
-    load_into(net, state, url)
-    return WeightsInfo(requested=weights, source=url, pretrained=True)
+        return fallback
+    if downloading:  # torch.hub has checked the prefix; the full hash is recorded (and pinned, if asked)
+        digest = verify_file(cached, sha256=sha256) or sha256_of(cached)
+    return state, digest
+
+
+def _load_named(
+    net: nn.Module,
+    arch: str,
+    name: str,
+    require_pretrained: bool,
+    hub_dir: Path | None,
+    sha256: str | None,
+    pixel_dtype: str | None,
+) -> WeightsInfo:
+    """A named domain backbone: checked against ``arch`` and the band count before anything is fetched,
+    then loaded as torchvision weights are, with the preprocessing torchgeo publishes for it."""
+    spec = backbones.spec(name)
+    if spec.named.arch != arch:
+        raise WeightsError(
+            f"model.weights: {name} is a {spec.named.arch} backbone, but model.arch is {arch}; "
+            f"set model.arch: {spec.named.arch}"
+        )
+    bands = net.get_parameter(FIRST_CONV).shape[1]
+    if bands != spec.in_channels and spec.in_channels != 3:
+        raise WeightsError(
+            f"model.weights: {name} was trained on {spec.in_channels} bands ({', '.join(spec.bands)}), "
+            f"this data set has {bands}; give it {spec.in_channels}-band images in that order "
+            "(data.channels: keep), or pick an RGB backbone, which adapts to any band count"
+        )
+    obtained = _obtain(
+        spec.url,
+        f"{name} ({spec.named.enum} in torchgeo)",
+        f"--weights {name}",
+        requested=name,
+        require_pretrained=require_pretrained,
+        hub_dir=hub_dir,
+        sha256=sha256,
+    )
+    if isinstance(obtained, WeightsInfo):
+        return obtained
+    state, digest = obtained
+    load_into(net, state, spec.url)  # an RGB first convolution is adapted to other band counts here
+    mean, std = backbones.statistics_for(spec.mean, spec.std, spec.named.value_range, pixel_dtype)
+    mean, std = adapt_statistics(mean, std, bands)
+    return WeightsInfo(
+        requested=name,
+        source=spec.url,
+        pretrained=True,
+        mean=tuple(mean),
+        std=tuple(std),
+        in_channels=spec.in_channels,
+        sha256=digest,
+        bands=spec.bands,
+        value_range=spec.named.value_range,
+    )
+
+
+def adapt_statistics(mean, std, in_channels: int) -> tuple[list[float], list[float]]:
+    """RGB mean/std for ``in_channels`` bands, as :func:`adapt_first_conv` adapts the kernels: one band
+    takes the average, N bands cycle through the three. Other band counts pass through."""
+    if len(mean) != 3 or in_channels == 3:
+        return list(mean), list(std)
+    if in_channels == 1:
+        return [sum(mean) / 3], [sum(std) / 3]
+    return [mean[i % 3] for i in range(in_channels)], [std[i % 3] for i in range(in_channels)]
 
 
 def import_checkpoint(file: Path, arch: str, name: str = "imagenet", hub_dir: Path | None = None) -> Path:
-    """Check a downloaded torchvision checkpoint and put it where offline runs find it.
+    """Check a downloaded checkpoint and put it where offline runs find it.
 
-    For air-gapped machines: the file (fetched elsewhere from the URL torchvision would use) must carry
-    the hash torchvision expects (the 8-hex prefix in the file name of that URL) and exactly the keys
-    and shapes of ``arch``; it is then copied, atomically, to ``$TORCH_HOME/hub/checkpoints/<that name>``,
-    where ``model.weights: imagenet`` (or the enum ``name``) loads it without a download.
+    For air-gapped machines: the file (fetched elsewhere from the URL torchvision, or torchgeo for a named
+    domain backbone, would use) must carry the hash the publisher put in the file name of that URL (its
+    8-hex prefix) and exactly the keys and shapes of ``arch`` (a domain backbone's ``fc`` head may be
+    absent); it is then copied, atomically, to ``$TORCH_HOME/hub/checkpoints/<that name>``, where
+    ``model.weights: imagenet`` (or the enum or backbone ``name``) loads it without a download.
     """
-    enum = weight_enum(arch, name)
+    if name in backbones.NAMED:
+        spec = backbones.spec(name)
+        url, label, arch = spec.url, f"{name} ({spec.named.enum})", spec.named.arch
+        own = build_network(arch, 1000, in_channels=spec.in_channels).state_dict()
+        optional = {k for k in own if k.startswith(HEAD_PREFIX)}
+    else:
+        enum = weight_enum(arch, name)
+        url, label, optional = enum.url, str(enum), set()
+        own = build_network(arch, len(enum.meta["categories"])).state_dict()
     if not file.is_file():
         raise WeightsError(f"{file}: no such file")
     # Checked here, not with verify_file, whose advice is to run this very command.
-    match, actual = HASH_REGEX.search(Path(enum.url).name), sha256_of(file)
+    match, actual = HASH_REGEX.search(Path(url).name), sha256_of(file)
     if match is not None and not actual.startswith(match.group(1)):
         raise WeightsError(
-            f"{file}: not the checkpoint {enum} needs: its SHA-256 {actual[:16]}... does not start "
-            f"with {match.group(1)}, the hash in the name of {enum.url} (an interrupted download, or "
+            f"{file}: not the checkpoint {label} needs: its SHA-256 {actual[:16]}... does not start "
+            f"with {match.group(1)}, the hash in the name of {url} (an interrupted download, or "
             "a file for other weights: check --arch and --weights); download that URL again"
         )
     state = read(file)
-    own = build_network(arch, len(enum.meta["categories"])).state_dict()
-    wrong = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
+    wrong = sorted((set(own) - optional - set(state)) | (set(state) - set(own))) + [
+        k for k in own if k in state and k not in optional and own[k].shape != state[k].shape
+    ]
     if wrong:
         raise WeightsError(f"{file}: keys or shapes do not match {arch}: {wrong[:8]}")
-    target = hub_checkpoint(enum.url, hub_dir)
+    target = hub_checkpoint(url, hub_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(target) as tmp:
         shutil.copyfile(file, tmp)

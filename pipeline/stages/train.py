@@ -103,6 +103,7 @@ def main(params: Params) -> None:
                 "weights.source": weights.source,
                 "train.mode": params.train.mode,
             }
+            | weights.preprocessing_tags()
         )
         info = {
             "run_id": run.info.run_id,
