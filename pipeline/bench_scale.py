@@ -40,19 +40,21 @@ def emit(**values) -> None:
 
 
 def run(cmd: list[str], cwd: Path, env: dict, log: Path) -> tuple[float, float, float]:
-    """Wall seconds, peak RSS (MB) of the largest process of ``cmd`` and the load average at its start."""
+    """Wall seconds, peak RSS (MB) of the largest process of ``cmd`` (GNU time's %M, as a user measures it)
+    and the load average at its start."""
     load = os.getloadavg()[0]
+    rss = log.with_suffix(".rss")
     start = time.perf_counter()
     with open(log, "ab") as out:
         out.write(f"\n$ {' '.join(cmd)}\n".encode())
         out.flush()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        done = subprocess.run(
+            ["/usr/bin/time", "-o", str(rss), "-f", "%M", *cmd], cwd=cwd, env=env, stdout=out, stderr=out
+        )
     seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}")
-    return round(seconds, 2), round(usage.ru_maxrss / 1024, 1), round(load, 2)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}); see {log}")
+    return round(seconds, 2), round(int(rss.read_text().split()[-1]) / 1024, 1), round(load, 2)
 
 
 def subset(source: Path, n: int, dest: Path) -> Path:
