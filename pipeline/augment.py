@@ -254,6 +254,32 @@ def offline_copies(
     return np.stack(drawn), np.repeat(np.asarray(labels, dtype=np.int64), copies)
 
 
+def write_offline_copies(
+    pipeline: A.BasicTransform,
+    images: np.ndarray,
+    labels: np.ndarray,
+    copies: int,
+    images_npy: Path,
+    labels_npy: Path,
+) -> int:
+    """``offline_copies`` (the same draws, in the same order) streamed to two .npy files one image at a time,
+    so memory stays bounded however large the train split (``images`` may be a lazy ``datamodule.Rows``).
+    Returns the number of copies written."""
+    from pipeline.data.cache import CacheWriter
+
+    labels_out = np.repeat(np.asarray(labels, dtype=np.int64), copies)
+    np.save(labels_npy, labels_out)
+    if not len(labels_out):
+        np.save(images_npy, np.empty((0, *images.shape[1:]), images.dtype))
+        return 0
+    with CacheWriter(images_npy, len(labels_out)) as writer:
+        for image in images:
+            for _ in range(copies):
+                writer.append(pipeline(image=np.asarray(image))["image"])
+        writer.finish()  # trims and closes the file; the memory map it returns is not needed
+    return len(labels_out)
+
+
 def displayable(image: np.ndarray) -> np.ndarray:
     """Floats in [0, 1]: one band as is, else the first three bands as RGB (N-band data)."""
     top = np.iinfo(image.dtype).max if image.dtype.kind in "ui" else 1.0

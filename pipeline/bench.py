@@ -1,5 +1,6 @@
 """``make bench``: speed and memory of the pipeline's hot paths, one JSON object per line.
-(``python -m pipeline.bench quality``: test quality on real X-rays instead, see ``pipeline.bench_quality``.)
+(``python -m pipeline.bench quality``: test quality on real X-rays instead, see ``pipeline.bench_quality``;
+``python -m pipeline.bench scale``: the pipeline on the 27,000 EuroSAT tiles, see ``pipeline.bench_scale``.)
 
 Measured on a generated demo set in a temporary folder, so it needs no prior ``dvc repro``:
 - ``ingest``: decode + resize + cache throughput;
@@ -376,6 +377,10 @@ if __name__ == "__main__":
         from pipeline import bench_quality
 
         sys.exit(bench_quality.main(sys.argv[2:]))
+    if sys.argv[1:2] == ["scale"]:  # minutes on the real-sized EuroSAT set: pipeline/bench_scale.py
+        from pipeline.bench_scale import main as scale
+
+        sys.exit(scale(sys.argv[2:]))
     if sys.argv[1:2] == [
         "transfer"
     ]:  # minutes on real data, not part of make bench: pipeline/transfer_bench.py

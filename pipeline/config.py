@@ -47,6 +47,11 @@ class Paths:
 
     raw: str = Field("data/raw", description="Folder of handed-in data sets, one subfolder each.")
     prepared: str = Field("data/prepared", description="Ingest output: splits.csv, report.json, image cache.")
+    validated: str = Field(
+        ".dvc/tmp/validated",
+        description="What intake's validation decoded (pixels, hashes), a folder per data set; the ingest "
+        "stage reuses it where a file's bytes are unchanged. Machine-local, never versioned; safe to delete.",
+    )
     augment_pipeline: str = Field(
         "data/augment/train_transforms.json", description="Serialized albumentations training pipeline."
     )

@@ -36,3 +36,35 @@ def test_rows_are_widened_and_trimmed_like_a_stack_of_the_widest_dtype(tmp_path,
 def test_an_empty_cache_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no image"), CacheWriter(tmp_path / "c.npy", capacity=3) as writer:
         writer.finish()
+
+
+def test_stages_read_a_few_thousand_images_in_bounded_memory(tmp_path):
+    """Training items, TTA predictions' input and offline copies read the cache a row at a time: Python's peak
+    allocation stays a small fraction of the split (2,000 images, 6 MB as uint8, 25 MB as float)."""
+    import tracemalloc
+
+    from pipeline import augment
+    from pipeline.data.cache import Rows
+    from pipeline.data.datamodule import CachedImageDataset
+
+    n = 2000
+    pixels = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", pixels)
+    del pixels
+    cache = np.load(tmp_path / "images.npy", mmap_mode="r")
+    rows = np.arange(n)[::-1].copy()  # not in file order
+    pipeline = augment.build([{"name": "HorizontalFlip", "p": 0.5}], seed=0)
+    tracemalloc.start()
+    try:
+        dataset = CachedImageDataset(Rows(cache, rows), np.zeros(n), pipeline)
+        total = sum(int(dataset[i][0].sum()) for i in range(0, n, 13))
+        written = augment.write_offline_copies(
+            pipeline, Rows(cache, rows), np.zeros(n), 1, tmp_path / "copies.npy", tmp_path / "labels.npy"
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    copies = np.load(tmp_path / "copies.npy", mmap_mode="r")
+    assert written == n and copies.shape == (n, 32, 32, 3) and total > 0
+    assert peak < 2e6, f"peak {peak / 1e6:.1f} MB"
+    assert np.array_equal(Rows(cache, rows)[[3, 1]], cache[[n - 4, n - 2]])

@@ -1,4 +1,5 @@
-"""The pixel cache (``images.npy``), written one image at a time so that ingest's memory stays bounded.
+"""The pixel cache (``images.npy``), written one image at a time so that ingest's memory stays bounded, and
+read a row at a time (``Rows``) so that the stages after it stay bounded too.
 
 The cache's dtype is the widest its images need (``readers.cache_dtype``), which is known only after
 the last file. Rather than read every file twice (once for its header), rows are appended in the
@@ -20,6 +21,9 @@ from numpy.lib import format as npy
 
 from pipeline.data import readers
 
+# The augment stage's offline copies (augment.offline_copies), in its output folder paths.augment_offline.
+OFFLINE_IMAGES = "images.npy"
+OFFLINE_LABELS = "labels.npy"
 CHUNK_BYTES = 1 << 20  # rows converted at a time when the file is rewritten
 
 
@@ -92,3 +96,48 @@ class CacheWriter:
             npy.read_magic(f)
             npy.read_array_header_1_0(f)
             return f.tell()
+
+
+class Rows:
+    """Rows of the memory-mapped pixel cache (and any arrays appended), read only when indexed.
+
+    A split, or the train split plus its offline copies, without copying it into memory: what a stage
+    holds stays a few batches whatever the set's size. The pages read stay in the OS page cache, shared
+    by the loader workers and given back under memory pressure. Indexing takes an int (one image), or an
+    array of positions or a slice (a stacked copy of those images only).
+    """
+
+    def __init__(self, images: np.ndarray, rows: np.ndarray | None = None, extra: np.ndarray | None = None):
+        self.images = images
+        self.rows = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.extra = extra if extra is not None and len(extra) else None
+
+    def __len__(self) -> int:
+        return len(self.rows) + (0 if self.extra is None else len(self.extra))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.images.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.images.dtype
+
+    def __getitem__(self, i) -> np.ndarray:
+        if isinstance(i, int | np.integer):
+            i = int(i) + len(self) if i < 0 else int(i)
+            if i < len(self.rows):
+                return np.asarray(self.images[self.rows[i]])
+            return np.asarray(self.extra[i - len(self.rows)])
+        positions = np.arange(len(self))[i]
+        out = np.empty((len(positions), *self.images.shape[1:]), self.images.dtype)
+        for k, position in enumerate(positions):
+            out[k] = self[int(position)]
+        return out
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self[:] if dtype is None else self[:].astype(dtype)

@@ -11,11 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from pipeline import recipe
+from pipeline.data.cache import OFFLINE_IMAGES, OFFLINE_LABELS, Rows
 from pipeline.data.ingest import DataError, Prepared
-
-# The augment stage's offline copies (augment.offline_copies), in its output folder paths.augment_offline.
-OFFLINE_IMAGES = "images.npy"
-OFFLINE_LABELS = "labels.npy"
 
 
 class CachedImageDataset(Dataset):
@@ -44,7 +41,7 @@ def load_offline(folder: Path, prepared: Prepared, copies: int) -> tuple[np.ndar
         raise DataError(
             f"{folder}: offline copies not found; run the augment stage first (dvc repro augment)"
         )
-    # Memory-mapped: dataset() copies them into the train split's array anyway.
+    # Memory-mapped: dataset() reads them per item.
     images, labels = np.load(folder / OFFLINE_IMAGES, mmap_mode="r"), np.load(folder / OFFLINE_LABELS)
     expected = copies * len(prepared.split("train"))
     if len(labels) != expected or images.shape[1:] != prepared.images.shape[1:]:
@@ -91,15 +88,15 @@ class ImageDataModule(L.LightningDataModule):
         rows = self.prepared.split(split)
         if rows.empty:
             raise ValueError(f"split '{split}' is empty")
-        # Index the memory map once per split: a contiguous in-memory copy is faster to batch from.
-        images = np.ascontiguousarray(self.prepared.images[rows["cache_index"].to_numpy()])
+        # Rows of the memory map, read per item: bounded memory however large the split (issue 17); random
+        # reads from the page cache keep up with training (python -m pipeline.bench scale: dataloader).
         labels = rows["label_index"].to_numpy()
+        extra = None
         if split == "train" and self.offline is not None:
-            images, labels = (
-                np.concatenate([images, self.offline[0]]),
-                np.concatenate([labels, self.offline[1]]),
-            )
-        return CachedImageDataset(images, labels, transform)
+            extra, labels = self.offline[0], np.concatenate([labels, self.offline[1]])
+        return CachedImageDataset(
+            Rows(self.prepared.images, rows["cache_index"].to_numpy(), extra), labels, transform
+        )
 
     def _dataloader(self, split: str) -> DataLoader:
         train = split == "train"

@@ -20,16 +20,17 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from pipeline.config import Data
-from pipeline.data import readers, sources, splits, validation
+from pipeline.data import decoding, readers, sources, splits, validation
 from pipeline.data.cache import CacheWriter
 from pipeline.data.readers import IMAGE_SUFFIXES
 from pipeline.errors import PipelineError
@@ -47,6 +48,9 @@ PROGRESS_LOG_S = 30.0  # without a terminal (dvc repro's log): one progress line
 STATS_VALUES = (
     1 << 16
 )  # pixel values per chunk of channel_stats: about 1 MB of float64, whatever the set's size
+
+
+T = TypeVar("T")
 
 
 class DataError(PipelineError, ValueError):
@@ -205,57 +209,60 @@ class _Decoded:
     rejected: list[dict] = dataclasses.field(default_factory=list)
     bands: Counter = dataclasses.field(default_factory=Counter)
     dhashes: list[np.ndarray | None] = dataclasses.field(default_factory=list)
+    sha256: list[str] = dataclasses.field(default_factory=list)  # of every file, read or not
+    kept: list[decoding.Decoded] = dataclasses.field(default_factory=list)  # per cache row, pixels dropped
+    reused: int = 0  # images taken from intake's validation pass instead of decoded
 
 
-def _progress(paths: list[Path]) -> Iterator[Path]:
-    """A tqdm bar on an interactive stderr; elsewhere (dvc repro's log) an INFO line every ``PROGRESS_LOG_S``."""
+def progress(items: Iterable[T], total: int, what: str = "ingest", done: str = "images read") -> Iterator[T]:
+    """A tqdm bar (count, rate, time left) on an interactive stderr; elsewhere (dvc repro's log) an INFO line
+    every ``PROGRESS_LOG_S`` with the same three."""
     if sys.stderr.isatty():
-        yield from tqdm(paths, desc="ingest", unit="img", file=sys.stderr, leave=False)
+        yield from tqdm(items, total=total, desc=what, unit="img", file=sys.stderr, leave=False)
         return
     start = last = time.monotonic()
-    for i, path in enumerate(paths):
+    for i, item in enumerate(items):
         now = time.monotonic()
         if now - last >= PROGRESS_LOG_S:
-            log.info("ingest: %d/%d images read (%.0f images/s)", i, len(paths), i / (now - start))
+            rate = i / max(now - start, 1e-9)
+            left = (total - i) / rate if rate else float("inf")
+            log.info("%s: %d/%d %s (%.0f images/s, %.0f s left)", what, i, total, done, rate, left)
             last = now
-        yield path
+        yield item
 
 
-def _decode_all(table: pd.DataFrame, data: Data, cache: CacheWriter) -> _Decoded:
-    """Decode, conform and append each image to ``cache``; skip (or fail on) unreadable files."""
+def _decode_all(table: pd.DataFrame, data: Data, cache: CacheWriter, reuse: Path | None = None) -> _Decoded:
+    """Decode, conform and append each image to ``cache``; skip (or fail on) unreadable files. One decode per
+    file (in worker processes for large sets), none for files whose bytes ``reuse`` holds decoded."""
     out = _Decoded()
-    for i, path in enumerate(_progress(list(map(Path, table["path"])))):
-        try:
-            found = readers.read(path, data.dicom_window, data.max_image_pixels)
-        except (readers.UnreadableImage, OSError) as err:
-            reason = str(err)  # readers.read says "empty file" for zero bytes
+    paths = list(table["path"])
+    results = decoding.decode_all(paths, decoding.Settings.of(data), reuse)
+    for i, found in enumerate(progress(results, len(paths))):
+        path = paths[i]
+        out.sha256.append(found.sha256)
+        if found.reason is not None:
             if data.on_bad_file == "fail":
                 raise DataError(
-                    f"{path}: unreadable image ({reason}); set data.on_bad_file: skip to skip it"
+                    f"{path}: unreadable image ({found.reason}); set data.on_bad_file: skip to skip it"
                 ) from None
-            log.warning("skipping unreadable image %s (%s)", path, reason)
-            out.rejected.append({"path": str(path), "reason": reason})
+            log.warning("skipping unreadable image %s (%s)", path, found.reason)
+            out.rejected.append({"path": str(path), "reason": found.reason})
             continue
-        bands = found.pixels.shape[-1]
-        if data.channels == "rgb" and bands not in (1, 3):
+        if found.bands_error is not None:
             raise DataError(
-                f"{path}: {bands} bands cannot be made RGB (data.channels: rgb); "
+                f"{path}: {found.bands_error} bands cannot be made RGB (data.channels: rgb); "
                 "set data.channels: keep to train on all bands"
             )
-        pixels = readers.conform(found, data.image_size, data.channels)
+        pixels, found.pixels = found.pixels, None
         out.bands[pixels.shape[-1]] += 1
+        out.reused += found.reused
         if data.near_duplicate_bits is not None:
-            out.dhashes.append(validation.dhash(pixels))
+            out.dhashes.append(found.dhash)
         if cache.shape in ((), pixels.shape):  # another band count is an error once every file is counted
             cache.append(pixels)
+            out.kept.append(found)
         out.rows.append(i)
-        out.formats.append(
-            {
-                "mode": found.mode,
-                "bits": found.bits,
-                "size": f"{found.pixels.shape[1]}x{found.pixels.shape[0]}",
-            }
-        )
+        out.formats.append({"mode": found.mode, "bits": found.bits, "size": found.size})
     return out
 
 
@@ -382,10 +389,21 @@ def _listed(items: list, limit: int = 200) -> list:
     return items[:limit]
 
 
-def ingest(raw_dir: Path, out_dir: Path, *, seed: int, data: Data | None = None, **fields) -> dict:
+def ingest(
+    raw_dir: Path,
+    out_dir: Path,
+    *,
+    seed: int,
+    data: Data | None = None,
+    reuse: Path | None = None,
+    keep: Path | None = None,
+    **fields,
+) -> dict:
     """Validate, split and cache ``raw_dir`` into ``out_dir`` (replaced only on success); return the report.
 
-    ``data`` holds the data.* params; keyword ``fields`` override single ones of them.
+    ``data`` holds the data.* params; keyword ``fields`` override single ones of them. ``keep``: also
+    store what was decoded there (intake's validation pass, ``decoding.Validated``); ``reuse``: take
+    each file whose bytes such a store holds, decoded with the same settings, from there.
     """
     data = dataclasses.replace(data or Data(), **fields)
     files, ignored = scan(raw_dir)
@@ -395,14 +413,16 @@ def ingest(raw_dir: Path, out_dir: Path, *, seed: int, data: Data | None = None,
         files, excluded = exclude(files, read_exclusions(Path(data.exclude)), raw_dir, exclude_warnings)
         log.info("ingest: %d file(s) left out (data.exclude: %s)", len(excluded), data.exclude)
     with atomic_dir(out_dir) as staging, CacheWriter(staging / CACHE_NPY, len(files)) as cache:
-        decoded = _decode_all(files, data, cache)
+        decoded = _decode_all(files, data, cache, reuse)
         table = files.iloc[decoded.rows].reset_index(drop=True)
         table, report = _validate_and_split(table, files, ignored, decoded, raw_dir, data, seed)
         report["excluded"] = {"file": data.exclude, "n": len(excluded), "paths": _listed(excluded, 1000)}
         report["warnings"] += exclude_warnings
         images = cache.finish()
         train = table.loc[table["split"] == "train", "cache_index"].to_numpy()
-        mean, std = channel_stats(images, rows=train)
+        # From the decoding pass's per-image sums: the cache is not read back (channel_stats would)
+        sums = np.stack([decoded.kept[i].sums for i in train])
+        mean, std = decoding.stats_from_sums(sums, len(train) * int(np.prod(images.shape[1:-1])))
         report["cache"] = {
             "dtype": str(images.dtype),
             "channels": int(images.shape[-1]),
@@ -414,6 +434,15 @@ def ingest(raw_dir: Path, out_dir: Path, *, seed: int, data: Data | None = None,
         columns += [c for c in ("group", "fold") if c in table]
         table[columns].to_csv(staging / SPLITS_CSV, index=False)
         write_json(staging / REPORT_JSON, report)
+        if keep is not None:
+            decoding.Validated.keep(keep, decoding.Settings.of(data), staging / CACHE_NPY, decoded.kept)
+    if decoded.reused:
+        log.info(
+            "ingest: %d of %d images taken from intake's validation pass (%s)",
+            decoded.reused,
+            len(files),
+            reuse,
+        )
     return report
 
 
@@ -436,7 +465,7 @@ def _validate_and_split(
             "hand in one band count, or set data.channels: rgb for gray/RGB sets"
         )
     table["cache_index"] = np.arange(len(table))  # the cache's row; rows left out below keep theirs unread
-    table["sha256"] = [validation.file_hash(Path(p)) for p in table["path"]]
+    table["sha256"] = [decoded.sha256[i] for i in decoded.rows]  # hashed in the decoding pass
     table, conflicts = _label_conflicts(table, decoded.dhashes, data, warnings)
     _check_classes(table, classes, raw_dir, data, warnings)
     exact, near = _duplicates(table, decoded.dhashes, data.near_duplicate_bits, warnings)

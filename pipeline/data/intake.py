@@ -109,7 +109,8 @@ def copy_set(src: Path, dest: Path, on_bad_file: str = "skip") -> Copied:
         copied = Copied()
         for class_dir in class_folders(src):
             check_name(class_dir.name, "class folder")
-        for path in sources.listing(src):
+        listed = sources.listing(src)
+        for path in ingest_module.progress(listed, len(listed), "intake", "files copied"):
             _copy_file(path, dest / path.relative_to(src), copied, on_bad_file)
         copied.sources[str(dest)] = str(src)
         return copied
@@ -168,11 +169,14 @@ def _logged_as_sources(sources: dict[str, str]) -> Iterator[None]:
         ingest_module.log.removeFilter(rename)
 
 
-def intake(src: Path, target: Path, *, seed: int, data: Data, salt: str) -> dict:
+def intake(
+    src: Path, target: Path, *, seed: int, data: Data, salt: str, validated: Path | None = None
+) -> dict:
     """Copy ``src`` to ``target``, validated by a full ingest; ``target`` is replaced only on success.
 
-    ``group`` values are stored as ``group_hash(value, salt)``. Returns the ingest report, its paths
-    pointing into ``target``.
+    ``group`` values are stored as ``group_hash(value, salt)``. ``validated``: where that ingest keeps
+    what it decoded, for the ingest stage to reuse (``decoding.Validated``). Returns the ingest report,
+    its paths pointing into ``target``.
     """
     src, target = src.resolve(), target.absolute()
     if target == src or target in src.parents:
@@ -198,6 +202,7 @@ def intake(src: Path, target: Path, *, seed: int, data: Data, salt: str) -> dict
                     Path(scratch) / "prepared",
                     seed=seed,
                     data=dataclasses.replace(data, dataset=target.name),
+                    keep=validated,
                 )
         except DataError as err:  # name the user's own files, not their staging copies
             raise DataError(

@@ -13,17 +13,21 @@ from pipeline.data.datamodule import CachedImageDataset
 
 
 @torch.inference_mode()
-def predict_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Logits for a stack of cached images (N, H, W, C)."""
+def predict_logits(
+    model: torch.nn.Module, images: np.ndarray, batch_size: int, transform: A.BasicTransform | None = None
+) -> np.ndarray:
+    """Logits for a stack of cached images (N, H, W, C), each under ``transform`` if given (read per batch)."""
     model.eval()
-    loader = DataLoader(CachedImageDataset(images, np.zeros(len(images))), batch_size=batch_size)
+    loader = DataLoader(CachedImageDataset(images, np.zeros(len(images)), transform), batch_size=batch_size)
     device = next(model.parameters()).device
     return torch.cat([model(x.to(device)).float().cpu() for x, _ in loader]).numpy()
 
 
-def predict_proba(model: torch.nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
+def predict_proba(
+    model: torch.nn.Module, images: np.ndarray, batch_size: int, transform: A.BasicTransform | None = None
+) -> np.ndarray:
     """Class probabilities for a stack of cached images (N, H, W, C)."""
-    return torch.from_numpy(predict_logits(model, images, batch_size)).softmax(-1).numpy()
+    return torch.from_numpy(predict_logits(model, images, batch_size, transform)).softmax(-1).numpy()
 
 
 def predict_tta(
@@ -38,7 +42,6 @@ def predict_tta(
     ``plain``: the untransformed images' probabilities when the caller already has them.
     """
     probs = [predict_proba(model, images, batch_size) if plain is None else plain]
-    for transform in transforms:
-        moved = np.stack([transform(image=np.asarray(image))["image"] for image in images])
-        probs.append(predict_proba(model, moved, batch_size))
+    for transform in transforms:  # applied per batch: no transformed copy of the whole split
+        probs.append(predict_proba(model, images, batch_size, transform))
     return np.mean(probs, axis=0)

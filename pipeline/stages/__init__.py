@@ -7,7 +7,6 @@ Only these entry points read the environment (``MLFLOW_TRACKING_URI``, and ``DVC
 import os
 from pathlib import Path
 
-from pipeline import tracking
 from pipeline.config import Params
 from pipeline.errors import PipelineError
 
@@ -34,5 +33,9 @@ def dataset_dir(params: Params) -> Path:
 
 def open_tracking(params: Params) -> dict[str, str]:
     """Point MLflow at the store and return the lineage tags every run of this stage carries."""
+    from pipeline import (
+        tracking,
+    )  # here, not at the top: importing MLflow costs the stages that log nothing ~5 s
+
     tracking.setup(params.mlflow, os.environ.get(tracking.ENV_URI))
     return tracking.lineage_tags(dataset_dir(params), os.environ.get("DVC_EXP_NAME"))

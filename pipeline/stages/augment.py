@@ -2,11 +2,9 @@
 
 from pathlib import Path
 
-import numpy as np
-
 from pipeline import augment
 from pipeline.config import Params
-from pipeline.data.datamodule import OFFLINE_IMAGES, OFFLINE_LABELS
+from pipeline.data.cache import OFFLINE_IMAGES, OFFLINE_LABELS, Rows
 from pipeline.data.ingest import load_prepared
 from pipeline.fsutil import atomic_dir, atomic_file
 
@@ -35,15 +33,18 @@ def main(params: Params) -> None:
 
     # Written even when empty, so train and tune always have the dependency DVC declares.
     pipeline.set_random_seed(params.seed)
-    # Without copies only the array's shape and dtype matter: do not read the train split into memory.
-    source = prepared.images[train["cache_index"].to_numpy()] if a.offline_copies else prepared.images[:0]
-    images, labels = augment.offline_copies(
-        pipeline, source, train["label_index"].to_numpy(), a.offline_copies
-    )
+    # The train split read per image and the copies written per image: bounded memory at any set size.
+    source = Rows(prepared.images, train["cache_index"].to_numpy())
     with atomic_dir(paths.augment_offline) as staging:
-        np.save(staging / OFFLINE_IMAGES, images)
-        np.save(staging / OFFLINE_LABELS, labels)
+        n_copies = augment.write_offline_copies(
+            pipeline,
+            source,
+            train["label_index"].to_numpy(),
+            a.offline_copies,
+            staging / OFFLINE_IMAGES,
+            staging / OFFLINE_LABELS,
+        )
     print(
         f"augment: preset {a.preset}, {len(pipeline.transforms)} transforms -> {paths.augment_pipeline}; "
-        f"preview {paths.augment_preview}; {len(labels)} offline copies -> {paths.augment_offline}"
+        f"preview {paths.augment_preview}; {n_copies} offline copies -> {paths.augment_offline}"
     )

@@ -6,9 +6,11 @@ import os
 from pathlib import Path
 
 import mlflow
+import numpy as np
 
 from pipeline import augment, crossval, evaluation, explain, serve, tracking
 from pipeline.config import Params
+from pipeline.data.cache import Rows
 from pipeline.data.ingest import Prepared, load_prepared
 from pipeline.evaluation import audit, decision
 from pipeline.evaluation.reporting import split_headline
@@ -17,10 +19,10 @@ from pipeline.fsutil import atomic_dir, atomic_file, write_json
 from pipeline.stages import open_tracking, stage_input
 
 
-def split_arrays(prepared: Prepared, split: str) -> tuple:
-    """Cached images and label indices of one split."""
+def split_arrays(prepared: Prepared, split: str) -> tuple[Rows, np.ndarray]:
+    """Cached images (read when indexed, not copied: bounded memory) and label indices of one split."""
     rows = prepared.split(split)
-    return prepared.images[rows["cache_index"].to_numpy()], rows["label_index"].to_numpy()
+    return Rows(prepared.images, rows["cache_index"].to_numpy()), rows["label_index"].to_numpy()
 
 
 def main(params: Params) -> None:
@@ -58,7 +60,7 @@ def main(params: Params) -> None:
     suspects = audit.label_issues(*result.selection, held_rows["path"], prepared.classes)
     audit_png = (
         audit.panel_png(
-            prepared.images[held_rows["cache_index"].to_numpy()], suspects, settings.label_audit_panel
+            Rows(prepared.images, held_rows["cache_index"].to_numpy()), suspects, settings.label_audit_panel
         )
         if settings.label_audit_panel and len(suspects)
         else None

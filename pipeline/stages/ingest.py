@@ -1,4 +1,5 @@
-"""ingest: validate and split paths.raw/data.dataset, cache its decoded pixels in paths.prepared."""
+"""ingest: validate and split paths.raw/data.dataset, cache its decoded pixels in paths.prepared (files intake
+already decoded, with the same bytes and settings, are taken from paths.validated)."""
 
 from pathlib import Path
 
@@ -9,5 +10,12 @@ from pipeline.stages import dataset_dir
 
 
 def main(params: Params) -> None:
-    report = ingest(dataset_dir(params), Path(params.paths.prepared), seed=params.seed, data=params.data)
+    report = ingest(
+        dataset_dir(params),
+        Path(params.paths.prepared),
+        seed=params.seed,
+        data=params.data,
+        reuse=Path(params.paths.validated)
+        / params.data.dataset,  # intake's decodes, where bytes are unchanged
+    )
     print(summary(report))

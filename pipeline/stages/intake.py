@@ -55,7 +55,14 @@ def main(params: Params, argv: list[str], params_file: str) -> None:
         raise IntakeError(f"--name {name}: that is the demo stage's output (demo.name); choose another name")
     target = Path(params.paths.raw) / name
     salt = os.environ.get(SALT_ENV) or group_salt(SALT_FILE)
-    report = intake(args.src, target, seed=params.seed, data=params.data, salt=salt)
+    report = intake(
+        args.src,
+        target,
+        seed=params.seed,
+        data=params.data,
+        salt=salt,
+        validated=Path(params.paths.validated) / name,
+    )
     dvc_add(target)
     set_dataset(Path(params_file), name)
     chosen = (params.augment.preset, params.augment.transforms, params.evaluate.tta)

@@ -1,0 +1,210 @@
+"""``python -m pipeline.bench scale``: the pipeline on a real-sized set, as a user runs it, at several sizes.
+
+Not part of ``make bench`` or ``make test`` (minutes; needs the EuroSAT RGB tar of /work/shared/data). For
+each size (a class-proportional subset of the 27,000 tiles, hard-linked from the extracted set), in a
+fresh ``git clone`` of this repository's committed HEAD (so no dvc.lock or report of the checkout is
+touched), it times the commands a user runs, each in a process of its own, and prints one JSON line per
+step with its wall seconds, peak resident memory (the largest process of the command, stages included:
+``wait4``) and the 1-minute load average when it started:
+
+- ``intake`` (copy, one decoding pass, ``dvc add``), then ``dvc repro ingest`` (takes intake's decodes) and
+  ``dvc repro augment``; a no-op ``dvc repro augment`` and ``dvc status``;
+- DVC with many small files: ``dvc add`` of the set in a fresh repository (empty cache), ``dvc push`` of it
+  to a local remote and ``dvc pull`` into a fresh clone;
+- ``dataloader`` (largest size): training batches per second from the memory-mapped cache with
+  ``train.num_workers`` 2 and the satellite preset, against a ResNet-18 training step's images per second
+  (batch 32, 64 px, same threads): ``ratio`` >= 3 means the loader stays ahead of the model;
+- with ``--full`` (largest size): the rest of the pipeline (tune off, a one-epoch linear probe, evaluate
+  without TTA, bootstrap or panels: the point is the stages' memory and DVC's bookkeeping, not accuracy),
+  then a no-op ``dvc repro`` of the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TAR = REPO.parent / "shared" / "data" / "eurosat_rgb.tar"
+
+
+def emit(**values) -> None:
+    print(json.dumps({"bench": "scale", **values}), flush=True)
+
+
+def run(cmd: list[str], cwd: Path, env: dict, log: Path) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (MB) of the largest process of ``cmd`` (GNU time's %M, as a user measures it)
+    and the load average at its start."""
+    load = os.getloadavg()[0]
+    rss = log.with_suffix(".rss")
+    start = time.perf_counter()
+    with open(log, "ab") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n".encode())
+        out.flush()
+        done = subprocess.run(
+            ["/usr/bin/time", "-o", str(rss), "-f", "%M", *cmd], cwd=cwd, env=env, stdout=out, stderr=out
+        )
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}); see {log}")
+    return round(seconds, 2), round(int(rss.read_text().split()[-1]) / 1024, 1), round(load, 2)
+
+
+def subset(source: Path, n: int, dest: Path) -> Path:
+    """``n`` images in the set's class proportions (the first of each class, sorted), hard-linked to ``dest``."""
+    classes = sorted(p for p in source.iterdir() if p.is_dir())
+    files = {c: sorted(c.iterdir()) for c in classes}
+    total = sum(len(f) for f in files.values())
+    if dest.exists():
+        shutil.rmtree(dest)
+    for c in classes:
+        (dest / c.name).mkdir(parents=True)
+        for f in files[c][: round(n * len(files[c]) / total)]:
+            os.link(f, dest / c.name / f.name)
+    return dest
+
+
+def step(name: str, n: int, cmd: list[str], cwd: Path, env: dict, log: Path) -> dict:
+    seconds, rss, load = run(cmd, cwd, env, log)
+    emit(images=n, step=name, seconds=seconds, peak_rss_mb=rss, load=load)
+    return {"seconds": seconds, "peak_rss_mb": rss}
+
+
+def clone(src: Path, dest: Path, remote: Path, env: dict, log: Path) -> None:
+    if dest.exists():
+        shutil.rmtree(dest)
+    subprocess.run(["git", "clone", "-q", str(src), str(dest)], check=True)
+    subprocess.run(["dvc", "remote", "add", "-d", "-f", "bench", str(remote)], cwd=dest, env=env, check=True)
+
+
+def measure(n: int, source: Path, work: Path, full: bool, loader: bool) -> None:
+    py = sys.executable
+    src = subset(source, n, work / f"src-{n}")
+    repo, remote, log = work / f"repo-{n}", work / f"remote-{n}", work / f"log-{n}.txt"
+    log.unlink(missing_ok=True)
+    shutil.rmtree(remote, ignore_errors=True)
+    env = os.environ | {"PYTHONPATH": str(repo), "PATH": f"{Path(py).parent}:{os.environ['PATH']}"}
+    clone(REPO, repo, remote, env, log)
+    env["PYTHONPATH"] = str(repo)
+    step("intake", n, [py, "-m", "pipeline", "intake", str(src), "--name", "scale", "--domain", "satellite"],
+         repo, env, log)  # fmt: skip
+    step("dvc repro ingest", n, ["dvc", "repro", "ingest"], repo, env, log)
+    step("dvc repro augment", n, ["dvc", "repro", "augment"], repo, env, log)
+    step("no-op dvc repro augment", n, ["dvc", "repro", "augment"], repo, env, log)
+    step("dvc status", n, ["dvc", "status"], repo, env, log)
+
+    fresh = work / f"add-{n}"
+    shutil.rmtree(fresh, ignore_errors=True)
+    (fresh / "data").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q"], cwd=fresh, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=fresh, env=env, check=True)
+    shutil.copytree(src, fresh / "data" / "set", copy_function=os.link)
+    step("dvc add (empty cache)", n, ["dvc", "add", "data/set"], fresh, env, log)
+
+    step("dvc push", n, ["dvc", "push", "-r", "bench", "data/raw/scale.dvc"], repo, env, log)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"],
+        cwd=repo,
+        check=True,
+    )
+    pulled = work / f"pulled-{n}"
+    clone(repo, pulled, remote, env, log)
+    step("dvc pull (fresh clone)", n, ["dvc", "pull", "-r", "bench", "data/raw/scale.dvc"], pulled, env, log)
+    shutil.rmtree(pulled)
+
+    if loader:
+        code = f"from pipeline.bench_scale import dataloader_ratio; dataloader_ratio({str(repo)!r})"
+        done = subprocess.run([py, "-c", code], cwd=repo, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(done.stderr)
+        print(done.stdout.strip(), flush=True)
+    if full:
+        from pipeline.paramsfile import set_values
+
+        set_values(
+            repo / "params.yaml",
+            {
+                "tune.enabled": False,
+                "model.weights": "none",
+                "train.mode": "linear_probe",
+                "train.max_epochs": 1,
+                "train.freeze_epochs": 0,
+                "train.num_workers": 2,
+                "evaluate.tta": [],
+                "evaluate.bootstrap": 0,
+                "evaluate.gradcam_per_class": 0,
+                "evaluate.label_audit_panel": 0,
+                "mlflow.registered_model": None,
+            },
+        )
+        for stage in ("tune", "train", "evaluate"):
+            step(f"dvc repro {stage}", n, ["dvc", "repro", stage], repo, env, log)
+        step("no-op dvc repro (whole pipeline)", n, ["dvc", "repro"], repo, env, log)
+        step("no-op dvc repro (again)", n, ["dvc", "repro"], repo, env, log)
+
+
+def dataloader_ratio(repo: str, batches: int = 150, steps: int = 8) -> None:
+    """Loader images/s (workers 2) over a ResNet-18 training step's, on the prepared set in ``repo``."""
+    import torch
+    import torchvision
+
+    from pipeline import augment
+    from pipeline.data.datamodule import ImageDataModule
+    from pipeline.data.ingest import load_prepared
+
+    prepared = load_prepared(Path(repo) / "data" / "prepared")
+    pipeline = augment.build([], seed=0, preset="satellite")
+    data = ImageDataModule(prepared, pipeline, batch_size=32, num_workers=2)
+    loader = iter(data.train_dataloader())
+    next(loader)  # workers started
+    start = time.perf_counter()
+    seen = sum(len(next(loader)[0]) for _ in range(batches))
+    loader_img_s = seen / (time.perf_counter() - start)
+    model = torchvision.models.resnet18(num_classes=len(prepared.classes))
+    optimizer = torch.optim.AdamW(model.parameters())
+    x, y = torch.rand(32, 3, 64, 64), torch.randint(0, len(prepared.classes), (32,))
+    for i in range(steps + 2):
+        if i == 2:  # two warm-up steps
+            start = time.perf_counter()
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    train_img_s = steps * 32 / (time.perf_counter() - start)
+    emit(
+        images=len(prepared.table),
+        step="dataloader",
+        workers=2,
+        loader_img_s=round(loader_img_s, 1),
+        train_img_s=round(train_img_s, 1),
+        ratio=round(loader_img_s / train_img_s, 1),
+        threads=torch.get_num_threads(),
+        load=round(os.getloadavg()[0], 2),
+    )
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench scale", description=__doc__)
+    parser.add_argument("--tar", type=Path, default=TAR, help="the EuroSAT RGB tar")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/scale-bench"), help="scratch folder")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000, 9000, 27000])
+    parser.add_argument("--full", action="store_true", help="largest size: train, evaluate, no-op dvc repro")
+    args = parser.parse_args(argv)
+    source = args.work / "eurosat"
+    if not source.is_dir():
+        args.work.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(args.tar) as tar:
+            tar.extractall(source, filter="data")
+    if len(list(source.iterdir())) == 1:  # the tar's own top folder
+        source = next(source.iterdir())
+    for n in args.sizes:
+        largest = n == max(args.sizes)
+        measure(n, source, args.work, full=args.full and largest, loader=largest)
+    return 0

@@ -1,0 +1,235 @@
+"""Ingest's one decoding pass over a set's files: in parallel, and skipped where intake already decoded the bytes.
+
+Each file is read and decoded once per pass (``decode_file``): its content hash, format, dHash and pixel
+sums (for the train split's normalization statistics) come from that one decode, so nothing reads the
+pixel cache back. Sets of ``PARALLEL_MIN_FILES`` files or more are decoded by a pool of worker
+processes, one per usable core, ``CHUNK`` files per task and at most ``IN_FLIGHT`` tasks per worker
+ahead of the writer, so memory stays bounded whatever the set's size; the results come back in file order,
+and the cache is identical to a serial pass.
+
+Intake validates a set by a full ingest; what that pass decoded is kept (``Validated``: the conformed
+pixels, hashes and facts, keyed by the file's sha256 and the decode settings) in ``paths.validated``,
+a machine-local folder that is never versioned. The ingest stage that follows takes each file whose
+bytes and settings are unchanged from there instead of decoding it again: the same pixels, a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data import readers, validation
+
+PARALLEL_MIN_FILES = 2000  # below this a pool's start-up (about a second) costs more than it saves
+CHUNK = 128  # files per worker task
+IN_FLIGHT = 4  # tasks queued per worker: enough to keep it busy, few enough to bound memory
+FACTS = "facts.npz"
+PIXELS = "pixels.npy"
+META = "settings.json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The data.* params that change what a file decodes to; a different value invalidates ``Validated``."""
+
+    image_size: int
+    channels: str
+    dicom_window: tuple[float, float] | None
+    max_image_pixels: int
+
+    @classmethod
+    def of(cls, data) -> Settings:
+        window = tuple(data.dicom_window) if data.dicom_window is not None else None
+        return cls(data.image_size, data.channels, window, data.max_image_pixels)
+
+
+@dataclass
+class Decoded:
+    """One file's decode: pixels (None if rejected) and the small facts ingest keeps."""
+
+    sha256: str
+    pixels: np.ndarray | None = None
+    reason: str | None = None  # unreadable: why (the file is skipped, or ingest fails: data.on_bad_file)
+    bands_error: int | None = None  # band count that data.channels: rgb cannot take
+    mode: str = ""
+    bits: int = 0
+    size: str = ""
+    dhash: np.ndarray | None = None
+    sums: np.ndarray | None = None  # (2, C): sum and sum of squares of the pixels in [0, 1] units
+    dtype: str = ""  # the pixels' own dtype (the cache may widen them)
+    reused: bool = False
+
+
+def pixel_sums(pixels: np.ndarray) -> np.ndarray:
+    """(2, C) float64: per-channel sum and sum of squares of ``pixels`` in [0, 1] units (integers / dtype max)."""
+    flat = pixels.reshape(-1, pixels.shape[-1])
+    if pixels.dtype.kind in "ui":
+        top = float(np.iinfo(pixels.dtype).max)
+        wide = flat.astype(np.int64)  # exact integer sums
+        return np.stack([wide.sum(0) / top, np.einsum("ij,ij->j", wide, wide) / (top * top)])
+    wide = flat.astype(np.float64)
+    return np.stack([wide.sum(0), np.einsum("ij,ij->j", wide, wide)])
+
+
+def stats_from_sums(sums: np.ndarray, values_per_channel: int) -> tuple[list[float], list[float]]:
+    """Mean and std per channel from per-image ``pixel_sums`` (N, 2, C), as ``ingest.channel_stats`` gives."""
+    total, squares = sums[:, 0].sum(0), sums[:, 1].sum(0)
+    mean = total / values_per_channel
+    std = np.sqrt(np.maximum(squares / values_per_channel - mean**2, 0.0))
+    std = np.where(std > 1e-6, std, 1.0)
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
+def decode_file(path: str, settings: Settings, validated: Validated | None = None) -> Decoded:
+    """Hash, decode, conform and describe one file (or copy it from ``validated`` when its bytes are there)."""
+    sha = validation.file_hash(Path(path)) if os.path.isfile(path) else ""
+    if validated is not None and (hit := validated.get(sha)) is not None:
+        return hit
+    try:
+        found = readers.read(Path(path), settings.dicom_window, settings.max_image_pixels)
+    except (readers.UnreadableImage, OSError) as err:
+        return Decoded(sha, reason=str(err))  # readers.read says "empty file" for zero bytes
+    bands = found.pixels.shape[-1]
+    if settings.channels == "rgb" and bands not in (1, 3):
+        return Decoded(sha, bands_error=bands)
+    pixels = readers.conform(found, settings.image_size, settings.channels)
+    return Decoded(
+        sha,
+        pixels=pixels,
+        mode=found.mode,
+        bits=found.bits,
+        size=f"{found.pixels.shape[1]}x{found.pixels.shape[0]}",
+        dhash=validation.dhash(pixels),
+        sums=pixel_sums(pixels),
+        dtype=str(pixels.dtype),
+    )
+
+
+_WORKER: dict = {}  # per worker process: the opened Validated store
+
+
+def _init_worker(settings: Settings, store: str | None) -> None:
+    _WORKER["settings"] = settings
+    _WORKER["validated"] = Validated.open(Path(store), settings) if store else None
+
+
+def _decode_chunk(paths: list[str]) -> list[Decoded]:
+    return [decode_file(p, _WORKER["settings"], _WORKER["validated"]) for p in paths]
+
+
+def workers() -> int:
+    """Usable cores (the process's CPU affinity, which containers and ``taskset`` narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def decode_all(paths: list[str], settings: Settings, store: Path | None = None) -> Iterator[Decoded]:
+    """``decode_file`` of each path, in order; in worker processes for large sets on several cores."""
+    n_workers = workers()
+    if len(paths) < PARALLEL_MIN_FILES or n_workers < 2:
+        validated = Validated.open(store, settings) if store else None
+        for path in paths:
+            yield decode_file(path, settings, validated)
+        return
+    # spawn, not fork: the caller may hold threads (torch, a test runner) that a forked child would inherit
+    # mid-lock. The workers import only numpy, OpenCV, Pillow and the readers.
+    with ProcessPoolExecutor(
+        n_workers,
+        mp_context=get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(settings, store and str(store)),
+    ) as pool:
+        pending: deque[Future] = deque()
+        chunks = iter(_chunks(paths, CHUNK))
+        for chunk in chunks:
+            pending.append(pool.submit(_decode_chunk, chunk))
+            if len(pending) >= n_workers * IN_FLIGHT:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Validated:
+    """Intake's decoded files, by sha256: pixels (memory-mapped), facts and the settings they were decoded with."""
+
+    def __init__(self, index: dict[str, int], pixels: np.ndarray, facts: dict[str, np.ndarray]):
+        self.index, self.pixels, self.facts = index, pixels, facts
+
+    @classmethod
+    def open(cls, folder: Path, settings: Settings) -> Validated | None:
+        """The store in ``folder`` if it exists and was decoded with ``settings``; else None (decode all)."""
+        try:
+            meta = json.loads((folder / META).read_text())
+        except (OSError, ValueError):
+            return None
+        if meta != json.loads(json.dumps(asdict(settings))):
+            return None
+        with np.load(folder / FACTS, allow_pickle=False) as npz:
+            facts = {k: npz[k] for k in npz.files}
+        index = {str(sha): i for i, sha in enumerate(facts["sha256"])}
+        return cls(index, np.load(folder / PIXELS, mmap_mode="r"), facts)
+
+    def get(self, sha: str) -> Decoded | None:
+        i = self.index.get(sha)
+        if i is None:
+            return None
+        f = self.facts
+        pixels = _narrow(np.array(self.pixels[i]), np.dtype(str(f["dtype"][i])))
+        return Decoded(
+            sha,
+            pixels=pixels,
+            mode=str(f["mode"][i]),
+            bits=int(f["bits"][i]),
+            size=str(f["size"][i]),
+            dhash=np.unpackbits(f["dhash"][i]) if f["has_dhash"][i] else None,
+            sums=f["sums"][i],
+            dtype=str(f["dtype"][i]),
+            reused=True,
+        )
+
+    @staticmethod
+    def keep(folder: Path, settings: Settings, cache_npy: Path, decoded: list[Decoded]) -> None:
+        """Write the store: ``cache_npy`` (ingest's pixel cache, a row per ``decoded``, in order) hard-linked
+        (copied across file systems), and the facts. Replaces what ``folder`` held."""
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        try:
+            os.link(cache_npy, folder / PIXELS)
+        except OSError:
+            shutil.copyfile(cache_npy, folder / PIXELS)
+        zero = np.zeros(validation.HASH_SIDE**2, np.uint8)
+        np.savez(
+            folder / FACTS,
+            sha256=np.array([d.sha256 for d in decoded]),
+            dtype=np.array([d.dtype for d in decoded]),
+            mode=np.array([d.mode for d in decoded]),
+            bits=np.array([d.bits for d in decoded]),
+            size=np.array([d.size for d in decoded]),
+            has_dhash=np.array([d.dhash is not None for d in decoded]),
+            dhash=np.stack([np.packbits(zero if d.dhash is None else d.dhash) for d in decoded]),
+            sums=np.stack([d.sums for d in decoded]),
+        )
+        (folder / META).write_text(json.dumps(asdict(settings)))
+
+
+def _narrow(pixels: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Undo ``readers.to_dtype``'s widening of one image exactly (uint8 -> uint16 is x 257, -> float32 is / max)."""
+    if pixels.dtype == dtype:
+        return pixels
+    if pixels.dtype == np.uint16:
+        return (pixels // 257).astype(dtype)
+    return np.rint(pixels.astype(np.float64) * np.iinfo(dtype).max).astype(dtype)

@@ -1,0 +1,30 @@
+"""The indexed near-duplicate search finds exactly the pairs of the exhaustive one."""
+
+import numpy as np
+import pytest
+
+from pipeline.data import validation
+
+
+def planted(n: int, seed: int) -> list[np.ndarray | None]:
+    """Random 256-bit hashes with near copies planted at 0..14 bits (around the 10-bit threshold), a few None."""
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(0, 2, (n, 256), dtype=np.uint8)
+    for source, copy in rng.integers(0, n, (n // 10, 2)):
+        bits[copy] = bits[source]
+        bits[copy, rng.choice(256, rng.integers(0, 15), replace=False)] ^= 1
+    bits[: n // 20] = bits[0]  # one large group of identical hashes
+    hashes = list(bits)
+    for i in rng.integers(0, n, 5):
+        hashes[i] = None  # flat images: no hash
+    return hashes
+
+
+@pytest.mark.parametrize("max_distance", [0, 3, 10, 15, 20])
+def test_indexed_search_equals_exhaustive(max_distance):
+    hashes = planted(1000, seed=max_distance)
+    indexed = validation.near_pairs(hashes, max_distance, chunk=97)  # small chunks: the chunking is exercised
+    exhaustive = sorted(validation.near_pairs_exhaustive(hashes, max_distance))
+    assert indexed == exhaustive
+    assert len(indexed) > 50 * 49 / 2  # the planted pairs are there (the identical group alone is 1,225)
+    assert all(d <= max_distance for _, _, d in indexed)
