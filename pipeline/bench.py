@@ -36,7 +36,8 @@ from torchvision.transforms import v2
 
 from pipeline import augment, config, demo
 from pipeline.data.datamodule import CachedImageDataset
-from pipeline.data.ingest import decode, ingest, load_prepared
+from pipeline.data.ingest import decode, ingest
+from pipeline.data.prepared import load_prepared
 from pipeline.fit import datamodule, fit
 from pipeline.model import Classifier
 

@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from pipeline.config import Params
-from pipeline.data.ingest import Prepared
+from pipeline.data.prepared import Prepared
 from pipeline.errors import PipelineError
 from pipeline.fit import FitResult, datamodule, fit
 from pipeline.fsutil import write_json

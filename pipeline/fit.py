@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import Logger
 from pipeline import probe, recipe
 from pipeline.config import Params, mode_of
 from pipeline.data.datamodule import ImageDataModule, load_offline
-from pipeline.data.ingest import Prepared
+from pipeline.data.prepared import Prepared
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_file
 from pipeline.model import Classifier

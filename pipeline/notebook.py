@@ -23,7 +23,7 @@ from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 from pipeline import tracking
 from pipeline.augment import displayable
 from pipeline.config import PARAMS_FILE, Params, load, mode_of
-from pipeline.data.ingest import REPORT_JSON, Prepared, load_prepared
+from pipeline.data.prepared import REPORT_JSON, Prepared, load_prepared
 from pipeline.errors import PipelineError
 
 # mlflow.search_runs columns shown first, renamed to what they mean here.

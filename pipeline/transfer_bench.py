@@ -30,7 +30,8 @@ import torch
 
 from pipeline import augment, config
 from pipeline.bench import emit
-from pipeline.data.ingest import MANIFEST_CSV, Prepared, ingest, load_prepared
+from pipeline.data.ingest import MANIFEST_CSV, ingest
+from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.evaluation.predictions import predict_proba
 from pipeline.fit import RUN_INFO, datamodule, fit
 from pipeline.model import Classifier

@@ -37,7 +37,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 from pipeline import augment, credentials, tracking
 from pipeline.config import Params, SearchDim, as_dict, mode_of, with_overrides
 from pipeline.data.datamodule import ImageDataModule
-from pipeline.data.ingest import load_prepared
+from pipeline.data.prepared import load_prepared
 from pipeline.errors import PipelineError
 from pipeline.fit import datamodule, fit
 

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from pipeline import config
-from pipeline.data.ingest import Prepared, ingest, load_prepared
+from pipeline.data.ingest import ingest
+from pipeline.data.prepared import Prepared, load_prepared
 
 CLASSES = ("alpha", "beta", "gamma")
 

@@ -15,7 +15,8 @@ import torch
 import yaml
 
 from pipeline import config, evaluation, tracking
-from pipeline.data.ingest import ingest, load_prepared
+from pipeline.data.ingest import ingest
+from pipeline.data.prepared import load_prepared
 from pipeline.evaluation import decision, plots
 from pipeline.fit import RUN_INFO
 from pipeline.model import Classifier

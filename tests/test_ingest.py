@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.data.ingest import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError, decode, ingest, load_prepared
+from pipeline.data.ingest import decode, ingest
+from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError, load_prepared
 
 ARGS = dict(image_size=24, val_fraction=0.25, test_fraction=0.25, seed=3, on_bad_file="skip")
 

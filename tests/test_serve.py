@@ -13,7 +13,8 @@ import yaml
 
 from pipeline import config, serve, tracking
 from pipeline.__main__ import main
-from pipeline.data.ingest import ingest, load_prepared
+from pipeline.data.ingest import ingest
+from pipeline.data.prepared import load_prepared
 from pipeline.fit import RUN_INFO, datamodule, fit
 from pipeline.model import Classifier
 from tests.conftest import CLASSES, write_class_folders

@@ -19,7 +19,8 @@ NEW_CLASSES = ("x", "y")  # the earlier run had three: alpha, beta, gamma
 @pytest.fixture(scope="module")
 def earlier_run(tmp_path_factory):
     """A real tiny fit's models/ folder (best.ckpt + run.json), trained with the set's own statistics."""
-    from pipeline.data.ingest import ingest, load_prepared
+    from pipeline.data.ingest import ingest
+    from pipeline.data.prepared import load_prepared
     from tests.conftest import write_class_folders
 
     root = tmp_path_factory.mktemp("earlier")

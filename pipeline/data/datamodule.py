@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from pipeline import recipe
-from pipeline.data.ingest import DataError, Prepared
+from pipeline.data.prepared import DataError, Prepared
 
 # The augment stage's offline copies (augment.offline_copies), in its output folder paths.augment_offline.
 OFFLINE_IMAGES = "images.npy"

@@ -7,7 +7,7 @@ import numpy as np
 from pipeline import augment
 from pipeline.config import Params
 from pipeline.data.datamodule import OFFLINE_IMAGES, OFFLINE_LABELS
-from pipeline.data.ingest import load_prepared
+from pipeline.data.prepared import load_prepared
 from pipeline.fsutil import atomic_dir, atomic_file
 
 

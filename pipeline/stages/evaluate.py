@@ -9,7 +9,7 @@ import mlflow
 
 from pipeline import augment, crossval, evaluation, explain, serve, tracking
 from pipeline.config import Params
-from pipeline.data.ingest import Prepared, load_prepared
+from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.evaluation import audit, decision
 from pipeline.evaluation.reporting import split_headline
 from pipeline.fit import RUN_INFO

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from pipeline import augment, crossval, serve, tracking
 from pipeline.config import ConfigError, Params, as_dict, with_overrides
-from pipeline.data.ingest import load_prepared
+from pipeline.data.prepared import load_prepared
 from pipeline.fit import RUN_INFO, datamodule, fit
 from pipeline.fsutil import atomic_dir
 from pipeline.resume import Resume
