@@ -33,9 +33,6 @@ _NOTED: set[str] = set()  # warnings already given in this process (a tune stage
 
 CHECKPOINT_NAME = "best"  # written as <out_dir>/best.ckpt
 PROGRESS_EVERY_S = 30.0  # a progress line this often within a long training epoch
-RUN_INFO = (
-    "run.json"  # the train stage's, beside the best checkpoint in paths.model_dir; evaluate, predict read it
-)
 
 
 @dataclass(frozen=True)

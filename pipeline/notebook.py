@@ -283,7 +283,7 @@ def load_model(project: Project):
     """The trained classifier (best checkpoint in ``paths.model_dir``), on the CPU, in eval mode."""
     from pipeline.serve import load_trained
 
-    return load_trained(project.path("model_dir"), project.params.data).model
+    return load_trained(project.path("model_dir")).model
 
 
 def predict_test_split(model, data: Prepared, batch_size: int = 64) -> pd.DataFrame:

@@ -18,10 +18,9 @@ from pipeline import config, evaluation, tracking
 from pipeline.data.ingest import ingest
 from pipeline.data.prepared import load_prepared
 from pipeline.evaluation import decision, plots
-from pipeline.fit import RUN_INFO
 from pipeline.model import Classifier
 from pipeline.stages import evaluate as stage
-from tests.conftest import CLASSES, write_class_folders
+from tests.conftest import CLASSES, run_info, write_class_folders
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,17 +48,7 @@ def save_untrained_model(params: config.Params, classes: tuple[str, ...], run_id
         },
         model_dir / "best.ckpt",
     )
-    info = {
-        "run_id": run_id,
-        "arch": params.model.arch,
-        "classes": list(classes),
-        "checkpoints": ["best.ckpt"],
-        "monitor": "val/loss",
-        "best_score": 1.1,
-        "epochs_run": 1,
-        "weights": {"pretrained": False, "source": "random-init", "fallback_reason": None},
-    }
-    (model_dir / RUN_INFO).write_text(json.dumps(info))
+    run_info(run_id=run_id, arch=params.model.arch, classes=classes, best_score=1.1).write(model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from pipeline import config, serve
 from pipeline.fit import datamodule, fit
 from pipeline.model import Classifier, Ensemble, build_network
 from pipeline.probe import pooled_features
+from tests.conftest import run_info
 
 
 @pytest.fixture
@@ -80,7 +81,7 @@ def test_predict_and_export_work_for_the_frozen_modes(
         channels="rgb",
         dicom_window=None,
         dtype="uint8",
-        run={},
+        run=run_info(classes=prepared.classes),
     )
     files = sorted(image_folder.rglob("*.png"))[:4]
     table = serve.predict(trained, files)

@@ -15,9 +15,10 @@ from pipeline import config, serve, tracking
 from pipeline.__main__ import main
 from pipeline.data.ingest import ingest
 from pipeline.data.prepared import load_prepared
-from pipeline.fit import RUN_INFO, datamodule, fit
+from pipeline.fit import datamodule, fit
 from pipeline.model import Classifier
-from tests.conftest import CLASSES, write_class_folders
+from pipeline.runinfo import Preprocessing
+from tests.conftest import CLASSES, run_info, write_class_folders
 
 RAW_SIZE, SIZE = 40, 32  # files are 40 px: predict and the exports must resize them as ingest did
 
@@ -34,14 +35,11 @@ def train_tiny(root: Path, prepared, channels: str, run_id: str) -> None:
     result = fit(params, datamodule(params, prepared, None), out_dir=root / "ckpt")
     (root / "models").mkdir()
     shutil.copy2(result.best_checkpoint, root / "models" / "best.ckpt")
-    run = {
-        "run_id": run_id,
-        "arch": "resnet18",
-        "classes": list(prepared.classes),
-        "checkpoints": ["best.ckpt"],
-        "preprocessing": {"image_size": SIZE, "channels": channels, "dicom_window": None, "dtype": "uint8"},
-    }
-    (root / "models" / RUN_INFO).write_text(json.dumps(run))
+    run_info(
+        run_id=run_id,
+        classes=prepared.classes,
+        preprocessing=Preprocessing(image_size=SIZE, channels=channels, dicom_window=None, dtype="uint8"),
+    ).write(root / "models")
 
 
 @pytest.fixture(scope="module")

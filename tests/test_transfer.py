@@ -9,8 +9,9 @@ import torch
 from mlflow.tracking._tracking_service.utils import is_tracking_uri_set as tracking_uri_is_set
 
 from pipeline import config, tracking, transfer
-from pipeline.fit import RUN_INFO, build_model, datamodule, fit
+from pipeline.fit import build_model, datamodule, fit
 from pipeline.model import Classifier
+from pipeline.runinfo import RUN_INFO
 from pipeline.weights import WeightsError, load_pretrained
 
 NEW_CLASSES = ("x", "y")  # the earlier run had three: alpha, beta, gamma
@@ -21,7 +22,7 @@ def earlier_run(tmp_path_factory):
     """A real tiny fit's models/ folder (best.ckpt + run.json), trained with the set's own statistics."""
     from pipeline.data.ingest import ingest
     from pipeline.data.prepared import load_prepared
-    from tests.conftest import write_class_folders
+    from tests.conftest import run_info, write_class_folders
 
     root = tmp_path_factory.mktemp("earlier")
     ingest(
@@ -39,10 +40,9 @@ def earlier_run(tmp_path_factory):
             "train": {"max_epochs": 1, "batch_size": 4, "accelerator": "cpu", "freeze_epochs": 0},
         }
     )
-    result = fit(params, datamodule(params, load_prepared(root / "prepared"), None), out_dir=root / "models")
-    (root / "models" / RUN_INFO).write_text(
-        json.dumps({"arch": "resnet18", "checkpoints": [result.best_checkpoint.name]})
-    )
+    prepared = load_prepared(root / "prepared")
+    result = fit(params, datamodule(params, prepared, None), out_dir=root / "models")
+    run_info(classes=prepared.classes, checkpoints=(result.best_checkpoint.name,)).write(root / "models")
     return root / "models"
 
 

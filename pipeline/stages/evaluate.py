@@ -12,8 +12,8 @@ from pipeline.config import Params
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.evaluation import audit, decision
 from pipeline.evaluation.reporting import split_headline
-from pipeline.fit import RUN_INFO
 from pipeline.fsutil import atomic_dir, atomic_file, write_json
+from pipeline.runinfo import RUN_INFO
 from pipeline.stages import open_tracking, stage_input
 
 
@@ -51,7 +51,7 @@ def main(params: Params) -> None:
         tta,
         val=split_arrays(prepared, "val"),
         held_out=held_out,
-        run_id=run["run_id"],
+        run_id=run.run_id,
     )
     if oof is not None:
         result.metrics.update(crossval.cv_metrics(oof, prepared.classes, positive))
@@ -64,8 +64,8 @@ def main(params: Params) -> None:
         else None
     )
     metrics = result.metrics | {
-        "weights/pretrained": run["weights"]["pretrained"],
-        "weights/source": run["weights"]["source"],
+        "weights/pretrained": run.weights.pretrained,
+        "weights/source": run.weights.source,
     }
     plots = Path(paths.plots)
     embedded = [os.path.relpath(plots / name, Path(paths.report).parent) for name in evaluation.IMAGES]
@@ -121,7 +121,7 @@ def main(params: Params) -> None:
     write_json(paths.metrics, headline)
 
     open_tracking(params)
-    with mlflow.start_run(run_id=run["run_id"]):
+    with mlflow.start_run(run_id=run.run_id):
         tracking.log_metrics(metrics)
         mlflow.log_artifacts(str(plots), artifact_path="evaluation")
         for path in (

@@ -4,7 +4,6 @@ A killed run (even SIGKILL) resumes where it stopped, in the same MLflow run, wh
 again with the same inputs (see ``pipeline.resume``).
 """
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -19,9 +18,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from pipeline import augment, crossval, serve, tracking
 from pipeline.config import ConfigError, Params, as_dict, with_overrides
 from pipeline.data.prepared import load_prepared
-from pipeline.fit import RUN_INFO, datamodule, fit
+from pipeline.fit import datamodule, fit
 from pipeline.fsutil import atomic_dir
 from pipeline.resume import Resume
+from pipeline.runinfo import RUN_INFO, FoldScore, Preprocessing, RunInfo
 from pipeline.stages import dataset_dir, open_tracking, stage_input
 
 
@@ -104,42 +104,39 @@ def main(params: Params) -> None:
                 "train.mode": params.train.mode,
             }
         )
-        info = {
-            "run_id": run.info.run_id,
-            "arch": params.model.arch,
-            "classes": list(prepared.classes),
-            "checkpoints": list(members),
-            "monitor": params.train.monitor,
-            "best_score": float(np.mean([r.best_score for r in results])),
-            "epochs_run": int(max(r.epochs_run for r in results)),
-            "mode": params.train.mode,
-            "folds": [{"best_score": r.best_score, "epochs_run": r.epochs_run} for r in results]
-            if folds
-            else [],
-            "weights": dataclasses.asdict(weights),
-            # What predict and export must do to a new file to give the pixels this model was trained on.
-            "preprocessing": {
-                "image_size": int(prepared.images.shape[1]),
-                "channels": params.data.channels,
-                "dicom_window": params.data.dicom_window,
-                "dtype": str(prepared.images.dtype),
-            },
-        }
+        info = RunInfo(
+            run_id=run.info.run_id,
+            arch=params.model.arch,
+            classes=prepared.classes,
+            checkpoints=tuple(members),
+            monitor=params.train.monitor,
+            best_score=float(np.mean([r.best_score for r in results])),
+            epochs_run=int(max(r.epochs_run for r in results)),
+            weights=weights,
+            preprocessing=Preprocessing(
+                image_size=int(prepared.images.shape[1]),
+                channels=params.data.channels,
+                dicom_window=params.data.dicom_window,
+                dtype=str(prepared.images.dtype),
+            ),
+            mode=params.train.mode,
+            folds=tuple(FoldScore(r.best_score, r.epochs_run) for r in results) if folds else (),
+        )
         with atomic_dir(paths.model_dir) as staging:
             for member, checkpoint in members.items():
                 shutil.copy2(checkpoint, staging / member)
             if oof is not None:
                 oof.to_csv(staging / crossval.OOF_CSV, index=False, float_format="%.6f")
-            (staging / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        mlflow.log_dict(info, RUN_INFO)
+            info.write(staging)
+        mlflow.log_dict(info.as_dict(), RUN_INFO)
         # What ships: the model as predict and export load it, with its preprocessing, in eval mode.
         serve.log_model(
             serve.load_trained(Path(paths.model_dir)), registered_model=params.mlflow.registered_model
         )
     resume.clear()
     print(
-        f"train: best {params.train.monitor}={info['best_score']:.4f}"
+        f"train: best {params.train.monitor}={info.best_score:.4f}"
         + (f" (mean of {folds} folds)" if folds else "")
-        + f" after {info['epochs_run']} epochs; weights {weights.source}; checkpoint in {paths.model_dir}; "
+        + f" after {info.epochs_run} epochs; weights {weights.source}; checkpoint in {paths.model_dir}; "
         f"MLflow run {run.info.run_id}"
     )
