@@ -19,7 +19,8 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
 from pipeline import probe, recipe
-from pipeline.config import Params, mode_of
+from pipeline import vocabulary
+from pipeline.config import Params
 from pipeline.data.datamodule import ImageDataModule, load_offline
 from pipeline.data.prepared import Prepared
 from pipeline.errors import PipelineError
@@ -326,7 +327,7 @@ def fit(
     )
     if t.mode != "finetune":
         return _fit_frozen(params, data, model, weights, out_dir, logger)
-    mode = mode_of(t.monitor)
+    mode = vocabulary.better(t.monitor)
     stopper = EarlyStopping(monitor=t.monitor, mode=mode, patience=t.patience)
     all_callbacks = [stopper, StopOnNonFiniteLoss(), EpochSummary(), *callbacks]
     strategy = t.strategy

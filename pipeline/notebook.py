@@ -22,7 +22,8 @@ from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
 from pipeline import tracking
 from pipeline.augment import displayable
-from pipeline.config import PARAMS_FILE, Params, load, mode_of
+from pipeline import vocabulary
+from pipeline.config import PARAMS_FILE, Params, load
 from pipeline.data.prepared import REPORT_JSON, Prepared, load_prepared
 from pipeline.errors import PipelineError
 
@@ -268,12 +269,14 @@ def best_run(
     runs: pd.DataFrame, metric: str, stage: str | None = None, mode: Literal["min", "max"] | None = None
 ) -> pd.Series:
     """The run with the best ``metric``, among ``stage``'s runs if given. ``mode`` defaults to the
-    pipeline's rule for ``train.monitor``: lowest for a loss, else highest (pass "min" for ECE or Brier)."""
+    direction the metric declares (``pipeline.vocabulary``); pass it for a name outside the vocabulary."""
     pool = runs if stage is None else runs[runs["stage"] == stage]
     pool = pool[pool[metric].notna()] if metric in pool else pool.iloc[0:0]
     if pool.empty:
         raise PipelineError(f"no {stage or ''} run has the metric '{metric}'".replace("  ", " "))
-    return pool.loc[pool[metric].idxmin() if (mode or mode_of(metric)) == "min" else pool[metric].idxmax()]
+    return pool.loc[
+        pool[metric].idxmin() if (mode or vocabulary.better(metric)) == "min" else pool[metric].idxmax()
+    ]
 
 
 # --- 03: errors on the test split -------------------------------------------------------------------------

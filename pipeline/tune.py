@@ -35,7 +35,8 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from pipeline import augment, credentials, tracking
-from pipeline.config import Params, SearchDim, as_dict, mode_of, with_overrides
+from pipeline import vocabulary
+from pipeline.config import Params, SearchDim, as_dict, with_overrides
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.prepared import load_prepared
 from pipeline.errors import PipelineError
@@ -175,7 +176,7 @@ def open_study(params: Params, name: str, *, create: bool = True) -> optuna.Stud
             load_if_exists=True,
             sampler=sampler,
             pruner=pruner,
-            direction="minimize" if mode_of(params.train.monitor) == "min" else "maximize",
+            direction="minimize" if vocabulary.better(params.train.monitor) == "min" else "maximize",
         )
     try:
         return optuna.load_study(

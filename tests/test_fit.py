@@ -15,9 +15,9 @@ def test_tiny_fit_saves_the_best_checkpoint_and_logs_the_vocabulary(tiny_params,
     assert result.epochs_run == 2 and not result.weights.pretrained
     for name in (
         "train/loss",
-        "train/acc",
+        "train/accuracy",
         "val/loss",
-        "val/acc",
+        "val/accuracy",
         "val/balanced_accuracy",
         "val/auroc",
         "val/macro_f1",
@@ -92,7 +92,7 @@ def test_each_epoch_line_shows_that_epochs_own_train_and_val_metrics(tiny_params
     for line, epoch in zip(lines, range(2), strict=True):
         shown = dict(re.findall(r"(\S+)=(\S+)", line))
         logged = {k: v for m in recorder.logged if m.get("epoch") == epoch for k, v in m.items()}
-        for name in ("train/loss", "val/loss", "val/acc"):
+        for name in ("train/loss", "val/loss", "val/accuracy"):
             assert float(shown[name]) == pytest.approx(logged[name], abs=1e-4), (line, name)
 
 

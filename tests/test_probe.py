@@ -35,7 +35,7 @@ def test_linear_probe_leaves_the_backbone_unchanged(tiny_params, prepared, backb
     own = model.net.state_dict()
     backbone = [k for k in state if not k.startswith("fc.")]
     assert all(torch.equal(own[k], state[k]) for k in backbone)  # BatchNorm running statistics included
-    assert result.epochs_run == 0 and result.weights.pretrained and "val/acc" in result.last_metrics
+    assert result.epochs_run == 0 and result.weights.pretrained and "val/accuracy" in result.last_metrics
     assert own["fc.weight"].abs().sum() > 0 and own["fc.weight"].shape == (3, 512)
     # The head is the logistic regression: it separates the training features (classes differ by colour).
     rows = prepared.split("train")

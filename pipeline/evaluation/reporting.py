@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from pipeline.config import Evaluate
 from pipeline.evaluation.calibration import TEMPERATURE_BOUNDS
 from pipeline.evaluation.metrics import BINARY, CALIBRATION, HEADLINE, PER_CLASS
-from pipeline.runinfo import RunInfo
+
+if TYPE_CHECKING:  # not imported: run.json sits above the model, which imports this package's metrics
+    from pipeline.runinfo import RunInfo
 
 # The metrics file DVC shows by default (`dvc metrics show`, `dvc exp show`): what runs are compared on. Every
 # other number (intervals, per class, calibration details) is in paths.metrics_detail, and all are in MLflow.
