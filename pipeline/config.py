@@ -16,8 +16,8 @@ import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
-from pipeline.credentials import redact, refuse_in_params
 from pipeline import vocabulary
+from pipeline.credentials import redact, refuse_in_params
 from pipeline.errors import PipelineError
 
 PARAMS_FILE = "params.yaml"

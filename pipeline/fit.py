@@ -18,8 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.loggers import Logger
 
-from pipeline import probe, recipe
-from pipeline import vocabulary
+from pipeline import probe, recipe, vocabulary
 from pipeline.config import Params
 from pipeline.data.datamodule import ImageDataModule, load_offline
 from pipeline.data.prepared import Prepared

@@ -20,9 +20,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
-from pipeline import tracking
+from pipeline import tracking, vocabulary
 from pipeline.augment import displayable
-from pipeline import vocabulary
 from pipeline.config import PARAMS_FILE, Params, load
 from pipeline.data.prepared import REPORT_JSON, Prepared, load_prepared
 from pipeline.errors import PipelineError

@@ -7,6 +7,7 @@ Nothing here runs at import time; stages call :func:`setup` once and open their 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -230,10 +231,8 @@ def log_params(params: Params) -> None:
 
 def _pretty_json(value: Any) -> str:
     """Indented JSON of a flattened value (``flatten`` has already JSON-encoded lists)."""
-    try:
+    with contextlib.suppress(ValueError):  # a plain long string stays as it is
         value = json.loads(value) if isinstance(value, str) else value
-    except ValueError:  # a plain long string
-        pass
     return json.dumps(value, indent=2)
 
 

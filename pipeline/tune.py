@@ -12,6 +12,7 @@ they stop at exactly ``tune.n_trials`` finished ones; heartbeats free the slot o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -34,8 +35,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from pipeline import augment, credentials, tracking
-from pipeline import vocabulary
+from pipeline import augment, credentials, tracking, vocabulary
 from pipeline.config import Params, SearchDim, as_dict, with_overrides
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.prepared import load_prepared
@@ -292,10 +292,8 @@ def _trials(study: optuna.Study, states: tuple[TrialState, ...]) -> list[FrozenT
                 trial.number,
                 trial.user_attrs["worker"],
             )
-            try:
+            with contextlib.suppress(ValueError, RuntimeError):  # another process reclaimed it first
                 study.tell(trial.number, state=TrialState.FAIL)
-            except (ValueError, RuntimeError):  # another process reclaimed it first
-                pass
     return study.get_trials(deepcopy=False, states=states)
 
 

@@ -63,9 +63,9 @@ def test_overrides_are_validated_and_leave_the_original_alone():
     params = config.parse({})
     tuned = config.with_overrides(params, {"train.lr": 0.02, "model.dropout": 0.2})
     assert (tuned.train.lr, tuned.model.dropout, params.train.lr) == (0.02, 0.2, 1e-3)
-    with pytest.raises(config.ConfigError, match="train.lr"):
+    with pytest.raises(config.ConfigError, match=r"train.lr"):
         config.with_overrides(params, {"train.lr": -1.0})
-    with pytest.raises(ValueError, match="train.foo"):
+    with pytest.raises(ValueError, match=r"train.foo"):
         config.with_overrides(params, {"train.foo": 1})
 
 

@@ -105,10 +105,10 @@ def test_binary_sensitivity_and_specificity():
 
 def test_positive_class_errors_name_the_key():
     with pytest.raises(
-        evaluation.EvaluationError, match="evaluate.positive_class: 'maybe' is not a class.*no, yes"
+        evaluation.EvaluationError, match=r"evaluate.positive_class: 'maybe' is not a class.*no, yes"
     ):
         evaluation.positive_index(("no", "yes"), "maybe")
-    with pytest.raises(evaluation.EvaluationError, match="evaluate.positive_class.*3 classes"):
+    with pytest.raises(evaluation.EvaluationError, match=r"evaluate.positive_class.*3 classes"):
         evaluation.positive_index(CLASSES, "a")
     assert evaluation.positive_index(CLASSES, None) is None
 

@@ -219,9 +219,9 @@ def test_report_warns_and_embeds_the_plots(project):
 def test_a_positive_class_on_a_multiclass_set_fails_before_any_work(project):
     _, params, _ = project
     before = Path(params.paths.metrics).stat().st_mtime_ns
-    with pytest.raises(evaluation.EvaluationError, match="evaluate.positive_class"):
+    with pytest.raises(evaluation.EvaluationError, match=r"evaluate.positive_class"):
         stage.main(tiny_params(positive_class="alpha"))
-    with pytest.raises(decision.DecisionError, match="evaluate.threshold"):
+    with pytest.raises(decision.DecisionError, match=r"evaluate.threshold"):
         stage.main(tiny_params(threshold="youden"))
     assert Path(params.paths.metrics).stat().st_mtime_ns == before
 

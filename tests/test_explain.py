@@ -53,7 +53,7 @@ def share_in_quadrant(maps: np.ndarray, quadrant: np.ndarray) -> np.ndarray:
     return np.array(
         [
             m[(q // 2) * HALF : (q // 2 + 1) * HALF, (q % 2) * HALF : (q % 2 + 1) * HALF].sum() / m.sum()
-            for m, q in zip(maps, quadrant)
+            for m, q in zip(maps, quadrant, strict=True)
         ]
     )
 

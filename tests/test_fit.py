@@ -49,7 +49,7 @@ def test_a_diverging_loss_stops_with_a_message_and_no_checkpoint(tiny_params, pr
         tiny_params,
         {"train.lr": 9.0, "train.optimizer": "sgd", "train.warmup_epochs": 0, "train.label_smoothing": 0.0},
     )
-    with pytest.raises(TrainingDiverged, match="lower train.lr"):
+    with pytest.raises(TrainingDiverged, match=r"lower train.lr"):
         fit(params, datamodule(params, prepared, None), out_dir=tmp_path / "ckpt", max_epochs=20)
     assert not (tmp_path / "ckpt" / "best.ckpt").exists()
 
@@ -57,12 +57,13 @@ def test_a_diverging_loss_stops_with_a_message_and_no_checkpoint(tiny_params, pr
 def test_each_epoch_line_shows_that_epochs_own_train_and_val_metrics(tiny_params, prepared, capsys, caplog):
     import re
     import warnings
+    from typing import ClassVar
 
     from lightning.pytorch.loggers import Logger
 
     class Recorder(Logger):  # what MLflow receives, per epoch
         name, version = "recorder", "0"
-        logged: list[dict] = []
+        logged: ClassVar[list[dict]] = []
 
         def log_hyperparams(self, params, *args, **kwargs) -> None:
             pass

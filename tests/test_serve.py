@@ -80,7 +80,9 @@ def test_predict_a_nested_folder_with_a_corrupt_file(project, model, tmp_path):
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
     # The same images through the model from the prepared cache: the same pixels, so the same probabilities.
     prepared = load_prepared(project / "prepared")
-    by_name = {Path(p).name: i for p, i in zip(prepared.table["path"], prepared.table["cache_index"])}
+    by_name = {
+        Path(p).name: i for p, i in zip(prepared.table["path"], prepared.table["cache_index"], strict=True)
+    }
     rows = [by_name[Path(p).name] for p in ok["path"]]
     with torch.no_grad():
         expected = (
@@ -239,14 +241,14 @@ def test_exports_of_1_3_and_n_band_models_equal_predict_and_reject_other_layouts
     for x in layouts:  # every documented layout gives predict's probabilities
         np.testing.assert_allclose(run(x), expected, atol=1e-4)
     wrong = np.zeros((2, SIZE, SIZE, bands + 1), np.uint8)  # another band count: refused, not guessed
-    with pytest.raises(Exception, match="band|channel|dimension|index: 3"):
+    with pytest.raises(Exception, match=r"band|channel|dimension|index: 3"):
         run(wrong)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_an_rgb_model_takes_a_gray_batch_as_ingest_does(project, model, tmp_path):
     """data.channels: rgb replicates a gray image into 3 bands at ingest; the export must do the same."""
-    files, cached = exported_inputs(project)
+    _, cached = exported_inputs(project)
     gray = cached[..., :1]
     expected = _probabilities(model, np.repeat(gray, 3, axis=-1))
     out = serve.export(serve.load_trained(project / "models"), "torchscript", tmp_path / "m.pt")
@@ -273,7 +275,9 @@ def test_predict_writes_conformal_sets_of_this_models_decision_only(project, tmp
     table = pd.read_csv(out, keep_default_na=False)
     assert list(table.columns) == ["path", "predicted", *(f"prob_{c}" for c in CLASSES), "set", "error"]
     probs = table[[f"prob_{c}" for c in CLASSES]].to_numpy(float)
-    expected = ["|".join(c for c, p in zip(CLASSES, row) if p >= 1 - 0.6 - 1e-6) for row in probs]
+    expected = [
+        "|".join(c for c, p in zip(CLASSES, row, strict=True) if p >= 1 - 0.6 - 1e-6) for row in probs
+    ]
     assert list(table["set"]) == expected
     Decision(run_id="another", classes=CLASSES, selection="val", conformal_quantile=0.6).write(
         tmp_path / "old.json"

@@ -89,7 +89,7 @@ def test_a_one_band_set_adapts_the_rgb_backbone_and_its_statistics(earlier_run):
 
 
 def test_another_arch_or_band_count_is_an_error_naming_both(earlier_run, tmp_path):
-    with pytest.raises(WeightsError, match="resnet18 backbone, but model.arch is resnet34"):
+    with pytest.raises(WeightsError, match=r"resnet18 backbone, but model.arch is resnet34"):
         build_model(params_with(str(earlier_run), arch="resnet34"), NEW_CLASSES)
     gray = Classifier("resnet18", 2, in_channels=1)
     torch.save(
@@ -100,14 +100,14 @@ def test_another_arch_or_band_count_is_an_error_naming_both(earlier_run, tmp_pat
 
 
 def test_a_folder_without_run_json_and_a_missing_checkpoint_are_named(tmp_path):
-    with pytest.raises(WeightsError, match="has no run.json"):
+    with pytest.raises(WeightsError, match=r"has no run.json"):
         build_model(params_with(str(tmp_path)), NEW_CLASSES)
-    with pytest.raises(WeightsError, match="gone.ckpt' not found"):
+    with pytest.raises(WeightsError, match=r"gone.ckpt' not found"):
         build_model(params_with(str(tmp_path / "gone.ckpt")), NEW_CLASSES)
 
 
 def test_the_checkpoint_sha256_is_checked(earlier_run):
-    with pytest.raises(WeightsError, match="model.weights_sha256"):
+    with pytest.raises(WeightsError, match=r"model.weights_sha256"):
         build_model(params_with(str(earlier_run), weights_sha256="0" * 64), NEW_CLASSES)
 
 

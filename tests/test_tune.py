@@ -16,7 +16,9 @@ def test_study_logs_nested_trials_and_resumes_instead_of_restarting(
     params = with_overrides(params, {"mlflow.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"})
     exp_id = tracking.setup(params.mlflow)
     transform = augment.build([{"name": "HorizontalFlip", "p": 0.5}], seed=0)
-    data_for = lambda p: datamodule(p, prepared, transform)
+
+    def data_for(p):
+        return datamodule(p, prepared, transform)
 
     study, summary = tune.run(params, data_for, "s1", {"data.version": "v1"})
     assert summary["trials_complete"] + summary["trials_pruned"] == 2
@@ -206,7 +208,7 @@ def test_best_params_reach_the_train_stage(tiny_params, tmp_path):
     best.write_text("train.nope: 1\n")
     import pytest
 
-    with pytest.raises(ConfigError, match="train.nope"):
+    with pytest.raises(ConfigError, match=r"train.nope"):
         train.with_best_params(params)
 
 
@@ -215,7 +217,7 @@ def test_ctrl_c_inside_lightning_fails_the_trial_instead_of_leaving_it_running(
 ):
     import pytest
 
-    params, exp_id, data_for = _setup(tiny_params, prepared, tmp_path, monkeypatch, **{"tune.n_trials": 2})
+    params, _, data_for = _setup(tiny_params, prepared, tmp_path, monkeypatch, **{"tune.n_trials": 2})
 
     def ctrl_c_in_lightning(*args, **kwargs):
         raise SystemExit(1)  # what Lightning's trainer does on KeyboardInterrupt, after its graceful shutdown

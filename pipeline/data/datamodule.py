@@ -133,6 +133,3 @@ class ImageDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._dataloader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._dataloader("test")

@@ -312,7 +312,10 @@ def _split(
         message = (
             f"{len(leaks)} sets of duplicates or groups span more than one split (leakage), e.g. "
             + "; ".join(
-                ", ".join(f"{p} ({s})" for p, s in zip(files, table.set_index("path").loc[files, "split"]))
+                ", ".join(
+                    f"{p} ({s})"
+                    for p, s in zip(files, table.set_index("path").loc[files, "split"], strict=True)
+                )
                 for files in leaks[:3]
             )
         )

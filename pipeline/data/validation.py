@@ -61,9 +61,9 @@ def near_pairs(
     for start in range(0, len(index), chunk):
         distance = (signs.shape[1] - signs[start : start + chunk] @ signs.T) / 2
         rows, cols = np.nonzero(distance <= max_distance)
-        for r, c in zip(rows, cols):
+        for r, c in zip(rows, cols, strict=True):
             if start + r < c:
-                pairs.append((int(index[start + r]), int(index[c]), int(round(distance[r, c]))))
+                pairs.append((int(index[start + r]), int(index[c]), round(distance[r, c])))
     return pairs
 
 
