@@ -20,6 +20,7 @@ import yaml
 
 from pipeline.config import PARAMS_FILE, Params, Tracking, as_dict, flatten, load
 from pipeline.credentials import redact
+from pipeline.environ import environ
 from pipeline.errors import PipelineError
 
 # The MLflow UI treats experiments with this tag as model-training experiments (runs table first).
@@ -68,12 +69,8 @@ def use_tracking_uri(uri: str) -> None:
     call in the same process would then take it for the user's choice, which wins over params.yaml. The
     variable is put back as it was, so it keeps meaning what the user set.
     """
-    previous = os.environ.get(ENV_URI)
-    mlflow.set_tracking_uri(uri)
-    if previous is None:
-        os.environ.pop(ENV_URI, None)
-    else:
-        os.environ[ENV_URI] = previous
+    with environ(keep=[ENV_URI]):
+        mlflow.set_tracking_uri(uri)
 
 
 def check_reachable(uri: str, source: str) -> None:

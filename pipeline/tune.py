@@ -23,8 +23,7 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from pipeline import augment, credentials, tracking, vocabulary
 from pipeline.config import Params, SearchDim, as_dict, with_overrides
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.prepared import load_prepared
+from pipeline.environ import environ
 from pipeline.errors import PipelineError
 from pipeline.fit import datamodule, fit
 
@@ -374,7 +374,7 @@ def work(params: Params, worker: Worker) -> int:
     for i in range(n_jobs):
         # Worker i trains on GPU i (round robin when there are fewer); without GPUs the cores are shared.
         env = {"CUDA_VISIBLE_DEVICES": devices[i % len(devices)]} if devices else {}
-        with _environ(env):
+        with environ(env):
             process = context.Process(
                 target=_run_worker, args=(worker, i, threads, results), name=f"tune-worker-{i}"
             )
@@ -417,21 +417,6 @@ def cuda_devices(accelerator: str) -> list[str]:
     count = torch.cuda.device_count()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # the set we were given, narrowed per worker
     return (visible.split(",") if visible else [str(i) for i in range(count)])[:count]
-
-
-@contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables while a child process starts (it inherits them), then restore them."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def run(

@@ -31,7 +31,7 @@ from pipeline.data import readers, sources, splits, validation
 from pipeline.data.cache import CacheWriter
 from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError
 from pipeline.data.readers import IMAGE_SUFFIXES
-from pipeline.fsutil import atomic_dir, write_json
+from pipeline.fsutil import atomic_dir, file_sha256, write_json
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +414,7 @@ def _validate_and_split(
             "hand in one band count, or set data.channels: rgb for gray/RGB sets"
         )
     table["cache_index"] = np.arange(len(table))  # the cache's row; rows left out below keep theirs unread
-    table["sha256"] = [validation.file_hash(Path(p)) for p in table["path"]]
+    table["sha256"] = [file_sha256(Path(p)) for p in table["path"]]
     table, conflicts = _label_conflicts(table, decoded.dhashes, data, warnings)
     _check_classes(table, classes, raw_dir, data, warnings)
     exact, near = _duplicates(table, decoded.dhashes, data.near_duplicate_bits, warnings)
