@@ -72,6 +72,8 @@ def assess(params: Params) -> Assessment:
         held_out=held_out,
         run_id=run.run_id,
     )
+    if result.selection is None or result.decision is None:  # evaluate() fits both whenever it has val
+        raise RuntimeError("evaluation.evaluate returned no selection set or decision")
     if oof is not None:
         result.metrics.update(crossval.cv_metrics(oof, prepared.classes, positive))
     suspects = audit.label_issues(*result.selection, held_rows["path"], prepared.classes)
@@ -124,6 +126,7 @@ def assess(params: Params) -> Assessment:
 def write(paths: Paths, done: Assessment, ece_bins: int) -> None:
     """The stage's outputs, each replaced whole: plots, label audit, decision, confusion, report, metrics."""
     result = done.result
+    assert result.decision is not None  # checked in assess
     with atomic_dir(paths.plots) as staging:
         evaluation.write_plots(staging, result.probs, done.labels, done.classes, result.calibrated, ece_bins)
         if done.gradcam_png is not None:

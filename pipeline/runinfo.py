@@ -67,7 +67,9 @@ class RunInfo:
         try:
             pre = raw["preprocessing"]
             window = pre.get("dicom_window")
-            weights = raw["weights"]
+            weights: dict[str, Any] = {
+                k: tuple(v) if isinstance(v, list) else v for k, v in raw["weights"].items()
+            }
             return cls(
                 run_id=raw["run_id"],
                 arch=raw["arch"],
@@ -76,9 +78,7 @@ class RunInfo:
                 monitor=raw["monitor"],
                 best_score=float(raw["best_score"]),
                 epochs_run=int(raw["epochs_run"]),
-                weights=WeightsInfo(
-                    **{k: tuple(v) if isinstance(v, list) else v for k, v in weights.items()}
-                ),
+                weights=WeightsInfo(**weights),
                 preprocessing=Preprocessing(
                     image_size=int(pre["image_size"]),
                     channels=pre["channels"],

@@ -62,13 +62,19 @@ def fit_all(run: Inputs, fold_runs: crossval.FoldRuns | None = None, logger: Log
     params, resume = run.params, run.resume
     if params.data.folds:
         cv = crossval.fit_folds(params, run.prepared, run.transform, resume, fold_runs)
-        members = {crossval.member_name(i): r.best_checkpoint for i, r in enumerate(cv.results)}
+        members = {crossval.member_name(i): _saved(r) for i, r in enumerate(cv.results)}
         return Fitted(cv.results, members, cv.oof)
     data = datamodule(params, run.prepared, run.transform)
     result = fit(
         params, data, out_dir=resume.checkpoints, logger=logger, resume_from=resume.last_checkpoint()
     )
-    return Fitted([result], {result.best_checkpoint.name: result.best_checkpoint}, None)
+    return Fitted([result], {_saved(result).name: _saved(result)}, None)
+
+
+def _saved(result: FitResult) -> Path:
+    if result.best_checkpoint is None:  # fit writes one whenever it gets an out_dir, as here
+        raise RuntimeError("fit returned no checkpoint")
+    return result.best_checkpoint
 
 
 def run_info(params: Params, prepared: Prepared, run_id: str, fitted: Fitted) -> RunInfo:
