@@ -21,9 +21,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
 from pipeline import tracking, vocabulary
-from pipeline.augment import displayable
 from pipeline.config import PARAMS_FILE, Params, load
 from pipeline.data.prepared import REPORT_JSON, Prepared, load_prepared
+from pipeline.display import to_rgb
 from pipeline.errors import PipelineError
 
 # mlflow.search_runs columns shown first, renamed to what they mean here.
@@ -157,8 +157,7 @@ def image_grid(
         ax.set_axis_off()
         if i >= n:
             continue
-        shown = displayable(np.asarray(images[i]))
-        ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+        ax.imshow(to_rgb(images[i]), vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(titles[i], fontsize=7)
     fig.tight_layout()
     return fig
