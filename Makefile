@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench ui docs notebooks install clean
+.PHONY: demo test lint bench ui docs notebooks install clean
 
 install: $(STAMP)
 
@@ -19,7 +19,13 @@ demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	@$(BIN)/python -m pipeline summary
 
-test: $(STAMP)
+# Formatting, lint and types first: a quick failure before the 12-minute suite.
+lint: $(STAMP)
+	$(BIN)/ruff format --check pipeline tests
+	$(BIN)/ruff check pipeline tests
+	$(BIN)/mypy pipeline
+
+test: $(STAMP) lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadfile   # two workers, a test file each
 
 bench: $(STAMP)

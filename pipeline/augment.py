@@ -21,6 +21,7 @@ import albumentations as A
 import numpy as np
 
 from pipeline.config import Preset
+from pipeline.display import to_rgb
 from pipeline.errors import PipelineError
 
 PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
@@ -280,13 +281,6 @@ def write_offline_copies(
     return len(labels_out)
 
 
-def displayable(image: np.ndarray) -> np.ndarray:
-    """Floats in [0, 1]: one band as is, else the first three bands as RGB (N-band data)."""
-    top = np.iinfo(image.dtype).max if image.dtype.kind in "ui" else 1.0
-    image = image.astype(np.float32) / top
-    return image[..., 0] if image.shape[-1] < 3 else np.clip(image[..., :3], 0, 1)
-
-
 def preview(
     pipeline: A.BasicTransform, images: np.ndarray, labels: Sequence[str], draws: int, path: Path
 ) -> None:
@@ -300,10 +294,7 @@ def preview(
         panels = [image] + [pipeline(image=image)["image"] for _ in range(draws)]
         for c, panel in enumerate(panels):
             ax = axes[r][c]
-            shown = displayable(panel)
-            ax.imshow(
-                shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest"
-            )
+            ax.imshow(to_rgb(panel), vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:

@@ -37,7 +37,8 @@ from torchvision.transforms import v2
 
 from pipeline import augment, config, demo
 from pipeline.data.datamodule import CachedImageDataset
-from pipeline.data.ingest import decode, ingest, load_prepared
+from pipeline.data.ingest import decode, ingest
+from pipeline.data.prepared import load_prepared
 from pipeline.fit import datamodule, fit
 from pipeline.model import Classifier
 
@@ -164,7 +165,7 @@ def bench_augment(prepared) -> None:
         for preset in ("medical", "satellite", "natural"):
             albumentations = augment.build([], seed=0, preset=preset)
             torchvision = torchvision_equivalent(preset)
-            ours = _images_per_s(lambda image: albumentations(image=image), images)
+            ours = _images_per_s(lambda image, pipeline=albumentations: pipeline(image=image), images)
             theirs = _images_per_s(torchvision, tensors)
             emit(
                 "augment",

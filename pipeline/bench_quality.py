@@ -42,7 +42,8 @@ import yaml
 from PIL import Image
 
 from pipeline import augment, config, crossval, evaluation
-from pipeline.data.ingest import Prepared, ingest, load_prepared
+from pipeline.data.ingest import ingest
+from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.fit import datamodule, fit
 from pipeline.model import Classifier, Ensemble
 from pipeline.resume import Resume

@@ -158,7 +158,7 @@ def dataloader_ratio(repo: str, batches: int = 150, steps: int = 8) -> None:
 
     from pipeline import augment
     from pipeline.data.datamodule import ImageDataModule
-    from pipeline.data.ingest import load_prepared
+    from pipeline.data.prepared import load_prepared
 
     prepared = load_prepared(Path(repo) / "data" / "prepared")
     pipeline = augment.build([], seed=0, preset="satellite")

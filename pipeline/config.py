@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
-from pipeline import backbones
+from pipeline import backbones, vocabulary
 from pipeline.credentials import redact, refuse_in_params
 from pipeline.errors import PipelineError
 
@@ -279,8 +278,10 @@ class Train:
     lr: float = Field(1e-3, gt=0, lt=10, description="Peak learning rate.")
     weight_decay: float = Field(1e-4, ge=0, lt=1, description="AdamW / SGD weight decay.")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
-    monitor: Literal["val/loss", "val/acc", "val/balanced_accuracy", "val/auroc"] = Field(
-        "val/loss", description="Validation metric for checkpointing, early stopping and tuning."
+    monitor: Literal["val/loss", "val/accuracy", "val/balanced_accuracy", "val/auroc"] = Field(
+        "val/loss",
+        description="Validation metric for checkpointing, early stopping and tuning; which way is better "
+        "comes with the metric (pipeline/vocabulary.py).",
     )
     patience: int = Field(6, ge=1, description="Epochs without improvement before early stopping.")
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field(
@@ -353,6 +354,13 @@ class Train:
         "the averaged weights are validated, checkpointed, evaluated and exported. "
         "null or 0: off.",
     )
+
+    @field_validator("monitor", mode="before")
+    @classmethod
+    def _renamed(cls, value: Any) -> Any:
+        if value in vocabulary.RENAMED:
+            raise ValueError(f"'{value}' is now called '{vocabulary.RENAMED[value]}' (one metric vocabulary)")
+        return value
 
     def __post_init__(self) -> None:
         if isinstance(self.devices, int) and self.devices < 1:
@@ -664,11 +672,3 @@ def flatten(params: Params) -> dict[str, Any]:
 
     walk("", as_dict(params))
     return flat
-
-
-def mode_of(monitor: str) -> Literal["min", "max"]:
-    return "min" if monitor.endswith("loss") else "max"
-
-
-def worst_value(monitor: str) -> float:
-    return math.inf if mode_of(monitor) == "min" else -math.inf

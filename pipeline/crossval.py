@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from pipeline.config import Params
-from pipeline.data.ingest import Prepared
+from pipeline.data.prepared import Prepared
 from pipeline.errors import PipelineError
 from pipeline.fit import FitResult, datamodule, fit
 from pipeline.fsutil import write_json
@@ -181,13 +181,10 @@ def cv_metrics(oof: pd.DataFrame, classes: tuple[str, ...], positive: int | None
     from pipeline.evaluation.metrics import BINARY, HEADLINE, compute_metrics
 
     names = HEADLINE + (BINARY if positive is not None else ())
-    score = lambda t: compute_metrics(
-        oof_probs(t, classes),
-        t["label_index"].to_numpy(),
-        classes,
-        "cv",
-        positive,
-    )
+
+    def score(t: pd.DataFrame) -> dict[str, float]:
+        return compute_metrics(oof_probs(t, classes), t["label_index"].to_numpy(), classes, "cv", positive)
+
     overall = score(oof)
     metrics = {f"cv/{n}": overall[f"cv/{n}"] for n in names if f"cv/{n}" in overall}
     per_fold = [score(t) for _, t in oof.groupby("fold")]

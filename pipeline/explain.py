@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.display import to_rgb
+
 log = logging.getLogger(__name__)
 
 STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}  # of a torchvision ResNet's residual stages
@@ -143,20 +145,11 @@ def select(labels: np.ndarray, probs: np.ndarray, per_class: int) -> list[list[i
     return rows
 
 
-def to_display(image: np.ndarray) -> np.ndarray:
-    """A cached image as float RGB in [0, 1]: gray repeated, more than 3 bands shown as the first band."""
-    image = np.asarray(image)
-    x = image.astype(np.float32) / (np.iinfo(image.dtype).max if image.dtype.kind in "ui" else 1.0)
-    if x.shape[-1] != 3:
-        x = np.repeat(x[..., :1], 3, axis=-1)
-    return np.clip(x, 0, 1)
-
-
 def overlay(image: np.ndarray, heatmap: np.ndarray, weight: float = 0.5) -> np.ndarray:
     """The heat map (jet colours) blended over the image, uint8 RGB."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    return show_cam_on_image(to_display(image), np.clip(heatmap, 0, 1), use_rgb=True, image_weight=weight)
+    return show_cam_on_image(to_rgb(image), np.clip(heatmap, 0, 1), use_rgb=True, image_weight=weight)
 
 
 def panel(
@@ -185,7 +178,7 @@ def panel(
             continue
         row, col = divmod(i, columns)
         left, right = axes[row, 2 * col], axes[row, 2 * col + 1]
-        left.imshow(to_display(image))
+        left.imshow(to_rgb(image))
         right.imshow(overlay(image, heatmap))
         right.set_title(
             captions[i], fontsize=7, color="tab:red" if wrong is not None and wrong[i] else "black"

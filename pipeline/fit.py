@@ -18,10 +18,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.loggers import Logger
 
-from pipeline import probe, recipe
-from pipeline.config import Params, mode_of
+from pipeline import probe, recipe, vocabulary
+from pipeline.config import Params
 from pipeline.data.datamodule import ImageDataModule, load_offline
-from pipeline.data.ingest import Prepared
+from pipeline.data.prepared import Prepared
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_file
 from pipeline.model import Classifier
@@ -33,9 +33,6 @@ _NOTED: set[str] = set()  # warnings already given in this process (a tune stage
 
 CHECKPOINT_NAME = "best"  # written as <out_dir>/best.ckpt
 PROGRESS_EVERY_S = 30.0  # a progress line this often within a long training epoch
-RUN_INFO = (
-    "run.json"  # the train stage's, beside the best checkpoint in paths.model_dir; evaluate, predict read it
-)
 
 
 @dataclass(frozen=True)
@@ -333,7 +330,7 @@ def fit(
     )
     if t.mode != "finetune":
         return _fit_frozen(params, data, model, weights, out_dir, logger)
-    mode = mode_of(t.monitor)
+    mode = vocabulary.better(t.monitor)
     stopper = EarlyStopping(monitor=t.monitor, mode=mode, patience=t.patience)
     all_callbacks = [stopper, StopOnNonFiniteLoss(), EpochSummary(), *callbacks]
     strategy = t.strategy

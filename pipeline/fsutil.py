@@ -9,6 +9,7 @@ previous output that a kill left renamed to ``.<target>.old``.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -105,3 +106,9 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
 def write_json(target: str | Path, obj: Any) -> None:
     with atomic_file(target) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (hex): identical files have it whatever their names; weights files are checked by it."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -9,15 +9,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning.pytorch as L
+import numpy as np
 import torch
 import torchvision
 from torch import nn
 from torch.nn import functional as F
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.utilities import dim_zero_cat
 from torchvision.transforms import v2
 
 from pipeline import recipe
+from pipeline.config import Augment, Model, Train
+from pipeline.evaluation.metrics import HEADLINE, weighted_metrics
 from pipeline.heads import KNNHead, linear_of
 
 # ImageNet statistics, which torchvision's ResNet weights were trained with.
@@ -64,29 +67,59 @@ def to_unit_range(x: torch.Tensor) -> torch.Tensor:
     return x.float() / torch.iinfo(x.dtype).max
 
 
+class EpochMetric(Metric):
+    """One metric of ``HEADLINE`` over a split's epoch, defined exactly as the evaluate stage defines it
+    (``pipeline.evaluation.metrics``: macro averages over the classes present), so ``val/auroc`` and
+    ``test/auroc`` mean the same. torchmetrics' own classes count a class absent from an epoch's labels
+    as 0; this one only gathers the predictions (across DDP ranks too) and hands them to that definition."""
+
+    full_state_update = False
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.add_state("probs", default=[], dist_reduce_fx="cat")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
+
+    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        self.probs.append(probs.detach().float())
+        self.labels.append(labels.detach())
+
+    def compute(self) -> torch.Tensor:
+        probs, labels = dim_zero_cat(self.probs), dim_zero_cat(self.labels).cpu().numpy()
+        if not torch.isfinite(probs).all():  # a diverged epoch (StopOnNonFiniteLoss ends the run)
+            return torch.tensor(float("nan"))
+        values = weighted_metrics(probs.cpu().numpy(), labels, np.ones((1, len(labels))))
+        return torch.tensor(float(values[self.name][0]))
+
+
+# The training defaults are the typed params' (pipeline.config), never a second set written here.
+_MODEL, _TRAIN, _AUGMENT = Model(), Train(), Augment()
+
+
 class Classifier(L.LightningModule):
     def __init__(
         self,
         arch: str,
         num_classes: int,
         class_names: Sequence[str] = (),
-        dropout: float = 0.0,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        optimizer: str = "adamw",
-        monitor: str = "val/loss",
+        dropout: float = _MODEL.dropout,
+        lr: float = _TRAIN.lr,
+        weight_decay: float = _TRAIN.weight_decay,
+        optimizer: str = _TRAIN.optimizer,
+        monitor: str = _TRAIN.monitor,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         in_channels: int = 3,
-        backbone_lr_mult: float = 1.0,
-        warmup_epochs: float = 0.0,
-        label_smoothing: float = 0.0,
+        backbone_lr_mult: float = _TRAIN.backbone_lr_mult,
+        warmup_epochs: float = _TRAIN.warmup_epochs,
+        label_smoothing: float = _TRAIN.label_smoothing,
         class_weights: Sequence[float] | None = None,
-        channels_last: bool | str = False,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-        mix_prob: float = 1.0,
-        cutmix_switch_prob: float = 0.5,
+        channels_last: bool | str = _TRAIN.channels_last,
+        mixup_alpha: float = _AUGMENT.mixup_alpha,
+        cutmix_alpha: float = _AUGMENT.cutmix_alpha,
+        mix_prob: float = _AUGMENT.mix_prob,
+        cutmix_switch_prob: float = _AUGMENT.cutmix_switch_prob,
         knn_bank: int = 0,
         knn_k: int = 20,
     ):
@@ -116,14 +149,8 @@ class Classifier(L.LightningModule):
             self.hparams.update(mean=list(mean), std=list(std))  # the checkpoint records what was used
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-        metrics = MetricCollection(
-            {
-                "acc": MulticlassAccuracy(num_classes, average="micro"),
-                "balanced_accuracy": MulticlassAccuracy(num_classes, average="macro"),
-                "macro_f1": MulticlassF1Score(num_classes, average="macro"),
-                "auroc": MulticlassAUROC(num_classes, average="macro"),
-            }
-        )
+        # One collection, one set of names and definitions for every split (its members share one state).
+        metrics = MetricCollection({name: EpochMetric(name) for name in HEADLINE})
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.mixer = batch_mixer(num_classes, mixup_alpha, cutmix_alpha, cutmix_switch_prob)
@@ -184,9 +211,6 @@ class Classifier(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
-
-    def predict_step(self, batch, batch_idx):
-        return self(batch[0]).softmax(dim=-1)
 
     def configure_optimizers(self):
         """Head at ``lr``, backbone at ``lr x backbone_lr_mult``; linear warm-up then cosine decay, per step.

@@ -20,10 +20,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
-from pipeline import tracking
-from pipeline.augment import displayable
-from pipeline.config import PARAMS_FILE, Params, load, mode_of
-from pipeline.data.ingest import REPORT_JSON, Prepared, load_prepared
+from pipeline import tracking, vocabulary
+from pipeline.config import PARAMS_FILE, Params, load
+from pipeline.data.prepared import REPORT_JSON, Prepared, load_prepared
+from pipeline.display import to_rgb
 from pipeline.errors import PipelineError
 
 # mlflow.search_runs columns shown first, renamed to what they mean here.
@@ -157,8 +157,7 @@ def image_grid(
         ax.set_axis_off()
         if i >= n:
             continue
-        shown = displayable(np.asarray(images[i]))
-        ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+        ax.imshow(to_rgb(images[i]), vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(titles[i], fontsize=7)
     fig.tight_layout()
     return fig
@@ -268,12 +267,14 @@ def best_run(
     runs: pd.DataFrame, metric: str, stage: str | None = None, mode: Literal["min", "max"] | None = None
 ) -> pd.Series:
     """The run with the best ``metric``, among ``stage``'s runs if given. ``mode`` defaults to the
-    pipeline's rule for ``train.monitor``: lowest for a loss, else highest (pass "min" for ECE or Brier)."""
+    direction the metric declares (``pipeline.vocabulary``); pass it for a name outside the vocabulary."""
     pool = runs if stage is None else runs[runs["stage"] == stage]
     pool = pool[pool[metric].notna()] if metric in pool else pool.iloc[0:0]
     if pool.empty:
         raise PipelineError(f"no {stage or ''} run has the metric '{metric}'".replace("  ", " "))
-    return pool.loc[pool[metric].idxmin() if (mode or mode_of(metric)) == "min" else pool[metric].idxmax()]
+    return pool.loc[
+        pool[metric].idxmin() if (mode or vocabulary.better(metric)) == "min" else pool[metric].idxmax()
+    ]
 
 
 # --- 03: errors on the test split -------------------------------------------------------------------------
@@ -283,7 +284,7 @@ def load_model(project: Project):
     """The trained classifier (best checkpoint in ``paths.model_dir``), on the CPU, in eval mode."""
     from pipeline.serve import load_trained
 
-    return load_trained(project.path("model_dir"), project.params.data).model
+    return load_trained(project.path("model_dir")).model
 
 
 def predict_test_split(model, data: Prepared, batch_size: int = 64) -> pd.DataFrame:

@@ -14,20 +14,19 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from pipeline.config import Data
 from pipeline.data import readers, sources
 from pipeline.errors import PipelineError
 from pipeline.evaluation.decision import Decision
-from pipeline.fit import RUN_INFO
 from pipeline.fsutil import atomic_file
 from pipeline.model import Classifier, Ensemble
+from pipeline.runinfo import RUN_INFO, RunInfo
 
 log = logging.getLogger(__name__)
 
@@ -50,55 +49,33 @@ class Trained:
     channels: readers.Channels
     dicom_window: tuple[float, float] | None
     dtype: str  # of the training cache: uint8, uint16 or float32
-    run: dict[str, Any]
+    run: RunInfo
 
     @property
     def in_channels(self) -> int:
         return int(self.model.mean.shape[1])
 
 
-def load_trained(model_dir: Path, data: Data | None = None) -> Trained:
-    """The train stage's model in ``model_dir`` (its best checkpoint, or one per fold), on CPU, in eval mode.
-
-    Preprocessing comes from ``run.json`` (written by the train stage); a model trained before it was
-    recorded there falls back to ``data`` (the data.* params), which is what its ingest used unless
-    they changed since.
-    """
-    info = model_dir / RUN_INFO
-    if not info.is_file():
-        raise ServeError(f"{info}: not found; train a model first (dvc repro train)")
-    run = json.loads(info.read_text())
+def load_trained(model_dir: Path) -> Trained:
+    """The train stage's model in ``model_dir`` (its best checkpoint, or one per fold), on CPU, in eval mode,
+    with the preprocessing its ``run.json`` records."""
+    run = RunInfo.read(model_dir)
     members = []
-    for name in run["checkpoints"]:
+    for name in run.checkpoints:
         checkpoint = model_dir / name
         if not checkpoint.is_file():
-            raise ServeError(f"{checkpoint}: checkpoint named in {info} not found; rerun the train stage")
+            raise ServeError(
+                f"{checkpoint}: checkpoint named in {model_dir / RUN_INFO} not found; rerun the train stage"
+            )
         members.append(Classifier.load_from_checkpoint(checkpoint, map_location="cpu"))
-    model = Ensemble(members).eval()
-    pre = run.get("preprocessing")
-    if pre is None:
-        data = data or Data()
-        log.warning(
-            "%s records no preprocessing (older train stage); using data.image_size=%d, "
-            "data.channels=%s from params",
-            info,
-            data.image_size,
-            data.channels,
-        )
-        pre = {
-            "image_size": data.image_size,
-            "channels": data.channels,
-            "dicom_window": data.dicom_window,
-            "dtype": "uint8",
-        }
-    window = pre.get("dicom_window")
+    pre = run.preprocessing
     return Trained(
-        model=model,
-        classes=tuple(run["classes"]),
-        image_size=int(pre["image_size"]),
-        channels=pre["channels"],
-        dicom_window=tuple(window) if window else None,
-        dtype=pre.get("dtype", "uint8"),
+        model=Ensemble(members).eval(),
+        classes=run.classes,
+        image_size=pre.image_size,
+        channels=cast(readers.Channels, pre.channels),
+        dicom_window=pre.dicom_window,
+        dtype=pre.dtype,
         run=run,
     )
 
@@ -151,13 +128,13 @@ def load_decision(path: Path, trained: Trained) -> Decision | None:
     if not path.is_file():
         return None
     made = Decision.read(path)
-    if made.run_id != trained.run.get("run_id") or made.classes != trained.classes:
+    if made.run_id != trained.run.run_id or made.classes != trained.classes:
         log.warning(
             "%s was fitted for MLflow run %s, not for this model (run %s): its threshold and conformal "
             "sets are not applied; rerun the evaluate stage",
             path,
             made.run_id,
-            trained.run.get("run_id"),
+            trained.run.run_id,
         )
         return None
     return made
@@ -366,8 +343,8 @@ def metadata(trained: Trained, fmt: Format) -> dict[str, str]:
         "value_range": "integers: 0-255 (uint8) or 0-65535 (uint16); floats: [0, 1]",
         "input": f"{dtype} images, {layout}, any H and W; resized to {trained.image_size} px inside",
         "output": "class probabilities (N, classes), in class_names order",
-        "arch": str(trained.run.get("arch", "")),
-        "mlflow_run_id": str(trained.run.get("run_id", "")),
+        "arch": trained.run.arch,
+        "mlflow_run_id": trained.run.run_id,
     }
 
 

@@ -7,6 +7,7 @@ Nothing here runs at import time; stages call :func:`setup` once and open their 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ import yaml
 
 from pipeline.config import PARAMS_FILE, Params, Tracking, as_dict, flatten, load
 from pipeline.credentials import redact
+from pipeline.environ import environ
 from pipeline.errors import PipelineError
 
 # The MLflow UI treats experiments with this tag as model-training experiments (runs table first).
@@ -67,12 +69,8 @@ def use_tracking_uri(uri: str) -> None:
     call in the same process would then take it for the user's choice, which wins over params.yaml. The
     variable is put back as it was, so it keeps meaning what the user set.
     """
-    previous = os.environ.get(ENV_URI)
-    mlflow.set_tracking_uri(uri)
-    if previous is None:
-        os.environ.pop(ENV_URI, None)
-    else:
-        os.environ[ENV_URI] = previous
+    with environ(keep=[ENV_URI]):
+        mlflow.set_tracking_uri(uri)
 
 
 def check_reachable(uri: str, source: str) -> None:
@@ -230,10 +228,8 @@ def log_params(params: Params) -> None:
 
 def _pretty_json(value: Any) -> str:
     """Indented JSON of a flattened value (``flatten`` has already JSON-encoded lists)."""
-    try:
+    with contextlib.suppress(ValueError):  # a plain long string stays as it is
         value = json.loads(value) if isinstance(value, str) else value
-    except ValueError:  # a plain long string
-        pass
     return json.dumps(value, indent=2)
 
 

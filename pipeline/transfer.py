@@ -9,7 +9,6 @@ input statistics the backbone was trained with are carried over, as the band cou
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.runinfo import RUN_INFO, RunInfo
 from pipeline.weights import (
     FIRST_CONV,
     HEAD_PREFIX,
@@ -32,7 +32,6 @@ from pipeline.weights import (
 
 URI_SCHEMES = ("runs:/", "models:/")
 CHECKPOINT_SUFFIX = ".ckpt"
-RUN_INFO = "run.json"  # pipeline.fit.RUN_INFO (not imported: fit imports this module)
 NET_PREFIX = "net."  # the Classifier's torchvision network in its state dict
 MEMBER_PREFIX = "nets.0."  # the registered model (serve.Packaged): its first member's network
 LOGGED_MODEL = "model"  # the artifact path tracking.log_model logs the network under
@@ -107,7 +106,7 @@ def read_model_dir(folder: Path, sha256: str | None = None) -> Backbone:
             "of a train stage (or its best.ckpt)"
         )
     # A fold ensemble (data.folds) names one checkpoint per member: the first member's backbone is taken.
-    return read_checkpoint(folder / json.loads(info.read_text())["checkpoints"][0], sha256)
+    return read_checkpoint(folder / RunInfo.read(folder).checkpoints[0], sha256)
 
 
 def store_uri(configured: str) -> str:
@@ -159,12 +158,12 @@ def read_mlflow(uri: str, tracking_uri: str) -> Backbone:
             with _pointed_at(tracking_uri):
                 local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
                 run_id = Model.load(local).run_id
-                info = json.loads(
+                info = RunInfo.read(
                     Path(
                         mlflow.artifacts.download_artifacts(
                             artifact_uri=f"runs:/{run_id}/{RUN_INFO}", dst_path=tmp
                         )
-                    ).read_text()
+                    ).parent
                 )
             # The train stage's own store: a pickled module in it is trusted as its checkpoints are.
             module = mlflow.pytorch.load_model(local, map_location="cpu")
@@ -172,9 +171,7 @@ def read_mlflow(uri: str, tracking_uri: str) -> Backbone:
             raise WeightsError(
                 f"model.weights: {uri} could not be loaded from the MLflow store {tracking_uri}: {err}"
             ) from err
-    hparams = {"arch": info.get("arch"), "class_names": info.get("classes")} | dict(
-        getattr(module, "hparams", {})
-    )
+    hparams = {"arch": info.arch, "class_names": info.classes} | dict(getattr(module, "hparams", {}))
     return _from_state(module.state_dict(), hparams, f"{uri} (run {run_id} in {tracking_uri})")
 
 

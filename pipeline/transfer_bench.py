@@ -30,10 +30,13 @@ import torch
 
 from pipeline import augment, config
 from pipeline.bench import emit
-from pipeline.data.ingest import MANIFEST_CSV, Prepared, ingest, load_prepared
+from pipeline.data.ingest import MANIFEST_CSV, ingest
+from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.evaluation.predictions import predict_proba
-from pipeline.fit import RUN_INFO, datamodule, fit
+from pipeline.fit import datamodule, fit
 from pipeline.model import Classifier
+from pipeline.runinfo import RUN_INFO, Preprocessing, RunInfo
+from pipeline.weights import WeightsInfo
 
 EUROSAT = Path("/work/shared/data/eurosat_rgb.tar")
 PRETRAIN_CLASSES = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial")
@@ -126,12 +129,18 @@ def pretrain(root: Path, work: Path) -> Path:
     models.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(best, models / "best.ckpt")
     checkpoint = torch.load(best, map_location="cpu", weights_only=True)
-    (models / RUN_INFO).write_text(
-        json.dumps(
-            {"arch": params.model.arch, "classes": list(prepared.classes), "checkpoints": ["best.ckpt"]},
-            indent=2,
-        )
-    )
+    score = next(v["best_model_score"] for k, v in checkpoint["callbacks"].items() if "ModelCheckpoint" in k)
+    RunInfo(
+        run_id="",  # no MLflow run: the benchmark's models/ folder is read as a folder
+        arch=params.model.arch,
+        classes=prepared.classes,
+        checkpoints=("best.ckpt",),
+        monitor=params.train.monitor,
+        best_score=float(score),
+        epochs_run=int(checkpoint["epoch"]) + 1,
+        weights=WeightsInfo(requested="none", source="random-init", pretrained=False),
+        preprocessing=Preprocessing(SIZE, params.data.channels, None, str(prepared.images.dtype)),
+    ).write(models)
     model = Classifier.load_from_checkpoint(models / "best.ckpt", map_location="cpu")
     test = prepared.split("test")
     probs = predict_proba(model, np.asarray(prepared.images[test["cache_index"].to_numpy()]), 256)

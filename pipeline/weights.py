@@ -10,7 +10,6 @@ falls back the same way, and brings the preprocessing it was trained with.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import socket
@@ -25,7 +24,7 @@ from torch.hub import HASH_REGEX  # <arch>-<sha256 prefix>.pth, as torch.hub che
 
 from pipeline import backbones
 from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_file
+from pipeline.fsutil import atomic_file, file_sha256
 from pipeline.model import build_network
 
 log = logging.getLogger(__name__)
@@ -107,11 +106,6 @@ def imagenet_url(arch: str, name: str = "imagenet") -> str:
     return weight_enum(arch, name).url
 
 
-def sha256_of(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def verify_file(path: Path, *, url: str | None = None, sha256: str | None = None) -> str | None:
     """Refuse a weights file whose SHA-256 (computed once) is not ``sha256`` (``model.weights_sha256``), or
     does not start with the prefix torchvision puts in the name of ``url`` (``<arch>-<sha256 prefix>.pth``;
@@ -120,7 +114,7 @@ def verify_file(path: Path, *, url: str | None = None, sha256: str | None = None
     match = HASH_REGEX.search(Path(url).name) if url else None
     if sha256 is None and match is None:
         return None
-    actual = sha256_of(path)
+    actual = file_sha256(path)
     if match is not None and not actual.startswith(match.group(1)):
         raise WeightsError(
             f"{path}: SHA-256 {actual[:16]}... is not that of {url} (its hash starts {match.group(1)}); "
@@ -304,7 +298,7 @@ def _obtain(
         )
         return fallback
     if downloading:  # torch.hub has checked the prefix; the full hash is recorded (and pinned, if asked)
-        digest = verify_file(cached, sha256=sha256) or sha256_of(cached)
+        digest = verify_file(cached, sha256=sha256) or file_sha256(cached)
     return state, digest
 
 
@@ -391,7 +385,7 @@ def import_checkpoint(file: Path, arch: str, name: str = "imagenet", hub_dir: Pa
     if not file.is_file():
         raise WeightsError(f"{file}: no such file")
     # Checked here, not with verify_file, whose advice is to run this very command.
-    match, actual = HASH_REGEX.search(Path(url).name), sha256_of(file)
+    match, actual = HASH_REGEX.search(Path(url).name), file_sha256(file)
     if match is not None and not actual.startswith(match.group(1)):
         raise WeightsError(
             f"{file}: not the checkpoint {label} needs: its SHA-256 {actual[:16]}... does not start "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,9 +12,28 @@ import pytest
 from PIL import Image
 
 from pipeline import config
-from pipeline.data.ingest import Prepared, ingest, load_prepared
+from pipeline.data.ingest import ingest
+from pipeline.data.prepared import Prepared, load_prepared
+from pipeline.runinfo import Preprocessing, RunInfo
+from pipeline.weights import WeightsInfo
 
 CLASSES = ("alpha", "beta", "gamma")
+
+
+def run_info(**changes) -> RunInfo:
+    """The run.json a train stage would write for a one-checkpoint resnet18 on 32 px RGB uint8 images."""
+    base = RunInfo(
+        run_id="r1",
+        arch="resnet18",
+        classes=CLASSES,
+        checkpoints=("best.ckpt",),
+        monitor="val/loss",
+        best_score=0.5,
+        epochs_run=1,
+        weights=WeightsInfo(requested="none", source="random-init", pretrained=False),
+        preprocessing=Preprocessing(image_size=32, channels="rgb", dicom_window=None, dtype="uint8"),
+    )
+    return dataclasses.replace(base, **changes)
 
 
 def write_class_folders(root: Path, per_class: int = 8, size: int = 32, seed: int = 0) -> Path:

@@ -23,7 +23,7 @@ def test_rows_are_widened_and_trimmed_like_a_stack_of_the_widest_dtype(tmp_path,
     expected = np.stack([to_dtype(r, np.dtype(np.uint16)) for r in rows])
     assert widened.dtype == np.uint16 and np.array_equal(np.load(tmp_path / "c.npy"), expected)
 
-    floats = rows + [rng.random((4, 4, 3)).astype(np.float32)]
+    floats = [*rows, rng.random((4, 4, 3)).astype(np.float32)]
     with CacheWriter(tmp_path / "f.npy", capacity=len(floats)) as writer:
         for row in floats:
             writer.append(row)

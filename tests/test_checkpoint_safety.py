@@ -4,7 +4,6 @@ The guarantee comes from the torch floor (pyproject: torch>=2.6, where torch.loa
 weights_only=True); Lightning's loaders pass weights_only=None through to that default.
 """
 
-import json
 import pathlib
 from pathlib import Path
 
@@ -14,9 +13,8 @@ import torch
 from packaging.requirements import Requirement
 
 from pipeline import serve
-from pipeline.config import Data
-from pipeline.fit import RUN_INFO
 from pipeline.model import Classifier
+from tests.conftest import run_info
 
 
 class RunsCode:
@@ -42,11 +40,9 @@ def malicious_checkpoint(folder: Path) -> tuple[Path, Path]:
 def test_predict_refuses_a_checkpoint_that_would_run_code(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
     checkpoint, marker = malicious_checkpoint(tmp_path / "models")
-    (tmp_path / "models" / RUN_INFO).write_text(
-        json.dumps({"classes": ["a", "b"], "checkpoints": ["best.ckpt"]})
-    )
+    run_info(classes=("a", "b")).write(tmp_path / "models")
     with pytest.raises(Exception, match="Weights only load failed"):
-        serve.load_trained(tmp_path / "models", Data())
+        serve.load_trained(tmp_path / "models")
     with pytest.raises(Exception, match="Weights only load failed"):
         Classifier.load_from_checkpoint(checkpoint, map_location="cpu")  # the evaluate and train stages' load
     assert not marker.exists()

@@ -36,6 +36,7 @@ def test_repository_params_are_valid_and_complete():
         ({"evaluate": {"threshold": "sensitivity"}}, "evaluate", "sensitivity:<target>"),
         ({"evaluate": {"threshold": 1.5}}, "evaluate", "a number in (0, 1)"),
         ({"train": {"ema_decay": 1.0}}, "train.ema_decay", "less than 1"),
+        ({"train": {"monitor": "val/acc"}}, "train.monitor", "now called 'val/accuracy'"),
     ],
 )
 def test_bad_values_name_the_key(raw, key, words):
@@ -62,9 +63,9 @@ def test_overrides_are_validated_and_leave_the_original_alone():
     params = config.parse({})
     tuned = config.with_overrides(params, {"train.lr": 0.02, "model.dropout": 0.2})
     assert (tuned.train.lr, tuned.model.dropout, params.train.lr) == (0.02, 0.2, 1e-3)
-    with pytest.raises(config.ConfigError, match="train.lr"):
+    with pytest.raises(config.ConfigError, match=r"train.lr"):
         config.with_overrides(params, {"train.lr": -1.0})
-    with pytest.raises(ValueError, match="train.foo"):
+    with pytest.raises(ValueError, match=r"train.foo"):
         config.with_overrides(params, {"train.foo": 1})
 
 
@@ -115,3 +116,17 @@ def test_regularizers_and_decisions_are_keys_the_tuner_can_search():
     assert config.parse_threshold("specificity:0.9") == ("specificity", 0.9)
     assert config.parse_threshold(0.3) == config.parse_threshold("0.3") == ("fixed", 0.3)
     assert config.parse_threshold("youden") == ("youden", None)
+
+
+def test_every_monitor_declares_which_way_is_better():
+    from typing import get_args, get_type_hints
+
+    from pipeline import vocabulary
+
+    monitors = get_args(get_type_hints(config.Train)["monitor"])
+    assert {m: vocabulary.better(m) for m in monitors} == {
+        "val/loss": "min",
+        "val/accuracy": "max",
+        "val/balanced_accuracy": "max",
+        "val/auroc": "max",
+    }

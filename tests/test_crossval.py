@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipeline import crossval, serve
-from pipeline.data.ingest import load_prepared
+from pipeline.data.prepared import load_prepared
 from tests.conftest import REPO, in_project, run_stages, write_tiny_params
 
 FOLDS = 2

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import with_overrides
-from pipeline.data.ingest import DataError
+from pipeline.data.prepared import DataError
 from pipeline.fit import datamodule
 from pipeline.stages import augment as augment_stage
 

@@ -99,7 +99,7 @@ def test_decision_file_round_trips_and_applies_the_cut_and_the_sets(tmp_path):
 
 
 def test_a_cut_on_a_multiclass_task_is_refused_and_the_report_shows_both_cuts():
-    with pytest.raises(decision.DecisionError, match="evaluate.threshold"):
+    with pytest.raises(decision.DecisionError, match=r"evaluate.threshold"):
         decision.check(Evaluate(threshold="f1"), 3)
     decision.check(Evaluate(), 3)  # the default 0.5 is argmax: fine for any task
     settings = Evaluate(threshold="youden", conformal_alpha=0.1, bootstrap=20)

@@ -1,3 +1,4 @@
+import dataclasses
 import time
 
 import numpy as np
@@ -8,6 +9,8 @@ from torchmetrics.functional import classification as tmf
 from pipeline import evaluation
 from pipeline.config import Evaluate
 from pipeline.evaluation import calibration, metrics, reporting
+from pipeline.weights import WeightsInfo
+from tests.conftest import run_info
 
 CLASSES = ("a", "b", "c")
 # 6 images: true labels and predicted probabilities chosen so every metric is easy to work out by hand.
@@ -102,10 +105,10 @@ def test_binary_sensitivity_and_specificity():
 
 def test_positive_class_errors_name_the_key():
     with pytest.raises(
-        evaluation.EvaluationError, match="evaluate.positive_class: 'maybe' is not a class.*no, yes"
+        evaluation.EvaluationError, match=r"evaluate.positive_class: 'maybe' is not a class.*no, yes"
     ):
         evaluation.positive_index(("no", "yes"), "maybe")
-    with pytest.raises(evaluation.EvaluationError, match="evaluate.positive_class.*3 classes"):
+    with pytest.raises(evaluation.EvaluationError, match=r"evaluate.positive_class.*3 classes"):
         evaluation.positive_index(CLASSES, "a")
     assert evaluation.positive_index(CLASSES, None) is None
 
@@ -265,21 +268,20 @@ DATA = {
     "leakage": [],
     "warnings": [],
 }
-RANDOM_INIT = {
-    "arch": "resnet18",
-    "run_id": "r1",
-    "checkpoints": ["best.ckpt"],
-    "weights": {"pretrained": False, "source": "random-init", "fallback_reason": "download failed: offline"},
-}
-PRETRAINED = {
-    "arch": "resnet18",
-    "run_id": "r1",
-    "checkpoints": ["best.ckpt"],
-    "monitor": "val/loss",
-    "best_score": 0.5,
-    "epochs_run": 3,
-    "weights": {"pretrained": True, "source": "url"},
-}
+RANDOM_INIT = run_info(
+    weights=WeightsInfo(
+        requested="imagenet",
+        source="random-init",
+        pretrained=False,
+        fallback_reason="download failed: offline",
+    )
+)
+PRETRAINED = run_info(
+    monitor="val/loss",
+    best_score=0.5,
+    epochs_run=3,
+    weights=WeightsInfo(requested="imagenet", source="url", pretrained=True),
+)
 
 
 def test_report_warns_about_random_init_tiny_classes_and_wide_intervals():
@@ -472,12 +474,15 @@ def test_the_report_is_the_same_for_identical_results_of_another_train_run():
     m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)
     first = evaluation.report(m, DATA, PRETRAINED, [], settings=Evaluate(bootstrap=0))
     assert (
-        evaluation.report(m, DATA, PRETRAINED | {"run_id": "r2"}, [], settings=Evaluate(bootstrap=0)) == first
+        evaluation.report(
+            m, DATA, dataclasses.replace(PRETRAINED, run_id="r2"), [], settings=Evaluate(bootstrap=0)
+        )
+        == first
     )
 
 
 def test_report_says_which_training_mode_ran():
     m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)
     report = lambda run: evaluation.report(m, DATA, run, [], settings=Evaluate(bootstrap=0))  # noqa: E731
-    assert "| training mode | `knn` |" in report(PRETRAINED | {"mode": "knn"})
-    assert "| training mode | `finetune` |" in report(PRETRAINED)  # a run.json written before train.mode
+    assert "| training mode | `knn` |" in report(dataclasses.replace(PRETRAINED, mode="knn"))
+    assert "| training mode | `finetune` |" in report(PRETRAINED)  # train.mode's default

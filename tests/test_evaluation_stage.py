@@ -15,12 +15,12 @@ import torch
 import yaml
 
 from pipeline import config, evaluation, tracking
-from pipeline.data.ingest import ingest, load_prepared
+from pipeline.data.ingest import ingest
+from pipeline.data.prepared import load_prepared
 from pipeline.evaluation import decision, plots
-from pipeline.fit import RUN_INFO
 from pipeline.model import Classifier
 from pipeline.stages import evaluate as stage
-from tests.conftest import CLASSES, write_class_folders
+from tests.conftest import CLASSES, run_info, write_class_folders
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,17 +48,7 @@ def save_untrained_model(params: config.Params, classes: tuple[str, ...], run_id
         },
         model_dir / "best.ckpt",
     )
-    info = {
-        "run_id": run_id,
-        "arch": params.model.arch,
-        "classes": list(classes),
-        "checkpoints": ["best.ckpt"],
-        "monitor": "val/loss",
-        "best_score": 1.1,
-        "epochs_run": 1,
-        "weights": {"pretrained": False, "source": "random-init", "fallback_reason": None},
-    }
-    (model_dir / RUN_INFO).write_text(json.dumps(info))
+    run_info(run_id=run_id, arch=params.model.arch, classes=classes, best_score=1.1).write(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -229,9 +219,9 @@ def test_report_warns_and_embeds_the_plots(project):
 def test_a_positive_class_on_a_multiclass_set_fails_before_any_work(project):
     _, params, _ = project
     before = Path(params.paths.metrics).stat().st_mtime_ns
-    with pytest.raises(evaluation.EvaluationError, match="evaluate.positive_class"):
+    with pytest.raises(evaluation.EvaluationError, match=r"evaluate.positive_class"):
         stage.main(tiny_params(positive_class="alpha"))
-    with pytest.raises(decision.DecisionError, match="evaluate.threshold"):
+    with pytest.raises(decision.DecisionError, match=r"evaluate.threshold"):
         stage.main(tiny_params(threshold="youden"))
     assert Path(params.paths.metrics).stat().st_mtime_ns == before
 

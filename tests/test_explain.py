@@ -53,7 +53,7 @@ def share_in_quadrant(maps: np.ndarray, quadrant: np.ndarray) -> np.ndarray:
     return np.array(
         [
             m[(q // 2) * HALF : (q // 2 + 1) * HALF, (q % 2) * HALF : (q % 2 + 1) * HALF].sum() / m.sum()
-            for m, q in zip(maps, quadrant)
+            for m, q in zip(maps, quadrant, strict=True)
         ]
     )
 
@@ -115,7 +115,8 @@ def test_evaluate_stage_writes_logs_and_embeds_the_panel(tmp_path, monkeypatch):
     import mlflow
 
     from pipeline import tracking
-    from pipeline.data.ingest import ingest, load_prepared
+    from pipeline.data.ingest import ingest
+    from pipeline.data.prepared import load_prepared
     from pipeline.stages import evaluate as stage
     from tests.conftest import write_class_folders
     from tests.test_evaluation_stage import save_untrained_model, tiny_params

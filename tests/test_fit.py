@@ -15,9 +15,9 @@ def test_tiny_fit_saves_the_best_checkpoint_and_logs_the_vocabulary(tiny_params,
     assert result.epochs_run == 2 and not result.weights.pretrained
     for name in (
         "train/loss",
-        "train/acc",
+        "train/accuracy",
         "val/loss",
-        "val/acc",
+        "val/accuracy",
         "val/balanced_accuracy",
         "val/auroc",
         "val/macro_f1",
@@ -49,7 +49,7 @@ def test_a_diverging_loss_stops_with_a_message_and_no_checkpoint(tiny_params, pr
         tiny_params,
         {"train.lr": 9.0, "train.optimizer": "sgd", "train.warmup_epochs": 0, "train.label_smoothing": 0.0},
     )
-    with pytest.raises(TrainingDiverged, match="lower train.lr"):
+    with pytest.raises(TrainingDiverged, match=r"lower train.lr"):
         fit(params, datamodule(params, prepared, None), out_dir=tmp_path / "ckpt", max_epochs=20)
     assert not (tmp_path / "ckpt" / "best.ckpt").exists()
 
@@ -57,12 +57,13 @@ def test_a_diverging_loss_stops_with_a_message_and_no_checkpoint(tiny_params, pr
 def test_each_epoch_line_shows_that_epochs_own_train_and_val_metrics(tiny_params, prepared, capsys, caplog):
     import re
     import warnings
+    from typing import ClassVar
 
     from lightning.pytorch.loggers import Logger
 
     class Recorder(Logger):  # what MLflow receives, per epoch
         name, version = "recorder", "0"
-        logged: list[dict] = []
+        logged: ClassVar[list[dict]] = []
 
         def log_hyperparams(self, params, *args, **kwargs) -> None:
             pass
@@ -92,7 +93,7 @@ def test_each_epoch_line_shows_that_epochs_own_train_and_val_metrics(tiny_params
     for line, epoch in zip(lines, range(2), strict=True):
         shown = dict(re.findall(r"(\S+)=(\S+)", line))
         logged = {k: v for m in recorder.logged if m.get("epoch") == epoch for k, v in m.items()}
-        for name in ("train/loss", "val/loss", "val/acc"):
+        for name in ("train/loss", "val/loss", "val/accuracy"):
             assert float(shown[name]) == pytest.approx(logged[name], abs=1e-4), (line, name)
 
 

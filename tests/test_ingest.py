@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.data.ingest import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError, decode, ingest, load_prepared
+from pipeline.data.ingest import decode, ingest
+from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError, load_prepared
 
 ARGS = dict(image_size=24, val_fraction=0.25, test_fraction=0.25, seed=3, on_bad_file="skip")
 
@@ -58,7 +59,7 @@ def test_bad_files_are_skipped_and_reported_and_source_untouched(image_folder, t
 
 def test_fail_mode_names_the_file(image_folder, tmp_path):
     (image_folder / "alpha" / "broken.png").write_bytes(b"\x89PNG broken")
-    with pytest.raises(DataError, match="broken.png"):
+    with pytest.raises(DataError, match=r"broken.png"):
         ingest(image_folder, tmp_path / "out", **(ARGS | {"on_bad_file": "fail"}))
 
 
@@ -176,7 +177,7 @@ def test_exact_and_near_duplicates_are_reported_and_kept_in_one_split(image_fold
     near_names = {Path(p).name for pair in report["duplicates"]["near"] for p in pair["paths"]}
     assert "near.png" in near_names
     table = pd.read_csv(tmp_path / "out" / SPLITS_CSV)
-    by_name = {Path(p).name: s for p, s in zip(table["path"], table["split"])}
+    by_name = {Path(p).name: s for p, s in zip(table["path"], table["split"], strict=True)}
     assert by_name["alpha_00.png"] == by_name["exact.png"] == by_name["near.png"]
     assert report["split_by"] == "grouped"
     assert table["sha256"].str.len().eq(64).all()
@@ -209,7 +210,10 @@ def test_a_manifest_split_column_is_honoured_exactly(tmp_path):
     given = pd.read_csv(manifest).set_index("path")["split"]
     report = ingest(manifest.parent, tmp_path / "out", **ARGS)
     table = pd.read_csv(tmp_path / "out" / SPLITS_CSV)
-    got = {str(Path(p).relative_to(manifest.parent)): s for p, s in zip(table["path"], table["split"])}
+    got = {
+        str(Path(p).relative_to(manifest.parent)): s
+        for p, s in zip(table["path"], table["split"], strict=True)
+    }
     assert got == given.to_dict() and report["split_by"] == "manifest"
 
 
@@ -387,5 +391,5 @@ def test_excluded_files_are_left_out_listed_and_untouched(image_folder, tmp_path
     assert any("not/there.png" in w for w in report["warnings"])
     assert "excluded    2 files" in summary(report) and tree_digest(image_folder) == before
     (tmp_path / "bad.csv").write_text("file\nx.png\n")
-    with pytest.raises(DataError, match="data.exclude.*'path' column"):
+    with pytest.raises(DataError, match=r"data.exclude.*'path' column"):
         ingest(image_folder, tmp_path / "out2", **ARGS, exclude=str(tmp_path / "bad.csv"))

@@ -130,8 +130,9 @@ def all_bytes(root: Path) -> bytes:
 
 def test_group_ids_reach_raw_and_prepared_data_only_as_salted_hashes(repo, tmp_path, monkeypatch, capsys):
     from pipeline.data.card import summary
-    from pipeline.data.ingest import SPLITS_CSV, ingest
+    from pipeline.data.ingest import ingest
     from pipeline.data.intake import group_hash
+    from pipeline.data.prepared import SPLITS_CSV
 
     monkeypatch.setenv("PIPELINE_GROUP_SALT", "test-salt-1")
     manifest, ids = patient_manifest(tmp_path / "src")
@@ -297,7 +298,8 @@ def write_patient_slices(root: Path, n_patients: int = 6) -> dict[str, str]:
 
 
 def test_dicom_slices_are_grouped_by_patient_as_salted_hashes(repo, tmp_path, monkeypatch, capsys):
-    from pipeline.data.ingest import SPLITS_CSV, ingest
+    from pipeline.data.ingest import ingest
+    from pipeline.data.prepared import SPLITS_CSV
 
     monkeypatch.setenv("PIPELINE_GROUP_SALT", "salt-9")
     owners = write_patient_slices(tmp_path / "scans")

@@ -6,6 +6,7 @@ from pipeline import config, serve
 from pipeline.fit import datamodule, fit
 from pipeline.model import Classifier, Ensemble, build_network
 from pipeline.probe import pooled_features
+from tests.conftest import run_info
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def test_linear_probe_leaves_the_backbone_unchanged(tiny_params, prepared, backb
     own = model.net.state_dict()
     backbone = [k for k in state if not k.startswith("fc.")]
     assert all(torch.equal(own[k], state[k]) for k in backbone)  # BatchNorm running statistics included
-    assert result.epochs_run == 0 and result.weights.pretrained and "val/acc" in result.last_metrics
+    assert result.epochs_run == 0 and result.weights.pretrained and "val/accuracy" in result.last_metrics
     assert own["fc.weight"].abs().sum() > 0 and own["fc.weight"].shape == (3, 512)
     # The head is the logistic regression: it separates the training features (classes differ by colour).
     rows = prepared.split("train")
@@ -80,7 +81,7 @@ def test_predict_and_export_work_for_the_frozen_modes(
         channels="rgb",
         dicom_window=None,
         dtype="uint8",
-        run={},
+        run=run_info(classes=prepared.classes),
     )
     files = sorted(image_folder.rglob("*.png"))[:4]
     table = serve.predict(trained, files)

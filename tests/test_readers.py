@@ -90,7 +90,7 @@ def test_five_band_tiff_keeps_every_band(tmp_path):
     assert list(found.pixels[0, 0]) == [1000, 2000, 3000, 4000, 5000]
     kept = readers.conform(found, 8, "keep")
     assert kept.shape == (8, 8, 5) and kept.dtype == np.uint16
-    with pytest.raises(readers.UnreadableImage, match="data.channels: keep"):
+    with pytest.raises(readers.UnreadableImage, match=r"data.channels: keep"):
         readers.conform(found, 8, "rgb")
 
 

@@ -68,7 +68,7 @@ def test_gradual_unfreezing_goes_from_the_top(tiny_params, prepared, pretrained_
             "train.patience": 5,
         },
     )
-    start, frozen, one_stage = fit_with_snapshots(params, prepared, epochs=2)
+    _, frozen, one_stage = fit_with_snapshots(params, prepared, epochs=2)
     assert changed(frozen, one_stage, "layer4.") and changed(frozen, one_stage, "fc.")
     for prefix in ("conv1.", "bn1.", "layer1.", "layer2.", "layer3."):
         assert not changed(frozen, one_stage, prefix), prefix

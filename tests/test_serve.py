@@ -13,10 +13,12 @@ import yaml
 
 from pipeline import config, serve, tracking
 from pipeline.__main__ import main
-from pipeline.data.ingest import ingest, load_prepared
-from pipeline.fit import RUN_INFO, datamodule, fit
+from pipeline.data.ingest import ingest
+from pipeline.data.prepared import load_prepared
+from pipeline.fit import datamodule, fit
 from pipeline.model import Classifier
-from tests.conftest import CLASSES, write_class_folders
+from pipeline.runinfo import Preprocessing
+from tests.conftest import CLASSES, run_info, write_class_folders
 
 RAW_SIZE, SIZE = 40, 32  # files are 40 px: predict and the exports must resize them as ingest did
 
@@ -33,14 +35,11 @@ def train_tiny(root: Path, prepared, channels: str, run_id: str) -> None:
     result = fit(params, datamodule(params, prepared, None), out_dir=root / "ckpt")
     (root / "models").mkdir()
     shutil.copy2(result.best_checkpoint, root / "models" / "best.ckpt")
-    run = {
-        "run_id": run_id,
-        "arch": "resnet18",
-        "classes": list(prepared.classes),
-        "checkpoints": ["best.ckpt"],
-        "preprocessing": {"image_size": SIZE, "channels": channels, "dicom_window": None, "dtype": "uint8"},
-    }
-    (root / "models" / RUN_INFO).write_text(json.dumps(run))
+    run_info(
+        run_id=run_id,
+        classes=prepared.classes,
+        preprocessing=Preprocessing(image_size=SIZE, channels=channels, dicom_window=None, dtype="uint8"),
+    ).write(root / "models")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +80,9 @@ def test_predict_a_nested_folder_with_a_corrupt_file(project, model, tmp_path):
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
     # The same images through the model from the prepared cache: the same pixels, so the same probabilities.
     prepared = load_prepared(project / "prepared")
-    by_name = {Path(p).name: i for p, i in zip(prepared.table["path"], prepared.table["cache_index"])}
+    by_name = {
+        Path(p).name: i for p, i in zip(prepared.table["path"], prepared.table["cache_index"], strict=True)
+    }
     rows = [by_name[Path(p).name] for p in ok["path"]]
     with torch.no_grad():
         expected = (
@@ -240,14 +241,14 @@ def test_exports_of_1_3_and_n_band_models_equal_predict_and_reject_other_layouts
     for x in layouts:  # every documented layout gives predict's probabilities
         np.testing.assert_allclose(run(x), expected, atol=1e-4)
     wrong = np.zeros((2, SIZE, SIZE, bands + 1), np.uint8)  # another band count: refused, not guessed
-    with pytest.raises(Exception, match="band|channel|dimension|index: 3"):
+    with pytest.raises(Exception, match=r"band|channel|dimension|index: 3"):
         run(wrong)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_an_rgb_model_takes_a_gray_batch_as_ingest_does(project, model, tmp_path):
     """data.channels: rgb replicates a gray image into 3 bands at ingest; the export must do the same."""
-    files, cached = exported_inputs(project)
+    _, cached = exported_inputs(project)
     gray = cached[..., :1]
     expected = _probabilities(model, np.repeat(gray, 3, axis=-1))
     out = serve.export(serve.load_trained(project / "models"), "torchscript", tmp_path / "m.pt")
@@ -274,7 +275,9 @@ def test_predict_writes_conformal_sets_of_this_models_decision_only(project, tmp
     table = pd.read_csv(out, keep_default_na=False)
     assert list(table.columns) == ["path", "predicted", *(f"prob_{c}" for c in CLASSES), "set", "error"]
     probs = table[[f"prob_{c}" for c in CLASSES]].to_numpy(float)
-    expected = ["|".join(c for c, p in zip(CLASSES, row) if p >= 1 - 0.6 - 1e-6) for row in probs]
+    expected = [
+        "|".join(c for c, p in zip(CLASSES, row, strict=True) if p >= 1 - 0.6 - 1e-6) for row in probs
+    ]
     assert list(table["set"]) == expected
     Decision(run_id="another", classes=CLASSES, selection="val", conformal_quantile=0.6).write(
         tmp_path / "old.json"

@@ -16,8 +16,9 @@ from pipeline import serve
 from pipeline.__main__ import main as cli
 from pipeline.config import Data
 from pipeline.data import readers, sources
-from pipeline.data.ingest import DataError, ingest
+from pipeline.data.ingest import ingest
 from pipeline.data.intake import intake
+from pipeline.data.prepared import DataError
 from tests.conftest import write_class_folders
 
 REPO_PARAMS = Path(__file__).parents[1] / "params.yaml"

@@ -30,7 +30,10 @@ def test_lineage_tags_in_a_git_repo(tmp_path, monkeypatch):
         "GIT_COMMITTER_NAME": "t",
         "GIT_COMMITTER_EMAIL": "t@t",
     }
-    run = lambda *a: subprocess.run(["git", *a], check=True, capture_output=True, env=os.environ | env)
+
+    def run(*a: str) -> None:
+        subprocess.run(["git", *a], check=True, capture_output=True, env=os.environ | env)
+
     run("init", "-q")
     (tmp_path / "f").write_text("1")
     run("add", "f")

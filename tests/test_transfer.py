@@ -9,8 +9,9 @@ import torch
 from mlflow.tracking._tracking_service.utils import is_tracking_uri_set as tracking_uri_is_set
 
 from pipeline import config, tracking, transfer
-from pipeline.fit import RUN_INFO, build_model, datamodule, fit
+from pipeline.fit import build_model, datamodule, fit
 from pipeline.model import Classifier
+from pipeline.runinfo import RUN_INFO
 from pipeline.weights import WeightsError, load_pretrained
 
 NEW_CLASSES = ("x", "y")  # the earlier run had three: alpha, beta, gamma
@@ -19,8 +20,9 @@ NEW_CLASSES = ("x", "y")  # the earlier run had three: alpha, beta, gamma
 @pytest.fixture(scope="module")
 def earlier_run(tmp_path_factory):
     """A real tiny fit's models/ folder (best.ckpt + run.json), trained with the set's own statistics."""
-    from pipeline.data.ingest import ingest, load_prepared
-    from tests.conftest import write_class_folders
+    from pipeline.data.ingest import ingest
+    from pipeline.data.prepared import load_prepared
+    from tests.conftest import run_info, write_class_folders
 
     root = tmp_path_factory.mktemp("earlier")
     ingest(
@@ -38,10 +40,9 @@ def earlier_run(tmp_path_factory):
             "train": {"max_epochs": 1, "batch_size": 4, "accelerator": "cpu", "freeze_epochs": 0},
         }
     )
-    result = fit(params, datamodule(params, load_prepared(root / "prepared"), None), out_dir=root / "models")
-    (root / "models" / RUN_INFO).write_text(
-        json.dumps({"arch": "resnet18", "checkpoints": [result.best_checkpoint.name]})
-    )
+    prepared = load_prepared(root / "prepared")
+    result = fit(params, datamodule(params, prepared, None), out_dir=root / "models")
+    run_info(classes=prepared.classes, checkpoints=(result.best_checkpoint.name,)).write(root / "models")
     return root / "models"
 
 
@@ -88,7 +89,7 @@ def test_a_one_band_set_adapts_the_rgb_backbone_and_its_statistics(earlier_run):
 
 
 def test_another_arch_or_band_count_is_an_error_naming_both(earlier_run, tmp_path):
-    with pytest.raises(WeightsError, match="resnet18 backbone, but model.arch is resnet34"):
+    with pytest.raises(WeightsError, match=r"resnet18 backbone, but model.arch is resnet34"):
         build_model(params_with(str(earlier_run), arch="resnet34"), NEW_CLASSES)
     gray = Classifier("resnet18", 2, in_channels=1)
     torch.save(
@@ -99,14 +100,14 @@ def test_another_arch_or_band_count_is_an_error_naming_both(earlier_run, tmp_pat
 
 
 def test_a_folder_without_run_json_and_a_missing_checkpoint_are_named(tmp_path):
-    with pytest.raises(WeightsError, match="has no run.json"):
+    with pytest.raises(WeightsError, match=r"has no run.json"):
         build_model(params_with(str(tmp_path)), NEW_CLASSES)
-    with pytest.raises(WeightsError, match="gone.ckpt' not found"):
+    with pytest.raises(WeightsError, match=r"gone.ckpt' not found"):
         build_model(params_with(str(tmp_path / "gone.ckpt")), NEW_CLASSES)
 
 
 def test_the_checkpoint_sha256_is_checked(earlier_run):
-    with pytest.raises(WeightsError, match="model.weights_sha256"):
+    with pytest.raises(WeightsError, match=r"model.weights_sha256"):
         build_model(params_with(str(earlier_run), weights_sha256="0" * 64), NEW_CLASSES)
 
 

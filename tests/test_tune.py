@@ -4,11 +4,11 @@ import mlflow
 import optuna
 
 from pipeline import augment, tracking, tune
+from pipeline.config import with_overrides
+from pipeline.fit import datamodule
 from pipeline.tune import study as tune_study
 from pipeline.tune import trial as tune_trial
 from pipeline.tune import workers as tune_workers
-from pipeline.config import with_overrides
-from pipeline.fit import datamodule
 
 
 def test_study_logs_nested_trials_and_resumes_instead_of_restarting(
@@ -19,7 +19,9 @@ def test_study_logs_nested_trials_and_resumes_instead_of_restarting(
     params = with_overrides(params, {"mlflow.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"})
     exp_id = tracking.setup(params.mlflow)
     transform = augment.build([{"name": "HorizontalFlip", "p": 0.5}], seed=0)
-    data_for = lambda p: datamodule(p, prepared, transform)
+
+    def data_for(p):
+        return datamodule(p, prepared, transform)
 
     study, summary = tune.run(params, data_for, "s1", {"data.version": "v1"})
     assert summary["trials_complete"] + summary["trials_pruned"] == 2
@@ -238,7 +240,7 @@ def test_best_params_reach_the_train_stage(tiny_params, tmp_path):
     best.write_text("train.nope: 1\n")
     import pytest
 
-    with pytest.raises(ConfigError, match="train.nope"):
+    with pytest.raises(ConfigError, match=r"train.nope"):
         train.with_best_params(params)
 
 
@@ -247,7 +249,7 @@ def test_ctrl_c_inside_lightning_fails_the_trial_instead_of_leaving_it_running(
 ):
     import pytest
 
-    params, exp_id, data_for = _setup(tiny_params, prepared, tmp_path, monkeypatch, **{"tune.n_trials": 2})
+    params, _, data_for = _setup(tiny_params, prepared, tmp_path, monkeypatch, **{"tune.n_trials": 2})
 
     def ctrl_c_in_lightning(*args, **kwargs):
         raise SystemExit(1)  # what Lightning's trainer does on KeyboardInterrupt, after its graceful shutdown

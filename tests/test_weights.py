@@ -102,7 +102,7 @@ def test_imagenet_url_is_torchvisions():
 
 @pytest.mark.parametrize("bands", [1, 6])
 def test_adapted_first_conv_keeps_the_pretrained_response(saved_state, bands):
-    state, path = saved_state
+    _, path = saved_state
     net = build_network("resnet18", 3, in_channels=bands)
     weights.load_pretrained(net, "resnet18", str(path), require_pretrained=True)
     assert net.conv1.weight.shape[1] == bands
@@ -162,9 +162,9 @@ def test_weight_enum_names_resolve_and_must_fit_the_arch():
     assert weights.imagenet_url("resnet50", "imagenet") == weights.imagenet_url(
         "resnet50", "ResNet50_Weights.DEFAULT"
     )
-    with pytest.raises(weights.WeightsError, match="another architecture.*ResNet18_Weights.IMAGENET1K_V1"):
+    with pytest.raises(weights.WeightsError, match=r"another architecture.*ResNet18_Weights.IMAGENET1K_V1"):
         weights.weight_enum("resnet18", "ResNet50_Weights.IMAGENET1K_V2")
-    with pytest.raises(weights.WeightsError, match="ResNet50_Weights.IMAGENET1K_V9.*IMAGENET1K_V2"):
+    with pytest.raises(weights.WeightsError, match=r"ResNet50_Weights.IMAGENET1K_V9.*IMAGENET1K_V2"):
         weights.weight_enum("resnet50", "ResNet50_Weights.IMAGENET1K_V9")
 
 

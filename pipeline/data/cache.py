@@ -63,7 +63,7 @@ class CacheWriter:
         return np.load(self.path, mmap_mode="r")
 
     def _open(self, path: Path, dtype: np.dtype, rows: int):
-        f = open(path, "wb")
+        f = open(path, "wb")  # noqa: SIM115 -- stays open across add() calls; finish() or __exit__ closes it
         npy.write_array_header_1_0(
             f, {"descr": npy.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, *self.shape)}
         )

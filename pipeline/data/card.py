@@ -56,7 +56,7 @@ def summary(report: dict, root: Path | None = None) -> str:
     lines += [f"  unreadable: {rel(r['path'])}: {r['reason']}" for r in report["rejected"][:10]]
     lines += [f"  non-image:  {rel(p)}" for p in report.get("non_images", [])[:10]]
     lines += [
-        f"  left out:   {', '.join(f'{rel(p)} ({label})' for p, label in zip(c['paths'], c['labels']))} "
+        f"  left out:   {', '.join(f'{rel(p)} ({label})' for p, label in zip(c['paths'], c['labels'], strict=True))} "
         "(identical files under different labels)"
         for c in report.get("label_conflicts", [])[:10]
     ]

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from pipeline import recipe
 from pipeline.data.cache import OFFLINE_IMAGES, OFFLINE_LABELS, Rows
-from pipeline.data.ingest import DataError, Prepared
+from pipeline.data.prepared import DataError, Prepared
 
 
 class CachedImageDataset(Dataset):
@@ -130,6 +130,3 @@ class ImageDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._dataloader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._dataloader("test")

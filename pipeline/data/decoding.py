@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data import readers, validation
+from pipeline.fsutil import file_sha256
 
 PARALLEL_MIN_FILES = 2000  # below this a pool's start-up (about a second) costs more than it saves
 CHUNK = 128  # files per worker task
@@ -91,7 +92,7 @@ def stats_from_sums(sums: np.ndarray, values_per_channel: int) -> tuple[list[flo
 
 def decode_file(path: str, settings: Settings, validated: Validated | None = None) -> Decoded:
     """Hash, decode, conform and describe one file (or copy it from ``validated`` when its bytes are there)."""
-    sha = validation.file_hash(Path(path)) if os.path.isfile(path) else ""
+    sha = file_sha256(Path(path)) if os.path.isfile(path) else ""
     if validated is not None and (hit := validated.get(sha)) is not None:
         return hit
     try:

@@ -14,8 +14,6 @@ and the train split's per-channel mean and std.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import sys
 import time
@@ -32,15 +30,12 @@ from tqdm import tqdm
 from pipeline.config import Data
 from pipeline.data import decoding, readers, sources, splits, validation
 from pipeline.data.cache import CacheWriter
+from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError
 from pipeline.data.readers import IMAGE_SUFFIXES
-from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
-SPLITS_CSV = "splits.csv"
-REPORT_JSON = "report.json"
-CACHE_NPY = "images.npy"
 MANIFEST_CSV = "manifest.csv"
 SPLITS = splits.SPLITS
 MIN_PER_CLASS = 3  # one image each for train, val and test
@@ -51,26 +46,6 @@ STATS_VALUES = (
 
 
 T = TypeVar("T")
-
-
-class DataError(PipelineError, ValueError):
-    """A problem with the handed-in data that the user must fix; the message names the file or class."""
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """Ingest's outputs, loaded back: the split table, the pixel cache and the class names."""
-
-    table: pd.DataFrame  # path, label, label_index, split, cache_index
-    images: np.ndarray  # (N, H, W, C) uint8, uint16 or float32 in [0, 1], memory-mapped
-    classes: tuple[str, ...]
-    digest: str  # of splits.csv: changes with any file, label or split assignment
-    mean: tuple[float, ...]  # per channel, train split, [0, 1] units (report.json "normalization")
-    std: tuple[float, ...]
-    report: dict  # report.json as ingest wrote it: counts, sizes, duplicates, leakage, warnings
-
-    def split(self, name: str) -> pd.DataFrame:
-        return self.table[self.table["split"] == name]
 
 
 def class_folders(root: Path) -> list[Path]:
@@ -344,7 +319,10 @@ def _split(
         message = (
             f"{len(leaks)} sets of duplicates or groups span more than one split (leakage), e.g. "
             + "; ".join(
-                ", ".join(f"{p} ({s})" for p, s in zip(files, table.set_index("path").loc[files, "split"]))
+                ", ".join(
+                    f"{p} ({s})"
+                    for p, s in zip(files, table.set_index("path").loc[files, "split"], strict=True)
+                )
                 for files in leaks[:3]
             )
         )
@@ -517,30 +495,3 @@ def _validate_and_split(
         "warnings": warnings,
         "normalization": None,
     }
-
-
-def load_prepared(out_dir: Path) -> Prepared:
-    """Load what ingest wrote; the pixel cache is memory-mapped, not read."""
-    splits = out_dir / SPLITS_CSV
-    if not splits.is_file():
-        raise DataError(
-            f"{splits}: not found; run the ingest stage first (dvc repro ingest), or, if a killed "
-            f"run left it missing, restore the last committed one: dvc checkout {out_dir}"
-        )
-    table = pd.read_csv(splits)
-    report = json.loads((out_dir / REPORT_JSON).read_text())
-    if "normalization" not in report:
-        raise DataError(
-            f"{out_dir / REPORT_JSON}: no normalization statistics (written by an older ingest); "
-            "rerun the ingest stage"
-        )
-    stats = report["normalization"]
-    return Prepared(
-        table=table,
-        images=np.load(out_dir / CACHE_NPY, mmap_mode="r"),
-        classes=tuple(report["classes"]),
-        digest=hashlib.sha256(splits.read_bytes()).hexdigest()[:12],
-        mean=tuple(stats["mean"]),
-        std=tuple(stats["std"]),
-        report=report,
-    )

@@ -37,7 +37,8 @@ from pipeline.config import Data
 from pipeline.data import ingest as ingest_module
 from pipeline.data import sources
 from pipeline.data.groups import add_dicom_groups
-from pipeline.data.ingest import MANIFEST_CSV, DataError, class_folders, ingest, read_manifest
+from pipeline.data.ingest import MANIFEST_CSV, class_folders, ingest, read_manifest
+from pipeline.data.prepared import DataError
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_dir, atomic_file
 

@@ -10,19 +10,12 @@ hash puts 12,000 pairs of different radiographs within 4 bits of each other and 
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
-from pathlib import Path
 
 import cv2
 import numpy as np
-
-
-def file_hash(path: Path) -> str:
-    """sha256 of the file's bytes: identical files, whatever their names."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 HASH_SIDE = 16  # bits = HASH_SIDE ** 2
 MIN_SUBSTRING_BITS = 16  # near_pairs: shorter substrings prune too little; search exhaustively
@@ -116,17 +109,10 @@ def near_pairs_exhaustive(
 
 
 def components(n: int, links: list[tuple[int, int]]) -> np.ndarray:
-    """Connected-component id per item of ``n`` given linked pairs (union-find); ids are the smallest member."""
-    parent = np.arange(n)
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in links:
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return np.array([root(i) for i in range(n)])
+    """Connected-component id per item of ``n`` given linked pairs; ids are the smallest member."""
+    pairs = np.asarray(links, dtype=np.int64).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    smallest = np.full(labels.max() + 1 if n else 0, n)
+    np.minimum.at(smallest, labels, np.arange(n))
+    return smallest[labels]

@@ -50,7 +50,7 @@ def panel_png(images: np.ndarray, table: pd.DataFrame, top: int, columns: int = 
     """Thumbnails of the ``top`` first rows of ``table`` (its index: their positions in ``images``), captioned."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
-    from pipeline.explain import to_display
+    from pipeline.display import to_rgb
 
     shown = min(top, len(table))
     n_rows = max(1, math.ceil(shown / columns))
@@ -61,7 +61,7 @@ def panel_png(images: np.ndarray, table: pd.DataFrame, top: int, columns: int = 
     for i in range(shown):
         row = table.iloc[i]
         ax = axes.flat[i]
-        ax.imshow(to_display(images[table.index[i]]))
+        ax.imshow(to_rgb(images[table.index[i]]))
         ax.set_title(
             f"given {row['given']}\nsuggested {row['suggested']}\nscore {row['score']:.2f}",
             fontsize=7,

@@ -321,9 +321,10 @@ def report_sections(metrics: Mapping[str, Any], decision: Decision) -> list[tupl
         sections.append(("Decision threshold", "\n".join(lines)))
     if decision.conformal_quantile is not None:
         m = metrics
-        ci = lambda k: (
-            f" (95% CI {m[k + '_ci_low']:.3f} – {m[k + '_ci_high']:.3f})" if f"{k}_ci_low" in m else ""
-        )
+
+        def ci(k: str) -> str:
+            return f" (95% CI {m[k + '_ci_low']:.3f} – {m[k + '_ci_high']:.3f})" if f"{k}_ci_low" in m else ""
+
         lines = [
             f"Split conformal (LAC) at alpha = {decision.conformal_alpha:g}, fitted on "
             f"{m['conformal/n_selection']} {decision.selection} predictions: a class is in an image's set "

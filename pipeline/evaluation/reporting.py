@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from pipeline.config import Evaluate
 from pipeline.evaluation.calibration import TEMPERATURE_BOUNDS
 from pipeline.evaluation.metrics import BINARY, CALIBRATION, HEADLINE, PER_CLASS
+
+if TYPE_CHECKING:  # not imported: run.json sits above the model, which imports this package's metrics
+    from pipeline.runinfo import RunInfo
 
 # The metrics file DVC shows by default (`dvc metrics show`, `dvc exp show`): what runs are compared on. Every
 # other number (intervals, per class, calibration details) is in paths.metrics_detail, and all are in MLflow.
@@ -98,12 +101,12 @@ def _wide_intervals(metrics: Mapping[str, Any], limit: float) -> list[str]:
 
 
 def warnings(
-    metrics: Mapping[str, Any], data_report: Mapping[str, Any], run: Mapping[str, Any], settings: Evaluate
+    metrics: Mapping[str, Any], data_report: Mapping[str, Any], run: RunInfo, settings: Evaluate
 ) -> list[str]:
     """What a reader must know before trusting the numbers, most serious first."""
     out = []
-    if not run["weights"]["pretrained"]:
-        reason = run["weights"].get("fallback_reason") or "model.weights is 'none'"
+    if not run.weights.pretrained:
+        reason = run.weights.fallback_reason or "model.weights is 'none'"
         out.append(f"**Random initialization, not pretrained weights** — {reason}.")
     leaks = data_report.get("leakage") or []
     if leaks:
@@ -174,21 +177,18 @@ def _data_section(data_report: Mapping[str, Any]) -> list[str]:
 
 def _settings_section(
     classes: Sequence[str],
-    run: Mapping[str, Any],
+    run: RunInfo,
     settings: Evaluate,
     hparams: Mapping[str, Any],
     tta: Sequence[str],
 ) -> list[str]:
     rows = {
-        "model": f"`{run['arch']}`",
-        "weights": f"`{run['weights']['source']}`",
-        "training mode": f"`{run.get('mode', 'finetune')}`",
+        "model": f"`{run.arch}`",
+        "weights": f"`{run.weights.source}`",
+        "training mode": f"`{run.mode}`",
     }
     rows |= {f"train {k}": f"`{hparams[k]}`" for k in KEY_HPARAMS if k in hparams}
-    if "best_score" in run:
-        rows["best checkpoint"] = (
-            f"{run.get('monitor', 'score')} {run['best_score']:.4f} after {run['epochs_run']} epochs"
-        )
+    rows["best checkpoint"] = f"{run.monitor} {run.best_score:.4f} after {run.epochs_run} epochs"
     rows |= {
         "test-time augmentation": ", ".join(tta) or "off",
         "bootstrap": f"{settings.bootstrap} resamples, 95% percentile intervals"
@@ -244,7 +244,7 @@ def cv_section(metrics: Mapping[str, Any], k: int) -> list[str]:
 def report(
     metrics: Mapping[str, Any],
     data_report: Mapping[str, Any],
-    run: Mapping[str, Any],
+    run: RunInfo,
     plot_files: Sequence[str],
     tta: Sequence[str] = (),
     *,
@@ -301,15 +301,15 @@ def report(
         f"# Evaluation report — {data_report['source']}",
         "",
         # No run id here: the report stays the same between identical runs (a clean git tree after `make demo`).
-        f"Model `{run['arch']}`, weights: `{run['weights']['source']}`; "
+        f"Model `{run.arch}`, weights: `{run.weights.source}`; "
         + (
-            f"an ensemble of {len(run['checkpoints'])} fold models (mean probabilities)"
-            if len(run["checkpoints"]) > 1
-            else f"best epoch checkpoint `{run['checkpoints'][0]}`"
+            f"an ensemble of {len(run.checkpoints)} fold models (mean probabilities)"
+            if len(run.checkpoints) > 1
+            else f"best epoch checkpoint `{run.checkpoints[0]}`"
         )
         + " (its MLflow run: `run_id` in models/run.json; this report is logged to it).",
         "",
-        *cv_section(metrics, len(run["checkpoints"])),
+        *cv_section(metrics, len(run.checkpoints)),
         "## Warnings",
         "",
         *([f"- {w}" for w in warnings(metrics, data_report, run, settings)] or ["- none"]),

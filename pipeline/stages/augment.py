@@ -5,7 +5,7 @@ from pathlib import Path
 from pipeline import augment
 from pipeline.config import Params
 from pipeline.data.cache import OFFLINE_IMAGES, OFFLINE_LABELS, Rows
-from pipeline.data.ingest import load_prepared
+from pipeline.data.prepared import load_prepared
 from pipeline.fsutil import atomic_dir, atomic_file
 
 

@@ -31,9 +31,9 @@ def main(params: Params, argv: list[str], params_file: str) -> None:
     )
     args = parser.parse_args(argv)
     out = args.out or Path(params.paths.exports) / f"model{serve.SUFFIX[args.format]}"
-    trained = serve.load_trained(args.model_dir, params.data)
+    trained = serve.load_trained(args.model_dir)
     serve.export(trained, args.format, out)
     print(
-        f"export: {args.format} model of MLflow run {trained.run.get('run_id', '?')} -> {out} (resizes to "
+        f"export: {args.format} model of MLflow run {trained.run.run_id} -> {out} (resizes to "
         f"{trained.image_size} px, {trained.in_channels} bands; classes {', '.join(trained.classes)})"
     )

@@ -70,7 +70,8 @@ def main(params: Params, argv: list[str], params_file: str) -> None:
         domain = DOMAINS[args.domain]
         chosen = (domain.preset, domain.transforms, domain.tta)
         set_values(
-            Path(params_file), dict(zip(("augment.preset", "augment.transforms", "evaluate.tta"), chosen))
+            Path(params_file),
+            dict(zip(("augment.preset", "augment.transforms", "evaluate.tta"), chosen, strict=True)),
         )
     print(f"intake: {args.src} -> {target} (versioned: {target}.dvc; {params_file}: data.dataset: {name})")
     print(summary(report, target.absolute()))

@@ -38,7 +38,7 @@ def main(params: Params, argv: list[str], params_file: str) -> None:
         "(default: paths.decision, %(default)s)",
     )
     args = parser.parse_args(argv)
-    trained = serve.load_trained(args.model_dir, params.data)
+    trained = serve.load_trained(args.model_dir)
     made = serve.load_decision(args.decision, trained)
     table = serve.predict(
         trained,

@@ -1,28 +1,17 @@
 """train: fine-tune with the tuned params; save the best checkpoint and the MLflow run it belongs to.
 
 A killed run (even SIGKILL) resumes where it stopped, in the same MLflow run, when the stage runs
-again with the same inputs (see ``pipeline.resume``).
+again with the same inputs (see ``pipeline.resume``); the work is ``pipeline.training.train``.
 """
 
-import dataclasses
-import json
-import shutil
-from pathlib import Path
 from typing import Any
 
-import mlflow
-import numpy as np
 import yaml
-from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from pipeline import augment, crossval, serve, tracking
-from pipeline.config import ConfigError, Params, as_dict, with_overrides
-from pipeline.data.ingest import load_prepared
-from pipeline.fit import RUN_INFO, datamodule, fit
-from pipeline.fsutil import atomic_dir
-from pipeline.resume import Resume
-from pipeline.stages import dataset_dir, open_tracking, stage_input
+from pipeline import training
+from pipeline.config import ConfigError, Params, with_overrides
+from pipeline.stages import open_tracking, stage_input
 
 
 def with_best_params(params: Params) -> tuple[Params, dict[str, Any]]:
@@ -36,111 +25,14 @@ def with_best_params(params: Params) -> tuple[Params, dict[str, Any]]:
 
 
 def main(params: Params) -> None:
-    paths = params.paths
     params, tuned = with_best_params(params)
-    prepared = load_prepared(Path(paths.prepared))
-    transform = augment.load(Path(paths.augment_pipeline), params.seed)
-    resume = Resume.beside(
-        paths.model_dir,
-        json.dumps(as_dict(params), sort_keys=True),
-        prepared.digest,
-        Path(paths.augment_pipeline).read_bytes(),
-    )
-    folds = params.data.folds
-    if rank_zero_only.rank != 0:
-        # A DDP worker (started by Lightning, torchrun or SLURM) trains its shard and writes nothing:
-        # rank 0 owns the MLflow run and the outputs, and broadcasts the checkpoint folder.
-        if folds:
-            crossval.fit_folds(params, prepared, transform, resume)
-        else:
-            fit(
-                params,
-                datamodule(params, prepared, transform),
-                out_dir=resume.checkpoints,
-                resume_from=resume.last_checkpoint(),
-            )
-        return
-
-    tags = open_tracking(params)
-    run_id, last = resume.run_id(), resume.last_checkpoint()
-    name = tracking.run_name("train", params.model.arch, tags)
-    with mlflow.start_run(
-        run_id=run_id, run_name=None if run_id else name, tags=None if run_id else tags | {"stage": "train"}
-    ) as run:
-        if run_id is None:
-            resume.start(run.info.run_id)
-            tracking.log_dataset(dataset_dir(params), tags["data.version"])
-            tracking.log_params(params)
-            mlflow.log_dict(tuned, "best_params.json")
-            mlflow.log_artifact(paths.augment_preview)
-            mlflow.log_artifact(paths.augment_pipeline)
-        elif last is not None or folds:
-            print(f"train: resuming MLflow run {run_id}" + (f" from {last}" if last else ""), flush=True)
-        oof = None
-        if folds:
-            cv = crossval.fit_folds(
-                params, prepared, transform, resume, crossval.FoldRuns(run.info.run_id, name, tags, params)
-            )
-            results, oof = cv.results, cv.oof
-            members = {crossval.member_name(i): r.best_checkpoint for i, r in enumerate(results)}
-            tracking.log_metrics(crossval.cv_metrics(oof, prepared.classes))
-        else:
-            logger = MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run.info.run_id)
-            results = [
-                fit(
-                    params,
-                    datamodule(params, prepared, transform),
-                    out_dir=resume.checkpoints,
-                    logger=logger,
-                    resume_from=last,
-                )
-            ]
-            members = {results[0].best_checkpoint.name: results[0].best_checkpoint}
-        weights = results[0].weights
-        mlflow.set_tags(
-            {
-                "weights.pretrained": str(weights.pretrained).lower(),
-                "weights.source": weights.source,
-                "train.mode": params.train.mode,
-            }
-            | weights.preprocessing_tags()
+    # A DDP worker (rank > 0) trains its shard and writes nothing: rank 0 owns the MLflow run and outputs.
+    tags = open_tracking(params) if rank_zero_only.rank == 0 else None
+    info = training.train(params, tuned, tags)
+    if info is not None:
+        print(
+            f"train: best {info.monitor}={info.best_score:.4f}"
+            + (f" (mean of {len(info.folds)} folds)" if info.folds else "")
+            + f" after {info.epochs_run} epochs; weights {info.weights.source}; checkpoint in "
+            f"{params.paths.model_dir}; MLflow run {info.run_id}"
         )
-        info = {
-            "run_id": run.info.run_id,
-            "arch": params.model.arch,
-            "classes": list(prepared.classes),
-            "checkpoints": list(members),
-            "monitor": params.train.monitor,
-            "best_score": float(np.mean([r.best_score for r in results])),
-            "epochs_run": int(max(r.epochs_run for r in results)),
-            "mode": params.train.mode,
-            "folds": [{"best_score": r.best_score, "epochs_run": r.epochs_run} for r in results]
-            if folds
-            else [],
-            "weights": dataclasses.asdict(weights),
-            # What predict and export must do to a new file to give the pixels this model was trained on.
-            "preprocessing": {
-                "image_size": int(prepared.images.shape[1]),
-                "channels": params.data.channels,
-                "dicom_window": params.data.dicom_window,
-                "dtype": str(prepared.images.dtype),
-            },
-        }
-        with atomic_dir(paths.model_dir) as staging:
-            for member, checkpoint in members.items():
-                shutil.copy2(checkpoint, staging / member)
-            if oof is not None:
-                oof.to_csv(staging / crossval.OOF_CSV, index=False, float_format="%.6f")
-            (staging / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        mlflow.log_dict(info, RUN_INFO)
-        # What ships: the model as predict and export load it, with its preprocessing, in eval mode.
-        serve.log_model(
-            serve.load_trained(Path(paths.model_dir)), registered_model=params.mlflow.registered_model
-        )
-    resume.clear()
-    print(
-        f"train: best {params.train.monitor}={info['best_score']:.4f}"
-        + (f" (mean of {folds} folds)" if folds else "")
-        + f" after {info['epochs_run']} epochs; weights {weights.source}; checkpoint in {paths.model_dir}; "
-        f"MLflow run {run.info.run_id}"
-    )

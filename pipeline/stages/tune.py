@@ -12,7 +12,7 @@ import yaml
 
 from pipeline import tune
 from pipeline.config import PARAMS_FILE, Params, value_at
-from pipeline.data.ingest import load_prepared
+from pipeline.data.prepared import load_prepared
 from pipeline.fsutil import atomic_file, write_json
 from pipeline.stages import dataset_dir, open_tracking
 

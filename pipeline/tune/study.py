@@ -15,8 +15,8 @@ import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 
-from pipeline import credentials
-from pipeline.config import Params, as_dict, mode_of
+from pipeline import credentials, vocabulary
+from pipeline.config import Params, as_dict
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def open_study(params: Params, name: str, *, create: bool = True) -> optuna.Stud
             load_if_exists=True,
             sampler=sampler,
             pruner=pruner,
-            direction="minimize" if mode_of(params.train.monitor) == "min" else "maximize",
+            direction="minimize" if vocabulary.better(params.train.monitor) == "min" else "maximize",
         )
     try:
         return optuna.load_study(

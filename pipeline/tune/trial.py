@@ -19,7 +19,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 from pipeline import augment, tracking
 from pipeline.config import Params, SearchDim, with_overrides
 from pipeline.data.datamodule import ImageDataModule
-from pipeline.data.ingest import load_prepared
+from pipeline.data.prepared import load_prepared
 from pipeline.fit import datamodule, fit
 from pipeline.tune.study import SURPLUS_ATTR, TAKEN, trial_epochs
 

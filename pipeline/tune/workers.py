@@ -15,14 +15,13 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import tracking
 from pipeline.config import Params
+from pipeline.environ import environ
 from pipeline.tune.study import SURPLUS_ATTR, TAKEN, TuneError, open_study
 from pipeline.tune.trial import DataFor, objective
 
@@ -124,7 +123,7 @@ def work(params: Params, worker: Worker) -> int:
     for i in range(n_jobs):
         # Worker i trains on GPU i (round robin when there are fewer); without GPUs the cores are shared.
         env = {"CUDA_VISIBLE_DEVICES": devices[i % len(devices)]} if devices else {}
-        with _environ(env):
+        with environ(env):
             process = context.Process(
                 target=_run_worker, args=(worker, i, threads, results), name=f"tune-worker-{i}"
             )
@@ -167,18 +166,3 @@ def cuda_devices(accelerator: str) -> list[str]:
     count = torch.cuda.device_count()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # the set we were given, narrowed per worker
     return (visible.split(",") if visible else [str(i) for i in range(count)])[:count]
-
-
-@contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables while a child process starts (it inherits them), then restore them."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

@@ -1,0 +1,161 @@
+"""The train stage's work: the fit (or one per fold) inside its MLflow run, resumable, and the model folder.
+
+A killed run (even SIGKILL) resumes where it stopped, in the same MLflow run, when the stage runs again with
+the same inputs (``pipeline.resume``). Rank 0 owns the MLflow run and the outputs; a DDP worker (started by
+Lightning, torchrun or SLURM) trains its shard and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from lightning.pytorch.loggers import Logger, MLFlowLogger
+
+from pipeline import augment, crossval, serve, tracking
+from pipeline.config import Params, as_dict
+from pipeline.data.prepared import Prepared, load_prepared
+from pipeline.fit import FitResult, datamodule, fit
+from pipeline.fsutil import atomic_dir
+from pipeline.resume import Resume
+from pipeline.runinfo import RUN_INFO, FoldScore, Preprocessing, RunInfo
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the train stage reads: the prepared data, the augmentation pipeline and the resume state."""
+
+    params: Params
+    prepared: Prepared
+    transform: Any  # an albumentations pipeline, or None
+    resume: Resume
+
+
+def inputs(params: Params) -> Inputs:
+    paths = params.paths
+    prepared = load_prepared(Path(paths.prepared))
+    resume = Resume.beside(
+        paths.model_dir,
+        json.dumps(as_dict(params), sort_keys=True),
+        prepared.digest,
+        Path(paths.augment_pipeline).read_bytes(),
+    )
+    return Inputs(params, prepared, augment.load(Path(paths.augment_pipeline), params.seed), resume)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    results: list[FitResult]
+    members: dict[str, Path]  # file name in the model folder -> checkpoint
+    oof: pd.DataFrame | None  # out-of-fold predictions (data.folds)
+
+
+def fit_all(run: Inputs, fold_runs: crossval.FoldRuns | None = None, logger: Logger | bool = False) -> Fitted:
+    """One fit, or one per fold (``data.folds``), resumed from the last checkpoint where there is one;
+    ``fold_runs``: the folds' nested MLflow runs, ``logger``: the single fit's."""
+    params, resume = run.params, run.resume
+    if params.data.folds:
+        cv = crossval.fit_folds(params, run.prepared, run.transform, resume, fold_runs)
+        members = {crossval.member_name(i): _saved(r) for i, r in enumerate(cv.results)}
+        return Fitted(cv.results, members, cv.oof)
+    data = datamodule(params, run.prepared, run.transform)
+    result = fit(
+        params, data, out_dir=resume.checkpoints, logger=logger, resume_from=resume.last_checkpoint()
+    )
+    return Fitted([result], {_saved(result).name: _saved(result)}, None)
+
+
+def _saved(result: FitResult) -> Path:
+    if result.best_checkpoint is None:  # fit writes one whenever it gets an out_dir, as here
+        raise RuntimeError("fit returned no checkpoint")
+    return result.best_checkpoint
+
+
+def run_info(params: Params, prepared: Prepared, run_id: str, fitted: Fitted) -> RunInfo:
+    results = fitted.results
+    return RunInfo(
+        run_id=run_id,
+        arch=params.model.arch,
+        classes=prepared.classes,
+        checkpoints=tuple(fitted.members),
+        monitor=params.train.monitor,
+        best_score=float(np.mean([r.best_score for r in results])),
+        epochs_run=int(max(r.epochs_run for r in results)),
+        weights=results[0].weights,
+        preprocessing=Preprocessing(
+            image_size=int(prepared.images.shape[1]),
+            channels=params.data.channels,
+            dicom_window=params.data.dicom_window,
+            dtype=str(prepared.images.dtype),
+        ),
+        mode=params.train.mode,
+        folds=tuple(FoldScore(r.best_score, r.epochs_run) for r in results) if params.data.folds else (),
+    )
+
+
+def save_model(model_dir: Path, fitted: Fitted, info: RunInfo) -> None:
+    """The model folder, replaced whole: the checkpoints, the OOF predictions and ``run.json``."""
+    with atomic_dir(model_dir) as staging:
+        for member, checkpoint in fitted.members.items():
+            shutil.copy2(checkpoint, staging / member)
+        if fitted.oof is not None:
+            fitted.oof.to_csv(staging / crossval.OOF_CSV, index=False, float_format="%.6f")
+        info.write(staging)
+
+
+def _log_inputs(params: Params, tags: dict[str, str], tuned: dict[str, Any]) -> None:
+    """A new MLflow run's inputs, logged once (a resumed run already has them)."""
+    paths = params.paths
+    tracking.log_dataset(Path(paths.raw) / params.data.dataset, tags["data.version"])
+    tracking.log_params(params)
+    mlflow.log_dict(tuned, "best_params.json")
+    mlflow.log_artifact(paths.augment_preview)
+    mlflow.log_artifact(paths.augment_pipeline)
+
+
+def train(params: Params, tuned: dict[str, Any], tags: dict[str, str] | None) -> RunInfo | None:
+    """Fit with ``params`` (the tuned values applied) in the train run, save and log the model; the run's
+    ``RunInfo``, or None on a DDP worker (``tags``: the lineage tags, None there)."""
+    run = inputs(params)
+    if tags is None:
+        fit_all(run)
+        return None
+    run_id, last = run.resume.run_id(), run.resume.last_checkpoint()
+    name = tracking.run_name("train", params.model.arch, tags)
+    with mlflow.start_run(
+        run_id=run_id, run_name=None if run_id else name, tags=None if run_id else tags | {"stage": "train"}
+    ) as active:
+        this = active.info.run_id
+        if run_id is None:
+            run.resume.start(this)
+            _log_inputs(params, tags, tuned)
+        elif last is not None or params.data.folds:
+            print(f"train: resuming MLflow run {run_id}" + (f" from {last}" if last else ""), flush=True)
+        if params.data.folds:
+            fitted = fit_all(run, fold_runs=crossval.FoldRuns(this, name, tags, params))
+            tracking.log_metrics(crossval.cv_metrics(fitted.oof, run.prepared.classes))
+        else:
+            fitted = fit_all(run, logger=MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=this))
+        weights = fitted.results[0].weights
+        mlflow.set_tags(
+            {
+                "weights.pretrained": str(weights.pretrained).lower(),
+                "weights.source": weights.source,
+                "train.mode": params.train.mode,
+            }
+            | weights.preprocessing_tags()
+        )
+        info = run_info(params, run.prepared, this, fitted)
+        save_model(Path(params.paths.model_dir), fitted, info)
+        mlflow.log_dict(info.as_dict(), RUN_INFO)
+        # What ships: the model as predict and export load it, with its preprocessing, in eval mode.
+        model = serve.load_trained(Path(params.paths.model_dir))
+        serve.log_model(model, registered_model=params.mlflow.registered_model)
+    run.resume.clear()
+    return info
