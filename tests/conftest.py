@@ -61,7 +61,7 @@ def tiny_params() -> config.Params:
             "data": {"dataset": "tiny", "image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25},
             "model": {"weights": "none"},
             "train": {"max_epochs": 2, "batch_size": 4, "accelerator": "cpu", "patience": 2},
-            "tune": {"n_trials": 2, "max_epochs": 1},
+            "tune": {"enabled": True, "n_trials": 2, "max_epochs": 1},
         }
     )
 
@@ -88,7 +88,7 @@ TINY_PIPELINE = {  # params for a real but tiny run: 32 px demo tiles, 1-2 epoch
     "data": {"image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25},
     "model": {"weights": "none"},
     "train": {"max_epochs": 2, "batch_size": 8, "accelerator": "cpu"},
-    "tune": {"n_trials": 2, "max_epochs": 1},
+    "tune": {"enabled": True, "n_trials": 2, "max_epochs": 1},
 }
 
 

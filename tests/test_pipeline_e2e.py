@@ -17,7 +17,7 @@ TINY = {
     "data": {"image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25},
     "model": {"weights": "none"},  # no network in tests; the download fallback is tested in test_weights
     "train": {"max_epochs": 2, "batch_size": 8},
-    "tune": {"n_trials": 2, "max_epochs": 1},
+    "tune": {"enabled": True, "n_trials": 2, "max_epochs": 1},
 }
 
 pytestmark = pytest.mark.slow
