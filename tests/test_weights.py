@@ -11,9 +11,11 @@ from pipeline import weights
 from pipeline.model import build_network
 
 
-@pytest.fixture
-def saved_state(tmp_path):
-    """A resnet18 state dict (1000-class head, as torchvision ships) saved under its hash-suffixed name."""
+@pytest.fixture(scope="module")
+def saved_state(tmp_path_factory):
+    """A resnet18 state dict (1000-class head, as torchvision ships) saved under its hash-suffixed name;
+    built and saved once per module (45 MB), read-only to the tests."""
+    tmp_path = tmp_path_factory.mktemp("weights")
     state = build_network("resnet18", 1000).state_dict()
     tmp = tmp_path / "w.pth"
     torch.save(state, tmp)
