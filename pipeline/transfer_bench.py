@@ -66,13 +66,18 @@ def files_of(root: Path, cls: str) -> list[Path]:
 
 
 def link_set(folder: Path, rows: list[tuple[Path, str, str]]) -> Path:
-    """A manifest folder (``path,label,split``) of symlinks to the chosen files: ingest's predefined split."""
+    """A manifest folder (``path,label,split``) of hard links to the chosen files (copies across file
+    systems): ingest's predefined split. Not symbolic links: ingest refuses a link that resolves outside
+    the folder it reads (``pipeline.data.sources``), as it would for a user's set."""
     folder.mkdir(parents=True, exist_ok=True)
     records = []
     for i, (src, label, split) in enumerate(rows):
         link = folder / f"{i:06d}{src.suffix}"
         if not link.exists():
-            os.symlink(src, link)
+            try:
+                os.link(src, link)
+            except OSError:  # another file system, or links not allowed there
+                shutil.copyfile(src, link)
         records.append({"path": link.name, "label": label, "split": split})
     pd.DataFrame(records).to_csv(folder / MANIFEST_CSV, index=False)
     return folder
