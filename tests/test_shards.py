@@ -165,3 +165,16 @@ def test_intake_auto_layout_keeps_small_sets_as_folders(tmp_path, monkeypatch):
     assert not shards.is_sharded(take_in(src, tmp_path / "small", "auto") / "set")
     monkeypatch.setattr(shards, "AUTO_MIN_FILES", 12)
     assert shards.is_sharded(take_in(src, tmp_path / "large", "auto") / "set")
+
+
+def test_data_exclude_names_members_by_their_path_in_the_set_or_in_splits_csv(tmp_path, small_shards):
+    src = write_class_folders(tmp_path / "src", per_class=4, size=16)
+    root = take_in(src, tmp_path, "shards") / "set"
+    listed = tmp_path / "exclude.csv"
+    listed.write_text(f"path\nalpha/alpha_00.png\n{root / 'beta' / 'beta_01.png'}\n")
+    report = ingest(root, tmp_path / "out", seed=0, data=DATA, exclude=str(listed))
+    assert report["excluded"]["paths"] == [
+        str(root / "alpha" / "alpha_00.png"),
+        str(root / "beta" / "beta_01.png"),
+    ]
+    assert report["n_images"] == 10 and not report["warnings"]
