@@ -178,3 +178,21 @@ def test_data_exclude_names_members_by_their_path_in_the_set_or_in_splits_csv(tm
         str(root / "beta" / "beta_01.png"),
     ]
     assert report["n_images"] == 10 and not report["warnings"]
+
+
+def test_members_with_long_or_non_ascii_names_are_found_at_their_offsets(tmp_path):
+    names = [
+        "a/short.png",
+        "b/" + "é" * 60 + ".png",
+        "c/" + "x" * 150 + ".jpg",
+    ]  # PAX headers for the last two
+    for i, name in enumerate(names):
+        (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / name).write_bytes(bytes([i]) * (700 + i))
+    (tmp_path / "set").mkdir()
+    files = [(n, tmp_path / "src" / n) for n in names]
+    shards.pack(files, tmp_path / "set", pd.DataFrame({"label": ["a", "b", "c"]}), per_shard=2)
+    table = shards.scan(tmp_path / "set")
+    assert [shards.read(m) for m in shards.members(table)] == [f.read_bytes() for _, f in files]
+    with tarfile.open(tmp_path / "set" / shards.SHARDS_DIR / "shard-00000.tar") as tar:
+        assert tar.getnames() == names[:2]
