@@ -146,7 +146,13 @@ def pretrain(
     models.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(best, models / "best.ckpt")
     checkpoint = torch.load(best, map_location="cpu", weights_only=True)
-    score = next(v["best_model_score"] for k, v in checkpoint["callbacks"].items() if "ModelCheckpoint" in k)
+    # fit slims best.ckpt to the weights (pipeline.fit.slim_checkpoint): the score is in last.ckpt's callbacks
+    callbacks = torch.load(best.with_name("last.ckpt"), map_location="cpu", weights_only=True)["callbacks"]
+    score = next(
+        v["best_model_score"]
+        for k, v in callbacks.items()
+        if k.startswith("ModelCheckpoint{'monitor': 'val/")
+    )
     RunInfo(
         run_id="",  # no MLflow run: the benchmark's models/ folder is read as a folder
         arch=params.model.arch,
