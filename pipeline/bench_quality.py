@@ -1,4 +1,4 @@
-"""``python -m pipeline.bench quality``: test quality of the small-data methods on real held-out sets.
+"""``python -m pipeline bench quality``: test quality of the small-data methods on real held-out sets.
 
 Two sets from ../shared/data, handed in as a user would (image files plus a manifest with a split
 column), from random init (no pretrained weights on these machines):
@@ -42,8 +42,10 @@ import yaml
 from PIL import Image
 
 from pipeline import augment, config, crossval, evaluation
+from pipeline.config import Params
 from pipeline.data.ingest import ingest
 from pipeline.data.prepared import Prepared, load_prepared
+from pipeline.errors import PipelineError
 from pipeline.fit import datamodule, fit
 from pipeline.model import Classifier, Ensemble
 from pipeline.resume import Resume
@@ -244,12 +246,7 @@ def run(
     return results
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.bench quality",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set", choices=["pneumonia", "eurosat"], default="pneumonia", help="(default: %(default)s)"
     )
@@ -272,12 +269,14 @@ def main(argv: list[str]) -> int:
         metavar="KEY=VALUE",
         help="params overrides on top of every row (YAML values), e.g. train.max_epochs=100",
     )
-    args = parser.parse_args(argv)
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    """The rows on the chosen set; ``params`` play no part (each row states its own)."""
     extra = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.extra)}
     eurosat = args.set == "eurosat"
     args.data = args.data or (EUROSAT if eurosat else DATA)
     args.size = args.size or (64 if eurosat else 28)
     if not args.data.is_file():
-        parser.error(f"{args.data}: not found (the shared data sets live in ../shared/data)")
+        raise PipelineError(f"{args.data}: not found (the shared data sets live in ../shared/data)")
     run(args.data, args.size, args.epochs, args.seeds, args.rows, args.per_class if eurosat else None, extra)
-    return 0

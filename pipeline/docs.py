@@ -1,6 +1,6 @@
 """docs/configuration.md: every params.yaml key with its type, default and meaning, from pipeline/config.py.
 
-The typed params are the single source: ``python -m pipeline.docs`` (``make docs``) rewrites the file,
+The typed params are the single source: ``python -m pipeline docs`` (``make docs``) rewrites the file,
 and tests/test_docs.py fails when the committed copy differs from what this renders.
 """
 
@@ -19,7 +19,7 @@ from pydantic.fields import FieldInfo
 from pipeline.config import Params, SearchDim
 
 OUTPUT = Path("docs/configuration.md")
-COMMAND = "make docs"  # or: python -m pipeline.docs
+COMMAND = "make docs"  # or: python -m pipeline docs
 SEARCH_SPACE = "tune.search_space"
 
 # SearchDim's fields carry no Field(description=...) in config.py; their meaning is stated here.
@@ -120,7 +120,7 @@ def render() -> str:
     lines = [
         "# Configuration reference",
         "",
-        f"<!-- Generated from pipeline/config.py by `{COMMAND}` (python -m pipeline.docs); do not edit by hand. -->",
+        f"<!-- Generated from pipeline/config.py by `{COMMAND}` (python -m pipeline docs); do not edit by hand. -->",
         "",
         "`params.yaml` is the pipeline's only configuration. Every key is validated on load: an unknown key,",
         "a wrong type or an out-of-range value stops the stage with a message naming the key. Set a value in",
@@ -156,15 +156,14 @@ def _search_space() -> list[str]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.docs", description=__doc__)
-    parser.add_argument("--output", type=Path, default=OUTPUT, help="file to write (default: %(default)s)")
-    args = parser.parse_args(argv)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--output", type=Path, default=OUTPUT, metavar="FILE", help="file to write (default: %(default)s)"
+    )
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    """Write the reference; ``params`` (the loaded file) plays no part: the types are the source."""
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(render())
     print(f"docs: wrote {args.output}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""``python -m pipeline.bench transfer``: does transfer from the pipeline's own pretraining help, and how?
+"""``python -m pipeline bench transfer``: does transfer from the pipeline's own pretraining help, and how?
 
 A ResNet-18 is pretrained by :func:`pipeline.fit.fit` on five EuroSAT classes, then adapted to the
 other five with K labelled images per class (K in ``SHOTS``) and tested on ``TEST_PER_CLASS`` other
@@ -30,6 +30,7 @@ import torch
 
 from pipeline import augment, config
 from pipeline.bench import emit
+from pipeline.config import Params
 from pipeline.data.ingest import MANIFEST_CSV, ingest
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.evaluation.predictions import predict_proba
@@ -275,10 +276,7 @@ def table(results: Path) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.bench transfer", description=__doc__.split("\n")[0]
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eurosat", type=Path, default=EUROSAT)
     parser.add_argument("--work", type=Path, default=Path("/tmp/transfer-bench"))
     parser.add_argument("--pretrain-only", action="store_true")
@@ -290,18 +288,16 @@ def main(argv: list[str] | None = None) -> int:
         default=list(SEEDS),
         help="draws of the K labelled images (default: %(default)s); rows already in results are kept",
     )
-    args = parser.parse_args(argv)
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    """Pretrain, adapt, print the table; ``params`` play no part (the bench states its own settings)."""
     root = extract(args.eurosat, args.work)
     models = pretrain(root, args.work)
     if args.pretrain_only:
-        return 0
+        return
     results = args.work / "results.jsonl"
     adapt(
         models, target_set(root, args.work), results, set(args.only) if args.only else None, tuple(args.seeds)
     )
     print(table(results))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

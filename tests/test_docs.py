@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from pipeline import docs
+from pipeline.__main__ import main as cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,7 @@ def test_every_params_yaml_key_is_documented_in_params_yaml_order():
 
 def test_main_writes_the_file_and_types_show_choices_and_null(tmp_path, capsys):
     out = tmp_path / "sub" / "configuration.md"
-    assert docs.main(["--output", str(out)]) == 0
+    assert cli(["docs", "--output", str(out)]) == 0
     assert out.read_text() == docs.render() and str(out) in capsys.readouterr().out
     text = out.read_text()
     assert "| `data.on_bad_file` | `skip` \\| `fail` | `skip` |" in text

@@ -89,7 +89,7 @@ class ImageDataModule(L.LightningDataModule):
         if rows.empty:
             raise ValueError(f"split '{split}' is empty")
         # Rows of the memory map, read per item: bounded memory however large the split (issue 17); random
-        # reads from the page cache keep up with training (python -m pipeline.bench scale: dataloader).
+        # reads from the page cache keep up with training (python -m pipeline bench scale: dataloader).
         labels = rows["label_index"].to_numpy()
         extra = None
         if split == "train" and self.offline is not None:
