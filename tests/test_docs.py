@@ -83,3 +83,10 @@ def test_links_in_the_readme_and_docs_resolve():
     readme = (REPO / "README.md").read_text()
     unlinked = [p.name for p in pages[1:] if f"(docs/{p.name})" not in readme]
     assert not unlinked, f"docs pages the README does not link: {unlinked}"
+
+
+def test_the_layout_in_docs_pipeline_names_every_module():
+    layout = (REPO / "docs" / "pipeline.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    modules = [*(REPO / "pipeline").glob("*.py"), *(REPO / "pipeline" / "data").glob("*.py")]
+    missing = sorted(p.name for p in modules if p.name != "__init__.py" and p.name not in layout)
+    assert not missing, f"docs/pipeline.md's layout does not name {missing}"

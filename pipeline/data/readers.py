@@ -22,7 +22,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipeline.data.sources import non_regular
+from pipeline.data.sources import listing, non_regular
+from pipeline.pixels import unit_range
 
 Channels = Literal["rgb", "keep"]
 PIL_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
@@ -40,6 +41,14 @@ class Decoded:
     pixels: np.ndarray  # (H, W, C): uint8, uint16 or float32 in [0, 1]
     mode: str  # what the file held, for the data card: 'L', 'RGB', 'RGBA', 'I;16', '5-band', 'DICOM MONOCHROME2'...
     bits: int  # bit depth of the stored samples (32 for float)
+
+
+def image_files(folder: Path, root: Path | None = None) -> tuple[list[Path], list[Path]]:
+    """The files under ``folder`` that a reader here takes (by suffix), and the others, which are ignored;
+    listed under ``sources``' link policy (``root``: the source folder links must stay in)."""
+    found = listing(folder, root)
+    images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
+    return images, [p for p in found if p.suffix.lower() not in IMAGE_SUFFIXES]
 
 
 def read(
@@ -237,5 +246,5 @@ def to_dtype(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if arr.dtype == dtype:
         return arr
     if dtype == np.float32:
-        return arr.astype(np.float32) / np.iinfo(arr.dtype).max
+        return unit_range(arr)
     return arr.astype(np.uint16) * 257  # uint8 -> uint16
