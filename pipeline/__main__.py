@@ -68,6 +68,10 @@ COMMANDS = {
 NO_ARGUMENTS = "Takes no arguments: every setting comes from params.yaml (--params: another file)."
 
 
+class CliHandler(logging.StreamHandler):
+    """The CLI's handler on the ``pipeline`` logger, added once per process."""
+
+
 def build_parser(full: set[str] | frozenset[str] = frozenset()) -> argparse.ArgumentParser:
     """The CLI's parser; the commands in ``full`` get their own arguments and help (importing their modules)."""
     listing = "\n".join(
@@ -125,13 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     # Our own loggers only: Lightning and Optuna already print through handlers of their own.
     # Once per process: tests call main() repeatedly, and stderr may be swapped between calls.
     ours = logging.getLogger("pipeline")
-    handler = next((h for h in ours.handlers if getattr(h, "_pipeline_cli", False)), None)
+    handler = next((h for h in ours.handlers if isinstance(h, CliHandler)), None)
     if handler is None:
-        handler = logging.StreamHandler()
+        handler = CliHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        handler._pipeline_cli = True  # type: ignore[attr-defined]
         ours.addHandler(handler)
-    handler.stream = sys.stderr  # type: ignore[attr-defined]  # the current one (tests swap it)
+    handler.stream = sys.stderr  # the current one (tests swap it); setStream would flush a closed one
     ours.setLevel(logging.INFO)
     command = importlib.import_module(COMMANDS[args.command].module)
     try:

@@ -47,7 +47,7 @@ from pipeline.data.ingest import ingest
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.errors import PipelineError
 from pipeline.fit import datamodule, fit
-from pipeline.model import Classifier, Ensemble
+from pipeline.model import Ensemble
 from pipeline.resume import Resume
 
 DATA = Path(
@@ -103,7 +103,9 @@ def write_eurosat(tar: Path, root: Path, per_class: int, draw: int = 0) -> Path:
                 split = "val" if j < n_val else "train" if j < per_class else "test"
                 name = f"{split}/{Path(files[k].name).name}"
                 (root / name).parent.mkdir(parents=True, exist_ok=True)
-                (root / name).write_bytes(archive.extractfile(files[k]).read())
+                stream = archive.extractfile(files[k])
+                assert stream is not None, f"{files[k].name}: a regular file of the tar"
+                (root / name).write_bytes(stream.read())
                 rows.append(f"{name},{cls},{split}")
     (root / "manifest.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
     return root
@@ -150,13 +152,13 @@ def _train(
         if not params.data.folds:
             result = fit(params, datamodule(params, prepared, transform), out_dir=out)
             return (
-                Ensemble([Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu")]),
+                Ensemble([result.best_model()]),
                 None,
                 result.epochs_run,
                 {},
             )
         folds = crossval.fit_folds(params, prepared, transform, Resume(out, "bench"))
-    members = [Classifier.load_from_checkpoint(r.best_checkpoint, map_location="cpu") for r in folds.results]
+    members = [r.best_model() for r in folds.results]
     held_out = (crossval.oof_logits(folds.oof, prepared.classes), folds.oof["label_index"].to_numpy())
     cv = crossval.cv_metrics(folds.oof, prepared.classes, positive=1)
     return (
@@ -183,7 +185,7 @@ def run(
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         raw = (
             write_eurosat(data, Path(tmp) / "raw", per_class)
-            if eurosat
+            if per_class is not None
             else write_pngs(data, Path(tmp) / "raw")
         )
         for seed in seeds:

@@ -392,6 +392,11 @@ class SearchDim:
         elif self.log and self.low <= 0:
             raise ValueError("log scale needs 'low' > 0")
 
+    def bounds(self) -> tuple[float, float]:
+        """(low, high) of a float or int range (``__post_init__`` checked both are there)."""
+        assert self.low is not None and self.high is not None, f"{self.type} dimension without bounds"
+        return self.low, self.high
+
 
 @dataclass(frozen=True, config=_STRICT)
 class Tune:

@@ -76,7 +76,7 @@ def default_text(value: Any) -> str:
     """The default as it would be written in params.yaml (JSON flow style for lists and mappings)."""
 
     def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
             return {k: plain(x) for k, x in dataclasses.asdict(v).items() if x is not None}
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
@@ -115,7 +115,7 @@ def _table(
 
 def render() -> str:
     """The whole reference, sections in the order of the Params fields (params.yaml's order)."""
-    fields = Params.__pydantic_fields__
+    fields = vars(Params)["__pydantic_fields__"]  # pydantic's own: descriptions included
     scalars = {n: f for n, f in fields.items() if not dataclasses.is_dataclass(f.annotation)}
     lines = [
         "# Configuration reference",
@@ -152,7 +152,7 @@ def _search_space() -> list[str]:
         f"Each entry of `{SEARCH_SPACE}` maps a params key (`section.name`, e.g. `train.lr`) to the range or",
         "choices the Optuna study samples it from; the tuned values override `params.yaml` in the train stage.",
         "",
-        *_table(f"{SEARCH_SPACE}.<key>.", SearchDim.__pydantic_fields__, SEARCH_DIM_DESCRIPTIONS),
+        *_table(f"{SEARCH_SPACE}.<key>.", vars(SearchDim)["__pydantic_fields__"], SEARCH_DIM_DESCRIPTIONS),
     ]
 
 

@@ -245,7 +245,8 @@ def log_dataset(raw_dir: Path, version: str, context: str = "training") -> None:
     with warnings.catch_warnings():  # MLflow registers its local source twice ('' and 'file') and warns
         warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
         source = resolve_dataset_source(str(raw_dir))
-    mlflow.log_input(MetaDataset(source, name=raw_dir.name, digest=version), context=context)
+    dataset = MetaDataset(source, name=raw_dir.name, digest=version)  # type: ignore[abstract]  # MLflow's stubs: profile is defined
+    mlflow.log_input(dataset, context=context)
 
 
 def ui_url(experiment_id: str, host: str = "127.0.0.1", port: int = 5000) -> str:

@@ -239,7 +239,7 @@ def adapt(
                 start = time.perf_counter()
                 with tempfile.TemporaryDirectory(prefix="adapt-") as tmp:
                     result = fit(params, datamodule(params, prepared, pipeline), out_dir=Path(tmp))
-                    model = Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu")
+                    model = result.best_model()
                 seconds = round(time.perf_counter() - start, 1)
                 row = {
                     "method": name,

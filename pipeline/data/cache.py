@@ -141,3 +141,6 @@ class Rows:
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         return self[:] if dtype is None else self[:].astype(dtype)
+
+
+Images = np.ndarray | Rows  # (N, H, W, C) pixels: in memory, or rows of the cache read when indexed

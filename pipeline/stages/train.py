@@ -28,7 +28,7 @@ def with_best_params(params: Params) -> tuple[Params, dict[str, Any]]:
 def main(params: Params, args: argparse.Namespace) -> None:
     params, tuned = with_best_params(params)
     # A DDP worker (rank > 0) trains its shard and writes nothing: rank 0 owns the MLflow run and outputs.
-    tags = open_tracking(params) if rank_zero_only.rank == 0 else None
+    tags = open_tracking(params) if getattr(rank_zero_only, "rank", 0) == 0 else None
     info = training.train(params, tuned, tags)
     if info is not None:
         print(

@@ -4,6 +4,7 @@ without internet access."""
 
 import argparse
 from pathlib import Path
+from typing import get_args
 
 from pipeline import backbones
 from pipeline.config import Arch, Params
@@ -17,9 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--arch",
-        choices=Arch.__args__,
+        choices=get_args(Arch),
         metavar="ARCH",
-        help=f"architecture it is for, one of {', '.join(Arch.__args__)} (default: model.arch; a named "
+        help=f"architecture it is for, one of {', '.join(get_args(Arch))} (default: model.arch; a named "
         "backbone has its own)",
     )
     parser.add_argument(
