@@ -339,7 +339,11 @@ def bench_tune_pruning(tmp: Path) -> None:
             with contextlib.redirect_stdout(sys.stderr):  # per-epoch lines; stdout is for the JSON lines
                 studies[pruner], _ = tune.run(params, lambda p: datamodule(p, prepared, pipeline), pruner, {})
     seconds = {
-        k: sum((t.datetime_complete - t.datetime_start).total_seconds() for t in s.trials)
+        k: sum(
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            for t in s.trials
+            if t.datetime_complete and t.datetime_start  # every trial of a finished study has both
+        )
         for k, s in studies.items()
     }
     epochs = {k: sum(len(t.intermediate_values) for t in s.trials) for k, s in studies.items()}

@@ -83,10 +83,12 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
 
 def _read_pil(path: Path, max_pixels: int) -> Decoded:
     try:
-        with Image.open(path) as img:
-            _check_pixels(*img.size, max_pixels)
-            img.load()
-            img = ImageOps.exif_transpose(img)  # EXIF orientation: what the camera saw, not how it stored it
+        with Image.open(path) as opened:
+            _check_pixels(*opened.size, max_pixels)
+            opened.load()
+            img = ImageOps.exif_transpose(
+                opened
+            )  # EXIF orientation: what the camera saw, not how it stored it
             mode = img.mode
             if mode == "P":
                 img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -106,6 +108,8 @@ def _read_tiff(path: Path, max_pixels: int) -> Decoded:
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
+            if not isinstance(page, tifffile.TiffPage):  # the first page always is; later ones may be frames
+                raise tifffile.TiffFileError("the first page is not a TIFF page")
             _check_pixels(page.imagewidth, page.imagelength, max_pixels)
             arr = page.asarray()
             planar = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and arr.ndim == 3
