@@ -70,3 +70,13 @@ def test_listing_the_commands_imports_none_of_them():
     assert "pipeline.__main__" in loaded
     assert not {m for m in loaded if m.split(".")[0] in ("torch", "mlflow", "lightning", "optuna")}
     assert not loaded & {c.module for c in COMMANDS.values()}
+
+
+def test_bench_dispatches_to_a_real_data_bench_which_checks_its_file(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text("{}\n")
+    missing = tmp_path / "missing.npz"
+    assert cli(["--params", str(tmp_path / "params.yaml"), "bench", "quality", "--data", str(missing)]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: {missing}: not found (the shared data sets live in ../shared/data)"
+    )
