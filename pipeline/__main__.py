@@ -33,7 +33,7 @@ COMMANDS = {
     "summary": Command("pipeline.summary", "", "whether every stage is up to date, where the results are"),
     "intake": Command(
         "pipeline.stages.intake",
-        "SRC [--name NAME] [--domain DOMAIN]",
+        "SRC [--name NAME] [--domain DOMAIN] [--layout {auto,folder,shards}]",
         "copy a user's image set into paths.raw, validate, version and select it",
     ),
     "predict": Command(

@@ -7,10 +7,11 @@ touched), it times the commands a user runs, each in a process of its own, and p
 step with its wall seconds, peak resident memory (the largest process of the command, stages included:
 ``wait4``) and the 1-minute load average when it started:
 
-- ``intake`` (copy, one decoding pass, ``dvc add``), then ``dvc repro ingest`` (takes intake's decodes) and
+- ``intake`` (copy, one decoding pass, tar shards from 2,000 images on unless ``--layout`` says otherwise,
+  ``dvc add``), then ``dvc repro ingest`` (takes intake's decodes) and
   ``dvc repro augment``; a no-op ``dvc repro augment`` and ``dvc status``;
-- DVC with many small files: ``dvc add`` of the set in a fresh repository (empty cache), ``dvc push`` of it
-  to a local remote and ``dvc pull`` into a fresh clone;
+- DVC with many small files: ``dvc add`` of the set as intake stored it (its files, or its shards) in a fresh
+  repository (empty cache), ``dvc push`` of it to a local remote and ``dvc pull`` into a fresh clone;
 - ``dataloader`` (largest size): training batches per second from the memory-mapped cache with
   ``train.num_workers`` 2 and the satellite preset, against a ResNet-18 training step's images per second
   (batch 32, 64 px, same threads): ``ratio`` >= 3 means the loader stays ahead of the model;
@@ -86,7 +87,7 @@ def clone(src: Path, dest: Path, remote: Path, env: dict, log: Path) -> None:
     subprocess.run(["dvc", "remote", "add", "-d", "-f", "bench", str(remote)], cwd=dest, env=env, check=True)
 
 
-def measure(n: int, source: Path, work: Path, full: bool, loader: bool) -> None:
+def measure(n: int, source: Path, work: Path, full: bool, loader: bool, layout: str = "auto") -> None:
     py = sys.executable
     src = subset(source, n, work / f"src-{n}")
     repo, remote, log = work / f"repo-{n}", work / f"remote-{n}", work / f"log-{n}.txt"
@@ -95,8 +96,12 @@ def measure(n: int, source: Path, work: Path, full: bool, loader: bool) -> None:
     env = os.environ | {"PYTHONPATH": str(repo), "PATH": f"{Path(py).parent}:{os.environ['PATH']}"}
     clone(REPO, repo, remote, env, log)
     env["PYTHONPATH"] = str(repo)
-    step("intake", n, [py, "-m", "pipeline", "intake", str(src), "--name", "scale", "--domain", "satellite"],
-         repo, env, log)  # fmt: skip
+    step("intake", n, [py, "-m", "pipeline", "intake", str(src), "--name", "scale", "--domain", "satellite",
+                       "--layout", layout], repo, env, log)  # fmt: skip
+    raw = repo / "data" / "raw" / "scale"
+    sharded = (raw / "shards.csv").is_file()
+    emit(images=n, step="layout", layout="shards" if sharded else "folder", dvc_files=_count(raw, sharded))
+    tracked = "data/raw/scale/shards.dvc" if sharded else "data/raw/scale.dvc"
     step("dvc repro ingest", n, ["dvc", "repro", "ingest"], repo, env, log)
     step("dvc repro augment", n, ["dvc", "repro", "augment"], repo, env, log)
     step("no-op dvc repro augment", n, ["dvc", "repro", "augment"], repo, env, log)
@@ -107,10 +112,10 @@ def measure(n: int, source: Path, work: Path, full: bool, loader: bool) -> None:
     (fresh / "data").mkdir(parents=True)
     subprocess.run(["git", "init", "-q"], cwd=fresh, check=True)
     subprocess.run(["dvc", "init", "-q"], cwd=fresh, env=env, check=True)
-    shutil.copytree(src, fresh / "data" / "set", copy_function=os.link)
+    shutil.copytree(raw / "shards" if sharded else src, fresh / "data" / "set", copy_function=os.link)
     step("dvc add (empty cache)", n, ["dvc", "add", "data/set"], fresh, env, log)
 
-    step("dvc push", n, ["dvc", "push", "-r", "bench", "data/raw/scale.dvc"], repo, env, log)
+    step("dvc push", n, ["dvc", "push", "-r", "bench", tracked], repo, env, log)
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run(
         ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"],
@@ -119,7 +124,7 @@ def measure(n: int, source: Path, work: Path, full: bool, loader: bool) -> None:
     )
     pulled = work / f"pulled-{n}"
     clone(repo, pulled, remote, env, log)
-    step("dvc pull (fresh clone)", n, ["dvc", "pull", "-r", "bench", "data/raw/scale.dvc"], pulled, env, log)
+    step("dvc pull (fresh clone)", n, ["dvc", "pull", "-r", "bench", tracked], pulled, env, log)
     shutil.rmtree(pulled)
 
     if loader:
@@ -151,6 +156,11 @@ def measure(n: int, source: Path, work: Path, full: bool, loader: bool) -> None:
             step(f"dvc repro {stage}", n, ["dvc", "repro", stage], repo, env, log)
         step("no-op dvc repro (whole pipeline)", n, ["dvc", "repro"], repo, env, log)
         step("no-op dvc repro (again)", n, ["dvc", "repro"], repo, env, log)
+
+
+def _count(raw: Path, sharded: bool) -> int:
+    """Files DVC tracks for the set: its shards, or every file of the folder."""
+    return sum(1 for p in (raw / "shards" if sharded else raw).rglob("*") if p.is_file())
 
 
 def dataloader_ratio(repo: str, batches: int = 150, steps: int = 8) -> None:
@@ -197,6 +207,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/scale-bench"), help="scratch folder")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000, 9000, 27000])
     parser.add_argument("--full", action="store_true", help="largest size: train, evaluate, no-op dvc repro")
+    parser.add_argument(
+        "--layout",
+        choices=["auto", "folder", "shards"],
+        default="auto",
+        help="intake --layout (default: auto)",
+    )
 
 
 def main(params: Params, args: argparse.Namespace) -> None:
@@ -210,4 +226,4 @@ def main(params: Params, args: argparse.Namespace) -> None:
         source = next(source.iterdir())
     for n in args.sizes:
         largest = n == max(args.sizes)
-        measure(n, source, args.work, full=args.full and largest, loader=largest)
+        measure(n, source, args.work, full=args.full and largest, loader=largest, layout=args.layout)

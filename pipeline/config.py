@@ -247,6 +247,12 @@ class Model:
         False, description="Fail instead of falling back to random init when weights cannot be obtained."
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the classification head.")
+    stem: Literal["imagenet", "small"] = Field(
+        "imagenet",
+        description="imagenet: torchvision's stem (a stride-2 7x7 conv, then a stride-2 max-pool: a 64 px "
+        "image leaves a 2x2 map at layer4); small: the max-pool left out (4x4 at 64 px, about 4x the "
+        "compute), for images of 64 px and below. The weights are the same tensors either way.",
+    )
 
     def __post_init__(self) -> None:
         spelled = next((b.name for b in backbones.NAMED.values() if b.enum == self.weights), None)

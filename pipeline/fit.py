@@ -220,6 +220,7 @@ def build_model(
         num_classes=len(class_names),
         class_names=list(class_names),
         dropout=m.dropout,
+        stem=m.stem,
         lr=t.lr,
         weight_decay=t.weight_decay,
         optimizer=t.optimizer,

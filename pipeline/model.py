@@ -29,10 +29,19 @@ from pipeline.pixels import unit_max
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# The training defaults are the typed params' (pipeline.config), never a second set written here.
+_DEFAULTS = parse({})
+_MODEL, _TRAIN, _AUGMENT = _DEFAULTS.model, _DEFAULTS.train, _DEFAULTS.augment
 
-def build_network(arch: str, num_classes: int, dropout: float = 0.0, in_channels: int = 3) -> nn.Module:
-    """A randomly initialised torchvision ``arch`` for ``in_channels`` bands whose ``fc`` head predicts ``num_classes``."""
+
+def build_network(
+    arch: str, num_classes: int, dropout: float = 0.0, in_channels: int = 3, stem: str = _MODEL.stem
+) -> nn.Module:
+    """A randomly initialised torchvision ``arch`` for ``in_channels`` bands whose ``fc`` head predicts
+    ``num_classes``; ``stem="small"`` leaves out the stem's max-pool (no parameters: weights load alike)."""
     net = torchvision.models.get_model(arch, weights=None)
+    if stem == "small":
+        net.maxpool = nn.Identity()
     if in_channels != 3:
         old = net.conv1
         net.conv1 = nn.Conv2d(
@@ -97,11 +106,6 @@ class EpochMetric(Metric):
         return torch.tensor(float(values[self.name][0]))
 
 
-# The training defaults are the typed params' (pipeline.config), never a second set written here.
-_DEFAULTS = parse({})
-_MODEL, _TRAIN, _AUGMENT = _DEFAULTS.model, _DEFAULTS.train, _DEFAULTS.augment
-
-
 class Classifier(L.LightningModule):
     # Submodule and buffers, typed here: nn.Module.__getattr__ would say "Tensor | Module".
     net: nn.Module
@@ -115,6 +119,7 @@ class Classifier(L.LightningModule):
         num_classes: int,
         class_names: Sequence[str] = (),
         dropout: float = _MODEL.dropout,
+        stem: str = _MODEL.stem,
         lr: float = _TRAIN.lr,
         weight_decay: float = _TRAIN.weight_decay,
         optimizer: str = _TRAIN.optimizer,
@@ -139,7 +144,7 @@ class Classifier(L.LightningModule):
         super().__init__()
         # Logged to MLflow by the stage under params.yaml names, not by Lightning under these.
         self.save_hyperparameters(logger=False)
-        self.net = build_network(arch, num_classes, dropout, in_channels)
+        self.net = build_network(arch, num_classes, dropout, in_channels, stem)
         if knn_bank:
             fc = cast(nn.Module, self.net.fc)  # Module.__getattr__ typing
             self.net.fc = KNNHead(linear_of(fc).in_features, num_classes, knn_bank, knn_k)

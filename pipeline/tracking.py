@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ import yaml
 
 from pipeline.config import Params, Tracking, as_dict, flatten
 from pipeline.credentials import redact
+from pipeline.data import shards
 from pipeline.environ import environ
 from pipeline.errors import PipelineError
 
@@ -170,7 +172,13 @@ def _git(*args: str) -> str | None:
 
 
 def data_version(raw_dir: Path, lock_file: Path = Path("dvc.lock")) -> str:
-    """The DVC hash of a data set folder: from its ``.dvc`` file (intake) or ``dvc.lock`` (a stage output)."""
+    """The DVC hash of a data set folder: from its ``.dvc`` file (intake) or ``dvc.lock`` (a stage output).
+
+    A set in the shard layout: ``md5:`` and the md5 of its manifest, which names every file's sha256, label
+    and place in a shard (ingest checks the shards against it), so it identifies the set's content.
+    """
+    if (manifest := raw_dir / shards.SHARDS_CSV).is_file():
+        return "md5:" + hashlib.md5(manifest.read_bytes()).hexdigest()
     dvc_file = raw_dir.with_name(raw_dir.name + ".dvc")
     entries = []
     if dvc_file.is_file():

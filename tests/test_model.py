@@ -81,3 +81,16 @@ def test_mixing_is_off_by_default_and_either_mixer_alone_works():
     never = Classifier("resnet18", 2, mixup_alpha=0.4, mix_prob=0.0)
     x, y = torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 1, 0])
     assert torch.equal(never.mix(x, y)[1], torch.nn.functional.one_hot(y, 2).float())
+
+
+def test_small_stem_keeps_the_weights_and_doubles_the_final_map():
+    standard, small = build_network("resnet18", 3), build_network("resnet18", 3, stem="small")
+    assert standard.state_dict().keys() == small.state_dict().keys()  # pretrained weights load alike
+    small.load_state_dict(standard.state_dict())
+    x = torch.zeros(1, 3, 64, 64)
+    side = {}
+    for name, net in (("standard", standard), ("small", small)):
+        net.layer4.register_forward_hook(lambda _m, _i, out, name=name: side.update({name: out.shape[-1]}))
+        net(x)
+    assert side == {"standard": 2, "small": 4}
+    assert Classifier("resnet18", 3, stem="small").hparams.stem == "small"  # the checkpoint records it

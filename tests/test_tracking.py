@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import subprocess
@@ -21,6 +22,12 @@ def test_data_version_from_dvc_file_and_lock(tmp_path, monkeypatch):
     )
     assert tracking.data_version(Path("data/raw/demo")) == "def456.dir"
     assert tracking.data_version(Path("data/raw/other")) == "unversioned"
+    (raw / "big").mkdir()
+    (raw / "big" / "shards.csv").write_text("path,label,sha256,shard,offset,size\n")
+    assert (
+        tracking.data_version(raw / "big")
+        == "md5:" + hashlib.md5(b"path,label,sha256,shard,offset,size\n").hexdigest()
+    )
 
 
 def test_lineage_tags_in_a_git_repo(tmp_path, monkeypatch):

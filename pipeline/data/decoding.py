@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import readers, validation
+from pipeline.data import readers, shards, validation
 from pipeline.fsutil import file_sha256
 from pipeline.pixels import unit_max
 
@@ -91,13 +91,21 @@ def stats_from_sums(sums: np.ndarray, values_per_channel: int) -> tuple[list[flo
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
 
-def decode_file(path: str, settings: Settings, validated: Validated | None = None) -> Decoded:
-    """Hash, decode, conform and describe one file (or copy it from ``validated`` when its bytes are there)."""
-    sha = file_sha256(Path(path)) if os.path.isfile(path) else ""
+def decode_file(path: str | shards.Member, settings: Settings, validated: Validated | None = None) -> Decoded:
+    """Hash, decode, conform and describe one file or shard member (or copy it from ``validated`` when its
+    bytes are there). A member's bytes are checked against its manifest's sha256 (``shards.ShardError``)."""
+    member = path if isinstance(path, shards.Member) else None
+    data = shards.read(member) if member else b""  # checked against the manifest's sha256 as it is read
+    sha = member.sha256 if member else (file_sha256(Path(path)) if os.path.isfile(path) else "")
     if validated is not None and (hit := validated.get(sha)) is not None:
         return hit
+    window, budget = settings.dicom_window, settings.max_image_pixels
     try:
-        found = readers.read(Path(path), settings.dicom_window, settings.max_image_pixels)
+        found = (
+            readers.read_bytes(data, member.member, window, budget)
+            if member
+            else readers.read(Path(path), window, budget)
+        )
     except (readers.UnreadableImage, OSError) as err:
         return Decoded(sha, reason=str(err))  # readers.read says "empty file" for zero bytes
     bands = found.pixels.shape[-1]
@@ -124,7 +132,7 @@ def _init_worker(settings: Settings, store: str | None) -> None:
     _WORKER["validated"] = Validated.open(Path(store), settings) if store else None
 
 
-def _decode_chunk(paths: list[str]) -> list[Decoded]:
+def _decode_chunk(paths: list[str | shards.Member]) -> list[Decoded]:
     return [decode_file(p, _WORKER["settings"], _WORKER["validated"]) for p in paths]
 
 
@@ -133,8 +141,11 @@ def workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def decode_all(paths: list[str], settings: Settings, store: Path | None = None) -> Iterator[Decoded]:
-    """``decode_file`` of each path, in order; in worker processes for large sets on several cores."""
+def decode_all(
+    paths: list[str] | list[shards.Member], settings: Settings, store: Path | None = None
+) -> Iterator[Decoded]:
+    """``decode_file`` of each path (or shard member), in order; in worker processes for large sets on several
+    cores."""
     n_workers = workers()
     if len(paths) < PARALLEL_MIN_FILES or n_workers < 2:
         validated = Validated.open(store, settings) if store else None
@@ -159,7 +170,7 @@ def decode_all(paths: list[str], settings: Settings, store: Path | None = None) 
             yield from pending.popleft().result()
 
 
-def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+def _chunks(items: list, size: int) -> Iterable[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 

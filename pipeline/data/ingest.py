@@ -1,7 +1,8 @@
 """Ingest: read an image set, validate it, split it, and cache the decoded pixels.
 
 A set is a folder per class, or a folder with ``manifest.csv`` (``path,label`` and optional ``split``
-and ``group``; paths relative to the folder), the layout ``intake`` writes. Training never decodes an
+and ``group``; paths relative to the folder), or intake's shard layout (tar shards and their manifest
+``shards.csv``: ``pipeline.data.shards``), the layouts ``intake`` writes. Training never decodes an
 image file: ingest writes every image, resized once, into one array (``images.npy``) that the data
 loaders memory-map. Its dtype is the widest the set needs (uint8, uint16 for 16-bit files, float32 in
 [0, 1] for DICOM and float data) and its channels follow ``data.channels``. Ingest streams: each image
@@ -28,7 +29,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.config import Data
-from pipeline.data import decoding, readers, sources, splits, validation
+from pipeline.data import decoding, readers, shards, sources, splits, validation
 from pipeline.data.cache import CacheWriter
 from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError
 from pipeline.data.readers import IMAGE_SUFFIXES, image_files
@@ -208,7 +209,8 @@ def _decode_all(table: pd.DataFrame, data: Data, cache: CacheWriter, reuse: Path
     file (in worker processes for large sets), none for files whose bytes ``reuse`` holds decoded."""
     out = _Decoded()
     paths = list(table["path"])
-    results = decoding.decode_all(paths, decoding.Settings.of(data), reuse)
+    items = shards.members(table) if "member" in table else paths  # a shard-layout set (shards.scan)
+    results = decoding.decode_all(items, decoding.Settings.of(data), reuse)
     for i, found in enumerate(progress(results, len(paths))):
         path = paths[i]
         out.sha256.append(found.sha256)
@@ -381,7 +383,7 @@ def ingest(
     each file whose bytes such a store holds, decoded with the same settings, from there.
     """
     data = dataclasses.replace(data or Data(), **fields)
-    files, ignored = scan(raw_dir)
+    files, ignored = (shards.scan(raw_dir), []) if shards.is_sharded(raw_dir) else scan(raw_dir)
     excluded: list[str] = []
     exclude_warnings: list[str] = []
     if data.exclude is not None:

@@ -6,7 +6,8 @@ skipped with a reason (``data.on_bad_file``). A folder per class is copied as it
 (``path,label[,split][,group]``, paths relative to the manifest's folder) becomes a folder per class
 plus ``manifest.csv`` with the copies' paths, keeping the split and group columns. The copy is
 validated by a full ingest into a scratch folder and replaces an existing set of the same name
-only if that succeeds.
+only if that succeeds. A large set (``--layout``, ``shards.AUTO_MIN_FILES``) is then stored as a few tar
+shards with a per-file manifest (``shards``), so that DVC versions tens of files instead of tens of thousands.
 
 Privacy: a ``group`` column usually holds patient IDs. The copy's manifest keeps only a salted hash of
 each group (``group_hash``), so ``paths.raw`` (which DVC versions and pushes), ``splits.csv`` and every
@@ -35,9 +36,9 @@ import yaml
 
 from pipeline.config import Data
 from pipeline.data import ingest as ingest_module
-from pipeline.data import sources
+from pipeline.data import shards, sources
 from pipeline.data.groups import add_dicom_groups
-from pipeline.data.ingest import MANIFEST_CSV, class_folders, ingest, read_manifest
+from pipeline.data.ingest import MANIFEST_CSV, class_folders, ingest, read_manifest, scan
 from pipeline.data.prepared import DataError
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_dir, atomic_file
@@ -171,13 +172,21 @@ def _logged_as_sources(sources: dict[str, str]) -> Iterator[None]:
 
 
 def intake(
-    src: Path, target: Path, *, seed: int, data: Data, salt: str, validated: Path | None = None
+    src: Path,
+    target: Path,
+    *,
+    seed: int,
+    data: Data,
+    salt: str,
+    validated: Path | None = None,
+    layout: shards.Layout = "auto",
 ) -> dict:
     """Copy ``src`` to ``target``, validated by a full ingest; ``target`` is replaced only on success.
 
     ``group`` values are stored as ``group_hash(value, salt)``. ``validated``: where that ingest keeps
-    what it decoded, for the ingest stage to reuse (``decoding.Validated``). Returns the ingest report,
-    its paths pointing into ``target``.
+    what it decoded, for the ingest stage to reuse (``decoding.Validated``). ``layout``: the folder layout,
+    or tar shards and their manifest (``shards``; ``auto``: shards from ``shards.AUTO_MIN_FILES`` images on).
+    Returns the ingest report, its paths pointing into ``target``.
     """
     src, target = src.resolve(), target.absolute()
     if target == src or target in src.parents:
@@ -209,6 +218,8 @@ def intake(
             raise DataError(
                 f"{src}: not taken in ({target} left as it was): {_to_sources(str(err), copied.sources)}"
             ) from None
+        if shards.choose(layout, report["n_images"] + len(report["rejected"])) == "shards":
+            to_shards(staging)
     report = json.loads(
         json.dumps(report).replace(json.dumps(str(staging))[1:-1], json.dumps(str(target))[1:-1])
     )
@@ -221,11 +232,44 @@ def intake(
     return report
 
 
-def dvc_add(path: Path) -> None:
-    """Version ``path`` with DVC (writes ``<path>.dvc``; commit it)."""
-    done = subprocess.run([sys.executable, "-m", "dvc", "add", str(path)], capture_output=True, text=True)
+def to_shards(folder: Path) -> None:
+    """Replace the folder layout of the set copied into ``folder`` by the shard layout (``shards``), in place:
+    its image files packed in the order ingest lists them, the non-image files left out."""
+    table, _ = scan(folder)
+    files = [Path(p) for p in table["path"]]
+    shards.pack(((f.relative_to(folder).as_posix(), f) for f in files), folder, table.drop(columns="path"))
+    for entry in folder.iterdir():
+        if entry.name not in (shards.SHARDS_DIR, shards.SHARDS_CSV):
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def _dvc(*args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
     if done.returncode != 0:
-        raise IntakeError(f"dvc add {path} failed:\n{done.stderr.strip() or done.stdout.strip()}")
+        raise IntakeError(f"dvc {' '.join(args)} failed:\n{done.stderr.strip() or done.stdout.strip()}")
+
+
+def dvc_add(target: Path) -> list[Path]:
+    """Version the set in ``target`` with DVC: the folder (``<target>.dvc``) or its shards
+    (``<target>/shards.dvc``, the manifest beside it is for git). Returns the files to commit (those that
+    no longer exist: their removal).
+
+    A ``<target>.dvc`` left by the same name's earlier folder layout is removed first (``dvc remove``, the
+    files kept): DVC refuses to track the shards inside a folder it already tracks.
+    """
+    tracked = shards.tracked(target)
+    old = target.with_name(target.name + ".dvc")
+    removed = tracked != target and old.is_file()
+    if removed:
+        _dvc("remove", str(old))
+    _dvc("add", str(tracked))
+    commit = [tracked.with_name(tracked.name + ".dvc"), tracked.parent / ".gitignore"]
+    if tracked != target:
+        commit.append(target / shards.SHARDS_CSV)
+    return commit + ([old, target.parent / ".gitignore"] if removed else [])
 
 
 def set_dataset(params_file: Path, name: str) -> None:

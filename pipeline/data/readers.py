@@ -14,9 +14,10 @@ applied, so a phone photo is read upright by ingest and predict alike.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Literal
 
 import cv2
 import numpy as np
@@ -59,15 +60,27 @@ def read(
         raise UnreadableImage(f"not a regular file ({kind})")
     if path.stat().st_size == 0:
         raise UnreadableImage("empty file")
-    suffix = path.suffix.lower()
+    return _read_as(path, path.suffix.lower(), dicom_window, max_pixels)
+
+
+def read_bytes(
+    data: bytes, name: str, dicom_window: tuple[float, float] | None = None, max_pixels: int = MAX_PIXELS
+) -> Decoded:
+    """Decode a file's bytes (a tar shard's member) exactly as ``read`` decodes the file ``name``."""
+    if not data:
+        raise UnreadableImage("empty file")
+    return _read_as(io.BytesIO(data), PurePosixPath(name).suffix.lower(), dicom_window, max_pixels)
+
+
+def _read_as(source: Path | BinaryIO, suffix: str, dicom_window, max_pixels: int) -> Decoded:
     if suffix in PIL_SUFFIXES:
-        return _read_pil(path, max_pixels)
+        return _read_pil(source, max_pixels)
     if suffix in TIFF_SUFFIXES:
-        return _read_tiff(path, max_pixels)
+        return _read_tiff(source, max_pixels)
     if suffix == ".dcm":
-        return _read_dicom(path, dicom_window, max_pixels)
+        return _read_dicom(source, dicom_window, max_pixels)
     if suffix == ".npy":
-        return _read_npy(path, max_pixels)
+        return _read_npy(source, max_pixels)
     raise UnreadableImage(f"unsupported suffix '{suffix}' (accepted: {', '.join(sorted(IMAGE_SUFFIXES))})")
 
 
@@ -81,7 +94,7 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
         )
 
 
-def _read_pil(path: Path, max_pixels: int) -> Decoded:
+def _read_pil(path: Path | BinaryIO, max_pixels: int) -> Decoded:
     try:
         with Image.open(path) as opened:
             _check_pixels(*opened.size, max_pixels)
@@ -102,7 +115,7 @@ def _read_pil(path: Path, max_pixels: int) -> Decoded:
     return _decoded(arr, mode)
 
 
-def _read_tiff(path: Path, max_pixels: int) -> Decoded:
+def _read_tiff(path: Path | BinaryIO, max_pixels: int) -> Decoded:
     import tifffile
 
     try:
@@ -126,7 +139,7 @@ def _read_tiff(path: Path, max_pixels: int) -> Decoded:
     return _decoded(arr, "TIFF")
 
 
-def _read_dicom(path: Path, window: tuple[float, float] | None, max_pixels: int) -> Decoded:
+def _read_dicom(path: Path | BinaryIO, window: tuple[float, float] | None, max_pixels: int) -> Decoded:
     """Modality values (rescale slope/intercept), then the window from params, else from the tags."""
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -167,9 +180,10 @@ def _first(value) -> float:
     return float(value[0]) if hasattr(value, "__len__") and not isinstance(value, str) else float(value)
 
 
-def _read_npy(path: Path, max_pixels: int) -> Decoded:
+def _read_npy(path: Path | BinaryIO, max_pixels: int) -> Decoded:
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)  # the header only, until the budget is checked
+        # A file: the header only, until the budget is checked (a memory map needs a file, not bytes in memory)
+        arr = np.load(path, mmap_mode="r" if isinstance(path, Path) else None, allow_pickle=False)
         height, width = (
             sorted(arr.shape)[-2:] if arr.ndim >= 2 else (1, arr.size)
         )  # the band axis is the short one

@@ -1,6 +1,8 @@
-"""intake SRC [--name NAME] [--domain DOMAIN]: copy a user's image set into paths.raw/NAME, validate it, version
-it, select it. --domain sets augment.preset, augment.transforms and evaluate.tta in params.yaml to what fits that
-kind of image (pipeline/augment.py DOMAINS: no flips for radiographs, any flip for tissue tiles, ...).
+"""intake SRC [--name NAME] [--domain DOMAIN] [--layout auto|folder|shards]: copy a user's image set into
+paths.raw/NAME, validate it, version it, select it. A set of 2,000 images or more is stored as tar shards of
+~1,000 files with a per-file manifest (paths.raw/NAME/shards.csv, for git) unless --layout says otherwise.
+--domain sets augment.preset, augment.transforms and evaluate.tta in params.yaml to what fits that kind of
+image (pipeline/augment.py DOMAINS: no flips for radiographs, any flip for tissue tiles, ...).
 
 A manifest's group column (or, without one, each DICOM file's data.dicom_group element) is stored hashed
 with the repository's salt: $PIPELINE_GROUP_SALT when set, else a random one created once in
@@ -23,6 +25,7 @@ from pipeline.data.intake import (
     intake,
     set_dataset,
 )
+from pipeline.data.shards import AUTO_MIN_FILES, SHARDS_DIR, is_sharded
 from pipeline.paramsfile import set_values
 
 SALT_ENV = "PIPELINE_GROUP_SALT"
@@ -45,6 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"the kind of image, one of {', '.join(DOMAINS)}: sets augment.preset/transforms and "
         "evaluate.tta to fit it (default: keep params.yaml's, which may be the previous set's)",
     )
+    parser.add_argument(
+        "--layout",
+        choices=["auto", "folder", "shards"],
+        default="auto",
+        help="store the set as its files (folder), or as tar shards of ~1,000 files with a per-file manifest "
+        f"in git (shards: DVC handles tens of files faster than tens of thousands); auto: shards from "
+        f"{AUTO_MIN_FILES} images on (default)",
+    )
 
 
 def main(params: Params, args: argparse.Namespace) -> None:
@@ -61,8 +72,9 @@ def main(params: Params, args: argparse.Namespace) -> None:
         data=params.data,
         salt=salt,
         validated=Path(params.paths.validated) / name,
+        layout=args.layout,
     )
-    dvc_add(target)
+    commit = dvc_add(target)
     set_dataset(Path(params_file), name)
     chosen = (params.augment.preset, params.augment.transforms, params.evaluate.tta)
     if args.domain:
@@ -72,7 +84,13 @@ def main(params: Params, args: argparse.Namespace) -> None:
             Path(params_file),
             dict(zip(("augment.preset", "augment.transforms", "evaluate.tta"), chosen, strict=True)),
         )
-    print(f"intake: {args.src} -> {target} (versioned: {target}.dvc; {params_file}: data.dataset: {name})")
+    stored = f"{len(list((target / SHARDS_DIR).iterdir()))} tar shards, " if is_sharded(target) else ""
+    print(
+        f"intake: {args.src} -> {target} ({stored}versioned: {commit[0]}; {params_file}: data.dataset: {name})"
+    )
     print(summary(report, target.absolute()))
     print(augmentation(args.domain, *chosen, conflicts=tta_conflicts(*chosen)))
-    print(f"\nnext: git add {target}.dvc {target.parent}/.gitignore {params_file} && dvc repro")
+    gone = " ".join(str(p) for p in commit if not p.exists())
+    removed = f"git rm -q --cached --ignore-unmatch {gone} && " if gone else ""
+    added = " ".join(str(p) for p in commit if p.exists())
+    print(f"\nnext: {removed}git add {added} {params_file} && dvc repro")

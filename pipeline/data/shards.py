@@ -1,0 +1,212 @@
+"""The shard layout of a handed-in set: its files in a few tar shards, its per-file manifest in git.
+
+DVC's costs grow with the number of files it tracks (``dvc add``, ``status``, ``push``, ``pull`` and each
+``dvc repro``'s check of the raw set: seconds per ten thousand small files), so intake stores a large set
+(``AUTO_MIN_FILES`` images or more, or ``--layout shards``) as::
+
+    paths.raw/NAME/shards.csv    path,label[,split][,group],sha256,shard,offset,size: one row per image (git)
+    paths.raw/NAME/shards/       shard-00000.tar ...: uncompressed tar, members named by ``path``, e.g.
+                                 Forest/Forest_1.jpg (``dvc add``: shards.dvc and .gitignore beside, in git)
+
+``path`` is the file's path in the set (as in the folder layout), ``shard`` its shard's file name, ``offset``
+and ``size`` where its bytes lie in the shard (ingest reads them there without parsing the tar; ``tar xf``
+gives the files back), ``sha256`` its content hash (per-file provenance, checked on every read). Ingest names
+each file ``paths.raw/NAME/<path>`` as it does in the folder layout, so ``splits.csv``, the label audit and
+``data.exclude`` use the same paths whichever the layout, and the prepared cache is the same.
+
+The shards are written deterministically (sorted by the set's order, zero times and owners): taking the same
+files in again gives the same shards, hence the same DVC objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Literal
+
+from pipeline.data import sources
+from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:  # pandas is imported where a table is read or written: decoding workers import this module
+    import pandas as pd
+
+SHARDS_CSV = "shards.csv"
+SHARDS_DIR = "shards"
+COLUMNS = ("sha256", "shard", "offset", "size")  # after path, label and the user's split and group
+SHARD_FILES = 1000  # files per shard: tens of shards for tens of thousands of files
+SHARD_BYTES = 512 << 20  # or fewer, so that one shard stays a quick download
+AUTO_MIN_FILES = 2000  # intake --layout auto: smaller sets (and the demo) keep the folder layout
+Layout = Literal["auto", "folder", "shards"]
+
+
+class ShardError(PipelineError, ValueError):
+    """A shard missing, truncated or not the bytes its manifest lists; the message names shard and member."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """Where one file's bytes lie: ``shard`` (its path), ``offset`` and ``size``, and the sha256 they must have."""
+
+    shard: str
+    member: str  # the member's name: the file's path in the set
+    offset: int
+    size: int
+    sha256: str
+
+
+def is_sharded(root: Path) -> bool:
+    return (root / SHARDS_CSV).is_file()
+
+
+def tracked(root: Path) -> Path:
+    """What DVC versions of the set in ``root``: the shards folder (the manifest is in git), or the whole folder."""
+    return root / SHARDS_DIR if is_sharded(root) else root
+
+
+def choose(layout: Layout, n_files: int) -> Literal["folder", "shards"]:
+    if layout == "auto":
+        return "shards" if n_files >= AUTO_MIN_FILES else "folder"
+    return layout
+
+
+def read(member: Member) -> bytes:
+    """The member's bytes, checked against its sha256; ``ShardError`` naming shard and member otherwise."""
+    try:
+        with open(member.shard, "rb") as f:
+            f.seek(member.offset)
+            data = f.read(member.size)
+    except OSError as err:
+        raise ShardError(f"{member.shard}: cannot read member {member.member} ({err}){_RESTORE}") from None
+    if len(data) != member.size:
+        raise ShardError(
+            f"{member.shard}: truncated: member {member.member} ends at byte {member.offset + member.size}, "
+            f"the shard is shorter{_RESTORE}"
+        )
+    found = hashlib.sha256(data).hexdigest()
+    if found != member.sha256:
+        raise ShardError(
+            f"{member.shard}: member {member.member} has sha256 {found[:16]}..., not the manifest's "
+            f"{member.sha256[:16]}... (corrupt or replaced shard){_RESTORE}"
+        )
+    return data
+
+
+_RESTORE = "; restore the shards with `dvc checkout` (or `dvc pull`), or take the set in again"
+
+
+def pack(
+    files: Iterable[tuple[str, Path]],
+    root: Path,
+    columns: pd.DataFrame,
+    *,
+    per_shard: int | None = None,
+    max_bytes: int | None = None,
+) -> None:
+    """Write ``files`` ((path in the set, file) pairs, in the set's order) into ``root/shards/*.tar`` and their
+    manifest ``root/shards.csv``, with ``columns`` (label and the user's split and group, a row per file).
+    A shard holds ``per_shard`` files (``SHARD_FILES``) or fewer, ``max_bytes`` (``SHARD_BYTES``) at most."""
+    from pipeline.data.ingest import progress
+
+    listed = list(files)
+    for name, _ in listed:
+        _check_name(name)
+    (root / SHARDS_DIR).mkdir()
+    rows: list[dict] = []
+    packed = iter(progress(listed, len(listed), "intake", "files packed"))
+    for i, group in enumerate(_groups(listed, per_shard or SHARD_FILES, max_bytes or SHARD_BYTES)):
+        shard = f"shard-{i:05d}.tar"
+        with tarfile.open(root / SHARDS_DIR / shard, "w", format=tarfile.PAX_FORMAT) as tar:
+            for name, file in (next(packed) for _ in group):
+                data = file.read_bytes()
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(data), 0o644, 0
+                # addfile writes this header, then the bytes: they start right after it
+                offset = tar.offset + len(info.tobuf(tarfile.PAX_FORMAT, tar.encoding, tar.errors))
+                tar.addfile(info, io.BytesIO(data))
+                sha = hashlib.sha256(data).hexdigest()
+                rows.append({"sha256": sha, "shard": shard, "offset": offset, "size": len(data)})
+    _write_manifest(root, listed, columns, rows)
+
+
+def _groups(listed: list[tuple[str, Path]], per_shard: int, max_bytes: int) -> list[list[tuple[str, Path]]]:
+    """Consecutive runs of ``listed``: at most ``per_shard`` files and ``max_bytes`` (a larger file alone)."""
+    groups: list[list[tuple[str, Path]]] = [[]]
+    size = 0
+    for name, file in listed:
+        n = file.stat().st_size
+        if len(groups[-1]) >= per_shard or (groups[-1] and size + n > max_bytes):
+            groups.append([])
+            size = 0
+        groups[-1].append((name, file))
+        size += n
+    return [g for g in groups if g]
+
+
+def _write_manifest(
+    root: Path, listed: list[tuple[str, Path]], columns: pd.DataFrame, rows: list[dict]
+) -> None:
+    import pandas as pd
+
+    table = pd.DataFrame({"path": [name for name, _ in listed]})
+    table = pd.concat(
+        [table, columns.reset_index(drop=True), pd.DataFrame(rows, columns=list(COLUMNS))], axis=1
+    )
+    table.to_csv(root / SHARDS_CSV, index=False)
+
+
+def _check_name(name: str) -> None:
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        raise ShardError(f"{name}: not a path inside the set (absolute, empty or with '..')")
+
+
+def scan(root: Path) -> pd.DataFrame:
+    """The set's files as ingest's table (path as ``root``/path, label[, split][, group]) plus where each one's
+    bytes lie (sha256, shard, offset, size); every shard checked present and long enough first."""
+    manifest = root / SHARDS_CSV
+    table = sources.read_csv(manifest, ShardError)
+    missing = {"path", "label", *COLUMNS} - set(table.columns)
+    if missing or table.empty:
+        raise ShardError(
+            f"{manifest}: expected columns path,label[,split][,group],{','.join(COLUMNS)} and a row per file "
+            f"(missing: {sorted(missing)}); take the set in again (python -m pipeline intake)"
+        )
+    try:
+        ends = table["offset"].astype("int64") + table["size"].astype("int64")
+    except ValueError as err:
+        raise ShardError(f"{manifest}: offset and size must be whole numbers ({err})") from None
+    for name in table["path"]:
+        _check_name(name)
+    for shard, end in ends.groupby(table["shard"]).max().items():
+        path = root / SHARDS_DIR / shard
+        if PurePosixPath(shard).name != shard:
+            raise ShardError(f"{manifest}: shard '{shard}' must be a file name in {root / SHARDS_DIR}")
+        if not path.is_file():
+            first = table.loc[table["shard"] == shard, "path"].iloc[0]
+            raise ShardError(
+                f"{path}: shard not found ({manifest} lists {int((table['shard'] == shard).sum())} files "
+                f"in it, e.g. {first}); fetch it: dvc pull {tracked(root)}.dvc"
+            )
+        if path.stat().st_size < end:
+            raise ShardError(
+                f"{path}: {path.stat().st_size} bytes, but {manifest} places a member up to byte {end}: "
+                f"truncated, or not the shard the manifest describes{_RESTORE}"
+            )
+    table["member"] = table["path"]
+    table["shard"] = [str(root / SHARDS_DIR / s) for s in table["shard"]]
+    table["path"] = [str(root / p) for p in table["path"]]
+    return table
+
+
+def members(table: pd.DataFrame) -> list[Member]:
+    """``scan``'s rows as the ``Member`` each decoding worker reads."""
+    return [
+        Member(shard, member, int(offset), int(size), sha)
+        for shard, member, offset, size, sha in zip(
+            table["shard"], table["member"], table["offset"], table["size"], table["sha256"], strict=True
+        )
+    ]
