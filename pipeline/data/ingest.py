@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.config import Data
+from pipeline.config import Data, parse
 from pipeline.data import decoding, readers, shards, sources, splits, validation
 from pipeline.data.cache import CacheWriter
 from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError
@@ -70,7 +70,8 @@ def scan(root: Path) -> tuple[pd.DataFrame, list[str]]:
         raise DataError(
             f"{root}: no class folders (expected one subfolder of images per class, or {MANIFEST_CSV})"
         )
-    rows, ignored = [], []
+    rows: list[dict[str, str]] = []
+    ignored: list[str] = []
     for class_dir in class_dirs:
         images, others = image_files(class_dir, root)
         ignored += map(str, others)
@@ -228,6 +229,7 @@ def _decode_all(table: pd.DataFrame, data: Data, cache: CacheWriter, reuse: Path
                 "set data.channels: keep to train on all bands"
             )
         pixels, found.pixels = found.pixels, None
+        assert pixels is not None, path  # read, with no reason to reject it: decoded
         out.bands[pixels.shape[-1]] += 1
         out.reused += found.reused
         if data.near_duplicate_bits is not None:
@@ -382,7 +384,7 @@ def ingest(
     store what was decoded there (intake's validation pass, ``decoding.Validated``); ``reuse``: take
     each file whose bytes such a store holds, decoded with the same settings, from there.
     """
-    data = dataclasses.replace(data or Data(), **fields)
+    data = dataclasses.replace(data or parse({}).data, **fields)  # the typed defaults
     files, ignored = (shards.scan(raw_dir), []) if shards.is_sharded(raw_dir) else scan(raw_dir)
     excluded: list[str] = []
     exclude_warnings: list[str] = []
