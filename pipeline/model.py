@@ -20,7 +20,7 @@ from torchmetrics.utilities import dim_zero_cat
 from torchvision.transforms import v2
 
 from pipeline import recipe
-from pipeline.config import parse
+from pipeline.config import Augment, Model, Train
 from pipeline.evaluation.metrics import HEADLINE, weighted_metrics
 from pipeline.heads import KNNHead, linear_of
 from pipeline.pixels import unit_max
@@ -30,8 +30,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # The training defaults are the typed params' (pipeline.config), never a second set written here.
-_DEFAULTS = parse({})
-_MODEL, _TRAIN, _AUGMENT = _DEFAULTS.model, _DEFAULTS.train, _DEFAULTS.augment
+_MODEL, _TRAIN, _AUGMENT = Model(), Train(), Augment()
 
 
 def build_network(

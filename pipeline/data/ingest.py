@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.config import Data, parse
+from pipeline.config import Data
 from pipeline.data import decoding, readers, shards, sources, splits, validation
 from pipeline.data.cache import CacheWriter
 from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError
@@ -384,7 +384,7 @@ def ingest(
     store what was decoded there (intake's validation pass, ``decoding.Validated``); ``reuse``: take
     each file whose bytes such a store holds, decoded with the same settings, from there.
     """
-    data = dataclasses.replace(data or parse({}).data, **fields)  # the typed defaults
+    data = dataclasses.replace(data or Data(), **fields)
     files, ignored = (shards.scan(raw_dir), []) if shards.is_sharded(raw_dir) else scan(raw_dir)
     excluded: list[str] = []
     exclude_warnings: list[str] = []

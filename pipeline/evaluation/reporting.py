@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from pipeline.config import Evaluate, parse
+from pipeline.config import Evaluate
 from pipeline.evaluation.calibration import TEMPERATURE_BOUNDS
 from pipeline.evaluation.metrics import BINARY, CALIBRATION, HEADLINE, PER_CLASS
 
@@ -258,7 +258,7 @@ def report(
     transforms, if any; ``hparams``: the checkpoint's hyperparameters; ``extra``: (heading, Markdown)
     sections appended at the end, e.g. a Grad-CAM panel.
     """
-    settings = settings or parse({}).evaluate  # the typed defaults (mypy does not see Field(...)'s)
+    settings = settings or Evaluate()
     splits = ["test", "test_tta"] if tta else ["test"]
     classes = data_report["classes"]
     per_class = pd.DataFrame(
