@@ -29,13 +29,13 @@ test: $(STAMP) lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadfile   # two workers, a test file each
 
 bench: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline.bench
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline bench
 
 # The store named in params.yaml (mlflow.tracking_uri), unless MLFLOW_TRACKING_URI says otherwise.
 # The link opens the experiment's runs table (MLflow 3 would otherwise open its GenAI overview).
 ui: $(STAMP)
 	@uri="$${MLFLOW_TRACKING_URI:-$$($(BIN)/python -c 'from pipeline.config import load; print(load().mlflow.tracking_uri)')}" && \
-	  link="$$($(BIN)/python -m pipeline.tracking --tracking-uri "$$uri")" && \
+	  link="$$($(BIN)/python -m pipeline tracking --tracking-uri "$$uri")" && \
 	  echo "MLflow UI, runs table: $$link  (Ctrl-C to stop)" && \
 	  $(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri "$$uri"
 
@@ -45,7 +45,7 @@ notebooks: $(STAMP)
 
 # docs/configuration.md from the typed params in pipeline/config.py (tests/test_docs.py checks it is current).
 docs: $(STAMP)
-	$(BIN)/python -m pipeline.docs
+	$(BIN)/python -m pipeline docs
 
 clean:
 	rm -rf data/prepared data/augment data/tune models reports

@@ -1,83 +1,144 @@
-"""``python -m pipeline <stage>``: dispatch to the stage entry points in ``pipeline.stages``.
+"""``python -m pipeline COMMAND``: the DVC stages and the tools around them, one parser each.
 
-``intake SRC [--name NAME]`` takes arguments of its own, and ``tune --worker`` (joins a running study);
-the DVC stages take none (params.yaml only).
+Every command module has one shape: ``main(params, args)`` (params loaded from --params, args the parsed
+command line) and, when the command takes arguments, ``add_arguments(parser)``. A command's module is
+imported only when that command runs (or shows its help): listing the others costs no torch or MLflow.
 """
 
 import argparse
 import importlib
 import logging
 import sys
+from typing import NamedTuple
 
 from pipeline.config import PARAMS_FILE, load
 from pipeline.credentials import redact
 from pipeline.errors import PipelineError
 
+
+class Command(NamedTuple):
+    module: str
+    synopsis: str  # its arguments, as listed by `python -m pipeline --help` (tests/test_main.py checks them)
+    help: str
+
+
 STAGES = ("demo", "ingest", "augment", "tune", "train", "evaluate")
 COMMANDS = {
-    **{s: f"pipeline.stages.{s}" for s in STAGES},
-    "summary": "pipeline.summary",
-    "predict": "pipeline.stages.predict",
-    "export": "pipeline.stages.export",
-    "intake": "pipeline.stages.intake",
-    "weights": "pipeline.stages.weights",
+    "demo": Command("pipeline.stages.demo", "", "DVC stage: generate the demo set"),
+    "ingest": Command("pipeline.stages.ingest", "", "DVC stage: validate, split and cache the data set"),
+    "augment": Command("pipeline.stages.augment", "", "DVC stage: the training augmentation and its preview"),
+    "tune": Command("pipeline.stages.tune", "[--worker]", "DVC stage: the Optuna study (--worker: join it)"),
+    "train": Command("pipeline.stages.train", "", "DVC stage: fine-tune with the tuned params"),
+    "evaluate": Command("pipeline.stages.evaluate", "", "DVC stage: test metrics, plots and the report"),
+    "summary": Command("pipeline.summary", "", "whether every stage is up to date, where the results are"),
+    "intake": Command(
+        "pipeline.stages.intake",
+        "SRC [--name NAME] [--domain DOMAIN] [--layout {auto,folder,shards}]",
+        "copy a user's image set into paths.raw, validate, version and select it",
+    ),
+    "predict": Command(
+        "pipeline.stages.predict",
+        "SRC --out CSV [--model-dir DIR] [--decision FILE]",
+        "class probabilities for new images",
+    ),
+    "export": Command(
+        "pipeline.stages.export",
+        "--format {torchscript,onnx} [--out OUT] [--model-dir DIR]",
+        "the trained model as one TorchScript or ONNX file",
+    ),
+    "weights": Command(
+        "pipeline.stages.weights",
+        "import FILE [--arch ARCH] [--weights NAME]",
+        "check a downloaded checkpoint and place it for offline runs",
+    ),
+    "tracking": Command(
+        "pipeline.tracking",
+        "[--tracking-uri URI] [--host HOST] [--port PORT]",
+        "the MLflow UI's link to the experiment's runs table (make ui)",
+    ),
+    "docs": Command(
+        "pipeline.docs", "[--output FILE]", "rewrite docs/configuration.md from the typed params"
+    ),
+    "bench": Command(
+        "pipeline.bench",
+        "[{quality,scale,transfer} ...]",
+        "speed and memory of the hot paths (make bench); quality, scale, transfer: benchmarks on real data",
+    ),
 }
-WITH_ARGS = frozenset({"intake", "weights", "tune", "predict", "export"})
+NO_ARGUMENTS = "Takes no arguments: every setting comes from params.yaml (--params: another file)."
 
 
-def command_help(command: str) -> str:
-    """The help of a command without arguments of its own: its usage and its module's docstring."""
-    doc = (importlib.import_module(COMMANDS[command]).__doc__ or "").strip()
-    how = (
-        f"A DVC stage: `dvc repro {command}` runs it after the stages it depends on, when its inputs changed."
+class CliHandler(logging.StreamHandler):
+    """The CLI's handler on the ``pipeline`` logger, added once per process."""
+
+
+def build_parser(full: set[str] | frozenset[str] = frozenset()) -> argparse.ArgumentParser:
+    """The CLI's parser; the commands in ``full`` get their own arguments and help (importing their modules)."""
+    listing = "\n".join(
+        f"  {name} {c.synopsis}".rstrip() + f"\n      {c.help}" for name, c in COMMANDS.items()
     )
-    return (
-        f"usage: python -m pipeline {command} [--params PARAMS]\n\n{doc}\n\n"
-        f"Takes no arguments: every setting comes from params.yaml (--params: another file).\n"
-        + (how if command in STAGES else "")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        usage="%(prog)s [-h] [--params PARAMS] COMMAND ...",  # the suppressed COMMAND would leave it out
+        description=__doc__,
+        epilog=f"commands and their arguments ('python -m pipeline COMMAND --help' for one's own):\n{listing}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
+    # The listing is the epilog's (arguments included); argparse's own would name the commands alone.
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS)
+    for name, command in COMMANDS.items():
+        if name not in full:
+            commands.add_parser(name, prog=f"{parser.prog} {name}")
+            continue
+        module = importlib.import_module(command.module)
+        add_arguments = getattr(module, "add_arguments", None)
+        stage = f"A DVC stage: `dvc repro {name}` runs it after the stages it depends on, when its inputs changed."
+        sub = commands.add_parser(
+            name,
+            prog=f"{parser.prog} {name}",
+            description=(module.__doc__ or "").strip(),
+            epilog=None if add_arguments else NO_ARGUMENTS + ("\n" + stage if name in STAGES else ""),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        # Also after the command (`train --params p.yaml`); SUPPRESS keeps a value given before it.
+        sub.add_argument("--params", default=argparse.SUPPRESS, help=f"params file (default: {PARAMS_FILE})")
+        if add_arguments:
+            add_arguments(sub)
+    return parser
+
+
+def chosen(argv: list[str]) -> str | None:
+    """The command named on the command line (the first word that is one, --params' value skipped)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--params":
+            next(words, None)
+        elif word in COMMANDS:
+            return word
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__, add_help=False)
-    parser.add_argument(
-        "command",
-        nargs="?",
-        choices=list(COMMANDS),
-        help="a DVC stage, 'summary', 'intake SRC [--name]' or 'tune --worker'",
-    )
-    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
-    parser.add_argument("-h", "--help", action="store_true", help="this help; 'intake --help' shows intake's")
-    args, rest = parser.parse_known_args(argv)
-    if args.help and args.command in WITH_ARGS:
-        rest.append("--help")  # the command's own parser prints its help
-    elif args.help and args.command:
-        print(command_help(args.command))
-        return 0
-    elif args.help:
-        parser.print_help()
-        return 0
-    elif args.command is None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = chosen(argv)
+    parser = build_parser({name} if name else set())
+    args = parser.parse_args(argv)
+    if args.command is None:
         parser.error("a command is required")
-    if rest and args.command not in WITH_ARGS:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     # Our own loggers only: Lightning and Optuna already print through handlers of their own.
     # Once per process: tests call main() repeatedly, and stderr may be swapped between calls.
     ours = logging.getLogger("pipeline")
-    handler = next((h for h in ours.handlers if getattr(h, "_pipeline_cli", False)), None)
+    handler = next((h for h in ours.handlers if isinstance(h, CliHandler)), None)
     if handler is None:
-        handler = logging.StreamHandler()
+        handler = CliHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        handler._pipeline_cli = True
         ours.addHandler(handler)
     handler.stream = sys.stderr  # the current one (tests swap it); setStream would flush a closed one
-    logging.getLogger("pipeline").setLevel(logging.INFO)
-    command = importlib.import_module(COMMANDS[args.command])
+    ours.setLevel(logging.INFO)
+    command = importlib.import_module(COMMANDS[args.command].module)
     try:
-        if args.command in WITH_ARGS:
-            command.main(load(args.params), rest, args.params)
-        else:
-            command.main(load(args.params))
+        command.main(load(args.params), args)
     except PipelineError as err:  # anything else keeps its traceback
         print(f"error: {one_line(str(err))}", file=sys.stderr)
         return 2

@@ -15,14 +15,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import albumentations as A
 import numpy as np
 
 from pipeline.config import Preset
-from pipeline.display import to_rgb
+from pipeline.display import image_grid
 from pipeline.errors import PipelineError
+from pipeline.pixels import unit_max
+
+if TYPE_CHECKING:
+    from pipeline.data.cache import Images
 
 PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
     "none": (),
@@ -156,7 +160,7 @@ def resolve(preset: Preset, transforms: Sequence[dict[str, Any]]) -> list[tuple[
     overridden: set[str] = set()
     for i, entry in enumerate(transforms):
         where, name = f"augment.transforms[{i}]", entry.get("name")
-        if name in in_preset:
+        if isinstance(name, str) and name in in_preset:
             if name in overridden:
                 raise AugmentError(
                     f"{where}: '{name}' overrides preset '{preset}' a second time; "
@@ -204,7 +208,7 @@ def build(
     built = [_transform(where, entry) for where, entry in resolve(preset, transforms)]
     dtype = np.dtype(dtype)
     if dtype.kind == "u" and dtype != np.uint8:
-        top = float(np.iinfo(dtype).max)
+        top = unit_max(dtype)
         built = [A.ToFloat(max_value=top), *built, A.FromFloat(dtype=dtype.name, max_value=top)]
     return A.Compose(built, seed=seed)
 
@@ -257,7 +261,7 @@ def offline_copies(
 
 def write_offline_copies(
     pipeline: A.BasicTransform,
-    images: np.ndarray,
+    images: Images,
     labels: np.ndarray,
     copies: int,
     images_npy: Path,
@@ -285,21 +289,16 @@ def preview(
     pipeline: A.BasicTransform, images: np.ndarray, labels: Sequence[str], draws: int, path: Path
 ) -> None:
     """Save a grid: each row one training image (first column as is) followed by ``draws`` augmented copies."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-
-    rows, cols = len(images), draws + 1
-    fig = Figure(figsize=(1.6 * cols, 1.7 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for r, (image, label) in enumerate(zip(images, labels, strict=True)):
-        panels = [image] + [pipeline(image=image)["image"] for _ in range(draws)]
-        for c, panel in enumerate(panels):
-            ax = axes[r][c]
-            ax.imshow(to_rgb(panel), vmin=0, vmax=1, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(label, fontsize=8)
-            if r == 0:
-                ax.set_title("original" if c == 0 else f"draw {c}", fontsize=8)
-    fig.tight_layout()
+    cells = [
+        cell for image in images for cell in [image] + [pipeline(image=image)["image"] for _ in range(draws)]
+    ]
+    fig = image_grid(
+        cells,
+        ["original"] + [f"draw {c}" for c in range(1, draws + 1)],
+        ncols=draws + 1,
+        cell=(1.6, 1.7),
+        title_size=8,
+        row_labels=list(labels),
+        framed=True,
+    )
     fig.savefig(path, dpi=72)

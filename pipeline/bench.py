@@ -1,6 +1,7 @@
 """``make bench``: speed and memory of the pipeline's hot paths, one JSON object per line.
-(``python -m pipeline.bench quality``: test quality on real X-rays instead, see ``pipeline.bench_quality``;
-``python -m pipeline.bench scale``: the pipeline on the 27,000 EuroSAT tiles, see ``pipeline.bench_scale``.)
+(``python -m pipeline bench quality``: test quality on real X-rays instead, see ``pipeline.bench_quality``;
+``python -m pipeline bench scale``: the pipeline on the 27,000 EuroSAT tiles, see ``pipeline.bench_scale``;
+``python -m pipeline bench transfer``: transfer from the pipeline's own pretraining, ``pipeline.transfer_bench``.)
 
 Measured on a generated demo set in a temporary folder, so it needs no prior ``dvc repro``:
 - ``ingest``: decode + resize + cache throughput;
@@ -20,6 +21,8 @@ Measured on a generated demo set in a temporary folder, so it needs no prior ``d
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import multiprocessing
 import resource
@@ -336,7 +339,11 @@ def bench_tune_pruning(tmp: Path) -> None:
             with contextlib.redirect_stdout(sys.stderr):  # per-epoch lines; stdout is for the JSON lines
                 studies[pruner], _ = tune.run(params, lambda p: datamodule(p, prepared, pipeline), pruner, {})
     seconds = {
-        k: sum((t.datetime_complete - t.datetime_start).total_seconds() for t in s.trials)
+        k: sum(
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            for t in s.trials
+            if t.datetime_complete and t.datetime_start  # every trial of a finished study has both
+        )
         for k, s in studies.items()
     }
     epochs = {k: sum(len(t.intermediate_values) for t in s.trials) for k, s in studies.items()}
@@ -357,7 +364,32 @@ def bench_tune_pruning(tmp: Path) -> None:
     )
 
 
-def main() -> int:
+BENCHES = {  # minutes on real data each, not part of make bench
+    "quality": "pipeline.bench_quality",
+    "scale": "pipeline.bench_scale",
+    "transfer": "pipeline.transfer_bench",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    benches = parser.add_subparsers(dest="bench", title="on real data (default: the speed bench)")
+    for name, module_name in BENCHES.items():
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or "").strip()
+        sub = benches.add_parser(
+            name,
+            help=doc.split("\n")[0].split(": ", 1)[-1],
+            description=doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(sub)
+
+
+def main(params: config.Params, args: argparse.Namespace) -> None:
+    """The speed bench (params play no part: it measures the defaults), or the one named by ``args.bench``."""
+    if args.bench:
+        importlib.import_module(BENCHES[args.bench]).main(params, args)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         raw, out = Path(tmp) / "raw", Path(tmp) / "prepared"
         demo.generate(raw, N_PER_CLASS, SIZE, seed=0)
@@ -370,22 +402,3 @@ def main() -> int:
         bench_dataloader(data, bench_train_step(data))
         bench_tune_pruning(Path(tmp))
         bench_train_memory(out)
-    return 0
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["quality"]:
-        from pipeline import bench_quality
-
-        sys.exit(bench_quality.main(sys.argv[2:]))
-    if sys.argv[1:2] == ["scale"]:  # minutes on the real-sized EuroSAT set: pipeline/bench_scale.py
-        from pipeline.bench_scale import main as scale
-
-        sys.exit(scale(sys.argv[2:]))
-    if sys.argv[1:2] == [
-        "transfer"
-    ]:  # minutes on real data, not part of make bench: pipeline/transfer_bench.py
-        from pipeline.transfer_bench import main as transfer
-
-        sys.exit(transfer(sys.argv[2:]))
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""``python -m pipeline.bench quality``: test quality of the small-data methods on real held-out sets.
+"""``python -m pipeline bench quality``: test quality of the small-data methods on real held-out sets.
 
 Two sets from ../shared/data, handed in as a user would (image files plus a manifest with a split
 column), from random init (no pretrained weights on these machines):
@@ -42,10 +42,12 @@ import yaml
 from PIL import Image
 
 from pipeline import augment, config, crossval, evaluation
+from pipeline.config import Params
 from pipeline.data.ingest import ingest
 from pipeline.data.prepared import Prepared, load_prepared
+from pipeline.errors import PipelineError
 from pipeline.fit import datamodule, fit
-from pipeline.model import Classifier, Ensemble
+from pipeline.model import Ensemble
 from pipeline.resume import Resume
 
 DATA = Path(
@@ -101,7 +103,9 @@ def write_eurosat(tar: Path, root: Path, per_class: int, draw: int = 0) -> Path:
                 split = "val" if j < n_val else "train" if j < per_class else "test"
                 name = f"{split}/{Path(files[k].name).name}"
                 (root / name).parent.mkdir(parents=True, exist_ok=True)
-                (root / name).write_bytes(archive.extractfile(files[k]).read())
+                stream = archive.extractfile(files[k])
+                assert stream is not None, f"{files[k].name}: a regular file of the tar"
+                (root / name).write_bytes(stream.read())
                 rows.append(f"{name},{cls},{split}")
     (root / "manifest.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
     return root
@@ -148,13 +152,13 @@ def _train(
         if not params.data.folds:
             result = fit(params, datamodule(params, prepared, transform), out_dir=out)
             return (
-                Ensemble([Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu")]),
+                Ensemble([result.best_model()]),
                 None,
                 result.epochs_run,
                 {},
             )
         folds = crossval.fit_folds(params, prepared, transform, Resume(out, "bench"))
-    members = [Classifier.load_from_checkpoint(r.best_checkpoint, map_location="cpu") for r in folds.results]
+    members = [r.best_model() for r in folds.results]
     held_out = (crossval.oof_logits(folds.oof, prepared.classes), folds.oof["label_index"].to_numpy())
     cv = crossval.cv_metrics(folds.oof, prepared.classes, positive=1)
     return (
@@ -181,7 +185,7 @@ def run(
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         raw = (
             write_eurosat(data, Path(tmp) / "raw", per_class)
-            if eurosat
+            if per_class is not None
             else write_pngs(data, Path(tmp) / "raw")
         )
         for seed in seeds:
@@ -244,12 +248,7 @@ def run(
     return results
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.bench quality",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set", choices=["pneumonia", "eurosat"], default="pneumonia", help="(default: %(default)s)"
     )
@@ -272,12 +271,14 @@ def main(argv: list[str]) -> int:
         metavar="KEY=VALUE",
         help="params overrides on top of every row (YAML values), e.g. train.max_epochs=100",
     )
-    args = parser.parse_args(argv)
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    """The rows on the chosen set; ``params`` play no part (each row states its own)."""
     extra = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.extra)}
     eurosat = args.set == "eurosat"
     args.data = args.data or (EUROSAT if eurosat else DATA)
     args.size = args.size or (64 if eurosat else 28)
     if not args.data.is_file():
-        parser.error(f"{args.data}: not found (the shared data sets live in ../shared/data)")
+        raise PipelineError(f"{args.data}: not found (the shared data sets live in ../shared/data)")
     run(args.data, args.size, args.epochs, args.seeds, args.rows, args.per_class if eurosat else None, extra)
-    return 0

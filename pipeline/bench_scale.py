@@ -1,4 +1,4 @@
-"""``python -m pipeline.bench scale``: the pipeline on a real-sized set, as a user runs it, at several sizes.
+"""``python -m pipeline bench scale``: the pipeline on a real-sized set, as a user runs it, at several sizes.
 
 Not part of ``make bench`` or ``make test`` (minutes; needs the EuroSAT RGB tar of /work/shared/data). For
 each size (a class-proportional subset of the 27,000 tiles, hard-linked from the extracted set), in a
@@ -31,6 +31,8 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+
+from pipeline.config import Params
 
 REPO = Path(__file__).resolve().parent.parent
 TAR = REPO.parent / "shared" / "data" / "eurosat_rgb.tar"
@@ -200,8 +202,7 @@ def dataloader_ratio(repo: str, batches: int = 150, steps: int = 8) -> None:
     )
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench scale", description=__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tar", type=Path, default=TAR, help="the EuroSAT RGB tar")
     parser.add_argument("--work", type=Path, default=Path("/tmp/scale-bench"), help="scratch folder")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000, 9000, 27000])
@@ -212,7 +213,10 @@ def main(argv: list[str]) -> int:
         default="auto",
         help="intake --layout (default: auto)",
     )
-    args = parser.parse_args(argv)
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    """Every size in turn; ``params`` play no part (each size runs in a fresh clone with its own)."""
     source = args.work / "eurosat"
     if not source.is_dir():
         args.work.mkdir(parents=True, exist_ok=True)
@@ -223,4 +227,3 @@ def main(argv: list[str]) -> int:
     for n in args.sizes:
         largest = n == max(args.sizes)
         measure(n, source, args.work, full=args.full and largest, loader=largest, layout=args.layout)
-    return 0

@@ -44,47 +44,53 @@ class ConfigError(PipelineError, ValueError):
 class Paths:
     """Every file and folder the stages read or write; dvc.yaml refers to these with ${paths.*}."""
 
-    raw: str = Field("data/raw", description="Folder of handed-in data sets, one subfolder each.")
-    prepared: str = Field("data/prepared", description="Ingest output: splits.csv, report.json, image cache.")
+    raw: str = Field(default="data/raw", description="Folder of handed-in data sets, one subfolder each.")
+    prepared: str = Field(
+        default="data/prepared", description="Ingest output: splits.csv, report.json, image cache."
+    )
     validated: str = Field(
-        ".dvc/tmp/validated",
+        default=".dvc/tmp/validated",
         description="What intake's validation decoded (pixels, hashes), a folder per data set; the ingest "
         "stage reuses it where a file's bytes are unchanged. Machine-local, never versioned; safe to delete.",
     )
     augment_pipeline: str = Field(
-        "data/augment/train_transforms.json", description="Serialized albumentations training pipeline."
+        default="data/augment/train_transforms.json",
+        description="Serialized albumentations training pipeline.",
     )
-    augment_preview: str = Field("data/augment/preview.png", description="Grid of augmented samples.")
+    augment_preview: str = Field(default="data/augment/preview.png", description="Grid of augmented samples.")
     augment_offline: str = Field(
-        "data/augment/offline", description="Offline augmented training copies (images.npy, labels.npy)."
+        default="data/augment/offline",
+        description="Offline augmented training copies (images.npy, labels.npy).",
     )
-    best_params: str = Field("data/tune/best_params.yaml", description="Tuned values the train stage uses.")
-    tune_summary: str = Field("data/tune/summary.json", description="Study summary (DVC metrics).")
-    model_dir: str = Field("models", description="Best checkpoint and the MLflow run it belongs to.")
+    best_params: str = Field(
+        default="data/tune/best_params.yaml", description="Tuned values the train stage uses."
+    )
+    tune_summary: str = Field(default="data/tune/summary.json", description="Study summary (DVC metrics).")
+    model_dir: str = Field(default="models", description="Best checkpoint and the MLflow run it belongs to.")
     metrics: str = Field(
-        "reports/metrics.json",
+        default="reports/metrics.json",
         description="Headline test metrics (DVC metrics: what `dvc metrics show` and `dvc exp show` print).",
     )
     metrics_detail: str = Field(
-        "reports/metrics_detail.json",
+        default="reports/metrics_detail.json",
         description="Every other test metric: intervals, per class, calibration "
         "(`dvc metrics show reports/metrics_detail.json`).",
     )
     confusion: str = Field(
-        "reports/confusion.csv", description="Test predictions for the DVC confusion plot."
+        default="reports/confusion.csv", description="Test predictions for the DVC confusion plot."
     )
-    plots: str = Field("reports/plots", description="Evaluation images (confusion matrix).")
-    report: str = Field("reports/report.md", description="Human-readable evaluation report.")
+    plots: str = Field(default="reports/plots", description="Evaluation images (confusion matrix).")
+    report: str = Field(default="reports/report.md", description="Human-readable evaluation report.")
     decision: str = Field(
-        "reports/decision.json",
+        default="reports/decision.json",
         description="The decision threshold and conformal quantile evaluate chose; predict applies them.",
     )
     label_audit: str = Field(
-        "reports/label_audit.csv",
+        default="reports/label_audit.csv",
         description="Likely label errors (cleanlab), most suspect first: path, given, suggested, score.",
     )
     exports: str = Field(
-        "exports",
+        default="exports",
         description="Where 'python -m pipeline export' writes model.pt / model.onnx "
         "by default (outside the DVC-tracked model_dir).",
     )
@@ -94,67 +100,70 @@ class Paths:
 class Demo:
     """The embedded, generated demo set (synthetic H&E-like tissue tiles)."""
 
-    name: str = Field("demo", description="Data set name under paths.raw.")
-    n_per_class: int = Field(100, ge=1, description="Images generated per class.")
-    image_size: int = Field(64, ge=16, le=1024, description="Side of the generated PNGs, pixels.")
+    name: str = Field(default="demo", description="Data set name under paths.raw.")
+    n_per_class: int = Field(default=100, ge=1, description="Images generated per class.")
+    image_size: int = Field(default=64, ge=16, le=1024, description="Side of the generated PNGs, pixels.")
 
 
 @dataclass(frozen=True, config=_STRICT)
 class Data:
     """Which data set to ingest and how to split it."""
 
-    dataset: str = Field("demo", min_length=1, description="Data set folder under paths.raw.")
+    dataset: str = Field(default="demo", min_length=1, description="Data set folder under paths.raw.")
     image_size: int = Field(
-        64, ge=16, le=1024, description="Images are resized to this square side at ingest."
+        default=64, ge=16, le=1024, description="Images are resized to this square side at ingest."
     )
-    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of each class for validation.")
-    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of each class for test.")
+    val_fraction: float = Field(default=0.15, gt=0, lt=0.5, description="Share of each class for validation.")
+    test_fraction: float = Field(default=0.15, gt=0, lt=0.5, description="Share of each class for test.")
     on_bad_file: Literal["skip", "fail"] = Field(
-        "skip", description="Unreadable image files: skip with a warning, or stop."
+        default="skip", description="Unreadable image files: skip with a warning, or stop."
     )
     channels: Literal["rgb", "keep"] = Field(
-        "rgb",
+        default="rgb",
         description="rgb: grayscale replicated to 3 channels, alpha dropped (for ImageNet weights); "
         "keep: 1 or N bands as the files hold them (all files must agree).",
     )
     dicom_window: tuple[float, float] | None = Field(
-        None,
+        default=None,
         description="DICOM [center, width] in modality units (after rescale slope/intercept); "
         "null: each file's WindowCenter/WindowWidth tags, else its own min..max.",
     )
     dicom_group: Literal["PatientID", "StudyInstanceUID"] | None = Field(
-        "PatientID",
+        default="PatientID",
         description="intake of a set without a group column: each DICOM file's group is this header "
         "element, stored as a salted hash, so one patient's (or study's) slices share a "
         "split; null: DICOM files are not grouped.",
     )
     min_images_per_class: int = Field(
-        20, ge=3, description="Classes with fewer readable images get a warning (fewer than 3 is an error)."
+        default=20,
+        ge=3,
+        description="Classes with fewer readable images get a warning (fewer than 3 is an error).",
     )
     near_duplicate_bits: int | None = Field(
-        10,
+        default=10,
         ge=0,
         le=64,
         description="Images whose 256-bit difference hashes differ in at most this many bits "
         "are near duplicates; null turns the check off.",
     )
     on_leakage: Literal["fail", "warn"] = Field(
-        "fail", description="Duplicates or one group in two splits of a predefined split: stop, or warn."
+        default="fail",
+        description="Duplicates or one group in two splits of a predefined split: stop, or warn.",
     )
     on_label_conflict: Literal["fail", "drop"] = Field(
-        "fail",
+        default="fail",
         description="Identical files under different labels: stop, or leave every copy out (listed in "
         "the data card and report.json label_conflicts), e.g. to keep a published split.",
     )
     max_image_pixels: int = Field(
-        100_000_000,
+        default=100_000_000,
         ge=1,
         description="Pixel budget per image (width x height, times frames for DICOM), checked "
         "before decoding: larger files are skipped as unreadable (decompression "
         "bombs). Pillow refuses PNG/JPEG past about 179 million on its own.",
     )
     folds: int = Field(
-        0,
+        default=0,
         ge=0,
         le=20,
         description="0: no cross-validation; k >= 2: k-fold cross-validation over train+val. "
@@ -163,7 +172,7 @@ class Data:
         "ships their ensemble with out-of-fold predictions (models/oof.csv).",
     )
     exclude: str | None = Field(
-        None,
+        default=None,
         min_length=1,
         description="A CSV with a 'path' column (e.g. rows kept from the label audit, "
         "paths.label_audit): those files are left out at ingest and listed in "
@@ -182,43 +191,45 @@ class Augment:
     """The training augmentation pipeline: a domain preset, overridden or extended by albumentations entries."""
 
     preset: Preset = Field(
-        "medical",
+        default="medical",
         description="Starting list of transforms (pipeline/augment.py PRESETS); 'none' starts empty.",
     )
     transforms: tuple[dict[str, Any], ...] = Field(
-        ({"name": "SquareSymmetry", "p": 1.0},),
+        default=({"name": "SquareSymmetry", "p": 1.0},),
         description="List of {name: <albumentations transform>, <argument>: <value>, ...}. An entry named like "
         "a preset transform updates that transform's arguments; other entries are appended.",
     )
     offline_copies: int = Field(
-        0,
+        default=0,
         ge=0,
         le=20,
         description="Augmented copies of each training image written "
         "at the augment stage and added to the train split.",
     )
-    preview_images: int = Field(6, ge=1, le=32, description="Training images shown in the preview grid.")
-    preview_draws: int = Field(5, ge=1, le=16, description="Augmented draws per preview image.")
+    preview_images: int = Field(
+        default=6, ge=1, le=32, description="Training images shown in the preview grid."
+    )
+    preview_draws: int = Field(default=5, ge=1, le=16, description="Augmented draws per preview image.")
     # Batch-level mixing, applied in the training step (pipeline/model.py), not by the augment stage.
     mixup_alpha: float = Field(
-        0.0,
+        default=0.0,
         ge=0,
         le=10,
         description="MixUp: each training batch is blended with a shuffled copy of itself, "
         "labels too, by a Beta(alpha, alpha) weight; 0 turns it off (0.2-0.4 is usual).",
     )
     cutmix_alpha: float = Field(
-        0.0,
+        default=0.0,
         ge=0,
         le=10,
         description="CutMix: a box of a shuffled copy is pasted in, labels mixed by its area; "
         "Beta(alpha, alpha); 0 turns it off (1.0 is usual).",
     )
     mix_prob: float = Field(
-        1.0, ge=0, le=1, description="Share of training batches mixed (when MixUp or CutMix is on)."
+        default=1.0, ge=0, le=1, description="Share of training batches mixed (when MixUp or CutMix is on)."
     )
     cutmix_switch_prob: float = Field(
-        0.5,
+        default=0.5,
         ge=0,
         le=1,
         description="With both on: the chance that a mixed batch uses CutMix rather than MixUp.",
@@ -227,9 +238,9 @@ class Augment:
 
 @dataclass(frozen=True, config=_STRICT)
 class Model:
-    arch: Arch = Field("resnet18", description="torchvision architecture.")
+    arch: Arch = Field(default="resnet18", description="torchvision architecture.")
     weights: str = Field(
-        "imagenet",
+        default="imagenet",
         min_length=1,
         description="'imagenet' (the arch's default torchvision weights), a torchvision weight enum name "
         "(e.g. ResNet50_Weights.IMAGENET1K_V2), a named domain backbone (torchgeo's satellite ResNets: "
@@ -238,17 +249,18 @@ class Model:
         "URI), or 'none'.",
     )
     weights_sha256: str | None = Field(
-        None,
+        default=None,
         pattern=r"^[0-9a-fA-F]{64}$",
         description="SHA-256 of the weights file (a local .pth, or the downloaded checkpoint); a file with "
         "another hash is refused. null: torchvision's own hash-prefix check only.",
     )
     require_pretrained: bool = Field(
-        False, description="Fail instead of falling back to random init when weights cannot be obtained."
+        default=False,
+        description="Fail instead of falling back to random init when weights cannot be obtained.",
     )
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the classification head.")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout before the classification head.")
     stem: Literal["imagenet", "small"] = Field(
-        "imagenet",
+        default="imagenet",
         description="imagenet: torchvision's stem (a stride-2 7x7 conv, then a stride-2 max-pool: a 64 px "
         "image leaves a 2x2 map at layer4); small: the max-pool left out (4x4 at 64 px, about 4x the "
         "compute), for images of 64 px and below. The weights are the same tensors either way.",
@@ -280,43 +292,45 @@ class Model:
 @dataclass(frozen=True, config=_STRICT)
 class Train:
     max_epochs: int = Field(
-        40,
+        default=40,
         ge=1,
         description="Upper bound on training epochs (40 with early stopping: see docs/benchmarks.md, "
         "20 epochs chosen on val/loss lost up to 52 points on a small real set).",
     )
-    batch_size: int = Field(32, ge=1, description="Images per step (per device).")
-    lr: float = Field(1e-3, gt=0, lt=10, description="Peak learning rate.")
-    weight_decay: float = Field(1e-4, ge=0, lt=1, description="AdamW / SGD weight decay.")
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    batch_size: int = Field(default=32, ge=1, description="Images per step (per device).")
+    lr: float = Field(default=1e-3, gt=0, lt=10, description="Peak learning rate.")
+    weight_decay: float = Field(default=1e-4, ge=0, lt=1, description="AdamW / SGD weight decay.")
+    optimizer: Literal["adamw", "sgd"] = Field(default="adamw", description="Optimizer.")
     monitor: Literal["val/loss", "val/accuracy", "val/balanced_accuracy", "val/auroc"] = Field(
-        "val/auroc",
+        default="val/auroc",
         description="Validation metric for checkpointing, early stopping and tuning (val/auroc: a "
         "label-smoothed loss on a few dozen val images stops and selects poor epochs); which way is better "
         "comes with the metric (pipeline/vocabulary.py).",
     )
-    patience: int = Field(15, ge=1, description="Epochs without improvement before early stopping.")
+    patience: int = Field(default=15, ge=1, description="Epochs without improvement before early stopping.")
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field(
-        "auto", description="Lightning accelerator."
+        default="auto", description="Lightning accelerator."
     )
-    devices: int | Literal["auto"] = Field(1, description="Devices to train on (DDP when > 1); per node.")
+    devices: int | Literal["auto"] = Field(
+        default=1, description="Devices to train on (DDP when > 1); per node."
+    )
     num_nodes: int = Field(
-        1,
+        default=1,
         ge=1,
         description="Machines in a multi-node DDP run (devices on each); must match "
         "the launcher's node count (torchrun --nnodes, SLURM --nodes).",
     )
-    strategy: Literal["auto", "ddp", "ddp_spawn"] = Field("auto", description="Lightning strategy.")
-    precision: Literal["32", "16-mixed", "bf16-mixed"] = Field("32", description="Numeric precision.")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    strategy: Literal["auto", "ddp", "ddp_spawn"] = Field(default="auto", description="Lightning strategy.")
+    precision: Literal["32", "16-mixed", "bf16-mixed"] = Field(default="32", description="Numeric precision.")
+    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes.")
     channels_last: bool | Literal["auto"] = Field(
-        "auto",
+        default="auto",
         description="Run the network and its inputs in channels_last memory format: faster convolutions "
         "on GPUs (tensor cores, mixed precision). auto: on CUDA devices only (on CPU it was "
         "no faster here, see make bench).",
     )
     mode: Literal["finetune", "linear_probe", "knn"] = Field(
-        "finetune",
+        default="finetune",
         description="finetune: train the network (the recipe below); linear_probe: a logistic "
         "regression head on the frozen backbone's pooled features; knn: a cosine "
         "k-nearest-neighbour vote over them (pipeline/probe.py). The frozen modes compute "
@@ -324,41 +338,41 @@ class Train:
         "class they often beat fine-tuning.",
     )
     knn_k: int = Field(
-        20, ge=1, description="train.mode knn: neighbours that vote (at most the training images)."
+        default=20, ge=1, description="train.mode knn: neighbours that vote (at most the training images)."
     )
     # The small-data recipe (pipeline/recipe.py).
     freeze_epochs: int = Field(
-        2,
+        default=2,
         ge=0,
         description="Epochs that train only the new head, backbone frozen (BatchNorm statistics "
         "too). Ignored, with a warning, when the backbone is randomly initialised.",
     )
     unfreeze: Literal["all", "gradual"] = Field(
-        "all",
+        default="all",
         description="After the frozen epochs: 'all' unfreezes the whole backbone at once; 'gradual' "
         "one residual stage per epoch, layer4 first, the stem last.",
     )
     backbone_lr_mult: float = Field(
-        0.1,
+        default=0.1,
         gt=0,
         le=1,
         description="Backbone learning rate = train.lr x this (the head gets train.lr). "
         "1.0 when the backbone is randomly initialised.",
     )
     warmup_epochs: float = Field(
-        1.0,
+        default=1.0,
         ge=0,
         description="Linear learning-rate warm-up (per step) over this many epochs, then cosine "
         "decay to zero at train.max_epochs.",
     )
-    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
     balance: Literal["none", "loss", "sampler"] = Field(
-        "none",
+        default="none",
         description="Imbalanced classes: 'loss' weights the cross-entropy by inverse class frequency; "
         "'sampler' draws training batches class-balanced (with replacement).",
     )
     ema_decay: float | None = Field(
-        None,
+        default=None,
         ge=0,
         lt=1,
         description="Exponential moving average of the weights (and BatchNorm statistics), "
@@ -398,45 +412,50 @@ class SearchDim:
         elif self.log and self.low <= 0:
             raise ValueError("log scale needs 'low' > 0")
 
+    def bounds(self) -> tuple[float, float]:
+        """(low, high) of a float or int range (``__post_init__`` checked both are there)."""
+        assert self.low is not None and self.high is not None, f"{self.type} dimension without bounds"
+        return self.low, self.high
+
 
 @dataclass(frozen=True, config=_STRICT)
 class Tune:
     enabled: bool = Field(
-        False,
+        default=False,
         description="Run the Optuna study; false passes params.yaml values through. Off by default: a "
         "trial trains the whole schedule, so a study costs several trainings (turn it on with "
         "n_trials >= 9 for Hyperband to act; docs/tuning.md).",
     )
-    n_trials: int = Field(4, ge=1, description="Completed-or-pruned trials the study should hold.")
+    n_trials: int = Field(default=4, ge=1, description="Completed-or-pruned trials the study should hold.")
     max_epochs: int | None = Field(
-        None,
+        default=None,
         ge=1,
         description="Epochs a trial may train; null: train.max_epochs, the schedule the train stage uses "
         "(a shorter trial ranks settings for a schedule that is not the one shipped).",
     )
     min_epochs: int = Field(
-        3,
+        default=3,
         ge=1,
         description="pruner hyperband: the first rung; rungs at min_epochs x 3^k epochs up to the trial's "
         "full length, where the unpromising third of the trials that reached it is stopped.",
     )
     timeout_s: float | None = Field(
-        None, gt=0, description="Stop starting new trials after this many seconds."
+        default=None, gt=0, description="Stop starting new trials after this many seconds."
     )
     pruner: Literal["median", "hyperband", "none"] = Field(
-        "hyperband",
+        default="hyperband",
         description="Optuna pruner, applied to train.monitor after every epoch: hyperband (multi-fidelity "
         "rungs, see min_epochs), median (below the running median after the first epoch) or none.",
     )
     storage: str = Field(
-        "sqlite:///optuna.db",
+        default="sqlite:///optuna.db",
         description="Optuna storage URL, kept between runs: SQLite for one machine, "
         "postgresql://user@host:port/db for workers on several "
         "(python -m pipeline tune --worker); the password comes from PGPASSWORD "
         "or ~/.pgpass, never from here (a URI with one is refused).",
     )
     n_jobs: int = Field(
-        1,
+        default=1,
         ge=1,
         description="Worker processes on this machine filling the study at once, one "
         "trial each: GPU i for worker i when there are GPUs, else the CPU "
@@ -455,8 +474,11 @@ class Tune:
 
 
 ThresholdObjective = Literal["fixed", "youden", "balanced_accuracy", "f1", "sensitivity", "specificity"]
-NAMED_THRESHOLDS = ("youden", "balanced_accuracy", "f1")  # objectives without a target
-TARGET_THRESHOLDS = ("sensitivity", "specificity")  # written '<name>:<target>', e.g. sensitivity:0.95
+NAMED_THRESHOLDS: tuple[ThresholdObjective, ...] = ("youden", "balanced_accuracy", "f1")  # without a target
+TARGET_THRESHOLDS: tuple[ThresholdObjective, ...] = (
+    "sensitivity",
+    "specificity",
+)  # written '<name>:<target>', e.g. sensitivity:0.95
 
 
 def parse_threshold(value: float | str) -> tuple[ThresholdObjective, float | None]:
@@ -467,10 +489,12 @@ def parse_threshold(value: float | str) -> tuple[ThresholdObjective, float | Non
         number = float(target if target else text)
     except ValueError:
         number = None
-    if name in NAMED_THRESHOLDS and not target:
-        return name, None
-    if name in TARGET_THRESHOLDS and number is not None and 0 < number < 1:
-        return name, number
+    for objective in NAMED_THRESHOLDS:  # the name as its Literal
+        if name == objective and not target:
+            return objective, None
+    for objective in TARGET_THRESHOLDS:
+        if name == objective and number is not None and 0 < number < 1:
+            return objective, number
     if not target and number is not None and 0 < number < 1:
         return "fixed", number
     raise ValueError(
@@ -481,52 +505,52 @@ def parse_threshold(value: float | str) -> tuple[ThresholdObjective, float | Non
 
 @dataclass(frozen=True, config=_STRICT)
 class Evaluate:
-    batch_size: int = Field(64, ge=1, description="Images per inference batch.")
+    batch_size: int = Field(default=64, ge=1, description="Images per inference batch.")
     gradcam_per_class: int = Field(
-        2,
+        default=2,
         ge=0,
         le=10,
         description="Grad-CAM panel (pipeline/explain.py): the most confident correct and the most "
         "confident wrong test images per true class, this many of each; 0 turns it off.",
     )
     tta: tuple[str | dict[str, Any], ...] = Field(
-        ("HorizontalFlip", "VerticalFlip"),
+        default=("HorizontalFlip", "VerticalFlip"),
         description="Test-time augmentation: deterministic albumentations transforms (names, or {name, args}); "
         "predictions are averaged over the image and each transform. [] turns it off.",
     )
     positive_class: str | None = Field(
-        None,
+        default=None,
         min_length=1,
         description="Binary tasks: the class whose recall is the sensitivity (the other's is the specificity). "
         "null: the second class name in sorted order. Must be null for more than two classes.",
     )
     bootstrap: int = Field(
-        1000,
+        default=1000,
         ge=0,
         description="Bootstrap resamples of the test set (seeded by seed) for the 95% intervals "
         "stored as <metric>_ci_low / _ci_high; 0 turns the intervals off.",
     )
     ece_bins: int = Field(
-        15,
+        default=15,
         ge=2,
         le=100,
         description="Equal-width confidence bins of the expected calibration "
         "error and the reliability diagram.",
     )
     temperature_scaling: bool = Field(
-        True,
+        default=True,
         description="Fit one temperature on the validation split's logits and report the test calibration "
         "metrics before (test/*) and after (test_calibrated/*) it.",
     )
     ci_warn_width: float = Field(
-        0.2,
+        default=0.2,
         gt=0,
         le=1,
         description="The report warns when a headline metric's 95% interval is wider than this "
         "(the test set is too small to pin it down).",
     )
     threshold: float | str = Field(
-        0.5,
+        default=0.5,
         description="Binary tasks: the positive-class probability at or above which an image is called "
         "positive. A number in (0, 1), or chosen on the selection set (the validation split's "
         "predictions) for an objective: youden | balanced_accuracy (the same cut) | f1 | "
@@ -534,7 +558,7 @@ class Evaluate:
         "then applied unchanged to test and predict.",
     )
     conformal_alpha: float | None = Field(
-        None,
+        default=None,
         gt=0,
         lt=1,
         description="Split conformal prediction sets (LAC) fitted on the selection set: each "
@@ -542,7 +566,7 @@ class Evaluate:
         ">= 1 - alpha; null turns them off.",
     )
     label_audit_panel: int = Field(
-        8,
+        default=8,
         ge=0,
         le=64,
         description="Thumbnails of the most suspect labels (cleanlab on the selection set) shown "
@@ -556,12 +580,15 @@ class Evaluate:
 @dataclass(frozen=True, config=_STRICT)
 class Tracking:
     tracking_uri: str = Field(
-        "sqlite:///mlflow.db", description="MLflow store; the MLFLOW_TRACKING_URI environment variable wins."
+        default="sqlite:///mlflow.db",
+        description="MLflow store; the MLFLOW_TRACKING_URI environment variable wins.",
     )
-    experiment: str = Field("pipeline", min_length=1, description="MLflow experiment name.")
-    artifact_root: str = Field("mlartifacts", description="Artifact folder for a local (sqlite/file) store.")
+    experiment: str = Field(default="pipeline", min_length=1, description="MLflow experiment name.")
+    artifact_root: str = Field(
+        default="mlartifacts", description="Artifact folder for a local (sqlite/file) store."
+    )
     registered_model: str | None = Field(
-        "pipeline-classifier",
+        default="pipeline-classifier",
         min_length=1,
         description="The train stage registers its model under this name in the MLflow model registry "
         "(load it with models:/<name>/latest); null: log the model without registering it.",
@@ -573,7 +600,7 @@ class Tracking:
 
 @dataclass(frozen=True, config=_STRICT)
 class Params:
-    seed: int = Field(42, ge=0, description="Seed for splitting, augmentation, training and tuning.")
+    seed: int = Field(default=42, ge=0, description="Seed for splitting, augmentation, training and tuning.")
     paths: Paths = Field(default_factory=Paths)
     demo: Demo = Field(default_factory=Demo)
     data: Data = Field(default_factory=Data)

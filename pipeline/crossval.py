@@ -26,7 +26,6 @@ from pipeline.data.prepared import Prepared
 from pipeline.errors import PipelineError
 from pipeline.fit import FitResult, datamodule, fit
 from pipeline.fsutil import write_json
-from pipeline.model import Classifier
 from pipeline.resume import Resume
 
 OOF_CSV = "oof.csv"  # beside the members in paths.model_dir: one row per train+val image
@@ -125,9 +124,10 @@ def fit_folds(
             resume_from=part.last_checkpoint(),
         )
         results.append(result)
-        if rank_zero_only.rank != 0:  # rank 0 predicts and writes; the others only train
+        # rank 0 predicts and writes; the others only train (Lightning sets .rank at import, untyped)
+        if getattr(rank_zero_only, "rank", 0) != 0:
             continue
-        member = Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu")
+        member = result.best_model()
         rows = view.split("val")["cache_index"].to_numpy()
         tables.append(oof_table(prepared, i, predict_proba(member, prepared.images[rows], batch_size)))
         tables[-1].to_csv(part.dir / OOF_CSV, index=False)
@@ -226,5 +226,6 @@ class FoldRuns:
 
         client = mlflow.MlflowClient()
         run_id = part.run_id()
+        assert run_id is not None, "logger() started this fold's run"
         client.log_artifact(run_id, str(result.best_checkpoint), artifact_path="checkpoint")
         client.set_terminated(run_id, "FINISHED")

@@ -1,6 +1,6 @@
 """docs/configuration.md: every params.yaml key with its type, default and meaning, from pipeline/config.py.
 
-The typed params are the single source: ``python -m pipeline.docs`` (``make docs``) rewrites the file,
+The typed params are the single source: ``python -m pipeline docs`` (``make docs``) rewrites the file,
 and tests/test_docs.py fails when the committed copy differs from what this renders.
 """
 
@@ -19,7 +19,7 @@ from pydantic.fields import FieldInfo
 from pipeline.config import Params, SearchDim
 
 OUTPUT = Path("docs/configuration.md")
-COMMAND = "make docs"  # or: python -m pipeline.docs
+COMMAND = "make docs"  # or: python -m pipeline docs
 SEARCH_SPACE = "tune.search_space"
 
 # SearchDim's fields carry no Field(description=...) in config.py; their meaning is stated here.
@@ -76,7 +76,7 @@ def default_text(value: Any) -> str:
     """The default as it would be written in params.yaml (JSON flow style for lists and mappings)."""
 
     def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
             return {k: plain(x) for k, x in dataclasses.asdict(v).items() if x is not None}
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
@@ -115,12 +115,12 @@ def _table(
 
 def render() -> str:
     """The whole reference, sections in the order of the Params fields (params.yaml's order)."""
-    fields = Params.__pydantic_fields__
+    fields = vars(Params)["__pydantic_fields__"]  # pydantic's own: descriptions included
     scalars = {n: f for n, f in fields.items() if not dataclasses.is_dataclass(f.annotation)}
     lines = [
         "# Configuration reference",
         "",
-        f"<!-- Generated from pipeline/config.py by `{COMMAND}` (python -m pipeline.docs); do not edit by hand. -->",
+        f"<!-- Generated from pipeline/config.py by `{COMMAND}` (python -m pipeline docs); do not edit by hand. -->",
         "",
         "`params.yaml` is the pipeline's only configuration. Every key is validated on load: an unknown key,",
         "a wrong type or an out-of-range value stops the stage with a message naming the key. Set a value in",
@@ -152,19 +152,18 @@ def _search_space() -> list[str]:
         f"Each entry of `{SEARCH_SPACE}` maps a params key (`section.name`, e.g. `train.lr`) to the range or",
         "choices the Optuna study samples it from; the tuned values override `params.yaml` in the train stage.",
         "",
-        *_table(f"{SEARCH_SPACE}.<key>.", SearchDim.__pydantic_fields__, SEARCH_DIM_DESCRIPTIONS),
+        *_table(f"{SEARCH_SPACE}.<key>.", vars(SearchDim)["__pydantic_fields__"], SEARCH_DIM_DESCRIPTIONS),
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.docs", description=__doc__)
-    parser.add_argument("--output", type=Path, default=OUTPUT, help="file to write (default: %(default)s)")
-    args = parser.parse_args(argv)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--output", type=Path, default=OUTPUT, metavar="FILE", help="file to write (default: %(default)s)"
+    )
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    """Write the reference; ``params`` (the loaded file) plays no part: the types are the source."""
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(render())
     print(f"docs: wrote {args.output}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -20,12 +20,16 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.display import to_rgb
+from pipeline.display import image_grid, to_rgb
+
+if TYPE_CHECKING:
+    from pipeline.data.cache import Images
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +109,11 @@ def grad_cam(
             MIN_GRID,
             layer_for(side),
         )
-    if target is None or isinstance(target, (int, np.integer)):
-        targets = [target] * len(images)
-    else:
-        targets = list(target)
+    targets: list[int] | None = None
+    if isinstance(target, (int, np.integer)):
+        targets = [int(target)] * len(images)
+    elif target is not None:
+        targets = [int(t) for t in target]
         if len(targets) != len(images):
             raise ValueError(f"{len(targets)} targets for {len(images)} images")
     was_training = model.training
@@ -119,8 +124,11 @@ def grad_cam(
                 x = torch.from_numpy(
                     np.ascontiguousarray(images[start : start + batch_size].transpose(0, 3, 1, 2))
                 )
-                chosen = targets[start : start + batch_size]
-                wanted = None if target is None else [ClassifierOutputTarget(int(t)) for t in chosen]
+                wanted = (
+                    None
+                    if targets is None
+                    else [ClassifierOutputTarget(t) for t in targets[start : start + batch_size]]
+                )
                 maps.append(cam(input_tensor=x, targets=wanted))
     finally:
         model.train(was_training)
@@ -166,43 +174,32 @@ def panel(
 
     ``wrong`` marks captions in red (misclassified images).
     """
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-
-    n_rows = max(1, math.ceil(len(images) / columns))
-    fig = Figure(figsize=(2 * columns * 1.35, n_rows * 1.65 + 0.5))
-    axes = np.asarray(fig.subplots(n_rows, 2 * columns, squeeze=False))
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for i, (image, heatmap) in enumerate(zip(images, heatmaps, strict=True)):
+    cells: list[np.ndarray | None] = []
+    for image, heatmap in zip(images, heatmaps, strict=True):  # each image, then its overlay
         if image is None:
-            continue
-        row, col = divmod(i, columns)
-        left, right = axes[row, 2 * col], axes[row, 2 * col + 1]
-        left.imshow(to_rgb(image))
-        right.imshow(overlay(image, heatmap))
-        right.set_title(
-            captions[i], fontsize=7, color="tab:red" if wrong is not None and wrong[i] else "black"
-        )
-    for row, name in enumerate(row_titles or []):
-        axes[row, 0].text(
-            -0.06,
-            0.5,
-            name,
-            transform=axes[row, 0].transAxes,
-            rotation=90,
-            fontsize=8,
-            fontweight="bold",
-            ha="right",
-            va="center",
-        )
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+            cells += [None, None]
+        else:
+            assert heatmap is not None, "a heat map for every image shown"
+            cells += [image, overlay(image, heatmap)]
+    fig = image_grid(
+        cells,
+        [t for caption in captions for t in ("", caption)],
+        ncols=2 * columns,
+        cell=(1.35, 1.65),
+        colors=[
+            "tab:red" if k % 2 and wrong is not None and wrong[k // 2] else "black" for k in range(len(cells))
+        ],
+        row_labels=row_titles or (),
+        suptitle=title,
+        suptitle_height=0.5,
+        interpolation="antialiased",
+    )
     fig.savefig(path, dpi=110, format="png")
 
 
 def gradcam_panel(
     model: nn.Module,
-    images: np.ndarray,
+    images: Images,
     labels: np.ndarray,
     probs: np.ndarray,
     class_names: Sequence[str],
@@ -248,7 +245,7 @@ def gradcam_panel(
 
 def panel_png(
     model: nn.Module,
-    images: np.ndarray,
+    images: Images,
     labels: np.ndarray,
     probs: np.ndarray,
     class_names: Sequence[str],

@@ -43,6 +43,12 @@ class FitResult:
     weights: WeightsInfo
     last_metrics: dict[str, float]
 
+    def best_model(self) -> Classifier:
+        """The best checkpoint, loaded on the CPU (a fit given an ``out_dir`` always saves one)."""
+        if self.best_checkpoint is None:
+            raise ValueError("this fit saved no checkpoint (fit() without out_dir keeps none)")
+        return Classifier.load_from_checkpoint(self.best_checkpoint, map_location="cpu")
+
 
 class EpochSummary(Callback):
     """One plain line per epoch with that epoch's training and validation metrics, readable in `dvc repro` logs
@@ -97,7 +103,7 @@ class StopOnNonFiniteLoss(Callback):
     def _check(loss: torch.Tensor | None, what: str, pl_module: L.LightningModule) -> None:
         if loss is not None and not torch.isfinite(loss).all():
             raise TrainingDiverged(
-                f"{what} became {loss.item()}; lower train.lr (now {pl_module.hparams.lr:g}) "
+                f"{what} became {loss.item()}; lower train.lr (now {pl_module.hparams['lr']:g}) "
                 "or check the input data for NaN/inf values"
             )
 
@@ -241,8 +247,10 @@ def build_model(
         pixel_dtype=pixel_dtype,
     )
     if not info.pretrained and t.backbone_lr_mult != 1.0:
-        model.hparams.backbone_lr_mult = 1.0  # a random backbone has nothing to protect
-    if info.mean is not None:  # weights that carry their statistics (an earlier run, a domain backbone)
+        model.hparams["backbone_lr_mult"] = 1.0  # a random backbone has nothing to protect
+    if (
+        info.mean is not None and info.std is not None
+    ):  # weights that carry their statistics (an earlier run, a domain backbone)
         use_statistics(model, info.mean, info.std)
     elif dataset_stats is not None and not (info.pretrained and len(dataset_stats[0]) == 3):
         use_statistics(model, *dataset_stats)
@@ -334,7 +342,7 @@ def fit(
     mode = vocabulary.better(t.monitor)
     stopper = EarlyStopping(monitor=t.monitor, mode=mode, patience=t.patience)
     all_callbacks = [stopper, StopOnNonFiniteLoss(), EpochSummary(), *callbacks]
-    strategy = t.strategy
+    strategy: str = t.strategy
     freezing = t.freeze_epochs > 0 or t.unfreeze == "gradual"
     if freezing and not weights.pretrained and "freeze" not in _NOTED:  # once per stage, not once per trial
         _NOTED.add("freeze")
@@ -348,7 +356,7 @@ def fit(
         all_callbacks.append(recipe.FreezeSchedule(t.freeze_epochs, t.unfreeze))
         strategy = _tolerate_frozen_parameters(t.strategy, t.devices, t.num_nodes)
     ema = bool(t.ema_decay)
-    if ema:
+    if t.ema_decay:
         all_callbacks.append(weight_averaging(t.ema_decay))
     checkpoint = None
     if out_dir is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -9,7 +11,9 @@ from torch.nn import functional as F
 
 def linear_of(head: nn.Module) -> nn.Linear:
     """The linear layer of a head built by ``model.build_network`` (``Linear``, or ``Dropout`` then ``Linear``)."""
-    return head if isinstance(head, nn.Linear) else head[-1]
+    if isinstance(head, nn.Linear):
+        return head
+    return cast(nn.Linear, cast(nn.Sequential, head)[-1])  # Module.__getattr__ typing: Dropout, then Linear
 
 
 class KNNHead(nn.Module):
@@ -28,8 +32,8 @@ class KNNHead(nn.Module):
         self.register_buffer("bank_labels", torch.zeros(bank_size, dtype=torch.long))
 
     def store(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        self.bank.copy_(F.normalize(features.float(), dim=1))
-        self.bank_labels.copy_(labels.long())
+        cast(torch.Tensor, self.bank).copy_(F.normalize(features.float(), dim=1))  # Module.__getattr__ typing
+        cast(torch.Tensor, self.bank_labels).copy_(labels.long())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         similarity = F.normalize(x, dim=1) @ self.bank.T

@@ -7,6 +7,7 @@ so the loaders stay light and an exported model carries its own preprocessing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import lightning.pytorch as L
 import numpy as np
@@ -22,6 +23,7 @@ from pipeline import recipe
 from pipeline.config import Augment, Model, Train
 from pipeline.evaluation.metrics import HEADLINE, weighted_metrics
 from pipeline.heads import KNNHead, linear_of
+from pipeline.pixels import unit_max
 
 # ImageNet statistics, which torchvision's ResNet weights were trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -69,10 +71,10 @@ def batch_mixer(
 
 
 def to_unit_range(x: torch.Tensor) -> torch.Tensor:
-    """Integer pixels to floats in [0, 1] (by the dtype's maximum); floats pass through."""
+    """Integer pixels to floats in [0, 1] (``pixels.unit_max``: the dtype's maximum); floats pass through."""
     if x.dtype.is_floating_point:
         return x
-    return x.float() / torch.iinfo(x.dtype).max
+    return x.float() / unit_max(x.dtype)
 
 
 class EpochMetric(Metric):
@@ -82,6 +84,8 @@ class EpochMetric(Metric):
     as 0; this one only gathers the predictions (across DDP ranks too) and hands them to that definition."""
 
     full_state_update = False
+    probs: list[torch.Tensor]  # states (add_state), typed here: nn.Module.__getattr__ says "Tensor | Module"
+    labels: list[torch.Tensor]
 
     def __init__(self, name: str) -> None:
         super().__init__()
@@ -102,6 +106,12 @@ class EpochMetric(Metric):
 
 
 class Classifier(L.LightningModule):
+    # Submodule and buffers, typed here: nn.Module.__getattr__ would say "Tensor | Module".
+    net: nn.Module
+    mean: torch.Tensor
+    std: torch.Tensor
+    class_weights: torch.Tensor | None
+
     def __init__(
         self,
         arch: str,
@@ -135,7 +145,8 @@ class Classifier(L.LightningModule):
         self.save_hyperparameters(logger=False)
         self.net = build_network(arch, num_classes, dropout, in_channels, stem)
         if knn_bank:
-            self.net.fc = KNNHead(linear_of(self.net.fc).in_features, num_classes, knn_bank, knn_k)
+            fc = cast(nn.Module, self.net.fc)  # Module.__getattr__ typing
+            self.net.fc = KNNHead(linear_of(fc).in_features, num_classes, knn_bank, knn_k)
         self.channels_last = False  # decided where the device is known: on_fit_start
         # Not persistent: rebuilt from the hyperparameters, so checkpoints load with or without it.
         self.register_buffer(
@@ -169,7 +180,7 @@ class Classifier(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """channels_last memory format (``train.channels_last``; 'auto': on CUDA only)."""
-        wanted = self.hparams.channels_last
+        wanted = self.hparams["channels_last"]
         self.channels_last = self.device.type == "cuda" if wanted == "auto" else bool(wanted)
         self.net.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
@@ -180,9 +191,9 @@ class Classifier(L.LightningModule):
         the class-weighted loss is averaged the same way in every step.
         """
         x = to_unit_range(x)
-        if torch.rand(()) < self.hparams.mix_prob:
+        if self.mixer is not None and torch.rand(()) < self.hparams["mix_prob"]:
             return self.mixer(x, y)
-        return x, F.one_hot(y, self.hparams.num_classes).to(x.dtype)
+        return x, F.one_hot(y, self.hparams["num_classes"]).to(x.dtype)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         x, y = batch
@@ -195,7 +206,7 @@ class Classifier(L.LightningModule):
         # Soft targets: the weighted loss is -sum_c w_c t_c log p_c averaged over images; label smoothing
         # is applied to them as to hard labels.
         loss = F.cross_entropy(
-            logits, target, weight=self.class_weights, label_smoothing=self.hparams.label_smoothing
+            logits, target, weight=self.class_weights, label_smoothing=self.hparams["label_smoothing"]
         )
         metrics = self.train_metrics if split == "train" else self.val_metrics
         metrics.update(logits.softmax(dim=-1), y)
@@ -258,7 +269,7 @@ class Ensemble(nn.Module):
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.members[0].mean
+        return cast(Classifier, self.members[0]).mean  # nn.ModuleList typing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.members) == 1:

@@ -20,10 +20,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
-from pipeline import tracking, vocabulary
+from pipeline import display, tracking, vocabulary
 from pipeline.config import PARAMS_FILE, Params, load
 from pipeline.data.prepared import REPORT_JSON, Prepared, load_prepared
-from pipeline.display import to_rgb
 from pipeline.errors import PipelineError
 
 # mlflow.search_runs columns shown first, renamed to what they mean here.
@@ -147,20 +146,10 @@ def duplicates(report: dict, root: Path | None = None) -> pd.DataFrame:
 def image_grid(
     images: Sequence[np.ndarray] | np.ndarray, titles: Sequence[str], ncols: int = 6, size: float = 1.7
 ) -> Figure:
-    """Images (H, W, C; any cache dtype) in a grid with a title each."""
-    n = len(images)
-    ncols = max(1, min(ncols, n))
-    nrows = max(1, -(-n // ncols))
-    fig = Figure(figsize=(size * ncols, (size + 0.3) * nrows))
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.set_axis_off()
-        if i >= n:
-            continue
-        ax.imshow(to_rgb(images[i]), vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(titles[i], fontsize=7)
-    fig.tight_layout()
-    return fig
+    """Images (H, W, C; any cache dtype) in a grid with a title each, no more columns than images."""
+    return display.image_grid(
+        list(images), titles, ncols=max(1, min(ncols, len(images))), cell=(size, size + 0.3)
+    )
 
 
 def sample_grid(data: Prepared, per_class: int = 6, seed: int = 0) -> Figure:
@@ -338,8 +327,12 @@ def mistakes_gradcam(model, mistakes: pd.DataFrame, data: Prepared, n: int = 8) 
     shown = mistakes.head(n)
     images = data.images[shown["cache_index"].to_numpy()]
     index = {name: i for i, name in enumerate(data.classes)}
-    predicted = explain.grad_cam(model, images, [index[c] for c in shown["predicted"]]) if len(shown) else []
-    actual = explain.grad_cam(model, images, [index[c] for c in shown["actual"]]) if len(shown) else []
+    predicted: np.ndarray | list = (
+        explain.grad_cam(model, images, [index[c] for c in shown["predicted"]]) if len(shown) else []
+    )
+    actual: np.ndarray | list = (
+        explain.grad_cam(model, images, [index[c] for c in shown["actual"]]) if len(shown) else []
+    )
     slots, maps, captions = [], [], []
     for k, row in enumerate(shown.itertuples()):
         slots += [images[k], images[k]]

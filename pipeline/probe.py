@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import cast
 
 import lightning.pytorch as L
 import numpy as np
@@ -23,6 +24,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from pipeline.config import Params
+from pipeline.data.cache import Images
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.evaluation.predictions import predict_logits
 from pipeline.heads import KNNHead, linear_of
@@ -36,7 +38,7 @@ FEATURE_BATCH = 256
 
 
 @torch.inference_mode()
-def pooled_features(model: Classifier, images: np.ndarray) -> np.ndarray:
+def pooled_features(model: Classifier, images: Images) -> np.ndarray:
     """The backbone's globally pooled features (N, D) for cached images, the head bypassed (eval mode)."""
     head, model.net.fc = model.net.fc, nn.Identity()
     try:
@@ -51,7 +53,7 @@ def fit_linear_probe(
     """Logistic regression on standardized features, folded into ``model``'s linear head; returns the C chosen."""
     scaler = StandardScaler().fit(train[0])
     x_train, x_val = scaler.transform(train[0]), scaler.transform(val[0])
-    classes = np.arange(model.hparams.num_classes)
+    classes = np.arange(model.hparams["num_classes"])
     fits = {}
     for c in PROBE_C:
         clf = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(x_train, train[1])
@@ -68,7 +70,7 @@ def fit_linear_probe(
     # The scaler folded in: w . (x - mu) / sigma + b = (w / sigma) . x + (b - w . mu / sigma).
     weight = coef / scaler.scale_
     bias = intercept - weight @ scaler.mean_
-    layer = linear_of(model.net.fc)
+    layer = linear_of(cast(nn.Module, model.net.fc))  # Module.__getattr__ typing
     with torch.no_grad():
         layer.weight.copy_(torch.from_numpy(weight))
         layer.bias.copy_(torch.from_numpy(bias))
@@ -78,7 +80,7 @@ def fit_linear_probe(
 def fit_knn(model: Classifier, train: tuple[np.ndarray, np.ndarray], k: int) -> None:
     """Replace ``model``'s head by a kNN vote over ``train``'s features (recorded in the hyperparameters)."""
     features, labels = train
-    head = KNNHead(features.shape[1], model.hparams.num_classes, len(features), k)
+    head = KNNHead(features.shape[1], model.hparams["num_classes"], len(features), k)
     head.store(torch.from_numpy(features), torch.from_numpy(labels))
     model.net.fc = head
     model.hparams.update(knn_bank=len(features), knn_k=k)  # so a checkpoint rebuilds this head

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import cast
 
 import lightning.pytorch as L
 import numpy as np
@@ -36,7 +37,7 @@ def backbone_stages(net: nn.Module) -> list[tuple[str, list[nn.Module]]]:
 
 
 def head_and_backbone_params(net: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    head = list(net.fc.parameters())
+    head = list(cast(nn.Module, net.fc).parameters())  # Module.__getattr__ typing
     ids = {id(p) for p in head}
     return head, [p for p in net.parameters() if id(p) not in ids]
 
@@ -68,7 +69,7 @@ class FreezeSchedule(Callback):
         self._shown: int | None = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        stages = backbone_stages(pl_module.net)
+        stages = backbone_stages(cast(nn.Module, pl_module.net))  # Module.__getattr__ typing
         n = trainable_stages(trainer.current_epoch, self.freeze_epochs, self.unfreeze)
         for i, (_, modules) in enumerate(stages):
             set_trainable(modules, i >= len(stages) - n)

@@ -91,10 +91,9 @@ def list_images(src: Path) -> list[Path]:
     Ingest's link policy holds (``sources``): a link out of the folder is an error, nothing outside is read.
     """
     if src.is_dir():
-        found = sources.listing(src)
-        images = [p for p in found if p.suffix.lower() in readers.IMAGE_SUFFIXES]
-        if len(found) > len(images):
-            log.info("%s: %d non-image files ignored", src, len(found) - len(images))
+        images, others = readers.image_files(src)
+        if others:
+            log.info("%s: %d non-image files ignored", src, len(others))
         if not images:
             raise ServeError(f"{src}: no image files ({', '.join(sorted(readers.IMAGE_SUFFIXES))})")
         return images
@@ -104,10 +103,10 @@ def list_images(src: Path) -> list[Path]:
 
 
 def _manifest_paths(manifest: Path) -> list[Path]:
-    paths = [Path(p) for p in sources.path_column(manifest, ServeError)]
+    paths = sources.path_column(manifest, ServeError)
     if not paths:
         raise ServeError(f"{manifest}: no paths listed")
-    return [sources.inside(manifest.parent / p, manifest.parent) for p in paths]
+    return sources.listed(manifest, paths)
 
 
 def read_image(path: Path, trained: Trained, max_pixels: int = readers.MAX_PIXELS) -> np.ndarray:
@@ -237,7 +236,7 @@ class Packaged(nn.Module):
         self.class_names = list(class_names)  # a TorchScript attribute: scripted.class_names
         # The plain networks, not the LightningModules (which TorchScript cannot compile), each with its
         # own normalization; the tests check that this forward equals the Ensemble's.
-        members = list(model.members)
+        members = [cast(Classifier, m) for m in model.members]  # nn.ModuleList typing
         self.nets = nn.ModuleList([m.net for m in members])
         self.register_buffer("mean", torch.stack([m.mean.detach().clone() for m in members]))
         self.register_buffer("std", torch.stack([m.std.detach().clone() for m in members]))
@@ -282,7 +281,9 @@ class Packaged(nn.Module):
         """Probabilities for ``x`` (N, C, H, W) cut from ``images`` (whose dtype says how to scale)."""
         x = self._resize(x.float())
         if not images.is_floating_point():
-            top = 255.0 if images.dtype == torch.uint8 else 65535.0
+            top = (
+                255.0 if images.dtype == torch.uint8 else 65535.0
+            )  # pixels.unit_max: TorchScript cannot call it
             x = torch.round(x) / top  # resizing only averages: no clamp needed
         probs: list[torch.Tensor] = []
         for i, net in enumerate(self.nets):  # a loop, not a comprehension: TorchScript unrolls it
@@ -383,6 +384,7 @@ def _export_onnx(packaged: Packaged, example: torch.Tensor, out: Path, meta: dic
         external_data=False,
         verbose=False,
     )
+    assert program is not None, "torch.onnx.export(dynamo=True) returns the program"
     model = program.model_proto
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)

@@ -5,6 +5,7 @@ Light on purpose (no torch, no evaluation package: it printed after 10 s before)
 metrics file and asks ``dvc status`` which stages are stale.
 """
 
+import argparse
 import json
 import subprocess
 import sys
@@ -22,7 +23,7 @@ def stale_stages() -> tuple[list[str], str | None]:
     return sorted(json.loads(done.stdout or "{}")), None  # stage names (or .dvc files) that changed
 
 
-def main(params: Params) -> None:
+def main(params: Params, args: argparse.Namespace) -> None:
     p = params.paths
     metrics = json.loads(Path(p.metrics).read_text()) if Path(p.metrics).is_file() else {}
     stale, unknown = stale_stages()

@@ -1,7 +1,7 @@
 """MLflow: where runs go, the experiment they belong to, and the lineage tags every run carries.
 
 Nothing here runs at import time; stages call :func:`setup` once and open their own runs.
-``python -m pipeline.tracking`` prints the MLflow UI's link to the experiment's runs table (``make ui``).
+``python -m pipeline tracking`` prints the MLflow UI's link to the experiment's runs table (``make ui``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import mlflow
 import yaml
 
-from pipeline.config import PARAMS_FILE, Params, Tracking, as_dict, flatten, load
+from pipeline.config import Params, Tracking, as_dict, flatten
 from pipeline.credentials import redact
 from pipeline.data import shards
 from pipeline.environ import environ
@@ -253,7 +253,8 @@ def log_dataset(raw_dir: Path, version: str, context: str = "training") -> None:
     with warnings.catch_warnings():  # MLflow registers its local source twice ('' and 'file') and warns
         warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
         source = resolve_dataset_source(str(raw_dir))
-    mlflow.log_input(MetaDataset(source, name=raw_dir.name, digest=version), context=context)
+    dataset = MetaDataset(source, name=raw_dir.name, digest=version)  # type: ignore[abstract]  # MLflow's stubs: profile is defined
+    mlflow.log_input(dataset, context=context)
 
 
 def ui_url(experiment_id: str, host: str = "127.0.0.1", port: int = 5000) -> str:
@@ -308,22 +309,17 @@ def log_model(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print the UI link to the runs table of the params' experiment (created when missing, as stages do)."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking", description=main.__doc__)
-    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tracking-uri",
-        default=os.environ.get(ENV_URI),
+        metavar="URI",
         help="store to look in (default: $MLFLOW_TRACKING_URI, else mlflow.tracking_uri)",
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5000)
-    args = parser.parse_args(argv)
-    experiment_id = setup(load(args.params).mlflow, args.tracking_uri)
+    parser.add_argument("--host", default="127.0.0.1", help="the UI's host (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=5000, help="the UI's port (default: %(default)s)")
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    """Print the UI link to the runs table of the params' experiment (created when missing, as stages do)."""
+    experiment_id = setup(params.mlflow, args.tracking_uri or os.environ.get(ENV_URI))
     print(ui_url(experiment_id, args.host, args.port))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

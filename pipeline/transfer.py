@@ -74,7 +74,7 @@ def _from_state(state: dict[str, torch.Tensor], hparams: dict, source: str) -> B
     net = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     # The buffers are what the network saw (build_model may have replaced the constructor's statistics).
     mean, std = state.get(outer + "mean"), state.get(outer + "std")
-    if mean is not None and mean.dim() == 5:  # Packaged: (members, 1, C, 1, 1)
+    if mean is not None and std is not None and mean.dim() == 5:  # Packaged: (members, 1, C, 1, 1)
         mean, std = mean[0], std[0]
     return Backbone(
         state=net,

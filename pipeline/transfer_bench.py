@@ -1,4 +1,4 @@
-"""``python -m pipeline.bench transfer``: does transfer from the pipeline's own pretraining help, and how?
+"""``python -m pipeline bench transfer``: does transfer from the pipeline's own pretraining help, and how?
 
 A ResNet-18 is pretrained by :func:`pipeline.fit.fit` on five EuroSAT classes, then adapted to the
 other five with K labelled images per class (K in ``SHOTS``) and tested on ``TEST_PER_CLASS`` other
@@ -30,6 +30,7 @@ import torch
 
 from pipeline import augment, config
 from pipeline.bench import emit
+from pipeline.config import Params
 from pipeline.data.ingest import MANIFEST_CSV, ingest
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.evaluation.predictions import predict_proba
@@ -261,7 +262,7 @@ def adapt(
                 start = time.perf_counter()
                 with tempfile.TemporaryDirectory(prefix="adapt-") as tmp:
                     result = fit(params, datamodule(params, prepared, pipeline), out_dir=Path(tmp))
-                    model = Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu")
+                    model = result.best_model()
                 seconds = round(time.perf_counter() - start, 1)
                 row = {
                     "method": name,
@@ -298,10 +299,7 @@ def table(results: Path) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.bench transfer", description=__doc__.split("\n")[0]
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eurosat", type=Path, default=EUROSAT)
     parser.add_argument("--work", type=Path, default=Path("/tmp/transfer-bench"))
     parser.add_argument("--pretrain-only", action="store_true")
@@ -318,11 +316,14 @@ def main(argv: list[str] | None = None) -> int:
         default=list(SEEDS),
         help="draws of the K labelled images (default: %(default)s); rows already in results are kept",
     )
-    args = parser.parse_args(argv)
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    """Pretrain, adapt, print the table; ``params`` play no part (the bench states its own settings)."""
     root = extract(args.eurosat, args.work)
     models = pretrain(root, args.work, args.size, args.pretrain_per_class, args.pretrain_epochs)
     if args.pretrain_only:
-        return 0
+        return
     results = args.work / "results.jsonl"
     adapt(
         models,
@@ -333,8 +334,3 @@ def main(argv: list[str] | None = None) -> int:
         args.size,
     )
     print(table(results))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,3 +1,4 @@
+import argparse
 import dataclasses
 
 import numpy as np
@@ -23,7 +24,7 @@ def offline_params(tiny_params, prepared, tmp_path):
 
 
 def test_offline_copies_from_the_augment_stage_join_the_train_split_only(offline_params, prepared):
-    augment_stage.main(offline_params)
+    augment_stage.main(offline_params, argparse.Namespace())
     data = datamodule(offline_params, prepared, None)
     n_train = len(prepared.split("train"))
     train = data.dataset("train")
@@ -46,6 +47,6 @@ def test_offline_copies_from_the_augment_stage_join_the_train_split_only(offline
 def test_missing_or_stale_offline_copies_say_what_to_run(offline_params, prepared):
     with pytest.raises(DataError, match="run the augment stage first"):
         datamodule(offline_params, prepared, None)
-    augment_stage.main(offline_params)
+    augment_stage.main(offline_params, argparse.Namespace())
     with pytest.raises(DataError, match=r"expected .* \(augment.offline_copies=3\); rerun the augment stage"):
         datamodule(with_overrides(offline_params, {"augment.offline_copies": 3}), prepared, None)

@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from pipeline import docs
+from pipeline.__main__ import main as cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,7 @@ def test_every_params_yaml_key_is_documented_in_params_yaml_order():
 
 def test_main_writes_the_file_and_types_show_choices_and_null(tmp_path, capsys):
     out = tmp_path / "sub" / "configuration.md"
-    assert docs.main(["--output", str(out)]) == 0
+    assert cli(["docs", "--output", str(out)]) == 0
     assert out.read_text() == docs.render() and str(out) in capsys.readouterr().out
     text = out.read_text()
     assert "| `data.on_bad_file` | `skip` \\| `fail` | `skip` |" in text
@@ -82,3 +83,10 @@ def test_links_in_the_readme_and_docs_resolve():
     readme = (REPO / "README.md").read_text()
     unlinked = [p.name for p in pages[1:] if f"(docs/{p.name})" not in readme]
     assert not unlinked, f"docs pages the README does not link: {unlinked}"
+
+
+def test_the_layout_in_docs_pipeline_names_every_module():
+    layout = (REPO / "docs" / "pipeline.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    modules = [*(REPO / "pipeline").glob("*.py"), *(REPO / "pipeline" / "data").glob("*.py")]
+    missing = sorted(p.name for p in modules if p.name != "__init__.py" and p.name not in layout)
+    assert not missing, f"docs/pipeline.md's layout does not name {missing}"

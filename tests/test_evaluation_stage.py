@@ -1,6 +1,7 @@
 """The evaluate stage on a tiny untrained model: the files it writes, dvc.yaml's declarations of them
 (as `dvc plots show` reads them), the train run in MLflow, and the report."""
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -66,7 +67,7 @@ def project(tmp_path_factory):
         with mlflow.start_run(run_name="train") as run:
             pass
         save_untrained_model(params, load_prepared(Path(params.paths.prepared)).classes, run.info.run_id)
-        stage.main(params)
+        stage.main(params, argparse.Namespace())
         try:
             yield root, params, run.info.run_id
         finally:
@@ -212,7 +213,7 @@ def test_report_warns_and_embeds_the_plots(project):
         assert f"]({Path(params.paths.plots).name}/{image})" in text
         assert (report.parent / Path(params.paths.plots).name / image).is_file()
     assert "## Calibration" in text and "Temperature T =" in text and "| model | `resnet18` |" in text
-    stage.main(params)  # an identical run: the report (git-tracked) does not change
+    stage.main(params, argparse.Namespace())  # an identical run: the report (git-tracked) does not change
     assert report.read_text() == text
 
 
@@ -220,9 +221,9 @@ def test_a_positive_class_on_a_multiclass_set_fails_before_any_work(project):
     _, params, _ = project
     before = Path(params.paths.metrics).stat().st_mtime_ns
     with pytest.raises(evaluation.EvaluationError, match=r"evaluate.positive_class"):
-        stage.main(tiny_params(positive_class="alpha"))
+        stage.main(tiny_params(positive_class="alpha"), argparse.Namespace())
     with pytest.raises(decision.DecisionError, match=r"evaluate.threshold"):
-        stage.main(tiny_params(threshold="youden"))
+        stage.main(tiny_params(threshold="youden"), argparse.Namespace())
     assert Path(params.paths.metrics).stat().st_mtime_ns == before
 
 

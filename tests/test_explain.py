@@ -1,5 +1,7 @@
 """Grad-CAM on a ResNet whose answer is known by construction, and the evaluate stage's panel."""
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -132,7 +134,7 @@ def test_evaluate_stage_writes_logs_and_embeds_the_panel(tmp_path, monkeypatch):
         with mlflow.start_run() as run:
             pass
         save_untrained_model(params, load_prepared(Path(params.paths.prepared)).classes, run.info.run_id)
-        stage.main(params)
+        stage.main(params, argparse.Namespace())
         panel = Path(params.paths.plots) / explain.PANEL_PNG
         assert panel.stat().st_size > 10_000
         assert (

@@ -1,3 +1,4 @@
+import argparse
 import json
 import subprocess
 import sys
@@ -21,7 +22,7 @@ def test_summary_shows_the_metrics_there_are(tmp_path, monkeypatch, capsys):
             }
         )
     )
-    summary.main(params)
+    summary.main(params, argparse.Namespace())
     out = capsys.readouterr().out
     assert "accuracy=0.500" in out and "auroc" not in out and "random init" in out
     assert "every stage up to date" in out
@@ -36,10 +37,10 @@ def test_summary_names_the_stale_stages_and_imports_no_torch(tmp_path, monkeypat
         "stages:\n  copy:\n    cmd: cp a.txt b.txt\n    deps: [a.txt]\n    outs: [b.txt]\n"
     )
     subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], check=True)
-    summary.main(config.parse({}))
+    summary.main(config.parse({}), argparse.Namespace())
     assert "Pipeline finished: every stage up to date." in capsys.readouterr().out
     (tmp_path / "a.txt").write_text("2")
-    summary.main(config.parse({}))
+    summary.main(config.parse({}), argparse.Namespace())
     out = capsys.readouterr().out
     assert "NOT up to date: stale copy" in out and "Pipeline finished" not in out
     loaded = subprocess.run(

@@ -8,6 +8,7 @@ import mlflow
 import pytest
 
 from pipeline import config, tracking
+from pipeline.__main__ import main as cli
 
 
 def test_data_version_from_dvc_file_and_lock(tmp_path, monkeypatch):
@@ -104,7 +105,7 @@ def test_ui_url_opens_the_runs_table_of_the_params_experiment(tmp_path, monkeypa
     assert tracking.ui_url("7") == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
     (tmp_path / "params.yaml").write_text("mlflow: {experiment: mine}\n")
     uri = f"sqlite:///{tmp_path}/m.db"
-    assert tracking.main(["--tracking-uri", uri, "--port", "5001"]) == 0
+    assert cli(["tracking", "--tracking-uri", uri, "--port", "5001"]) == 0
     exp_id = mlflow.get_experiment_by_name("mine").experiment_id
     assert (
         capsys.readouterr().out.strip()
@@ -172,7 +173,6 @@ def test_an_unreachable_tracking_server_is_one_quick_error_naming_it(tmp_path, m
     with pytest.raises(tracking.TrackingError, match=r"from mlflow.tracking_uri in params.yaml"):
         tracking.setup(config.Tracking(tracking_uri=uri))
     assert time.monotonic() - start < 2 * tracking.PROBE_TIMEOUT_S
-    from pipeline.__main__ import main as cli
     from tests.conftest import write_tiny_params
 
     monkeypatch.chdir(tmp_path)

@@ -7,6 +7,7 @@ through the `postgres` user), else skip saying so.
 
 from __future__ import annotations
 
+import argparse
 import os
 import pwd
 import shutil
@@ -29,6 +30,7 @@ from pipeline.stages import train
 from pipeline.stages import tune as tune_stage
 
 POSTGRES_ENV = "PIPELINE_TEST_POSTGRES_URL"
+STAGE = argparse.Namespace(worker=False, params="params.yaml")  # `python -m pipeline tune`
 
 
 def _postgres_bindir() -> Path | None:
@@ -155,7 +157,7 @@ def test_n_jobs_worker_processes_fill_one_sqlite_study_and_best_params_reach_tra
     params = stage_params(
         tiny_params, prepared, tmp_path, f"sqlite:///{tmp_path}/optuna.db", **{"tune.n_jobs": 2}
     )
-    tune_stage.main(params)
+    tune_stage.main(params, STAGE)
     name, _, _ = tune_stage.study_of(params)
     study = optuna.load_study(study_name=name, storage=params.tune.storage)
     check_filled(study, 3)
@@ -187,7 +189,7 @@ def test_worker_commands_fill_one_postgresql_study(
 
     study = optuna.load_study(study_name=name, storage=postgres_url)
     check_filled(study, 3)
-    tune_stage.main(params)  # the stage finds the study full: summary and best params, no new trial
+    tune_stage.main(params, STAGE)  # the stage finds the study full: summary and best params, no new trial
     assert len(optuna.load_study(study_name=name, storage=postgres_url).trials) == len(study.trials)
     assert yaml.safe_load(Path(params.paths.best_params).read_text()) == study.best_params
 
@@ -198,4 +200,4 @@ def test_a_worker_needs_the_study_created_by_the_tune_stage(
     monkeypatch.chdir(tmp_path)
     params = stage_params(tiny_params, prepared, tmp_path, postgres_url)
     with pytest.raises(tune.TuneError, match="start the tune stage first"):
-        tune_stage.main(params, ["--worker"])
+        tune_stage.main(params, argparse.Namespace(worker=True, params="params.yaml"))

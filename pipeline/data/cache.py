@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from numpy.lib import format as npy
@@ -34,7 +35,7 @@ class CacheWriter:
         self.path, self.capacity, self.n = path, capacity, 0
         self.dtype: np.dtype | None = None
         self.shape: tuple[int, ...] = ()
-        self._file = None
+        self._file: BinaryIO | None = None
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -44,7 +45,7 @@ class CacheWriter:
             self._file.close()
 
     def append(self, pixels: np.ndarray) -> None:
-        if self._file is None:
+        if self._file is None or self.dtype is None:  # the first image: both are set together
             self.dtype, self.shape = pixels.dtype, pixels.shape
             self._file = self._open(self.path, self.dtype, self.capacity)
         wide = readers.cache_dtype({self.dtype, pixels.dtype})
@@ -55,14 +56,14 @@ class CacheWriter:
 
     def finish(self) -> np.ndarray:
         """Close the file (rewritten to exactly the rows written) and return it memory-mapped."""
-        if self._file is None:
+        if self._file is None or self.dtype is None:
             raise ValueError("no image was written to the cache")
         if self.n < self.capacity:  # files rejected while decoding left no row
             self._rewrite(self.dtype, self.n)
         self._file.close()
         return np.load(self.path, mmap_mode="r")
 
-    def _open(self, path: Path, dtype: np.dtype, rows: int):
+    def _open(self, path: Path, dtype: np.dtype, rows: int) -> BinaryIO:
         f = open(path, "wb")  # noqa: SIM115 -- stays open across add() calls; finish() or __exit__ closes it
         npy.write_array_header_1_0(
             f, {"descr": npy.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, *self.shape)}
@@ -71,6 +72,7 @@ class CacheWriter:
 
     def _rewrite(self, dtype: np.dtype, rows: int) -> None:
         """Copy the rows written so far into a new file of ``dtype`` and ``rows`` rows, converting in chunks."""
+        assert self._file is not None and self.dtype is not None, "rewritten after the first append only"
         self._file.close()
         old = self.path.with_name(self.path.name + ".old")
         os.replace(self.path, old)
@@ -128,6 +130,7 @@ class Rows:
             i = int(i) + len(self) if i < 0 else int(i)
             if i < len(self.rows):
                 return np.asarray(self.images[self.rows[i]])
+            assert self.extra is not None, i  # past the cache's rows: an appended one
             return np.asarray(self.extra[i - len(self.rows)])
         positions = np.arange(len(self))[i]
         out = np.empty((len(positions), *self.images.shape[1:]), self.images.dtype)
@@ -141,3 +144,6 @@ class Rows:
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         return self[:] if dtype is None else self[:].astype(dtype)
+
+
+Images = np.ndarray | Rows  # (N, H, W, C) pixels: in memory, or rows of the cache read when indexed

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from pipeline import recipe
-from pipeline.data.cache import OFFLINE_IMAGES, OFFLINE_LABELS, Rows
+from pipeline.data.cache import OFFLINE_IMAGES, OFFLINE_LABELS, Images, Rows
 from pipeline.data.prepared import DataError, Prepared
 
 
@@ -22,7 +22,7 @@ class CachedImageDataset(Dataset):
     moves a quarter of the bytes and the workers do only the augmentation.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: A.BasicTransform | None = None):
+    def __init__(self, images: Images, labels: np.ndarray, transform: A.BasicTransform | None = None):
         self.images, self.labels, self.transform = images, np.asarray(labels, dtype=np.int64), transform
 
     def __len__(self) -> int:
@@ -56,6 +56,7 @@ def _reseed_worker(worker_id: int) -> None:
     # albumentations 2 keeps its own generator; without this every worker (and every epoch's fresh
     # workers) would replay the same augmentation draws. torch's per-worker seed differs per epoch.
     info = torch.utils.data.get_worker_info()
+    assert info is not None, "called in loader workers only"
     transform = getattr(info.dataset, "transform", None)
     if transform is not None:
         transform.set_random_seed(torch.initial_seed() % 2**32)
@@ -89,7 +90,7 @@ class ImageDataModule(L.LightningDataModule):
         if rows.empty:
             raise ValueError(f"split '{split}' is empty")
         # Rows of the memory map, read per item: bounded memory however large the split (issue 17); random
-        # reads from the page cache keep up with training (python -m pipeline.bench scale: dataloader).
+        # reads from the page cache keep up with training (python -m pipeline bench scale: dataloader).
         labels = rows["label_index"].to_numpy()
         extra = None
         if split == "train" and self.offline is not None:
@@ -107,7 +108,7 @@ class ImageDataModule(L.LightningDataModule):
             # Under DDP, Lightning wraps this sampler so that each rank draws its own share.
             weights = recipe.class_weights(dataset.labels, self.num_classes)[dataset.labels]
             sampler = WeightedRandomSampler(
-                torch.as_tensor(weights),
+                weights.tolist(),
                 num_samples=len(dataset),
                 replacement=True,
                 generator=torch.Generator().manual_seed(self.seed),

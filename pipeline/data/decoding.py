@@ -29,6 +29,7 @@ import numpy as np
 
 from pipeline.data import readers, shards, validation
 from pipeline.fsutil import file_sha256
+from pipeline.pixels import unit_max
 
 PARALLEL_MIN_FILES = 2000  # below this a pool's start-up (about a second) costs more than it saves
 CHUNK = 128  # files per worker task
@@ -74,7 +75,7 @@ def pixel_sums(pixels: np.ndarray) -> np.ndarray:
     """(2, C) float64: per-channel sum and sum of squares of ``pixels`` in [0, 1] units (integers / dtype max)."""
     flat = pixels.reshape(-1, pixels.shape[-1])
     if pixels.dtype.kind in "ui":
-        top = float(np.iinfo(pixels.dtype).max)
+        top = unit_max(pixels.dtype)
         wide = flat.astype(np.int64)  # exact integer sums
         return np.stack([wide.sum(0) / top, np.einsum("ij,ij->j", wide, wide) / (top * top)])
     wide = flat.astype(np.float64)
@@ -244,4 +245,4 @@ def _narrow(pixels: np.ndarray, dtype: np.dtype) -> np.ndarray:
         return pixels
     if pixels.dtype == np.uint16:
         return (pixels // 257).astype(dtype)
-    return np.rint(pixels.astype(np.float64) * np.iinfo(dtype).max).astype(dtype)
+    return np.rint(pixels.astype(np.float64) * unit_max(dtype)).astype(dtype)

@@ -32,8 +32,9 @@ from pipeline.config import Data
 from pipeline.data import decoding, readers, shards, sources, splits, validation
 from pipeline.data.cache import CacheWriter
 from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError
-from pipeline.data.readers import IMAGE_SUFFIXES
+from pipeline.data.readers import IMAGE_SUFFIXES, image_files
 from pipeline.fsutil import atomic_dir, write_json
+from pipeline.pixels import unit_max
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,11 @@ def scan(root: Path) -> tuple[pd.DataFrame, list[str]]:
         raise DataError(
             f"{root}: no class folders (expected one subfolder of images per class, or {MANIFEST_CSV})"
         )
-    rows, ignored = [], []
+    rows: list[dict[str, str]] = []
+    ignored: list[str] = []
     for class_dir in class_dirs:
-        found = sources.listing(class_dir, root)
-        images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
-        ignored += [str(p) for p in found if p.suffix.lower() not in IMAGE_SUFFIXES]
+        images, others = image_files(class_dir, root)
+        ignored += map(str, others)
         if not images:
             raise DataError(
                 f"{class_dir}: class '{class_dir.name}' has no image files "
@@ -88,10 +89,7 @@ def read_manifest(manifest: Path) -> tuple[pd.DataFrame, list[str]]:
 
     Returns the image rows and the paths of the non-image rows, which are ignored (and listed in the report).
     """
-    try:
-        table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"{manifest}: not a readable CSV ({err})") from None
+    table = sources.read_csv(manifest, DataError)
     table.columns = [c.strip().lower() for c in table.columns]
     missing = {"path", "label"} - set(table.columns)
     unknown = set(table.columns) - {"path", "label", "split", "group"}
@@ -111,7 +109,7 @@ def read_manifest(manifest: Path) -> tuple[pd.DataFrame, list[str]]:
             raise DataError(
                 f"{manifest}, line {i + 2}: split '{row['split']}' is not one of {', '.join(SPLITS)}"
             )
-    table["path"] = [str(sources.inside(manifest.parent / p, manifest.parent)) for p in table["path"]]
+    table["path"] = list(map(str, sources.listed(manifest, table["path"])))
     is_image = table["path"].map(lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES)
     absent = [
         p for p in table["path"][is_image] if not Path(p).exists()
@@ -165,7 +163,7 @@ def channel_stats(
     """
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     chunk = chunk or max(1, STATS_VALUES // max(1, int(np.prod(images.shape[1:]))))
-    top = float(np.iinfo(images.dtype).max) if images.dtype.kind in "ui" else 1.0
+    top = unit_max(images.dtype)
     total, squares, n = np.zeros(images.shape[-1]), np.zeros(images.shape[-1]), 0
     for start in range(0, len(rows), chunk):
         x = images[rows[start : start + chunk]].reshape(-1, images.shape[-1]).astype(np.float64) / top
@@ -231,6 +229,7 @@ def _decode_all(table: pd.DataFrame, data: Data, cache: CacheWriter, reuse: Path
                 "set data.channels: keep to train on all bands"
             )
         pixels, found.pixels = found.pixels, None
+        assert pixels is not None, path  # read, with no reason to reject it: decoded
         out.bands[pixels.shape[-1]] += 1
         out.reused += found.reused
         if data.near_duplicate_bits is not None:

@@ -23,7 +23,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipeline.data.sources import non_regular
+from pipeline.data.sources import listing, non_regular
+from pipeline.pixels import unit_range
 
 Channels = Literal["rgb", "keep"]
 PIL_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
@@ -41,6 +42,14 @@ class Decoded:
     pixels: np.ndarray  # (H, W, C): uint8, uint16 or float32 in [0, 1]
     mode: str  # what the file held, for the data card: 'L', 'RGB', 'RGBA', 'I;16', '5-band', 'DICOM MONOCHROME2'...
     bits: int  # bit depth of the stored samples (32 for float)
+
+
+def image_files(folder: Path, root: Path | None = None) -> tuple[list[Path], list[Path]]:
+    """The files under ``folder`` that a reader here takes (by suffix), and the others, which are ignored;
+    listed under ``sources``' link policy (``root``: the source folder links must stay in)."""
+    found = listing(folder, root)
+    images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
+    return images, [p for p in found if p.suffix.lower() not in IMAGE_SUFFIXES]
 
 
 def read(
@@ -87,10 +96,12 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
 
 def _read_pil(path: Path | BinaryIO, max_pixels: int) -> Decoded:
     try:
-        with Image.open(path) as img:
-            _check_pixels(*img.size, max_pixels)
-            img.load()
-            img = ImageOps.exif_transpose(img)  # EXIF orientation: what the camera saw, not how it stored it
+        with Image.open(path) as opened:
+            _check_pixels(*opened.size, max_pixels)
+            opened.load()
+            img = ImageOps.exif_transpose(
+                opened
+            )  # EXIF orientation: what the camera saw, not how it stored it
             mode = img.mode
             if mode == "P":
                 img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -110,6 +121,8 @@ def _read_tiff(path: Path | BinaryIO, max_pixels: int) -> Decoded:
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
+            if not isinstance(page, tifffile.TiffPage):  # the first page always is; later ones may be frames
+                raise tifffile.TiffFileError("the first page is not a TIFF page")
             _check_pixels(page.imagewidth, page.imagelength, max_pixels)
             arr = page.asarray()
             planar = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and arr.ndim == 3
@@ -251,5 +264,5 @@ def to_dtype(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if arr.dtype == dtype:
         return arr
     if dtype == np.float32:
-        return arr.astype(np.float32) / np.iinfo(arr.dtype).max
+        return unit_range(arr)
     return arr.astype(np.uint16) * 257  # uint8 -> uint16

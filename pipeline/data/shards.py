@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
 
+from pipeline.data import sources
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:  # pandas is imported where a table is read or written: decoding workers import this module
@@ -166,13 +167,8 @@ def _check_name(name: str) -> None:
 def scan(root: Path) -> pd.DataFrame:
     """The set's files as ingest's table (path as ``root``/path, label[, split][, group]) plus where each one's
     bytes lie (sha256, shard, offset, size); every shard checked present and long enough first."""
-    import pandas as pd
-
     manifest = root / SHARDS_CSV
-    try:
-        table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ShardError(f"{manifest}: not a readable CSV ({err})") from None
+    table = sources.read_csv(manifest, ShardError)
     missing = {"path", "label", *COLUMNS} - set(table.columns)
     if missing or table.empty:
         raise ShardError(

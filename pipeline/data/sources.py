@@ -16,9 +16,14 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class UnsafePath(PipelineError, ValueError):
@@ -95,15 +100,26 @@ def non_regular(path: Path) -> str | None:
     return next((name for test, name in kinds.items() if test(mode)), "special file")
 
 
-def path_column(csv: Path, error: type[Exception], what: str = "") -> list[str]:
-    """The non-empty entries of a CSV's ``path`` column (any case, other columns ignored), or ``error``
-    naming the file (``what``: the key it came from, e.g. ' (data.exclude)')."""
+def read_csv(csv: Path, error: type[Exception], what: str = "") -> pd.DataFrame:
+    """A handed-in CSV as strings (nothing read as NaN), or ``error`` naming the file (``what``: the key it
+    came from, e.g. ' (data.exclude)')."""
     import pandas as pd
 
     try:
-        table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+        return pd.read_csv(csv, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise error(f"{csv}{what}: not a readable CSV ({err})") from None
+
+
+def listed(manifest: Path, paths: Iterable[str]) -> list[Path]:
+    """A manifest's paths, relative to its folder, each checked to resolve inside that folder."""
+    return [inside(manifest.parent / p, manifest.parent) for p in paths]
+
+
+def path_column(csv: Path, error: type[Exception], what: str = "") -> list[str]:
+    """The non-empty entries of a CSV's ``path`` column (any case, other columns ignored), or ``error``
+    naming the file (``what``: the key it came from, e.g. ' (data.exclude)')."""
+    table = read_csv(csv, error, what)
     column = next((c for c in table.columns if c.strip().lower() == "path"), None)
     if column is None:
         raise error(f"{csv}{what}: no 'path' column (columns: {', '.join(map(str, table.columns))})")

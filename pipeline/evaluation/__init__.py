@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Evaluate
+from pipeline.data.cache import Images
 from pipeline.errors import PipelineError
 from pipeline.evaluation import calibration
 from pipeline.evaluation.decision import Decision, decide
@@ -125,13 +126,13 @@ def split_metrics(
 
 def evaluate(
     model: torch.nn.Module,
-    images: np.ndarray,
+    images: Images,
     labels: np.ndarray,
     class_names: Sequence[str],
     settings: Evaluate,
     seed: int,
     tta: Sequence[A.BasicTransform] = (),
-    val: tuple[np.ndarray, np.ndarray] | None = None,
+    val: tuple[Images, np.ndarray] | None = None,
     held_out: tuple[np.ndarray, np.ndarray] | None = None,
     run_id: str = "",
 ) -> Evaluation:

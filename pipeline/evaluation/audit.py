@@ -10,11 +10,14 @@ confirms the suspects and lists the wrong ones in ``data.exclude``; nothing is c
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from pipeline.data.cache import Images
 
 COLUMNS = ("path", "given", "suggested", "score", "issue")
 PANEL_PNG = "label_audit.png"  # in paths.plots
@@ -46,29 +49,22 @@ def label_issues(
     return table.sort_values(["score", "path"], kind="stable")
 
 
-def panel_png(images: np.ndarray, table: pd.DataFrame, top: int, columns: int = 4) -> bytes:
+def panel_png(images: Images, table: pd.DataFrame, top: int, columns: int = 4) -> bytes:
     """Thumbnails of the ``top`` first rows of ``table`` (its index: their positions in ``images``), captioned."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+    from pipeline.display import image_grid
 
-    from pipeline.display import to_rgb
-
-    shown = min(top, len(table))
-    n_rows = max(1, math.ceil(shown / columns))
-    fig = Figure(figsize=(columns * 1.7, n_rows * 1.9 + 0.4))
-    axes = np.asarray(fig.subplots(n_rows, columns, squeeze=False))
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for i in range(shown):
-        row = table.iloc[i]
-        ax = axes.flat[i]
-        ax.imshow(to_rgb(images[table.index[i]]))
-        ax.set_title(
-            f"given {row['given']}\nsuggested {row['suggested']}\nscore {row['score']:.2f}",
-            fontsize=7,
-            color="tab:red" if row["issue"] else "black",
-        )
-    fig.suptitle("Most suspect labels (held-out predictions; red: flagged by cleanlab)", fontsize=9)
-    fig.tight_layout()
+    shown = table.head(top)
+    fig = image_grid(
+        [images[i] for i in shown.index],
+        [f"given {r.given}\nsuggested {r.suggested}\nscore {r.score:.2f}" for r in shown.itertuples()],
+        ncols=columns,
+        cell=(1.7, 1.9),
+        colors=["tab:red" if issue else "black" for issue in shown["issue"]],
+        suptitle="Most suspect labels (held-out predictions; red: flagged by cleanlab)",
+        suptitle_size=9,
+        suptitle_height=0.4,
+        interpolation="antialiased",
+    )
     png = io.BytesIO()
     fig.savefig(png, dpi=110, format="png")
     return png.getvalue()

@@ -76,6 +76,7 @@ def choose_threshold(scores: np.ndarray, positives: np.ndarray, rule: float | st
     """
     objective, number = parse_threshold(rule)
     if objective == "fixed":
+        assert number is not None, rule  # parse_threshold gives a fixed cut its number
         return float(number)
     positives = np.asarray(positives, dtype=bool)
     if positives.all() or not positives.any():
@@ -86,8 +87,10 @@ def choose_threshold(scores: np.ndarray, positives: np.ndarray, rule: float | st
     cuts = candidate_thresholds(scores)
     sensitivity, specificity, f1 = rates(scores, positives, cuts)
     if objective == "sensitivity":
+        assert number is not None, rule  # parse_threshold gives a target rate its number
         return float(cuts[sensitivity >= number - 1e-12].max())
     if objective == "specificity":
+        assert number is not None, rule
         return float(cuts[specificity >= number - 1e-12].min())
     value = f1 if objective == "f1" else sensitivity + specificity
     best = np.flatnonzero(np.isclose(value, value.max(), rtol=0, atol=1e-12))
@@ -320,7 +323,8 @@ def report_sections(metrics: Mapping[str, Any], decision: Decision) -> list[tupl
             lines += ["", "The cut is 0.5: the test metrics above are the ones at this threshold."]
         sections.append(("Decision threshold", "\n".join(lines)))
     if decision.conformal_quantile is not None:
-        m = metrics
+        m, alpha = metrics, decision.conformal_alpha
+        assert alpha is not None, "a conformal quantile is fitted at an alpha"
 
         def ci(k: str) -> str:
             return f" (95% CI {m[k + '_ci_low']:.3f} – {m[k + '_ci_high']:.3f})" if f"{k}_ci_low" in m else ""
@@ -329,7 +333,7 @@ def report_sections(metrics: Mapping[str, Any], decision: Decision) -> list[tupl
             f"Split conformal (LAC) at alpha = {decision.conformal_alpha:g}, fitted on "
             f"{m['conformal/n_selection']} {decision.selection} predictions: a class is in an image's set "
             f"when its probability is at least {1 - decision.conformal_quantile:.4f}. Target coverage "
-            f"{1 - decision.conformal_alpha:.0%}.",
+            f"{1 - alpha:.0%}.",
             "",
             "| | test |",
             "| --- | --- |",
@@ -342,7 +346,7 @@ def report_sections(metrics: Mapping[str, Any], decision: Decision) -> list[tupl
             lines += [
                 "",
                 f"**The selection set is too small for alpha {decision.conformal_alpha:g}** (it needs at "
-                f"least {math.ceil(1 / decision.conformal_alpha - 1)} images): every set holds every class.",
+                f"least {math.ceil(1 / alpha - 1)} images): every set holds every class.",
             ]
         sections.append(("Conformal prediction sets", "\n".join(lines)))
     return sections

@@ -9,12 +9,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.data.cache import Images
 from pipeline.data.datamodule import CachedImageDataset
 
 
 @torch.inference_mode()
 def predict_logits(
-    model: torch.nn.Module, images: np.ndarray, batch_size: int, transform: A.BasicTransform | None = None
+    model: torch.nn.Module, images: Images, batch_size: int, transform: A.BasicTransform | None = None
 ) -> np.ndarray:
     """Logits for a stack of cached images (N, H, W, C), each under ``transform`` if given (read per batch)."""
     model.eval()
@@ -24,7 +25,7 @@ def predict_logits(
 
 
 def predict_proba(
-    model: torch.nn.Module, images: np.ndarray, batch_size: int, transform: A.BasicTransform | None = None
+    model: torch.nn.Module, images: Images, batch_size: int, transform: A.BasicTransform | None = None
 ) -> np.ndarray:
     """Class probabilities for a stack of cached images (N, H, W, C)."""
     return torch.from_numpy(predict_logits(model, images, batch_size, transform)).softmax(-1).numpy()
@@ -32,7 +33,7 @@ def predict_proba(
 
 def predict_tta(
     model: torch.nn.Module,
-    images: np.ndarray,
+    images: Images,
     batch_size: int,
     transforms: Sequence[A.BasicTransform],
     plain: np.ndarray | None = None,

@@ -1,5 +1,6 @@
 """augment: build the training pipeline from params, serialize it, draw a preview grid and any offline copies."""
 
+import argparse
 from pathlib import Path
 
 from pipeline import augment
@@ -9,7 +10,7 @@ from pipeline.data.prepared import load_prepared
 from pipeline.fsutil import atomic_dir, atomic_file
 
 
-def main(params: Params) -> None:
+def main(params: Params, args: argparse.Namespace) -> None:
     a, paths = params.augment, params.paths
     prepared = load_prepared(Path(paths.prepared))
     pipeline = augment.build(a.transforms, params.seed, preset=a.preset, dtype=prepared.images.dtype)

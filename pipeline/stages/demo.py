@@ -1,5 +1,6 @@
 """demo: generate the embedded demo set into paths.raw/demo.name (a folder of PNGs per class)."""
 
+import argparse
 from pathlib import Path
 
 from pipeline import demo
@@ -7,7 +8,7 @@ from pipeline.config import Params
 from pipeline.fsutil import atomic_dir
 
 
-def main(params: Params) -> None:
+def main(params: Params, args: argparse.Namespace) -> None:
     out = Path(params.paths.raw) / params.demo.name
     with atomic_dir(out) as staging:
         counts = demo.generate(staging, params.demo.n_per_class, params.demo.image_size, params.seed)

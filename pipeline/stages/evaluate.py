@@ -3,6 +3,7 @@ plots and the report; logged to the train run in MLflow under the same names. De
 conformal quantile) and the label audit come from the validation predictions, the selection set.
 The work is ``pipeline.evaluating``."""
 
+import argparse
 from pathlib import Path
 
 from pipeline import evaluating
@@ -11,7 +12,7 @@ from pipeline.runinfo import RUN_INFO
 from pipeline.stages import open_tracking, stage_input
 
 
-def main(params: Params) -> None:
+def main(params: Params, args: argparse.Namespace) -> None:
     paths = params.paths
     stage_input(Path(paths.model_dir) / RUN_INFO, "paths.model_dir", "train")
     done = evaluating.assess(params)  # everything computed before anything is replaced

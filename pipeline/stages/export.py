@@ -13,25 +13,22 @@ from pipeline import serve
 from pipeline.config import Params
 
 
-def main(params: Params, argv: list[str], params_file: str) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline export",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["torchscript", "onnx"], required=True)
     parser.add_argument(
-        "--out", type=Path, help="file to write (default: paths.exports/model.pt or model.onnx)"
+        "--out",
+        type=Path,
+        metavar="OUT",
+        help="file to write (default: paths.exports/model.pt or model.onnx)",
     )
     parser.add_argument(
-        "--model-dir",
-        type=Path,
-        default=Path(params.paths.model_dir),
-        help="the train stage's output (default: paths.model_dir, %(default)s)",
+        "--model-dir", type=Path, metavar="DIR", help="the train stage's output (default: paths.model_dir)"
     )
-    args = parser.parse_args(argv)
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
     out = args.out or Path(params.paths.exports) / f"model{serve.SUFFIX[args.format]}"
-    trained = serve.load_trained(args.model_dir)
+    trained = serve.load_trained(args.model_dir or Path(params.paths.model_dir))
     serve.export(trained, args.format, out)
     print(
         f"export: {args.format} model of MLflow run {trained.run.run_id} -> {out} (resizes to "

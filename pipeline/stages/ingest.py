@@ -1,6 +1,7 @@
 """ingest: validate and split paths.raw/data.dataset, cache its decoded pixels in paths.prepared (files intake
 already decoded, with the same bytes and settings, are taken from paths.validated)."""
 
+import argparse
 from pathlib import Path
 
 from pipeline.config import Params
@@ -9,7 +10,7 @@ from pipeline.data.ingest import ingest
 from pipeline.stages import dataset_dir
 
 
-def main(params: Params) -> None:
+def main(params: Params, args: argparse.Namespace) -> None:
     report = ingest(
         dataset_dir(params),
         Path(params.paths.prepared),

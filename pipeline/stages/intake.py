@@ -32,12 +32,7 @@ SALT_ENV = "PIPELINE_GROUP_SALT"
 SALT_FILE = Path(".dvc") / "group_salt"  # in the DVC repository, ignored by .dvc/.gitignore
 
 
-def main(params: Params, argv: list[str], params_file: str) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline intake",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "src",
         type=Path,
@@ -49,8 +44,9 @@ def main(params: Params, argv: list[str], params_file: str) -> None:
     parser.add_argument(
         "--domain",
         choices=list(DOMAINS),
-        help="the kind of image: sets augment.preset/transforms and evaluate.tta to fit it "
-        "(default: keep params.yaml's, which may be the previous set's)",
+        metavar="DOMAIN",
+        help=f"the kind of image, one of {', '.join(DOMAINS)}: sets augment.preset/transforms and "
+        "evaluate.tta to fit it (default: keep params.yaml's, which may be the previous set's)",
     )
     parser.add_argument(
         "--layout",
@@ -60,7 +56,10 @@ def main(params: Params, argv: list[str], params_file: str) -> None:
         f"in git (shards: DVC handles tens of files faster than tens of thousands); auto: shards from "
         f"{AUTO_MIN_FILES} images on (default)",
     )
-    args = parser.parse_args(argv)
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    params_file = args.params
     name = check_name(args.name or default_name(args.src), "--name")
     if name == params.demo.name:
         raise IntakeError(f"--name {name}: that is the demo stage's output (demo.name); choose another name")

@@ -14,32 +14,27 @@ from pipeline import serve
 from pipeline.config import Params
 
 
-def main(params: Params, argv: list[str], params_file: str) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline predict",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "src", type=Path, metavar="SRC", help="folder of images, or a CSV with a 'path' column"
     )
-    parser.add_argument("--out", type=Path, required=True, help="CSV to write (replaced only when complete)")
     parser.add_argument(
-        "--model-dir",
-        type=Path,
-        default=Path(params.paths.model_dir),
-        help="the train stage's output (default: paths.model_dir, %(default)s)",
+        "--out", type=Path, metavar="CSV", required=True, help="CSV to write (replaced only when complete)"
+    )
+    parser.add_argument(
+        "--model-dir", type=Path, metavar="DIR", help="the train stage's output (default: paths.model_dir)"
     )
     parser.add_argument(
         "--decision",
         type=Path,
-        default=Path(params.paths.decision),
-        help="evaluate's threshold and conformal quantile, applied if present "
-        "(default: paths.decision, %(default)s)",
+        metavar="FILE",
+        help="evaluate's threshold and conformal quantile, applied if present (default: paths.decision)",
     )
-    args = parser.parse_args(argv)
-    trained = serve.load_trained(args.model_dir)
-    made = serve.load_decision(args.decision, trained)
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    trained = serve.load_trained(args.model_dir or Path(params.paths.model_dir))
+    made = serve.load_decision(args.decision or Path(params.paths.decision), trained)
     table = serve.predict(
         trained,
         serve.list_images(args.src),

@@ -4,6 +4,7 @@ A killed run (even SIGKILL) resumes where it stopped, in the same MLflow run, wh
 again with the same inputs (see ``pipeline.resume``); the work is ``pipeline.training.train``.
 """
 
+import argparse
 from typing import Any
 
 import yaml
@@ -24,10 +25,10 @@ def with_best_params(params: Params) -> tuple[Params, dict[str, Any]]:
         raise ConfigError(f"{path}: {err}; rerun the tune stage (dvc repro tune)") from None
 
 
-def main(params: Params) -> None:
+def main(params: Params, args: argparse.Namespace) -> None:
     params, tuned = with_best_params(params)
     # A DDP worker (rank > 0) trains its shard and writes nothing: rank 0 owns the MLflow run and outputs.
-    tags = open_tracking(params) if rank_zero_only.rank == 0 else None
+    tags = open_tracking(params) if getattr(rank_zero_only, "rank", 0) == 0 else None
     info = training.train(params, tuned, tags)
     if info is not None:
         print(

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from pipeline import tune
-from pipeline.config import PARAMS_FILE, Params, value_at
+from pipeline.config import Params, value_at
 from pipeline.data.prepared import load_prepared
 from pipeline.fsutil import atomic_file, write_json
 from pipeline.stages import dataset_dir, open_tracking
@@ -29,18 +29,16 @@ def study_of(params: Params) -> tuple[str, dict[str, str], tune.TrialData]:
     )
 
 
-def main(params: Params, argv: list[str] = (), params_file: str = PARAMS_FILE) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline tune",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker", action="store_true", help="join the tune stage's study; write no outputs")
-    worker = parser.parse_args(argv).worker
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    worker = args.worker
     paths = params.paths
     if not params.tune.enabled:
         if worker:
-            raise tune.TuneError(f"{params_file}: tune.enabled is false: there is no study to join")
+            raise tune.TuneError(f"{args.params}: tune.enabled is false: there is no study to join")
         best = {key: value_at(params, key) for key in params.tune.search_space}
         summary = {"enabled": False}
     else:

@@ -4,23 +4,24 @@ without internet access."""
 
 import argparse
 from pathlib import Path
+from typing import get_args
 
 from pipeline import backbones
 from pipeline.config import Arch, Params
 from pipeline.weights import import_checkpoint, weight_enum
 
 
-def main(params: Params, argv: list[str], params_file: str) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline weights", description=__doc__)
-    parser.add_argument("action", choices=["import"])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["import"], metavar="import", help="the one action")
     parser.add_argument(
         "file", type=Path, metavar="FILE", help="the .pth file as downloaded from the weights' URL"
     )
     parser.add_argument(
         "--arch",
-        default=params.model.arch,
-        choices=Arch.__args__,
-        help="architecture it is for (default: model.arch, now %(default)s; a named backbone has its own)",
+        choices=get_args(Arch),
+        metavar="ARCH",
+        help=f"architecture it is for, one of {', '.join(get_args(Arch))} (default: model.arch; a named "
+        "backbone has its own)",
     )
     parser.add_argument(
         "--weights",
@@ -29,12 +30,14 @@ def main(params: Params, argv: list[str], params_file: str) -> None:
         help="'imagenet' (the arch's default weights), an enum name like ResNet50_Weights.IMAGENET1K_V2, "
         f"or a named domain backbone: {backbones.choices()}",
     )
-    args = parser.parse_args(argv)
-    target = import_checkpoint(args.file, args.arch, args.weights)
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    arch = args.arch or params.model.arch
+    target = import_checkpoint(args.file, arch, args.weights)
     named = backbones.NAMED.get(args.weights)
-    label = f"{named.name} ({named.enum})" if named else weight_enum(args.arch, args.weights)
-    arch = named.arch if named else args.arch
+    label = f"{named.name} ({named.enum})" if named else weight_enum(arch, args.weights)
     print(
         f"weights: {args.file} checked ({label}: hash and keys) -> {target}\n"
-        f"runs with model.arch: {arch}, model.weights: {args.weights} now load it offline"
+        f"runs with model.arch: {named.arch if named else arch}, model.weights: {args.weights} now load it offline"
     )

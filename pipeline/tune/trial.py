@@ -31,11 +31,12 @@ def suggest(trial: optuna.Trial, space: dict[str, SearchDim]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, dim in space.items():
         if dim.type == "categorical":
-            values[key] = trial.suggest_categorical(key, list(dim.choices))
+            values[key] = trial.suggest_categorical(key, list(dim.choices or ()))
         elif dim.type == "int":
-            values[key] = trial.suggest_int(key, int(dim.low), int(dim.high), log=dim.log)
+            low, high = dim.bounds()
+            values[key] = trial.suggest_int(key, int(low), int(high), log=dim.log)
         else:
-            values[key] = trial.suggest_float(key, dim.low, dim.high, log=dim.log)
+            values[key] = trial.suggest_float(key, *dim.bounds(), log=dim.log)
     return values
 
 
