@@ -341,11 +341,14 @@ class Train:
         default=20, ge=1, description="train.mode knn: neighbours that vote (at most the training images)."
     )
     # The small-data recipe (pipeline/recipe.py).
+    # Off by default: on real pretrained features it lost to fine-tuning everything at one learning rate at
+    # every shot count and draw (docs/benchmarks.md, "Transfer learning"); kept as keys to compare.
     freeze_epochs: int = Field(
-        default=2,
+        default=0,
         ge=0,
         description="Epochs that train only the new head, backbone frozen (BatchNorm statistics "
-        "too). Ignored, with a warning, when the backbone is randomly initialised.",
+        "too); 0: the whole network trains from the first epoch. Ignored, with a warning, when the backbone "
+        "is randomly initialised.",
     )
     unfreeze: Literal["all", "gradual"] = Field(
         default="all",
@@ -353,7 +356,7 @@ class Train:
         "one residual stage per epoch, layer4 first, the stem last.",
     )
     backbone_lr_mult: float = Field(
-        default=0.1,
+        default=1.0,
         gt=0,
         le=1,
         description="Backbone learning rate = train.lr x this (the head gets train.lr). "
