@@ -55,6 +55,9 @@ class Member:
     offset: int
     size: int
     sha256: str
+    path: str = (
+        ""  # the name ingest gives the file (paths.raw/NAME/<member>): what an unreadable one's reason says
+    )
 
 
 def is_sharded(root: Path) -> bool:
@@ -209,8 +212,14 @@ def scan(root: Path) -> pd.DataFrame:
 def members(table: pd.DataFrame) -> list[Member]:
     """``scan``'s rows as the ``Member`` each decoding worker reads."""
     return [
-        Member(shard, member, int(offset), int(size), sha)
-        for shard, member, offset, size, sha in zip(
-            table["shard"], table["member"], table["offset"], table["size"], table["sha256"], strict=True
+        Member(shard, member, int(offset), int(size), sha, path)
+        for shard, member, offset, size, sha, path in zip(
+            table["shard"],
+            table["member"],
+            table["offset"],
+            table["size"],
+            table["sha256"],
+            table["path"],
+            strict=True,
         )
     ]
