@@ -126,9 +126,9 @@ def pack(
                 data = file.read_bytes()
                 info = tarfile.TarInfo(name)
                 info.size, info.mode, info.mtime = len(data), 0o644, 0
-                # addfile writes this header, then the bytes: they start right after it
-                offset = tar.offset + len(info.tobuf(tarfile.PAX_FORMAT, tar.encoding, tar.errors))
                 tar.addfile(info, io.BytesIO(data))
+                # addfile wrote the header(s), the bytes, then NULs to a whole block: the bytes start that far back
+                offset = tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 sha = hashlib.sha256(data).hexdigest()
                 rows.append({"sha256": sha, "shard": shard, "offset": offset, "size": len(data)})
     _write_manifest(root, listed, columns, rows)
