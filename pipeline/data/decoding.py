@@ -184,7 +184,22 @@ def decode_all(
     paths: list[str] | list[shards.Member], settings: Settings, store: Path | None = None
 ) -> Iterator[Decoded]:
     """``decode_file`` of each path (or shard member), in order; in worker processes for large sets on several
-    cores."""
+    cores. The shard members that ``store`` holds (by their manifest's sha256) are taken from it here, their bytes
+    checked as they are read: copying a stored image costs less than sending it back from a worker, so the ingest
+    after intake starts no worker at all."""
+    validated = Validated.open(store, settings) if store else None
+    if validated is None or not paths or not isinstance(paths[0], shards.Member):
+        yield from _decode_each(paths, settings, store)
+        return
+    held = [m.sha256 in validated.index for m in paths]  # type: ignore[union-attr]
+    rest = _decode_each([m for m, h in zip(paths, held, strict=True) if not h], settings, None)
+    for member, h in zip(paths, held, strict=True):
+        yield decode_file(member, settings, validated) if h else next(rest)
+
+
+def _decode_each(
+    paths: list[str] | list[shards.Member], settings: Settings, store: Path | None
+) -> Iterator[Decoded]:
     n_workers = workers()
     if len(paths) < PARALLEL_MIN_FILES or n_workers < 2:
         validated = Validated.open(store, settings) if store else None
