@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import albumentations as A
 import numpy as np
 
 from pipeline.config import Preset
@@ -27,6 +26,11 @@ from pipeline.pixels import unit_max
 
 if TYPE_CHECKING:
     from pipeline.data.cache import Images
+
+if (
+    TYPE_CHECKING
+):  # imported where a pipeline is built: intake reads DOMAINS without PyTorch's import (5-10 s)
+    import albumentations as A
 
 PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
     "none": (),
@@ -181,6 +185,8 @@ def _transform(where: str, entry: dict[str, Any]) -> A.BasicTransform:
     since 1.x), which would silently change the pipeline. The few classes without an ``InitSchema``
     (e.g. RandomRotate90) take no ``strict`` argument but reject unknown ones with a TypeError anyway.
     """
+    import albumentations as A
+
     args = dict(entry)
     name = args.pop("name", None)
     cls = getattr(A, name, None) if isinstance(name, str) else None
@@ -205,6 +211,8 @@ def build(
     dtype: np.dtype | str = "uint8",
 ) -> A.Compose:
     """A seeded ``A.Compose`` of ``preset`` overridden by ``transforms`` (see ``resolve``), for ``dtype`` images."""
+    import albumentations as A
+
     built = [_transform(where, entry) for where, entry in resolve(preset, transforms)]
     dtype = np.dtype(dtype)
     if dtype.kind == "u" and dtype != np.uint8:
@@ -218,6 +226,8 @@ def build_tta(entries: Sequence[str | dict[str, Any]]) -> list[A.BasicTransform]
 
     Each always applies (``p`` is 1); one whose output depends on the random seed is refused.
     """
+    import albumentations as A
+
     built = []
     probe = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     for i, entry in enumerate(entries):
@@ -238,10 +248,14 @@ def build_tta(entries: Sequence[str | dict[str, Any]]) -> list[A.BasicTransform]
 
 
 def save(pipeline: A.BasicTransform, path: Path) -> None:
+    import albumentations as A
+
     A.save(pipeline, str(path), data_format="json")
 
 
 def load(path: Path, seed: int) -> A.Compose:
+    import albumentations as A
+
     if not Path(path).is_file():
         raise AugmentError(f"{path}: augmentation pipeline not found; run the augment stage first")
     pipeline = A.load(str(path), data_format="json")

@@ -13,15 +13,21 @@ ARGS = dict(image_size=24, val_fraction=0.25, test_fraction=0.25, seed=3, on_bad
 
 @pytest.fixture
 def counted(monkeypatch):
-    """readers.read, counting the files it decodes."""
+    """readers.read and read_bytes (a small file is read once, then decoded from memory), counting the files
+    they decode."""
     calls: list[str] = []
-    real = readers.read
+    real, real_bytes = readers.read, readers.read_bytes
 
     def read(path, *args, **kwargs):
         calls.append(str(path))
         return real(path, *args, **kwargs)
 
+    def read_bytes(data, name, *args, **kwargs):
+        calls.append(str(name))
+        return real_bytes(data, name, *args, **kwargs)
+
     monkeypatch.setattr(readers, "read", read)
+    monkeypatch.setattr(readers, "read_bytes", read_bytes)
     return calls
 
 

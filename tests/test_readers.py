@@ -128,6 +128,14 @@ def test_unreadable_files_say_why(tmp_path):
         readers.read(tmp_path / "empty.png")
     with pytest.raises(readers.UnreadableImage):
         readers.read(tmp_path / "junk.dcm")
+    (tmp_path / "junk.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(readers.UnreadableImage) as from_file:
+        readers.read(tmp_path / "junk.jpg")
+    with pytest.raises(
+        readers.UnreadableImage
+    ) as from_bytes:  # a shard member: named, not '<_io.BytesIO ...>'
+        readers.read_bytes(b"not a jpeg", str(tmp_path / "junk.jpg"))
+    assert str(from_bytes.value) == str(from_file.value) and "junk.jpg" in str(from_file.value)
 
 
 def test_cache_dtype_is_the_widest_and_keeps_unit_positions():

@@ -14,6 +14,7 @@ from pipeline.config import Data
 from pipeline.data import decoding, readers, shards
 from pipeline.data.ingest import CACHE_NPY, REPORT_JSON, SPLITS_CSV, ingest
 from pipeline.data.intake import intake
+from pipeline.data.prepared import DataError
 from tests.conftest import write_class_folders
 from tests.test_ingest import manifest_set
 from tests.test_intake import repo  # noqa: F401  (the fixture: a git + DVC repository as the cwd)
@@ -196,3 +197,35 @@ def test_members_with_long_or_non_ascii_names_are_found_at_their_offsets(tmp_pat
     assert [shards.read(m) for m in shards.members(table)] == [f.read_bytes() for _, f in files]
     with tarfile.open(tmp_path / "set" / shards.SHARDS_DIR / "shard-00000.tar") as tar:
         assert tar.getnames() == names[:2]
+
+
+def test_a_sharded_intake_packs_what_the_copy_holds_and_a_failed_one_leaves_no_trace(tmp_path, small_shards):
+    from tests.test_intake import write_patient_slices
+
+    scans = tmp_path / "scans"
+    write_patient_slices(scans, n_patients=3)
+    folder, sharded = take_in(scans, tmp_path / "a", "folder"), take_in(scans, tmp_path / "b", "shards")
+    copy = pd.read_csv(folder / "set" / "manifest.csv", dtype=str)  # DICOM groups, hashed, in the copy
+    manifest = pd.read_csv(sharded / "set" / shards.SHARDS_CSV, dtype=str)
+    assert manifest[["path", "label", "group"]].equals(copy)
+    for row in manifest.itertuples():  # each member is the source file's bytes
+        assert (
+            shards.read(
+                shards.Member(
+                    str(sharded / "set" / "shards" / row.shard),
+                    row.path,
+                    int(row.offset),
+                    int(row.size),
+                    row.sha256,
+                )
+            )
+            == (scans / row.path).read_bytes()
+        )
+    before = {p: p.read_bytes() for p in (sharded / "set").rglob("*") if p.is_file()}
+    (scans / "pneumonia" / "stolen.dcm").write_bytes((scans / "normal" / "normal_0_0.dcm").read_bytes())
+    listed = {p: p.read_bytes() for p in scans.rglob("*") if p.is_file()}
+    with pytest.raises(DataError, match=r"normal_0_0\.dcm"):  # the same bytes under two labels
+        take_in(scans, tmp_path / "b", "shards")
+    assert {p: p.read_bytes() for p in (sharded / "set").rglob("*") if p.is_file()} == before
+    assert {p: p.read_bytes() for p in scans.rglob("*") if p.is_file()} == listed  # the source untouched
+    assert sorted(p.name for p in sharded.iterdir()) == ["set"]  # no staging left

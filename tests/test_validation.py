@@ -28,3 +28,20 @@ def test_indexed_search_equals_exhaustive(max_distance):
     assert indexed == exhaustive
     assert len(indexed) > 50 * 49 / 2  # the planted pairs are there (the identical group alone is 1,225)
     assert all(d <= max_distance for _, _, d in indexed)
+
+
+def test_fast_gray_and_pixel_sums_equal_numpy_s_bit_for_bit():
+    from pipeline.data.decoding import pixel_sums
+
+    rng = np.random.default_rng(0)
+    for dtype, shape in (
+        (np.uint8, (64, 64, 3)),
+        (np.uint16, (9, 7, 3)),
+        (np.uint8, (5, 5, 1)),
+        (np.uint16, (4, 6, 5)),
+    ):
+        pixels = rng.integers(0, np.iinfo(dtype).max + 1, shape, dtype=dtype)
+        assert validation._gray(pixels).tobytes() == pixels.astype(np.float32).mean(axis=-1).tobytes()
+        wide, top = pixels.reshape(-1, shape[-1]).astype(np.int64), float(np.iinfo(dtype).max)
+        expected = np.stack([wide.sum(0) / top, (wide * wide).sum(0) / (top * top)])
+        assert pixel_sums(pixels).tobytes() == expected.tobytes()

@@ -15,9 +15,11 @@ bytes and settings are unchanged from there instead of decoding it again: the sa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import stat
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -25,6 +27,7 @@ from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from pipeline.data import readers, shards, validation
@@ -37,6 +40,7 @@ IN_FLIGHT = 4  # tasks queued per worker: enough to keep it busy, few enough to 
 FACTS = "facts.npz"
 PIXELS = "pixels.npy"
 META = "settings.json"
+READ_ONCE_BYTES = 16 << 20  # an image file up to this size is read once for its hash and its decode
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,14 @@ class Decoded:
 def pixel_sums(pixels: np.ndarray) -> np.ndarray:
     """(2, C) float64: per-channel sum and sum of squares of ``pixels`` in [0, 1] units (integers / dtype max)."""
     flat = pixels.reshape(-1, pixels.shape[-1])
+    if pixels.dtype in (np.uint8, np.uint16) and pixels.shape[-1] <= 4:
+        # OpenCV sums in float64, exactly: every partial sum is an integer below 2**53 (1024 x 1024 pixels of
+        # 65535**2 at most), so these equal the int64 sums below; ~6x faster on a 64 px tile
+        top = float(np.iinfo(pixels.dtype).max)
+        squares = cv2.multiply(pixels, pixels, dtype=cv2.CV_64F)
+        n = pixels.shape[-1]
+        total, square_total = np.array(cv2.sumElems(pixels)[:n]), np.array(cv2.sumElems(squares)[:n])
+        return np.stack([total / top, square_total / (top * top)])
     if pixels.dtype.kind in "ui":
         top = unit_max(pixels.dtype)
         wide = flat.astype(np.int64)  # exact integer sums
@@ -95,16 +107,23 @@ def decode_file(path: str | shards.Member, settings: Settings, validated: Valida
     """Hash, decode, conform and describe one file or shard member (or copy it from ``validated`` when its
     bytes are there). A member's bytes are checked against its manifest's sha256 (``shards.ShardError``)."""
     member = path if isinstance(path, shards.Member) else None
-    data = shards.read(member) if member else b""  # checked against the manifest's sha256 as it is read
-    sha = member.sha256 if member else (file_sha256(Path(path)) if os.path.isfile(path) else "")
+    if member:
+        name, data = (
+            member.path or member.member,
+            shards.read(member),
+        )  # checked against the manifest's sha256
+        sha = member.sha256
+    else:
+        name, data = str(path), _small_image(str(path))
+        sha = _sha256(path, data)
     if validated is not None and (hit := validated.get(sha)) is not None:
         return hit
     window, budget = settings.dicom_window, settings.max_image_pixels
     try:
         found = (
-            readers.read_bytes(data, member.member, window, budget)
-            if member
-            else readers.read(Path(path), window, budget)
+            readers.read(Path(path), window, budget)
+            if data is None
+            else readers.read_bytes(data, name, window, budget)
         )
     except (readers.UnreadableImage, OSError) as err:
         return Decoded(sha, reason=str(err))  # readers.read says "empty file" for zero bytes
@@ -122,6 +141,27 @@ def decode_file(path: str | shards.Member, settings: Settings, validated: Valida
         sums=pixel_sums(pixels),
         dtype=str(pixels.dtype),
     )
+
+
+def _sha256(path: str, data: bytes | None) -> str:
+    if data is not None:
+        return hashlib.sha256(data).hexdigest()
+    return file_sha256(Path(path)) if os.path.isfile(path) else ""  # not a FIFO: it would be read forever
+
+
+def _small_image(path: str) -> bytes | None:
+    """The bytes of a regular Pillow-format file of at most ``READ_ONCE_BYTES`` (read once: hashed and decoded
+    from memory), else None: ``readers.read`` opens the file itself (memory maps, budget checks before reading)."""
+    if os.path.splitext(path)[1].lower() not in readers.PIL_SUFFIXES:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # readers.read says why
+    if not stat.S_ISREG(st.st_mode) or not 0 < st.st_size <= READ_ONCE_BYTES:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
 
 
 _WORKER: dict = {}  # per worker process: the opened Validated store
@@ -145,7 +185,22 @@ def decode_all(
     paths: list[str] | list[shards.Member], settings: Settings, store: Path | None = None
 ) -> Iterator[Decoded]:
     """``decode_file`` of each path (or shard member), in order; in worker processes for large sets on several
-    cores."""
+    cores. The shard members that ``store`` holds (by their manifest's sha256) are taken from it here, their bytes
+    checked as they are read: copying a stored image costs less than sending it back from a worker, so the ingest
+    after intake starts no worker at all."""
+    validated = Validated.open(store, settings) if store else None
+    if validated is None or not paths or not isinstance(paths[0], shards.Member):
+        yield from _decode_each(paths, settings, store)
+        return
+    held = [m.sha256 in validated.index for m in paths]  # type: ignore[union-attr]
+    rest = _decode_each([m for m, h in zip(paths, held, strict=True) if not h], settings, None)
+    for member, h in zip(paths, held, strict=True):
+        yield decode_file(member, settings, validated) if h else next(rest)
+
+
+def _decode_each(
+    paths: list[str] | list[shards.Member], settings: Settings, store: Path | None
+) -> Iterator[Decoded]:
     n_workers = workers()
     if len(paths) < PARALLEL_MIN_FILES or n_workers < 2:
         validated = Validated.open(store, settings) if store else None

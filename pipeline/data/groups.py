@@ -44,9 +44,6 @@ def add_dicom_groups(folder: Path, keyword: str, hashed: Callable[[str], str]) -
     manifest = folder / MANIFEST_CSV
     if manifest.is_file():
         table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-        if any(c.strip().lower() == "group" and table[c].str.strip().ne("").any() for c in table.columns):
-            return 0  # the user's own groups win
-        table = table.drop(columns=[c for c in table.columns if c.strip().lower() == "group"])
         paths = [folder / p for p in table["path"]]
     else:
         found, _ = scan(folder)
@@ -54,9 +51,22 @@ def add_dicom_groups(folder: Path, keyword: str, hashed: Callable[[str], str]) -
         table = pd.DataFrame(
             {"path": [p.relative_to(folder).as_posix() for p in paths], "label": found["label"]}
         )
-    ids = [dicom_element(p, keyword) if p.suffix.lower() == DICOM_SUFFIX else "" for p in paths]
+    table, n_groups = dicom_groups(table, paths, keyword, hashed)
+    if n_groups:
+        table.to_csv(manifest, index=False)
+    return n_groups
+
+
+def dicom_groups(
+    table: pd.DataFrame, files: list[Path], keyword: str, hashed: Callable[[str], str]
+) -> tuple[pd.DataFrame, int]:
+    """``table`` (a row per file of ``files``) with a ``group`` column from the DICOM files' ``keyword``, hashed,
+    and the number of groups; ``table`` itself and 0 when it has groups already or no DICOM file holds it."""
+    if any(c.strip().lower() == "group" and table[c].str.strip().ne("").any() for c in table.columns):
+        return table, 0  # the user's own groups win
+    ids = [dicom_element(p, keyword) if p.suffix.lower() == DICOM_SUFFIX else "" for p in files]
     if not any(ids):
-        return 0
+        return table, 0
+    table = table.drop(columns=[c for c in table.columns if c.strip().lower() == "group"])
     table["group"] = [hashed(v) if v else "" for v in ids]
-    table.to_csv(manifest, index=False)
-    return len({v for v in ids if v})
+    return table, len({v for v in ids if v})

@@ -6,8 +6,10 @@ skipped with a reason (``data.on_bad_file``). A folder per class is copied as it
 (``path,label[,split][,group]``, paths relative to the manifest's folder) becomes a folder per class
 plus ``manifest.csv`` with the copies' paths, keeping the split and group columns. The copy is
 validated by a full ingest into a scratch folder and replaces an existing set of the same name
-only if that succeeds. A large set (``--layout``, ``shards.AUTO_MIN_FILES``) is then stored as a few tar
-shards with a per-file manifest (``shards``), so that DVC versions tens of files instead of tens of thousands.
+only if that succeeds. A large set (``--layout``, ``shards.AUTO_MIN_FILES`` image files) is instead packed
+straight from the source into a few tar shards with a per-file manifest (``shards``), so that DVC versions tens
+of files instead of tens of thousands: the same shards and manifest as the copy would give, each file read once
+from the source, and those shards are what the full ingest validates.
 
 Privacy: a ``group`` column usually holds patient IDs. The copy's manifest keeps only a salted hash of
 each group (``group_hash``), so ``paths.raw`` (which DVC versions and pushes), ``splits.csv`` and every
@@ -37,7 +39,7 @@ import yaml
 from pipeline.config import Data
 from pipeline.data import ingest as ingest_module
 from pipeline.data import shards, sources
-from pipeline.data.groups import add_dicom_groups
+from pipeline.data.groups import add_dicom_groups, dicom_groups
 from pipeline.data.ingest import MANIFEST_CSV, class_folders, ingest, read_manifest, scan
 from pipeline.data.prepared import DataError
 from pipeline.errors import PipelineError
@@ -74,35 +76,60 @@ class Copied:
     non_images: list[str] = dataclasses.field(default_factory=list)  # manifest rows that name no image file
 
 
-def _copy_file(src: Path, dest: Path, copied: Copied, on_bad_file: str) -> bool:
-    """Copy ``src`` (links followed: ``sources`` checked them) if it is a regular file; else record why not."""
+def _regular(src: Path, copied: Copied, on_bad_file: str) -> bool:
+    """Whether ``src`` (links followed: ``sources`` checked them) is a regular file; if not, record why."""
     if kind := sources.non_regular(src):
         reason = f"not a regular file ({kind})"
         if on_bad_file == "fail":
             raise DataError(f"{src}: {reason}; set data.on_bad_file: skip to skip it")
         copied.rejected.append({"path": str(src), "reason": reason})
         return False
+    return True
+
+
+def _copy_file(src: Path, dest: Path, copied: Copied, on_bad_file: str) -> bool:
+    """Copy ``src`` if it is a regular file; else record why not."""
+    if not _regular(src, copied, on_bad_file):
+        return False
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dest)
     return True
 
 
-def copy_manifest(manifest: Path, dest: Path, on_bad_file: str = "skip") -> Copied:
-    """Copy each listed image into ``dest/<label>/``, write ``dest/manifest.csv``."""
+def _manifest_plan(manifest: Path, dest: Path, on_bad_file: str) -> tuple[pd.DataFrame, list[Path], Copied]:
+    """The copy's manifest rows (paths ``<label>/<file name>``, made unique) and their source files, as the copy
+    of the manifest's images into ``dest`` lays them out."""
     table, ignored = read_manifest(manifest)
-    rows, taken, copied = [], set(), Copied(non_images=ignored)
+    rows, files, taken, copied = [], [], set(), Copied(non_images=ignored)
     for row in table.to_dict("records"):
         src = Path(row["path"])
         label = check_name(row["label"], "label")
         name, n = src.name, 1
         while (label, name.lower()) in taken:  # same file name from two source folders
             name, n = f"{src.stem}_{n}{src.suffix}", n + 1
-        if _copy_file(src, dest / label / name, copied, on_bad_file):
+        if _regular(src, copied, on_bad_file):
             taken.add((label, name.lower()))
             copied.sources[str(dest / label / name)] = str(src)
             rows.append(row | {"path": f"{label}/{name}"})
-    pd.DataFrame(rows, columns=table.columns).to_csv(dest / MANIFEST_CSV, index=False)
+            files.append(src)
+    return pd.DataFrame(rows, columns=table.columns), files, copied
+
+
+def copy_manifest(manifest: Path, dest: Path, on_bad_file: str = "skip") -> Copied:
+    """Copy each listed image into ``dest/<label>/``, write ``dest/manifest.csv``."""
+    table, files, copied = _manifest_plan(manifest, dest, on_bad_file)
+    for name, src in zip(table["path"], files, strict=True):
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest / name)
+    table.to_csv(dest / MANIFEST_CSV, index=False)
     return copied
+
+
+def _not_a_set(src: Path) -> DataError:
+    return DataError(
+        f"{src}: expected a folder with one subfolder per class, or a CSV manifest "
+        "(path,label[,split][,group])"
+    )
 
 
 def copy_set(src: Path, dest: Path, on_bad_file: str = "skip") -> Copied:
@@ -118,10 +145,29 @@ def copy_set(src: Path, dest: Path, on_bad_file: str = "skip") -> Copied:
         return copied
     if src.is_file() and src.suffix.lower() == ".csv":
         return copy_manifest(src, dest, on_bad_file)
-    raise DataError(
-        f"{src}: expected a folder with one subfolder per class, or a CSV manifest "
-        "(path,label[,split][,group])"
-    )
+    raise _not_a_set(src)
+
+
+def plan_set(src: Path, dest: Path, on_bad_file: str = "skip") -> tuple[pd.DataFrame, list[Path], Copied]:
+    """What ``copy_set`` would copy into ``dest`` and ingest list there, without copying: the set's image files
+    (table: path in the set, label[, split][, group] as given), their source files, and ``Copied``."""
+    if src.is_file() and src.suffix.lower() == ".csv":
+        return _manifest_plan(src, dest, on_bad_file)
+    if not src.is_dir():
+        raise _not_a_set(src)
+    copied = Copied()
+    for class_dir in class_folders(src):
+        check_name(class_dir.name, "class folder")
+    for path in sources.listing(src):  # every file copy_set would skip, recorded (or an error) as it does
+        _regular(path, copied, on_bad_file)
+    copied.sources[str(dest)] = str(src)
+    listed, _ = scan(src)  # as ingest lists the copy (a manifest.csv in the folder included)
+    table = listed[[sources.non_regular(Path(p)) is None for p in listed["path"]]].reset_index(drop=True)
+    if emptied := sorted(set(listed["label"]) - set(table["label"])):
+        raise DataError(f"{src / emptied[0]}: class '{emptied[0]}' has no image files that are regular files")
+    files = [Path(p) for p in table["path"]]
+    table["path"] = [f.relative_to(src).as_posix() for f in files]
+    return table, files, copied
 
 
 def group_salt(path: Path) -> str:
@@ -142,12 +188,16 @@ def group_hash(value: str, salt: str) -> str:
 def hash_groups(manifest: Path, salt: str) -> None:
     """Replace each non-empty ``group`` value of ``manifest`` (a copy) by its salted hash, in place."""
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    columns = [c for c in table.columns if c.strip().lower() == "group"]
-    if not columns:
-        return
-    for column in columns:
+    if any(c.strip().lower() == "group" for c in table.columns):
+        _hashed_groups(table, salt).to_csv(manifest, index=False)
+
+
+def _hashed_groups(table: pd.DataFrame, salt: str) -> pd.DataFrame:
+    """``table`` with each non-empty ``group`` value replaced by its salted hash."""
+    table = table.copy()
+    for column in [c for c in table.columns if c.strip().lower() == "group"]:
         table[column] = [group_hash(v.strip(), salt) if v.strip() else "" for v in table[column]]
-    table.to_csv(manifest, index=False)
+    return table
 
 
 def _to_sources(message: str, sources: dict[str, str]) -> str:
@@ -181,11 +231,12 @@ def intake(
     validated: Path | None = None,
     layout: shards.Layout = "auto",
 ) -> dict:
-    """Copy ``src`` to ``target``, validated by a full ingest; ``target`` is replaced only on success.
+    """Copy (or pack) ``src`` to ``target``, validated by a full ingest; ``target`` is replaced only on success.
 
     ``group`` values are stored as ``group_hash(value, salt)``. ``validated``: where that ingest keeps
     what it decoded, for the ingest stage to reuse (``decoding.Validated``). ``layout``: the folder layout,
-    or tar shards and their manifest (``shards``; ``auto``: shards from ``shards.AUTO_MIN_FILES`` images on).
+    or tar shards and their manifest (``shards``; ``auto``: shards from ``shards.AUTO_MIN_FILES`` image files on,
+    counted as handed in).
     Returns the ingest report, its paths pointing into ``target``.
     """
     src, target = src.resolve(), target.absolute()
@@ -193,18 +244,17 @@ def intake(
         raise DataError(f"{src}: already inside {target}; hand in a set from outside paths.raw")
     with atomic_dir(target) as staging, tempfile.TemporaryDirectory() as scratch:
         try:
-            copied = copy_set(src, staging, data.on_bad_file)
+            planned = plan_set(src, staging, data.on_bad_file) if layout != "folder" else None
+            if planned is not None and shards.choose(layout, len(planned[0])) == "shards":
+                copied = planned[2]
+                n_groups = _pack_set(*planned[:2], staging, data, salt)
+            else:
+                copied = copy_set(src, staging, data.on_bad_file)
+                n_groups = _groups_of_copy(staging, data, salt)
         except sources.UnsafePath as err:
             raise DataError(f"{src}: not taken in ({target} left as it was): {err}") from None
         for skipped in copied.rejected:
             ingest_module.log.warning("skipping %s (%s)", skipped["path"], skipped["reason"])
-        if (staging / MANIFEST_CSV).is_file():
-            hash_groups(staging / MANIFEST_CSV, salt)
-        n_groups = (
-            add_dicom_groups(staging, data.dicom_group, lambda v: group_hash(v, salt))
-            if data.dicom_group
-            else 0
-        )  # after hash_groups: these are hashed already
         try:
             with _logged_as_sources(copied.sources):
                 report = ingest(
@@ -218,8 +268,6 @@ def intake(
             raise DataError(
                 f"{src}: not taken in ({target} left as it was): {_to_sources(str(err), copied.sources)}"
             ) from None
-        if shards.choose(layout, report["n_images"] + len(report["rejected"])) == "shards":
-            to_shards(staging)
     report = json.loads(
         json.dumps(report).replace(json.dumps(str(staging))[1:-1], json.dumps(str(target))[1:-1])
     )
@@ -232,18 +280,25 @@ def intake(
     return report
 
 
-def to_shards(folder: Path) -> None:
-    """Replace the folder layout of the set copied into ``folder`` by the shard layout (``shards``), in place:
-    its image files packed in the order ingest lists them, the non-image files left out."""
-    table, _ = scan(folder)
-    files = [Path(p) for p in table["path"]]
-    shards.pack(((f.relative_to(folder).as_posix(), f) for f in files), folder, table.drop(columns="path"))
-    for entry in folder.iterdir():
-        if entry.name not in (shards.SHARDS_DIR, shards.SHARDS_CSV):
-            if entry.is_dir():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+def _groups_of_copy(staging: Path, data: Data, salt: str) -> int:
+    """The copy's groups hashed in its manifest, or DICOM groups added (hashed); the number of DICOM groups."""
+    if (staging / MANIFEST_CSV).is_file():
+        hash_groups(staging / MANIFEST_CSV, salt)
+    if not data.dicom_group:
+        return 0
+    return add_dicom_groups(staging, data.dicom_group, lambda v: group_hash(v, salt))  # hashed already
+
+
+def _pack_set(table: pd.DataFrame, files: list[Path], staging: Path, data: Data, salt: str) -> int:
+    """Pack ``plan_set``'s files straight from the source into tar shards in ``staging`` (``shards.pack``), their
+    manifest holding what the copy's would (groups hashed, or DICOM groups added); the number of DICOM groups.
+    Each file is read once, and nothing is written outside ``staging``."""
+    table = _hashed_groups(table, salt)
+    n_groups = 0
+    if data.dicom_group:
+        table, n_groups = dicom_groups(table, files, data.dicom_group, lambda v: group_hash(v, salt))
+    shards.pack(zip(table["path"], files, strict=True), staging, table.drop(columns="path"))
+    return n_groups
 
 
 def _dvc(*args: str) -> None:

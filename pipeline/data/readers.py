@@ -66,10 +66,15 @@ def read(
 def read_bytes(
     data: bytes, name: str, dicom_window: tuple[float, float] | None = None, max_pixels: int = MAX_PIXELS
 ) -> Decoded:
-    """Decode a file's bytes (a tar shard's member) exactly as ``read`` decodes the file ``name``."""
+    """Decode a file's bytes (a tar shard's member) exactly as ``read`` decodes the file ``name``, which the
+    reasons name as ``read``'s do (not the in-memory stream)."""
     if not data:
         raise UnreadableImage("empty file")
-    return _read_as(io.BytesIO(data), PurePosixPath(name).suffix.lower(), dicom_window, max_pixels)
+    stream = io.BytesIO(data)
+    try:
+        return _read_as(stream, PurePosixPath(name).suffix.lower(), dicom_window, max_pixels)
+    except UnreadableImage as err:
+        raise UnreadableImage(str(err).replace(repr(stream), repr(str(name)))) from None
 
 
 def _read_as(source: Path | BinaryIO, suffix: str, dicom_window, max_pixels: int) -> Decoded:

@@ -56,6 +56,9 @@ class Member:
     offset: int
     size: int
     sha256: str
+    path: str = (
+        ""  # the name ingest gives the file (paths.raw/NAME/<member>): what an unreadable one's reason says
+    )
 
 
 def is_sharded(root: Path) -> bool:
@@ -124,9 +127,9 @@ def pack(
                 data = file.read_bytes()
                 info = tarfile.TarInfo(name)
                 info.size, info.mode, info.mtime = len(data), 0o644, 0
-                # addfile writes this header, then the bytes: they start right after it
-                offset = tar.offset + len(info.tobuf(tarfile.PAX_FORMAT, tar.encoding, tar.errors))
                 tar.addfile(info, io.BytesIO(data))
+                # addfile wrote the header(s), the bytes, then NULs to a whole block: the bytes start that far back
+                offset = tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 sha = hashlib.sha256(data).hexdigest()
                 rows.append({"sha256": sha, "shard": shard, "offset": offset, "size": len(data)})
     _write_manifest(root, listed, columns, rows)
@@ -205,8 +208,14 @@ def scan(root: Path) -> pd.DataFrame:
 def members(table: pd.DataFrame) -> list[Member]:
     """``scan``'s rows as the ``Member`` each decoding worker reads."""
     return [
-        Member(shard, member, int(offset), int(size), sha)
-        for shard, member, offset, size, sha in zip(
-            table["shard"], table["member"], table["offset"], table["size"], table["sha256"], strict=True
+        Member(shard, member, int(offset), int(size), sha, path)
+        for shard, member, offset, size, sha, path in zip(
+            table["shard"],
+            table["member"],
+            table["offset"],
+            table["size"],
+            table["sha256"],
+            table["path"],
+            strict=True,
         )
     ]
