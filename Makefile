@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/mypy pipeline
 
 test: $(STAMP) lint
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadfile   # two workers, a test file each
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=12   # two workers, a test file each; the slowest listed (12-minute budget)
 
 bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline bench
