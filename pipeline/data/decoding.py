@@ -48,7 +48,7 @@ class Settings:
     """The data.* params that change what a file decodes to; a different value invalidates ``Validated``."""
 
     image_size: int
-    channels: str
+    channels: readers.Channels
     dicom_window: tuple[float, float] | None
     max_image_pixels: int
 
@@ -107,6 +107,7 @@ def decode_file(path: str | shards.Member, settings: Settings, validated: Valida
     """Hash, decode, conform and describe one file or shard member (or copy it from ``validated`` when its
     bytes are there). A member's bytes are checked against its manifest's sha256 (``shards.ShardError``)."""
     member = path if isinstance(path, shards.Member) else None
+    data: bytes | None
     if member:
         name, data = (
             member.path or member.member,
@@ -115,13 +116,13 @@ def decode_file(path: str | shards.Member, settings: Settings, validated: Valida
         sha = member.sha256
     else:
         name, data = str(path), _small_image(str(path))
-        sha = _sha256(path, data)
+        sha = _sha256(name, data)
     if validated is not None and (hit := validated.get(sha)) is not None:
         return hit
     window, budget = settings.dicom_window, settings.max_image_pixels
     try:
         found = (
-            readers.read(Path(path), window, budget)
+            readers.read(Path(name), window, budget)
             if data is None
             else readers.read_bytes(data, name, window, budget)
         )
@@ -192,7 +193,7 @@ def decode_all(
     if validated is None or not paths or not isinstance(paths[0], shards.Member):
         yield from _decode_each(paths, settings, store)
         return
-    held = [m.sha256 in validated.index for m in paths]  # type: ignore[union-attr]
+    held = [m.sha256 in validated.index for m in paths]
     rest = _decode_each([m for m, h in zip(paths, held, strict=True) if not h], settings, None)
     for member, h in zip(paths, held, strict=True):
         yield decode_file(member, settings, validated) if h else next(rest)
@@ -212,8 +213,9 @@ def _decode_each(
     with ProcessPoolExecutor(
         n_workers,
         mp_context=get_context("spawn"),
-        initializer=_init_worker,
-        initargs=(settings, store and str(store)),
+        # typeshed's overloads tie initargs to initializer only without mp_context: checked by the call
+        initializer=_init_worker,  # type: ignore[arg-type]
+        initargs=(settings, store and str(store)),  # type: ignore[arg-type]
     ) as pool:
         pending: deque[Future] = deque()
         chunks = iter(_chunks(paths, CHUNK))
@@ -289,7 +291,7 @@ class Validated:
             size=np.array([d.size for d in decoded]),
             has_dhash=np.array([d.dhash is not None for d in decoded]),
             dhash=np.stack([np.packbits(zero if d.dhash is None else d.dhash) for d in decoded]),
-            sums=np.stack([d.sums for d in decoded]),
+            sums=np.stack([np.asarray(d.sums) for d in decoded]),
         )
         (folder / META).write_text(json.dumps(asdict(settings)))
 
