@@ -3,8 +3,8 @@
 A ResNet-18 is pretrained by :func:`pipeline.fit.fit` on five EuroSAT classes, then adapted to the
 other five with K labelled images per class (K in ``SHOTS``) and tested on ``TEST_PER_CLASS`` other
 images of each: from scratch, linear probe, kNN, fine-tuning everything at one learning rate, the
-default recipe (frozen warm-up + lower backbone lr) and gradual unfreezing; accuracy with a bootstrap
-95% interval per row, averaged over ``SEEDS`` draws of the labelled images.
+small-data recipe (frozen warm-up + lower backbone lr; the default until 2026-12-02) and gradual
+unfreezing; accuracy with a bootstrap 95% interval per row, averaged over ``SEEDS`` draws.
 
 Not part of ``make test`` (minutes on 2 cores). The data is the shared EuroSAT RGB tar
 (``--eurosat``), extracted to a scratch folder (``--work``), never into the repository. On the 2-core
@@ -229,7 +229,7 @@ def methods(models: Path) -> dict[str, dict]:
         "linear probe": {"model": w, "train": {"mode": "linear_probe"}},
         "kNN": {"model": w, "train": {"mode": "knn"}},
         "fine-tune all, one lr": {"model": w, "train": {"freeze_epochs": 0, "backbone_lr_mult": 1.0}},
-        "default recipe": {"model": w, "train": RECIPE},
+        "recipe": {"model": w, "train": RECIPE},  # "default recipe" in results before 2026-12-02
         "gradual unfreezing": {"model": w, "train": RECIPE | {"unfreeze": "gradual"}},
     }
 
