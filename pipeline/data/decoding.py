@@ -26,6 +26,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import cast
 
 import cv2
 import numpy as np
@@ -81,7 +82,7 @@ def pixel_sums(pixels: np.ndarray) -> np.ndarray:
     if pixels.dtype in (np.uint8, np.uint16) and pixels.shape[-1] <= 4:
         # OpenCV sums in float64, exactly: every partial sum is an integer below 2**53 (1024 x 1024 pixels of
         # 65535**2 at most), so these equal the int64 sums below; ~6x faster on a 64 px tile
-        top = float(np.iinfo(pixels.dtype).max)
+        top = unit_max(pixels.dtype)
         squares = cv2.multiply(pixels, pixels, dtype=cv2.CV_64F)
         n = pixels.shape[-1]
         total, square_total = np.array(cv2.sumElems(pixels)[:n]), np.array(cv2.sumElems(squares)[:n])
@@ -109,11 +110,7 @@ def decode_file(path: str | shards.Member, settings: Settings, validated: Valida
     member = path if isinstance(path, shards.Member) else None
     data: bytes | None
     if member:
-        name, data = (
-            member.path or member.member,
-            shards.read(member),
-        )  # checked against the manifest's sha256
-        sha = member.sha256
+        name, data, sha = member.path or member.member, shards.read(member), member.sha256  # sha256 checked
     else:
         name, data = str(path), _small_image(str(path))
         sha = _sha256(name, data)
@@ -189,13 +186,16 @@ def decode_all(
     cores. The shard members that ``store`` holds (by their manifest's sha256) are taken from it here, their bytes
     checked as they are read: copying a stored image costs less than sending it back from a worker, so the ingest
     after intake starts no worker at all."""
-    validated = Validated.open(store, settings) if store else None
-    if validated is None or not paths or not isinstance(paths[0], shards.Member):
+    validated = (
+        Validated.open(store, settings) if store and paths and isinstance(paths[0], shards.Member) else None
+    )
+    if validated is None:  # files (or no store): each decoder opens the store itself
         yield from _decode_each(paths, settings, store)
         return
-    held = [m.sha256 in validated.index for m in paths]
-    rest = _decode_each([m for m, h in zip(paths, held, strict=True) if not h], settings, None)
-    for member, h in zip(paths, held, strict=True):
+    members = cast("list[shards.Member]", paths)  # a list is all members or all paths: the first said which
+    held = [m.sha256 in validated.index for m in members]
+    rest = _decode_each([m for m, h in zip(members, held, strict=True) if not h], settings, None)
+    for member, h in zip(members, held, strict=True):
         yield decode_file(member, settings, validated) if h else next(rest)
 
 
