@@ -81,9 +81,11 @@ def pixel_sums(pixels: np.ndarray) -> np.ndarray:
     flat = pixels.reshape(-1, pixels.shape[-1])
     if pixels.dtype in (np.uint8, np.uint16) and pixels.shape[-1] <= 4:
         # OpenCV sums in float64, exactly: every partial sum is an integer below 2**53 (1024 x 1024 pixels of
-        # 65535**2 at most), so these equal the int64 sums below; ~6x faster on a 64 px tile
+        # 65535**2 at most), so these equal the int64 sums below; ~6x faster on a 64 px tile. The squares are
+        # taken of float64 copies: OpenCV 5's cv2.multiply(uint16, uint16, dtype=CV_64F) rounds them (float32)
         top = unit_max(pixels.dtype)
-        squares = cv2.multiply(pixels, pixels, dtype=cv2.CV_64F)
+        wide = pixels.astype(np.float64)
+        squares = cv2.multiply(wide, wide)
         n = pixels.shape[-1]
         total, square_total = np.array(cv2.sumElems(pixels)[:n]), np.array(cv2.sumElems(squares)[:n])
         return np.stack([total / top, square_total / (top * top)])
