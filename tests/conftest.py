@@ -132,3 +132,26 @@ def run_stages(*stages: str, params: str = "params.yaml") -> None:
 
     for stage in stages:
         assert pipeline([stage, "--params", params]) == 0, stage
+
+
+def kill_when_ready(
+    cmd: list[str], cwd: Path, env: dict, ready: Path, settle_s: float = 0.5, timeout_s: float = 300
+) -> None:
+    """Run ``cmd`` and SIGKILL it, as a crash or an out-of-memory kill would, ``settle_s`` after ``ready``
+    appears (e.g. an epoch's ``last.ckpt``: the pause lets its one write finish); fails if the command ends
+    first or ``timeout_s`` passes."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready.is_file():
+            assert proc.poll() is None, f"{' '.join(cmd)} ended before {ready} was written"
+            assert time.monotonic() < deadline, f"no {ready} after {timeout_s} s"
+            time.sleep(0.1)
+        time.sleep(settle_s)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()

@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -16,7 +14,7 @@ import torch
 
 from pipeline import crossval, serve
 from pipeline.data.prepared import load_prepared
-from tests.conftest import REPO, in_project, run_stages, write_tiny_params
+from tests.conftest import REPO, in_project, kill_when_ready, run_stages, write_tiny_params
 
 FOLDS = 2
 SETTINGS = {
@@ -121,21 +119,12 @@ def test_a_run_killed_mid_fold_resumes_at_that_fold(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
     env |= {"PYTHONPATH": str(REPO), "TORCH_HOME": str(root / "torch")}
     resume = root / ".models.resume"
-    proc = subprocess.Popen(
+    kill_when_ready(  # fold 0 done, fold 1 begun
         [sys.executable, "-m", "pipeline", "train"],
-        cwd=root,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        root,
+        env,
+        resume / "fold_1" / "checkpoints" / "last.ckpt",
     )
-    try:
-        deadline = time.monotonic() + 300
-        while not (resume / "fold_1" / "checkpoints" / "last.ckpt").is_file():  # fold 0 done, fold 1 begun
-            assert proc.poll() is None and time.monotonic() < deadline, "training ended before fold 1 began"
-            time.sleep(0.2)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
     fold_run = json.loads((resume / "fold_1" / "state.json").read_text())["run_id"]
     out = subprocess.run(
         [sys.executable, "-m", "pipeline", "train", "--params", "params.yaml"],

@@ -11,6 +11,8 @@ import mlflow
 import pytest
 import yaml
 
+from tests.conftest import kill_when_ready
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "demo": {"n_per_class": 8, "image_size": 32},
@@ -175,45 +177,30 @@ def test_ddp_on_two_cpu_processes_makes_one_run_and_one_checkpoint(repo):
 
 
 def test_a_killed_training_run_resumes_in_the_same_mlflow_run(repo):
-    import signal
-    import time
-
     root, env, _ = repo
     params = yaml.safe_load((root / "params.yaml").read_text())
+    epochs = 8  # killed after the first: enough left that the kill lands mid-run
     params["train"] |= {
         "accelerator": "cpu",
         "devices": 1,
         "strategy": "auto",
-        "max_epochs": 40,
-        "patience": 40,
+        "max_epochs": epochs,
+        "patience": epochs,
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     resume = root / ".models.resume"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "train"],
-        cwd=root,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    kill_when_ready(
+        [sys.executable, "-m", "pipeline", "train"], root, env, resume / "checkpoints" / "last.ckpt"
     )
-    try:
-        deadline = time.monotonic() + 300
-        while not (resume / "checkpoints" / "last.ckpt").is_file():  # wait for the first finished epoch
-            assert proc.poll() is None and time.monotonic() < deadline, "training ended before a checkpoint"
-            time.sleep(0.2)
-        time.sleep(1.0)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
     first_run = json.loads((resume / "state.json").read_text())["run_id"]
 
     out = sh([sys.executable, "-m", "pipeline", "train"], root, env)
     assert f"resuming MLflow run {first_run}" in out
     info = json.loads((root / "models" / "run.json").read_text())
-    assert info["run_id"] == first_run and info["epochs_run"] == 40
+    assert info["run_id"] == first_run and info["epochs_run"] == epochs
     assert not resume.exists()
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     run = mlflow.get_run(first_run)
-    assert run.info.status == "FINISHED" and run.data.params["train.max_epochs"] == "40"
-    epochs = [m.value for m in mlflow.MlflowClient().get_metric_history(first_run, "epoch")]
-    assert max(epochs) == 39
+    assert run.info.status == "FINISHED" and run.data.params["train.max_epochs"] == str(epochs)
+    logged = [m.value for m in mlflow.MlflowClient().get_metric_history(first_run, "epoch")]
+    assert max(logged) == epochs - 1
