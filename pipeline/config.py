@@ -308,6 +308,13 @@ class Train:
         "comes with the metric (pipeline/vocabulary.py).",
     )
     patience: int = Field(default=15, ge=1, description="Epochs without improvement before early stopping.")
+    checkpoint: Literal["best", "last"] = Field(
+        default="best",
+        description="The weights that ship: best (the epoch with the best train.monitor, early stopping "
+        "after train.patience epochs without improvement) or last (the end of the whole schedule, no early "
+        "stopping: the lr decays to 0 by then, and with EMA the weights are averaged; on a val split of a "
+        "few dozen images 'best' can pick an early epoch by noise: docs/benchmarks.md).",
+    )
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field(
         default="auto", description="Lightning accelerator."
     )

@@ -37,7 +37,7 @@ PROGRESS_EVERY_S = 30.0  # a progress line this often within a long training epo
 
 @dataclass(frozen=True)
 class FitResult:
-    best_score: float  # best value of params.train.monitor over the epochs run
+    best_score: float  # params.train.monitor of the shipped weights: the best epoch's, or (checkpoint: last) the last's
     best_checkpoint: Path | None
     epochs_run: int
     weights: WeightsInfo
@@ -340,8 +340,9 @@ def fit(
     if t.mode != "finetune":
         return _fit_frozen(params, data, model, weights, out_dir, logger)
     mode = vocabulary.better(t.monitor)
-    stopper = EarlyStopping(monitor=t.monitor, mode=mode, patience=t.patience)
-    all_callbacks = [stopper, StopOnNonFiniteLoss(), EpochSummary(), *callbacks]
+    last = t.checkpoint == "last"  # the whole schedule runs and its end ships: no early stopping
+    stopper = None if last else EarlyStopping(monitor=t.monitor, mode=mode, patience=t.patience)
+    all_callbacks = [*([stopper] if stopper else []), StopOnNonFiniteLoss(), EpochSummary(), *callbacks]
     strategy: str = t.strategy
     freezing = t.freeze_epochs > 0 or t.unfreeze == "gradual"
     if freezing and not weights.pretrained and "freeze" not in _NOTED:  # once per stage, not once per trial
@@ -362,11 +363,14 @@ def fit(
     if out_dir is not None:
         # Weights only: what evaluate needs, a third of the size. With EMA the averaged weights reach the file
         # only through a full save (see slim_checkpoint), which is slimmed when training ends.
+        # checkpoint: last: monitor None, so every epoch overwrites it and the last one ships. Its mode is
+        # unused then; "max" only keeps its saved state apart from last.ckpt's callback (monitor None, "min"):
+        # Lightning keys a callback's state by monitor and mode and refuses two with one key.
         checkpoint = ModelCheckpoint(
             dirpath=out_dir,
             filename=CHECKPOINT_NAME,
-            monitor=t.monitor,
-            mode=mode,
+            monitor=None if last else t.monitor,
+            mode="max" if last else mode,
             save_top_k=1,
             auto_insert_metric_name=False,
             enable_version_counter=False,
@@ -396,7 +400,8 @@ def fit(
             default_root_dir=str(out_dir or scratch),
         )
         trainer.fit(model, datamodule=data, ckpt_path=resume_from)
-    best = stopper.best_score.item()
+    # The shipped weights' score: the best epoch's, or (checkpoint: last) the final epoch's.
+    best = float(trainer.callback_metrics[t.monitor]) if stopper is None else stopper.best_score.item()
     best_path = Path(checkpoint.best_model_path) if checkpoint and checkpoint.best_model_path else None
     if ema and best_path is not None and trainer.is_global_zero:
         slim_checkpoint(best_path)

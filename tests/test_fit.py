@@ -31,6 +31,23 @@ def test_tiny_fit_saves_the_best_checkpoint_and_logs_the_vocabulary(tiny_params,
     assert torch.allclose(model(x), model(x.float() / 255), atol=1e-5)
 
 
+def test_checkpoint_last_runs_the_whole_schedule_and_ships_its_end(tiny_params, prepared, tmp_path):
+    from pipeline.config import with_overrides
+
+    # patience 1 on val/loss would stop a 4-epoch run early; checkpoint: last runs all 4 and ships the 4th.
+    params = with_overrides(
+        tiny_params,
+        {"train.checkpoint": "last", "train.max_epochs": 4, "train.patience": 1, "train.monitor": "val/loss"},
+    )
+    result = fit(params, datamodule(params, prepared, None), out_dir=tmp_path / "ckpt")
+    assert result.epochs_run == 4
+    shipped = torch.load(result.best_checkpoint, weights_only=False)
+    final = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert shipped["epoch"] == final["epoch"] == 3
+    torch.testing.assert_close(shipped["state_dict"], final["state_dict"], rtol=0, atol=0)
+    assert result.best_score == pytest.approx(result.last_metrics["val/loss"])
+
+
 def test_same_seed_same_validation_metrics(tiny_params, prepared):
     runs = [
         fit(tiny_params, datamodule(tiny_params, prepared, augment.build(TRANSFORMS, seed=0)))

@@ -67,7 +67,8 @@ def objective(
     params: Params, data_for: DataFor, parent_run_id: str, experiment_id: str, tags: dict[str, str]
 ) -> Callable[[optuna.Trial], float]:
     """A trial: sample, fit on one device for ``trial_epochs`` with pruning on train.monitor (its
-    objective: the best epoch's value, as the train stage picks its checkpoint), in a nested MLflow run."""
+    objective: the shipped weights' value, as the train stage picks its checkpoint: the best epoch's, or the
+    last's with train.checkpoint: last), in a nested MLflow run."""
     monitor = params.train.monitor
 
     def run_trial(trial: optuna.Trial) -> float:
