@@ -17,6 +17,7 @@ Rows, each adding to the one before (``ROWS``):
 - ``mix``: + MixUp (alpha 0.2) and CutMix (alpha 1.0), half the mixed batches each;
 - ``ema``: + an EMA of the weights (decay 0.995); binary sets add the ``threshold`` row (the Youden
   threshold chosen on the held-out predictions);
+- ``last``: ``ema`` with ``train.checkpoint: last`` (all 40 epochs, the schedule's end ships);
 - ``cv3``, ``cv5``: ``ema`` with ``data.folds: 3`` or ``5``: the fold models' ensemble on test (OOF
   scores beside); ``cv3_long``: ``long`` with 3 folds.
 
@@ -64,6 +65,7 @@ ROWS: dict[str, dict[str, Any]] = {
     "long": LONG,
     "mix": LONG | MIX,
     "ema": LONG | MIX | EMA,
+    "last": LONG | MIX | EMA | {"train.checkpoint": "last"},
     "cv3": LONG | MIX | EMA | {"data.folds": 3},
     "cv5": LONG | MIX | EMA | {"data.folds": 5},
     "cv3_long": LONG | {"data.folds": 3},
