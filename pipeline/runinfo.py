@@ -53,6 +53,7 @@ class RunInfo:
     preprocessing: Preprocessing
     mode: str = "finetune"  # train.mode
     folds: tuple[FoldScore, ...] = ()  # one per fold with data.folds, else empty
+    checkpoint: str = "best"  # train.checkpoint: best (the best epoch's weights) or last (the schedule's end)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -87,6 +88,7 @@ class RunInfo:
                 ),
                 mode=raw["mode"],
                 folds=tuple(FoldScore(float(f["best_score"]), int(f["epochs_run"])) for f in raw["folds"]),
+                checkpoint=raw.get("checkpoint", "best"),  # run.json files from before train.checkpoint: best
             )
         except (KeyError, TypeError, AttributeError) as err:
             raise RunInfoError(

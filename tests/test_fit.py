@@ -176,3 +176,13 @@ def test_ema_weights_are_the_validated_and_checkpointed_ones_and_resume(tiny_par
     resumed = torch.load(out / "last.ckpt", weights_only=False)
     # The average went on from the checkpoint (a restarted one would count only the second epoch's steps).
     assert int(resumed["averaging_state"]["n_averaged"]) == steps == resumed["global_step"]
+
+
+def test_run_json_records_which_checkpoint_ships_and_reads_older_files_as_best(tmp_path):
+    from pipeline.runinfo import RunInfo
+    from tests.conftest import run_info
+
+    last = run_info(checkpoint="last")
+    assert RunInfo.from_dict(last.as_dict()) == last
+    older = {k: v for k, v in run_info().as_dict().items() if k != "checkpoint"}  # before train.checkpoint
+    assert RunInfo.from_dict(older).checkpoint == "best"

@@ -188,7 +188,7 @@ def _settings_section(
         "training mode": f"`{run.mode}`",
     }
     rows |= {f"train {k}": f"`{hparams[k]}`" for k in KEY_HPARAMS if k in hparams}
-    rows["best checkpoint"] = f"{run.monitor} {run.best_score:.4f} after {run.epochs_run} epochs"
+    rows[f"{run.checkpoint} checkpoint"] = f"{run.monitor} {run.best_score:.4f} after {run.epochs_run} epochs"
     rows |= {
         "test-time augmentation": ", ".join(tta) or "off",
         "bootstrap": f"{settings.bootstrap} resamples, 95% percentile intervals"
@@ -305,7 +305,7 @@ def report(
         + (
             f"an ensemble of {len(run.checkpoints)} fold models (mean probabilities)"
             if len(run.checkpoints) > 1
-            else f"best epoch checkpoint `{run.checkpoints[0]}`"
+            else f"{run.checkpoint} epoch checkpoint `{run.checkpoints[0]}`"
         )
         + " (its MLflow run: `run_id` in models/run.json; this report is logged to it).",
         "",

@@ -32,7 +32,7 @@ def main(params: Params, args: argparse.Namespace) -> None:
     info = training.train(params, tuned, tags)
     if info is not None:
         print(
-            f"train: best {info.monitor}={info.best_score:.4f}"
+            f"train: {info.checkpoint} epoch's {info.monitor}={info.best_score:.4f}"
             + (f" (mean of {len(info.folds)} folds)" if info.folds else "")
             + f" after {info.epochs_run} epochs; weights {info.weights.source}; checkpoint in "
             f"{params.paths.model_dir}; MLflow run {info.run_id}"
