@@ -342,7 +342,12 @@ def fit(
     mode = vocabulary.better(t.monitor)
     last = t.checkpoint == "last"  # the whole schedule runs and its end ships: no early stopping
     stopper = None if last else EarlyStopping(monitor=t.monitor, mode=mode, patience=t.patience)
-    all_callbacks = [*([stopper] if stopper else []), StopOnNonFiniteLoss(), EpochSummary(), *callbacks]
+    all_callbacks = [
+        *([] if stopper is None else [stopper]),
+        StopOnNonFiniteLoss(),
+        EpochSummary(),
+        *callbacks,
+    ]
     strategy: str = t.strategy
     freezing = t.freeze_epochs > 0 or t.unfreeze == "gradual"
     if freezing and not weights.pretrained and "freeze" not in _NOTED:  # once per stage, not once per trial

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -140,10 +143,6 @@ def kill_when_ready(
     """Run ``cmd`` and SIGKILL it, as a crash or an out-of-memory kill would, ``settle_s`` after ``ready``
     appears (e.g. an epoch's ``last.ckpt``: the pause lets its one write finish); fails if the command ends
     first or ``timeout_s`` passes."""
-    import signal
-    import subprocess
-    import time
-
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + timeout_s

@@ -178,7 +178,7 @@ def test_ema_weights_are_the_validated_and_checkpointed_ones_and_resume(tiny_par
     assert int(resumed["averaging_state"]["n_averaged"]) == steps == resumed["global_step"]
 
 
-def test_run_json_records_which_checkpoint_ships_and_reads_older_files_as_best(tmp_path):
+def test_run_json_records_which_checkpoint_ships_and_reads_older_files_as_best():
     from pipeline.runinfo import RunInfo
     from tests.conftest import run_info
 
