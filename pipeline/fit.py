@@ -364,7 +364,7 @@ def fit(
     ema = bool(t.ema_decay)
     if t.ema_decay:
         all_callbacks.append(weight_averaging(t.ema_decay))
-    checkpoint = None
+    checkpoint = latest = None
     if out_dir is not None:
         # Weights only: what evaluate needs, a third of the size. With EMA the averaged weights reach the file
         # only through a full save (see slim_checkpoint), which is slimmed when training ends.
@@ -404,7 +404,15 @@ def fit(
             log_every_n_steps=1,
             default_root_dir=str(out_dir or scratch),
         )
-        trainer.fit(model, datamodule=data, ckpt_path=resume_from)
+        try:
+            trainer.fit(model, datamodule=data, ckpt_path=resume_from)
+        except TrainingDiverged:
+            # Epochs before the divergence may have been saved (checkpoint: last saves every epoch; best
+            # saves a finite first epoch): nothing of a diverged run is kept, nor resumed from.
+            for callback in (checkpoint, latest):
+                if callback is not None and callback.best_model_path:
+                    Path(callback.best_model_path).unlink(missing_ok=True)
+            raise
     # The shipped weights' score: the best epoch's, or (checkpoint: last) the final epoch's.
     best = float(trainer.callback_metrics[t.monitor]) if stopper is None else stopper.best_score.item()
     best_path = Path(checkpoint.best_model_path) if checkpoint and checkpoint.best_model_path else None
