@@ -231,7 +231,9 @@ def bench_train_step(data) -> float:
     params = config.parse(
         {
             "model": {"weights": "none"},
-            "train": {"accelerator": "cpu", "max_epochs": EPOCHS, "patience": EPOCHS},
+            # The same work as the plain loop: no MixUp/CutMix, no EMA (the loop has neither).
+            "augment": {"mixup_alpha": 0.0, "cutmix_alpha": 0.0},
+            "train": {"accelerator": "cpu", "max_epochs": EPOCHS, "patience": EPOCHS, "ema_decay": None},
         }
     )
     n_train = len(data.dataset("train")) // params.train.batch_size * params.train.batch_size

@@ -17,7 +17,8 @@ Rows, each adding to the one before (``ROWS``):
 - ``mix``: + MixUp (alpha 0.2) and CutMix (alpha 1.0), half the mixed batches each;
 - ``ema``: + an EMA of the weights (decay 0.995); binary sets add the ``threshold`` row (the Youden
   threshold chosen on the held-out predictions);
-- ``last``: ``ema`` with ``train.checkpoint: last`` (all 40 epochs, the schedule's end ships);
+- ``last``: ``ema`` with ``train.checkpoint: last`` (all 40 epochs, the schedule's end ships): the
+  params.yaml defaults since 2026-12-02;
 - ``cv3``, ``cv5``: ``ema`` with ``data.folds: 3`` or ``5``: the fold models' ensemble on test (OOF
   scores beside); ``cv3_long``: ``long`` with 3 folds.
 
@@ -121,8 +122,10 @@ def base_params(size: int, epochs: int, seed: int, preset: str = "medical") -> c
             "data": {"image_size": size, "on_leakage": "warn"},
             "model": {"weights": "none"},
             # medical: no flips (laterality matters in radiographs); satellite: the preset's flips and turns.
-            "augment": {"preset": preset, "transforms": []},
-            "train": {"accelerator": "cpu", "max_epochs": epochs},
+            # The rows add to the defaults before issue 12 (no mixing, no EMA, the best epoch ships), so
+            # each row measures what it names whatever params.yaml's defaults are now.
+            "augment": {"preset": preset, "transforms": [], "mixup_alpha": 0.0, "cutmix_alpha": 0.0},
+            "train": {"accelerator": "cpu", "max_epochs": epochs, "ema_decay": None, "checkpoint": "best"},
             "evaluate": {"tta": [], "bootstrap": 1000},
         }
     )

@@ -212,14 +212,14 @@ class Augment:
     preview_draws: int = Field(default=5, ge=1, le=16, description="Augmented draws per preview image.")
     # Batch-level mixing, applied in the training step (pipeline/model.py), not by the augment stage.
     mixup_alpha: float = Field(
-        default=0.0,
+        default=0.2,
         ge=0,
         le=10,
         description="MixUp: each training batch is blended with a shuffled copy of itself, "
         "labels too, by a Beta(alpha, alpha) weight; 0 turns it off (0.2-0.4 is usual).",
     )
     cutmix_alpha: float = Field(
-        default=0.0,
+        default=1.0,
         ge=0,
         le=10,
         description="CutMix: a box of a shuffled copy is pasted in, labels mixed by its area; "
@@ -294,8 +294,8 @@ class Train:
     max_epochs: int = Field(
         default=40,
         ge=1,
-        description="Upper bound on training epochs (40 with early stopping: see docs/benchmarks.md, "
-        "20 epochs chosen on val/loss lost up to 52 points on a small real set).",
+        description="Training epochs: all of them with train.checkpoint last, an upper bound with best "
+        "(docs/benchmarks.md: 20 epochs chosen on val/loss lost up to 52 points on a small real set).",
     )
     batch_size: int = Field(default=32, ge=1, description="Images per step (per device).")
     lr: float = Field(default=1e-3, gt=0, lt=10, description="Peak learning rate.")
@@ -307,9 +307,13 @@ class Train:
         "label-smoothed loss on a few dozen val images stops and selects poor epochs); which way is better "
         "comes with the metric (pipeline/vocabulary.py).",
     )
-    patience: int = Field(default=15, ge=1, description="Epochs without improvement before early stopping.")
+    patience: int = Field(
+        default=15,
+        ge=1,
+        description="Epochs without improvement before early stopping (train.checkpoint: best only).",
+    )
     checkpoint: Literal["best", "last"] = Field(
-        default="best",
+        default="last",
         description="The weights that ship: best (the epoch with the best train.monitor, early stopping "
         "after train.patience epochs without improvement) or last (the end of the whole schedule, no early "
         "stopping: the lr decays to 0 by then, and with EMA the weights are averaged; on a val split of a "
@@ -382,7 +386,7 @@ class Train:
         "'sampler' draws training batches class-balanced (with replacement).",
     )
     ema_decay: float | None = Field(
-        default=None,
+        default=0.995,
         ge=0,
         lt=1,
         description="Exponential moving average of the weights (and BatchNorm statistics), "

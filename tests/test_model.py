@@ -68,12 +68,14 @@ def test_mixup_and_cutmix_give_soft_labels_that_reach_the_weighted_loss():
     assert model.validation_step((x, y), 0) is None  # validation is never mixed (it ran on the hard labels)
 
 
-def test_mixing_is_off_by_default_and_either_mixer_alone_works():
+def test_mixing_follows_the_params_defaults_and_either_mixer_alone_works():
     from torchvision.transforms import v2
 
     from pipeline.model import batch_mixer
 
-    assert Classifier("resnet18", 2).mixer is None
+    # The params defaults (MixUp 0.2 and CutMix 1.0, half each); both alphas 0 turn mixing off.
+    assert isinstance(Classifier("resnet18", 2).mixer, v2.RandomChoice)
+    assert Classifier("resnet18", 2, mixup_alpha=0.0, cutmix_alpha=0.0).mixer is None
     assert isinstance(batch_mixer(2, 0.2, 0.0, 0.5), v2.MixUp)
     assert isinstance(batch_mixer(2, 0.0, 1.0, 0.5), v2.CutMix)
     assert isinstance(batch_mixer(2, 0.2, 1.0, 1.0), v2.CutMix)
