@@ -54,6 +54,7 @@ class RunInfo:
     mode: str = "finetune"  # train.mode
     folds: tuple[FoldScore, ...] = ()  # one per fold with data.folds, else empty
     checkpoint: str = "best"  # train.checkpoint: best (the best epoch's weights) or last (the schedule's end)
+    ema_decay: float | None = None  # train.ema_decay: the shipped weights are that average; None: off
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,6 +90,7 @@ class RunInfo:
                 mode=raw["mode"],
                 folds=tuple(FoldScore(float(f["best_score"]), int(f["epochs_run"])) for f in raw["folds"]),
                 checkpoint=raw.get("checkpoint", "best"),  # run.json files from before train.checkpoint: best
+                ema_decay=raw.get("ema_decay"),  # absent before 2026-12-02: not recorded (read as off)
             )
         except (KeyError, TypeError, AttributeError) as err:
             raise RunInfoError(

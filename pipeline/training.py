@@ -97,6 +97,7 @@ def run_info(params: Params, prepared: Prepared, run_id: str, fitted: Fitted) ->
         mode=params.train.mode,
         folds=tuple(FoldScore(r.best_score, r.epochs_run) for r in results) if params.data.folds else (),
         checkpoint=params.train.checkpoint,
+        ema_decay=params.train.ema_decay or None,
     )
 
 

@@ -310,6 +310,23 @@ def test_report_warns_about_leakage_and_ingest_findings():
     assert "Random initialization" not in warnings and "Wide intervals" not in warnings
     assert "| train lr | `0.001` |" in text and "| bootstrap | off |" in text
     assert "val/loss 0.5000 after 3 epochs" in text
+    assert "| batch mixing | off |" in text and "| weight averaging | off |" in text
+
+
+def test_report_settings_name_the_regularizers_that_shaped_the_shipped_weights():
+    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)
+    run = dataclasses.replace(PRETRAINED, checkpoint="last", ema_decay=0.995)
+    hparams = {"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "mix_prob": 1.0, "cutmix_switch_prob": 0.5}
+    text = evaluation.report(m, DATA, run, [], settings=Evaluate(bootstrap=0), hparams=hparams)
+    assert (
+        "| batch mixing | MixUp alpha 0.2, CutMix alpha 1 (every batch mixed, CutMix in 50% of those) |"
+        in text
+    )
+    assert "| weight averaging | EMA, decay 0.995 |" in text and "| last checkpoint |" in text
+    only = evaluation.report(
+        m, DATA, run, [], settings=Evaluate(bootstrap=0), hparams={"cutmix_alpha": 1.0, "mix_prob": 0.5}
+    )
+    assert "| batch mixing | CutMix alpha 1 (50% of the batches mixed) |" in only
 
 
 def test_report_shows_tta_and_calibration_columns_and_extra_sections():

@@ -186,3 +186,6 @@ def test_run_json_records_which_checkpoint_ships_and_reads_older_files_as_best()
     assert RunInfo.from_dict(last.as_dict()) == last
     older = {k: v for k, v in run_info().as_dict().items() if k != "checkpoint"}  # before train.checkpoint
     assert RunInfo.from_dict(older).checkpoint == "best"
+    averaged = run_info(ema_decay=0.995)
+    assert RunInfo.from_dict(averaged.as_dict()) == averaged
+    assert RunInfo.from_dict({k: v for k, v in older.items() if k != "ema_decay"}).ema_decay is None

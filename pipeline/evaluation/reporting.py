@@ -175,6 +175,19 @@ def _data_section(data_report: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _mixing(hparams: Mapping[str, Any]) -> str:
+    """augment.mixup_alpha / cutmix_alpha / mix_prob / cutmix_switch_prob as the checkpoint recorded them."""
+    mixup, cutmix = hparams.get("mixup_alpha", 0.0), hparams.get("cutmix_alpha", 0.0)
+    parts = [f"{name} alpha {alpha:g}" for name, alpha in (("MixUp", mixup), ("CutMix", cutmix)) if alpha]
+    if not parts:
+        return "off"
+    share = hparams.get("mix_prob", 1.0)
+    how = ["every batch mixed" if share >= 1 else f"{share:.0%} of the batches mixed"]
+    if mixup and cutmix:
+        how.append(f"CutMix in {hparams.get('cutmix_switch_prob', 0.5):.0%} of those")
+    return ", ".join(parts) + f" ({', '.join(how)})"
+
+
 def _settings_section(
     classes: Sequence[str],
     run: RunInfo,
@@ -188,6 +201,8 @@ def _settings_section(
         "training mode": f"`{run.mode}`",
     }
     rows |= {f"train {k}": f"`{hparams[k]}`" for k in KEY_HPARAMS if k in hparams}
+    rows["batch mixing"] = _mixing(hparams)
+    rows["weight averaging"] = f"EMA, decay {run.ema_decay:g}" if run.ema_decay else "off"
     rows[f"{run.checkpoint} checkpoint"] = f"{run.monitor} {run.best_score:.4f} after {run.epochs_run} epochs"
     rows |= {
         "test-time augmentation": ", ".join(tta) or "off",
