@@ -97,7 +97,8 @@ def run_info(params: Params, prepared: Prepared, run_id: str, fitted: Fitted) ->
         mode=params.train.mode,
         folds=tuple(FoldScore(r.best_score, r.epochs_run) for r in results) if params.data.folds else (),
         checkpoint=params.train.checkpoint,
-        ema_decay=params.train.ema_decay or None,
+        # The frozen-feature modes fit a head without the training step's EMA (pipeline/probe.py).
+        ema_decay=(params.train.ema_decay or None) if params.train.mode == "finetune" else None,
     )
 
 

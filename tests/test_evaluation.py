@@ -327,6 +327,12 @@ def test_report_settings_name_the_regularizers_that_shaped_the_shipped_weights()
         m, DATA, run, [], settings=Evaluate(bootstrap=0), hparams={"cutmix_alpha": 1.0, "mix_prob": 0.5}
     )
     assert "| batch mixing | CutMix alpha 1 (50% of the batches mixed) |" in only
+    probe = dataclasses.replace(run, mode="linear_probe", ema_decay=None)
+    frozen = evaluation.report(m, DATA, probe, [], settings=Evaluate(bootstrap=0), hparams=hparams)
+    assert (
+        "| batch mixing | off (train.mode linear_probe) |" in frozen
+        and "| weight averaging | off |" in frozen
+    )
 
 
 def test_report_shows_tta_and_calibration_columns_and_extra_sections():

@@ -189,3 +189,22 @@ def test_run_json_records_which_checkpoint_ships_and_reads_older_files_as_best()
     averaged = run_info(ema_decay=0.995)
     assert RunInfo.from_dict(averaged.as_dict()) == averaged
     assert RunInfo.from_dict({k: v for k, v in older.items() if k != "ema_decay"}).ema_decay is None
+
+
+def test_run_json_records_the_ema_only_where_the_training_step_used_it(tiny_params, prepared):
+    from pathlib import Path
+
+    from pipeline import training
+    from pipeline.config import with_overrides
+    from pipeline.fit import FitResult
+    from pipeline.weights import WeightsInfo
+
+    result = FitResult(
+        0.9, None, 2, WeightsInfo(requested="none", source="random-init", pretrained=False), {}
+    )
+    fitted = training.Fitted([result], {"best.ckpt": Path("best.ckpt")}, None)
+    for mode, expected in (("finetune", 0.995), ("linear_probe", None), ("knn", None)):
+        params = with_overrides(tiny_params, {"train.ema_decay": 0.995, "train.mode": mode})
+        assert training.run_info(params, prepared, "r1", fitted).ema_decay == expected
+    off = with_overrides(tiny_params, {"train.ema_decay": 0.0})
+    assert training.run_info(off, prepared, "r1", fitted).ema_decay is None

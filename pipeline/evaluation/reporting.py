@@ -201,7 +201,8 @@ def _settings_section(
         "training mode": f"`{run.mode}`",
     }
     rows |= {f"train {k}": f"`{hparams[k]}`" for k in KEY_HPARAMS if k in hparams}
-    rows["batch mixing"] = _mixing(hparams)
+    # The frozen-feature modes (train.mode linear_probe | knn) fit a head without the training step's mixing.
+    rows["batch mixing"] = _mixing(hparams) if run.mode == "finetune" else f"off (train.mode {run.mode})"
     rows["weight averaging"] = f"EMA, decay {run.ema_decay:g}" if run.ema_decay else "off"
     rows[f"{run.checkpoint} checkpoint"] = f"{run.monitor} {run.best_score:.4f} after {run.epochs_run} epochs"
     rows |= {
