@@ -44,6 +44,7 @@ import yaml
 from PIL import Image
 
 from pipeline import augment, config, crossval, evaluation
+from pipeline.bench import PLAIN_RECIPE
 from pipeline.config import Params
 from pipeline.data.ingest import ingest
 from pipeline.data.prepared import Prepared, load_prepared
@@ -122,10 +123,9 @@ def base_params(size: int, epochs: int, seed: int, preset: str = "medical") -> c
             "data": {"image_size": size, "on_leakage": "warn"},
             "model": {"weights": "none"},
             # medical: no flips (laterality matters in radiographs); satellite: the preset's flips and turns.
-            # The rows add to the defaults before issue 12 (no mixing, no EMA, the best epoch ships), so
-            # each row measures what it names whatever params.yaml's defaults are now.
-            "augment": {"preset": preset, "transforms": [], "mixup_alpha": 0.0, "cutmix_alpha": 0.0},
-            "train": {"accelerator": "cpu", "max_epochs": epochs, "ema_decay": None, "checkpoint": "best"},
+            # The rows add to the recipe before issue 12, so each measures what it names.
+            "augment": {"preset": preset, "transforms": [], **PLAIN_RECIPE["augment"]},
+            "train": {"accelerator": "cpu", "max_epochs": epochs, **PLAIN_RECIPE["train"]},
             "evaluate": {"tta": [], "bootstrap": 1000},
         }
     )
