@@ -36,6 +36,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,27 +91,40 @@ def write_pngs(npz: Path, root: Path) -> Path:
     return root
 
 
+def eurosat_draw(
+    archive: tarfile.TarFile, per_class: int, draw: int = 0, pool: bool = False
+) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
+    """(member, class, split) of the bench's draw: ``per_class`` labelled tiles per class (a fifth of
+    them val) and EUROSAT_TEST_PER_CLASS others for test; ``pool``: every other tile too, split "pool"
+    (the unlabelled images of docs/prototypes/fixmatch.py)."""
+    members = [m for m in archive.getmembers() if m.isfile() and m.name.endswith(".jpg")]
+    by_class: dict[str, list[tarfile.TarInfo]] = {}
+    for member in sorted(members, key=lambda m: m.name):
+        by_class.setdefault(Path(member.name).parent.name, []).append(member)
+    rng = np.random.default_rng(draw)
+    n_val = max(1, round(per_class / 5))
+    for cls, files in sorted(by_class.items()):
+        for j, k in enumerate(rng.permutation(len(files))):
+            split = (
+                "val" if j < n_val else "train" if j < per_class
+                else "test" if j < per_class + EUROSAT_TEST_PER_CLASS else "pool"
+            )  # fmt: skip
+            if split == "pool" and not pool:
+                break
+            yield files[k], cls, split
+
+
 def write_eurosat(tar: Path, root: Path, per_class: int, draw: int = 0) -> Path:
-    """``per_class`` labelled tiles per class (a fifth of them val) and EUROSAT_TEST_PER_CLASS others
-    for test, drawn with ``draw``, extracted from the tar with a manifest (path, label, split)."""
+    """``eurosat_draw``'s tiles extracted from the tar with a manifest (path, label, split)."""
+    rows = []
     with tarfile.open(tar) as archive:
-        members = [m for m in archive.getmembers() if m.isfile() and m.name.endswith(".jpg")]
-        by_class: dict[str, list[tarfile.TarInfo]] = {}
-        for member in sorted(members, key=lambda m: m.name):
-            by_class.setdefault(Path(member.name).parent.name, []).append(member)
-        rng = np.random.default_rng(draw)
-        n_val = max(1, round(per_class / 5))
-        rows = []
-        for cls, files in sorted(by_class.items()):
-            order = rng.permutation(len(files))[: per_class + EUROSAT_TEST_PER_CLASS]
-            for j, k in enumerate(order):
-                split = "val" if j < n_val else "train" if j < per_class else "test"
-                name = f"{split}/{Path(files[k].name).name}"
-                (root / name).parent.mkdir(parents=True, exist_ok=True)
-                stream = archive.extractfile(files[k])
-                assert stream is not None, f"{files[k].name}: a regular file of the tar"
-                (root / name).write_bytes(stream.read())
-                rows.append(f"{name},{cls},{split}")
+        for member, cls, split in eurosat_draw(archive, per_class, draw):
+            name = f"{split}/{Path(member.name).name}"
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            stream = archive.extractfile(member)
+            assert stream is not None, f"{member.name}: a regular file of the tar"
+            (root / name).write_bytes(stream.read())
+            rows.append(f"{name},{cls},{split}")
     (root / "manifest.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
     return root
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
-from pipeline.bench_quality import EUROSAT, EUROSAT_TEST_PER_CLASS
+from pipeline.bench_quality import EUROSAT, eurosat_draw
 from pipeline.model import build_network
 
 STEPS = int(sys.argv[1])
@@ -48,30 +48,14 @@ def log(**kw):
 
 
 def load(per_class, draw=0):
-    """write_eurosat's draw: per class the first per_class//5 val, the rest of per_class train, then test, rest pool."""
+    """bench quality's EuroSAT draw (eurosat_draw) with the rest of the tar as the unlabelled pool."""
     out = {s: ([], []) for s in ("train", "val", "test", "pool")}
+    classes = {}
     with tarfile.open(EUROSAT) as archive:
-        members = [m for m in archive.getmembers() if m.isfile() and m.name.endswith(".jpg")]
-        by_class = {}
-        for member in sorted(members, key=lambda m: m.name):
-            by_class.setdefault(Path(member.name).parent.name, []).append(member)
-        r = np.random.default_rng(draw)
-        n_val = max(1, round(per_class / 5))
-        for c, (_cls, files) in enumerate(sorted(by_class.items())):
-            order = r.permutation(len(files))
-            for j, k in enumerate(order):
-                split = (
-                    "val"
-                    if j < n_val
-                    else "train"
-                    if j < per_class
-                    else "test"
-                    if j < per_class + EUROSAT_TEST_PER_CLASS
-                    else "pool"
-                )
-                data = archive.extractfile(files[k]).read()
-                out[split][0].append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
-                out[split][1].append(c)
+        for member, cls, split in eurosat_draw(archive, per_class, draw, pool=True):
+            data = archive.extractfile(member).read()
+            out[split][0].append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+            out[split][1].append(classes.setdefault(cls, len(classes)))
     return {
         s: (torch.from_numpy(np.stack(x)).permute(0, 3, 1, 2).contiguous(), torch.tensor(y))
         for s, (x, y) in out.items()
