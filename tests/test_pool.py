@@ -225,6 +225,24 @@ def test_duplicates_of_labelled_images_are_left_out_and_listed(labelled, tmp_pat
     assert all(len(h) == 64 for h in table["dhash"])  # 256 bits each, for later near-duplicate checks
 
 
+def test_a_pool_image_linked_to_a_test_image_through_its_group_is_left_out(labelled, tmp_path):
+    prepared, splits = labelled
+    raw = tmp_path / "pool"
+    write_images(raw, ["same_patient.png", "other.png"], seed=8)
+    shutil.copy(one_of(splits, "test"), raw / "copy_of_test.png")
+    (raw / "manifest.csv").write_text(
+        "path,group\nsame_patient.png,p1\ncopy_of_test.png,p1\nother.png,p2\n"
+    )  # the copy's patient is new to the labelled set, but one of its images is a test image
+    prepare_pool(raw, tmp_path / "out", data=DATA, labelled=prepared)
+    table = pd.read_csv(tmp_path / "out" / POOL_CSV, dtype=str, keep_default_na=False).set_index("path")
+    test_image = one_of(splits, "test")
+    assert table.at[str(raw / "copy_of_test.png"), "reason"] == f"identical to test image {test_image}"
+    assert table.at[str(raw / "same_patient.png"), "reason"] == (
+        f"linked through near duplicates or groups to test image {test_image}"
+    )
+    assert list(load_pool(tmp_path / "out").kept()["path"]) == [str(raw / "other.png")]
+
+
 def test_without_the_near_duplicate_check_only_exact_copies_are_left_out(labelled, tmp_path):
     prepared, splits = labelled
     raw = tmp_path / "pool"

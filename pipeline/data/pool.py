@@ -231,61 +231,78 @@ def _exclude(
     data: Data,
 ) -> dict:
     """Mark in ``table`` (status, reason) the readable pool files that duplicate labelled images or reach val/test
-    ones through groups or chains of duplicates (module docstring); return the counts and the files listed."""
+    ones through groups or chains of duplicates (module docstring); return the counts and the files listed.
+
+    Indices 0..n-1 are the labelled images (splits.csv's rows), n.. the readable pool files. Each pool file keeps
+    only its most telling match (a test image before val before train; identical before near, group, chain), so
+    the work stays linear in the size of each set of identical files or group, however many share one."""
     labelled = pd.read_csv(labelled_dir / SPLITS_CSV, dtype=str, keep_default_na=False)  # groups as text
-    n = len(labelled)
+    n, split, paths = len(labelled), labelled["split"].tolist(), labelled["path"].tolist()
     pool = table.loc[readable]
     guarded = {"val", "test"} | (
         {"train"} if data.folds else set()
     )  # splits whose groups the pool may not touch
-    lab_groups = list(labelled["group"]) if "group" in labelled else [""] * n
-    all_groups = lab_groups + list(pool["group"])
     links: list[tuple[int, int]] = []
-    direct: dict[int, list[tuple[int, int, int]]] = defaultdict(
-        list
-    )  # pool row -> (kind, labelled row, bits)
-    for idx in validation.exact_groups(list(labelled["sha256"]) + list(pool["sha256"])):
-        links += [(idx[0], j) for j in idx[1:]]
-        for j in (j for j in idx if j >= n):
-            direct[j - n] += [(0, i, 0) for i in idx if i < n]
+    best: dict[
+        int, tuple[int, int, int, int]
+    ] = {}  # pool position -> (split order, kind, bits, labelled row)
+
+    def match(j: int, kind: int, i: int, bits: int = 0) -> None:
+        found = (SPLIT_ORDER.get(split[i], len(SPLIT_ORDER)), kind, bits, i)
+        if j not in best or found < best[j]:
+            best[j] = found
+
+    def link_all(members: list[int], kind: int, allowed: set[str] | None = None) -> None:
+        """Link ``members`` (one set of identical files, or one group) and match its pool files to its labelled
+        file that matters most (of ``allowed`` splits, when given)."""
+        links.extend((members[0], k) for k in members[1:])
+        candidates = [i for i in members if i < n and (allowed is None or split[i] in allowed)]
+        if candidates:
+            top = min(candidates, key=lambda i: SPLIT_ORDER.get(split[i], len(SPLIT_ORDER)))
+            for k in members:
+                if k >= n:
+                    match(k - n, kind, top)
+
+    for members in validation.exact_groups(list(labelled["sha256"]) + list(pool["sha256"])):
+        link_all(members, 0)
     if data.near_duplicate_bits is not None:
+        # the labelled images' hashes from the cache rows ingest hashed (the same pixels, or widened losslessly)
         lab_hashes = [validation.dhash(np.asarray(labelled_images[int(r)])) for r in labelled["cache_index"]]
         for a, b, bits in validation.near_pairs(lab_hashes + list(hashes), data.near_duplicate_bits):
             links.append((a, b))
             if a < n <= b:
-                direct[b - n].append((1, a, bits))
+                match(b - n, 1, a, bits)
+    lab_groups = labelled["group"].tolist() if "group" in labelled else [""] * n
     by_group: dict[str, list[int]] = defaultdict(list)
-    for i, g in enumerate(all_groups):
+    for i, g in enumerate(lab_groups + list(pool["group"])):
         if g:
             by_group[g].append(i)
-    for idx in by_group.values():
-        links += [(idx[0], j) for j in idx[1:]]
-        for j in (j for j in idx if j >= n):
-            direct[j - n] += [(2, i, 0) for i in idx if i < n and labelled["split"].iat[i] in guarded]
+    for members in by_group.values():
+        link_all(members, 2, guarded)
     units = validation.components(n + len(pool), links)
     guarded_in_unit: dict[int, int] = {}
-    for i in range(n):
-        if labelled["split"].iat[i] in guarded:
+    for i in sorted(range(n), key=lambda i: SPLIT_ORDER.get(split[i], len(SPLIT_ORDER))):
+        if split[i] in guarded:
             guarded_in_unit.setdefault(int(units[i]), i)
+    for j in range(len(pool)):
+        if (linked := guarded_in_unit.get(int(units[n + j]))) is not None:
+            match(j, 3, linked)
     splits: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
     files: list[dict] = []
     for j, row in enumerate(pool.index):
-        matches = list(direct.get(j, []))
-        if (linked := guarded_in_unit.get(int(units[n + j]))) is not None:
-            matches.append((3, linked, 0))
-        if not matches:
+        if j not in best:
             continue
-        kind, i, bits = min(
-            matches, key=lambda m: (SPLIT_ORDER.get(labelled["split"].iat[m[1]], 3), m[0], m[2])
-        )
-        split = labelled["split"].iat[i]
+        _, kind, bits, i = best[j]
         how = KINDS[kind] + (f" ({bits} bits)" if kind == 1 else "")
-        reason = f"{how} {split} image {labelled['path'].iat[i]}"
-        table.loc[row, ["status", "reason"]] = [EXCLUDED, reason]
-        splits[split] += 1
+        files.append(
+            {"row": row, "path": pool.at[row, "path"], "reason": f"{how} {split[i]} image {paths[i]}"}
+        )
+        splits[split[i]] += 1
         kinds[KIND_NAMES[kind]] += 1
-        files.append({"path": table.at[row, "path"], "reason": reason})
+    rows = [f.pop("row") for f in files]
+    table.loc[rows, "status"] = EXCLUDED
+    table.loc[rows, "reason"] = [f["reason"] for f in files]
     return {
         "n": len(files),
         "by_split": {s: splits[s] for s in SPLIT_ORDER if splits[s]},
