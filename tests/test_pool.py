@@ -396,3 +396,34 @@ def test_unlabelled_dataset_serves_pixels_and_independent_views(labelled, tmp_pa
     assert torch.equal(views[0], plain[1].flip(-1)) and torch.equal(views[1], plain[1].flip(-2))
     batch = next(iter(torch.utils.data.DataLoader(UnlabelledDataset(pool.images, A.NoOp()), batch_size=4)))
     assert batch.shape == (4, 3, 16, 16)
+
+
+def test_a_16_bit_pool_beside_an_8_bit_set_is_stored_as_the_set_is(labelled, tmp_path):
+    prepared, _ = labelled
+    raw = tmp_path / "pool"
+    raw.mkdir()
+    deep = np.random.default_rng(3).integers(0, 65536, (16, 16), dtype=np.uint16)
+    Image.fromarray(deep).save(raw / "deep.png")
+    report = prepare_pool(raw, tmp_path / "out", data=DATA, labelled=prepared)
+    pool = load_pool(tmp_path / "out")
+    assert pool.images.dtype == np.uint8 and "stored as uint8" in report["warnings"][0]
+    assert np.abs(pool.images[0, ..., 0].astype(float) - deep / 257).max() <= 0.5
+
+
+def test_pretraining_rows_are_the_train_split_then_the_pool(labelled, tmp_path):
+    from pipeline.data.pool import unlabelled_rows
+    from pipeline.data.prepared import load_prepared
+
+    prepared_dir, splits = labelled
+    raw = tmp_path / "pool"
+    write_images(raw, ["a.png", "b.png"], seed=21)
+    prepare_pool(raw, tmp_path / "out", data=DATA, labelled=prepared_dir)
+    prepared, pool = load_prepared(prepared_dir), load_pool(tmp_path / "out")
+    rows = unlabelled_rows(prepared, pool)
+    train = splits.loc[splits["split"] == "train", "cache_index"].to_numpy()
+    assert len(rows) == len(train) + 2
+    assert np.array_equal(rows[0], prepared.images[train[0]]) and np.array_equal(
+        rows[len(train)], pool.images[0]
+    )
+    evaluated = {prepared.images[i].tobytes() for i in splits.loc[splits["split"] != "train", "cache_index"]}
+    assert not any(np.asarray(image).tobytes() in evaluated for image in rows)

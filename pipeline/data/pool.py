@@ -21,7 +21,9 @@ What ``paths.pool`` holds (``load_pool`` reads it back)::
 
     pool.csv     a row per file: path, sha256, dhash (64 hex digits; empty for a flat image), group,
                  status (kept | excluded | unreadable), reason, cache_index (row in images.npy; -1 unless kept)
-    images.npy   the kept images only, (N, H, W, C) in the labelled cache's size, bands and dtype (or wider)
+    images.npy   the kept images only, (N, H, W, C) in the labelled cache's size, bands and dtype (a pool that
+                 needs a wider dtype is rounded to it, with a warning), so that its rows and the labelled
+                 cache's can share a batch
     report.json  counts, formats, what was left out and why (the data card's source)
 
 With ``data.unlabelled: null`` the stage writes ``report.json`` (``pool: null``) and an empty ``pool.csv``.
@@ -41,12 +43,13 @@ import pandas as pd
 
 from pipeline.config import Data
 from pipeline.data import readers, shards, sources, validation
-from pipeline.data.cache import CacheWriter
+from pipeline.data.cache import CacheWriter, Rows
 from pipeline.data.decoding import Settings, Validated
 from pipeline.data.ingest import MANIFEST_CSV, decode_into
-from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError, load_prepared
+from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError, Prepared, load_prepared
 from pipeline.data.readers import IMAGE_SUFFIXES
 from pipeline.fsutil import atomic_dir, write_json
+from pipeline.pixels import unit_max, unit_range
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +158,7 @@ def prepare_pool(
         if labelled is not None:
             reference = load_prepared(labelled)
             _check_bands(images, reference.images, raw_dir, data)
-            dtype = readers.cache_dtype({images.dtype, reference.images.dtype})
+            dtype = reference.images.dtype
             hashes = decoded.dhashes if data.near_duplicate_bits is not None else []
             excluded = _exclude(table, readable, hashes, labelled, reference.images, data)
         if keep is not None:
@@ -170,16 +173,31 @@ def prepare_pool(
         row_of = {int(f): r for r, f in enumerate(readable)}
         with CacheWriter(staging / CACHE_NPY, len(kept)) as out:
             for f in kept:
-                out.append(readers.to_dtype(np.asarray(images[row_of[int(f)]]), dtype))
+                out.append(as_dtype(np.asarray(images[row_of[int(f)]]), dtype))
             pixels = out.finish()
+        images_dtype = images.dtype
         del images
         everything.unlink()
         table.loc[kept, "cache_index"] = np.arange(len(kept))
         table[list(COLUMNS)].to_csv(staging / POOL_CSV, index=False)
         report = _report(raw_dir, table, decoded, ignored, excluded, pixels, labelled, data)
+        if readers.cache_dtype({images_dtype, dtype}) != dtype:
+            report["warnings"].append(
+                f"pool images need {images_dtype}, the labelled cache is {dtype}: the pool is stored as {dtype} "
+                "(values rounded), as the model sees the labelled images"
+            )
+            log.warning("%s", report["warnings"][-1])
         del pixels
         write_json(staging / REPORT_JSON, report)
     return report
+
+
+def as_dtype(pixels: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """One image in ``dtype`` at the same place in [0, 1]: widened exactly (``readers.to_dtype``), or narrowed to the
+    nearest value (a 16-bit pool beside an 8-bit labelled set: stored as the model sees the labelled images)."""
+    if readers.cache_dtype({pixels.dtype, dtype}) == dtype:
+        return readers.to_dtype(pixels, dtype)
+    return np.rint(unit_range(pixels) * unit_max(dtype)).astype(dtype)
 
 
 def no_pool(out_dir: Path) -> None:
@@ -392,3 +410,17 @@ def load_pool(out_dir: Path) -> Pool:
         report=report,
         digest=hashlib.sha256(csv.read_bytes()).hexdigest()[:12],
     )
+
+
+def unlabelled_rows(prepared: Prepared, pool: Pool | None, splits: tuple[str, ...] = ("train",)) -> Rows:
+    """The labelled cache's rows of ``splits`` (train: never val or test), then the pool's kept images: what
+    self-supervised pretraining learns from, read per item (``UnlabelledDataset(unlabelled_rows(...))``)."""
+    rows = prepared.table.loc[prepared.table["split"].isin(splits), "cache_index"].to_numpy()
+    if pool is None:
+        return Rows(prepared.images, rows)
+    if pool.images.shape[1:] != prepared.images.shape[1:] or pool.images.dtype != prepared.images.dtype:
+        raise DataError(
+            f"pool {pool.name}: images {pool.images.shape[1:]} {pool.images.dtype}, the labelled cache's "
+            f"{prepared.images.shape[1:]} {prepared.images.dtype}: rerun the pool stage (dvc repro pool)"
+        )
+    return Rows(prepared.images, rows, pool.images)
