@@ -87,7 +87,7 @@ def test_intake_of_a_csv_keeps_paths_and_hashes_groups(repo, tmp_path, capsys, m
     assert "groups      2 in the pool" in capsys.readouterr().out
 
 
-def test_intake_of_a_pool_as_shards_and_the_pool_stage_reads_them(repo, tmp_path, capsys):  # noqa: F811
+def test_intake_of_a_pool_as_shards_and_the_pool_stage_reads_them(repo, tmp_path, capsys, caplog):  # noqa: F811
     src = tmp_path / "many"
     write_images(src, [f"s{i % 2}/{i}.png" for i in range(6)])
     assert cli(["intake", str(src), "--unlabelled", "--name", "many", "--layout", "shards"]) == 0
@@ -98,7 +98,9 @@ def test_intake_of_a_pool_as_shards_and_the_pool_stage_reads_them(repo, tmp_path
     labelled = write_class_folders(tmp_path / "labelled", per_class=4, size=16)
     ingest(labelled, repo / "data" / "prepared", seed=0, data=DATA)
     capsys.readouterr()
-    assert cli(["pool"]) == 0
+    with caplog.at_level("INFO", logger="pipeline"):
+        assert cli(["pool"]) == 0
+    assert "pool: 6 of 6 images taken from intake's validation pass" in caplog.text  # not decoded again
     pool = load_pool(repo / "data" / "pool")
     assert len(pool) == 6 and pool.images.shape[1:] == (16, 16, 3)
     assert set(pool.kept()["path"]) == {str(Path("data/unlabelled/many") / p) for p in manifest["path"]}

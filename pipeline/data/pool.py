@@ -151,6 +151,13 @@ def prepare_pool(
                     "hand in one band count, or set data.channels: rgb for gray/RGB images"
                 )
             images = writer.finish()
+        if decoded.reused:
+            log.info(
+                "pool: %d of %d images taken from intake's validation pass (%s)",
+                decoded.reused,
+                len(files),
+                reuse,
+            )
         table = _table(files, decoded)
         readable = table[table["status"] != UNREADABLE].index.to_numpy()  # cache row r: file readable[r]
         excluded: dict = {"n": 0, "by_split": {}, "by_kind": {}, "files": []}
