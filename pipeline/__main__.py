@@ -42,6 +42,11 @@ COMMANDS = {
         "SRC --out CSV [--model-dir DIR] [--decision FILE]",
         "class probabilities for new images",
     ),
+    "suggest": Command(
+        "pipeline.stages.suggest",
+        "--budget N [--strategy {auto,typical,margin,entropy,bald,random}]",
+        "the pool images to label next (active learning)",
+    ),
     "export": Command(
         "pipeline.stages.export",
         "--format {torchscript,onnx} [--out OUT] [--model-dir DIR]",

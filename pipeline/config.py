@@ -99,6 +99,14 @@ class Paths:
         default="reports/label_audit.csv",
         description="Likely label errors (cleanlab), most suspect first: path, given, suggested, score.",
     )
+    suggest: str = Field(
+        default="reports/suggest.csv",
+        description="python -m pipeline suggest writes the images to label next here (path, rank, score, "
+        "predicted, probability, why); not a DVC output.",
+    )
+    suggest_sheet: str = Field(
+        default="reports/suggest.png", description="The suggested images as a contact sheet (suggest)."
+    )
     exports: str = Field(
         default="exports",
         description="Where 'python -m pipeline export' writes model.pt / model.onnx "
