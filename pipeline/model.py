@@ -15,7 +15,7 @@ import torch
 import torchvision
 from torch import nn
 from torch.nn import functional as F
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 from torchvision.transforms import v2
 
@@ -111,6 +111,8 @@ class Classifier(L.LightningModule):
     mean: torch.Tensor
     std: torch.Tensor
     class_weights: torch.Tensor | None
+    train_loss: MeanMetric
+    val_loss: MeanMetric
 
     def __init__(
         self,
@@ -169,6 +171,9 @@ class Classifier(L.LightningModule):
         metrics = MetricCollection({name: EpochMetric(name) for name in HEADLINE})
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
+        # The epoch's loss as the mean over its images: under DDP the ranks' sums and counts are added (a
+        # mean of the ranks' means would weigh the images of a rank with fewer of them more).
+        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
         self.mixer = batch_mixer(num_classes, mixup_alpha, cutmix_alpha, cutmix_switch_prob)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,15 +215,9 @@ class Classifier(L.LightningModule):
         )
         metrics = self.train_metrics if split == "train" else self.val_metrics
         metrics.update(logits.softmax(dim=-1), y)
-        self.log(
-            f"{split}/loss",
-            loss,
-            on_step=False,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=True,
-            batch_size=len(y),
-        )
+        losses = self.train_loss if split == "train" else self.val_loss
+        losses.update(loss.detach(), len(y))
+        self.log(f"{split}/loss", losses, on_step=False, on_epoch=True, prog_bar=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split == "val")
         return loss
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import with_overrides
-from pipeline.data.prepared import DataError
+from pipeline.data.prepared import DataError, load_prepared
 from pipeline.fit import datamodule
 from pipeline.stages import augment as augment_stage
 
@@ -50,3 +50,63 @@ def test_missing_or_stale_offline_copies_say_what_to_run(offline_params, prepare
     augment_stage.main(offline_params, argparse.Namespace())
     with pytest.raises(DataError, match=r"expected .* \(augment.offline_copies=3\); rerun the augment stage"):
         datamodule(with_overrides(offline_params, {"augment.offline_copies": 3}), prepared, None)
+
+
+DDP_VALIDATE = """
+import json, sys
+from pathlib import Path
+import lightning.pytorch as L, torch
+from pipeline.data.prepared import load_prepared
+from pipeline.data.datamodule import ImageDataModule
+from pipeline.model import Classifier
+
+prepared_dir, out, devices = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+prepared = load_prepared(prepared_dir)
+torch.manual_seed(0)
+model = Classifier("resnet18", len(prepared.classes), stem="small")
+if devices == 1:
+    model.load_state_dict(torch.load(out / "weights.pt", weights_only=True))
+data = ImageDataModule(prepared, None, batch_size=4)
+trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+metrics = trainer.validate(model, datamodule=data, verbose=False)[0]
+if trainer.is_global_zero:
+    if devices > 1:
+        torch.save(model.state_dict(), out / "weights.pt")
+    (out / f"val-{devices}.json").write_text(json.dumps(metrics))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_validation_counts_each_image_once(image_folder, tmp_path):
+    """9 val images on 2 processes (5 and 4: a rank runs one batch more): every metric equals the one process
+    value; a padding sampler would score one image twice."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.data.ingest import ingest
+
+    ingest(
+        image_folder, tmp_path / "prepared", image_size=32, val_fraction=0.375, test_fraction=0.125, seed=0
+    )
+    assert len(load_prepared(tmp_path / "prepared").split("val")) == 9
+    script = tmp_path / "validate.py"
+    script.write_text(DDP_VALIDATE)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    for devices in (2, 1):
+        done = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "prepared"), str(tmp_path), str(devices)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    two, one = (json.loads((tmp_path / f"val-{d}.json").read_text()) for d in (2, 1))
+    assert set(two) == set(one) and "val/auroc" in one
+    for name, value in one.items():
+        assert two[name] == pytest.approx(value, abs=1e-6), name

@@ -9,7 +9,8 @@ import albumentations as A
 import lightning.pytorch as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from pipeline import recipe
 from pipeline.data.cache import OFFLINE_IMAGES, OFFLINE_LABELS, Images, Rows
@@ -130,7 +131,7 @@ class ImageDataModule(L.LightningDataModule):
     def _dataloader(self, split: str) -> DataLoader:
         train = split == "train"
         dataset = self.dataset(split, self.train_transform if train else None)
-        sampler = None
+        sampler: Sampler | None = None
         if train and self.balanced:
             # Each image drawn with its class's inverse frequency: every class equally likely per draw.
             # Under DDP, Lightning wraps this sampler so that each rank draws its own share.
@@ -141,6 +142,13 @@ class ImageDataModule(L.LightningDataModule):
                 replacement=True,
                 generator=torch.Generator().manual_seed(self.seed),
             )
+        elif not train and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Under DDP each rank scores its own share of val: Lightning's DistributedSampler would pad the
+            # shares to equal length with repeated images, and with a val split of a few dozen that moves the
+            # epoch's metrics (and the checkpoint chosen on them). This one gives every image to exactly one
+            # rank; Lightning keeps a DistributedSampler it is given. Validation runs under no_grad, where DDP
+            # syncs nothing per batch, so ranks may run one batch more or less.
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         return DataLoader(
             # A last training batch of one image would break BatchNorm; drop it.
             dataset,

@@ -293,10 +293,18 @@ def _exclude(
     if data.near_duplicate_bits is not None:
         # the labelled images' hashes from the cache rows ingest hashed (the same pixels, or widened losslessly)
         lab_hashes = [validation.dhash(np.asarray(labelled_images[int(r)])) for r in labelled["cache_index"]]
-        for a, b, bits in validation.near_pairs(lab_hashes + list(hashes), data.near_duplicate_bits):
-            links.append((a, b))
-            if a < n <= b:
-                match(b - n, 1, a, bits)
+        every = lab_hashes + list(hashes)
+        near = validation.near_groups(every, data.near_duplicate_bits)  # sets, not pairs: linear memory
+        for members in pd.Series(np.arange(len(every))).groupby(near).indices.values():
+            if len(members) < 2:
+                continue
+            links.extend((int(members[0]), int(k)) for k in members[1:])
+            candidates = [int(i) for i in members if i < n]
+            if candidates:
+                top = min(candidates, key=lambda i: SPLIT_ORDER.get(split[i], len(SPLIT_ORDER)))
+                for k in members[members >= n]:
+                    a, b = every[top], every[k]
+                    match(int(k) - n, 1, top, 0 if a is None or b is None else int(np.count_nonzero(a != b)))
     lab_groups = labelled["group"].tolist() if "group" in labelled else [""] * n
     by_group: dict[str, list[int]] = defaultdict(list)
     for i, g in enumerate(lab_groups + list(pool["group"])):
