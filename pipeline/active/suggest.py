@@ -76,7 +76,9 @@ def features(model: Classifier, images: Any, batch_size: int) -> np.ndarray:
     body = nn.Sequential(*list(model.net.children())[:-1]).eval()  # a torchvision ResNet without its fc
     out = []
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(np.asarray(images[start : start + batch_size])))
+        batch = torch.from_numpy(
+            np.array(images[start : start + batch_size])
+        )  # a copy: the cache is read-only
         x = (to_unit_range(batch.permute(0, 3, 1, 2)) - model.mean) / model.std
         out.append(body(x).flatten(1).numpy())
     return np.concatenate(out) if out else np.empty((0, 0))
@@ -161,7 +163,14 @@ def suggest(
 
 
 def _starting_network(params: Params, prepared: Prepared) -> Classifier:
-    """Before any training: the network ``model.weights`` starts from, for its features."""
+    """Before any training: the network ``model.weights`` starts from, for its features (a random init is
+    drawn from ``seed``, so a cold start suggests the same images each time it is asked)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(params.seed)
+        return _built(params, prepared)
+
+
+def _built(params: Params, prepared: Prepared) -> Classifier:
     model, _ = build_model(
         params,
         prepared.classes,
