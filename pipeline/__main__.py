@@ -22,10 +22,11 @@ class Command(NamedTuple):
     help: str
 
 
-STAGES = ("demo", "ingest", "augment", "tune", "train", "evaluate")
+STAGES = ("demo", "ingest", "pool", "augment", "tune", "train", "evaluate")
 COMMANDS = {
     "demo": Command("pipeline.stages.demo", "", "DVC stage: generate the demo set"),
     "ingest": Command("pipeline.stages.ingest", "", "DVC stage: validate, split and cache the data set"),
+    "pool": Command("pipeline.stages.pool", "", "DVC stage: decode the unlabelled pool, leaving out leaks"),
     "augment": Command("pipeline.stages.augment", "", "DVC stage: the training augmentation and its preview"),
     "tune": Command("pipeline.stages.tune", "[--worker]", "DVC stage: the Optuna study (--worker: join it)"),
     "train": Command("pipeline.stages.train", "", "DVC stage: fine-tune with the tuned params"),
@@ -33,13 +34,18 @@ COMMANDS = {
     "summary": Command("pipeline.summary", "", "whether every stage is up to date, where the results are"),
     "intake": Command(
         "pipeline.stages.intake",
-        "SRC [--name NAME] [--domain DOMAIN] [--layout {auto,folder,shards}]",
+        "SRC [--name NAME] [--domain DOMAIN] [--layout {auto,folder,shards}] [--unlabelled]",
         "copy a user's image set into paths.raw, validate, version and select it",
     ),
     "predict": Command(
         "pipeline.stages.predict",
         "SRC --out CSV [--model-dir DIR] [--decision FILE]",
         "class probabilities for new images",
+    ),
+    "suggest": Command(
+        "pipeline.stages.suggest",
+        "--budget N [--strategy {auto,typical,margin,entropy,bald,random}]",
+        "the pool images to label next (active learning)",
     ),
     "export": Command(
         "pipeline.stages.export",

@@ -48,6 +48,16 @@ class Paths:
     prepared: str = Field(
         default="data/prepared", description="Ingest output: splits.csv, report.json, image cache."
     )
+    unlabelled: str = Field(
+        default="data/unlabelled",
+        description="Folder of handed-in unlabelled pools (intake --unlabelled), one subfolder each; "
+        "data.unlabelled selects one.",
+    )
+    pool: str = Field(
+        default="data/pool",
+        description="Pool stage output: the selected pool's kept pixels (images.npy), pool.csv (a row per file: "
+        "path, sha256, dhash, group, status, reason, cache_index) and report.json.",
+    )
     validated: str = Field(
         default=".dvc/tmp/validated",
         description="What intake's validation decoded (pixels, hashes), a folder per data set; the ingest "
@@ -89,6 +99,14 @@ class Paths:
         default="reports/label_audit.csv",
         description="Likely label errors (cleanlab), most suspect first: path, given, suggested, score.",
     )
+    suggest: str = Field(
+        default="reports/suggest.csv",
+        description="python -m pipeline suggest writes the images to label next here (path, rank, score, "
+        "predicted, probability, why); not a DVC output.",
+    )
+    suggest_sheet: str = Field(
+        default="reports/suggest.png", description="The suggested images as a contact sheet (suggest)."
+    )
     exports: str = Field(
         default="exports",
         description="Where 'python -m pipeline export' writes model.pt / model.onnx "
@@ -110,6 +128,13 @@ class Data:
     """Which data set to ingest and how to split it."""
 
     dataset: str = Field(default="demo", min_length=1, description="Data set folder under paths.raw.")
+    unlabelled: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Unlabelled pool folder under paths.unlabelled (intake SRC --unlabelled) for self- and "
+        "semi-supervised training; the pool stage leaves out its duplicates of labelled images and its "
+        "patients (groups) in val or test. null: none.",
+    )
     image_size: int = Field(
         default=64, ge=16, le=1024, description="Images are resized to this square side at ingest."
     )

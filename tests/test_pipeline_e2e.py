@@ -64,7 +64,7 @@ def repo(tmp_path_factory):
 
 def test_repro_runs_every_stage_and_writes_metrics(repo):
     root, _, first = repo
-    for stage in ("demo", "ingest", "augment", "tune", "train", "evaluate"):
+    for stage in ("demo", "ingest", "pool", "augment", "tune", "train", "evaluate"):
         assert f"Running stage '{stage}'" in first
     metrics = json.loads((root / "reports" / "metrics.json").read_text())
     for name in ("accuracy", "balanced_accuracy", "macro_f1", "auroc"):
@@ -112,6 +112,28 @@ def test_second_repro_is_a_noop_and_evaluate_params_rerun_only_evaluate(repo):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh(["dvc", "repro"], root, env)
     assert out.count("Running stage") == 1 and "Running stage 'evaluate'" in out
+    assert "up to date" in sh(["dvc", "status"], root, env)
+
+
+def test_taking_in_a_pool_reruns_only_the_pool_stage(repo, tmp_path):
+    """intake --unlabelled sets data.unlabelled: only the pool stage reads it, and its copy of a test image is out."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    root, env, _ = repo
+    splits = pd.read_csv(root / "data" / "prepared" / "splits.csv")
+    src = tmp_path / "spare"
+    (src / "more").mkdir(parents=True)
+    shutil.copy(root / splits.loc[splits["split"] == "test", "path"].iloc[0], src / "copy_of_test.png")
+    for i in range(3):
+        pixels = np.random.default_rng(i).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+        Image.fromarray(pixels).save(src / "more" / f"{i}.png")
+    sh([sys.executable, "-m", "pipeline", "intake", str(src), "--unlabelled", "--name", "spare"], root, env)
+    out = sh(["dvc", "repro"], root, env)
+    assert out.count("Running stage") == 1 and "Running stage 'pool'" in out
+    report = json.loads((root / "data" / "pool" / "report.json").read_text())
+    assert report["n_kept"] == 3 and report["excluded"]["by_split"] == {"test": 1}
     assert "up to date" in sh(["dvc", "status"], root, env)
 
 

@@ -106,6 +106,48 @@ def augmentation(
     return "\n".join([*lines, *(f"  warning:    {c}" for c in conflicts)])
 
 
+def pool_summary(report: dict, root: Path | None = None) -> str:
+    """The unlabelled pool's card: files kept, left out (and why) and unreadable; paths relative to ``root``."""
+
+    def rel(path: str) -> str:
+        return (
+            str(Path(path).relative_to(root))
+            if root is not None and Path(path).is_relative_to(root)
+            else path
+        )
+
+    cache, excluded = report["cache"], report["excluded"]
+    lines = [
+        f"unlabelled pool {report['pool']}: {report['n_files']} image files, {report['n_kept']} kept "
+        f"({len(report['rejected'])} unreadable skipped, {excluded['n']} left out, "
+        f"{report['ignored_non_images']} non-image files ignored)",
+        f"  modes       {_counts(report['formats']['mode'])}",
+        f"  bit depths  {_counts(report['formats']['bits'])}",
+        f"  sizes       {_counts(report['formats']['size'])}",
+        f"  cache       {report['image_size']}x{report['image_size']}, {cache['channels']} channels "
+        f"(data.channels: {cache['policy']}), {cache['dtype']}",
+    ]
+    if report.get("groups") or report.get("groups_from"):
+        lines.append(
+            f"  groups      {report['groups']} in the pool"
+            + (f" (from {report['groups_from']})" if report.get("groups_from") else "")
+        )
+    if report["checked_against"] is None:
+        lines.append("  leakage     checked against the labelled set by the pool stage (dvc repro)")
+    else:
+        by = f"{_counts(excluded['by_split'])}; {_counts(excluded['by_kind'])}" if excluded["n"] else "none"
+        lines.append(f"  left out    {by} (duplicates of labelled images; val/test groups)")
+    if report.get("exact_sets_within"):
+        lines.append(
+            f"  duplicates  {report['exact_sets_within']} sets of identical files within the pool (kept)"
+        )
+    lines += [f"  left out:   {rel(f['path'])}: {f['reason']}" for f in excluded["files"][:10]]
+    lines += [f"  unreadable: {rel(r['path'])}: {r['reason']}" for r in report["rejected"][:10]]
+    lines += [f"  non-image:  {rel(p)}" for p in report.get("non_images", [])[:10]]
+    lines += [f"  warning:    {w}" for w in report["warnings"][:10]]
+    return "\n".join(lines)
+
+
 def _few(paths: list[str], shown: int = 4) -> str:
     """A duplicate set's first paths, and how many more the report lists (it keeps 20 a set)."""
     more = f", ... (+{len(paths) - shown} more listed)" if len(paths) > shown else ""

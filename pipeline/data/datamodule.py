@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import albumentations as A
@@ -36,6 +37,31 @@ class CachedImageDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), int(self.labels[i])
 
 
+class UnlabelledDataset(Dataset):
+    """Pool images (``pool.load_pool(...).images``, or any rows of a cache) as (C, H, W) tensors in the cache's
+    dtype, without labels. ``transform``: one albumentations transform (an item is one tensor), or a sequence of
+    them (an item is a tuple of views, one per transform: FixMatch's weak and strong view, SimCLR's two)."""
+
+    def __init__(
+        self, images: Images, transform: A.BasicTransform | Sequence[A.BasicTransform] | None = None
+    ):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _view(self, image: np.ndarray, transform: A.BasicTransform | None) -> torch.Tensor:
+        if transform is not None:
+            image = transform(image=image)["image"]
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+    def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        image = np.asarray(self.images[i])
+        if isinstance(self.transform, Sequence):
+            return tuple(self._view(image, t) for t in self.transform)
+        return self._view(image, self.transform)
+
+
 def load_offline(folder: Path, prepared: Prepared, copies: int) -> tuple[np.ndarray, np.ndarray]:
     """The augment stage's offline copies of the train split; checked against ``prepared`` and ``copies``."""
     if not (folder / OFFLINE_LABELS).is_file():
@@ -59,8 +85,10 @@ def _reseed_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     assert info is not None, "called in loader workers only"
     transform = getattr(info.dataset, "transform", None)
-    if transform is not None:
-        transform.set_random_seed(torch.initial_seed() % 2**32)
+    # one transform, or several (UnlabelledDataset's views): each its own seed, or two views would be alike
+    for k, t in enumerate(transform if isinstance(transform, Sequence) else [transform]):
+        if t is not None:
+            t.set_random_seed((torch.initial_seed() + k) % 2**32)
 
 
 class ImageDataModule(L.LightningDataModule):

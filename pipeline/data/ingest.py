@@ -175,7 +175,7 @@ def channel_stats(
 
 
 @dataclass
-class _Decoded:
+class DecodedSet:
     """What the decoding pass keeps in memory: small facts per image; the pixels went to the cache file."""
 
     rows: list[int] = dataclasses.field(default_factory=list)
@@ -205,10 +205,10 @@ def progress(items: Iterable[T], total: int, what: str = "ingest", done: str = "
         yield item
 
 
-def _decode_all(table: pd.DataFrame, data: Data, cache: CacheWriter, reuse: Path | None = None) -> _Decoded:
+def decode_into(table: pd.DataFrame, data: Data, cache: CacheWriter, reuse: Path | None = None) -> DecodedSet:
     """Decode, conform and append each image to ``cache``; skip (or fail on) unreadable files. One decode per
     file (in worker processes for large sets), none for files whose bytes ``reuse`` holds decoded."""
-    out = _Decoded()
+    out = DecodedSet()
     paths = list(table["path"])
     items = shards.members(table) if "member" in table else paths  # a shard-layout set (shards.scan)
     results = decoding.decode_all(items, decoding.Settings.of(data), reuse)
@@ -398,7 +398,7 @@ def ingest(
         files, excluded = exclude(files, read_exclusions(Path(data.exclude)), raw_dir, exclude_warnings)
         log.info("ingest: %d file(s) left out (data.exclude: %s)", len(excluded), data.exclude)
     with atomic_dir(out_dir) as staging, CacheWriter(staging / CACHE_NPY, len(files)) as cache:
-        decoded = _decode_all(files, data, cache, reuse)
+        decoded = decode_into(files, data, cache, reuse)
         table = files.iloc[decoded.rows].reset_index(drop=True)
         table, report = _validate_and_split(table, files, ignored, decoded, raw_dir, data, seed)
         report["excluded"] = {"file": data.exclude, "n": len(excluded), "paths": _listed(excluded, 1000)}
@@ -435,7 +435,7 @@ def _validate_and_split(
     table: pd.DataFrame,
     files: pd.DataFrame,
     ignored: list[str],
-    decoded: _Decoded,
+    decoded: DecodedSet,
     raw_dir: Path,
     data: Data,
     seed: int,

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -38,7 +39,8 @@ import yaml
 
 from pipeline.config import Data
 from pipeline.data import ingest as ingest_module
-from pipeline.data import shards, sources
+from pipeline.data import pool as pool_module
+from pipeline.data import readers, shards, sources
 from pipeline.data.groups import add_dicom_groups, dicom_groups
 from pipeline.data.ingest import MANIFEST_CSV, class_folders, ingest, read_manifest, scan
 from pipeline.data.prepared import DataError
@@ -299,6 +301,94 @@ def _pack_set(table: pd.DataFrame, files: list[Path], staging: Path, data: Data,
         table, n_groups = dicom_groups(table, files, data.dicom_group, lambda v: group_hash(v, salt))
     shards.pack(zip(table["path"], files, strict=True), staging, table.drop(columns="path"))
     return n_groups
+
+
+def plan_pool(src: Path, dest: Path, on_bad_file: str = "skip") -> tuple[pd.DataFrame, list[Path], Copied]:
+    """An unlabelled pool's image files: a table (path in the pool: its path under the source folder or the
+    CSV's folder, group as given or ''), their source files, and ``Copied`` (files left out, and why)."""
+    if src.is_file() and src.suffix.lower() == ".csv":
+        table, ignored = pool_module.read_manifest(src)
+        base = src.parent
+    elif src.is_dir():
+        images, others = readers.image_files(src)
+        table, ignored = pd.DataFrame({"path": list(map(str, images)), "group": ""}), list(map(str, others))
+        base = src
+    else:
+        raise DataError(
+            f"{src}: expected a folder of images (subfolders allowed) or a CSV with a path column"
+        )
+    copied = Copied(non_images=ignored)
+    files = [Path(p) for p in table["path"]]
+    regular = [_regular(f, copied, on_bad_file) for f in files]
+    table, files = (
+        table[regular].reset_index(drop=True),
+        [f for f, r in zip(files, regular, strict=True) if r],
+    )
+    if table.empty:
+        raise DataError(
+            f"{src}: no image files that are regular files (accepted: {', '.join(sorted(readers.IMAGE_SUFFIXES))})"
+        )
+    table["path"] = [Path(os.path.normpath(f.relative_to(base))).as_posix() for f in files]
+    copied.sources[str(dest)] = str(base)
+    return table, files, copied
+
+
+def intake_pool(
+    src: Path,
+    target: Path,
+    *,
+    data: Data,
+    salt: str,
+    validated: Path | None = None,
+    layout: shards.Layout = "auto",
+) -> dict:
+    """Copy (or pack) the unlabelled pool ``src`` to ``target``, validated by the pool stage's decoding pass;
+    ``target`` is replaced only on success. As ``intake`` for a labelled set: groups stored as salted hashes
+    (a CSV's group column, or DICOM ``data.dicom_group``), ``validated`` keeps the decodes for the pool stage.
+    Returns the pool's report (nothing compared with the labelled set yet: the pool stage does that)."""
+    src, target = src.resolve(), target.absolute()
+    if target == src or target in src.parents:
+        raise DataError(f"{src}: already inside {target}; hand in a pool from outside {target.parent}")
+    with atomic_dir(target) as staging, tempfile.TemporaryDirectory() as scratch:
+        try:
+            table, files, copied = plan_pool(src, staging, data.on_bad_file)
+        except sources.UnsafePath as err:
+            raise DataError(f"{src}: not taken in ({target} left as it was): {err}") from None
+        table = _hashed_groups(table, salt)
+        n_groups = 0
+        if data.dicom_group:
+            table, n_groups = dicom_groups(table, files, data.dicom_group, lambda v: group_hash(v, salt))
+        if shards.choose(layout, len(table)) == "shards":
+            shards.pack(zip(table["path"], files, strict=True), staging, table.drop(columns="path"))
+        else:
+            listed = list(zip(table["path"], files, strict=True))
+            for name, file in ingest_module.progress(listed, len(listed), "intake", "files copied"):
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(file, staging / name)
+            if table["group"].ne("").any():
+                table.to_csv(staging / MANIFEST_CSV, index=False)
+        for skipped in copied.rejected:
+            ingest_module.log.warning("skipping %s (%s)", skipped["path"], skipped["reason"])
+        try:
+            with _logged_as_sources(copied.sources):
+                report = pool_module.prepare_pool(
+                    staging, Path(scratch) / "pool", data=data, labelled=None, keep=validated
+                )
+        except DataError as err:  # name the user's own files, not their staging copies
+            raise DataError(
+                f"{src}: not taken in ({target} left as it was): {_to_sources(str(err), copied.sources)}"
+            ) from None
+    report = json.loads(
+        json.dumps(report).replace(json.dumps(str(staging))[1:-1], json.dumps(str(target))[1:-1])
+    )
+    report["pool"] = target.name
+    report["n_files"] += len(copied.rejected)  # FIFOs and the like: image files never copied
+    report["rejected"] = copied.rejected + report["rejected"]
+    report["non_images"] = copied.non_images + report["non_images"]
+    report["ignored_non_images"] += len(copied.non_images)
+    if n_groups:
+        report["groups_from"] = f"DICOM {data.dicom_group}: {n_groups} groups, stored as salted hashes"
+    return report
 
 
 def _dvc(*args: str) -> None:

@@ -167,15 +167,17 @@ def _check_name(name: str) -> None:
         raise ShardError(f"{name}: not a path inside the set (absolute, empty or with '..')")
 
 
-def scan(root: Path) -> pd.DataFrame:
+def scan(root: Path, labelled: bool = True) -> pd.DataFrame:
     """The set's files as ingest's table (path as ``root``/path, label[, split][, group]) plus where each one's
-    bytes lie (sha256, shard, offset, size); every shard checked present and long enough first."""
+    bytes lie (sha256, shard, offset, size); every shard checked present and long enough first.
+    ``labelled``: False for an unlabelled pool, whose manifest has no label column (path[,group],...)."""
     manifest = root / SHARDS_CSV
     table = sources.read_csv(manifest, ShardError)
-    missing = {"path", "label", *COLUMNS} - set(table.columns)
+    given = "path,label[,split][,group]" if labelled else "path[,group]"
+    missing = {"path", *COLUMNS, *(["label"] if labelled else [])} - set(table.columns)
     if missing or table.empty:
         raise ShardError(
-            f"{manifest}: expected columns path,label[,split][,group],{','.join(COLUMNS)} and a row per file "
+            f"{manifest}: expected columns {given},{','.join(COLUMNS)} and a row per file "
             f"(missing: {sorted(missing)}); take the set in again (python -m pipeline intake)"
         )
     try:

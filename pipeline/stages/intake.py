@@ -1,8 +1,12 @@
-"""intake SRC [--name NAME] [--domain DOMAIN] [--layout auto|folder|shards]: copy a user's image set into
+"""intake SRC [--name NAME] [--domain DOMAIN] [--layout auto|folder|shards] [--unlabelled]: copy a user's image set into
 paths.raw/NAME, validate it, version it, select it. A set of 2,000 images or more is stored as tar shards of
 ~1,000 files with a per-file manifest (paths.raw/NAME/shards.csv, for git) unless --layout says otherwise.
 --domain sets augment.preset, augment.transforms and evaluate.tta in params.yaml to what fits that kind of
 image (pipeline/augment.py DOMAINS: no flips for radiographs, any flip for tissue tiles, ...).
+
+--unlabelled: SRC is an unlabelled pool (a folder of images, subfolders allowed, or a CSV with a path column
+and an optional group column), copied into paths.unlabelled/NAME, validated, versioned and selected as
+data.unlabelled (pipeline/data/pool.py; the pool stage then leaves out what duplicates the labelled set).
 
 A manifest's group column (or, without one, each DICOM file's data.dicom_group element) is stored hashed
 with the repository's salt: $PIPELINE_GROUP_SALT when set, else a random one created once in
@@ -15,7 +19,7 @@ from pathlib import Path
 
 from pipeline.augment import DOMAINS, tta_conflicts
 from pipeline.config import Params
-from pipeline.data.card import augmentation, summary
+from pipeline.data.card import augmentation, pool_summary, summary
 from pipeline.data.intake import (
     IntakeError,
     check_name,
@@ -23,8 +27,10 @@ from pipeline.data.intake import (
     dvc_add,
     group_salt,
     intake,
+    intake_pool,
     set_dataset,
 )
+from pipeline.data.pool import validated_store
 from pipeline.data.shards import AUTO_MIN_FILES, SHARDS_DIR, is_sharded
 from pipeline.paramsfile import set_values
 
@@ -56,15 +62,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"in git (shards: DVC handles tens of files faster than tens of thousands); auto: shards from "
         f"{AUTO_MIN_FILES} images on (default)",
     )
+    parser.add_argument(
+        "--unlabelled",
+        action="store_true",
+        help="SRC is an unlabelled pool (a folder of images, subfolders allowed, or a CSV with a path column): "
+        "stored under paths.unlabelled and selected as data.unlabelled, for self- and semi-supervised training",
+    )
 
 
 def main(params: Params, args: argparse.Namespace) -> None:
     params_file = args.params
     name = check_name(args.name or default_name(args.src), "--name")
+    salt = os.environ.get(SALT_ENV) or group_salt(SALT_FILE)
+    if args.unlabelled:
+        if args.domain:
+            raise IntakeError("--domain describes the labelled set: give it when taking that in, not a pool")
+        _intake_pool(params, args, name, salt)
+        return
     if name == params.demo.name:
         raise IntakeError(f"--name {name}: that is the demo stage's output (demo.name); choose another name")
     target = Path(params.paths.raw) / name
-    salt = os.environ.get(SALT_ENV) or group_salt(SALT_FILE)
     report = intake(
         args.src,
         target,
@@ -90,6 +107,31 @@ def main(params: Params, args: argparse.Namespace) -> None:
     )
     print(summary(report, target.absolute()))
     print(augmentation(args.domain, *chosen, conflicts=tta_conflicts(*chosen)))
+    _print_next(commit, params_file)
+
+
+def _intake_pool(params: Params, args: argparse.Namespace, name: str, salt: str) -> None:
+    target = Path(params.paths.unlabelled) / name
+    report = intake_pool(
+        args.src,
+        target,
+        data=params.data,
+        salt=salt,
+        validated=validated_store(Path(params.paths.validated), name),
+        layout=args.layout,
+    )
+    commit = dvc_add(target)
+    set_values(Path(args.params), {"data.unlabelled": name})
+    stored = f"{len(list((target / SHARDS_DIR).iterdir()))} tar shards, " if is_sharded(target) else ""
+    print(
+        f"intake: {args.src} -> {target} (unlabelled pool; {stored}versioned: {commit[0]}; "
+        f"{args.params}: data.unlabelled: {name})"
+    )
+    print(pool_summary(report, target.absolute()))
+    _print_next(commit, args.params)
+
+
+def _print_next(commit: list[Path], params_file: str) -> None:
     gone = " ".join(str(p) for p in commit if not p.exists())
     removed = f"git rm -q --cached --ignore-unmatch {gone} && " if gone else ""
     added = " ".join(str(p) for p in commit if p.exists())

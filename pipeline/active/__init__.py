@@ -1,0 +1,1 @@
+"""Active learning: acquisition, the suggest command and the labelling loop."""

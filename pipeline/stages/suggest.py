@@ -1,0 +1,54 @@
+"""suggest --budget N [--strategy auto|typical|margin|entropy|bald|random]: the pool images to label next.
+
+Ranks the unlabelled pool (data.unlabelled, prepared by the pool stage) with the shipped model's uncertainty,
+or, at a cold start (no model yet, or fewer than 10 labels in a class), by typicality; picks a diverse batch
+(one image per near-duplicate set or patient, a few per feature cluster); writes paths.suggest (path, rank,
+score, predicted, probability, why) and its contact sheet paths.suggest_sheet, and logs both to MLflow with
+the round number and label count. The work is pipeline.active.suggest; docs/active_learning.md.
+"""
+
+import argparse
+from pathlib import Path
+from typing import cast
+
+from pipeline.active import acquisition
+from pipeline.active import suggest as work
+from pipeline.config import Params
+from pipeline.data.pool import load_pool
+from pipeline.data.prepared import load_prepared
+from pipeline.model import Classifier
+from pipeline.runinfo import RUN_INFO
+from pipeline.serve import load_trained
+from pipeline.stages import open_tracking, stage_input
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budget", type=int, required=True, metavar="N", help="how many images to suggest")
+    parser.add_argument(
+        "--strategy",
+        choices=acquisition.STRATEGIES,
+        default="auto",
+        help="auto: typical at a cold start, then bald (fold members or test-time views) or margin "
+        "(default: %(default)s)",
+    )
+
+
+def main(params: Params, args: argparse.Namespace) -> None:
+    paths = params.paths
+    if args.budget < 1:
+        raise work.SuggestError(f"suggest --budget {args.budget}: give a number of images, 1 or more")
+    stage_input(Path(paths.pool) / "pool.csv", "paths.pool", "pool")
+    pool, prepared = load_pool(Path(paths.pool)), load_prepared(Path(paths.prepared))
+    model_dir = Path(paths.model_dir)
+    members = None
+    if (model_dir / RUN_INFO).is_file():
+        members = [cast(Classifier, m) for m in load_trained(model_dir).model.members]
+    suggestion, picks = work.suggest(params, args.budget, args.strategy, members, prepared, pool)
+    csv, sheet = Path(paths.suggest), Path(paths.suggest_sheet)
+    work.write(suggestion, pool, picks, csv, sheet)
+    open_tracking(params)
+    number = work.record(suggestion, params, params.data.dataset, csv, sheet)
+    print(
+        f"suggest: round {number}, {len(picks)} of {len(pool)} pool images by {suggestion.strategy} "
+        f"({suggestion.labels} labels so far) -> {csv}, {sheet}"
+    )
