@@ -35,7 +35,7 @@ COMMANDS = {
     "intake": Command(
         "pipeline.stages.intake",
         "SRC [--name NAME] [--domain DOMAIN] [--layout {auto,folder,shards}] [--unlabelled]",
-        "copy a user's image set into paths.raw, validate, version and select it",
+        "copy a user's image set into paths.raw (--unlabelled: a pool into paths.unlabelled), validate, version and select it",
     ),
     "predict": Command(
         "pipeline.stages.predict",

@@ -77,7 +77,9 @@ def test_intake_of_a_csv_keeps_paths_and_hashes_groups(repo, tmp_path, capsys, m
     src = tmp_path / "export"
     write_images(src, ["x/1.png", "x/2.png", "y/3.png", "y/unlisted.png"])
     (src / "list.csv").write_text("path,group\nx/1.png,P-1\nx/2.png,P-1\ny/3.png,P-2\n")
+    before = tree_digest(src)
     assert cli(["intake", str(src / "list.csv"), "--unlabelled", "--name", "listed"]) == 0
+    assert tree_digest(src) == before
     target = repo / "data" / "unlabelled" / "listed"
     stored = pd.read_csv(target / "manifest.csv", dtype=str)
     assert list(stored["path"]) == ["x/1.png", "x/2.png", "y/3.png"]
