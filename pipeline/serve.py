@@ -391,8 +391,9 @@ def _export_onnx(packaged: Packaged, example: torch.Tensor, out: Path, meta: dic
     onnx.save_model(model, str(out))
 
 
-def log_model(trained: Trained, registered_model: str | None = None) -> None:
-    """Log :func:`package` of ``trained`` to the active MLflow run (and register it as ``registered_model``).
+def log_model(trained: Trained, registered_model: str | None = None) -> str | None:
+    """Log :func:`package` of ``trained`` to the active MLflow run (and register it as ``registered_model``,
+    returning the new version).
 
     The logged model is the exported one: eval mode, preprocessing inside, probabilities out, so
     ``mlflow.pyfunc.load_model(...).predict(images)`` answers as predict and the exports do, for one
@@ -410,7 +411,7 @@ def log_model(trained: Trained, registered_model: str | None = None) -> None:
         inputs=Schema([TensorSpec(example.numpy().dtype, (-1, -1, -1, trained.in_channels))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(trained.classes)))]),
     )
-    tracking.log_model(
+    return tracking.log_model(
         packaged,
         example.numpy(),
         signature=signature,

@@ -3,6 +3,7 @@
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -172,10 +173,22 @@ def test_dvc_plots_show_renders_every_plot(project):
     assert {f"{params.paths.plots}/{image}" for image in evaluation.IMAGES} <= images
 
 
-def test_train_run_gets_the_metrics_and_plots_under_the_same_names(project):
+def evaluation_runs(run_id: str) -> list:
+    """The evaluate stage's runs nested under the train run ``run_id``, oldest first."""
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.mlflow.parentRunId = '{run_id}' and tags.stage = 'evaluate'",
+        order_by=["attributes.start_time ASC"],
+        output_format="list",
+    )
+    return list(runs)
+
+
+def test_each_evaluation_is_a_run_nested_under_the_train_run_with_the_same_names(project):
     _, params, run_id = project
     metrics = all_metrics(params)
-    logged = mlflow.MlflowClient().get_run(run_id).data.metrics
+    first = evaluation_runs(run_id)[0]
+    logged = first.data.metrics
     for name in (
         "test/accuracy",
         "test/accuracy_ci_low",
@@ -184,13 +197,13 @@ def test_train_run_gets_the_metrics_and_plots_under_the_same_names(project):
         "calibration/temperature",
     ):
         assert logged[name] == pytest.approx(metrics[name])
-    listed = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "evaluation")}
+    assert first.data.tags["data.dataset"] == "tiny" and first.data.params["evaluate.threshold"] == "0.5"
+    assert not mlflow.MlflowClient().get_run(run_id).data.metrics  # the train run's record is its own
+    listed = {a.path for a in mlflow.MlflowClient().list_artifacts(first.info.run_id, "evaluation")}
     assert {
         f"evaluation/{name}"
         for name in (
-            *evaluation.IMAGES,
-            "roc",
-            "reliability",
+            "plots",
             "metrics.json",
             "metrics_detail.json",
             "report.md",
@@ -199,6 +212,32 @@ def test_train_run_gets_the_metrics_and_plots_under_the_same_names(project):
             "label_audit.csv",
         )
     } <= listed
+    # The report's relative links resolve in the artifact viewer: plots/<image> beside report.md.
+    report = Path(mlflow.artifacts.download_artifacts(run_id=first.info.run_id, artifact_path="evaluation"))
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", (report / "report.md").read_text())
+    assert links and all((report / link).is_file() for link in links)
+
+
+def test_an_evaluate_only_experiment_adds_a_record_and_leaves_the_earlier_one(project, monkeypatch):
+    """`dvc exp run -S evaluate.…=…` reruns only evaluate: its record is a new nested run named after the
+    experiment; the earlier evaluation's metrics and report stay as they were."""
+    _, params, run_id = project
+    first = evaluation_runs(run_id)[0]
+    client = mlflow.MlflowClient()
+    before = client.get_run(first.info.run_id).data.metrics
+    before_report = client.download_artifacts(first.info.run_id, "evaluation/report.md")
+    before_text = Path(before_report).read_text()
+    monkeypatch.setenv("DVC_EXP_NAME", "wide-sets")
+    stage.main(tiny_params(conformal_alpha=0.3), argparse.Namespace())
+    runs = evaluation_runs(run_id)
+    latest = runs[-1]
+    assert latest.info.run_id != first.info.run_id and latest.data.tags["dvc.exp_name"] == "wide-sets"
+    assert latest.info.run_name.endswith(":wide-sets") and latest.data.metrics["conformal/alpha"] == 0.3
+    assert client.get_run(first.info.run_id).data.metrics == before
+    after = Path(client.download_artifacts(first.info.run_id, "evaluation/report.md")).read_text()
+    assert after == before_text and "Conformal" not in after
+    assert not client.get_run(run_id).data.metrics
+    stage.main(params, argparse.Namespace())  # back to the fixture's settings for the other tests
 
 
 def test_report_warns_and_embeds_the_plots(project):

@@ -175,7 +175,7 @@ def test_the_logged_model_gives_the_checkpoints_probabilities_alone_and_in_a_bat
         tracking.setup(config.Tracking(tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment="e"))
         trained = serve.load_trained(project / "models")
         with mlflow.start_run() as run:
-            serve.log_model(trained, registered_model="tiny-classifier")
+            assert serve.log_model(trained, registered_model="tiny-classifier") == "1"  # the new version
         (version,) = mlflow.MlflowClient().search_model_versions("name='tiny-classifier'")
         assert int(version.version) == 1 and version.run_id == run.info.run_id
         latest = mlflow.pyfunc.load_model("models:/tiny-classifier/latest")
