@@ -536,7 +536,8 @@ class Evaluate:
         default=None,
         min_length=1,
         description="Binary tasks: the class whose recall is the sensitivity (the other's is the specificity). "
-        "null: the second class name in sorted order. Must be null for more than two classes.",
+        "null: the class whose name does not mean healthy (normal, benign, negative, healthy, no_...) when the "
+        "other's does, else the second name in sorted order. Must be null for more than two classes.",
     )
     bootstrap: int = Field(
         default=1000,

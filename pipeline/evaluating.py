@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,7 @@ def assess(params: Params) -> Assessment:
         audit.panel_png(
             Rows(prepared.images, held_rows["cache_index"].to_numpy()), suspects, settings.label_audit_panel
         )
-        if settings.label_audit_panel and len(suspects)
+        if settings.label_audit_panel and len(audit.disputed(suspects))
         else None
     )
     metrics = result.metrics | {
@@ -119,6 +120,8 @@ def assess(params: Params) -> Assessment:
         settings=settings,
         hparams=dict(model.hparams),
         extra=sections,
+        provenance=tracking.lineage_tags(Path(paths.raw) / params.data.dataset, None)
+        | {"date": datetime.now(UTC).date().isoformat()},
     )
     return Assessment(
         run.run_id, run.arch, prepared.classes, labels, result, metrics, suspects, audit_png, gradcam, report
@@ -211,10 +214,10 @@ def artifact_places(paths: Paths) -> list[tuple[str, str]]:
 
 
 def headline(metrics: dict[str, Any]) -> str:
-    """The headline metrics, with and without TTA, as one line."""
+    """The headline metrics, with and without TTA, and at the tuned cut predict applies, as one line."""
     return "  ".join(
         f"{split}/{m}={metrics[f'{split}/{m}']:.4f}"
-        for split in ("test", evaluation.TTA_SPLIT)
-        for m in evaluation.HEADLINE
+        for split in ("test", evaluation.TTA_SPLIT, decision.THRESHOLD_SPLIT)
+        for m in (*evaluation.HEADLINE, *evaluation.BINARY)
         if f"{split}/{m}" in metrics
     )

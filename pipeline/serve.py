@@ -136,6 +136,12 @@ def load_decision(path: Path, trained: Trained) -> Decision | None:
             trained.run.run_id,
         )
         return None
+    if warning := made.coverage_warning():
+        log.warning(
+            "%s: the %s; an empty set means no class reached the cut (send the image to a person)",
+            path,
+            warning,
+        )
     return made
 
 
