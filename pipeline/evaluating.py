@@ -133,7 +133,18 @@ def write(paths: Paths, done: Assessment, ece_bins: int) -> None:
     result = done.result
     assert result.decision is not None  # checked in assess
     with atomic_dir(paths.plots) as staging:
-        evaluation.write_plots(staging, result.probs, done.labels, done.classes, result.calibrated, ece_bins)
+        made = result.decision
+        positive = None if made.positive_class is None else done.classes.index(made.positive_class)
+        evaluation.write_plots(
+            staging,
+            result.probs,
+            done.labels,
+            done.classes,
+            result.calibrated,
+            ece_bins,
+            positive=positive,
+            threshold=made.threshold,
+        )
         if done.gradcam_png is not None:
             (staging / explain.PANEL_PNG).write_bytes(done.gradcam_png)
         if done.audit_png is not None:

@@ -595,3 +595,27 @@ def test_an_under_covering_conformal_set_is_a_warning_in_the_report():
     assert "not exchangeable" in made.coverage_warning()  # what predict says (tests/test_serve.py)
     fine, _ = decide((hard, hard_labels), (hard, hard_labels), ("a", "b"), 1, settings, seed=0)
     assert fine.coverage_warning() is None  # the same images: exchangeable, covered
+
+
+def test_a_binary_task_gets_one_curve_for_its_positive_class_with_the_operating_point(tmp_path, monkeypatch):
+    from pipeline.evaluation import plots
+
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.35, 0.65], [0.7, 0.3], [0.1, 0.9]])
+    labels = np.array([0, 0, 1, 1, 1, 0])  # at 0.5 on 'tumor': tp 2 of 3, fp 1 of 3
+    drawn = {}
+    real = plots.plot_curves
+    monkeypatch.setattr(
+        plots, "plot_curves", lambda kind, *a, **k: drawn.setdefault(kind, real(kind, *a, **k))
+    )
+    plots.write_plots(tmp_path, probs, labels, ("normal", "tumor"), positive=1, threshold=0.5)
+    assert sorted(p.name for p in (tmp_path / "roc").iterdir()) == ["tumor.csv"]
+    assert sorted(p.name for p in (tmp_path / "precision_recall").iterdir()) == ["tumor.csv"]
+    for kind, expected in (("roc", (1 / 3, 2 / 3)), ("precision_recall", (2 / 3, 2 / 3))):
+        ax = drawn[kind].axes[0]
+        (point,) = [line for line in ax.get_lines() if line.get_label().startswith("operating point")]
+        assert (point.get_xdata()[0], point.get_ydata()[0]) == pytest.approx(expected)
+        assert "normal" not in " ".join(line.get_label() for line in ax.get_lines())
+    multi = tmp_path / "multi"
+    multi.mkdir()
+    plots.write_plots(multi, PROBS, LABELS, CLASSES)  # more than two classes: one-vs-rest, one curve each
+    assert len(list((multi / "roc").iterdir())) == 3
