@@ -188,3 +188,21 @@ def test_the_headline_names_both_the_05_metrics_and_the_cut_predict_applies():
     assert {"test/sensitivity", "test_threshold/sensitivity", "test_threshold/specificity"} <= set(headline)
     assert headline["test_threshold/sensitivity"] != headline["test/sensitivity"]
     assert {"operating/misses", "operating/false_alarms"} <= set(headline)
+    from pipeline.evaluation import report
+    from tests.conftest import run_info
+
+    data = {
+        "source": "data/raw/x",
+        "classes": ["neg", "pos"],
+        "n_images": 80,
+        "image_size": 32,
+        "rejected": [],
+        "counts": {s: {"neg": 40, "pos": 40} for s in ("train", "val", "test")},
+        "split_by": "stratified",
+        "duplicates": {},
+        "leakage": [],
+        "warnings": [],
+    }
+    text = report(metrics, data, run_info(classes=("neg", "pos")), [], settings=settings)
+    tested = text.split("## Test metrics")[1].split("\n## ")[0]
+    assert f"at 0.5; predict applies the cut {made.threshold:.4f}**" in tested

@@ -361,6 +361,13 @@ def report(
         if tta
         else "No test-time augmentation (evaluate.tta is empty)."
     ]
+    cut = metrics.get("decision/threshold")
+    if cut is not None and cut != 0.5:
+        notes.append(
+            f"**The thresholded numbers above (accuracy, sensitivity, specificity, ...) are at 0.5; predict "
+            f"applies the cut {cut:.4f}** (evaluate.threshold): its numbers are under *Decision threshold* "
+            "below and in reports/metrics.json as `test_threshold/*`."
+        )
     if metrics.get("test/bootstrap_skipped"):
         notes.append(
             f"{metrics['test/bootstrap_skipped']} of {settings.bootstrap} bootstrap resamples lacked a "
