@@ -562,7 +562,9 @@ def test_report_says_what_was_not_checked_the_native_size_and_the_provenance():
     # The checkpoint is named for what it is: the file best.ckpt holds the last epoch under checkpoint: last.
     last = evaluation.report(m, DATA, run_info(checkpoint="last"), [], settings=Evaluate(bootstrap=0))
     assert "last epoch checkpoint `best.ckpt`" not in last
-    assert "its last training epoch (train.checkpoint: last; the file is `best.ckpt`" in last
+    assert "the weights of its last training epoch (train.checkpoint: last), in the file `best.ckpt`" in last
+    unlisted = evaluation.report(m, DATA | {"excluded": {"file": None, "n": 0, "paths": []}}, PRETRAINED, [])
+    assert "| files excluded | none (data.exclude is null) |" in unlisted
 
 
 def test_with_folds_the_random_init_warning_still_opens_the_report():

@@ -227,7 +227,7 @@ def _provenance_section(data_report: Mapping[str, Any], provenance: Mapping[str,
             else ""
         )
         + (", ..." if excluded.get("n", 0) > 10 else "")
-        if excluded
+        if excluded.get("file")
         else "none (data.exclude is null)"
     )
     dirty = provenance.get("git.dirty") == "true"
@@ -404,10 +404,11 @@ def report(
         + (
             f"an ensemble of {len(run.checkpoints)} fold models (mean probabilities)"
             if len(run.checkpoints) > 1
-            else f"its {run.checkpoint} training epoch (train.checkpoint: {run.checkpoint}; the file is "
-            f"`{run.checkpoints[0]}` whichever epoch is kept)"
+            else f"the weights of its {run.checkpoint} training epoch (train.checkpoint: {run.checkpoint}), "
+            f"in the file `{run.checkpoints[0]}` whichever epoch is kept"
         )
-        + " (its MLflow run: `run_id` in models/run.json; this report is logged to it).",
+        + ". Its MLflow train run: `run_id` in models/run.json; this report is logged to an evaluate run "
+        "nested under it.",
         "",
         "## Warnings",
         "",
