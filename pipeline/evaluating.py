@@ -184,15 +184,11 @@ def log(params: Params, done: Assessment, tags: dict[str, str]) -> str:
                 else:
                     mlflow.log_artifact(str(path), artifact_path=artifact_dir)
         registered = params.mlflow.model_name(params.data.dataset)
-        if registered is not None:
-            evaluation = {
-                registry.EVALUATED: child.info.run_id,
-                "evaluate.threshold": str(params.evaluate.threshold),
-            } | ({"evaluation.exp_name": tags["dvc.exp_name"]} if "dvc.exp_name" in tags else {})
-            headline_metrics = {k: v for k, v in split_headline(done.metrics)[0].items() if "/" in k}
-            registry.tag_evaluated(
-                mlflow.MlflowClient(), registered, parent.info.run_id, headline_metrics, evaluation
-            )
+        if registered is not None:  # the latest evaluation; promote re-tags from the one the workspace holds
+            client = mlflow.MlflowClient()
+            evaluation = registry.evaluation_tags(client.get_run(child.info.run_id))
+            headline_metrics = split_headline(done.metrics)[0]
+            registry.tag_evaluated(client, registered, parent.info.run_id, headline_metrics, evaluation)
     return child.info.run_id
 
 

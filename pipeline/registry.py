@@ -9,10 +9,12 @@ metrics of the operating point that ships; nothing but :func:`promote` moves the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from mlflow import MlflowClient
+from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
@@ -21,6 +23,7 @@ from pipeline.errors import PipelineError
 CHAMPION = "champion"
 LINEAGE = ("data.dataset", "data.version", "git.commit", "git.dirty", "dvc.exp_name")
 EVALUATED = "evaluation.run_id"  # the tag that says a version's test metrics were recorded
+EXPERIMENT = "evaluation.exp_name"  # the DVC experiment of that evaluation, if any
 
 
 class RegistryError(PipelineError, LookupError):
@@ -54,14 +57,42 @@ def tag_evaluated(
     version = version_of_run(client, name, train_run_id)
     if version is None:
         return None
-    for key, value in metrics.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            client.set_model_version_tag(name, version.version, key, f"{value:.4f}")
-    for key, value in evaluation.items():
-        client.set_model_version_tag(name, version.version, key, value)
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    # An earlier evaluation's metrics or experiment name that this one lacks would mix two records: dropped.
+    for key in version.tags:
+        if ("/" in key and key not in numbers) or (key == EXPERIMENT and key not in evaluation):
+            client.delete_model_version_tag(name, version.version, key)
+    for key, number in numbers.items():
+        client.set_model_version_tag(name, version.version, key, f"{number:.4f}")
+    for key, text in evaluation.items():
+        client.set_model_version_tag(name, version.version, key, text)
     tags = dict(version.tags) | dict(evaluation)
     client.update_model_version(name, version.version, description=_describe(tags, metrics))
     return version
+
+
+def evaluation_of(client: MlflowClient, train_run_id: str, headline: Mapping[str, Any]) -> Run | None:
+    """The newest evaluate run nested under ``train_run_id`` whose metrics are ``headline`` (the workspace's
+    reports/metrics.json): the evaluation that produced the files predict uses; None when none did."""
+    experiment = client.get_run(train_run_id).info.experiment_id
+    runs = client.search_runs(
+        [experiment],
+        filter_string=f"tags.mlflow.parentRunId = '{train_run_id}' and tags.stage = 'evaluate'",
+        order_by=["attributes.start_time DESC"],
+    )
+    numbers = {k: v for k, v in headline.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for run in runs:
+        if numbers and all(abs(run.data.metrics.get(k, math.inf) - v) < 1e-9 for k, v in numbers.items()):
+            return run
+    return None
+
+
+def evaluation_tags(run: Run) -> dict[str, str]:
+    """The tags that say which evaluation a version's test metrics come from."""
+    tags = {EVALUATED: run.info.run_id, "evaluate.threshold": run.data.params.get("evaluate.threshold", "?")}
+    if run.data.tags.get("dvc.exp_name"):
+        tags[EXPERIMENT] = run.data.tags["dvc.exp_name"]
+    return tags
 
 
 def _describe(tags: Mapping[str, str], metrics: Mapping[str, Any] | None) -> str:

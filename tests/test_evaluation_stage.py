@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import config, evaluation, tracking
+from pipeline import config, evaluation, registry, tracking
 from pipeline.data.ingest import ingest
 from pipeline.data.prepared import load_prepared
 from pipeline.evaluation import decision, plots
@@ -284,3 +284,24 @@ def test_label_audit_and_decision_are_written_for_the_validation_split(project):
     assert (
         made.run_id == run_id and made.threshold is None and made.conformal_quantile is None
     )  # 3 classes, off
+
+
+def test_the_registered_version_gets_the_test_metrics_and_promote_finds_its_evaluation(project, capsys):
+    """The train run's registered version (here registered by hand, as log_model does) is tagged by evaluate;
+    promote matches reports/metrics.json to the evaluate run that wrote it and moves the alias."""
+    from pipeline.__main__ import main as cli
+
+    root, params, run_id = project
+    client = mlflow.MlflowClient()
+    name = params.mlflow.model_name("tiny")
+    client.create_registered_model(name)
+    version = str(client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id).version)
+    (root / "params.yaml").write_text(yaml.safe_dump(config.as_dict(params)))
+    stage.main(params, argparse.Namespace())
+    tags = client.get_model_version(name, version).tags
+    headline = json.loads(Path(params.paths.metrics).read_text())
+    assert tags["test/accuracy"] == f"{headline['test/accuracy']:.4f}"
+    assert tags[registry.EVALUATED] == evaluation_runs(run_id)[-1].info.run_id
+    assert cli(["--params", str(root / "params.yaml"), "promote"]) == 0
+    assert f"models:/{name}@champion is now version {version}" in capsys.readouterr().out
+    assert str(client.get_model_version_by_alias(name, "champion").version) == version

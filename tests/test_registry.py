@@ -1,6 +1,7 @@
 """The MLflow model registry on a real local SQLite store: a name per data set, lineage and metric tags on each
 version, and the 'champion' alias that only `python -m pipeline promote` moves."""
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -51,6 +52,22 @@ def test_one_registered_name_per_data_set_and_only_known_placeholders():
             config.parse({"mlflow": {"registered_model": bad}})
 
 
+def evaluate_run(train_run_id: str, metrics: dict, threshold: str, exp: str | None = None) -> str:
+    """An evaluate run nested under the train run, as the evaluate stage logs it; its id."""
+    tags = {"stage": "evaluate"} | ({"dvc.exp_name": exp} if exp else {})
+    with mlflow.start_run(run_id=train_run_id), mlflow.start_run(nested=True, tags=tags) as child:
+        mlflow.log_params({"evaluate.threshold": threshold})
+        mlflow.log_metrics(metrics)
+    return child.info.run_id
+
+
+def evaluated(client: mlflow.MlflowClient, name: str, run_id: str, metrics: dict, threshold: str, exp=None):
+    """What the evaluate stage does: its nested run, then the version's tags from it (the latest wins)."""
+    child = evaluate_run(run_id, metrics, threshold, exp)
+    registry.tag_evaluated(client, name, run_id, metrics, registry.evaluation_tags(client.get_run(child)))
+    return child
+
+
 def test_versions_carry_lineage_then_metrics_and_only_promote_moves_the_alias(store, capsys):
     client, name = store, "pipeline-xray"
     run_id, version = new_version(client, name)
@@ -60,30 +77,43 @@ def test_versions_carry_lineage_then_metrics_and_only_promote_moves_the_alias(st
     assert "abc123.dir" in client.get_model_version(name, version).description
     Path("models").mkdir()
     run_info(run_id=run_id).write(Path("models"))  # the trained model promote looks up by default
+    Path("reports").mkdir()
+    committed = {"test/accuracy": 0.91234, "test/sensitivity": 0.8}
+    Path("reports/metrics.json").write_text(json.dumps(committed | {"weights/pretrained": True}))
 
     # Not evaluated yet: promote refuses, and no alias exists.
     assert cli(["promote"]) == 2
+    assert "matches no evaluate run" in capsys.readouterr().err
+    assert cli(["promote", "--version", version]) == 2
     assert "no test metrics" in capsys.readouterr().err
     assert not client.get_registered_model(name).aliases
 
-    evaluation = {registry.EVALUATED: "eval-run", "evaluate.threshold": "youden"}
-    registry.tag_evaluated(
-        client, name, run_id, {"test/accuracy": 0.91234, "test_threshold/sensitivity": 0.8}, evaluation
-    )
+    # The committed evaluation, then an evaluate-only experiment at another cut: the version's tags follow
+    # the latest, each naming its evaluate run.
+    first = evaluated(client, name, run_id, committed, "0.5")
+    assert client.get_model_version(name, version).tags["test/accuracy"] == "0.9123"
+    trial = {"test/accuracy": 0.91234, "test_threshold/sensitivity": 0.95}
+    later = evaluated(client, name, run_id, trial, "sensitivity:0.95", exp="t95")
     tags = client.get_model_version(name, version).tags
-    assert tags["test/accuracy"] == "0.9123" and tags["test_threshold/sensitivity"] == "0.8000"
-    assert "youden" in client.get_model_version(name, version).description
+    assert tags[registry.EVALUATED] == later and tags["evaluation.exp_name"] == "t95"
+    assert "test/sensitivity" not in tags and tags["test_threshold/sensitivity"] == "0.9500"
+    assert "sensitivity:0.95" in client.get_model_version(name, version).description
 
+    # promote serves what the workspace holds (reports/metrics.json: the committed evaluation) and says so.
     assert cli(["promote"]) == 0
     assert f"models:/{name}@champion is now version {version}" in capsys.readouterr().out
     assert str(client.get_model_version_by_alias(name, registry.CHAMPION).version) == version
+    tags = client.get_model_version(name, version).tags
+    assert tags[registry.EVALUATED] == first and tags["evaluate.threshold"] == "0.5"
+    assert "evaluation.exp_name" not in tags and "test_threshold/sensitivity" not in tags
+    assert tags["test/sensitivity"] == "0.8000"
 
     # A later training registers a newer version: 'latest' moves, the champion does not.
-    _, later = new_version(client, name)
-    registry.tag_trained(client, name, later, LINEAGE | {"dvc.exp_name": "throwaway"})
-    assert int(later) > int(version)
+    _, newer = new_version(client, name)
+    registry.tag_trained(client, name, newer, LINEAGE | {"dvc.exp_name": "throwaway"})
+    assert int(newer) > int(version)
     assert str(client.get_model_version_by_alias(name, registry.CHAMPION).version) == version
-    assert cli(["promote", "--version", later]) == 2  # not evaluated: refused
+    assert cli(["promote", "--version", newer]) == 2  # not evaluated: refused
     assert str(client.get_model_version_by_alias(name, registry.CHAMPION).version) == version
     assert cli(["promote", "--version", "99"]) == 2
     assert "not found in the registry" in capsys.readouterr().err
