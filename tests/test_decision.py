@@ -169,6 +169,10 @@ def test_the_report_counts_misses_and_false_alarms_beside_the_prevalence_and_nev
     assert "**1 of the 4 `normal` images are false alarms** (false positives)" in text
     assert "PPV (positive calls that are right) 0.750, NPV 0.750: both at the test prevalence 50.0%" in text
     assert "balanced by construction" in text
+    rare = (test[0][[0, 4, 5, 6, 7]], test[1][[0, 4, 5, 6, 7]])  # 1 positive of 5: prevalence 20%
+    made, metrics = decide(scored(100, 4), rare, ("normal", "tumor"), 1, Evaluate(bootstrap=0), seed=0)
+    text = "\n\n".join(body for _, body in decision.report_sections(metrics, made))
+    assert "prevalence of `tumor` 20.0%" in text and "balanced by construction" not in text
     youden, metrics = decide(
         scored(100, 4), test, ("normal", "tumor"), 1, Evaluate(threshold="youden"), seed=0
     )

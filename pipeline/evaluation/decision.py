@@ -37,6 +37,7 @@ THRESHOLDED = (
     "specificity",
 )  # what a cut changes
 SET_SEPARATOR = "|"  # predict's 'set' column: class names joined by this
+BALANCED = 0.02  # a test prevalence this close to 50% reads as a split balanced by construction
 
 
 class DecisionError(PipelineError, ValueError):
@@ -393,12 +394,12 @@ def operating_text(metrics: Mapping[str, Any], decision: Decision) -> list[str]:
             f"{', '.join(values)}: both at the test prevalence {m['operating/prevalence']:.1%}. At a prevalence "
             "π where the model is used, PPV = sens·π / (sens·π + (1 − spec)(1 − π)).",
         ]
-    if n_pos and n_neg and abs(n_pos - n_neg) <= 1:
+    if n_pos and n_neg and (abs(n_pos - n_neg) <= 1 or abs(n_pos / (n_pos + n_neg) - 0.5) <= BALANCED):
         lines += [
             "",
             f"**The test split is balanced ({n_pos} against {n_neg}), as a set drawn balanced by "
-            "construction is**: its PPV and NPV hold at 50% prevalence only, which is rarely a clinic's; "
-            "recompute them at the prevalence of use before quoting them.",
+            "construction is**: its PPV and NPV hold at about 50% prevalence only, which is rarely a "
+            "clinic's; recompute them at the prevalence of use before quoting them.",
         ]
     return lines
 
