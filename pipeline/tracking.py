@@ -285,7 +285,7 @@ def log_model(
 ) -> str | None:
     """Log a network with ``mlflow.pytorch`` on the active run (signature given, else inferred from ``example``).
 
-    With ``registered_model`` (``mlflow.Tracking.model_name``), the logged model also becomes the next
+    With ``registered_model`` (``config.Tracking.model_name``), the logged model also becomes the next
     version of that registered model; that version is returned (None when not registered). Serving loads
     the version that ``promote`` named ``champion`` (``pipeline.registry``), never ``latest``.
     """
