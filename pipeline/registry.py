@@ -3,8 +3,9 @@ how they scored, and the alias that serving loads (``champion``), moved only by 
 
 MLflow's own conventions (tags, descriptions and aliases on model versions): ``models:/<name>/latest`` is
 whatever trained last (a queued throwaway experiment included), ``models:/<name>@champion`` is what a person
-decided to serve. The train stage tags a new version with its lineage; the evaluate stage adds the test
-metrics of the operating point that ships; nothing but :func:`promote` moves the alias.
+decided to serve. The train stage tags a new version with its lineage; each evaluate run tags it with its
+test metrics (the headline, at the operating point that ships), the latest winning; ``promote`` re-tags it
+from the evaluation the workspace holds (:func:`evaluation_of`), then moves the alias: nothing else does.
 """
 
 from __future__ import annotations
