@@ -52,6 +52,11 @@ COMMANDS = {
         "--format {torchscript,onnx} [--out OUT] [--model-dir DIR]",
         "the trained model as one TorchScript or ONNX file",
     ),
+    "promote": Command(
+        "pipeline.stages.promote",
+        "[--version N] [--alias ALIAS] [--model-dir DIR]",
+        "point the registered model's alias (champion, what serving loads) at the evaluated model",
+    ),
     "weights": Command(
         "pipeline.stages.weights",
         "import FILE [--arch ARCH] [--weights NAME]",

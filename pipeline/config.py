@@ -561,7 +561,8 @@ class Evaluate:
         default=None,
         min_length=1,
         description="Binary tasks: the class whose recall is the sensitivity (the other's is the specificity). "
-        "null: the second class name in sorted order. Must be null for more than two classes.",
+        "null: the class whose name does not mean healthy (normal, benign, negative, healthy, no_...) when the "
+        "other's does, else the second name in sorted order. Must be null for more than two classes.",
     )
     bootstrap: int = Field(
         default=1000,
@@ -627,14 +628,21 @@ class Tracking:
         default="mlartifacts", description="Artifact folder for a local (sqlite/file) store."
     )
     registered_model: str | None = Field(
-        default="pipeline-classifier",
+        default="pipeline-{dataset}",
         min_length=1,
-        description="The train stage registers its model under this name in the MLflow model registry "
-        "(load it with models:/<name>/latest); null: log the model without registering it.",
+        pattern=r"^[\w.-]*(\{dataset\}[\w.-]*)*$",
+        description="The train stage registers its model under this name in the MLflow model registry, "
+        "{dataset} replaced by data.dataset (one registered model per data set); letters, digits, _ . - "
+        "and {dataset}. Serve the version that `python -m pipeline promote` gave the alias 'champion': "
+        "models:/<name>@champion (docs/serving.md). null: log the model without registering it.",
     )
 
     def __post_init__(self) -> None:
         refuse_in_params("mlflow.tracking_uri", self.tracking_uri)
+
+    def model_name(self, dataset: str) -> str | None:
+        """The registered model's name for ``dataset`` (``registered_model`` with ``{dataset}`` filled in)."""
+        return None if self.registered_model is None else self.registered_model.replace("{dataset}", dataset)
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from pipeline import augment, crossval, evaluation, explain, serve, tracking
-from pipeline.config import Params, Paths
+from pipeline import augment, crossval, evaluation, explain, registry, serve, tracking
+from pipeline.config import Params, Paths, flatten
 from pipeline.data.cache import Rows
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.evaluation import audit, decision
@@ -36,6 +37,7 @@ class Assessment:
     """What the evaluate stage writes, computed and held until every part succeeded."""
 
     run_id: str
+    arch: str
     classes: tuple[str, ...]
     labels: np.ndarray  # of the test split
     result: evaluation.Evaluation
@@ -82,7 +84,7 @@ def assess(params: Params) -> Assessment:
         audit.panel_png(
             Rows(prepared.images, held_rows["cache_index"].to_numpy()), suspects, settings.label_audit_panel
         )
-        if settings.label_audit_panel and len(suspects)
+        if settings.label_audit_panel and len(audit.disputed(suspects))
         else None
     )
     metrics = result.metrics | {
@@ -118,9 +120,11 @@ def assess(params: Params) -> Assessment:
         settings=settings,
         hparams=dict(model.hparams),
         extra=sections,
+        provenance=tracking.lineage_tags(Path(paths.raw) / params.data.dataset, None)
+        | {"date": datetime.now(UTC).date().isoformat()},
     )
     return Assessment(
-        run.run_id, prepared.classes, labels, result, metrics, suspects, audit_png, gradcam, report
+        run.run_id, run.arch, prepared.classes, labels, result, metrics, suspects, audit_png, gradcam, report
     )
 
 
@@ -129,7 +133,18 @@ def write(paths: Paths, done: Assessment, ece_bins: int) -> None:
     result = done.result
     assert result.decision is not None  # checked in assess
     with atomic_dir(paths.plots) as staging:
-        evaluation.write_plots(staging, result.probs, done.labels, done.classes, result.calibrated, ece_bins)
+        made = result.decision
+        positive = None if made.positive_class is None else done.classes.index(made.positive_class)
+        evaluation.write_plots(
+            staging,
+            result.probs,
+            done.labels,
+            done.classes,
+            result.calibrated,
+            ece_bins,
+            positive=positive,
+            threshold=made.threshold,
+        )
         if done.gradcam_png is not None:
             (staging / explain.PANEL_PNG).write_bytes(done.gradcam_png)
         if done.audit_png is not None:
@@ -146,27 +161,70 @@ def write(paths: Paths, done: Assessment, ece_bins: int) -> None:
     write_json(paths.metrics, headline)
 
 
-def log(paths: Paths, done: Assessment) -> None:
-    """Metrics, plots and files logged to the train run, under the names the files use."""
-    with mlflow.start_run(run_id=done.run_id):
-        tracking.log_metrics(done.metrics)
-        mlflow.log_artifacts(str(paths.plots), artifact_path="evaluation")
-        for path in (
-            paths.metrics,
-            paths.metrics_detail,
-            paths.confusion,
-            paths.report,
-            paths.decision,
-            paths.label_audit,
-        ):
-            mlflow.log_artifact(str(path), artifact_path="evaluation")
+def log(params: Params, done: Assessment, tags: dict[str, str]) -> str:
+    """One MLflow run per evaluation, nested under the train run, with the metrics and files; its id.
+
+    A nested run rather than the train run itself: an evaluate-only experiment (``dvc exp run -S
+    evaluate.threshold=...``) adds a record instead of overwriting the one that matches the committed
+    model and decision. ``tags`` (the lineage, ``dvc.exp_name`` included) go on it; the version the train
+    run registered gets the headline metrics (``pipeline.registry``).
+    """
+    paths = params.paths
+    with mlflow.start_run(run_id=done.run_id) as parent:
+        name = tracking.run_name("evaluate", done.arch, tags)
+        stage = {"stage": "evaluate", "evaluate.threshold": str(params.evaluate.threshold)}
+        with mlflow.start_run(run_name=name, nested=True, tags=tags | stage) as child:
+            mlflow.log_params(
+                {k: "" if v is None else v for k, v in flatten(params).items() if k.startswith("evaluate.")}
+            )
+            tracking.log_metrics(done.metrics)
+            for path, artifact_dir in artifact_places(paths):
+                if Path(path).is_dir():
+                    mlflow.log_artifacts(str(path), artifact_path=artifact_dir)
+                else:
+                    mlflow.log_artifact(str(path), artifact_path=artifact_dir)
+        registered = params.mlflow.model_name(params.data.dataset)
+        if registered is not None:  # the latest evaluation; promote re-tags from the one the workspace holds
+            client = mlflow.MlflowClient()
+            evaluation = registry.evaluation_tags(client.get_run(child.info.run_id))
+            headline_metrics = split_headline(done.metrics)[0]
+            registry.tag_evaluated(client, registered, parent.info.run_id, headline_metrics, evaluation)
+    return child.info.run_id
+
+
+ARTIFACT_DIR = "evaluation"
+
+
+def artifact_places(paths: Paths) -> list[tuple[str, str]]:
+    """(local path, artifact folder) of each file the evaluate stage logs, placed as they lie beside the report
+    so that its relative links (``plots/roc.png``) resolve in the MLflow artifact viewer; a file outside the
+    report's folder goes to the top of ``evaluation/``."""
+    report_dir = Path(paths.report).parent
+    places = []
+    for path in (
+        paths.plots,
+        paths.metrics,
+        paths.metrics_detail,
+        paths.confusion,
+        paths.report,
+        paths.decision,
+        paths.label_audit,
+    ):
+        relative = Path(os.path.relpath(path, report_dir))
+        inside = ".." not in relative.parts
+        if Path(path).is_dir():
+            folder = relative if inside else Path(Path(path).name)
+        else:
+            folder = relative.parent if inside else Path()
+        places.append((str(path), (Path(ARTIFACT_DIR) / folder).as_posix()))
+    return places
 
 
 def headline(metrics: dict[str, Any]) -> str:
-    """The headline metrics, with and without TTA, as one line."""
+    """The headline metrics, with and without TTA, and at the tuned cut predict applies, as one line."""
     return "  ".join(
         f"{split}/{m}={metrics[f'{split}/{m}']:.4f}"
-        for split in ("test", evaluation.TTA_SPLIT)
-        for m in evaluation.HEADLINE
+        for split in ("test", evaluation.TTA_SPLIT, decision.THRESHOLD_SPLIT)
+        for m in (*evaluation.HEADLINE, *evaluation.BINARY)
         if f"{split}/{m}" in metrics
     )

@@ -181,7 +181,24 @@ def runs_table(project: Project, experiments: Sequence[str] | None = None) -> pd
     params = runs.filter(like="params.", axis=1).rename(columns=lambda c: c.removeprefix("params."))
     params = params.apply(_numbers_where_possible)
     metrics = runs.filter(like="metrics.", axis=1).rename(columns=lambda c: c.removeprefix("metrics."))
-    return pd.concat([info, params, metrics], axis=1)
+    return with_evaluations(pd.concat([info, params, metrics], axis=1))
+
+
+def with_evaluations(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each train run's row with the metrics of its latest evaluate run (nested under it: one run per
+    evaluation) where the train run has none, so a train run is compared on its test metrics too; the
+    ``evaluation_run_id`` column says which evaluation they come from. ``runs``: oldest first."""
+    runs = runs.copy()
+    runs["evaluation_run_id"] = None
+    evaluations = runs[runs["stage"] == "evaluate"]
+    metrics = [c for c in runs.columns if "/" in c]
+    for parent, group in evaluations.groupby("parent_run_id"):
+        latest = group.iloc[-1]
+        rows = runs.index[runs["run_id"] == parent]
+        taken = [c for c in metrics if pd.notna(latest[c])]
+        runs.loc[rows, taken] = runs.loc[rows, taken].fillna(latest[taken])
+        runs.loc[rows, "evaluation_run_id"] = latest["run_id"]
+    return runs
 
 
 def for_dataset(runs: pd.DataFrame, dataset: str | None) -> pd.DataFrame:

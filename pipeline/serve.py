@@ -136,6 +136,12 @@ def load_decision(path: Path, trained: Trained) -> Decision | None:
             trained.run.run_id,
         )
         return None
+    if warning := made.coverage_warning():
+        log.warning(
+            "%s: the %s; an empty set means no class reached the cut (send the image to a person)",
+            path,
+            warning,
+        )
     return made
 
 
@@ -391,8 +397,9 @@ def _export_onnx(packaged: Packaged, example: torch.Tensor, out: Path, meta: dic
     onnx.save_model(model, str(out))
 
 
-def log_model(trained: Trained, registered_model: str | None = None) -> None:
-    """Log :func:`package` of ``trained`` to the active MLflow run (and register it as ``registered_model``).
+def log_model(trained: Trained, registered_model: str | None = None) -> str | None:
+    """Log :func:`package` of ``trained`` to the active MLflow run (and register it as ``registered_model``,
+    returning the new version).
 
     The logged model is the exported one: eval mode, preprocessing inside, probabilities out, so
     ``mlflow.pyfunc.load_model(...).predict(images)`` answers as predict and the exports do, for one
@@ -410,7 +417,7 @@ def log_model(trained: Trained, registered_model: str | None = None) -> None:
         inputs=Schema([TensorSpec(example.numpy().dtype, (-1, -1, -1, trained.in_channels))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(trained.classes)))]),
     )
-    tracking.log_model(
+    return tracking.log_model(
         packaged,
         example.numpy(),
         signature=signature,

@@ -282,11 +282,12 @@ def log_model(
     registered_model: str | None = None,
     signature: Any = None,
     metadata: dict[str, str] | None = None,
-) -> None:
+) -> str | None:
     """Log a network with ``mlflow.pytorch`` on the active run (signature given, else inferred from ``example``).
 
-    With ``registered_model`` (``mlflow.registered_model``), the logged model also becomes the next
-    version of that registered model: ``mlflow.pyfunc.load_model("models:/<name>/latest")`` loads it.
+    With ``registered_model`` (``config.Tracking.model_name``), the logged model also becomes the next
+    version of that registered model; that version is returned (None when not registered). Serving loads
+    the version that ``promote`` named ``champion`` (``pipeline.registry``), never ``latest``.
     """
     import lightning
     import mlflow.pytorch
@@ -298,7 +299,7 @@ def log_model(
     requirements = [
         f"{m.__name__}=={m.__version__.split('+')[0]}" for m in (torch, torchvision, lightning, torchmetrics)
     ]
-    mlflow.pytorch.log_model(
+    info = mlflow.pytorch.log_model(
         model,
         name=name,
         input_example=example,
@@ -309,6 +310,8 @@ def log_model(
         # torch.export, never pickle (MLflow's default on Databricks): weights loads only pt2 (transfer.py)
         serialization_format="pt2",
     )
+    version = info.registered_model_version
+    return None if version is None else str(version)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 
-from pipeline import augment, crossval, serve, tracking
+from pipeline import augment, crossval, registry, serve, tracking
 from pipeline.config import Params, as_dict
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.fit import FitResult, datamodule, fit
@@ -159,6 +159,9 @@ def train(params: Params, tuned: dict[str, Any], tags: dict[str, str] | None) ->
         mlflow.log_dict(info.as_dict(), RUN_INFO)
         # What ships: the model as predict and export load it, with its preprocessing, in eval mode.
         model = serve.load_trained(Path(params.paths.model_dir))
-        serve.log_model(model, registered_model=params.mlflow.registered_model)
+        registered = params.mlflow.model_name(params.data.dataset)
+        version = serve.log_model(model, registered_model=registered)
+        if registered is not None and version is not None:  # lineage on the version; evaluate adds metrics
+            registry.tag_trained(mlflow.MlflowClient(), registered, version, tags)
     run.resume.clear()
     return info

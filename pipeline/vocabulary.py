@@ -8,6 +8,8 @@ tuning and the notebooks never guess it from the name.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Literal
 
 Better = Literal["min", "max"]
@@ -41,3 +43,30 @@ def metric_of(name: str) -> str:
 def better(name: str) -> Better:
     """Which way ``name`` (a logged name or a bare metric) improves; a KeyError for a name not in the vocabulary."""
     return BETTER[metric_of(name)]
+
+
+# --- class names -------------------------------------------------------------------------------------------
+# Words that name a healthy or negative finding: such a class is never the default positive class of a binary
+# task (a breast-ultrasound set's `normal_benign` once was, so "sensitivity" was the benign recall).
+HEALTHY_WORDS = frozenset(
+    {"normal", "benign", "negative", "healthy", "control", "nofinding", "no", "none", "absent", "unaffected"}
+)
+HEALTHY_PREFIXES = ("no_", "no-", "no ", "not_", "not-", "not ")  # no_tumor, no-finding, not_sick
+
+
+def means_healthy(name: str) -> bool:
+    """Whether a class name says healthy / negative (``normal``, ``normal_benign``, ``No_Finding``, ``healthy``)."""
+    low = name.strip().lower()
+    return low.startswith(HEALTHY_PREFIXES) or any(w in HEALTHY_WORDS for w in re.split(r"[^a-z0-9]+", low))
+
+
+def default_positive(classes: Sequence[str]) -> tuple[str, str]:
+    """The positive class of a binary task when ``evaluate.positive_class`` is null, and why: the class whose
+    name does not mean healthy when exactly one does, else the second name in sorted order."""
+    healthy = [c for c in classes if means_healthy(c)]
+    if len(healthy) == 1:
+        return next(
+            c for c in classes if c != healthy[0]
+        ), f"'{healthy[0]}' names a healthy or negative finding"
+    which = "both" if healthy else "neither"
+    return sorted(classes)[1], f"the second class name in sorted order ({which} name means healthy)"

@@ -90,8 +90,11 @@ def test_cv_metrics_reach_metrics_json_the_report_and_nested_mlflow_runs(project
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
     client = mlflow.MlflowClient()
     parent = client.get_run(run["run_id"])
-    assert "test/accuracy" in parent.data.metrics and "cv/accuracy" in parent.data.metrics
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run['run_id']}'")
+    assert "cv/accuracy" in parent.data.metrics and "test/accuracy" not in parent.data.metrics
+    nested = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run['run_id']}'")
+    children = [c for c in nested if c.data.tags.get("stage") != "evaluate"]
+    (evaluated,) = [c for c in nested if c.data.tags.get("stage") == "evaluate"]  # the evaluation's own run
+    assert "test/accuracy" in evaluated.data.metrics and "cv/accuracy" in evaluated.data.metrics
     assert sorted(c.data.tags["fold"] for c in children) == [str(i) for i in range(FOLDS)]
     for child in children:
         assert child.info.status == "FINISHED" and child.data.params["data.folds"] == str(FOLDS)

@@ -1,6 +1,8 @@
 """Decisions fitted on a selection set: the threshold for each objective, that test labels never move it,
 and split-conformal coverage on a task whose true probabilities are known."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -51,7 +53,13 @@ def test_the_decision_never_sees_test_labels():
     made, metrics = decide(selection, (test_probs, test_labels), ("neg", "pos"), 1, settings, seed=0)
     shuffled = np.random.default_rng(3).permutation(test_labels)
     again, other = decide(selection, (test_probs, shuffled), ("neg", "pos"), 1, settings, seed=0)
-    assert again == made and made.threshold is not None and made.conformal_quantile is not None
+    # What is decided (cut, quantile) ignores the test labels; only the recorded test coverage (what predict
+    # warns on) is measured with them.
+    measured = ("test_coverage", "test_coverage_ci_low", "test_coverage_ci_high")
+    assert dataclasses.replace(again, **dict.fromkeys(measured)) == dataclasses.replace(
+        made, **dict.fromkeys(measured)
+    )
+    assert made.threshold is not None and made.conformal_quantile is not None
     assert other["decision/threshold"] == metrics["decision/threshold"]
     assert (
         other["test_threshold/accuracy"] != metrics["test_threshold/accuracy"]
@@ -143,3 +151,62 @@ def test_evaluate_fits_the_decisions_on_val_and_scores_them_on_test():
     assert out.decision.conformal_quantile == conformal_quantile(val_probs, val_labels, 0.2)
     assert {"decision/threshold", "decision_val/specificity", "conformal/coverage"} <= set(out.metrics)
     assert out.metrics["decision_val/specificity"] >= 0.5
+
+
+def test_the_report_counts_misses_and_false_alarms_beside_the_prevalence_and_never_calls_05_chosen():
+    # 4 positives (one scored 0.3: a miss at 0.5) and 4 negatives (one scored 0.7: a false alarm): balanced.
+    test = (
+        np.array([[0.1, 0.9], [0.2, 0.8], [0.3, 0.7], [0.7, 0.3]] * 2),
+        np.array([1, 1, 1, 1, 0, 0, 0, 0]),
+    )
+    test[0][4:] = [[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]]
+    made, metrics = decide(scored(100, 4), test, ("normal", "tumor"), 1, Evaluate(bootstrap=0), seed=0)
+    assert (metrics["operating/misses"], metrics["operating/false_alarms"]) == (1, 1)
+    assert metrics["operating/prevalence"] == 0.5 and metrics["operating/ppv"] == 0.75
+    text = "\n\n".join(body for _, body in decision.report_sections(metrics, made))
+    assert "chosen" not in text and "a fixed cut 0.5000" in text and "set, not fitted" in text
+    assert "**1 of the 4 `tumor` images are missed** (false negatives)" in text
+    assert "**1 of the 4 `normal` images are false alarms** (false positives)" in text
+    assert "PPV (positive calls that are right) 0.750, NPV 0.750: both at the test prevalence 50.0%" in text
+    assert "balanced by construction" in text
+    rare = (test[0][[0, 4, 5, 6, 7]], test[1][[0, 4, 5, 6, 7]])  # 1 positive of 5: prevalence 20%
+    made, metrics = decide(scored(100, 4), rare, ("normal", "tumor"), 1, Evaluate(bootstrap=0), seed=0)
+    text = "\n\n".join(body for _, body in decision.report_sections(metrics, made))
+    assert "prevalence of `tumor` 20.0%" in text and "balanced by construction" not in text
+    youden, metrics = decide(
+        scored(100, 4), test, ("normal", "tumor"), 1, Evaluate(threshold="youden"), seed=0
+    )
+    text = "\n\n".join(body for _, body in decision.report_sections(metrics, youden))
+    assert f"cut {youden.threshold:.4f} on its probability (`evaluate.threshold: youden`), chosen on" in text
+
+
+def test_the_headline_names_both_the_05_metrics_and_the_cut_predict_applies():
+    from pipeline.evaluation.reporting import split_headline
+
+    settings = Evaluate(threshold="sensitivity:0.9", bootstrap=0)
+    test = scored(80, 5)
+    made, metrics = decide(scored(100, 4), test, ("neg", "pos"), 1, settings, seed=0)
+    metrics |= split_metrics(*test, ("neg", "pos"), "test", settings, 0, positive=1)
+    headline, _ = split_headline(metrics)
+    assert headline["decision/threshold"] == pytest.approx(made.threshold, abs=1e-6)
+    assert {"test/sensitivity", "test_threshold/sensitivity", "test_threshold/specificity"} <= set(headline)
+    assert headline["test_threshold/sensitivity"] != headline["test/sensitivity"]
+    assert {"operating/misses", "operating/false_alarms"} <= set(headline)
+    from pipeline.evaluation import report
+    from tests.conftest import run_info
+
+    data = {
+        "source": "data/raw/x",
+        "classes": ["neg", "pos"],
+        "n_images": 80,
+        "image_size": 32,
+        "rejected": [],
+        "counts": {s: {"neg": 40, "pos": 40} for s in ("train", "val", "test")},
+        "split_by": "stratified",
+        "duplicates": {},
+        "leakage": [],
+        "warnings": [],
+    }
+    text = report(metrics, data, run_info(classes=("neg", "pos")), [], settings=settings)
+    tested = text.split("## Test metrics")[1].split("\n## ")[0]
+    assert f"at 0.5; predict applies the cut {made.threshold:.4f}**" in tested

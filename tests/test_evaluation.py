@@ -509,3 +509,115 @@ def test_report_says_which_training_mode_ran():
     report = lambda run: evaluation.report(m, DATA, run, [], settings=Evaluate(bootstrap=0))  # noqa: E731
     assert "| training mode | `knn` |" in report(dataclasses.replace(PRETRAINED, mode="knn"))
     assert "| training mode | `finetune` |" in report(PRETRAINED)  # train.mode's default
+
+
+@pytest.mark.parametrize(
+    ("classes", "positive"),
+    [
+        (("malignant", "normal_benign"), "malignant"),  # sorted order would pick normal_benign
+        (("abnormal", "normal"), "abnormal"),  # sorted order would pick normal; 'abnormal' is not 'normal'
+        (("No_Finding", "effusion"), "effusion"),
+        (("benign", "malignant"), "malignant"),
+        (("NORMAL", "PNEUMONIA"), "PNEUMONIA"),
+        (("cat", "dog"), "dog"),  # neither means healthy: the second in sorted order
+    ],
+)
+def test_a_name_meaning_healthy_is_never_the_default_positive_class(classes, positive):
+    assert classes[evaluation.positive_index(classes, None)] == positive
+    flipped = classes[::-1]  # the order of the names does not matter
+    assert flipped[evaluation.positive_index(flipped, None)] == positive
+    other = next(c for c in classes if c != positive)
+    assert classes[evaluation.positive_index(classes, other)] == other  # an explicit choice wins
+
+
+def test_report_says_what_was_not_checked_the_native_size_and_the_provenance():
+    data = DATA | {
+        "formats": {"mode": {"L": 6}, "bits": {"8": 6}, "size": {"28x28": 6}},
+        "excluded": {
+            "file": "data/exclude.csv",
+            "n": 2,
+            "paths": ["data/raw/x/a/1.png", "data/raw/x/b/2.png"],
+        },
+    }
+    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)
+    lineage = {"git.commit": "c" * 40, "git.dirty": "false", "data.dataset": "x", "data.version": "f00.dir"}
+    text = evaluation.report(
+        m, data, PRETRAINED, [], settings=Evaluate(bootstrap=0), provenance=lineage | {"date": "2026-12-07"}
+    )
+    section = text.split("## Data")[1].split("\n## ")[0]
+    assert "leakage across splits: none" not in section  # no group column: nothing was checked per patient
+    assert "patient-level separation was **not checked**" in section
+    assert "from native sizes 28x28 (6) (**6 of them upscaled**" in section
+    grouped = evaluation.report(m, data | {"groups": 3}, PRETRAINED, [], settings=Evaluate(bootstrap=0))
+    assert "3 patient (group) IDs, each kept within one split" in grouped
+    provenance = text.split("## Provenance")[1].split("\n## ")[0]
+    for expected in (
+        "`f00.dir`",
+        "`" + "c" * 40 + "`",
+        "2026-12-07",
+        "2 file(s) listed in `data/exclude.csv`",
+    ):
+        assert expected in provenance
+    assert "`1.png`" in provenance
+    # The checkpoint is named for what it is: the file best.ckpt holds the last epoch under checkpoint: last.
+    last = evaluation.report(m, DATA, run_info(checkpoint="last"), [], settings=Evaluate(bootstrap=0))
+    assert "last epoch checkpoint `best.ckpt`" not in last
+    assert "the weights of its last training epoch (train.checkpoint: last), in the file `best.ckpt`" in last
+    unlisted = evaluation.report(m, DATA | {"excluded": {"file": None, "n": 0, "paths": []}}, PRETRAINED, [])
+    assert "| files excluded | none (data.exclude is null) |" in unlisted
+
+
+def test_with_folds_the_random_init_warning_still_opens_the_report():
+    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES) | {"cv/accuracy": 0.8, "cv/auroc": 0.9}
+    folds = dataclasses.replace(RANDOM_INIT, checkpoints=("fold0.ckpt", "fold1.ckpt"))
+    text = evaluation.report(m, DATA, folds, [], settings=Evaluate(bootstrap=0))
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings[0] == "## Warnings" and "## Cross-validation" in headings
+    assert text.split("## Warnings")[1].split("\n## ")[0].strip().startswith("- **Random initialization")
+
+
+def test_an_under_covering_conformal_set_is_a_warning_in_the_report():
+    """A planted non-exchangeable split: the quantile is fitted on easy selection images, test is harder."""
+    from pipeline.evaluation.decision import decide
+
+    easy, easy_labels = synthetic(400, k=2, seed=1, signal=4.0)
+    hard, hard_labels = synthetic(400, k=2, seed=2, signal=0.3)
+    settings = Evaluate(conformal_alpha=0.1, bootstrap=200)
+    made, m = decide((easy, easy_labels), (hard, hard_labels), ("a", "b"), 1, settings, seed=0)
+    assert m["conformal/coverage_ci_high"] < 0.9  # measured below its 90% target
+    data = DATA | {
+        "classes": ["a", "b"],
+        "counts": {s: {"a": 200, "b": 200} for s in ("train", "val", "test")},
+    }
+    m |= evaluation.compute_metrics(hard, hard_labels, ("a", "b"), positive=1)
+    text = evaluation.report(m, data, PRETRAINED, [], settings=settings)
+    warnings = text.split("## Warnings")[1].split("\n## ")[0]
+    assert "**Conformal sets miss their level**" in warnings and "below the target 90%" in warnings
+    assert "not exchangeable with test" in warnings
+    assert "not exchangeable" in made.coverage_warning()  # what predict says (tests/test_serve.py)
+    fine, _ = decide((hard, hard_labels), (hard, hard_labels), ("a", "b"), 1, settings, seed=0)
+    assert fine.coverage_warning() is None  # the same images: exchangeable, covered
+
+
+def test_a_binary_task_gets_one_curve_for_its_positive_class_with_the_operating_point(tmp_path, monkeypatch):
+    from pipeline.evaluation import plots
+
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.35, 0.65], [0.7, 0.3], [0.1, 0.9]])
+    labels = np.array([0, 0, 1, 1, 1, 0])  # at 0.5 on 'tumor': tp 2 of 3, fp 1 of 3
+    drawn = {}
+    real = plots.plot_curves
+    monkeypatch.setattr(
+        plots, "plot_curves", lambda kind, *a, **k: drawn.setdefault(kind, real(kind, *a, **k))
+    )
+    plots.write_plots(tmp_path, probs, labels, ("normal", "tumor"), positive=1, threshold=0.5)
+    assert sorted(p.name for p in (tmp_path / "roc").iterdir()) == ["tumor.csv"]
+    assert sorted(p.name for p in (tmp_path / "precision_recall").iterdir()) == ["tumor.csv"]
+    for kind, expected in (("roc", (1 / 3, 2 / 3)), ("precision_recall", (2 / 3, 2 / 3))):
+        ax = drawn[kind].axes[0]
+        (point,) = [line for line in ax.get_lines() if line.get_label().startswith("operating point")]
+        assert (point.get_xdata()[0], point.get_ydata()[0]) == pytest.approx(expected)
+        assert "normal" not in " ".join(line.get_label() for line in ax.get_lines())
+    multi = tmp_path / "multi"
+    multi.mkdir()
+    plots.write_plots(multi, PROBS, LABELS, CLASSES)  # more than two classes: one-vs-rest, one curve each
+    assert len(list((multi / "roc").iterdir())) == 3

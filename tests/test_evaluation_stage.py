@@ -3,6 +3,7 @@
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import config, evaluation, tracking
+from pipeline import config, evaluation, registry, tracking
 from pipeline.data.ingest import ingest
 from pipeline.data.prepared import load_prepared
 from pipeline.evaluation import decision, plots
@@ -172,10 +173,22 @@ def test_dvc_plots_show_renders_every_plot(project):
     assert {f"{params.paths.plots}/{image}" for image in evaluation.IMAGES} <= images
 
 
-def test_train_run_gets_the_metrics_and_plots_under_the_same_names(project):
+def evaluation_runs(run_id: str) -> list:
+    """The evaluate stage's runs nested under the train run ``run_id``, oldest first."""
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.mlflow.parentRunId = '{run_id}' and tags.stage = 'evaluate'",
+        order_by=["attributes.start_time ASC"],
+        output_format="list",
+    )
+    return list(runs)
+
+
+def test_each_evaluation_is_a_run_nested_under_the_train_run_with_the_same_names(project):
     _, params, run_id = project
     metrics = all_metrics(params)
-    logged = mlflow.MlflowClient().get_run(run_id).data.metrics
+    first = evaluation_runs(run_id)[0]
+    logged = first.data.metrics
     for name in (
         "test/accuracy",
         "test/accuracy_ci_low",
@@ -184,13 +197,13 @@ def test_train_run_gets_the_metrics_and_plots_under_the_same_names(project):
         "calibration/temperature",
     ):
         assert logged[name] == pytest.approx(metrics[name])
-    listed = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "evaluation")}
+    assert first.data.tags["data.dataset"] == "tiny" and first.data.params["evaluate.threshold"] == "0.5"
+    assert not mlflow.MlflowClient().get_run(run_id).data.metrics  # the train run's record is its own
+    listed = {a.path for a in mlflow.MlflowClient().list_artifacts(first.info.run_id, "evaluation")}
     assert {
         f"evaluation/{name}"
         for name in (
-            *evaluation.IMAGES,
-            "roc",
-            "reliability",
+            "plots",
             "metrics.json",
             "metrics_detail.json",
             "report.md",
@@ -199,6 +212,32 @@ def test_train_run_gets_the_metrics_and_plots_under_the_same_names(project):
             "label_audit.csv",
         )
     } <= listed
+    # The report's relative links resolve in the artifact viewer: plots/<image> beside report.md.
+    report = Path(mlflow.artifacts.download_artifacts(run_id=first.info.run_id, artifact_path="evaluation"))
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", (report / "report.md").read_text())
+    assert links and all((report / link).is_file() for link in links)
+
+
+def test_an_evaluate_only_experiment_adds_a_record_and_leaves_the_earlier_one(project, monkeypatch):
+    """`dvc exp run -S evaluate.…=…` reruns only evaluate: its record is a new nested run named after the
+    experiment; the earlier evaluation's metrics and report stay as they were."""
+    _, params, run_id = project
+    first = evaluation_runs(run_id)[0]
+    client = mlflow.MlflowClient()
+    before = client.get_run(first.info.run_id).data.metrics
+    before_report = client.download_artifacts(first.info.run_id, "evaluation/report.md")
+    before_text = Path(before_report).read_text()
+    monkeypatch.setenv("DVC_EXP_NAME", "wide-sets")
+    stage.main(tiny_params(conformal_alpha=0.3), argparse.Namespace())
+    runs = evaluation_runs(run_id)
+    latest = runs[-1]
+    assert latest.info.run_id != first.info.run_id and latest.data.tags["dvc.exp_name"] == "wide-sets"
+    assert latest.info.run_name.endswith(":wide-sets") and latest.data.metrics["conformal/alpha"] == 0.3
+    assert client.get_run(first.info.run_id).data.metrics == before
+    after = Path(client.download_artifacts(first.info.run_id, "evaluation/report.md")).read_text()
+    assert after == before_text and "Conformal" not in after
+    assert not client.get_run(run_id).data.metrics
+    stage.main(params, argparse.Namespace())  # back to the fixture's settings for the other tests
 
 
 def test_report_warns_and_embeds_the_plots(project):
@@ -245,3 +284,24 @@ def test_label_audit_and_decision_are_written_for_the_validation_split(project):
     assert (
         made.run_id == run_id and made.threshold is None and made.conformal_quantile is None
     )  # 3 classes, off
+
+
+def test_the_registered_version_gets_the_test_metrics_and_promote_finds_its_evaluation(project, capsys):
+    """The train run's registered version (here registered by hand, as log_model does) is tagged by evaluate;
+    promote matches reports/metrics.json to the evaluate run that wrote it and moves the alias."""
+    from pipeline.__main__ import main as cli
+
+    root, params, run_id = project
+    client = mlflow.MlflowClient()
+    name = params.mlflow.model_name("tiny")
+    client.create_registered_model(name)
+    version = str(client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id).version)
+    (root / "params.yaml").write_text(yaml.safe_dump(config.as_dict(params)))
+    stage.main(params, argparse.Namespace())
+    tags = client.get_model_version(name, version).tags
+    headline = json.loads(Path(params.paths.metrics).read_text())
+    assert tags["test/accuracy"] == f"{headline['test/accuracy']:.4f}"
+    assert tags[registry.EVALUATED] == evaluation_runs(run_id)[-1].info.run_id
+    assert cli(["--params", str(root / "params.yaml"), "promote"]) == 0
+    assert f"models:/{name}@champion is now version {version}" in capsys.readouterr().out
+    assert str(client.get_model_version_by_alias(name, "champion").version) == version

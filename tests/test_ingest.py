@@ -190,6 +190,7 @@ def test_near_duplicate_check_can_be_turned_off(image_folder, tmp_path):
     Image.fromarray(np.clip(original + 6, 0, 255).astype(np.uint8)).save(image_folder / "alpha" / "near.png")
     report = ingest(image_folder, tmp_path / "out", **(ARGS | {"near_duplicate_bits": None}))
     assert report["duplicates"]["n_near_sets"] == 0 and report["split_by"] == "stratified"
+    assert report["groups"] == 0  # no group column: patient-level separation unchecked (the report says so)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -197,7 +198,7 @@ def test_a_group_never_spans_two_splits_and_labels_stay_balanced(tmp_path, seed)
     manifest = manifest_set(tmp_path / "src", n_groups=20, per_group=3)
     report = ingest(manifest.parent, tmp_path / "out", **(ARGS | {"seed": seed}))
     table = pd.read_csv(tmp_path / "out" / SPLITS_CSV)
-    assert report["split_by"] == "grouped"
+    assert report["split_by"] == "grouped" and report["groups"] == 20  # the report says groups were kept
     assert (table.groupby("group")["split"].nunique() == 1).all()
     for split, share in (("train", 0.5), ("val", 0.25), ("test", 0.25)):
         part = table[table["split"] == split]

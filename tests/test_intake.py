@@ -314,3 +314,22 @@ def test_dicom_slices_are_grouped_by_patient_as_salted_hashes(repo, tmp_path, mo
     out = capsys.readouterr().out
     assert "groups from DICOM PatientID: 6 groups, stored as salted hashes" in out
     assert "PAT-0" not in out and b"PAT-0" not in (raw / "manifest.csv").read_bytes()
+
+
+def test_the_card_of_a_binary_set_names_the_positive_class_never_a_healthy_one(repo, tmp_path, capsys):
+    """A breast-ultrasound-like set: sorted order would make `normal_benign` positive (sensitivity = the benign
+    recall); the default is `malignant`, and the card says so and how to change it."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(("malignant", "normal_benign")):
+        (tmp_path / "us" / name).mkdir(parents=True)
+        for i in range(6):
+            img = rng.integers(0, 90, (16, 16, 3)) + 120 * np.eye(3)[k]
+            Image.fromarray(img.astype(np.uint8)).save(tmp_path / "us" / name / f"{i}.png")
+    assert cli(["intake", str(tmp_path / "us"), "--name", "busi"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.strip().startswith("positive"))
+    assert line.split()[1] == "malignant" and "'normal_benign' names a healthy" in line
+    assert "set evaluate.positive_class: normal_benign in params.yaml" in line

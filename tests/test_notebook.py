@@ -112,14 +112,20 @@ def test_notebook_runs_against_a_tiny_pipeline_run(name, tiny_run):
 
 def test_runs_table_has_trials_and_experiments_with_params_as_numbers(tiny_run):
     runs = nb.runs_table(nb.open_project(tiny_run))
-    assert sorted(runs["stage"]) == ["train", "train", "tune", "tune-trial", "tune-trial"]
+    assert sorted(runs["stage"]) == ["evaluate", "train", "train", "tune", "tune-trial", "tune-trial"]
     assert runs["train.lr"].dtype.kind == "f" and runs["train.max_epochs"].dtype.kind in "if"
     trials = runs[runs["stage"] == "tune-trial"]
     assert set(trials["parent_run_id"]) == set(runs.loc[runs["stage"] == "tune", "run_id"])
     train = runs[runs["stage"] == "train"]
     assert sorted(train["dvc_exp"].fillna("")) == ["", "one-epoch"]
     assert nb.param_columns(train) == ["train.max_epochs"]
+    # The evaluated train run shows its nested evaluate run's test metrics, and says which run they are from.
     assert train["test/accuracy"].notna().sum() == 1 and "val/loss" in nb.metric_columns(runs)
+    evaluated = train[train["test/accuracy"].notna()].iloc[0]
+    evaluation = runs[runs["stage"] == "evaluate"].iloc[0]
+    assert evaluated["evaluation_run_id"] == evaluation["run_id"] == runs.loc[evaluation.name, "run_id"]
+    assert evaluation["parent_run_id"] == evaluated["run_id"]
+    assert evaluated["test/accuracy"] == evaluation["test/accuracy"]
     best = nb.best_run(runs, "val/loss", stage="tune-trial")
     assert best["val/loss"] == trials["val/loss"].min()
     assert (

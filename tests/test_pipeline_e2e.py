@@ -77,15 +77,14 @@ def test_repro_runs_every_stage_and_writes_metrics(repo):
 
 
 def test_mlflow_holds_tune_trials_and_one_train_run_with_lineage(repo):
-    root, _, _ = repo
+    root, env, _ = repo
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     exp = mlflow.get_experiment_by_name("pipeline")
     runs = mlflow.search_runs([exp.experiment_id], output_format="list")
-    by_stage = {
-        s: [r for r in runs if r.data.tags.get("stage") == s] for s in ("tune", "tune-trial", "train")
-    }
-    assert [len(by_stage[s]) for s in ("tune", "tune-trial", "train")] == [1, 2, 1]
-    train = by_stage["train"][0]
+    stages = ("tune", "tune-trial", "train", "evaluate")
+    by_stage = {s: [r for r in runs if r.data.tags.get("stage") == s] for s in stages}
+    assert [len(by_stage[s]) for s in stages] == [1, 2, 1, 1]
+    train, evaluated = by_stage["train"][0], by_stage["evaluate"][0]
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     demo_hash = lock["stages"]["demo"]["outs"][0]["md5"]
     head = subprocess.run(
@@ -94,13 +93,30 @@ def test_mlflow_holds_tune_trials_and_one_train_run_with_lineage(repo):
     assert train.data.tags["data.version"] == demo_hash
     assert train.data.tags["git.commit"] == head and train.data.tags["weights.pretrained"] == "false"
     assert train.data.params["train.max_epochs"] == "2"
-    assert "test/accuracy" in train.data.metrics and "val/loss" in train.data.metrics
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(train.info.run_id)}
-    assert {"preview.png", "params.json", "evaluation"} <= artifacts
+    # The evaluation is a run of its own, nested under the train run, with the test metrics and the report.
+    assert "val/loss" in train.data.metrics and not any(m.startswith("test") for m in train.data.metrics)
+    assert evaluated.data.tags["mlflow.parentRunId"] == train.info.run_id
+    assert "test/accuracy" in evaluated.data.metrics and evaluated.data.tags["data.version"] == demo_hash
+    client = mlflow.MlflowClient()
+    assert {"preview.png", "params.json"} <= {a.path for a in client.list_artifacts(train.info.run_id)}
+    assert "evaluation/report.md" in {
+        a.path for a in client.list_artifacts(evaluated.info.run_id, "evaluation")
+    }
     assert (
         mlflow.search_logged_models([exp.experiment_id], output_format="list")[0].source_run_id
         == train.info.run_id
     )
+    # The registered version (one name per data set) carries its lineage and its test metrics; no alias
+    # until promote moves one.
+    (version,) = client.search_model_versions("name = 'pipeline-demo'")
+    assert version.run_id == train.info.run_id and version.tags["data.version"] == demo_hash
+    assert version.tags["git.commit"] == head and version.tags["evaluation.run_id"] == evaluated.info.run_id
+    assert float(version.tags["test/accuracy"]) == pytest.approx(
+        evaluated.data.metrics["test/accuracy"], abs=1e-4
+    )
+    assert not client.get_registered_model("pipeline-demo").aliases
+    out = sh([sys.executable, "-m", "pipeline", "promote"], root, env)
+    assert "models:/pipeline-demo@champion is now version 1" in out
 
 
 def test_second_repro_is_a_noop_and_evaluate_params_rerun_only_evaluate(repo):
@@ -113,6 +129,14 @@ def test_second_repro_is_a_noop_and_evaluate_params_rerun_only_evaluate(repo):
     out = sh(["dvc", "repro"], root, env)
     assert out.count("Running stage") == 1 and "Running stage 'evaluate'" in out
     assert "up to date" in sh(["dvc", "status"], root, env)
+    # The re-evaluation is a second evaluate run under the same train run; the first keeps its record.
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    exp = mlflow.get_experiment_by_name("pipeline")
+    evaluations = mlflow.search_runs(
+        [exp.experiment_id], filter_string="tags.stage = 'evaluate'", output_format="list"
+    )
+    assert len(evaluations) == 2 and len({r.data.tags["mlflow.parentRunId"] for r in evaluations}) == 1
+    assert sorted(r.data.params["evaluate.batch_size"] for r in evaluations) == ["64", "7"]
 
 
 def test_taking_in_a_pool_reruns_only_the_pool_stage(repo, tmp_path):
@@ -147,10 +171,17 @@ def test_dvc_exp_run_tags_its_runs_with_the_experiment_name(repo):
         [exp.experiment_id], filter_string="tags.`dvc.exp_name` = 'short-fit'", output_format="list"
     )
     stages = sorted(r.data.tags["stage"] for r in runs)
-    assert stages.count("train") == 1 and "tune" in stages
+    assert stages.count("train") == 1 and stages.count("evaluate") == 1 and "tune" in stages
     train = next(r for r in runs if r.data.tags["stage"] == "train")
     assert train.data.params["train.max_epochs"] == "1" and "short-fit" in train.info.run_name
-    assert "test/accuracy" in train.data.metrics
+    evaluated = next(r for r in runs if r.data.tags["stage"] == "evaluate")
+    assert "test/accuracy" in evaluated.data.metrics and "short-fit" in evaluated.info.run_name
+    # The experiment's model is a new version, tagged with the experiment; the champion does not move.
+    client = mlflow.MlflowClient()
+    newest = max(client.search_model_versions("name = 'pipeline-demo'"), key=lambda v: int(v.version))
+    assert newest.run_id == train.info.run_id and newest.tags["dvc.exp_name"] == "short-fit"
+    champion = client.get_registered_model("pipeline-demo").aliases.get("champion")
+    assert champion is None or str(champion) != str(newest.version)
 
 
 def test_ddp_on_two_cpu_processes_makes_one_run_and_one_checkpoint(repo):

@@ -175,7 +175,7 @@ def test_the_logged_model_gives_the_checkpoints_probabilities_alone_and_in_a_bat
         tracking.setup(config.Tracking(tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment="e"))
         trained = serve.load_trained(project / "models")
         with mlflow.start_run() as run:
-            serve.log_model(trained, registered_model="tiny-classifier")
+            assert serve.log_model(trained, registered_model="tiny-classifier") == "1"  # the new version
         (version,) = mlflow.MlflowClient().search_model_versions("name='tiny-classifier'")
         assert int(version.version) == 1 and version.run_id == run.info.run_id
         latest = mlflow.pyfunc.load_model("models:/tiny-classifier/latest")
@@ -284,6 +284,30 @@ def test_predict_writes_conformal_sets_of_this_models_decision_only(project, tmp
     )
     assert cli(project, "predict", str(src), "--out", str(out), "--decision", str(tmp_path / "old.json")) == 0
     assert "set" not in pd.read_csv(out).columns and "not for this model" in caplog.text
+    assert "coverage" not in caplog.text  # the first decision measured no coverage: nothing to warn about
+
+
+def test_predict_warns_when_the_sets_missed_their_level_on_test(project, tmp_path, caplog):
+    from pipeline.evaluation.decision import Decision
+
+    src, out = project / "raw" / "alpha", tmp_path / "preds.csv"
+    covered = dict(run_id="r0", classes=CLASSES, selection="val", conformal_alpha=0.1, conformal_quantile=0.6)
+    Decision(**covered, test_coverage=0.8, test_coverage_ci_low=0.71, test_coverage_ci_high=0.878).write(
+        tmp_path / "under.json"
+    )
+    assert (
+        cli(project, "predict", str(src), "--out", str(out), "--decision", str(tmp_path / "under.json")) == 0
+    )
+    assert "test coverage 0.800 (95% CI 0.710 – 0.878) is below the target 90%" in caplog.text
+    assert "not exchangeable with test" in caplog.text and "empty set means" in caplog.text
+    caplog.clear()
+    Decision(**covered, test_coverage=0.9, test_coverage_ci_low=0.85, test_coverage_ci_high=0.95).write(
+        tmp_path / "fine.json"
+    )
+    assert (
+        cli(project, "predict", str(src), "--out", str(out), "--decision", str(tmp_path / "fine.json")) == 0
+    )
+    assert "coverage" not in caplog.text
 
 
 def test_predict_applies_the_configured_pixel_budget(project, tmp_path):

@@ -6,13 +6,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline import vocabulary
+
 
 def _counts(mapping: dict) -> str:
     return ", ".join(f"{k}: {v}" for k, v in mapping.items())
 
 
-def summary(report: dict, root: Path | None = None) -> str:
-    """Images per class and split, formats, duplicates and every problem found; paths relative to ``root``."""
+def summary(report: dict, root: Path | None = None, positive_class: str | None = None) -> str:
+    """Images per class and split, formats, duplicates and every problem found; paths relative to ``root``;
+    for two classes, which is positive (``evaluate.positive_class``, or the default) and how to change it."""
 
     def rel(path: str) -> str:
         return (
@@ -45,6 +48,7 @@ def summary(report: dict, root: Path | None = None) -> str:
             else ""
         ),
     ]
+    lines += positive(report["classes"], positive_class)
     excluded = report.get("excluded") or {}
     if excluded.get("n"):
         lines.append(
@@ -62,6 +66,20 @@ def summary(report: dict, root: Path | None = None) -> str:
     ]
     lines += [f"  warning:    {w}" for w in [*report["warnings"][:10], *filter(None, [upscaled(report)])]]
     return "\n".join(lines)
+
+
+def positive(classes: Sequence[str], chosen: str | None) -> list[str]:
+    """The card's line on a binary set's positive class (whose recall is the sensitivity), or nothing."""
+    if len(classes) != 2:
+        return []
+    if chosen is not None:
+        return [f"  positive    {chosen} (evaluate.positive_class in params.yaml)"]
+    name, why = vocabulary.default_positive(classes)
+    other = next(c for c in classes if c != name)
+    return [
+        f"  positive    {name} (evaluate.positive_class is null: {why}); its recall is the sensitivity. "
+        f"To make {other} positive instead: set evaluate.positive_class: {other} in params.yaml"
+    ]
 
 
 def upscaled(report: dict) -> str | None:

@@ -481,6 +481,8 @@ def _validate_and_split(
             for s in SPLITS
         },
         "split_by": how,
+        # Patient (or other) groups kept within one split: 0 when the set named none (not checked then).
+        "groups": int(table.loc[table["group"] != "", "group"].nunique()) if "group" in table else 0,
         "folds": data.folds,
         "formats": {
             key: {str(k): int(v) for k, v in formats[key].value_counts().head(20).items()}

@@ -19,6 +19,7 @@ import albumentations as A
 import numpy as np
 import torch
 
+from pipeline import vocabulary
 from pipeline.config import Evaluate
 from pipeline.data.cache import Images
 from pipeline.errors import PipelineError
@@ -78,7 +79,8 @@ class Evaluation:
 
 
 def positive_index(class_names: Sequence[str], positive_class: str | None) -> int | None:
-    """Index of the positive class for a binary task (default: the second name in sorted order); None otherwise."""
+    """Index of the positive class for a binary task (default: ``vocabulary.default_positive``, never a name
+    that means healthy when the other does not); None otherwise."""
     if len(class_names) != 2:
         if positive_class is not None:
             raise EvaluationError(
@@ -87,7 +89,7 @@ def positive_index(class_names: Sequence[str], positive_class: str | None) -> in
             )
         return None
     if positive_class is None:
-        return list(class_names).index(sorted(class_names)[1])
+        return list(class_names).index(vocabulary.default_positive(class_names)[0])
     if positive_class not in class_names:
         raise EvaluationError(
             f"evaluate.positive_class: '{positive_class}' is not a class of the data "

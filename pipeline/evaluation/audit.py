@@ -49,37 +49,54 @@ def label_issues(
     return table.sort_values(["score", "path"], kind="stable")
 
 
-def panel_png(images: Images, table: pd.DataFrame, top: int, columns: int = 4) -> bytes:
-    """Thumbnails of the ``top`` first rows of ``table`` (its index: their positions in ``images``), captioned."""
+def disputed(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose suggested label differs from the given one: what the report's table and panel show.
+
+    A low score with the given label suggested is an uncertain image, not a doubted label; the CSV keeps it
+    in the full ranking."""
+    return table[table["suggested"] != table["given"]]
+
+
+def panel_figure(images: Images, table: pd.DataFrame, top: int, columns: int = 4):
+    """Thumbnails of the ``top`` first disputed rows of ``table`` (its index: positions in ``images``), each
+    under a three-line caption; a cell is tall enough that a caption never reaches the row above."""
     from pipeline.display import image_grid
 
-    shown = table.head(top)
-    fig = image_grid(
+    shown = disputed(table).head(top)
+    return image_grid(
         [images[i] for i in shown.index],
         [f"given {r.given}\nsuggested {r.suggested}\nscore {r.score:.2f}" for r in shown.itertuples()],
         ncols=columns,
-        cell=(1.7, 1.9),
+        cell=(1.7, 2.3),  # 1.9 let the three caption lines (7 pt) run into the images of the row above
         colors=["tab:red" if issue else "black" for issue in shown["issue"]],
         suptitle="Most suspect labels (held-out predictions; red: flagged by cleanlab)",
         suptitle_size=9,
         suptitle_height=0.4,
         interpolation="antialiased",
     )
+
+
+def panel_png(images: Images, table: pd.DataFrame, top: int, columns: int = 4) -> bytes:
+    """:func:`panel_figure` as PNG bytes."""
     png = io.BytesIO()
-    fig.savefig(png, dpi=110, format="png")
+    panel_figure(images, table, top, columns).savefig(png, dpi=110, format="png")
     return png.getvalue()
 
 
 def report_section(table: pd.DataFrame, selection: str, *, csv_path: str, panel: str | None, top: int) -> str:
     """The report's Markdown: how many are flagged, the top rows, the panel."""
     flagged = int(table["issue"].sum())
-    head = table.head(max(top, 5))
+    doubted = disputed(table)
+    head = doubted.head(max(top, 5))
     lines = [
         f"cleanlab on the {len(table)} {selection} predictions: {flagged} image(s) flagged as likely label "
-        f"errors. Full ranking (most suspect first): `{csv_path}`. Check the files; list the confirmed errors "
+        f"errors; {len(doubted)} where the model suggests another label (listed below, most suspect first). "
+        f"Full ranking of every image: `{csv_path}`. Check the files; list the confirmed errors "
         "in a CSV with a `path` column and set `data.exclude` to it to leave them out at the next ingest.",
         "",
-        head.to_markdown(index=False, floatfmt=".3f"),
+        head.to_markdown(index=False, floatfmt=".3f")
+        if len(head)
+        else "No image where the model suggests another label.",
         "",
     ]
     if panel:

@@ -37,6 +37,7 @@ THRESHOLDED = (
     "specificity",
 )  # what a cut changes
 SET_SEPARATOR = "|"  # predict's 'set' column: class names joined by this
+BALANCED = 0.02  # a test prevalence this close to 50% reads as a split balanced by construction
 
 
 class DecisionError(PipelineError, ValueError):
@@ -173,6 +174,20 @@ class Decision:
     threshold: float | None = None  # the cut on the positive-class probability
     conformal_alpha: float | None = None
     conformal_quantile: float | None = None
+    # The sets' coverage measured on test, with its 95% bootstrap interval: predict warns when it misses the target.
+    test_coverage: float | None = None
+    test_coverage_ci_low: float | None = None
+    test_coverage_ci_high: float | None = None
+
+    def coverage_warning(self) -> str | None:
+        """:func:`coverage_warning` of these sets (None when they are off or were not measured)."""
+        return coverage_warning(
+            self.conformal_alpha,
+            self.test_coverage,
+            self.test_coverage_ci_low,
+            self.test_coverage_ci_high,
+            self.selection,
+        )
 
     def write(self, path: str | Path) -> None:
         write_json(path, asdict(self))
@@ -197,6 +212,31 @@ class Decision:
             SET_SEPARATOR.join(c for c, inside in zip(self.classes, row, strict=True) if inside)
             for row in prediction_sets(probs, self.conformal_quantile)
         ]
+
+
+def coverage_warning(
+    alpha: float | None, coverage: float | None, low: float | None, high: float | None, selection: str
+) -> str | None:
+    """Why the conformal sets cannot be read at their nominal level, or None: the test coverage's 95% interval
+    [``low``, ``high``] excludes the target 1 - ``alpha``."""
+    if alpha is None or coverage is None or low is None or high is None:
+        return None
+    target = 1 - alpha
+    if low <= target <= high:
+        return None
+    if high < target:
+        why = (
+            "the sets hold the truth less often than promised. The usual cause: the selection split "
+            f"({selection}) the quantile was fitted on is not exchangeable with test (another source, site, "
+            "period or patient mix); do not read the sets as guaranteeing their level"
+        )
+    else:
+        why = "the sets are more cautious (larger) than the level needs"
+    return (
+        f"conformal sets' test coverage {coverage:.3f} (95% CI {low:.3f} – {high:.3f}) is "
+        f"{'below' if high < target else 'above'} the target {target:.0%} (evaluate.conformal_alpha "
+        f"{alpha:g}): {why}"
+    )
 
 
 def check(settings: Evaluate, n_classes: int) -> None:
@@ -267,6 +307,8 @@ def decide(
             settings.bootstrap,
             seed,
         )
+    if positive is not None and threshold is not None:
+        metrics |= operating_point(test_probs, test_labels, positive, threshold)
     decision = Decision(
         run_id=run_id,
         classes=tuple(class_names),
@@ -276,8 +318,36 @@ def decide(
         threshold=threshold,
         conformal_alpha=settings.conformal_alpha,
         conformal_quantile=quantile,
+        test_coverage=metrics.get("conformal/coverage"),
+        test_coverage_ci_low=metrics.get("conformal/coverage_ci_low"),
+        test_coverage_ci_high=metrics.get("conformal/coverage_ci_high"),
     )
     return decision, metrics
+
+
+def operating_point(
+    probs: np.ndarray, labels: np.ndarray, positive: int, threshold: float
+) -> dict[str, float]:
+    """Test counts at the cut predict applies: positives, misses (false negatives), false alarms (false
+    positives), the prevalence of the positive class, and PPV / NPV (which depend on that prevalence)."""
+    called = probs[:, positive] >= threshold
+    truth = np.asarray(labels) == positive
+    tp, fn = int((called & truth).sum()), int((~called & truth).sum())
+    fp, tn = int((called & ~truth).sum()), int((~called & ~truth).sum())
+    out = {
+        "operating/threshold": round(threshold, 6),
+        "operating/positives": tp + fn,
+        "operating/negatives": fp + tn,
+        "operating/true_positives": tp,
+        "operating/misses": fn,
+        "operating/false_alarms": fp,
+        "operating/prevalence": round((tp + fn) / max(len(labels), 1), 6),
+    }
+    if tp + fp:
+        out["operating/ppv"] = round(tp / (tp + fp), 6)
+    if tn + fn:
+        out["operating/npv"] = round(tn / (tn + fn), 6)
+    return out
 
 
 # --- the report's sections ---------------------------------------------------------------------------------
@@ -300,27 +370,75 @@ def threshold_table(metrics: Mapping[str, Any], threshold: float) -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
+def operating_text(metrics: Mapping[str, Any], decision: Decision) -> list[str]:
+    """The cut's test counts in words (misses, false alarms), PPV / NPV beside the prevalence they hold at."""
+    m, positive = metrics, decision.positive_class
+    if "operating/positives" not in m or positive is None:
+        return []
+    negative = next(c for c in decision.classes if c != positive)
+    n_pos, n_neg = int(m["operating/positives"]), int(m["operating/negatives"])
+    lines = [
+        f"At this cut, on the {n_pos + n_neg} test images ({n_pos} `{positive}`, {n_neg} `{negative}`; "
+        f"prevalence of `{positive}` {m['operating/prevalence']:.1%}): **{int(m['operating/misses'])} of the "
+        f"{n_pos} `{positive}` images are missed** (false negatives) and **{int(m['operating/false_alarms'])} "
+        f"of the {n_neg} `{negative}` images are false alarms** (false positives)."
+    ]
+    values = [
+        f"{name} {m[f'operating/{key}']:.3f}"
+        for name, key in (("PPV (positive calls that are right)", "ppv"), ("NPV", "npv"))
+        if f"operating/{key}" in m
+    ]
+    if values:
+        lines += [
+            "",
+            f"{', '.join(values)}: both at the test prevalence {m['operating/prevalence']:.1%}. At a prevalence "
+            "π where the model is used, PPV = sens·π / (sens·π + (1 − spec)(1 − π)).",
+        ]
+    if n_pos and n_neg and (abs(n_pos - n_neg) <= 1 or abs(n_pos / (n_pos + n_neg) - 0.5) <= BALANCED):
+        lines += [
+            "",
+            f"**The test split is balanced ({n_pos} against {n_neg}), as a set drawn balanced by "
+            "construction is**: its PPV and NPV hold at about 50% prevalence only, which is rarely a "
+            "clinic's; recompute them at the prevalence of use before quoting them.",
+        ]
+    return lines
+
+
 def report_sections(metrics: Mapping[str, Any], decision: Decision) -> list[tuple[str, str]]:
     """(heading, Markdown) sections: the threshold's metrics beside those at 0.5, and the conformal sets."""
     sections = []
     if decision.threshold is not None:
         how = f"`evaluate.threshold: {decision.threshold_rule}`"
         sel = f"decision_{decision.selection}"
-        lines = [
-            f"Positive class `{decision.positive_class}`; cut {decision.threshold:.4f} on its probability "
-            f"({how}), chosen on the {decision.selection} predictions (sensitivity "
-            f"{metrics.get(f'{sel}/sensitivity', float('nan')):.3f}, specificity "
-            f"{metrics.get(f'{sel}/specificity', float('nan')):.3f} there) and applied unchanged to test."
-        ]
+        on_selection = (
+            f"sensitivity {metrics.get(f'{sel}/sensitivity', float('nan')):.3f}, specificity "
+            f"{metrics.get(f'{sel}/specificity', float('nan')):.3f}"
+        )
+        if parse_threshold(decision.threshold_rule or decision.threshold)[0] == "fixed":
+            lines = [
+                f"Positive class `{decision.positive_class}`; a fixed cut {decision.threshold:.4f} on its "
+                f"probability ({how}: set, not fitted; on the {decision.selection} predictions it gives "
+                f"{on_selection}). Set evaluate.threshold to an objective (youden, sensitivity:0.95, ...) to "
+                f"choose the cut on the {decision.selection} predictions instead."
+            ]
+        else:
+            lines = [
+                f"Positive class `{decision.positive_class}`; cut {decision.threshold:.4f} on its probability "
+                f"({how}), chosen on the {decision.selection} predictions ({on_selection} there) and applied "
+                "unchanged to test and by predict."
+            ]
         if f"{THRESHOLD_SPLIT}/accuracy" in metrics:
             lines += [
                 "",
                 threshold_table(metrics, decision.threshold),
                 "",
-                "AUROC, calibration and the per-class table do not depend on the cut (they are above).",
+                "AUROC, calibration and the per-class table do not depend on the cut (they are above). "
+                f"`{THRESHOLD_SPLIT}/*` in reports/metrics.json are the numbers at this cut, the one predict "
+                "applies; `test/*` are at 0.5.",
             ]
         else:
             lines += ["", "The cut is 0.5: the test metrics above are the ones at this threshold."]
+        lines += ["", *operating_text(metrics, decision)]
         sections.append(("Decision threshold", "\n".join(lines)))
     if decision.conformal_quantile is not None:
         m, alpha = metrics, decision.conformal_alpha
@@ -341,7 +459,21 @@ def report_sections(metrics: Mapping[str, Any], decision: Decision) -> list[tupl
             f"| mean set size | {m['conformal/mean_set_size']:.3f}{ci('conformal/mean_set_size')} |",
             f"| single-class sets | {m['conformal/singleton_share']:.1%} |",
             f"| empty sets | {m['conformal/empty_share']:.1%} |",
+            "",
+            "An empty set means that no class reaches the cut: the model is not confident enough in any "
+            "class for that image at this level. It is not a prediction of 'neither': send the image to a "
+            "person. (LAC gives the smallest sets on average and may leave some empty; docs/evaluation.md "
+            "says why no never-empty rule is offered.)",
         ]
+        warning = coverage_warning(
+            alpha,
+            m.get("conformal/coverage"),
+            m.get("conformal/coverage_ci_low"),
+            m.get("conformal/coverage_ci_high"),
+            decision.selection,
+        )
+        if warning:
+            lines += ["", f"**Warning: the {warning}.**"]
         if decision.conformal_quantile >= 1:
             lines += [
                 "",

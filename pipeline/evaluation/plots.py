@@ -5,7 +5,8 @@ tests/test_evaluation_stage.py checks the two agree):
 
 - ``confusion_matrix.png``, ``roc.png``, ``precision_recall.png``, ``reliability.png``;
 - ``roc/<class>.csv`` (fpr, tpr, threshold) and ``precision_recall/<class>.csv`` (recall, precision,
-  threshold): one-vs-rest curves, one file per class, so DVC draws one curve per file;
+  threshold): one-vs-rest curves, one file per class, so DVC draws one curve per file; a binary task has
+  the positive class's only, and its PNGs mark the operating point of the threshold predict applies;
 - ``reliability/test.csv`` and, with temperature scaling, ``reliability/test_calibrated.csv``: per
   confidence bin, mean confidence against accuracy.
 
@@ -75,6 +76,18 @@ def curve_tables(
     return {kind: {name: t.round(6) for name, t in per.items()} for kind, per in tables.items()}
 
 
+def operating_points(
+    probs: np.ndarray, labels: np.ndarray, positive: int, threshold: float
+) -> dict[str, tuple[float, float, str]]:
+    """Where calling ``probs[:, positive] >= threshold`` positive sits on the ROC and the PR curve."""
+    called, truth = probs[:, positive] >= threshold, np.asarray(labels) == positive
+    tp, fp = int((called & truth).sum()), int((called & ~truth).sum())
+    tpr = tp / max(int(truth.sum()), 1)
+    fpr = fp / max(int((~truth).sum()), 1)
+    label = f"operating point (threshold {threshold:.3f})"
+    return {"roc": (fpr, tpr, label), "precision_recall": (tpr, tp / (tp + fp) if tp + fp else 1.0, label)}
+
+
 def _figure(size: tuple[float, float]):
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
@@ -99,8 +112,15 @@ def plot_confusion(table: pd.DataFrame, class_names: Sequence[str], path: Path) 
     fig.savefig(path, dpi=100)
 
 
-def plot_curves(kind: str, curves: Mapping[str, pd.DataFrame], path: Path, labels: Mapping[str, str]) -> None:
-    """All classes' ``kind`` curves in one axes; ``labels``: legend text per class."""
+def plot_curves(
+    kind: str,
+    curves: Mapping[str, pd.DataFrame],
+    path: Path,
+    labels: Mapping[str, str],
+    point: tuple[float, float, str] | None = None,
+):
+    """All given classes' ``kind`` curves in one axes; ``labels``: legend text per class; ``point``: (x, y,
+    label) of the operating point to mark; returns the figure."""
     x, y = CURVES[kind]
     fig, ax = _figure((5.5, 5))
     if kind == "roc":
@@ -113,10 +133,16 @@ def plot_curves(kind: str, curves: Mapping[str, pd.DataFrame], path: Path, label
             label=labels[name],
             drawstyle="steps-post" if kind == "roc" else "default",
         )
-    ax.set(xlabel=x, ylabel=y, xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title=f"Test {CURVE_TITLES[kind]}")
+    if point is not None:
+        ax.plot(point[0], point[1], marker="o", ms=8, c="tab:red", ls="none", label=point[2], zorder=3)
+    title = CURVE_TITLES[kind]
+    if point is not None and len(curves) == 1:
+        title = f"{title.split(',')[0]}, positive class {next(iter(curves))}"
+    ax.set(xlabel=x, ylabel=y, xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title=f"Test {title}")
     ax.legend(loc="lower right" if kind == "roc" else "lower left", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    return fig
 
 
 def plot_reliability(tables: Mapping[str, pd.DataFrame], path: Path, labels: Mapping[str, str]):
@@ -156,17 +182,28 @@ def write_plots(
     class_names: Sequence[str],
     calibrated: np.ndarray | None = None,
     ece_bins: int = 15,
+    positive: int | None = None,
+    threshold: float | None = None,
 ) -> None:
-    """Every image and CSV of the plots folder (layout in the module docstring) into ``folder``."""
+    """Every image and CSV of the plots folder (layout in the module docstring) into ``folder``.
+
+    A binary task with its ``positive`` class index: one ROC and one precision-recall curve, the positive
+    class's (the other's are the same curves mirrored), with the operating point of ``threshold`` marked.
+    """
     plot_confusion(confusion_table(probs, labels, class_names), class_names, folder / CONFUSION_PNG)
     stems = dict(zip(class_names, file_stems(class_names), strict=True))
     auroc = dict(zip(class_names, per_class(probs, labels)["auroc"], strict=True))
+    points = (
+        {} if positive is None or threshold is None else operating_points(probs, labels, positive, threshold)
+    )
     for kind, curves in curve_tables(probs, labels, class_names).items():
+        if positive is not None:
+            curves = {n: t for n, t in curves.items() if n == class_names[positive]}
         (folder / kind).mkdir()
         for name, table in curves.items():
             table.to_csv(folder / kind / f"{stems[name]}.csv", index=False)
         legend = {name: f"{name} (AUROC {auroc[name]:.3f})" if kind == "roc" else name for name in curves}
-        plot_curves(kind, curves, folder / f"{kind}.png", legend)
+        plot_curves(kind, curves, folder / f"{kind}.png", legend, points.get(kind))
     sets = {"test": probs} | ({"test_calibrated": calibrated} if calibrated is not None else {})
     tables = {split: reliability_table(p, labels, ece_bins) for split, p in sets.items()}
     (folder / RELIABILITY).mkdir()

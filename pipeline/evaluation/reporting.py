@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from pipeline import vocabulary
 from pipeline.config import Evaluate
+from pipeline.evaluation import decision
 from pipeline.evaluation.calibration import TEMPERATURE_BOUNDS
 from pipeline.evaluation.metrics import BINARY, CALIBRATION, HEADLINE, PER_CLASS
 
@@ -17,8 +19,14 @@ if TYPE_CHECKING:  # not imported: run.json sits above the model, which imports 
 
 # The metrics file DVC shows by default (`dvc metrics show`, `dvc exp show`): what runs are compared on. Every
 # other number (intervals, per class, calibration details) is in paths.metrics_detail, and all are in MLflow.
+# A binary task's tuned cut (evaluate.threshold) is what predict applies: its numbers stand beside those at 0.5,
+# named test_threshold/* after decision/threshold (absent when the cut is 0.5: test/* are then the ones served).
 HEADLINE_KEYS = (
     *(f"{split}/{m}" for split in ("test", "test_tta") for m in (*HEADLINE, *BINARY)),
+    "decision/threshold",
+    *(f"test_threshold/{m}" for m in ("accuracy", "balanced_accuracy", *BINARY)),
+    "operating/misses",
+    "operating/false_alarms",
     "test/ece",
     "test_calibrated/ece",
     "cv/accuracy",
@@ -148,6 +156,15 @@ def warnings(
             'predict, export and the registered model return are the uncalibrated ones (the "plain" '
             "column)."
         )
+    coverage = decision.coverage_warning(
+        metrics.get("conformal/alpha"),
+        metrics.get("conformal/coverage"),
+        metrics.get("conformal/coverage_ci_low"),
+        metrics.get("conformal/coverage_ci_high"),
+        "out-of-fold" if "cv/accuracy" in metrics else "validation",
+    )
+    if coverage:
+        out.append(f"**Conformal sets miss their level** — the {coverage}.")
     out += [f"Ingest: {w}" for w in data_report.get("warnings", [])]
     return out
 
@@ -159,19 +176,75 @@ def _data_section(data_report: Mapping[str, Any]) -> list[str]:
     how = data_report.get("split_by", "?") + (
         f", {data_report['folds']} folds" if data_report.get("folds") else ""
     )
+    leaks = len(data_report.get("leakage") or [])
+    if data_report.get("groups"):
+        groups = f"{data_report['groups']} patient (group) IDs, each kept within one split"
+    elif data_report.get("split_by") == "manifest":
+        groups = "patient-level separation of the manifest's split was **not checked** (no group column)"
+    else:
+        groups = (
+            "patient-level separation was **not checked**: no group column (or DICOM PatientID) was given, so "
+            "two images of one patient may sit in train and test"
+        )
     return [
         "## Data",
         "",
         f"`{data_report['source']}`: {data_report['n_images']} images, {len(data_report['classes'])} classes, "
-        f"resized to {data_report['image_size']} px; split {how}.",
+        f"{_sizes(data_report)}; split {how}.",
         "",
         counts.to_markdown(),
         "",
         f"Duplicates: {dup.get('n_exact_sets', 0)} set(s) of identical files and "
         f"{dup.get('n_near_sets', dup.get('n_near_pairs', 0))} set(s) of near duplicates, each kept within one "
-        f"split; leakage across splits: "
-        f"{len(data_report.get('leakage') or []) or 'none'}. Unreadable files skipped: "
+        f"split; leakage of duplicates across splits: {leaks or 'none found'}; {groups}. Unreadable files skipped: "
         f"{len(data_report.get('rejected') or [])}.",
+        "",
+    ]
+
+
+def _sizes(data_report: Mapping[str, Any]) -> str:
+    """'resized to 64 px from native 28x28 (upscaled)': the cache size with the files' own sizes."""
+    side = data_report["image_size"]
+    native = (data_report.get("formats") or {}).get("size") or {}
+    if not native:
+        return f"resized to {side} px"
+    shown = ", ".join(f"{size} ({n})" for size, n in list(native.items())[:3]) + (
+        ", ..." if len(native) > 3 else ""
+    )
+    small = sum(n for size, n in native.items() if min(map(int, size.split("x"))) < side)
+    how = f"**{small} of them upscaled**: pixels added, no detail" if small else "none upscaled"
+    return f"resized to {side} px from native sizes {shown} ({how})"
+
+
+def _provenance_section(data_report: Mapping[str, Any], provenance: Mapping[str, str]) -> list[str]:
+    """Which data, code and day produced these numbers, and which files were left out (``data.exclude``)."""
+    excluded = data_report.get("excluded") or {}
+    left_out = (
+        f"{excluded.get('n', 0)} file(s) listed in `{excluded['file']}` (data.exclude)"
+        + (
+            ": " + ", ".join(f"`{Path(p).name}`" for p in excluded.get("paths", [])[:10])
+            if excluded.get("n")
+            else ""
+        )
+        + (", ..." if excluded.get("n", 0) > 10 else "")
+        if excluded.get("file")
+        else "none (data.exclude is null)"
+    )
+    dirty = provenance.get("git.dirty") == "true"
+    rows = {
+        "data set": f"`{provenance.get('data.dataset', Path(str(data_report['source'])).name)}`",
+        "data version (DVC hash)": f"`{provenance.get('data.version', 'unknown')}`",
+        "git commit": f"`{provenance.get('git.commit', 'unknown')}`"
+        + (" with uncommitted changes" if dirty else ""),
+        "evaluated on": provenance.get("date", "unknown"),
+        "files excluded": left_out,
+    }
+    return [
+        "## Provenance",
+        "",
+        "| | |",
+        "| --- | --- |",
+        *[f"| {k} | {v} |" for k, v in rows.items()],
         "",
     ]
 
@@ -219,7 +292,7 @@ def _settings_section(
         how = (
             "evaluate.positive_class"
             if settings.positive_class
-            else "evaluate.positive_class is null: the second class name in sorted order"
+            else f"evaluate.positive_class is null: {vocabulary.default_positive(classes)[1]}"
         )
         rows["positive class"] = f"`{names['sensitivity'].removeprefix('sensitivity for ')}` ({how})"
     return [
@@ -268,12 +341,14 @@ def report(
     settings: Evaluate | None = None,
     hparams: Mapping[str, Any] | None = None,
     extra: Sequence[tuple[str, str]] = (),
+    provenance: Mapping[str, str] | None = None,
 ) -> str:
     """The Markdown report.
 
     ``plot_files``: images to embed (paths relative to the report); ``tta``: names of the test-time
     transforms, if any; ``hparams``: the checkpoint's hyperparameters; ``extra``: (heading, Markdown)
-    sections appended at the end, e.g. a Grad-CAM panel.
+    sections appended at the end, e.g. a Grad-CAM panel; ``provenance``: the lineage tags
+    (``tracking.lineage_tags``) and ``date``.
     """
     settings = settings or Evaluate()
     splits = ["test", "test_tta"] if tta else ["test"]
@@ -286,6 +361,13 @@ def report(
         if tta
         else "No test-time augmentation (evaluate.tta is empty)."
     ]
+    cut = metrics.get("decision/threshold")
+    if cut is not None and cut != 0.5:
+        notes.append(
+            f"**The thresholded numbers above (accuracy, sensitivity, specificity, ...) are at 0.5; predict "
+            f"applies the cut {cut:.4f}** (evaluate.threshold): its numbers are under *Decision threshold* "
+            "below and in reports/metrics.json as `test_threshold/*`."
+        )
     if metrics.get("test/bootstrap_skipped"):
         notes.append(
             f"{metrics['test/bootstrap_skipped']} of {settings.bootstrap} bootstrap resamples lacked a "
@@ -322,15 +404,17 @@ def report(
         + (
             f"an ensemble of {len(run.checkpoints)} fold models (mean probabilities)"
             if len(run.checkpoints) > 1
-            else f"{run.checkpoint} epoch checkpoint `{run.checkpoints[0]}`"
+            else f"the weights of its {run.checkpoint} training epoch (train.checkpoint: {run.checkpoint}), "
+            f"in the file `{run.checkpoints[0]}` whichever epoch is kept"
         )
-        + " (its MLflow run: `run_id` in models/run.json; this report is logged to it).",
+        + ". Its MLflow train run: `run_id` in models/run.json; this report is logged to an evaluate run "
+        "nested under it.",
         "",
-        *cv_section(metrics, len(run.checkpoints)),
         "## Warnings",
         "",
         *([f"- {w}" for w in warnings(metrics, data_report, run, settings)] or ["- none"]),
         "",
+        *cv_section(metrics, len(run.checkpoints)),
         "## Test metrics",
         "",
         metric_table(metrics, (*HEADLINE, *BINARY), splits, binary_names(classes, settings)),
@@ -354,6 +438,7 @@ def report(
         per_class.to_markdown(floatfmt=("", ".3f", ".3f", ".3f", ".3f", ".0f"), missingval="—"),
         "",  # support: a count
         *_data_section(data_report),
+        *_provenance_section(data_report, provenance or {}),
         *_settings_section(classes, run, settings, hparams or {}, tta),
         "## Plots",
         "",

@@ -1,5 +1,5 @@
 """evaluate: test-split metrics with intervals (with and without TTA, before and after temperature scaling),
-plots and the report; logged to the train run in MLflow under the same names. Decisions (threshold,
+plots and the report; logged to MLflow in a run nested under the train run (one per evaluation). Decisions (threshold,
 conformal quantile) and the label audit come from the validation predictions, the selection set.
 The work is ``pipeline.evaluating``."""
 
@@ -17,6 +17,7 @@ def main(params: Params, args: argparse.Namespace) -> None:
     stage_input(Path(paths.model_dir) / RUN_INFO, "paths.model_dir", "train")
     done = evaluating.assess(params)  # everything computed before anything is replaced
     evaluating.write(paths, done, params.evaluate.ece_bins)
-    open_tracking(params)
-    evaluating.log(paths, done)
-    print(f"evaluate: {evaluating.headline(done.metrics)}  -> {paths.metrics}, {paths.report}")
+    run_id = evaluating.log(params, done, open_tracking(params))
+    print(
+        f"evaluate: {evaluating.headline(done.metrics)}  -> {paths.metrics}, {paths.report} (MLflow run {run_id})"
+    )

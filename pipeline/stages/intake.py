@@ -105,7 +105,7 @@ def main(params: Params, args: argparse.Namespace) -> None:
     print(
         f"intake: {args.src} -> {target} ({stored}versioned: {commit[0]}; {params_file}: data.dataset: {name})"
     )
-    print(summary(report, target.absolute()))
+    print(summary(report, target.absolute(), params.evaluate.positive_class))
     print(augmentation(args.domain, *chosen, conflicts=tta_conflicts(*chosen)))
     _print_next(commit, params_file)
 
