@@ -44,8 +44,9 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from benchmarks import SHARED_DATA
+from benchmarks.speed import PLAIN_RECIPE
 from pipeline import augment, config, crossval, evaluation
-from pipeline.bench import PLAIN_RECIPE
 from pipeline.config import Params
 from pipeline.data.ingest import ingest
 from pipeline.data.prepared import Prepared, load_prepared
@@ -54,10 +55,8 @@ from pipeline.fit import datamodule, fit
 from pipeline.model import Ensemble
 from pipeline.resume import Resume
 
-DATA = Path(
-    "../shared/data/pneumoniamnist_balanced.npz"
-)  # relative to the repository root, as the README says
-EUROSAT = Path("../shared/data/eurosat_rgb.tar")
+DATA = SHARED_DATA / "pneumoniamnist_balanced.npz"
+EUROSAT = SHARED_DATA / "eurosat_rgb.tar"
 EUROSAT_TEST_PER_CLASS = 200
 CLASSES = ("normal", "pneumonia")
 LONG = {"train.max_epochs": 40, "train.monitor": "val/auroc", "train.patience": 15}

@@ -28,8 +28,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from benchmarks import SHARED_DATA
+from benchmarks.speed import PLAIN_RECIPE, emit
 from pipeline import augment, config
-from pipeline.bench import PLAIN_RECIPE, emit
 from pipeline.config import Params
 from pipeline.data.ingest import MANIFEST_CSV, ingest
 from pipeline.data.prepared import Prepared, load_prepared
@@ -39,7 +40,7 @@ from pipeline.model import Classifier
 from pipeline.runinfo import RUN_INFO, Preprocessing, RunInfo
 from pipeline.weights import WeightsInfo
 
-EUROSAT = Path("/work/shared/data/eurosat_rgb.tar")
+EUROSAT = SHARED_DATA / "eurosat_rgb.tar"
 PRETRAIN_CLASSES = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial")
 TARGET_CLASSES = ("Pasture", "PermanentCrop", "Residential", "River", "SeaLake")
 SIZE = 64

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
-from pipeline.bench_quality import EUROSAT, eurosat_draw
+from benchmarks.quality import EUROSAT, eurosat_draw
 from pipeline.model import build_network
 
 STEPS = int(sys.argv[1])
