@@ -46,14 +46,16 @@ from PIL import Image
 
 from benchmarks import SHARED_DATA
 from benchmarks.speed import PLAIN_RECIPE
-from pipeline import augment, config, crossval, evaluation
+from pipeline import augment, config
 from pipeline.config import Params
 from pipeline.data.ingest import ingest
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.errors import PipelineError
-from pipeline.fit import datamodule, fit
-from pipeline.model import Ensemble
-from pipeline.resume import Resume
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.training import crossval
+from pipeline.training.fit import datamodule, fit
+from pipeline.training.model import Ensemble
+from pipeline.training.resume import Resume
 
 DATA = SHARED_DATA / "pneumoniamnist_balanced.npz"
 EUROSAT = SHARED_DATA / "eurosat_rgb.tar"
@@ -230,7 +232,7 @@ def run(
                 if name == "ema" and len(prepared.classes) == 2:
                     variants.append(("threshold", dataclasses.replace(params.evaluate, threshold="youden")))
                 for row, settings in variants:
-                    out = evaluation.evaluate(
+                    out = evaluate(
                         model,
                         *arrays["test"],
                         prepared.classes,

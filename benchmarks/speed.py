@@ -42,8 +42,8 @@ from pipeline.data import readers
 from pipeline.data.datamodule import CachedImageDataset
 from pipeline.data.ingest import ingest
 from pipeline.data.prepared import load_prepared
-from pipeline.fit import datamodule, fit
-from pipeline.model import Classifier
+from pipeline.training.fit import datamodule, fit
+from pipeline.training.model import Classifier
 
 N_PER_CLASS, SIZE, EPOCHS = 48, 64, 3
 # The recipe before issue 12's defaults: no MixUp/CutMix, no EMA, the best epoch ships. Benchmarks that

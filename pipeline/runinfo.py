@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
-from pipeline.weights import WeightsInfo
+from pipeline.training.weights import WeightsInfo
 
 RUN_INFO = "run.json"
 

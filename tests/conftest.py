@@ -18,7 +18,7 @@ from pipeline import config
 from pipeline.data.ingest import ingest
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.runinfo import Preprocessing, RunInfo
-from pipeline.weights import WeightsInfo
+from pipeline.training.weights import WeightsInfo
 
 CLASSES = ("alpha", "beta", "gamma")
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import backbones, config, weights
-from pipeline.fit import build_model
-from pipeline.model import build_network
+from pipeline import backbones, config
+from pipeline.training import weights
+from pipeline.training.fit import build_model
+from pipeline.training.model import build_network
 
 RGB = "ssl4eo_s12_rgb_moco_resnet18"
 ALL = "ssl4eo_s12_all_moco_resnet18"

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import crossval, serve
+from pipeline import serve
 from pipeline.data.prepared import load_prepared
+from pipeline.training import crossval
 from tests.conftest import REPO, in_project, kill_when_ready, run_stages, write_tiny_params
 
 FOLDS = 2

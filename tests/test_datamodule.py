@@ -6,8 +6,8 @@ import pytest
 
 from pipeline.config import with_overrides
 from pipeline.data.prepared import DataError
-from pipeline.fit import datamodule
 from pipeline.stages import augment as augment_stage
+from pipeline.training.fit import datamodule
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipeline import explain
-from pipeline.model import Classifier
+from pipeline.training.model import Classifier
 
 SIZE, HALF = 64, 32  # at 64 px layer4 is 2x2: one cell per quadrant
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from pipeline.model import Classifier, build_network
-from pipeline.weights import imagenet_url
+from pipeline.training.model import Classifier, build_network
+from pipeline.training.weights import imagenet_url
 
 ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2"]
 
@@ -71,7 +71,7 @@ def test_mixup_and_cutmix_give_soft_labels_that_reach_the_weighted_loss():
 def test_mixing_follows_the_params_defaults_and_either_mixer_alone_works():
     from torchvision.transforms import v2
 
-    from pipeline.model import batch_mixer
+    from pipeline.training.model import batch_mixer
 
     # The params defaults (MixUp 0.2 and CutMix 1.0, half each); both alphas 0 turn mixing off.
     assert isinstance(Classifier("resnet18", 2).mixer, v2.RandomChoice)

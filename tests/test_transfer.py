@@ -8,11 +8,12 @@ import pytest
 import torch
 from mlflow.tracking._tracking_service.utils import is_tracking_uri_set as tracking_uri_is_set
 
-from pipeline import config, tracking, transfer
-from pipeline.fit import build_model, datamodule, fit
-from pipeline.model import Classifier
+from pipeline import config, tracking
 from pipeline.runinfo import RUN_INFO
-from pipeline.weights import WeightsError, load_pretrained
+from pipeline.training import transfer
+from pipeline.training.fit import build_model, datamodule, fit
+from pipeline.training.model import Classifier
+from pipeline.training.weights import WeightsError, load_pretrained
 
 NEW_CLASSES = ("x", "y")  # the earlier run had three: alpha, beta, gamma
 

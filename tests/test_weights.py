@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import weights
-from pipeline.model import build_network
+from pipeline.training import weights
+from pipeline.training.model import build_network
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from pipeline import recipe
 from pipeline.data.cache import OFFLINE_IMAGES, OFFLINE_LABELS, Images, Rows
 from pipeline.data.prepared import DataError, Prepared
+from pipeline.training import recipe
 
 
 class CachedImageDataset(Dataset):

@@ -16,13 +16,15 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from pipeline import augment, crossval, evaluation, explain, serve, tracking
+from pipeline import augment, explain, serve, tracking
 from pipeline.config import Params, Paths
 from pipeline.data.cache import Rows
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.evaluation import audit, decision
+from pipeline.evaluation import evaluate as evaluation
 from pipeline.evaluation.reporting import split_headline
 from pipeline.fsutil import atomic_dir, atomic_file, write_json
+from pipeline.training import crossval
 
 
 def split_arrays(prepared: Prepared, split: str) -> tuple[Rows, np.ndarray]:

@@ -1,14 +1,5 @@
-"""Test-split evaluation: predictions, metrics with bootstrap intervals, calibration, plots and the report.
-
-Metric names: ``test/<metric>`` for the plain predictions, ``test_tta/<metric>`` with test-time
-augmentation, ``test_calibrated/<metric>`` (ece, brier, nll) after temperature scaling, each scalar
-with ``<metric>_ci_low`` / ``<metric>_ci_high`` beside it; ``<split>/<metric>/<class>`` per class;
-``calibration/*`` for the fitted temperature and the validation NLL before and after it.
-
-Modules: ``predictions`` (model outputs), ``metrics`` (point estimates and the bootstrap),
-``calibration`` (temperature scaling, reliability bins), ``plots`` (PNGs and DVC plot data),
-``reporting`` (the Markdown report).
-"""
+"""Test-split evaluation (:func:`evaluate`): predictions, metrics with bootstrap intervals, calibration,
+decisions, plots and the report, composed from this package's modules."""
 
 from __future__ import annotations
 
@@ -21,20 +12,23 @@ import torch
 
 from pipeline.config import Evaluate
 from pipeline.data.cache import Images
-from pipeline.errors import PipelineError
 from pipeline.evaluation import calibration
 from pipeline.evaluation.decision import Decision, decide
 from pipeline.evaluation.metrics import (
     BINARY,
     CALIBRATION,
     HEADLINE,
-    NEED_EVERY_CLASS,
-    bootstrap,
-    compute_metrics,
 )
 from pipeline.evaluation.plots import IMAGES, confusion_table, plot_confusion, write_plots
 from pipeline.evaluation.predictions import predict_logits, predict_proba, predict_tta
 from pipeline.evaluation.reporting import report
+from pipeline.evaluation.scoring import (
+    CALIBRATED_SPLIT,
+    TTA_SPLIT,
+    EvaluationError,
+    positive_index,
+    split_metrics,
+)
 
 __all__ = [
     "BINARY",
@@ -58,15 +52,6 @@ __all__ = [
     "write_plots",
 ]
 
-TTA_SPLIT = "test_tta"  # metrics with test-time augmentation: test_tta/accuracy, ...
-CALIBRATED_SPLIT = (
-    "test_calibrated"  # calibration metrics after temperature scaling: test_calibrated/ece, ...
-)
-
-
-class EvaluationError(PipelineError, ValueError):
-    """An evaluate.* setting that does not fit the data; the message names the key."""
-
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -75,53 +60,6 @@ class Evaluation:
     metrics: dict[str, float]
     selection: tuple[np.ndarray, np.ndarray] | None = None  # (probs, labels) the decisions were fitted on
     decision: Decision | None = None  # threshold and conformal quantile (pipeline.evaluation.decision)
-
-
-def positive_index(class_names: Sequence[str], positive_class: str | None) -> int | None:
-    """Index of the positive class for a binary task (default: the second name in sorted order); None otherwise."""
-    if len(class_names) != 2:
-        if positive_class is not None:
-            raise EvaluationError(
-                f"evaluate.positive_class: '{positive_class}' is set, but the data has "
-                f"{len(class_names)} classes; sensitivity and specificity need two (set it to null)"
-            )
-        return None
-    if positive_class is None:
-        return list(class_names).index(sorted(class_names)[1])
-    if positive_class not in class_names:
-        raise EvaluationError(
-            f"evaluate.positive_class: '{positive_class}' is not a class of the data "
-            f"(classes: {', '.join(class_names)})"
-        )
-    return list(class_names).index(positive_class)
-
-
-def split_metrics(
-    probs: np.ndarray,
-    labels: np.ndarray,
-    class_names: Sequence[str],
-    split: str,
-    settings: Evaluate,
-    seed: int,
-    positive: int | None = None,
-    only: Sequence[str] | None = None,
-) -> dict[str, float]:
-    """Point metrics of one prediction set and, with ``settings.bootstrap``, their intervals and the number of
-    resamples skipped for lacking a class (``<split>/bootstrap_skipped``). ``only``: keep these scalar metrics."""
-    metrics = compute_metrics(probs, labels, class_names, split, positive, settings.ece_bins)
-    if only is not None:
-        metrics = {k: v for k, v in metrics.items() if k.removeprefix(f"{split}/") in only}
-    if settings.bootstrap:
-        intervals, skipped = bootstrap(probs, labels, settings.bootstrap, seed, positive, settings.ece_bins)
-        for name, (low, high) in intervals.items():
-            if f"{split}/{name}" in metrics:
-                metrics |= {
-                    f"{split}/{name}_ci_low": round(low, 6),
-                    f"{split}/{name}_ci_high": round(high, 6),
-                }
-        if any(f"{split}/{name}" in metrics for name in NEED_EVERY_CLASS):
-            metrics[f"{split}/bootstrap_skipped"] = skipped
-    return metrics
 
 
 def evaluate(

@@ -1,13 +1,13 @@
 """evaluate: test-split metrics with intervals (with and without TTA, before and after temperature scaling),
 plots and the report; logged to the train run in MLflow under the same names. Decisions (threshold,
 conformal quantile) and the label audit come from the validation predictions, the selection set.
-The work is ``pipeline.evaluating``."""
+The work is ``pipeline.evaluation.assess``."""
 
 import argparse
 from pathlib import Path
 
-from pipeline import evaluating
 from pipeline.config import Params
+from pipeline.evaluation import assess as evaluating
 from pipeline.runinfo import RUN_INFO
 from pipeline.stages import open_tracking, stage_input
 

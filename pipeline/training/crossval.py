@@ -24,9 +24,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from pipeline.config import Params
 from pipeline.data.prepared import Prepared
 from pipeline.errors import PipelineError
-from pipeline.fit import FitResult, datamodule, fit
 from pipeline.fsutil import write_json
-from pipeline.resume import Resume
+from pipeline.training.fit import FitResult, datamodule, fit
+from pipeline.training.resume import Resume
 
 OOF_CSV = "oof.csv"  # beside the members in paths.model_dir: one row per train+val image
 DONE = "done.json"  # in a fold's resume folder once its model and OOF predictions are saved
@@ -151,7 +151,7 @@ def _as_done(result: FitResult) -> dict:
 def _load_done(path: Path) -> dict:
     import json
 
-    from pipeline.weights import WeightsInfo
+    from pipeline.training.weights import WeightsInfo
 
     done = json.loads(path.read_text())
     return done | {

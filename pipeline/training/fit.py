@@ -18,15 +18,16 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.loggers import Logger
 
-from pipeline import probe, recipe, vocabulary
+from pipeline import vocabulary
 from pipeline.config import Params
 from pipeline.data.datamodule import ImageDataModule, load_offline
 from pipeline.data.prepared import Prepared
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_file
-from pipeline.model import Classifier
-from pipeline.resume import LAST_NAME  # <out_dir>/last.ckpt: full state of the latest epoch
-from pipeline.weights import WeightsInfo, load_pretrained
+from pipeline.training import probe, recipe
+from pipeline.training.model import Classifier
+from pipeline.training.resume import LAST_NAME  # <out_dir>/last.ckpt: full state of the latest epoch
+from pipeline.training.weights import WeightsInfo, load_pretrained
 
 log = logging.getLogger(__name__)
 _NOTED: set[str] = set()  # warnings already given in this process (a tune stage calls fit once per trial)
@@ -435,7 +436,7 @@ def _fit_frozen(
     out_dir: Path | None,
     logger: Logger | bool,
 ) -> FitResult:
-    """``train.mode`` linear_probe or knn: no epochs, the head fitted on frozen features (``pipeline.probe``)."""
+    """``train.mode`` linear_probe or knn: no epochs, the head fitted on frozen features (``pipeline.training.probe``)."""
     checkpoint = None if out_dir is None else Path(out_dir) / f"{CHECKPOINT_NAME}.ckpt"
     metrics = probe.fit_frozen(params, data, model, weights, checkpoint=checkpoint, logger=logger)
     return FitResult(

@@ -19,11 +19,11 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 from torchvision.transforms import v2
 
-from pipeline import recipe
 from pipeline.config import Augment, Model, Train
 from pipeline.evaluation.metrics import HEADLINE, weighted_metrics
-from pipeline.heads import KNNHead, linear_of
 from pipeline.pixels import unit_max
+from pipeline.training import recipe
+from pipeline.training.heads import KNNHead, linear_of
 
 # ImageNet statistics, which torchvision's ResNet weights were trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -138,7 +138,7 @@ class Classifier(L.LightningModule):
         knn_bank: int = 0,
         knn_k: int = 20,
     ):
-        """``knn_bank`` > 0: the head is a :class:`~pipeline.heads.KNNHead` over that many stored training
+        """``knn_bank`` > 0: the head is a :class:`~pipeline.training.heads.KNNHead` over that many stored training
         features (``train.mode: knn``), voting among the ``knn_k`` nearest."""
         super().__init__()
         # Logged to MLflow by the stage under params.yaml names, not by Lightning under these.
@@ -231,7 +231,7 @@ class Classifier(L.LightningModule):
     def configure_optimizers(self):
         """Head at ``lr``, backbone at ``lr x backbone_lr_mult``; linear warm-up then cosine decay, per step.
 
-        Frozen parameters stay in the optimizer without gradients (see ``pipeline.recipe``).
+        Frozen parameters stay in the optimizer without gradients (see ``pipeline.training.recipe``).
         """
         hp = self.hparams
         head, backbone = recipe.head_and_backbone_params(self.net)

@@ -1,7 +1,7 @@
 """The train stage's work: the fit (or one per fold) inside its MLflow run, resumable, and the model folder.
 
 A killed run (even SIGKILL) resumes where it stopped, in the same MLflow run, when the stage runs again with
-the same inputs (``pipeline.resume``). Rank 0 owns the MLflow run and the outputs; a DDP worker (started by
+the same inputs (``pipeline.training.resume``). Rank 0 owns the MLflow run and the outputs; a DDP worker (started by
 Lightning, torchrun or SLURM) trains its shard and writes nothing.
 """
 
@@ -18,13 +18,14 @@ import numpy as np
 import pandas as pd
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 
-from pipeline import augment, crossval, serve, tracking
+from pipeline import augment, serve, tracking
 from pipeline.config import Params, as_dict
 from pipeline.data.prepared import Prepared, load_prepared
-from pipeline.fit import FitResult, datamodule, fit
 from pipeline.fsutil import atomic_dir
-from pipeline.resume import Resume
 from pipeline.runinfo import RUN_INFO, FoldScore, Preprocessing, RunInfo
+from pipeline.training import crossval
+from pipeline.training.fit import FitResult, datamodule, fit
+from pipeline.training.resume import Resume
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.runinfo import RUN_INFO, RunInfo
-from pipeline.weights import (
+from pipeline.training.weights import (
     FIRST_CONV,
     HEAD_PREFIX,
     WeightsError,

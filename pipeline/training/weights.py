@@ -25,7 +25,7 @@ from torch.hub import HASH_REGEX  # <arch>-<sha256 prefix>.pth, as torch.hub che
 from pipeline import backbones
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_file, file_sha256
-from pipeline.model import build_network
+from pipeline.training.model import build_network
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def load_pretrained(
     """
     if weights == "none":
         return WeightsInfo(requested=weights, source="random-init", pretrained=False)
-    from pipeline import transfer  # imported here: it builds on this module
+    from pipeline.training import transfer  # imported here: it builds on this module
 
     if transfer.is_run_source(weights):
         return transfer.load_backbone(
