@@ -55,6 +55,7 @@ from pipeline.evaluation.evaluate import evaluate
 from pipeline.training import crossval
 from pipeline.training.fit import datamodule, fit
 from pipeline.training.model import Ensemble
+from pipeline.training.oof import cv_metrics, oof_logits
 from pipeline.training.resume import Resume
 
 DATA = SHARED_DATA / "pneumoniamnist_balanced.npz"
@@ -179,8 +180,8 @@ def _train(
             )
         folds = crossval.fit_folds(params, prepared, transform, Resume(out, "bench"))
     members = [r.best_model() for r in folds.results]
-    held_out = (crossval.oof_logits(folds.oof, prepared.classes), folds.oof["label_index"].to_numpy())
-    cv = crossval.cv_metrics(folds.oof, prepared.classes, positive=1)
+    held_out = (oof_logits(folds.oof, prepared.classes), folds.oof["label_index"].to_numpy())
+    cv = cv_metrics(folds.oof, prepared.classes, positive=1)
     return (
         Ensemble(members),
         held_out,

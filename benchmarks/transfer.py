@@ -35,10 +35,9 @@ from pipeline.config import Params
 from pipeline.data.ingest import MANIFEST_CSV, ingest
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.evaluation.predictions import predict_proba
-from pipeline.runinfo import RUN_INFO, Preprocessing, RunInfo
+from pipeline.runinfo import RUN_INFO, Preprocessing, RunInfo, WeightsInfo
 from pipeline.training.fit import datamodule, fit
 from pipeline.training.model import Classifier
-from pipeline.training.weights import WeightsInfo
 
 EUROSAT = SHARED_DATA / "eurosat_rgb.tar"
 PRETRAIN_CLASSES = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial")

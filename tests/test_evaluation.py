@@ -9,7 +9,7 @@ from torchmetrics.functional import classification as tmf
 from pipeline.config import Evaluate
 from pipeline.evaluation import calibration, metrics, reporting
 from pipeline.evaluation import evaluate as evaluation
-from pipeline.training.weights import WeightsInfo
+from pipeline.runinfo import WeightsInfo
 from tests.conftest import run_info
 
 CLASSES = ("a", "b", "c")

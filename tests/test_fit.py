@@ -195,9 +195,9 @@ def test_run_json_records_the_ema_only_where_the_training_step_used_it(tiny_para
     from pathlib import Path
 
     from pipeline.config import with_overrides
+    from pipeline.runinfo import WeightsInfo
     from pipeline.training import train as training
     from pipeline.training.fit import FitResult
-    from pipeline.training.weights import WeightsInfo
 
     result = FitResult(
         0.9, None, 2, WeightsInfo(requested="none", source="random-init", pretrained=False), {}

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from pipeline.runinfo import WeightsInfo
 from pipeline.training import fit as fit_module
 from pipeline.training.model import IMAGENET_MEAN, Classifier
-from pipeline.training.weights import WeightsInfo
 
 STATS = ((0.7, 0.6, 0.5), (0.1, 0.2, 0.3))
 

@@ -311,10 +311,10 @@ def test_ingest_streams_the_cache_in_bounded_memory(tmp_path):
 
 
 def test_progress_is_logged_without_a_terminal(image_folder, tmp_path, monkeypatch, caplog):
-    import pipeline.data.ingest as module
+    import pipeline.data.progress as module
 
     monkeypatch.setattr(module, "PROGRESS_LOG_S", 0.0)
-    with caplog.at_level("INFO", logger="pipeline.data.ingest"):
+    with caplog.at_level("INFO", logger="pipeline.data.progress"):
         ingest(image_folder, tmp_path / "out", **ARGS)
     lines = [r.getMessage() for r in caplog.records if "images read" in r.getMessage()]
     assert len(lines) == 24 and lines[-1].startswith("ingest: 23/24 images read")

@@ -13,7 +13,8 @@ from pipeline.runinfo import RUN_INFO
 from pipeline.training import transfer
 from pipeline.training.fit import build_model, datamodule, fit
 from pipeline.training.model import Classifier
-from pipeline.training.weights import WeightsError, load_pretrained
+from pipeline.training.pretrained import load_pretrained
+from pipeline.training.weights import WeightsError
 
 NEW_CLASSES = ("x", "y")  # the earlier run had three: alpha, beta, gamma
 

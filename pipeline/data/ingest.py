@@ -16,22 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
-import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from pipeline.config import Data
 from pipeline.data import decoding, shards, sources, splits, validation
 from pipeline.data.cache import CacheWriter
 from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError
+from pipeline.data.progress import progress
 from pipeline.data.readers import IMAGE_SUFFIXES, image_files
 from pipeline.fsutil import atomic_dir, write_json
 
@@ -40,10 +36,6 @@ log = logging.getLogger(__name__)
 MANIFEST_CSV = "manifest.csv"
 SPLITS = splits.SPLITS
 MIN_PER_CLASS = 3  # one image each for train, val and test
-PROGRESS_LOG_S = 30.0  # without a terminal (dvc repro's log): one progress line this often
-
-
-T = TypeVar("T")
 
 
 def class_folders(root: Path) -> list[Path]:
@@ -152,23 +144,6 @@ class _Decoded:
     sha256: list[str] = dataclasses.field(default_factory=list)  # of every file, read or not
     kept: list[decoding.Decoded] = dataclasses.field(default_factory=list)  # per cache row, pixels dropped
     reused: int = 0  # images taken from intake's validation pass instead of decoded
-
-
-def progress(items: Iterable[T], total: int, what: str = "ingest", done: str = "images read") -> Iterator[T]:
-    """A tqdm bar (count, rate, time left) on an interactive stderr; elsewhere (dvc repro's log) an INFO line
-    every ``PROGRESS_LOG_S`` with the same three."""
-    if sys.stderr.isatty():
-        yield from tqdm(items, total=total, desc=what, unit="img", file=sys.stderr, leave=False)
-        return
-    start = last = time.monotonic()
-    for i, item in enumerate(items):
-        now = time.monotonic()
-        if now - last >= PROGRESS_LOG_S:
-            rate = i / max(now - start, 1e-9)
-            left = (total - i) / rate if rate else float("inf")
-            log.info("%s: %d/%d %s (%.0f images/s, %.0f s left)", what, i, total, done, rate, left)
-            last = now
-        yield item
 
 
 def _decode_all(table: pd.DataFrame, data: Data, cache: CacheWriter, reuse: Path | None = None) -> _Decoded:

@@ -42,6 +42,7 @@ from pipeline.data import shards, sources
 from pipeline.data.groups import add_dicom_groups, dicom_groups
 from pipeline.data.ingest import MANIFEST_CSV, class_folders, ingest, read_manifest, scan
 from pipeline.data.prepared import DataError
+from pipeline.data.progress import progress
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_dir, atomic_file
 
@@ -139,7 +140,7 @@ def copy_set(src: Path, dest: Path, on_bad_file: str = "skip") -> Copied:
         for class_dir in class_folders(src):
             check_name(class_dir.name, "class folder")
         listed = sources.listing(src)
-        for path in ingest_module.progress(listed, len(listed), "intake", "files copied"):
+        for path in progress(listed, len(listed), "intake", "files copied"):
             _copy_file(path, dest / path.relative_to(src), copied, on_bad_file)
         copied.sources[str(dest)] = str(src)
         return copied

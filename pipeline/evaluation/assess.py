@@ -24,7 +24,7 @@ from pipeline.evaluation import audit, decision
 from pipeline.evaluation import evaluate as evaluation
 from pipeline.evaluation.reporting import split_headline
 from pipeline.fsutil import atomic_dir, atomic_file, write_json
-from pipeline.training import crossval
+from pipeline.training.oof import cv_metrics, load_oof, oof_logits
 
 
 def split_arrays(prepared: Prepared, split: str) -> tuple[Rows, np.ndarray]:
@@ -57,12 +57,12 @@ def assess(params: Params) -> Assessment:
     trained = serve.load_trained(Path(paths.model_dir))
     model, run = trained.model, trained.run
     images, labels = split_arrays(prepared, "test")
-    oof = crossval.load_oof(Path(paths.model_dir))
+    oof = load_oof(Path(paths.model_dir))
     if oof is None:
         held_rows, held_out, held_name = prepared.split("val"), None, "validation"
     else:
         held_rows, held_name = oof, "out-of-fold"
-        held_out = (crossval.oof_logits(oof, prepared.classes), oof["label_index"].to_numpy())
+        held_out = (oof_logits(oof, prepared.classes), oof["label_index"].to_numpy())
     result = evaluation.evaluate(
         model,
         images,
@@ -78,7 +78,7 @@ def assess(params: Params) -> Assessment:
     if result.selection is None or result.decision is None:  # evaluate() fits both whenever it has val
         raise RuntimeError("evaluation.evaluate returned no selection set or decision")
     if oof is not None:
-        result.metrics.update(crossval.cv_metrics(oof, prepared.classes, positive))
+        result.metrics.update(cv_metrics(oof, prepared.classes, positive))
     suspects = audit.label_issues(*result.selection, held_rows["path"], prepared.classes)
     audit_png = (
         audit.panel_png(

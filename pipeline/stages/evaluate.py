@@ -9,7 +9,8 @@ from pathlib import Path
 from pipeline.config import Params
 from pipeline.evaluation import assess as evaluating
 from pipeline.runinfo import RUN_INFO
-from pipeline.stages import open_tracking, stage_input
+from pipeline.stages import stage_input
+from pipeline.stages.tracked import open_tracking
 
 
 def main(params: Params, args: argparse.Namespace) -> None:

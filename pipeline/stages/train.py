@@ -11,7 +11,8 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
 from pipeline.config import ConfigError, Params, with_overrides
-from pipeline.stages import open_tracking, stage_input
+from pipeline.stages import stage_input
+from pipeline.stages.tracked import open_tracking
 from pipeline.training import train as training
 
 

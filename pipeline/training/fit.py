@@ -24,15 +24,14 @@ from pipeline.data.datamodule import ImageDataModule, load_offline
 from pipeline.data.prepared import Prepared
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_file
+from pipeline.runinfo import BEST, CHECKPOINT_SUFFIX, LAST, WeightsInfo
 from pipeline.training import probe, recipe
 from pipeline.training.model import Classifier
-from pipeline.training.resume import LAST_NAME  # <out_dir>/last.ckpt: full state of the latest epoch
-from pipeline.training.weights import WeightsInfo, load_pretrained
+from pipeline.training.pretrained import load_pretrained
 
 log = logging.getLogger(__name__)
 _NOTED: set[str] = set()  # warnings already given in this process (a tune stage calls fit once per trial)
 
-CHECKPOINT_NAME = "best"  # written as <out_dir>/best.ckpt
 PROGRESS_EVERY_S = 30.0  # a progress line this often within a long training epoch
 
 
@@ -374,7 +373,7 @@ def fit(
         # Lightning keys a callback's state by monitor and mode and refuses two with one key.
         checkpoint = ModelCheckpoint(
             dirpath=out_dir,
-            filename=CHECKPOINT_NAME,
+            filename=BEST,
             monitor=None if last else t.monitor,
             mode="max" if last else mode,
             save_top_k=1,
@@ -384,7 +383,7 @@ def fit(
         )
         # Every epoch overwrites last.ckpt: what a killed run resumes from.
         latest = ModelCheckpoint(
-            dirpath=out_dir, filename=LAST_NAME, monitor=None, save_top_k=1, enable_version_counter=False
+            dirpath=out_dir, filename=LAST, monitor=None, save_top_k=1, enable_version_counter=False
         )
         all_callbacks += [checkpoint, latest]
     with tempfile.TemporaryDirectory(prefix="fit-") as scratch, _quiet_lightning():
@@ -437,7 +436,7 @@ def _fit_frozen(
     logger: Logger | bool,
 ) -> FitResult:
     """``train.mode`` linear_probe or knn: no epochs, the head fitted on frozen features (``pipeline.training.probe``)."""
-    checkpoint = None if out_dir is None else Path(out_dir) / f"{CHECKPOINT_NAME}.ckpt"
+    checkpoint = None if out_dir is None else Path(out_dir) / f"{BEST}{CHECKPOINT_SUFFIX}"
     metrics = probe.fit_frozen(params, data, model, weights, checkpoint=checkpoint, logger=logger)
     return FitResult(
         best_score=metrics[params.train.monitor],

@@ -27,9 +27,9 @@ from pipeline.config import Params
 from pipeline.data.cache import Images
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.evaluation.predictions import predict_logits
+from pipeline.runinfo import WeightsInfo
 from pipeline.training.heads import KNNHead, linear_of
 from pipeline.training.model import Classifier
-from pipeline.training.weights import WeightsInfo
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,10 @@ from pipeline import augment, serve, tracking
 from pipeline.config import Params, as_dict
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.fsutil import atomic_dir
-from pipeline.runinfo import RUN_INFO, FoldScore, Preprocessing, RunInfo
+from pipeline.runinfo import OOF_CSV, RUN_INFO, FoldScore, Preprocessing, RunInfo, member_name
 from pipeline.training import crossval
 from pipeline.training.fit import FitResult, datamodule, fit
+from pipeline.training.oof import cv_metrics
 from pipeline.training.resume import Resume
 
 
@@ -63,7 +64,7 @@ def fit_all(run: Inputs, fold_runs: crossval.FoldRuns | None = None, logger: Log
     params, resume = run.params, run.resume
     if params.data.folds:
         cv = crossval.fit_folds(params, run.prepared, run.transform, resume, fold_runs)
-        members = {crossval.member_name(i): _saved(r) for i, r in enumerate(cv.results)}
+        members = {member_name(i): _saved(r) for i, r in enumerate(cv.results)}
         return Fitted(cv.results, members, cv.oof)
     data = datamodule(params, run.prepared, run.transform)
     result = fit(
@@ -109,7 +110,7 @@ def save_model(model_dir: Path, fitted: Fitted, info: RunInfo) -> None:
         for member, checkpoint in fitted.members.items():
             shutil.copy2(checkpoint, staging / member)
         if fitted.oof is not None:
-            fitted.oof.to_csv(staging / crossval.OOF_CSV, index=False, float_format="%.6f")
+            fitted.oof.to_csv(staging / OOF_CSV, index=False, float_format="%.6f")
         info.write(staging)
 
 
@@ -143,7 +144,7 @@ def train(params: Params, tuned: dict[str, Any], tags: dict[str, str] | None) ->
             print(f"train: resuming MLflow run {run_id}" + (f" from {last}" if last else ""), flush=True)
         if params.data.folds:
             fitted = fit_all(run, fold_runs=crossval.FoldRuns(this, name, tags, params))
-            tracking.log_metrics(crossval.cv_metrics(fitted.oof, run.prepared.classes))
+            tracking.log_metrics(cv_metrics(fitted.oof, run.prepared.classes))
         else:
             fitted = fit_all(run, logger=MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=this))
         weights = fitted.results[0].weights
