@@ -179,9 +179,10 @@ def _train(
                 {},
             )
         folds = crossval.fit_folds(params, prepared, transform, Resume(out, "bench"))
-    members = [r.best_model() for r in folds.results]
-    held_out = (oof_logits(folds.oof, prepared.classes), folds.oof["label_index"].to_numpy())
-    cv = cv_metrics(folds.oof, prepared.classes, positive=1)
+    members, oof = [r.best_model() for r in folds.results], folds.oof
+    assert oof is not None, "cross-validation leaves out-of-fold predictions"
+    held_out = (oof_logits(oof, prepared.classes), oof["label_index"].to_numpy())
+    cv = cv_metrics(oof, prepared.classes, positive=1)
     return (
         Ensemble(members),
         held_out,

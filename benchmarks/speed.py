@@ -217,9 +217,8 @@ def plain_loop(params: config.Params, data) -> float:
     """The baseline: the same network (channels_last as configured), optimizer and batches in a bare
     PyTorch loop; images/s over the epochs after the first, like ``EpochClock``."""
     torch.manual_seed(params.seed)
-    model = Classifier(
-        params.model.arch, data.num_classes, lr=params.train.lr, channels_last=params.train.channels_last
-    )
+    train = config.Train(lr=params.train.lr, channels_last=params.train.channels_last)
+    model = Classifier(config.Model(arch=params.model.arch), train, num_classes=data.num_classes)
     model.on_fit_start()  # the memory format, as Lightning would set it (on CPU here)
     opt = torch.optim.AdamW(model.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay)
     train, val = data.train_dataloader(), data.val_dataloader()

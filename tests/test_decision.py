@@ -122,7 +122,7 @@ def test_evaluate_fits_the_decisions_on_val_and_scores_them_on_test():
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    model = Classifier("resnet18", 2)
+    model = Classifier(num_classes=2)
     images = rng.integers(0, 255, (40, 16, 16, 3), dtype=np.uint8)
     labels = np.arange(40) % 2
     settings = Evaluate(

@@ -39,7 +39,7 @@ def tiny_params(**evaluate) -> config.Params:
 
 def save_untrained_model(params: config.Params, classes: tuple[str, ...], run_id: str) -> None:
     """A random-init checkpoint in Lightning's format and the run.json the train stage would write."""
-    model = Classifier(params.model.arch, len(classes), class_names=classes)
+    model = Classifier(params.model, num_classes=len(classes), class_names=classes)
     model_dir = Path(params.paths.model_dir)
     model_dir.mkdir(parents=True)
     torch.save(

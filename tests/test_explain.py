@@ -21,7 +21,7 @@ def brightness_resnet() -> Classifier:
     the stem does the same from the normalized RGB. 'bright' reads channel 0, 'dark' channel 1, so the
     discriminative region of 'bright' is the bright square and nothing else.
     """
-    model = Classifier("resnet18", 2, ["dark", "bright"]).eval()
+    model = Classifier(num_classes=2, class_names=["dark", "bright"]).eval()
     net = model.net
     with torch.no_grad():
         for m in net.modules():

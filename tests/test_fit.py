@@ -117,7 +117,7 @@ def test_each_epoch_line_shows_that_epochs_own_train_and_val_metrics(tiny_params
 def test_a_long_epoch_prints_progress_lines(capsys):
     from types import SimpleNamespace
 
-    from pipeline.training.fit import EpochSummary
+    from pipeline.training.callbacks import EpochSummary
 
     trainer = SimpleNamespace(is_global_zero=True, current_epoch=0, max_epochs=3, num_training_batches=50)
     summary = EpochSummary(every_s=3600)
@@ -197,12 +197,12 @@ def test_run_json_records_the_ema_only_where_the_training_step_used_it(tiny_para
     from pipeline.config import with_overrides
     from pipeline.runinfo import WeightsInfo
     from pipeline.training import train as training
-    from pipeline.training.fit import FitResult
+    from pipeline.training.fit import FitResult, Fitted
 
     result = FitResult(
         0.9, None, 2, WeightsInfo(requested="none", source="random-init", pretrained=False), {}
     )
-    fitted = training.Fitted([result], {"best.ckpt": Path("best.ckpt")}, None)
+    fitted = Fitted([result], {"best.ckpt": Path("best.ckpt")}, None)
     for mode, expected in (("finetune", 0.995), ("linear_probe", None), ("knn", None)):
         params = with_overrides(tiny_params, {"train.ema_decay": 0.995, "train.mode": mode})
         assert training.run_info(params, prepared, "r1", fitted).ema_decay == expected

@@ -13,7 +13,7 @@ killed run restarts at the fold and epoch where it stopped, and finished folds a
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import albumentations as A
@@ -28,8 +28,8 @@ from pipeline.data.prepared import Prepared
 from pipeline.errors import PipelineError
 from pipeline.evaluation.predictions import predict_proba
 from pipeline.fsutil import write_json
-from pipeline.runinfo import WeightsInfo
-from pipeline.training.fit import FitResult, datamodule, fit
+from pipeline.runinfo import WeightsInfo, member_name
+from pipeline.training.fit import FitResult, Fitted, datamodule, fit
 from pipeline.training.oof import OOF_CSV, oof_table
 from pipeline.training.resume import Resume
 
@@ -59,12 +59,9 @@ def fold_view(prepared: Prepared, fold: int) -> Prepared:
     return replace(prepared, table=table)
 
 
-@dataclass(frozen=True)
-class Folds:
-    """What cross-validation leaves: one member checkpoint per fold and the OOF predictions."""
-
-    results: list[FitResult]  # per fold, in fold order; the checkpoints live in the resume folder
-    oof: pd.DataFrame  # path, label_index, fold, prob_<class>: every train+val image exactly once
+def members(results: list[FitResult]) -> dict[str, Path]:
+    """The fold models as the model folder names them (``fold_<i>.ckpt``) -> where each fit saved it."""
+    return {member_name(i): r.saved() for i, r in enumerate(results)}
 
 
 def check(params: Params, prepared: Prepared) -> int:
@@ -90,7 +87,7 @@ def fit_folds(
     resume: Resume,
     runs: FoldRuns | None = None,
     batch_size: int = 64,
-) -> Folds:
+) -> Fitted:
     """Train the k fold models (resuming, skipping finished folds) and collect their OOF predictions.
 
     ``runs``: the nested MLflow run of each fold (rank 0); every DDP rank runs this loop, the others
@@ -127,11 +124,11 @@ def fit_folds(
             runs.done(i, part, result)
         write_json(done, _as_done(result))  # last: a kill before it retrains (or resumes) this fold
     if not tables:
-        return Folds(results=results, oof=pd.DataFrame())
+        return Fitted(results, members(results), oof=pd.DataFrame())
     oof = (
         pd.concat(tables, ignore_index=True).sort_values("cache_index", kind="stable").reset_index(drop=True)
     )
-    return Folds(results=results, oof=oof)
+    return Fitted(results, members(results), oof)
 
 
 def _as_done(result: FitResult) -> dict:

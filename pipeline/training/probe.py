@@ -28,7 +28,7 @@ from pipeline.data.cache import Images
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.evaluation.predictions import predict_logits
 from pipeline.runinfo import WeightsInfo
-from pipeline.training.heads import KNNHead, linear_of
+from pipeline.training.heads import linear_of
 from pipeline.training.model import Classifier
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,7 @@ def fit_linear_probe(
 def fit_knn(model: Classifier, train: tuple[np.ndarray, np.ndarray], k: int) -> None:
     """Replace ``model``'s head by a kNN vote over ``train``'s features (recorded in the hyperparameters)."""
     features, labels = train
-    head = KNNHead(features.shape[1], model.hparams["num_classes"], len(features), k)
-    head.store(torch.from_numpy(features), torch.from_numpy(labels))
-    model.net.fc = head
-    model.hparams.update(knn_bank=len(features), knn_k=k)  # so a checkpoint rebuilds this head
+    model.use_knn_head(torch.from_numpy(features), torch.from_numpy(labels), k)
 
 
 def fit_frozen(

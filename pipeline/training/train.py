@@ -15,16 +15,15 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import pandas as pd
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 
 from pipeline import augment, serve, tracking
 from pipeline.config import Params, as_dict
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.fsutil import atomic_dir
-from pipeline.runinfo import OOF_CSV, RUN_INFO, FoldScore, Preprocessing, RunInfo, member_name
+from pipeline.runinfo import OOF_CSV, RUN_INFO, FoldScore, Preprocessing, RunInfo
 from pipeline.training import crossval
-from pipeline.training.fit import FitResult, datamodule, fit
+from pipeline.training.fit import Fitted, datamodule, fit
 from pipeline.training.oof import cv_metrics
 from pipeline.training.resume import Resume
 
@@ -51,32 +50,17 @@ def inputs(params: Params) -> Inputs:
     return Inputs(params, prepared, augment.load(Path(paths.augment_pipeline), params.seed), resume)
 
 
-@dataclass(frozen=True)
-class Fitted:
-    results: list[FitResult]
-    members: dict[str, Path]  # file name in the model folder -> checkpoint
-    oof: pd.DataFrame | None  # out-of-fold predictions (data.folds)
-
-
 def fit_all(run: Inputs, fold_runs: crossval.FoldRuns | None = None, logger: Logger | bool = False) -> Fitted:
     """One fit, or one per fold (``data.folds``), resumed from the last checkpoint where there is one;
     ``fold_runs``: the folds' nested MLflow runs, ``logger``: the single fit's."""
     params, resume = run.params, run.resume
     if params.data.folds:
-        cv = crossval.fit_folds(params, run.prepared, run.transform, resume, fold_runs)
-        members = {member_name(i): _saved(r) for i, r in enumerate(cv.results)}
-        return Fitted(cv.results, members, cv.oof)
+        return crossval.fit_folds(params, run.prepared, run.transform, resume, fold_runs)
     data = datamodule(params, run.prepared, run.transform)
     result = fit(
         params, data, out_dir=resume.checkpoints, logger=logger, resume_from=resume.last_checkpoint()
     )
-    return Fitted([result], {_saved(result).name: _saved(result)}, None)
-
-
-def _saved(result: FitResult) -> Path:
-    if result.best_checkpoint is None:  # fit writes one whenever it gets an out_dir, as here
-        raise RuntimeError("fit returned no checkpoint")
-    return result.best_checkpoint
+    return Fitted.one(result)
 
 
 def run_info(params: Params, prepared: Prepared, run_id: str, fitted: Fitted) -> RunInfo:
