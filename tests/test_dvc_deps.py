@@ -104,6 +104,18 @@ def test_no_module_imports_a_module_above_it():
         visit(node)
 
 
+def test_the_trained_model_record_imports_no_torch():
+    """run.json's reader (evaluate's report, a notebook, transfer's check) costs no deep-learning stack."""
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.runinfo; print(' '.join(sys.modules))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert not {m for m in loaded.stdout.split() if m.split(".")[0] in ("torch", "lightning", "torchvision")}
+
+
 def test_the_package_never_imports_the_benchmarks():
     for path in (ROOT / "pipeline").rglob("*.py"):
         assert not {n for n in imported(path) if n.split(".")[0] == "benchmarks"}, path
