@@ -21,15 +21,15 @@ demo: $(STAMP)
 
 # Formatting, lint and types first: a quick failure before the 12-minute suite.
 lint: $(STAMP)
-	$(BIN)/ruff format --check pipeline tests
-	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff format --check pipeline benchmarks tests
+	$(BIN)/ruff check pipeline benchmarks tests
 	$(BIN)/mypy pipeline
 
 test: $(STAMP) lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=12   # two workers, a test file each; the slowest listed (12-minute budget)
 
 bench: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline bench
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m benchmarks
 
 # The store named in params.yaml (mlflow.tracking_uri), unless MLFLOW_TRACKING_URI says otherwise.
 # The link opens the experiment's runs table (MLflow 3 would otherwise open its GenAI overview).

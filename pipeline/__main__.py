@@ -71,7 +71,7 @@ COMMANDS = {
         "pipeline.docs", "[--output FILE]", "rewrite docs/configuration.md from the typed params"
     ),
     "bench": Command(
-        "pipeline.bench",
+        "pipeline.stages.bench",
         "[{quality,scale,transfer} ...]",
         "speed and memory of the hot paths (make bench); quality, scale, transfer: benchmarks on real data",
     ),
@@ -149,11 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     ours.setLevel(logging.INFO)
     command = importlib.import_module(COMMANDS[args.command].module)
     try:
-        command.main(load(args.params), args)
+        status = command.main(load(args.params), args)
     except PipelineError as err:  # anything else keeps its traceback
         print(f"error: {one_line(str(err))}", file=sys.stderr)
         return 2
-    return 0
+    return status if isinstance(status, int) else 0  # a command run in a process of its own: its status
 
 
 def one_line(message: str) -> str:

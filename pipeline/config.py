@@ -235,7 +235,7 @@ class Augment:
         default=6, ge=1, le=32, description="Training images shown in the preview grid."
     )
     preview_draws: int = Field(default=5, ge=1, le=16, description="Augmented draws per preview image.")
-    # Batch-level mixing, applied in the training step (pipeline/model.py), not by the augment stage.
+    # Batch-level mixing, applied in the training step (pipeline/training/model.py), not by the augment stage.
     mixup_alpha: float = Field(
         default=0.2,
         ge=0,
@@ -369,14 +369,14 @@ class Train:
         default="finetune",
         description="finetune: train the network (the recipe below); linear_probe: a logistic "
         "regression head on the frozen backbone's pooled features; knn: a cosine "
-        "k-nearest-neighbour vote over them (pipeline/probe.py). The frozen modes compute "
+        "k-nearest-neighbour vote over them (pipeline/training/probe.py). The frozen modes compute "
         "each image's features once and train in seconds; with under ~10 images per "
         "class they often beat fine-tuning.",
     )
     knn_k: int = Field(
         default=20, ge=1, description="train.mode knn: neighbours that vote (at most the training images)."
     )
-    # The small-data recipe (pipeline/recipe.py).
+    # The small-data recipe (pipeline/training/recipe.py).
     # Off by default: on real pretrained features it lost to fine-tuning everything at one learning rate at
     # every shot count and draw (docs/benchmarks.md, "Transfer learning"); kept as keys to compare.
     freeze_epochs: int = Field(

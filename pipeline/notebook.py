@@ -292,7 +292,7 @@ def load_model(project: Project):
 def predict_test_split(model, data: Prepared, batch_size: int = 64) -> pd.DataFrame:
     """One row per test image: path, actual and predicted class, the predicted class's probability,
     the actual class's probability, and its row in the image cache."""
-    from pipeline.evaluation import predict_proba
+    from pipeline.evaluation.predictions import predict_proba
 
     test = data.split("test")
     probs = predict_proba(model, data.images[test["cache_index"].to_numpy()], batch_size)

@@ -1,7 +1,9 @@
-"""The trained-model contract: ``run.json`` beside the checkpoints in ``paths.model_dir``.
+"""The trained-model contract: ``run.json`` beside the checkpoints in ``paths.model_dir``, and the names of
+every file in that folder and in a fit's checkpoint folder (one place for the model folder's layout).
 
 The train stage writes it (and logs it on its MLflow run); evaluate, predict, export, the report and an
 earlier-run ``model.weights`` read it, always through :meth:`RunInfo.read`, never as a dict by key.
+Nothing here imports torch: reading what a run produced costs no deep-learning stack.
 """
 
 from __future__ import annotations
@@ -13,9 +15,52 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
-from pipeline.weights import WeightsInfo
 
 RUN_INFO = "run.json"
+CHECKPOINT_SUFFIX = ".ckpt"
+BEST = "best"  # <checkpoints>/best.ckpt: the weights that ship (the best epoch's, or the last's); so named in models/
+LAST = "last"  # <checkpoints>/last.ckpt, every epoch: the full state a killed run resumes from
+OOF_CSV = "oof.csv"  # beside the fold members in paths.model_dir: one row per train+val image
+
+
+def member_name(fold: int) -> str:
+    """A fold model's checkpoint in the model folder (``data.folds``)."""
+    return f"fold_{fold}{CHECKPOINT_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """What was actually loaded; recorded on the MLflow run, the metrics file and the report."""
+
+    requested: str
+    source: str  # URL or file the tensors came from, or "random-init"
+    pretrained: bool
+    fallback_reason: str | None = None
+    # Weights that bring their own input statistics (an earlier run, a domain backbone): the normalization
+    # the model must use, the band count the weights were trained on, the classes of the head they had.
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    in_channels: int | None = None
+    source_classes: tuple[str, ...] | None = None
+    # The full SHA-256 of the file the tensors were read from (checked against the publisher's prefix).
+    sha256: str | None = None
+    # A named domain backbone's preprocessing: the bands in the order it expects them, and the raw value
+    # its scaling maps to 1 (mean/std above apply to ``raw / value_range``, adapted to the pixel dtype).
+    bands: tuple[str, ...] | None = None
+    value_range: float | None = None
+
+    def preprocessing_tags(self) -> dict[str, str]:
+        """MLflow tags for what the run started from beyond its source: the file's SHA-256 and, for weights
+        that bring their preprocessing, the bands, value range and mean/std the model normalizes with."""
+        tags = {"weights.sha256": self.sha256} if self.sha256 else {}
+        if self.bands:
+            tags["weights.bands"] = ",".join(self.bands)
+        if self.value_range is not None:
+            tags["weights.value_range"] = f"{self.value_range:g}"
+        if self.mean is not None and self.std is not None:
+            tags["weights.mean"] = ",".join(f"{v:.6g}" for v in self.mean)
+            tags["weights.std"] = ",".join(f"{v:.6g}" for v in self.std)
+        return tags
 
 
 class RunInfoError(PipelineError, ValueError):

@@ -25,8 +25,8 @@ from pipeline.data import readers, sources
 from pipeline.errors import PipelineError
 from pipeline.evaluation.decision import Decision
 from pipeline.fsutil import atomic_file
-from pipeline.model import Classifier, Ensemble
 from pipeline.runinfo import RUN_INFO, RunInfo
+from pipeline.training.model import Classifier, Ensemble
 
 log = logging.getLogger(__name__)
 

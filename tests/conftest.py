@@ -17,8 +17,7 @@ from PIL import Image
 from pipeline import config
 from pipeline.data.ingest import ingest
 from pipeline.data.prepared import Prepared, load_prepared
-from pipeline.runinfo import Preprocessing, RunInfo
-from pipeline.weights import WeightsInfo
+from pipeline.runinfo import Preprocessing, RunInfo, WeightsInfo
 
 CLASSES = ("alpha", "beta", "gamma")
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import backbones, config, weights
-from pipeline.fit import build_model
-from pipeline.model import build_network
+from pipeline import backbones, config
+from pipeline.training import pretrained, weights
+from pipeline.training.fit import build_model
+from pipeline.training.model import build_network
 
 RGB = "ssl4eo_s12_rgb_moco_resnet18"
 ALL = "ssl4eo_s12_all_moco_resnet18"
@@ -61,7 +62,7 @@ def offline(monkeypatch, name_in_url: str = "resnet18_sentinel2_all_moco-0000000
     url = f"http://127.0.0.1:9/{name_in_url}"
     real = backbones.spec
     monkeypatch.setattr(backbones, "spec", lambda name: dataclasses.replace(real(name), url=url))
-    monkeypatch.setattr(weights, "_FAILED", set())
+    monkeypatch.setattr(pretrained, "_FAILED", set())
     return url
 
 
@@ -92,7 +93,7 @@ def test_the_entries_are_torchgeos_with_hash_named_files_and_the_stated_value_ra
 def test_named_backbone_served_on_loopback_loads_checked_and_cached(served, tmp_path):
     state, path, url = served
     net = build_network("resnet18", 4)
-    info = weights.load_pretrained(
+    info = pretrained.load_pretrained(
         net, "resnet18", RGB, require_pretrained=True, hub_dir=tmp_path / "hub", pixel_dtype="uint8"
     )
     assert info.pretrained and info.source == url
@@ -126,7 +127,7 @@ def test_a_corrupt_file_is_refused(served, tmp_path, monkeypatch):
     damaged[len(damaged) // 2] ^= 0xFF
     (hub / path.name).write_bytes(bytes(damaged))  # copied in by hand, one byte flipped
     with pytest.raises(weights.WeightsError, match="corrupt or another checkpoint"):
-        weights.load_pretrained(
+        pretrained.load_pretrained(
             build_network("resnet18", 2), "resnet18", RGB, require_pretrained=False, hub_dir=hub
         )
     # A download whose bytes do not match the hash in its name is refused by torch.hub, and not cached.
@@ -139,13 +140,13 @@ def test_a_corrupt_file_is_refused(served, tmp_path, monkeypatch):
         lambda name: dataclasses.replace(real(name), url=url.replace(path.name, wrong.name)),
     )
     with pytest.raises(weights.WeightsError, match="0badc0de"):
-        weights.load_pretrained(
+        pretrained.load_pretrained(
             build_network("resnet18", 2), "resnet18", RGB, require_pretrained=True, hub_dir=tmp_path / "hub2"
         )
     assert not (tmp_path / "hub2" / wrong.name).exists()
     monkeypatch.setattr(backbones, "spec", lambda name: dataclasses.replace(real(name), url=url))
     with pytest.raises(weights.WeightsError, match=r"model\.weights_sha256"):  # a pinned hash is checked too
-        weights.load_pretrained(
+        pretrained.load_pretrained(
             build_network("resnet18", 2),
             "resnet18",
             RGB,
@@ -158,7 +159,7 @@ def test_a_corrupt_file_is_refused(served, tmp_path, monkeypatch):
 def test_band_count_mismatch_names_both_before_any_download(monkeypatch, tmp_path):
     offline(monkeypatch)
     with pytest.raises(weights.WeightsError, match=r"trained on 13 bands \(B1, B2.*this data set has 3"):
-        weights.load_pretrained(
+        pretrained.load_pretrained(
             build_network("resnet18", 2), "resnet18", ALL, require_pretrained=True, hub_dir=tmp_path
         )
     assert not tmp_path.joinpath("hub").exists()
@@ -167,7 +168,7 @@ def test_band_count_mismatch_names_both_before_any_download(monkeypatch, tmp_pat
 def test_an_rgb_backbone_adapts_to_13_bands(served, tmp_path):
     state, _, _ = served
     net = build_network("resnet18", 2, in_channels=13)
-    info = weights.load_pretrained(net, "resnet18", RGB, require_pretrained=True, hub_dir=tmp_path / "hub")
+    info = pretrained.load_pretrained(net, "resnet18", RGB, require_pretrained=True, hub_dir=tmp_path / "hub")
     assert net.conv1.weight.shape[1] == 13 and torch.allclose(
         net.conv1.weight[:, 3], state["conv1.weight"][:, 0] * 3 / 13
     )
@@ -179,12 +180,12 @@ def test_offline_falls_back_loudly_or_fails_naming_url_and_cache(monkeypatch, tm
     net = build_network("resnet18", 2)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with caplog.at_level(logging.WARNING):
-        info = weights.load_pretrained(net, "resnet18", RGB, require_pretrained=False, hub_dir=tmp_path)
+        info = pretrained.load_pretrained(net, "resnet18", RGB, require_pretrained=False, hub_dir=tmp_path)
     assert not info.pretrained and info.source == "random-init" and url in info.fallback_reason
     assert "RANDOM INIT" in caplog.text and RGB in caplog.text
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     with pytest.raises(weights.WeightsError) as err:
-        weights.load_pretrained(net, "resnet18", RGB, require_pretrained=True, hub_dir=tmp_path)
+        pretrained.load_pretrained(net, "resnet18", RGB, require_pretrained=True, hub_dir=tmp_path)
     message = str(err.value)
     assert url in message and str(tmp_path / Path(url).name) in message and f"--weights {RGB}" in message
 
@@ -204,7 +205,7 @@ def test_weights_import_checks_the_named_file_then_runs_load_it_offline(
     assert f"model.arch: resnet18, model.weights: {RGB}" in capsys.readouterr().out
     offline(monkeypatch, path.name)  # no server: the imported copy is all there is
     net = build_network("resnet18", 2)
-    assert weights.load_pretrained(net, "resnet18", RGB, require_pretrained=True, hub_dir=hub).pretrained
+    assert pretrained.load_pretrained(net, "resnet18", RGB, require_pretrained=True, hub_dir=hub).pretrained
     assert_backbone_equal(net, state)
 
     _, other = stand_in(tmp_path / "other", "resnet18_sentinel2_rgb_moco", in_chans=13)

@@ -13,7 +13,7 @@ import torch
 from packaging.requirements import Requirement
 
 from pipeline import serve
-from pipeline.model import Classifier
+from pipeline.training.model import Classifier
 from tests.conftest import run_info
 
 

@@ -6,8 +6,8 @@ import pytest
 
 from pipeline.config import with_overrides
 from pipeline.data.prepared import DataError, load_prepared
-from pipeline.fit import datamodule
 from pipeline.stages import augment as augment_stage
+from pipeline.training.fit import datamodule
 
 
 @pytest.fixture
@@ -58,12 +58,13 @@ from pathlib import Path
 import lightning.pytorch as L, torch
 from pipeline.data.prepared import load_prepared
 from pipeline.data.datamodule import ImageDataModule
-from pipeline.model import Classifier
+from pipeline.training.model import Classifier
+from pipeline.config import Model
 
 prepared_dir, out, devices = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 prepared = load_prepared(prepared_dir)
 torch.manual_seed(0)
-model = Classifier("resnet18", len(prepared.classes), stem="small")
+model = Classifier(Model(arch="resnet18", stem="small", weights="none"), num_classes=len(prepared.classes))
 if devices == 1:
     model.load_state_dict(torch.load(out / "weights.pt", weights_only=True))
 data = ImageDataModule(prepared, None, batch_size=4)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import Evaluate
-from pipeline.evaluation import decision, split_metrics
+from pipeline.evaluation import decision
 from pipeline.evaluation.decision import (
     Decision,
     choose_threshold,
@@ -15,6 +15,7 @@ from pipeline.evaluation.decision import (
     decide,
     prediction_sets,
 )
+from pipeline.evaluation.scoring import split_metrics
 
 
 def scored(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,12 +125,12 @@ def test_a_cut_on_a_multiclass_task_is_refused_and_the_report_shows_both_cuts():
 def test_evaluate_fits_the_decisions_on_val_and_scores_them_on_test():
     import torch
 
-    from pipeline.evaluation import evaluate
-    from pipeline.model import Classifier
+    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.training.model import Classifier
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    model = Classifier("resnet18", 2)
+    model = Classifier(num_classes=2)
     images = rng.integers(0, 255, (40, 16, 16, 3), dtype=np.uint8)
     labels = np.arange(40) % 2
     settings = Evaluate(

@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.data import decoding, readers
 from pipeline.data.ingest import CACHE_NPY, REPORT_JSON, SPLITS_CSV, ingest
+from pipeline.pixels import unit_max
 
 ARGS = dict(image_size=24, val_fraction=0.25, test_fraction=0.25, seed=3, on_bad_file="skip")
 
@@ -29,6 +30,16 @@ def counted(monkeypatch):
     monkeypatch.setattr(readers, "read", read)
     monkeypatch.setattr(readers, "read_bytes", read_bytes)
     return calls
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of (N, H, W, C) pixels in [0, 1] units, from the pixels themselves (what ingest
+    computed by reading the cache back before its decoding pass kept per-image sums)."""
+    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / unit_max(images.dtype)
+    mean = x.sum(0) / len(x)
+    std = np.sqrt(np.maximum((x * x).sum(0) / len(x) - mean**2, 0.0))
+    std = np.where(std > 1e-6, std, 1.0)
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
 
 def same_outputs(a, b) -> bool:
@@ -70,8 +81,6 @@ def test_worker_processes_give_the_serial_pass_s_outputs(image_folder, tmp_path,
 
 
 def test_statistics_from_the_pass_equal_those_of_the_cache():
-    from pipeline.data.ingest import channel_stats
-
     rng = np.random.default_rng(1)
     for pixels in (
         rng.integers(0, 256, (7, 9, 9, 3), dtype=np.uint8),

@@ -64,8 +64,61 @@ def test_each_stage_lists_exactly_the_code_it_imports():
 
 
 def test_the_import_follower_sees_lazy_imports():
-    deps = code_deps("pipeline.weights")  # weights imports pipeline.transfer inside a function
-    assert "pipeline/transfer.py" in deps and "pipeline/__init__.py" in deps
+    deps = code_deps("pipeline.training.transfer")  # transfer imports pipeline.tracking inside a function
+    assert "pipeline/tracking.py" in deps and "pipeline/__init__.py" in deps
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each pipeline/ file -> the pipeline/ files its imports run: the modules named and their packages'
+    ``__init__.py``, except the packages the file itself is in (Python is already running those)."""
+    graph = {}
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        own = {p / "__init__.py" for p in path.parents}
+        edges = set()
+        for name in imported(path):
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):
+                found = module_file(".".join(parts[:i]))
+                if found is not None and found != path and found not in own:
+                    edges.add(str(found.relative_to(ROOT)))
+        graph[str(path.relative_to(ROOT))] = edges
+    return graph
+
+
+def test_no_module_imports_a_module_above_it():
+    """The imports, those inside functions included, form no circle: every module sits below what imports it."""
+    graph, done, path = import_graph(), set(), []
+
+    def visit(node: str) -> None:
+        if node in path:
+            raise AssertionError("import circle: " + " -> ".join([*path[path.index(node) :], node]))
+        if node in done:
+            return
+        path.append(node)
+        for child in sorted(graph[node]):
+            visit(child)
+        path.pop()
+        done.add(node)
+
+    for node in graph:
+        visit(node)
+
+
+def test_the_trained_model_record_imports_no_torch():
+    """run.json's reader (evaluate's report, a notebook, transfer's check) costs no deep-learning stack."""
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.runinfo; print(' '.join(sys.modules))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert not {m for m in loaded.stdout.split() if m.split(".")[0] in ("torch", "lightning", "torchvision")}
+
+
+def test_the_package_never_imports_the_benchmarks():
+    for path in (ROOT / "pipeline").rglob("*.py"):
+        assert not {n for n in imported(path) if n.split(".")[0] == "benchmarks"}, path
 
 
 def write_deps() -> None:

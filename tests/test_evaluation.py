@@ -6,10 +6,10 @@ import pytest
 import torch
 from torchmetrics.functional import classification as tmf
 
-from pipeline import evaluation
 from pipeline.config import Evaluate
 from pipeline.evaluation import calibration, metrics, reporting
-from pipeline.weights import WeightsInfo
+from pipeline.evaluation import evaluate as evaluation
+from pipeline.runinfo import WeightsInfo
 from tests.conftest import run_info
 
 CLASSES = ("a", "b", "c")
@@ -43,7 +43,7 @@ def synthetic(n, k=3, seed=0, signal=1.2):
 
 
 def test_metrics_match_hand_computed_values():
-    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES, ece_bins=4)
+    m = metrics.compute_metrics(PROBS, LABELS, CLASSES, ece_bins=4)
     assert m["test/accuracy"] == pytest.approx(5 / 6)
     # recalls a=1/2, b=1, c=1 -> balanced accuracy 5/6; precisions a=1, b=2/3, c=1
     assert m["test/balanced_accuracy"] == pytest.approx(5 / 6)
@@ -66,7 +66,7 @@ def test_metrics_match_hand_computed_values():
 
 def test_point_metrics_equal_torchmetrics_on_a_larger_set():
     probs, labels = synthetic(300, k=4)
-    m = evaluation.compute_metrics(probs, labels, "abcd", ece_bins=15)
+    m = metrics.compute_metrics(probs, labels, "abcd", ece_bins=15)
     p, y = torch.tensor(probs), torch.tensor(labels)
     assert m["test/accuracy"] == pytest.approx(
         float(tmf.multiclass_accuracy(p, y, 4, average="micro")), abs=1e-6
@@ -91,11 +91,11 @@ def test_binary_sensitivity_and_specificity():
     p_yes = np.array([0.1, 0.3, 0.6, 0.2, 0.9, 0.7, 0.4])
     probs = np.stack([1 - p_yes, p_yes], axis=1)
     positive = evaluation.positive_index(("no", "yes"), None)
-    m = evaluation.compute_metrics(probs, labels, ("no", "yes"), positive=positive)
+    m = metrics.compute_metrics(probs, labels, ("no", "yes"), positive=positive)
     assert positive == 1
     assert m["test/sensitivity"] == pytest.approx(2 / 3) and m["test/specificity"] == pytest.approx(3 / 4)
     assert m["test/auroc"] == pytest.approx(11 / 12)  # 11 of the 12 (positive, negative) pairs ordered right
-    flipped = evaluation.compute_metrics(
+    flipped = metrics.compute_metrics(
         probs, labels, ("no", "yes"), positive=evaluation.positive_index(("no", "yes"), "no")
     )
     assert flipped["test/sensitivity"] == pytest.approx(3 / 4) and flipped[
@@ -116,7 +116,7 @@ def test_positive_class_errors_name_the_key():
 def test_macro_averages_run_over_the_classes_present():
     # class c never occurs in the labels (torchmetrics would count it as 0 in the macro averages)
     labels = np.array([0, 0, 1, 1])
-    m = evaluation.compute_metrics(PROBS[:4], labels, CLASSES)
+    m = metrics.compute_metrics(PROBS[:4], labels, CLASSES)
     assert m["test/balanced_accuracy"] == pytest.approx((0.5 + 1) / 2)
     assert m["test/auroc"] == pytest.approx(np.mean([auc(PROBS[:4, k], labels == k) for k in range(2)]))
     assert "test/recall/c" not in m and "test/auroc/c" not in m and m["test/support/c"] == 0
@@ -133,7 +133,7 @@ def test_resample_weights_count_draws_with_replacement():
 
 def test_unit_weights_give_the_point_estimates():
     probs, labels = synthetic(80)
-    point = evaluation.compute_metrics(probs, labels, CLASSES)
+    point = metrics.compute_metrics(probs, labels, CLASSES)
     rows = metrics.weighted_metrics(probs, labels, np.ones((2, 80)))
     for name, values in rows.items():
         assert values == pytest.approx([point[f"test/{name}"]] * 2, abs=1e-6), name
@@ -143,7 +143,7 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_images()
     widths = {}
     for n in (60, 600):
         probs, labels = synthetic(n)
-        point = evaluation.compute_metrics(probs, labels, CLASSES)
+        point = metrics.compute_metrics(probs, labels, CLASSES)
         intervals, skipped = metrics.bootstrap(probs, labels, 1000, seed=0)
         assert skipped == 0 and set(intervals) == {
             "accuracy",
@@ -205,8 +205,8 @@ def test_temperature_scaling_recovers_a_known_temperature_and_lowers_nll():
     t = calibration.fit_temperature(logits, labels)
     assert t == pytest.approx(3.0, rel=0.1)
     assert calibration.nll(logits, labels, t) < calibration.nll(logits, labels) - 0.1
-    before = evaluation.compute_metrics(calibration.softmax(logits), labels, "abcd")
-    after = evaluation.compute_metrics(calibration.softmax(logits, t), labels, "abcd")
+    before = metrics.compute_metrics(calibration.softmax(logits), labels, "abcd")
+    after = metrics.compute_metrics(calibration.softmax(logits, t), labels, "abcd")
     assert after["test/ece"] < before["test/ece"] / 2 and after["test/brier"] < before["test/brier"]
     assert after["test/accuracy"] == before["test/accuracy"]  # confidences change, predicted classes do not
     under, labels = over_confident(temperature=0.5, seed=1)
@@ -229,7 +229,7 @@ def test_reliability_table_uses_the_ece_bins():
     ].tolist() == pytest.approx([2 / 3, 1])
     ece = (table["count"] / 6 * (table["accuracy"] - table["confidence"]).abs()).sum()
     assert ece == pytest.approx(
-        evaluation.compute_metrics(PROBS, LABELS, CLASSES, ece_bins=4)["test/ece"], abs=1e-5
+        metrics.compute_metrics(PROBS, LABELS, CLASSES, ece_bins=4)["test/ece"], abs=1e-5
     )
 
 
@@ -302,7 +302,7 @@ def test_report_warns_about_leakage_and_ingest_findings():
         "warnings": ["class 'a' has only 4 images"],
         "counts": {s: {c: 20 for c in CLASSES} for s in ("train", "val", "test")},
     }
-    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)  # no intervals: no width warning
+    m = metrics.compute_metrics(PROBS, LABELS, CLASSES)  # no intervals: no width warning
     text = evaluation.report(m, data, PRETRAINED, [], settings=Evaluate(bootstrap=0), hparams={"lr": 0.001})
     warnings = text.split("## Warnings")[1].split("##")[0]
     assert "**Leakage** — 1 set(s)" in warnings and "x/a1.png, x/a1_copy.png" in warnings
@@ -314,7 +314,7 @@ def test_report_warns_about_leakage_and_ingest_findings():
 
 
 def test_report_settings_name_the_regularizers_that_shaped_the_shipped_weights():
-    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)
+    m = metrics.compute_metrics(PROBS, LABELS, CLASSES)
     run = dataclasses.replace(PRETRAINED, checkpoint="last", ema_decay=0.995)
     hparams = {"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "mix_prob": 1.0, "cutmix_switch_prob": 0.5}
     text = evaluation.report(m, DATA, run, [], settings=Evaluate(bootstrap=0), hparams=hparams)
@@ -337,7 +337,7 @@ def test_report_settings_name_the_regularizers_that_shaped_the_shipped_weights()
 
 def test_report_shows_tta_and_calibration_columns_and_extra_sections():
     settings = Evaluate(bootstrap=0)
-    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES) | evaluation.compute_metrics(
+    m = metrics.compute_metrics(PROBS, LABELS, CLASSES) | metrics.compute_metrics(
         np.eye(3)[LABELS], LABELS, CLASSES, evaluation.TTA_SPLIT
     )
     m |= evaluation.split_metrics(
@@ -454,7 +454,7 @@ def test_report_names_the_positive_class():
         "classes": list(classes),
         "counts": {s: {c: 20 for c in classes} for s in ("train", "val", "test")},
     }
-    m = evaluation.compute_metrics(probs, labels, classes, positive=1)
+    m = metrics.compute_metrics(probs, labels, classes, positive=1)
     text = evaluation.report(m, data, PRETRAINED, [], settings=Evaluate(bootstrap=0))
     assert (
         "| sensitivity for pneumonia | 0.6667 |" in text
@@ -469,7 +469,7 @@ def test_report_names_the_positive_class():
 
 def test_report_states_temperature_scalings_test_effect_and_warns_when_it_hurts():
     settings = Evaluate(bootstrap=0)
-    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)
+    m = metrics.compute_metrics(PROBS, LABELS, CLASSES)
     m |= {f"test_calibrated/{name}": m[f"test/{name}"] + 0.05 for name in evaluation.CALIBRATION}  # all worse
     m |= {"calibration/temperature": 0.25, "calibration/val_nll": 0.9, "calibration/val_nll_calibrated": 0.7}
     assert m["test_calibrated/ece"] > m["test/ece"]
@@ -494,7 +494,7 @@ def test_the_reliability_diagram_shows_each_bins_image_count(tmp_path):
 
 
 def test_the_report_is_the_same_for_identical_results_of_another_train_run():
-    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)
+    m = metrics.compute_metrics(PROBS, LABELS, CLASSES)
     first = evaluation.report(m, DATA, PRETRAINED, [], settings=Evaluate(bootstrap=0))
     assert (
         evaluation.report(
@@ -505,7 +505,7 @@ def test_the_report_is_the_same_for_identical_results_of_another_train_run():
 
 
 def test_report_says_which_training_mode_ran():
-    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)
+    m = metrics.compute_metrics(PROBS, LABELS, CLASSES)
     report = lambda run: evaluation.report(m, DATA, run, [], settings=Evaluate(bootstrap=0))  # noqa: E731
     assert "| training mode | `knn` |" in report(dataclasses.replace(PRETRAINED, mode="knn"))
     assert "| training mode | `finetune` |" in report(PRETRAINED)  # train.mode's default

@@ -16,12 +16,13 @@ import pytest
 import torch
 import yaml
 
-from pipeline import config, evaluation, registry, tracking
+from pipeline import config, registry, tracking
 from pipeline.data.ingest import ingest
 from pipeline.data.prepared import load_prepared
-from pipeline.evaluation import decision, plots
-from pipeline.model import Classifier
+from pipeline.evaluation import decision, plots, reporting
+from pipeline.evaluation import evaluate as evaluation
 from pipeline.stages import evaluate as stage
+from pipeline.training.model import Classifier
 from tests.conftest import CLASSES, run_info, write_class_folders
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def tiny_params(**evaluate) -> config.Params:
 
 def save_untrained_model(params: config.Params, classes: tuple[str, ...], run_id: str) -> None:
     """A random-init checkpoint in Lightning's format and the run.json the train stage would write."""
-    model = Classifier(params.model.arch, len(classes), class_names=classes)
+    model = Classifier(params.model, num_classes=len(classes), class_names=classes)
     model_dir = Path(params.paths.model_dir)
     model_dir.mkdir(parents=True)
     torch.save(
@@ -98,7 +99,7 @@ def test_stage_writes_metrics_with_intervals_and_calibration(project):
     assert metrics["test/support/alpha"] == 2 and metrics["weights/pretrained"] is False
     assert len(pd.read_csv(params.paths.confusion)) == 6
     headline = json.loads(Path(params.paths.metrics).read_text())  # what dvc metrics show / exp show print
-    assert list(headline) == [k for k in evaluation.reporting.HEADLINE_KEYS if k in metrics]
+    assert list(headline) == [k for k in reporting.HEADLINE_KEYS if k in metrics]
     assert "test/accuracy" in headline and "test_tta/auroc" in headline and len(headline) <= 16
     assert not set(headline) & set(json.loads(Path(params.paths.metrics_detail).read_text()))
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipeline import explain
-from pipeline.model import Classifier
+from pipeline.training.model import Classifier
 
 SIZE, HALF = 64, 32  # at 64 px layer4 is 2x2: one cell per quadrant
 
@@ -21,7 +21,7 @@ def brightness_resnet() -> Classifier:
     the stem does the same from the normalized RGB. 'bright' reads channel 0, 'dark' channel 1, so the
     discriminative region of 'bright' is the bright square and nothing else.
     """
-    model = Classifier("resnet18", 2, ["dark", "bright"]).eval()
+    model = Classifier(num_classes=2, class_names=["dark", "bright"]).eval()
     net = model.net
     with torch.no_grad():
         for m in net.modules():

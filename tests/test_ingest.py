@@ -6,10 +6,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.data.ingest import decode, ingest
+from pipeline.data import decoding, readers
+from pipeline.data.ingest import ingest
 from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError, load_prepared
 
 ARGS = dict(image_size=24, val_fraction=0.25, test_fraction=0.25, seed=3, on_bad_file="skip")
+
+
+def decode(path: Path, size: int) -> np.ndarray:
+    """One file as (size, size, 3) uint8 RGB, read apart from ingest's decoding pass."""
+    pixels = readers.conform(readers.read(path), size, "rgb")
+    if pixels.dtype == np.uint16:
+        return (pixels / 257).round().astype(np.uint8)
+    return (pixels * 255).round().astype(np.uint8) if pixels.dtype.kind == "f" else pixels
 
 
 def tree_digest(root: Path) -> str:
@@ -112,12 +121,11 @@ def test_report_holds_the_train_split_normalization(image_folder, tmp_path):
 
 
 def test_channel_stats_of_sixteen_bit_n_band_pixels():
-    from pipeline.data.ingest import channel_stats
-
     pixels = np.zeros((5, 4, 4, 13), dtype=np.uint16)
     pixels[..., 1] = 65535
     pixels[:2, ..., 2] = 65535  # 2 of 5 images bright: mean 0.4, std sqrt(0.24)
-    mean, std = channel_stats(pixels, chunk=2)
+    sums = np.stack([decoding.pixel_sums(p) for p in pixels])
+    mean, std = decoding.stats_from_sums(sums, 5 * 4 * 4)
     assert mean[:3] == pytest.approx([0.0, 1.0, 0.4]) and std[2] == pytest.approx(0.24**0.5)
     assert std[0] == std[1] == 1.0  # constant bands: no division by ~0
 
@@ -304,10 +312,10 @@ def test_ingest_streams_the_cache_in_bounded_memory(tmp_path):
 
 
 def test_progress_is_logged_without_a_terminal(image_folder, tmp_path, monkeypatch, caplog):
-    import pipeline.data.ingest as module
+    import pipeline.data.progress as module
 
     monkeypatch.setattr(module, "PROGRESS_LOG_S", 0.0)
-    with caplog.at_level("INFO", logger="pipeline.data.ingest"):
+    with caplog.at_level("INFO", logger="pipeline.data.progress"):
         ingest(image_folder, tmp_path / "out", **ARGS)
     lines = [r.getMessage() for r in caplog.records if "images read" in r.getMessage()]
     assert len(lines) == 24 and lines[-1].startswith("ingest: 23/24 images read")

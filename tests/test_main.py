@@ -72,11 +72,11 @@ def test_listing_the_commands_imports_none_of_them():
     assert not loaded & {c.module for c in COMMANDS.values()}
 
 
-def test_bench_dispatches_to_a_real_data_bench_which_checks_its_file(tmp_path, capsys):
+def test_bench_dispatches_to_a_real_data_bench_which_checks_its_file(tmp_path, capfd):
     (tmp_path / "params.yaml").write_text("{}\n")
     missing = tmp_path / "missing.npz"
     assert cli(["--params", str(tmp_path / "params.yaml"), "bench", "quality", "--data", str(missing)]) == 2
     assert (
-        capsys.readouterr().err.strip()
+        capfd.readouterr().err.strip()
         == f"error: {missing}: not found (the shared data sets live in ../shared/data)"
     )

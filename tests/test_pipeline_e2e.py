@@ -193,7 +193,7 @@ def test_ddp_on_two_cpu_processes_makes_one_run_and_one_checkpoint(repo):
     # (frozen parameters have no gradients, which plain DDP would reject).
     import torch
 
-    from pipeline.model import build_network
+    from pipeline.training.model import build_network
 
     torch.save(build_network("resnet18", 1000).state_dict(), root / "pretrained.pth")
     params = yaml.safe_load((root / "params.yaml").read_text())

@@ -15,9 +15,9 @@ from pipeline import config, serve, tracking
 from pipeline.__main__ import main
 from pipeline.data.ingest import ingest
 from pipeline.data.prepared import load_prepared
-from pipeline.fit import datamodule, fit
-from pipeline.model import Classifier
 from pipeline.runinfo import Preprocessing
+from pipeline.training.fit import datamodule, fit
+from pipeline.training.model import Classifier
 from tests.conftest import CLASSES, run_info, write_class_folders
 
 RAW_SIZE, SIZE = 40, 32  # files are 40 px: predict and the exports must resize them as ingest did

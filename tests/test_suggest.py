@@ -14,7 +14,7 @@ from pipeline import augment, config, tracking
 from pipeline.active import suggest as work
 from pipeline.data.ingest import ingest
 from pipeline.data.pool import load_pool, prepare_pool
-from pipeline.model import Classifier
+from pipeline.training.model import Classifier
 from tests.conftest import write_class_folders
 
 DATA = config.Data(image_size=16, val_fraction=0.25, test_fraction=0.25, near_duplicate_bits=10)
@@ -103,7 +103,8 @@ def test_no_two_picks_are_near_duplicates(project):
 
 def test_uncertainty_comes_from_the_shipped_model_s_views(project):
     params, _ = project
-    model = Classifier("resnet18", 3, class_names=["alpha", "beta", "gamma"], stem="small").eval()
+    small = config.Model(arch="resnet18", stem="small", weights="none")
+    model = Classifier(small, num_classes=3, class_names=["alpha", "beta", "gamma"]).eval()
     suggestion, picks = work.suggest(params, 5, "bald", [model])
     assert suggestion.draws == 3  # the image and its two TTA views
     assert len(picks) == 5 and suggestion.table["predicted"].isin(["alpha", "beta", "gamma"]).all()

@@ -5,7 +5,7 @@ import optuna
 
 from pipeline import augment, tracking, tune
 from pipeline.config import with_overrides
-from pipeline.fit import datamodule
+from pipeline.training.fit import datamodule
 from pipeline.tune import study as tune_study
 from pipeline.tune import trial as tune_trial
 from pipeline.tune import workers as tune_workers

@@ -2,7 +2,7 @@
 
 Same labelled / val / test draw as `python -m pipeline bench quality --set eurosat --per-class 50`
 (write_eurosat, draw 0); the unlabelled pool is every other tile of the tar (labels never read).
-ResNet-18 (pipeline.model.build_network), 64 px. Per step: B labelled (weak view, CE) + mu*B unlabelled:
+ResNet-18 (pipeline.training.model.build_network), 64 px. Per step: B labelled (weak view, CE) + mu*B unlabelled:
 pseudo-label = argmax of the live model on a weak view (no grad), kept where max prob >= tau, CE on a
 strong view (RandAugment + RandomErasing). SGD nesterov, cosine over STEPS; EMA weights evaluated.
 Test accuracy of the EMA model at the end (no selection on test), bootstrap 95% CI.
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
-from pipeline.bench_quality import EUROSAT, eurosat_draw
-from pipeline.model import build_network
+from benchmarks.quality import EUROSAT, eurosat_draw
+from pipeline.training.model import build_network
 
 STEPS = int(sys.argv[1])
 MU = int(sys.argv[2]) if len(sys.argv) > 2 else 3

@@ -29,10 +29,10 @@ from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.display import image_grid
 from pipeline.errors import PipelineError
 from pipeline.evaluation.predictions import predict_proba
-from pipeline.fit import build_model
 from pipeline.fsutil import atomic_file
-from pipeline.model import Classifier, to_unit_range
 from pipeline.runinfo import RUN_INFO
+from pipeline.training.fit import build_model
+from pipeline.training.model import Classifier, to_unit_range
 
 
 class SuggestError(PipelineError, ValueError):

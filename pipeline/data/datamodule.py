@@ -12,9 +12,9 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
-from pipeline import recipe
 from pipeline.data.cache import OFFLINE_IMAGES, OFFLINE_LABELS, Images, Rows
 from pipeline.data.prepared import DataError, Prepared
+from pipeline.training import recipe
 
 
 class CachedImageDataset(Dataset):

@@ -98,7 +98,8 @@ def pixel_sums(pixels: np.ndarray) -> np.ndarray:
 
 
 def stats_from_sums(sums: np.ndarray, values_per_channel: int) -> tuple[list[float], list[float]]:
-    """Mean and std per channel from per-image ``pixel_sums`` (N, 2, C), as ``ingest.channel_stats`` gives."""
+    """Mean and std per channel from per-image ``pixel_sums`` (N, 2, C), of the images' pixels in [0, 1] units;
+    a constant channel gets std 1: dividing by ~0 would turn any unseen deviation at test time into a huge input."""
     total, squares = sums[:, 0].sum(0), sums[:, 1].sum(0)
     mean = total / values_per_channel
     std = np.sqrt(np.maximum(squares / values_per_channel - mean**2, 0.0))

@@ -16,38 +16,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
-import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from pipeline.config import Data
-from pipeline.data import decoding, readers, shards, sources, splits, validation
+from pipeline.data import decoding, shards, sources, splits, validation
 from pipeline.data.cache import CacheWriter
 from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError
+from pipeline.data.progress import progress
 from pipeline.data.readers import IMAGE_SUFFIXES, image_files
 from pipeline.fsutil import atomic_dir, write_json
-from pipeline.pixels import unit_max
 
 log = logging.getLogger(__name__)
 
 MANIFEST_CSV = "manifest.csv"
 SPLITS = splits.SPLITS
 MIN_PER_CLASS = 3  # one image each for train, val and test
-PROGRESS_LOG_S = 30.0  # without a terminal (dvc repro's log): one progress line this often
-STATS_VALUES = (
-    1 << 16
-)  # pixel values per chunk of channel_stats: about 1 MB of float64, whatever the set's size
-
-
-T = TypeVar("T")
 
 
 def class_folders(root: Path) -> list[Path]:
@@ -144,36 +132,6 @@ def exclude(
     return files[~drop].reset_index(drop=True), list(files["path"][drop])
 
 
-def decode(path: Path, size: int) -> np.ndarray:
-    """One file as (size, size, 3) uint8 RGB (the benchmark's decode-every-epoch loader)."""
-    pixels = readers.conform(readers.read(path), size, "rgb")
-    if pixels.dtype == np.uint16:
-        return (pixels / 257).round().astype(np.uint8)
-    return (pixels * 255).round().astype(np.uint8) if pixels.dtype.kind == "f" else pixels
-
-
-def channel_stats(
-    images: np.ndarray, chunk: int | None = None, rows: np.ndarray | None = None
-) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of (N, H, W, C) pixels (of ``rows`` only, if given) in [0, 1] units.
-
-    Integers are divided by the dtype's max. Summed in chunks of ``chunk`` images (default: about
-    ``STATS_VALUES`` values), so a memory-mapped cache is never read or copied to float64 whole.
-    A constant channel gets std 1: dividing by ~0 would turn any unseen deviation at test time into a huge input.
-    """
-    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
-    chunk = chunk or max(1, STATS_VALUES // max(1, int(np.prod(images.shape[1:]))))
-    top = unit_max(images.dtype)
-    total, squares, n = np.zeros(images.shape[-1]), np.zeros(images.shape[-1]), 0
-    for start in range(0, len(rows), chunk):
-        x = images[rows[start : start + chunk]].reshape(-1, images.shape[-1]).astype(np.float64) / top
-        total, squares, n = total + x.sum(0), squares + (x * x).sum(0), n + len(x)
-    mean = total / n
-    std = np.sqrt(np.maximum(squares / n - mean**2, 0.0))
-    std = np.where(std > 1e-6, std, 1.0)
-    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
-
-
 @dataclass
 class DecodedSet:
     """What the decoding pass keeps in memory: small facts per image; the pixels went to the cache file."""
@@ -186,23 +144,6 @@ class DecodedSet:
     sha256: list[str] = dataclasses.field(default_factory=list)  # of every file, read or not
     kept: list[decoding.Decoded] = dataclasses.field(default_factory=list)  # per cache row, pixels dropped
     reused: int = 0  # images taken from intake's validation pass instead of decoded
-
-
-def progress(items: Iterable[T], total: int, what: str = "ingest", done: str = "images read") -> Iterator[T]:
-    """A tqdm bar (count, rate, time left) on an interactive stderr; elsewhere (dvc repro's log) an INFO line
-    every ``PROGRESS_LOG_S`` with the same three."""
-    if sys.stderr.isatty():
-        yield from tqdm(items, total=total, desc=what, unit="img", file=sys.stderr, leave=False)
-        return
-    start = last = time.monotonic()
-    for i, item in enumerate(items):
-        now = time.monotonic()
-        if now - last >= PROGRESS_LOG_S:
-            rate = i / max(now - start, 1e-9)
-            left = (total - i) / rate if rate else float("inf")
-            log.info("%s: %d/%d %s (%.0f images/s, %.0f s left)", what, i, total, done, rate, left)
-            last = now
-        yield item
 
 
 def decode_into(table: pd.DataFrame, data: Data, cache: CacheWriter, reuse: Path | None = None) -> DecodedSet:
@@ -405,7 +346,7 @@ def ingest(
         report["warnings"] += exclude_warnings
         images = cache.finish()
         train = table.loc[table["split"] == "train", "cache_index"].to_numpy()
-        # From the decoding pass's per-image sums: the cache is not read back (channel_stats would)
+        # From the decoding pass's per-image sums: the cache is not read back (reading it back would)
         sums = np.stack([decoded.kept[i].sums for i in train])
         mean, std = decoding.stats_from_sums(sums, len(train) * int(np.prod(images.shape[1:-1])))
         report["cache"] = {

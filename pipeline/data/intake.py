@@ -44,6 +44,7 @@ from pipeline.data import readers, shards, sources
 from pipeline.data.groups import add_dicom_groups, dicom_groups
 from pipeline.data.ingest import MANIFEST_CSV, class_folders, ingest, read_manifest, scan
 from pipeline.data.prepared import DataError
+from pipeline.data.progress import progress
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_dir, atomic_file
 
@@ -141,7 +142,7 @@ def copy_set(src: Path, dest: Path, on_bad_file: str = "skip") -> Copied:
         for class_dir in class_folders(src):
             check_name(class_dir.name, "class folder")
         listed = sources.listing(src)
-        for path in ingest_module.progress(listed, len(listed), "intake", "files copied"):
+        for path in progress(listed, len(listed), "intake", "files copied"):
             _copy_file(path, dest / path.relative_to(src), copied, on_bad_file)
         copied.sources[str(dest)] = str(src)
         return copied
@@ -362,7 +363,7 @@ def intake_pool(
             shards.pack(zip(table["path"], files, strict=True), staging, table.drop(columns="path"))
         else:
             listed = list(zip(table["path"], files, strict=True))
-            for name, file in ingest_module.progress(listed, len(listed), "intake", "files copied"):
+            for name, file in progress(listed, len(listed), "intake", "files copied"):
                 (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(file, staging / name)
             if table["group"].ne("").any():

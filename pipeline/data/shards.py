@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
 
 from pipeline.data import sources
+from pipeline.data.progress import progress
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:  # pandas is imported where a table is read or written: decoding workers import this module
@@ -112,8 +113,6 @@ def pack(
     """Write ``files`` ((path in the set, file) pairs, in the set's order) into ``root/shards/*.tar`` and their
     manifest ``root/shards.csv``, with ``columns`` (label and the user's split and group, a row per file).
     A shard holds ``per_shard`` files (``SHARD_FILES``) or fewer, ``max_bytes`` (``SHARD_BYTES``) at most."""
-    from pipeline.data.ingest import progress
-
     listed = list(files)
     for name, _ in listed:
         _check_name(name)

@@ -26,6 +26,7 @@ import numpy as np
 from pipeline.config import Evaluate, parse_threshold
 from pipeline.errors import PipelineError
 from pipeline.evaluation.metrics import resample_weights
+from pipeline.evaluation.scoring import split_metrics
 from pipeline.fsutil import write_json
 
 THRESHOLD_SPLIT = "test_threshold"  # metrics at the chosen threshold: test_threshold/accuracy, ...
@@ -264,8 +265,6 @@ def decide(
 
     Test labels are used only for the returned metrics, never for the decision itself.
     """
-    from pipeline.evaluation import split_metrics  # the package's metrics-with-intervals helper
-
     (sel_probs, sel_labels), (test_probs, test_labels) = selection, test
     check(settings, len(class_names))
     metrics: dict[str, float] = {}

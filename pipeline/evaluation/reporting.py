@@ -13,6 +13,7 @@ from pipeline.config import Evaluate
 from pipeline.evaluation import decision
 from pipeline.evaluation.calibration import TEMPERATURE_BOUNDS
 from pipeline.evaluation.metrics import BINARY, CALIBRATION, HEADLINE, PER_CLASS
+from pipeline.evaluation.scoring import positive_index
 
 if TYPE_CHECKING:  # not imported: run.json sits above the model, which imports this package's metrics
     from pipeline.runinfo import RunInfo
@@ -73,8 +74,6 @@ def metric_table(
 
 def binary_names(classes: Sequence[str], settings: Evaluate) -> dict[str, str]:
     """'sensitivity for pneumonia', 'specificity (recall of normal)': the binary metrics named by their classes."""
-    from pipeline.evaluation import positive_index  # the package imports this module
-
     positive = positive_index(classes, settings.positive_class)
     if positive is None:
         return {}

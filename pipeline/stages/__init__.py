@@ -4,7 +4,6 @@ Only these entry points read the environment (``MLFLOW_TRACKING_URI``, and ``DVC
 ``dvc exp run`` sets); library code gets explicit values.
 """
 
-import os
 from pathlib import Path
 
 from pipeline.config import Params
@@ -29,13 +28,3 @@ def stage_input(path: str | Path, key: str, stage: str) -> Path:
 def dataset_dir(params: Params) -> Path:
     """The data set folder the run trains on (its DVC hash is the ``data.version`` tag)."""
     return Path(params.paths.raw) / params.data.dataset
-
-
-def open_tracking(params: Params) -> dict[str, str]:
-    """Point MLflow at the store and return the lineage tags every run of this stage carries."""
-    from pipeline import (
-        tracking,
-    )  # here, not at the top: importing MLflow costs the stages that log nothing ~5 s
-
-    tracking.setup(params.mlflow, os.environ.get(tracking.ENV_URI))
-    return tracking.lineage_tags(dataset_dir(params), os.environ.get("DVC_EXP_NAME"))

@@ -1,15 +1,16 @@
 """evaluate: test-split metrics with intervals (with and without TTA, before and after temperature scaling),
 plots and the report; logged to MLflow in a run nested under the train run (one per evaluation). Decisions (threshold,
 conformal quantile) and the label audit come from the validation predictions, the selection set.
-The work is ``pipeline.evaluating``."""
+The work is ``pipeline.evaluation.assess``."""
 
 import argparse
 from pathlib import Path
 
-from pipeline import evaluating
 from pipeline.config import Params
+from pipeline.evaluation import assess as evaluating
 from pipeline.runinfo import RUN_INFO
-from pipeline.stages import open_tracking, stage_input
+from pipeline.stages import stage_input
+from pipeline.stages.tracked import open_tracking
 
 
 def main(params: Params, args: argparse.Namespace) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 from pipeline import registry
 from pipeline.config import ConfigError, Params
 from pipeline.runinfo import RUN_INFO, RunInfo
-from pipeline.stages import open_tracking, stage_input
+from pipeline.stages import stage_input
+from pipeline.stages.tracked import open_tracking
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,10 +16,11 @@ from pipeline.active import suggest as work
 from pipeline.config import Params
 from pipeline.data.pool import load_pool
 from pipeline.data.prepared import load_prepared
-from pipeline.model import Classifier
 from pipeline.runinfo import RUN_INFO
 from pipeline.serve import load_trained
-from pipeline.stages import open_tracking, stage_input
+from pipeline.stages import stage_input
+from pipeline.stages.tracked import open_tracking
+from pipeline.training.model import Classifier
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

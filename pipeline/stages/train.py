@@ -1,7 +1,7 @@
 """train: fine-tune with the tuned params; save the best checkpoint and the MLflow run it belongs to.
 
 A killed run (even SIGKILL) resumes where it stopped, in the same MLflow run, when the stage runs
-again with the same inputs (see ``pipeline.resume``); the work is ``pipeline.training.train``.
+again with the same inputs (see ``pipeline.training.resume``); the work is ``pipeline.training.train``.
 """
 
 import argparse
@@ -10,9 +10,10 @@ from typing import Any
 import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
-from pipeline import training
 from pipeline.config import ConfigError, Params, with_overrides
-from pipeline.stages import open_tracking, stage_input
+from pipeline.stages import stage_input
+from pipeline.stages.tracked import open_tracking
+from pipeline.training import train as training
 
 
 def with_best_params(params: Params) -> tuple[Params, dict[str, Any]]:

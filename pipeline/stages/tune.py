@@ -14,7 +14,8 @@ from pipeline import tune
 from pipeline.config import Params, value_at
 from pipeline.data.prepared import load_prepared
 from pipeline.fsutil import atomic_file, write_json
-from pipeline.stages import dataset_dir, open_tracking
+from pipeline.stages import dataset_dir
+from pipeline.stages.tracked import open_tracking
 
 
 def study_of(params: Params) -> tuple[str, dict[str, str], tune.TrialData]:

@@ -8,7 +8,7 @@ from typing import get_args
 
 from pipeline import backbones
 from pipeline.config import Arch, Params
-from pipeline.weights import import_checkpoint, weight_enum
+from pipeline.training.weights import import_checkpoint, weight_enum
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,7 +20,7 @@ from pipeline import augment, tracking
 from pipeline.config import Params, SearchDim, with_overrides
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.prepared import load_prepared
-from pipeline.fit import datamodule, fit
+from pipeline.training.fit import datamodule, fit
 from pipeline.tune.study import SURPLUS_ATTR, TAKEN, trial_epochs
 
 DataFor = Callable[[Params], ImageDataModule]

@@ -4,8 +4,8 @@ Each image's pooled backbone features are computed once (no augmentation: the sa
 features, so there is nothing to gain from a second pass) and kept in memory for the run. The linear
 probe fits scikit-learn's multinomial logistic regression on them (its L2 strength picked on the
 validation split) and copies the coefficients into the network's ``fc`` layer; kNN stores the
-features in a :class:`~pipeline.heads.KNNHead`. Either way the result is an ordinary
-:class:`~pipeline.model.Classifier` checkpoint, so evaluate, predict and export need nothing new.
+features in a :class:`~pipeline.training.heads.KNNHead`. Either way the result is an ordinary
+:class:`~pipeline.training.model.Classifier` checkpoint, so evaluate, predict and export need nothing new.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from pipeline.config import Params
 from pipeline.data.cache import Images
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.evaluation.predictions import predict_logits
-from pipeline.heads import KNNHead, linear_of
-from pipeline.model import Classifier
-from pipeline.weights import WeightsInfo
+from pipeline.runinfo import WeightsInfo
+from pipeline.training.heads import linear_of
+from pipeline.training.model import Classifier
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,7 @@ def fit_linear_probe(
 def fit_knn(model: Classifier, train: tuple[np.ndarray, np.ndarray], k: int) -> None:
     """Replace ``model``'s head by a kNN vote over ``train``'s features (recorded in the hyperparameters)."""
     features, labels = train
-    head = KNNHead(features.shape[1], model.hparams["num_classes"], len(features), k)
-    head.store(torch.from_numpy(features), torch.from_numpy(labels))
-    model.net.fc = head
-    model.hparams.update(knn_bank=len(features), knn_k=k)  # so a checkpoint rebuilds this head
+    model.use_knn_head(torch.from_numpy(features), torch.from_numpy(labels), k)
 
 
 def fit_frozen(

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from pipeline import config, serve
-from pipeline.fit import datamodule, fit
-from pipeline.model import Classifier, Ensemble, build_network
-from pipeline.probe import pooled_features
+from pipeline.training.fit import datamodule, fit
+from pipeline.training.model import Classifier, Ensemble, build_network
+from pipeline.training.probe import pooled_features
 from tests.conftest import run_info
 
 

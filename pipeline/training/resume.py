@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.fsutil import write_json
+from pipeline.runinfo import CHECKPOINT_SUFFIX, LAST
 
 STATE = "state.json"
-LAST_NAME = "last"  # fit writes <checkpoints>/last.ckpt every epoch: the full state a killed run resumes from
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Resume:
         return self.dir / "checkpoints"
 
     def last_checkpoint(self) -> Path | None:
-        last = self.checkpoints / f"{LAST_NAME}.ckpt"
+        last = self.checkpoints / f"{LAST}{CHECKPOINT_SUFFIX}"
         return last if last.is_file() else None
 
     def clear(self) -> None:

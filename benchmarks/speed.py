@@ -1,7 +1,7 @@
 """``make bench``: speed and memory of the pipeline's hot paths, one JSON object per line.
-(``python -m pipeline bench quality``: test quality on real X-rays instead, see ``pipeline.bench_quality``;
-``python -m pipeline bench scale``: the pipeline on the 27,000 EuroSAT tiles, see ``pipeline.bench_scale``;
-``python -m pipeline bench transfer``: transfer from the pipeline's own pretraining, ``pipeline.transfer_bench``.)
+(``python -m pipeline bench quality``: test quality on real X-rays instead, see ``benchmarks.quality``;
+``python -m pipeline bench scale``: the pipeline on the 27,000 EuroSAT tiles, see ``benchmarks.scale``;
+``python -m pipeline bench transfer``: transfer from the pipeline's own pretraining, ``benchmarks.transfer``.)
 
 Measured on a generated demo set in a temporary folder, so it needs no prior ``dvc repro``:
 - ``ingest``: decode + resize + cache throughput;
@@ -22,7 +22,6 @@ Measured on a generated demo set in a temporary folder, so it needs no prior ``d
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import multiprocessing
 import resource
@@ -39,11 +38,12 @@ from torch.nn import functional as F
 from torchvision.transforms import v2
 
 from pipeline import augment, config, demo
+from pipeline.data import readers
 from pipeline.data.datamodule import CachedImageDataset
-from pipeline.data.ingest import decode, ingest
+from pipeline.data.ingest import ingest
 from pipeline.data.prepared import load_prepared
-from pipeline.fit import datamodule, fit
-from pipeline.model import Classifier
+from pipeline.training.fit import datamodule, fit
+from pipeline.training.model import Classifier
 
 N_PER_CLASS, SIZE, EPOCHS = 48, 64, 3
 # The recipe before issue 12's defaults: no MixUp/CutMix, no EMA, the best epoch ships. Benchmarks that
@@ -61,6 +61,14 @@ TUNE_SPACE = {
     "train.lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True},
     "train.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
 }
+
+
+def decode(path: Path, size: int) -> np.ndarray:
+    """One file as (size, size, 3) uint8 RGB (the decode-every-epoch loader)."""
+    pixels = readers.conform(readers.read(path), size, "rgb")
+    if pixels.dtype == np.uint16:
+        return (pixels / 257).round().astype(np.uint8)
+    return (pixels * 255).round().astype(np.uint8) if pixels.dtype.kind == "f" else pixels
 
 
 def emit(name: str, **values) -> None:
@@ -209,9 +217,8 @@ def plain_loop(params: config.Params, data) -> float:
     """The baseline: the same network (channels_last as configured), optimizer and batches in a bare
     PyTorch loop; images/s over the epochs after the first, like ``EpochClock``."""
     torch.manual_seed(params.seed)
-    model = Classifier(
-        params.model.arch, data.num_classes, lr=params.train.lr, channels_last=params.train.channels_last
-    )
+    train = config.Train(lr=params.train.lr, channels_last=params.train.channels_last)
+    model = Classifier(config.Model(arch=params.model.arch), train, num_classes=data.num_classes)
     model.on_fit_start()  # the memory format, as Lightning would set it (on CPU here)
     opt = torch.optim.AdamW(model.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay)
     train, val = data.train_dataloader(), data.val_dataloader()
@@ -377,32 +384,8 @@ def bench_tune_pruning(tmp: Path) -> None:
     )
 
 
-BENCHES = {  # minutes on real data each, not part of make bench
-    "quality": "pipeline.bench_quality",
-    "scale": "pipeline.bench_scale",
-    "transfer": "pipeline.transfer_bench",
-}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    benches = parser.add_subparsers(dest="bench", title="on real data (default: the speed bench)")
-    for name, module_name in BENCHES.items():
-        module = importlib.import_module(module_name)
-        doc = (module.__doc__ or "").strip()
-        sub = benches.add_parser(
-            name,
-            help=doc.split("\n")[0].split(": ", 1)[-1],
-            description=doc,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        module.add_arguments(sub)
-
-
 def main(params: config.Params, args: argparse.Namespace) -> None:
-    """The speed bench (params play no part: it measures the defaults), or the one named by ``args.bench``."""
-    if args.bench:
-        importlib.import_module(BENCHES[args.bench]).main(params, args)
-        return
+    """The speed bench (params play no part: it measures the defaults)."""
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         raw, out = Path(tmp) / "raw", Path(tmp) / "prepared"
         demo.generate(raw, N_PER_CLASS, SIZE, seed=0)

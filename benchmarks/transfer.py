@@ -1,6 +1,6 @@
 """``python -m pipeline bench transfer``: does transfer from the pipeline's own pretraining help, and how?
 
-A ResNet-18 is pretrained by :func:`pipeline.fit.fit` on five EuroSAT classes, then adapted to the
+A ResNet-18 is pretrained by :func:`pipeline.training.fit.fit` on five EuroSAT classes, then adapted to the
 other five with K labelled images per class (K in ``SHOTS``) and tested on ``TEST_PER_CLASS`` other
 images of each: from scratch, linear probe, kNN, fine-tuning everything at one learning rate, the
 small-data recipe (frozen warm-up + lower backbone lr; the default until 2026-12-02) and gradual
@@ -28,18 +28,18 @@ import numpy as np
 import pandas as pd
 import torch
 
+from benchmarks import SHARED_DATA
+from benchmarks.speed import PLAIN_RECIPE, emit
 from pipeline import augment, config
-from pipeline.bench import PLAIN_RECIPE, emit
 from pipeline.config import Params
 from pipeline.data.ingest import MANIFEST_CSV, ingest
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.evaluation.predictions import predict_proba
-from pipeline.fit import datamodule, fit
-from pipeline.model import Classifier
-from pipeline.runinfo import RUN_INFO, Preprocessing, RunInfo
-from pipeline.weights import WeightsInfo
+from pipeline.runinfo import RUN_INFO, Preprocessing, RunInfo, WeightsInfo
+from pipeline.training.fit import datamodule, fit
+from pipeline.training.model import Classifier
 
-EUROSAT = Path("/work/shared/data/eurosat_rgb.tar")
+EUROSAT = SHARED_DATA / "eurosat_rgb.tar"
 PRETRAIN_CLASSES = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial")
 TARGET_CLASSES = ("Pasture", "PermanentCrop", "Residential", "River", "SeaLake")
 SIZE = 64
@@ -148,7 +148,7 @@ def pretrain(
     models.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(best, models / "best.ckpt")
     checkpoint = torch.load(best, map_location="cpu", weights_only=True)
-    # fit slims best.ckpt to the weights (pipeline.fit.slim_checkpoint): the score is in last.ckpt's callbacks
+    # fit slims best.ckpt to the weights (pipeline.training.fit.slim_checkpoint): the score is in last.ckpt's callbacks
     callbacks = torch.load(best.with_name("last.ckpt"), map_location="cpu", weights_only=True)["callbacks"]
     score = next(
         v["best_model_score"]

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import crossval, serve
+from pipeline import serve
 from pipeline.data.prepared import load_prepared
+from pipeline.runinfo import OOF_CSV, member_name
 from tests.conftest import REPO, in_project, kill_when_ready, run_stages, write_tiny_params
 
 FOLDS = 2
@@ -37,7 +38,7 @@ def project(tmp_path_factory) -> Path:
 
 def test_oof_covers_every_train_and_val_image_once_and_no_group_spans_two_folds(project):
     prepared = load_prepared(project / "data" / "prepared")
-    oof = pd.read_csv(project / "models" / crossval.OOF_CSV)
+    oof = pd.read_csv(project / "models" / OOF_CSV)
     pool = prepared.table[prepared.table["split"] != "test"]
     assert sorted(oof["cache_index"]) == sorted(pool["cache_index"])  # each exactly once, no test image
     assert oof.set_index("cache_index")["fold"].to_dict() == pool.set_index("cache_index")["fold"].to_dict()
@@ -50,9 +51,7 @@ def test_oof_covers_every_train_and_val_image_once_and_no_group_spans_two_folds(
 
 def test_the_shipped_model_is_the_mean_of_the_fold_members(project):
     run = json.loads((project / "models" / "run.json").read_text())
-    assert (
-        run["checkpoints"] == [crossval.member_name(i) for i in range(FOLDS)] and len(run["folds"]) == FOLDS
-    )
+    assert run["checkpoints"] == [member_name(i) for i in range(FOLDS)] and len(run["folds"]) == FOLDS
     trained = serve.load_trained(project / "models")
     images = load_prepared(project / "data" / "prepared").images[:6]
     x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
@@ -141,6 +140,6 @@ def test_a_run_killed_mid_fold_resumes_at_that_fold(tmp_path):
     assert not resume.exists()
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     assert mlflow.get_run(fold_run).info.status == "FINISHED"  # fold 1 went on in its own run
-    assert len(pd.read_csv(root / "models" / crossval.OOF_CSV)) == len(
+    assert len(pd.read_csv(root / "models" / OOF_CSV)) == len(
         load_prepared(root / "data" / "prepared").table.query("split != 'test'")
     )

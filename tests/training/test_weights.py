@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import weights
-from pipeline.model import build_network
+from pipeline.training import pretrained, weights
+from pipeline.training.model import build_network
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def assert_backbone_equal(net, state):
 def test_local_file_loads_exactly(saved_state):
     state, path = saved_state
     net = build_network("resnet18", 3)
-    info = weights.load_pretrained(net, "resnet18", str(path), require_pretrained=True)
+    info = pretrained.load_pretrained(net, "resnet18", str(path), require_pretrained=True)
     assert info.pretrained and info.source == str(path)
     assert_backbone_equal(net, state)
 
@@ -54,7 +54,7 @@ def test_imagenet_download_path_through_torch_hub(saved_state, served, tmp_path,
     state, _ = saved_state
     monkeypatch.setattr(weights, "imagenet_url", lambda arch, name="imagenet": served)
     net = build_network("resnet18", 3)
-    info = weights.load_pretrained(
+    info = pretrained.load_pretrained(
         net, "resnet18", "imagenet", require_pretrained=True, hub_dir=tmp_path / "hub"
     )
     assert info.pretrained and info.source == served
@@ -68,7 +68,7 @@ def test_unreachable_weights_fall_back_loudly(tmp_path, monkeypatch, caplog):
     )
     net = build_network("resnet18", 3)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    info = weights.load_pretrained(net, "resnet18", "imagenet", require_pretrained=False, hub_dir=tmp_path)
+    info = pretrained.load_pretrained(net, "resnet18", "imagenet", require_pretrained=False, hub_dir=tmp_path)
     assert not info.pretrained and info.source == "random-init" and "127.0.0.1:9" in info.fallback_reason
     assert "RANDOM INIT" in caplog.text
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
@@ -79,7 +79,7 @@ def test_require_pretrained_turns_the_fallback_into_advice(tmp_path, monkeypatch
         weights, "imagenet_url", lambda arch, name="imagenet": "http://127.0.0.1:9/resnet18-00000000.pth"
     )
     with pytest.raises(weights.WeightsError) as err:
-        weights.load_pretrained(
+        pretrained.load_pretrained(
             build_network("resnet18", 3), "resnet18", "imagenet", require_pretrained=True, hub_dir=tmp_path
         )
     assert "resnet18-00000000.pth" in str(err.value) and "model.weights" in str(err.value)
@@ -88,14 +88,16 @@ def test_require_pretrained_turns_the_fallback_into_advice(tmp_path, monkeypatch
 def test_weights_for_another_architecture_name_the_keys(saved_state):
     _, path = saved_state
     with pytest.raises(weights.WeightsError, match="missing keys"):
-        weights.load_pretrained(build_network("resnet34", 3), "resnet34", str(path), require_pretrained=True)
+        pretrained.load_pretrained(
+            build_network("resnet34", 3), "resnet34", str(path), require_pretrained=True
+        )
 
 
 def test_none_and_missing_file():
     net = build_network("resnet18", 3)
-    assert not weights.load_pretrained(net, "resnet18", "none", require_pretrained=True).pretrained
+    assert not pretrained.load_pretrained(net, "resnet18", "none", require_pretrained=True).pretrained
     with pytest.raises(weights.WeightsError, match="not found"):
-        weights.load_pretrained(net, "resnet18", "nowhere.pth", require_pretrained=False)
+        pretrained.load_pretrained(net, "resnet18", "nowhere.pth", require_pretrained=False)
 
 
 def test_imagenet_url_is_torchvisions():
@@ -106,10 +108,10 @@ def test_imagenet_url_is_torchvisions():
 def test_adapted_first_conv_keeps_the_pretrained_response(saved_state, bands):
     _, path = saved_state
     net = build_network("resnet18", 3, in_channels=bands)
-    weights.load_pretrained(net, "resnet18", str(path), require_pretrained=True)
+    pretrained.load_pretrained(net, "resnet18", str(path), require_pretrained=True)
     assert net.conv1.weight.shape[1] == bands
     rgb = build_network("resnet18", 3)
-    weights.load_pretrained(rgb, "resnet18", str(path), require_pretrained=True)
+    pretrained.load_pretrained(rgb, "resnet18", str(path), require_pretrained=True)
     rgb.fc, net.fc = torch.nn.Identity(), torch.nn.Identity()
     rgb.eval(), net.eval()
     gray = torch.rand(2, 1, 32, 32)
@@ -121,7 +123,7 @@ def test_adapted_first_conv_keeps_the_pretrained_response(saved_state, bands):
 def test_n_band_first_conv_spreads_the_rgb_kernels(saved_state):
     state, path = saved_state
     net = build_network("resnet18", 3, in_channels=13)
-    weights.load_pretrained(net, "resnet18", str(path), require_pretrained=True)
+    pretrained.load_pretrained(net, "resnet18", str(path), require_pretrained=True)
     rgb = state["conv1.weight"]
     assert torch.allclose(net.conv1.weight[:, 3], rgb[:, 0] * 3 / 13)
     assert torch.allclose(net.conv1.weight[:, 12], rgb[:, 0] * 3 / 13)
@@ -132,14 +134,14 @@ def test_sha256_accepts_the_right_file_and_rejects_another(saved_state, tmp_path
     state, path = saved_state
     right = hashlib.sha256(path.read_bytes()).hexdigest()
     net = build_network("resnet18", 3)
-    assert weights.load_pretrained(
+    assert pretrained.load_pretrained(
         net, "resnet18", str(path), require_pretrained=True, sha256=right
     ).pretrained
     other = tmp_path / "other.pth"
     torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, other)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(weights.WeightsError, match="SHA-256") as err:
-        weights.load_pretrained(net, "resnet18", str(other), require_pretrained=True, sha256=right)
+        pretrained.load_pretrained(net, "resnet18", str(other), require_pretrained=True, sha256=right)
     assert str(other) in str(err.value) and "model.weights_sha256" in str(err.value)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # nothing loaded
 
@@ -147,7 +149,7 @@ def test_sha256_accepts_the_right_file_and_rejects_another(saved_state, tmp_path
 def test_sha256_also_checks_the_downloaded_checkpoint(saved_state, served, tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "imagenet_url", lambda arch, name="imagenet": served)
     with pytest.raises(weights.WeightsError, match="SHA-256"):
-        weights.load_pretrained(
+        pretrained.load_pretrained(
             build_network("resnet18", 3),
             "resnet18",
             "imagenet",
@@ -175,7 +177,7 @@ def test_enum_name_downloads_through_torch_hub(saved_state, served, tmp_path, mo
     asked = []
     monkeypatch.setattr(weights, "imagenet_url", lambda arch, name="imagenet": asked.append(name) or served)
     net = build_network("resnet18", 3)
-    info = weights.load_pretrained(
+    info = pretrained.load_pretrained(
         net, "resnet18", "ResNet18_Weights.IMAGENET1K_V1", require_pretrained=True, hub_dir=tmp_path / "hub"
     )
     assert asked == ["ResNet18_Weights.IMAGENET1K_V1"] and info.pretrained
@@ -203,7 +205,7 @@ def test_weights_import_checks_hash_and_keys_and_places_the_file(saved_state, tm
         weights, "imagenet_url", lambda arch, name="imagenet": f"http://127.0.0.1:9/{path.name}"
     )
     net = build_network("resnet18", 3)
-    assert weights.load_pretrained(
+    assert pretrained.load_pretrained(
         net, "resnet18", "imagenet", require_pretrained=True, hub_dir=tmp_path / "hub"
     ).pretrained
     assert_backbone_equal(net, state)
@@ -249,7 +251,7 @@ def test_a_wrong_file_copied_into_the_hub_folder_by_hand_is_refused(saved_state,
         weights, "imagenet_url", lambda arch, name="imagenet": f"http://127.0.0.1:9/{path.name}"
     )
     with pytest.raises(weights.WeightsError, match="corrupt or another checkpoint"):
-        weights.load_pretrained(
+        pretrained.load_pretrained(
             build_network("resnet18", 3), "resnet18", "imagenet", require_pretrained=False, hub_dir=hub
         )
 
@@ -264,9 +266,9 @@ def test_an_unavailable_download_is_announced_once_per_process(tmp_path, monkeyp
     monkeypatch.setattr(
         weights, "imagenet_url", lambda arch, name="imagenet": "http://127.0.0.1:9/resnet18-00000000.pth"
     )
-    monkeypatch.setattr(weights, "_FAILED", set())
+    monkeypatch.setattr(pretrained, "_FAILED", set())
     for _ in range(3):  # three tune trials
-        info = weights.load_pretrained(
+        info = pretrained.load_pretrained(
             build_network("resnet18", 2),
             "resnet18",
             "imagenet",

@@ -9,11 +9,13 @@ import pytest
 import torch
 from mlflow.tracking._tracking_service.utils import is_tracking_uri_set as tracking_uri_is_set
 
-from pipeline import config, tracking, transfer
-from pipeline.fit import build_model, datamodule, fit
-from pipeline.model import Classifier
+from pipeline import config, tracking
 from pipeline.runinfo import RUN_INFO
-from pipeline.weights import WeightsError, load_pretrained
+from pipeline.training import transfer
+from pipeline.training.fit import build_model, datamodule, fit
+from pipeline.training.model import Classifier
+from pipeline.training.pretrained import load_pretrained
+from pipeline.training.weights import WeightsError
 
 NEW_CLASSES = ("x", "y")  # the earlier run had three: alpha, beta, gamma
 
@@ -92,7 +94,7 @@ def test_a_one_band_set_adapts_the_rgb_backbone_and_its_statistics(earlier_run):
 def test_another_arch_or_band_count_is_an_error_naming_both(earlier_run, tmp_path):
     with pytest.raises(WeightsError, match=r"resnet18 backbone, but model.arch is resnet34"):
         build_model(params_with(str(earlier_run), arch="resnet34"), NEW_CLASSES)
-    gray = Classifier("resnet18", 2, in_channels=1)
+    gray = Classifier(num_classes=2, in_channels=1)
     torch.save(
         {"state_dict": gray.state_dict(), "hyper_parameters": dict(gray.hparams)}, tmp_path / "gray.ckpt"
     )
@@ -138,7 +140,7 @@ def test_runs_and_models_uris_resolve_against_the_store(earlier_run, logged_run,
     # No stage has pointed MLflow anywhere: mlflow.tracking_uri from params.yaml is the store.
     monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", None)
     monkeypatch.delenv(tracking.ENV_URI, raising=False)
-    net = Classifier("resnet18", 2).net
+    net = Classifier(num_classes=2).net
     info = load_pretrained(net, "resnet18", "models:/source/1", require_pretrained=True, tracking_uri=uri)
     assert info.pretrained and uri in info.source
     assert not tracking_uri_is_set() and tracking.ENV_URI not in os.environ  # MLflow left as it was

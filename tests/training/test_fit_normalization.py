@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from pipeline import fit as fit_module
-from pipeline.model import IMAGENET_MEAN, Classifier
-from pipeline.weights import WeightsInfo
+from pipeline.runinfo import WeightsInfo
+from pipeline.training import fit as fit_module
+from pipeline.training.model import IMAGENET_MEAN, Classifier
 
 STATS = ((0.7, 0.6, 0.5), (0.1, 0.2, 0.3))
 

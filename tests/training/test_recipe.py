@@ -5,10 +5,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from pipeline import recipe
 from pipeline.config import with_overrides
-from pipeline.fit import _tolerate_frozen_parameters, build_model, datamodule, fit
-from pipeline.model import build_network
+from pipeline.training import recipe
+from pipeline.training.fit import _tolerate_frozen_parameters, build_model, datamodule, fit
+from pipeline.training.model import build_network
 
 
 @pytest.fixture
@@ -77,9 +77,9 @@ def test_gradual_unfreezing_goes_from_the_top(tiny_params, prepared, pretrained_
 
 
 def test_random_init_ignores_freezing_and_the_lower_backbone_rate(tiny_params, prepared, caplog, monkeypatch):
-    from pipeline import fit as fit_module
+    from pipeline.training import callbacks
 
-    monkeypatch.setattr(fit_module, "_NOTED", set())  # the warning is given once per process
+    monkeypatch.setattr(callbacks, "_NOTED", set())  # the warning is given once per process
     params = with_overrides(tiny_params, {"train.freeze_epochs": 1})  # tiny_params: model.weights none
     start, first = fit_with_snapshots(params, prepared, epochs=1)
     assert changed(start, first, "layer1.") and "randomly initialised" in caplog.text

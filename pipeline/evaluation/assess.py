@@ -17,13 +17,15 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from pipeline import augment, crossval, evaluation, explain, registry, serve, tracking
+from pipeline import augment, explain, registry, serve, tracking
 from pipeline.config import Params, Paths, flatten
 from pipeline.data.cache import Rows
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.evaluation import audit, decision
+from pipeline.evaluation import evaluate as evaluation
 from pipeline.evaluation.reporting import split_headline
 from pipeline.fsutil import atomic_dir, atomic_file, write_json
+from pipeline.training.oof import cv_metrics, load_oof, oof_logits
 
 
 def split_arrays(prepared: Prepared, split: str) -> tuple[Rows, np.ndarray]:
@@ -57,12 +59,12 @@ def assess(params: Params) -> Assessment:
     trained = serve.load_trained(Path(paths.model_dir))
     model, run = trained.model, trained.run
     images, labels = split_arrays(prepared, "test")
-    oof = crossval.load_oof(Path(paths.model_dir))
+    oof = load_oof(Path(paths.model_dir))
     if oof is None:
         held_rows, held_out, held_name = prepared.split("val"), None, "validation"
     else:
         held_rows, held_name = oof, "out-of-fold"
-        held_out = (crossval.oof_logits(oof, prepared.classes), oof["label_index"].to_numpy())
+        held_out = (oof_logits(oof, prepared.classes), oof["label_index"].to_numpy())
     result = evaluation.evaluate(
         model,
         images,
@@ -78,7 +80,7 @@ def assess(params: Params) -> Assessment:
     if result.selection is None or result.decision is None:  # evaluate() fits both whenever it has val
         raise RuntimeError("evaluation.evaluate returned no selection set or decision")
     if oof is not None:
-        result.metrics.update(crossval.cv_metrics(oof, prepared.classes, positive))
+        result.metrics.update(cv_metrics(oof, prepared.classes, positive))
     suspects = audit.label_issues(*result.selection, held_rows["path"], prepared.classes)
     audit_png = (
         audit.panel_png(

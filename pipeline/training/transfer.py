@@ -19,19 +19,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.runinfo import RUN_INFO, RunInfo
-from pipeline.weights import (
+from pipeline.runinfo import CHECKPOINT_SUFFIX, RUN_INFO, RunInfo, WeightsInfo
+from pipeline.training.weights import (
     FIRST_CONV,
     HEAD_PREFIX,
     WeightsError,
-    WeightsInfo,
     adapt_first_conv,
     adapt_statistics,
     verify_file,
 )
 
 URI_SCHEMES = ("runs:/", "models:/")
-CHECKPOINT_SUFFIX = ".ckpt"
 NET_PREFIX = "net."  # the Classifier's torchvision network in its state dict
 MEMBER_PREFIX = "nets.0."  # the registered model (serve.Packaged): its first member's network
 LOGGED_MODEL = "model"  # the artifact path tracking.log_model logs the network under

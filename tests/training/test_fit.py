@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from pipeline import augment
-from pipeline.fit import datamodule, fit
-from pipeline.model import Classifier
+from pipeline.training.fit import datamodule, fit
+from pipeline.training.model import Classifier
 
 TRANSFORMS = [{"name": "HorizontalFlip", "p": 0.5}]
 
@@ -60,7 +60,7 @@ def test_a_diverging_loss_stops_with_a_message_and_no_checkpoint(tiny_params, pr
     import pytest
 
     from pipeline.config import with_overrides
-    from pipeline.fit import TrainingDiverged
+    from pipeline.training.fit import TrainingDiverged
 
     params = with_overrides(
         tiny_params,
@@ -117,7 +117,7 @@ def test_each_epoch_line_shows_that_epochs_own_train_and_val_metrics(tiny_params
 def test_a_long_epoch_prints_progress_lines(capsys):
     from types import SimpleNamespace
 
-    from pipeline.fit import EpochSummary
+    from pipeline.training.callbacks import EpochSummary
 
     trainer = SimpleNamespace(is_global_zero=True, current_epoch=0, max_epochs=3, num_training_batches=50)
     summary = EpochSummary(every_s=3600)
@@ -194,15 +194,15 @@ def test_run_json_records_which_checkpoint_ships_and_reads_older_files_as_best()
 def test_run_json_records_the_ema_only_where_the_training_step_used_it(tiny_params, prepared):
     from pathlib import Path
 
-    from pipeline import training
     from pipeline.config import with_overrides
-    from pipeline.fit import FitResult
-    from pipeline.weights import WeightsInfo
+    from pipeline.runinfo import WeightsInfo
+    from pipeline.training import train as training
+    from pipeline.training.fit import FitResult, Fitted
 
     result = FitResult(
         0.9, None, 2, WeightsInfo(requested="none", source="random-init", pretrained=False), {}
     )
-    fitted = training.Fitted([result], {"best.ckpt": Path("best.ckpt")}, None)
+    fitted = Fitted([result], {"best.ckpt": Path("best.ckpt")}, None)
     for mode, expected in (("finetune", 0.995), ("linear_probe", None), ("knn", None)):
         params = with_overrides(tiny_params, {"train.ema_decay": 0.995, "train.mode": mode})
         assert training.run_info(params, prepared, "r1", fitted).ema_decay == expected

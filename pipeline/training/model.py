@@ -6,8 +6,9 @@ so the loaders stay light and an exported model carries its own preprocessing.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import lightning.pytorch as L
 import numpy as np
@@ -19,11 +20,12 @@ from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 from torchvision.transforms import v2
 
-from pipeline import recipe
 from pipeline.config import Augment, Model, Train
 from pipeline.evaluation.metrics import HEADLINE, weighted_metrics
-from pipeline.heads import KNNHead, linear_of
 from pipeline.pixels import unit_max
+from pipeline.runinfo import WeightsInfo
+from pipeline.training import recipe
+from pipeline.training.heads import KNNHead, linear_of
 
 # ImageNet statistics, which torchvision's ResNet weights were trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,6 +51,57 @@ def build_network(
     head = nn.Linear(net.fc.in_features, num_classes)
     net.fc = nn.Sequential(nn.Dropout(dropout), head) if dropout > 0 else head
     return net
+
+
+# The hyperparameters a checkpoint records from the train and augment sections (under their params names).
+TRAIN_RECORD = (
+    "lr",
+    "weight_decay",
+    "optimizer",
+    "monitor",
+    "backbone_lr_mult",
+    "warmup_epochs",
+    "label_smoothing",
+    "channels_last",
+)
+AUGMENT_RECORD = ("mixup_alpha", "cutmix_alpha", "mix_prob", "cutmix_switch_prob")
+
+
+def sections(
+    record: dict[str, Any], model: Model = _MODEL, train: Train = _TRAIN, augment: Augment = _AUGMENT
+) -> tuple[Model, Train, Augment]:
+    """A checkpoint's flat record read back into the typed sections (keys it lacks keep the sections' values)."""
+    unknown = set(record) - {"arch", "dropout", "stem", *TRAIN_RECORD, *AUGMENT_RECORD}
+    if unknown:
+        raise TypeError(f"Classifier got unexpected hyperparameters {sorted(unknown)}")
+    pick = lambda names: {k: record[k] for k in names if k in record}  # noqa: E731
+    return (
+        dataclasses.replace(model, **pick(("arch", "dropout", "stem"))),
+        dataclasses.replace(train, **pick(TRAIN_RECORD)),
+        dataclasses.replace(augment, **pick(AUGMENT_RECORD)),
+    )
+
+
+def input_statistics(
+    in_channels: int,
+    weights: WeightsInfo | None = None,
+    dataset_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> tuple[list[float], list[float]]:
+    """The one decision of what the network normalizes its input with (mean, std in [0, 1] pixel units).
+
+    Weights that bring their statistics (an earlier run, a domain backbone) keep them; pretrained RGB weights
+    keep ImageNet's (what they were trained with); otherwise (random init, other band counts) the data set's
+    train-split statistics (``dataset_stats``, ingest's) when given, else ImageNet's, averaged per band
+    beyond RGB.
+    """
+    if weights is not None and weights.mean is not None and weights.std is not None:
+        return [float(v) for v in weights.mean], [float(v) for v in weights.std]
+    pretrained = weights is not None and weights.pretrained
+    if dataset_stats is not None and not (pretrained and len(dataset_stats[0]) == 3):
+        return [float(v) for v in dataset_stats[0]], [float(v) for v in dataset_stats[1]]
+    if in_channels == 3:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return [sum(IMAGENET_MEAN) / 3] * in_channels, [sum(IMAGENET_STD) / 3] * in_channels
 
 
 def batch_mixer(
@@ -116,36 +169,60 @@ class Classifier(L.LightningModule):
 
     def __init__(
         self,
-        arch: str,
+        model: Model = _MODEL,
+        train: Train = _TRAIN,
+        augment: Augment = _AUGMENT,
+        *,
         num_classes: int,
         class_names: Sequence[str] = (),
-        dropout: float = _MODEL.dropout,
-        stem: str = _MODEL.stem,
-        lr: float = _TRAIN.lr,
-        weight_decay: float = _TRAIN.weight_decay,
-        optimizer: str = _TRAIN.optimizer,
-        monitor: str = _TRAIN.monitor,
+        in_channels: int = 3,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
-        in_channels: int = 3,
-        backbone_lr_mult: float = _TRAIN.backbone_lr_mult,
-        warmup_epochs: float = _TRAIN.warmup_epochs,
-        label_smoothing: float = _TRAIN.label_smoothing,
         class_weights: Sequence[float] | None = None,
-        channels_last: bool | str = _TRAIN.channels_last,
-        mixup_alpha: float = _AUGMENT.mixup_alpha,
-        cutmix_alpha: float = _AUGMENT.cutmix_alpha,
-        mix_prob: float = _AUGMENT.mix_prob,
-        cutmix_switch_prob: float = _AUGMENT.cutmix_switch_prob,
         knn_bank: int = 0,
         knn_k: int = 20,
+        net: nn.Module | None = None,
+        **record: Any,
     ):
-        """``knn_bank`` > 0: the head is a :class:`~pipeline.heads.KNNHead` over that many stored training
-        features (``train.mode: knn``), voting among the ``knn_k`` nearest."""
+        """The classifier the typed sections describe (``model``, ``train``, ``augment``), for the data's
+        ``num_classes`` and ``in_channels``; ``mean``/``std``: what it normalizes with (default: see
+        :func:`input_statistics`); ``net``: the network already built and loaded (:func:`fit.build_model`),
+        else a randomly initialised one. ``knn_bank`` > 0: the head is a :class:`~pipeline.training.heads.KNNHead`
+        over that many stored training features (``train.mode: knn``), voting among the ``knn_k`` nearest.
+
+        ``record``: a checkpoint's flat hyperparameters (what ``load_from_checkpoint`` passes), read back
+        into the sections: checkpoints keep the flat record they always had.
+        """
         super().__init__()
-        # Logged to MLflow by the stage under params.yaml names, not by Lightning under these.
-        self.save_hyperparameters(logger=False)
-        self.net = build_network(arch, num_classes, dropout, in_channels, stem)
+        if record:
+            model, train, augment = sections(record, model, train, augment)
+        if mean is None or std is None:
+            mean, std = input_statistics(in_channels)
+        # The checkpoint's record, flat as it has always been; logged to MLflow by the stage under
+        # params.yaml names, not by Lightning under these.
+        self.save_hyperparameters(
+            {
+                "arch": model.arch,
+                "num_classes": num_classes,
+                "class_names": list(class_names),
+                "dropout": model.dropout,
+                "stem": model.stem,
+                **{name: getattr(train, name) for name in TRAIN_RECORD},
+                "mean": [float(v) for v in mean],
+                "std": [float(v) for v in std],
+                "in_channels": in_channels,
+                "class_weights": None if class_weights is None else list(class_weights),
+                **{name: getattr(augment, name) for name in AUGMENT_RECORD},
+                "knn_bank": knn_bank,
+                "knn_k": knn_k,
+            },
+            logger=False,
+        )
+        self.net = (
+            net
+            if net is not None
+            else build_network(model.arch, num_classes, model.dropout, in_channels, model.stem)
+        )
         if knn_bank:
             fc = cast(nn.Module, self.net.fc)  # Module.__getattr__ typing
             self.net.fc = KNNHead(linear_of(fc).in_features, num_classes, knn_bank, knn_k)
@@ -156,25 +233,26 @@ class Classifier(L.LightningModule):
             None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32),
             persistent=False,
         )
-        # Defaults: ImageNet statistics for RGB; their average per band otherwise (fit.build_model
-        # passes the data set's own statistics where ImageNet's do not apply).
-        if mean is None or std is None:
-            mean, std = (
-                (IMAGENET_MEAN, IMAGENET_STD)
-                if in_channels == 3
-                else ([sum(IMAGENET_MEAN) / 3] * in_channels, [sum(IMAGENET_STD) / 3] * in_channels)
-            )
-            self.hparams.update(mean=list(mean), std=list(std))  # the checkpoint records what was used
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         # One collection, one set of names and definitions for every split (its members share one state).
         metrics = MetricCollection({name: EpochMetric(name) for name in HEADLINE})
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
+        self.mixer = batch_mixer(
+            num_classes, augment.mixup_alpha, augment.cutmix_alpha, augment.cutmix_switch_prob
+        )
         # The epoch's loss as the mean over its images: under DDP the ranks' sums and counts are added (a
         # mean of the ranks' means would weigh the images of a rank with fewer of them more).
         self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
-        self.mixer = batch_mixer(num_classes, mixup_alpha, cutmix_alpha, cutmix_switch_prob)
+
+    def use_knn_head(self, features: torch.Tensor, labels: torch.Tensor, k: int) -> None:
+        """Replace the head by a kNN vote over ``features`` (``train.mode: knn``), recorded in the
+        hyperparameters so a checkpoint rebuilds this head."""
+        head = KNNHead(features.shape[1], self.hparams["num_classes"], len(features), k)
+        head.store(features, labels)
+        self.net.fc = head
+        self.hparams.update(knn_bank=len(features), knn_k=k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for pixel batches (N, C, H, W): integer pixels or floats in [0, 1]."""
@@ -230,7 +308,7 @@ class Classifier(L.LightningModule):
     def configure_optimizers(self):
         """Head at ``lr``, backbone at ``lr x backbone_lr_mult``; linear warm-up then cosine decay, per step.
 
-        Frozen parameters stay in the optimizer without gradients (see ``pipeline.recipe``).
+        Frozen parameters stay in the optimizer without gradients (see ``pipeline.training.recipe``).
         """
         hp = self.hparams
         head, backbone = recipe.head_and_backbone_params(self.net)

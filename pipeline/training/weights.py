@@ -1,11 +1,8 @@
-"""Pretrained weights: resolve ``model.weights``, fetch or read them, load them into a fresh network.
-
-``imagenet`` resolves to the architecture's default torchvision weights, downloaded through
-``torch.hub`` into ``$TORCH_HOME/hub/checkpoints`` (a file already there is used offline). When they
-cannot be obtained the run falls back to random initialization, loudly, and says so in what it
-returns so the stages can record it; ``require_pretrained`` turns the fallback into an error. A named
-domain backbone (:mod:`pipeline.backbones`, through torchgeo's enums) is fetched, cached, imported and
-falls back the same way, and brings the preprocessing it was trained with.
+"""Weights files: torchvision's and torchgeo's names and URLs, fetching into and reading from the
+``torch.hub`` cache (``$TORCH_HOME/hub/checkpoints``), checking a file's hash, importing a file fetched
+elsewhere (``python -m pipeline weights import``), and fitting a state dict into a network (an RGB first
+convolution adapted to other band counts). Which weights a run starts from is decided in
+:mod:`pipeline.training.pretrained`.
 """
 
 from __future__ import annotations
@@ -13,9 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.error import URLError
 
 import torch
 import torchvision
@@ -25,54 +20,17 @@ from torch.hub import HASH_REGEX  # <arch>-<sha256 prefix>.pth, as torch.hub che
 from pipeline import backbones
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_file, file_sha256
-from pipeline.model import build_network
+from pipeline.training.model import build_network
 
 log = logging.getLogger(__name__)
 
 HEAD_PREFIX = "fc."
 FIRST_CONV = "conv1.weight"
 DOWNLOAD_TIMEOUT_S = 60
-# URLs whose download failed in this process: the random-init banner is shown once, not once per tune trial.
-_FAILED: set[str] = set()
 
 
 class WeightsError(PipelineError, RuntimeError):
     """Weights could not be obtained or do not fit the architecture."""
-
-
-@dataclass(frozen=True)
-class WeightsInfo:
-    """What was actually loaded; recorded on the MLflow run, the metrics file and the report."""
-
-    requested: str
-    source: str  # URL or file the tensors came from, or "random-init"
-    pretrained: bool
-    fallback_reason: str | None = None
-    # Weights that bring their own input statistics (an earlier run, a domain backbone): the normalization
-    # the model must use, the band count the weights were trained on, the classes of the head they had.
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    in_channels: int | None = None
-    source_classes: tuple[str, ...] | None = None
-    # The full SHA-256 of the file the tensors were read from (checked against the publisher's prefix).
-    sha256: str | None = None
-    # A named domain backbone's preprocessing: the bands in the order it expects them, and the raw value
-    # its scaling maps to 1 (mean/std above apply to ``raw / value_range``, adapted to the pixel dtype).
-    bands: tuple[str, ...] | None = None
-    value_range: float | None = None
-
-    def preprocessing_tags(self) -> dict[str, str]:
-        """MLflow tags for what the run started from beyond its source: the file's SHA-256 and, for weights
-        that bring their preprocessing, the bands, value range and mean/std the model normalizes with."""
-        tags = {"weights.sha256": self.sha256} if self.sha256 else {}
-        if self.bands:
-            tags["weights.bands"] = ",".join(self.bands)
-        if self.value_range is not None:
-            tags["weights.value_range"] = f"{self.value_range:g}"
-        if self.mean is not None and self.std is not None:
-            tags["weights.mean"] = ",".join(f"{v:.6g}" for v in self.mean)
-            tags["weights.std"] = ",".join(f"{v:.6g}" for v in self.std)
-        return tags
 
 
 def weight_enum(arch: str, name: str = "imagenet") -> torchvision.models.WeightsEnum:
@@ -200,158 +158,6 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> No
             f"{source}: weights do not fit this architecture; missing keys {missing[:8]}, "
             f"unexpected keys {result.unexpected_keys[:8]} (only '{HEAD_PREFIX}*' may differ)"
         )
-
-
-def load_pretrained(
-    net: nn.Module,
-    arch: str,
-    weights: str,
-    *,
-    require_pretrained: bool,
-    hub_dir: Path | None = None,
-    sha256: str | None = None,
-    tracking_uri: str = "sqlite:///mlflow.db",
-    pixel_dtype: str | None = None,
-) -> WeightsInfo:
-    """Put the requested weights into ``net`` (a freshly built ``arch``) and say what happened.
-
-    ``sha256``: the weights file must have this hash (checked before it is read). ``tracking_uri``
-    (``mlflow.tracking_uri``): where ``runs:/`` and ``models:/`` weights are looked up when no stage has
-    pointed MLflow at a store. ``pixel_dtype`` (the pixel cache's, e.g. 'uint16'): how a named domain
-    backbone's value range maps onto the pixels (:func:`backbones.statistics_for`).
-    """
-    if weights == "none":
-        return WeightsInfo(requested=weights, source="random-init", pretrained=False)
-    from pipeline import transfer  # imported here: it builds on this module
-
-    if transfer.is_run_source(weights):
-        return transfer.load_backbone(
-            net, arch, transfer.resolve(weights, tracking_uri=tracking_uri, sha256=sha256), weights
-        )
-    if weights in backbones.NAMED:
-        return _load_named(net, arch, weights, require_pretrained, hub_dir, sha256, pixel_dtype)
-    if weights != "imagenet" and not is_enum_name(weights):
-        path = Path(weights)
-        digest = verify_file(path, sha256=sha256) if path.is_file() else None
-        load_into(net, read(path), str(path))
-        return WeightsInfo(requested=weights, source=str(path), pretrained=True, sha256=digest)
-
-    url = imagenet_url(arch, weights)
-    obtained = _obtain(
-        url,
-        f"ImageNet weights for {arch}",
-        f"--arch {arch}" + ("" if weights == "imagenet" else f" --weights {weights}"),
-        requested=weights,
-        require_pretrained=require_pretrained,
-        hub_dir=hub_dir,
-        sha256=sha256,
-    )
-    if isinstance(obtained, WeightsInfo):
-        return obtained
-    state, digest = obtained
-    load_into(net, state, url)
-    return WeightsInfo(requested=weights, source=url, pretrained=True, sha256=digest)
-
-
-def _obtain(
-    url: str,
-    what: str,
-    import_args: str,
-    *,
-    requested: str,
-    require_pretrained: bool,
-    hub_dir: Path | None,
-    sha256: str | None,
-) -> tuple[dict[str, torch.Tensor], str | None] | WeightsInfo:
-    """The state dict at ``url`` (from the cache, else downloaded into it) and the file's SHA-256; when it
-    cannot be obtained, the random-init fallback (announced once per process) or, with
-    ``require_pretrained``, an error naming the URL and the cache path."""
-    cached = hub_checkpoint(url, hub_dir)
-    downloading = not cached.is_file()
-    digest = None if downloading else verify_file(cached, url=url, sha256=sha256)  # before torch reads it
-    try:
-        state = fetch(url, hub_dir)
-    except (URLError, OSError, RuntimeError) as err:
-        advice = (
-            f"pre-seed the file at {cached} (`python -m pipeline weights import FILE "
-            f"{import_args}` puts it there; set TORCH_HOME to move it), or point model.weights at a local "
-            f".pth state dict"
-        )
-        if require_pretrained:
-            raise WeightsError(
-                f"{what} could not be obtained from {url} ({err}); model.require_pretrained is true: {advice}"
-            ) from err
-        reason = f"download of {url} failed: {err}"
-        fallback = WeightsInfo(
-            requested=requested, source="random-init", pretrained=False, fallback_reason=reason
-        )
-        if url in _FAILED:  # a tune stage fits once per trial: the banner once per stage (process) is enough
-            log.debug("training from random init again (%s)", reason)
-            return fallback
-        _FAILED.add(url)
-        log.warning(
-            "\n" + "!" * 78 + "\n!! PRETRAINED WEIGHTS UNAVAILABLE - %s: training from RANDOM INIT.\n"
-            "!! %s\n!! To fix: %s\n" + "!" * 78,
-            what,
-            reason,
-            advice,
-        )
-        return fallback
-    if downloading:  # torch.hub has checked the prefix; the full hash is recorded (and pinned, if asked)
-        digest = verify_file(cached, sha256=sha256) or file_sha256(cached)
-    return state, digest
-
-
-def _load_named(
-    net: nn.Module,
-    arch: str,
-    name: str,
-    require_pretrained: bool,
-    hub_dir: Path | None,
-    sha256: str | None,
-    pixel_dtype: str | None,
-) -> WeightsInfo:
-    """A named domain backbone: checked against ``arch`` and the band count before anything is fetched,
-    then loaded as torchvision weights are, with the preprocessing torchgeo publishes for it."""
-    spec = backbones.spec(name)
-    if spec.named.arch != arch:
-        raise WeightsError(
-            f"model.weights: {name} is a {spec.named.arch} backbone, but model.arch is {arch}; "
-            f"set model.arch: {spec.named.arch}"
-        )
-    bands = net.get_parameter(FIRST_CONV).shape[1]
-    if bands != spec.in_channels and spec.in_channels != 3:
-        raise WeightsError(
-            f"model.weights: {name} was trained on {spec.in_channels} bands ({', '.join(spec.bands)}), "
-            f"this data set has {bands}; give it {spec.in_channels}-band images in that order "
-            "(data.channels: keep), or pick an RGB backbone, which adapts to any band count"
-        )
-    obtained = _obtain(
-        spec.url,
-        f"{name} ({spec.named.enum} in torchgeo)",
-        f"--weights {name}",
-        requested=name,
-        require_pretrained=require_pretrained,
-        hub_dir=hub_dir,
-        sha256=sha256,
-    )
-    if isinstance(obtained, WeightsInfo):
-        return obtained
-    state, digest = obtained
-    load_into(net, state, spec.url)  # an RGB first convolution is adapted to other band counts here
-    mean, std = backbones.statistics_for(spec.mean, spec.std, spec.named.value_range, pixel_dtype)
-    mean, std = adapt_statistics(mean, std, bands)
-    return WeightsInfo(
-        requested=name,
-        source=spec.url,
-        pretrained=True,
-        mean=tuple(mean),
-        std=tuple(std),
-        in_channels=spec.in_channels,
-        sha256=digest,
-        bands=spec.bands,
-        value_range=spec.named.value_range,
-    )
 
 
 def adapt_statistics(mean, std, in_channels: int) -> tuple[list[float], list[float]]:

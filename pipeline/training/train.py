@@ -1,7 +1,7 @@
 """The train stage's work: the fit (or one per fold) inside its MLflow run, resumable, and the model folder.
 
 A killed run (even SIGKILL) resumes where it stopped, in the same MLflow run, when the stage runs again with
-the same inputs (``pipeline.resume``). Rank 0 owns the MLflow run and the outputs; a DDP worker (started by
+the same inputs (``pipeline.training.resume``). Rank 0 owns the MLflow run and the outputs; a DDP worker (started by
 Lightning, torchrun or SLURM) trains its shard and writes nothing.
 """
 
@@ -15,16 +15,17 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import pandas as pd
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 
-from pipeline import augment, crossval, registry, serve, tracking
+from pipeline import augment, registry, serve, tracking
 from pipeline.config import Params, as_dict
 from pipeline.data.prepared import Prepared, load_prepared
-from pipeline.fit import FitResult, datamodule, fit
 from pipeline.fsutil import atomic_dir
-from pipeline.resume import Resume
-from pipeline.runinfo import RUN_INFO, FoldScore, Preprocessing, RunInfo
+from pipeline.runinfo import OOF_CSV, RUN_INFO, FoldScore, Preprocessing, RunInfo
+from pipeline.training import crossval
+from pipeline.training.fit import Fitted, datamodule, fit
+from pipeline.training.oof import cv_metrics
+from pipeline.training.resume import Resume
 
 
 @dataclass(frozen=True)
@@ -49,32 +50,17 @@ def inputs(params: Params) -> Inputs:
     return Inputs(params, prepared, augment.load(Path(paths.augment_pipeline), params.seed), resume)
 
 
-@dataclass(frozen=True)
-class Fitted:
-    results: list[FitResult]
-    members: dict[str, Path]  # file name in the model folder -> checkpoint
-    oof: pd.DataFrame | None  # out-of-fold predictions (data.folds)
-
-
 def fit_all(run: Inputs, fold_runs: crossval.FoldRuns | None = None, logger: Logger | bool = False) -> Fitted:
     """One fit, or one per fold (``data.folds``), resumed from the last checkpoint where there is one;
     ``fold_runs``: the folds' nested MLflow runs, ``logger``: the single fit's."""
     params, resume = run.params, run.resume
     if params.data.folds:
-        cv = crossval.fit_folds(params, run.prepared, run.transform, resume, fold_runs)
-        members = {crossval.member_name(i): _saved(r) for i, r in enumerate(cv.results)}
-        return Fitted(cv.results, members, cv.oof)
+        return crossval.fit_folds(params, run.prepared, run.transform, resume, fold_runs)
     data = datamodule(params, run.prepared, run.transform)
     result = fit(
         params, data, out_dir=resume.checkpoints, logger=logger, resume_from=resume.last_checkpoint()
     )
-    return Fitted([result], {_saved(result).name: _saved(result)}, None)
-
-
-def _saved(result: FitResult) -> Path:
-    if result.best_checkpoint is None:  # fit writes one whenever it gets an out_dir, as here
-        raise RuntimeError("fit returned no checkpoint")
-    return result.best_checkpoint
+    return Fitted.one(result)
 
 
 def run_info(params: Params, prepared: Prepared, run_id: str, fitted: Fitted) -> RunInfo:
@@ -108,7 +94,7 @@ def save_model(model_dir: Path, fitted: Fitted, info: RunInfo) -> None:
         for member, checkpoint in fitted.members.items():
             shutil.copy2(checkpoint, staging / member)
         if fitted.oof is not None:
-            fitted.oof.to_csv(staging / crossval.OOF_CSV, index=False, float_format="%.6f")
+            fitted.oof.to_csv(staging / OOF_CSV, index=False, float_format="%.6f")
         info.write(staging)
 
 
@@ -142,7 +128,7 @@ def train(params: Params, tuned: dict[str, Any], tags: dict[str, str] | None) ->
             print(f"train: resuming MLflow run {run_id}" + (f" from {last}" if last else ""), flush=True)
         if params.data.folds:
             fitted = fit_all(run, fold_runs=crossval.FoldRuns(this, name, tags, params))
-            tracking.log_metrics(crossval.cv_metrics(fitted.oof, run.prepared.classes))
+            tracking.log_metrics(cv_metrics(fitted.oof, run.prepared.classes))
         else:
             fitted = fit_all(run, logger=MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=this))
         weights = fitted.results[0].weights

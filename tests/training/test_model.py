@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from pipeline.model import Classifier, build_network
-from pipeline.weights import imagenet_url
+from pipeline.config import Augment, Model, Train
+from pipeline.training.model import Classifier, build_network
+from pipeline.training.weights import imagenet_url
 
 ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2"]
 
@@ -10,7 +11,7 @@ ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext5
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_arch_builds_and_takes_a_training_step(arch):
     torch.manual_seed(0)
-    model = Classifier(arch, num_classes=3, dropout=0.1)
+    model = Classifier(Model(arch=arch, dropout=0.1), num_classes=3)
     x, y = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 2])
     logits = model(x)
     assert logits.shape == (2, 3)
@@ -27,8 +28,8 @@ def test_head_is_replaced_for_the_class_count():
 def test_channels_last_gives_the_same_outputs():
     torch.manual_seed(0)
     x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
-    plain = Classifier("resnet18", 3, channels_last=False)
-    fast = Classifier("resnet18", 3, channels_last=True)
+    plain = Classifier(train=Train(channels_last=False), num_classes=3)
+    fast = Classifier(train=Train(channels_last=True), num_classes=3)
     fast.load_state_dict(plain.state_dict())
     for model in (plain, fast):
         model.on_fit_start()
@@ -41,12 +42,9 @@ def test_channels_last_gives_the_same_outputs():
 def test_mixup_and_cutmix_give_soft_labels_that_reach_the_weighted_loss():
     torch.manual_seed(0)
     model = Classifier(
-        "resnet18",
-        3,
-        mixup_alpha=0.4,
-        cutmix_alpha=1.0,
-        cutmix_switch_prob=0.5,
-        label_smoothing=0.1,
+        train=Train(label_smoothing=0.1),
+        augment=Augment(mixup_alpha=0.4, cutmix_alpha=1.0, cutmix_switch_prob=0.5),
+        num_classes=3,
         class_weights=[0.5, 1.0, 2.0],
     )
     x, y = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2])
@@ -71,16 +69,16 @@ def test_mixup_and_cutmix_give_soft_labels_that_reach_the_weighted_loss():
 def test_mixing_follows_the_params_defaults_and_either_mixer_alone_works():
     from torchvision.transforms import v2
 
-    from pipeline.model import batch_mixer
+    from pipeline.training.model import batch_mixer
 
     # The params defaults (MixUp 0.2 and CutMix 1.0, half each); both alphas 0 turn mixing off.
-    assert isinstance(Classifier("resnet18", 2).mixer, v2.RandomChoice)
-    assert Classifier("resnet18", 2, mixup_alpha=0.0, cutmix_alpha=0.0).mixer is None
+    assert isinstance(Classifier(num_classes=2).mixer, v2.RandomChoice)
+    assert Classifier(augment=Augment(mixup_alpha=0.0, cutmix_alpha=0.0), num_classes=2).mixer is None
     assert isinstance(batch_mixer(2, 0.2, 0.0, 0.5), v2.MixUp)
     assert isinstance(batch_mixer(2, 0.0, 1.0, 0.5), v2.CutMix)
     assert isinstance(batch_mixer(2, 0.2, 1.0, 1.0), v2.CutMix)
     assert isinstance(batch_mixer(2, 0.2, 1.0, 0.3), v2.RandomChoice)
-    never = Classifier("resnet18", 2, mixup_alpha=0.4, mix_prob=0.0)
+    never = Classifier(augment=Augment(mixup_alpha=0.4, mix_prob=0.0), num_classes=2)
     x, y = torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 1, 0])
     assert torch.equal(never.mix(x, y)[1], torch.nn.functional.one_hot(y, 2).float())
 
@@ -95,4 +93,20 @@ def test_small_stem_keeps_the_weights_and_doubles_the_final_map():
         net.layer4.register_forward_hook(lambda _m, _i, out, name=name: side.update({name: out.shape[-1]}))
         net(x)
     assert side == {"standard": 2, "small": 4}
-    assert Classifier("resnet18", 3, stem="small").hparams.stem == "small"  # the checkpoint records it
+    assert Classifier(Model(stem="small"), num_classes=3).hparams.stem == "small"  # the checkpoint records it
+
+
+def test_a_checkpoints_flat_record_rebuilds_the_model_from_its_sections():
+    """Checkpoints keep the flat hyperparameters they always had; load_from_checkpoint passes them back."""
+    model = Classifier(
+        Model(stem="small", dropout=0.2),
+        Train(lr=0.01, label_smoothing=0.2),
+        Augment(mixup_alpha=0.0, cutmix_alpha=0.0),
+        num_classes=3,
+    )
+    assert model.hparams.lr == 0.01 and model.hparams.dropout == 0.2 and model.hparams.mixup_alpha == 0.0
+    rebuilt = Classifier(**model.hparams)
+    assert rebuilt.hparams == model.hparams
+    assert isinstance(rebuilt.net.maxpool, torch.nn.Identity) and rebuilt.mixer is None
+    with pytest.raises(TypeError, match="learning_rate"):
+        Classifier(num_classes=2, learning_rate=0.1)

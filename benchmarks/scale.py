@@ -1,6 +1,6 @@
 """``python -m pipeline bench scale``: the pipeline on a real-sized set, as a user runs it, at several sizes.
 
-Not part of ``make bench`` or ``make test`` (minutes; needs the EuroSAT RGB tar of /work/shared/data). For
+Not part of ``make bench`` or ``make test`` (minutes; needs the EuroSAT RGB tar of ../shared/data). For
 each size (a class-proportional subset of the 27,000 tiles, hard-linked from the extracted set), in a
 fresh ``git clone`` of this repository's committed HEAD (so no dvc.lock or report of the checkout is
 touched), it times the commands a user runs, each in a process of its own, and prints one JSON line per
@@ -41,11 +41,11 @@ import tarfile
 import time
 from pathlib import Path
 
+from benchmarks import REPO, SHARED_DATA
 from pipeline.config import Params
 from pipeline.errors import PipelineError
 
-REPO = Path(__file__).resolve().parent.parent
-TAR = REPO.parent / "shared" / "data" / "eurosat_rgb.tar"
+TAR = SHARED_DATA / "eurosat_rgb.tar"
 
 
 def emit(**values) -> None:
@@ -176,7 +176,7 @@ def measure(
     shutil.rmtree(pulled)
 
     if loader:
-        code = f"from pipeline.bench_scale import dataloader_ratio; dataloader_ratio({str(repo)!r})"
+        code = f"from benchmarks.scale import dataloader_ratio; dataloader_ratio({str(repo)!r})"
         done = subprocess.run([py, "-c", code], cwd=repo, env=env, capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(done.stderr)

@@ -44,20 +44,22 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from pipeline import augment, config, crossval, evaluation
-from pipeline.bench import PLAIN_RECIPE
+from benchmarks import SHARED_DATA
+from benchmarks.speed import PLAIN_RECIPE
+from pipeline import augment, config
 from pipeline.config import Params
 from pipeline.data.ingest import ingest
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.errors import PipelineError
-from pipeline.fit import datamodule, fit
-from pipeline.model import Ensemble
-from pipeline.resume import Resume
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.training import crossval
+from pipeline.training.fit import datamodule, fit
+from pipeline.training.model import Ensemble
+from pipeline.training.oof import cv_metrics, oof_logits
+from pipeline.training.resume import Resume
 
-DATA = Path(
-    "../shared/data/pneumoniamnist_balanced.npz"
-)  # relative to the repository root, as the README says
-EUROSAT = Path("../shared/data/eurosat_rgb.tar")
+DATA = SHARED_DATA / "pneumoniamnist_balanced.npz"
+EUROSAT = SHARED_DATA / "eurosat_rgb.tar"
 EUROSAT_TEST_PER_CLASS = 200
 CLASSES = ("normal", "pneumonia")
 LONG = {"train.max_epochs": 40, "train.monitor": "val/auroc", "train.patience": 15}
@@ -177,9 +179,10 @@ def _train(
                 {},
             )
         folds = crossval.fit_folds(params, prepared, transform, Resume(out, "bench"))
-    members = [r.best_model() for r in folds.results]
-    held_out = (crossval.oof_logits(folds.oof, prepared.classes), folds.oof["label_index"].to_numpy())
-    cv = crossval.cv_metrics(folds.oof, prepared.classes, positive=1)
+    members, oof = [r.best_model() for r in folds.results], folds.oof
+    assert oof is not None, "cross-validation leaves out-of-fold predictions"
+    held_out = (oof_logits(oof, prepared.classes), oof["label_index"].to_numpy())
+    cv = cv_metrics(oof, prepared.classes, positive=1)
     return (
         Ensemble(members),
         held_out,
@@ -231,7 +234,7 @@ def run(
                 if name == "ema" and len(prepared.classes) == 2:
                     variants.append(("threshold", dataclasses.replace(params.evaluate, threshold="youden")))
                 for row, settings in variants:
-                    out = evaluation.evaluate(
+                    out = evaluate(
                         model,
                         *arrays["test"],
                         prepared.classes,

@@ -12,7 +12,8 @@ killed run restarts at the fold and epoch where it stopped, and finished folds a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import albumentations as A
@@ -21,14 +22,17 @@ import pandas as pd
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
+from pipeline import tracking
 from pipeline.config import Params
 from pipeline.data.prepared import Prepared
 from pipeline.errors import PipelineError
-from pipeline.fit import FitResult, datamodule, fit
+from pipeline.evaluation.predictions import predict_proba
 from pipeline.fsutil import write_json
-from pipeline.resume import Resume
+from pipeline.runinfo import WeightsInfo, member_name
+from pipeline.training.fit import FitResult, Fitted, datamodule, fit
+from pipeline.training.oof import OOF_CSV, oof_table
+from pipeline.training.resume import Resume
 
-OOF_CSV = "oof.csv"  # beside the members in paths.model_dir: one row per train+val image
 DONE = "done.json"  # in a fold's resume folder once its model and OOF predictions are saved
 
 
@@ -55,16 +59,9 @@ def fold_view(prepared: Prepared, fold: int) -> Prepared:
     return replace(prepared, table=table)
 
 
-def member_name(fold: int) -> str:
-    return f"fold_{fold}.ckpt"
-
-
-@dataclass(frozen=True)
-class Folds:
-    """What cross-validation leaves: one member checkpoint per fold and the OOF predictions."""
-
-    results: list[FitResult]  # per fold, in fold order; the checkpoints live in the resume folder
-    oof: pd.DataFrame  # path, label_index, fold, prob_<class>: every train+val image exactly once
+def members(results: list[FitResult]) -> dict[str, Path]:
+    """The fold models as the model folder names them (``fold_<i>.ckpt``) -> where each fit saved it."""
+    return {member_name(i): r.saved() for i, r in enumerate(results)}
 
 
 def check(params: Params, prepared: Prepared) -> int:
@@ -83,12 +80,6 @@ def check(params: Params, prepared: Prepared) -> int:
     return k
 
 
-def oof_table(prepared: Prepared, fold: int, probs: np.ndarray) -> pd.DataFrame:
-    rows = prepared.table[(prepared.table["split"] != "test") & (prepared.table["fold"] == fold)]
-    table = rows[["path", "label_index", "cache_index"]].reset_index(drop=True).assign(fold=fold)
-    return pd.concat([table, pd.DataFrame(probs, columns=[f"prob_{c}" for c in prepared.classes])], axis=1)
-
-
 def fit_folds(
     params: Params,
     prepared: Prepared,
@@ -96,14 +87,12 @@ def fit_folds(
     resume: Resume,
     runs: FoldRuns | None = None,
     batch_size: int = 64,
-) -> Folds:
+) -> Fitted:
     """Train the k fold models (resuming, skipping finished folds) and collect their OOF predictions.
 
     ``runs``: the nested MLflow run of each fold (rank 0); every DDP rank runs this loop, the others
     with ``runs=None``.
     """
-    from pipeline.evaluation.predictions import predict_proba  # the evaluation package is heavy
-
     k = check(params, prepared)
     results, tables = [], []
     for i in range(k):
@@ -135,65 +124,23 @@ def fit_folds(
             runs.done(i, part, result)
         write_json(done, _as_done(result))  # last: a kill before it retrains (or resumes) this fold
     if not tables:
-        return Folds(results=results, oof=pd.DataFrame())
+        return Fitted(results, members(results), oof=pd.DataFrame())
     oof = (
         pd.concat(tables, ignore_index=True).sort_values("cache_index", kind="stable").reset_index(drop=True)
     )
-    return Folds(results=results, oof=oof)
+    return Fitted(results, members(results), oof)
 
 
 def _as_done(result: FitResult) -> dict:
-    from dataclasses import asdict
-
     return asdict(result) | {"best_checkpoint": str(result.best_checkpoint)}
 
 
 def _load_done(path: Path) -> dict:
-    import json
-
-    from pipeline.weights import WeightsInfo
-
     done = json.loads(path.read_text())
     return done | {
         "best_checkpoint": Path(done["best_checkpoint"]),
         "weights": WeightsInfo(**done["weights"]),
     }
-
-
-def oof_probs(oof: pd.DataFrame, classes: tuple[str, ...]) -> np.ndarray:
-    return oof[[f"prob_{c}" for c in classes]].to_numpy(float)
-
-
-def oof_logits(oof: pd.DataFrame, classes: tuple[str, ...]) -> np.ndarray:
-    """Log-probabilities: logits whose softmax is the OOF probabilities (for temperature scaling)."""
-    return np.log(np.clip(oof_probs(oof, classes), 1e-12, None)).astype(np.float32)
-
-
-def load_oof(model_dir: Path) -> pd.DataFrame | None:
-    """The train stage's OOF predictions in ``model_dir``, or None for a model trained without folds."""
-    path = model_dir / OOF_CSV
-    return pd.read_csv(path) if path.is_file() else None
-
-
-def cv_metrics(oof: pd.DataFrame, classes: tuple[str, ...], positive: int | None = None) -> dict[str, float]:
-    """OOF scores: each headline metric over all OOF predictions (``cv/<metric>``), and its mean and standard
-    deviation across the folds (``cv/<metric>_fold_mean``, ``cv/<metric>_fold_std``)."""
-    from pipeline.evaluation.metrics import BINARY, HEADLINE, compute_metrics
-
-    names = HEADLINE + (BINARY if positive is not None else ())
-
-    def score(t: pd.DataFrame) -> dict[str, float]:
-        return compute_metrics(oof_probs(t, classes), t["label_index"].to_numpy(), classes, "cv", positive)
-
-    overall = score(oof)
-    metrics = {f"cv/{n}": overall[f"cv/{n}"] for n in names if f"cv/{n}" in overall}
-    per_fold = [score(t) for _, t in oof.groupby("fold")]
-    for n in names:
-        values = [m[f"cv/{n}"] for m in per_fold if f"cv/{n}" in m]
-        if values:
-            metrics[f"cv/{n}_fold_mean"] = round(float(np.mean(values)), 6)
-            metrics[f"cv/{n}_fold_std"] = round(float(np.std(values)), 6)
-    return metrics
 
 
 class FoldRuns:
@@ -205,8 +152,6 @@ class FoldRuns:
     def logger(self, fold: int, part: Resume) -> Logger:
         import mlflow
         from lightning.pytorch.loggers import MLFlowLogger
-
-        from pipeline import tracking
 
         run_id = part.run_id()
         if run_id is None:
