@@ -131,16 +131,12 @@ def duplicates(report: dict, root: Path | None = None) -> pd.DataFrame:
 
     found = report["duplicates"]
     rows = [
-        {"kind": "exact", "set": i, "path": rel(p), "bits": 0}
-        for i, paths in enumerate(found["exact"])
+        {"kind": kind, "set": i, "path": rel(p)}
+        for kind in ("exact", "near")
+        for i, paths in enumerate(found[kind])
         for p in paths
     ]
-    rows += [
-        {"kind": "near", "set": i, "path": rel(p), "bits": pair["bits"]}
-        for i, pair in enumerate(found["near"])
-        for p in pair["paths"]
-    ]
-    return pd.DataFrame(rows, columns=["kind", "set", "path", "bits"])
+    return pd.DataFrame(rows, columns=["kind", "set", "path"])
 
 
 def image_grid(

@@ -306,6 +306,8 @@ def log_model(
         metadata=metadata,
         pip_requirements=requirements,
         registered_model_name=registered_model,
+        # torch.export, never pickle (MLflow's default on Databricks): weights loads only pt2 (transfer.py)
+        serialization_format="pt2",
     )
 
 

@@ -264,7 +264,7 @@ DATA = {
     "rejected": [],
     "counts": {s: {c: 2 for c in CLASSES} for s in ("train", "val", "test")},
     "split_by": "stratified",
-    "duplicates": {"n_exact_sets": 1, "n_near_pairs": 0},
+    "duplicates": {"n_exact_sets": 1, "n_near_sets": 0},
     "leakage": [],
     "warnings": [],
 }

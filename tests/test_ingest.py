@@ -180,9 +180,9 @@ def test_exact_and_near_duplicates_are_reported_and_kept_in_one_split(image_fold
     brighter = np.clip(np.asarray(Image.open(original)).astype(int) + 6, 0, 255).astype(np.uint8)
     Image.fromarray(brighter).save(image_folder / "alpha" / "near.png")
     report = ingest(image_folder, tmp_path / "out", **ARGS)
-    assert report["duplicates"]["n_exact_sets"] == 1 and report["duplicates"]["n_near_pairs"] >= 1
+    assert report["duplicates"]["n_exact_sets"] == 1 and report["duplicates"]["n_near_sets"] >= 1
     assert {Path(p).name for p in report["duplicates"]["exact"][0]} == {"alpha_00.png", "exact.png"}
-    near_names = {Path(p).name for pair in report["duplicates"]["near"] for p in pair["paths"]}
+    near_names = {Path(p).name for paths in report["duplicates"]["near"] for p in paths}
     assert "near.png" in near_names
     table = pd.read_csv(tmp_path / "out" / SPLITS_CSV)
     by_name = {Path(p).name: s for p, s in zip(table["path"], table["split"], strict=True)}
@@ -197,7 +197,7 @@ def test_near_duplicate_check_can_be_turned_off(image_folder, tmp_path):
     original = np.asarray(Image.open(image_folder / "alpha" / "alpha_00.png")).astype(int)
     Image.fromarray(np.clip(original + 6, 0, 255).astype(np.uint8)).save(image_folder / "alpha" / "near.png")
     report = ingest(image_folder, tmp_path / "out", **(ARGS | {"near_duplicate_bits": None}))
-    assert report["duplicates"]["n_near_pairs"] == 0 and report["split_by"] == "stratified"
+    assert report["duplicates"]["n_near_sets"] == 0 and report["split_by"] == "stratified"
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])

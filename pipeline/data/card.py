@@ -38,10 +38,10 @@ def summary(report: dict, root: Path | None = None) -> str:
         f"  sizes       {_counts(report['formats']['size'])}",
         f"  cache       {report['image_size']}x{report['image_size']}, {cache['channels']} channels "
         f"(data.channels: {cache['policy']}), {cache['dtype']}",
-        f"  duplicates  {dups['n_exact_sets']} sets of identical files, {dups['n_near_pairs']} near-duplicate pairs"
+        f"  duplicates  {dups['n_exact_sets']} sets of identical files, {dups['n_near_sets']} sets of near duplicates"
         + (
             " (kept in one split)"
-            if report["split_by"] != "manifest" and dups["n_near_pairs"] + dups["n_exact_sets"]
+            if report["split_by"] != "manifest" and dups["n_near_sets"] + dups["n_exact_sets"]
             else ""
         ),
     ]
@@ -51,8 +51,8 @@ def summary(report: dict, root: Path | None = None) -> str:
             f"  excluded    {excluded['n']} files listed in {excluded['file']} (data.exclude), e.g. "
             + ", ".join(map(rel, excluded["paths"][:3]))
         )
-    lines += [f"  exact:      {', '.join(map(rel, paths))}" for paths in dups["exact"][:5]]
-    lines += [f"  near:       {', '.join(map(rel, d['paths']))} ({d['bits']} bits)" for d in dups["near"][:5]]
+    lines += [f"  exact:      {_few(list(map(rel, paths)))}" for paths in dups["exact"][:5]]
+    lines += [f"  near:       {_few(list(map(rel, paths)))}" for paths in dups["near"][:5]]
     lines += [f"  unreadable: {rel(r['path'])}: {r['reason']}" for r in report["rejected"][:10]]
     lines += [f"  non-image:  {rel(p)}" for p in report.get("non_images", [])[:10]]
     lines += [
@@ -104,3 +104,9 @@ def augmentation(
         f"              evaluate.tta {_entries(tta)}",
     ]
     return "\n".join([*lines, *(f"  warning:    {c}" for c in conflicts)])
+
+
+def _few(paths: list[str], shown: int = 4) -> str:
+    """A duplicate set's first paths, and how many more the report lists (it keeps 20 a set)."""
+    more = f", ... (+{len(paths) - shown} more listed)" if len(paths) > shown else ""
+    return ", ".join(paths[:shown]) + more

@@ -219,26 +219,32 @@ def _label_conflicts(
 
 def _duplicates(
     table: pd.DataFrame, dhashes: list[np.ndarray | None], near_bits: int | None, warnings: list[str]
-) -> tuple[list[list[int]], list[tuple[int, int, int]]]:
-    """Exact (same bytes) and near (dHash) duplicate index groups (label conflicts are already settled)."""
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Exact (same bytes) and near (dHash) duplicate index sets (label conflicts are already settled). A near
+    set is listed only if it holds more than one file's bytes (copies alone are exact sets); both are sets,
+    not pairs, so that thousands of copies of one frame cost linear memory."""
     exact = validation.exact_groups(list(table["sha256"]))
-    near = []
+    near: list[list[int]] = []
     if near_bits is not None:
-        same = {(a, b) for idx in exact for a in idx for b in idx}
-        near = [p for p in validation.near_pairs(dhashes, near_bits) if (p[0], p[1]) not in same]
-    for a, b, bits in near:
-        if table["label"].iat[a] != table["label"].iat[b]:
+        groups = validation.near_groups(dhashes, near_bits)
+        sha = table["sha256"].to_numpy()
+        for _, idx in pd.Series(np.arange(len(groups))).groupby(groups).indices.items():
+            if len(idx) > 1 and len(set(sha[idx])) > 1:
+                near.append([int(i) for i in idx])
+    for idx in near:
+        labels = table["label"].iloc[idx]
+        if labels.nunique() > 1:
+            named = [labels[labels == label].index[0] for label in sorted(labels.unique())][:3]
             warnings.append(
-                f"near duplicates under different labels ({bits} bits apart): "
-                f"{table['path'].iat[a]} ({table['label'].iat[a]}), "
-                f"{table['path'].iat[b]} ({table['label'].iat[b]})"
+                f"{len(idx)} near duplicates under different labels, e.g. "
+                + ", ".join(f"{table['path'].iat[i]} ({table['label'].iat[i]})" for i in named)
             )
     return exact, near
 
 
-def _units(table: pd.DataFrame, exact: list[list[int]], near: list[tuple[int, int, int]]) -> np.ndarray:
+def _units(table: pd.DataFrame, exact: list[list[int]], near: list[list[int]]) -> np.ndarray:
     """Images that must share a split: one group, and each set of exact or near duplicates."""
-    links = [(idx[0], j) for idx in exact for j in idx[1:]] + [(a, b) for a, b, _ in near]
+    links = [(idx[0], j) for idx in exact + near for j in idx[1:]]
     if "group" in table:
         for _, idx in table[table["group"] != ""].groupby("group").indices.items():
             links += [(int(idx[0]), int(j)) for j in idx[1:]]
@@ -426,12 +432,10 @@ def _validate_and_split(
         "non_images": _listed(ignored),
         "label_conflicts": _listed(conflicts),
         "duplicates": {
-            "exact": _listed([list(table["path"].iloc[idx]) for idx in exact]),
-            "near": _listed(
-                [{"paths": [table["path"].iat[a], table["path"].iat[b]], "bits": d} for a, b, d in near]
-            ),
+            "exact": _listed([_listed(list(table["path"].iloc[idx]), 20) for idx in exact]),
+            "near": _listed([_listed(list(table["path"].iloc[idx]), 20) for idx in near]),
             "n_exact_sets": len(exact),
-            "n_near_pairs": len(near),
+            "n_near_sets": len(near),
         },
         "leakage": _listed(leaks),
         "warnings": warnings,

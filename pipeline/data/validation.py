@@ -58,52 +58,100 @@ def exact_groups(hashes: list[str]) -> list[list[int]]:
     return [idx for idx in by_hash.values() if len(idx) > 1]
 
 
-def near_pairs(
-    bits: list[np.ndarray | None], max_distance: int, chunk: int = 1 << 20
-) -> list[tuple[int, int, int]]:
-    """(i, j, Hamming distance) with i < j for dHashes at most ``max_distance`` bits apart, sorted.
+def near_groups(bits: list[np.ndarray | None], max_distance: int, chunk: int = 1 << 20) -> np.ndarray:
+    """Near-duplicate set per item: the smallest index of the items linked to it by chains of dHashes at most
+    ``max_distance`` bits apart (itself when none is; an item without a hash stands alone).
+
+    Sets, not pairs: N copies of one image are N^2/2 pairs, so a search that collects pairs is quadratic in
+    memory (a manifest naming one file 8,000 times took 21 GB). Here identical hashes are collapsed first,
+    and near ones are joined in a union-find as they are found, so memory stays linear in the images.
 
     Multi-index hashing (Norouzi et al., "Fast search in Hamming space with multi-index hashing", CVPR
     2012): the 256 bits are cut into ``max_distance + 1`` (or more) disjoint substrings, and two hashes
     at most ``max_distance`` bits apart agree exactly on at least one of them (pigeonhole). So only
-    pairs that share a substring value are compared, found by sorting each substring's values: about
-    n log n work and memory per substring on image hashes, against n^2 for the exhaustive search, and
-    the same pairs (tests/test_validation.py checks it against ``near_pairs_exhaustive``). Written with
-    numpy rather than taken from a library: faiss' binary indexes would add a 30 MB dependency for a
-    40-line search. Substrings shorter than ``MIN_SUBSTRING_BITS`` (a threshold past 15 bits on 256)
-    match too often to prune, and the exhaustive search is used instead. Candidates are compared
-    ``chunk`` at a time, which bounds memory when a substring value is shared by many images.
+    hashes that share a substring value are compared, found by sorting each substring's values, and a
+    pair already in one set is not compared at all: a bucket of near-identical frames is joined in one
+    pass. The sets equal the connected components of the exhaustive search's pairs
+    (tests/test_validation.py). Written with numpy rather than taken from a library: faiss' binary
+    indexes would add a 30 MB dependency and still return pairs. Substrings shorter than
+    ``MIN_SUBSTRING_BITS`` (a threshold past 15 bits on 256) match too often to prune, and the exhaustive
+    search is used instead. Candidates are compared ``chunk`` at a time, which bounds memory when a
+    substring value is shared by many images.
     """
+    groups = np.arange(len(bits))
     index = np.array([i for i, b in enumerate(bits) if b is not None], dtype=np.int64)
     if len(index) < 2:
-        return []
+        return groups
     matrix = np.stack([bits[i] for i in index]).astype(bool)
-    n, width = matrix.shape
+    width = matrix.shape[1]
     parts = max(max_distance + 1, -(-width // 62))  # int64 keys; more parts than needed stay exact
     if width // parts < MIN_SUBSTRING_BITS:
-        return near_pairs_exhaustive(bits, max_distance)
-    packed = np.packbits(matrix, axis=1)  # (n, 32) bytes: XOR + popcount per candidate pair
-    found: list[np.ndarray] = []
+        pairs = near_pairs_exhaustive(bits, max_distance)
+        return components(len(bits), [(a, b) for a, b, _ in pairs])
+    unique, inverse = np.unique(matrix, axis=0, return_inverse=True)  # identical hashes: 0 bits apart
+    sets = _UnionFind(len(unique))
+    packed = np.packbits(unique, axis=1)  # (n, 32) bytes: XOR + popcount per candidate pair
+    n = len(unique)
     for part in np.array_split(np.arange(width), parts):
-        keys = matrix[:, part].astype(np.int64) @ (np.int64(1) << np.arange(len(part), dtype=np.int64))
+        keys = unique[:, part].astype(np.int64) @ (np.int64(1) << np.arange(len(part), dtype=np.int64))
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order]
         starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-        ends = np.repeat(np.r_[starts[1:], n], np.diff(np.r_[starts, n]))  # each position's group end
-        at = np.flatnonzero(ends - np.arange(n) > 1)  # positions with a later member in their group
+        sizes = np.diff(np.r_[starts, n])
+        bucket = np.repeat(np.arange(len(starts)), sizes)  # each sorted position's bucket
+        ends = starts[bucket] + sizes[bucket]
+        at = np.flatnonzero(ends - np.arange(n) > 1)  # positions with a later member in their bucket
         step = 1
-        while len(at):  # pair each position with the member `step` places after it in its group
+        while len(at):  # compare each position with the member `step` places after it in its bucket
+            roots = sets.roots(order)
+            joined = np.minimum.reduceat(roots, starts) == np.maximum.reduceat(roots, starts)
+            at = at[~joined[bucket[at]]]  # a bucket whose members are all in one set has nothing to add
             for lo in range(0, len(at), chunk):
                 s = at[lo : lo + chunk]
                 a, b = order[s], order[s + step]
-                a, b = np.minimum(a, b), np.maximum(a, b)
+                apart = sets.roots(a) != sets.roots(b)
+                a, b = a[apart], b[apart]
                 distance = np.bitwise_count(packed[a] ^ packed[b]).sum(axis=1, dtype=np.int64)
                 near = distance <= max_distance
-                found.append(np.stack([a[near], b[near], distance[near]], axis=1))
+                sets.union(a[near], b[near])
             step += 1
             at = at[ends[at] - at > step]
-    pairs = np.unique(np.concatenate(found), axis=0) if found else np.empty((0, 3), np.int64)
-    return [(int(index[a]), int(index[b]), int(d)) for a, b, d in pairs]
+    root = sets.roots(np.arange(n))[inverse.ravel()]  # each hashed item's set, as a unique-hash root
+    smallest = np.full(n, len(bits))
+    np.minimum.at(smallest, root, index)
+    groups[index] = smallest[root]
+    return groups
+
+
+class _UnionFind:
+    """Disjoint sets over 0..n-1 for arrays of links at once; each set's root is its smallest member."""
+
+    def __init__(self, n: int):
+        self.parent = np.arange(n)
+
+    def roots(self, items: np.ndarray) -> np.ndarray:
+        found = self.parent[items]
+        while True:
+            above = self.parent[found]
+            if np.array_equal(above, found):
+                return found
+            found = above
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Join the sets of each pair (a[i], b[i]): the links' components among the current roots, found
+        at once (one vectorized write per call, however many links share a root), then every root of a
+        component points at its smallest."""
+        ra, rb = self.roots(a), self.roots(b)
+        apart = ra != rb
+        if not apart.any():
+            return
+        ra, rb = ra[apart], rb[apart]
+        nodes = np.unique(np.r_[ra, rb])
+        merged = components(
+            len(nodes), np.stack([np.searchsorted(nodes, ra), np.searchsorted(nodes, rb)], axis=1)
+        )
+        self.parent[nodes] = nodes[merged]
+        self.parent = self.roots(np.arange(len(self.parent)))  # path compression: one hop to a root
 
 
 def near_pairs_exhaustive(
@@ -128,8 +176,9 @@ def near_pairs_exhaustive(
     return pairs
 
 
-def components(n: int, links: list[tuple[int, int]]) -> np.ndarray:
-    """Connected-component id per item of ``n`` given linked pairs; ids are the smallest member."""
+def components(n: int, links: list[tuple[int, int]] | np.ndarray) -> np.ndarray:
+    """Connected-component id per item of ``n`` given linked pairs (a list, or a (k, 2) array); ids are the
+    smallest member."""
     from scipy.sparse import coo_matrix  # here: the decoding workers import this module for dhash alone
     from scipy.sparse.csgraph import connected_components
 

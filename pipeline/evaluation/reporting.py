@@ -166,8 +166,9 @@ def _data_section(data_report: Mapping[str, Any]) -> list[str]:
         "",
         counts.to_markdown(),
         "",
-        f"Duplicates: {dup.get('n_exact_sets', 0)} set(s) of identical files and {dup.get('n_near_pairs', 0)} "
-        f"near-duplicate pair(s), each kept within one split; leakage across splits: "
+        f"Duplicates: {dup.get('n_exact_sets', 0)} set(s) of identical files and "
+        f"{dup.get('n_near_sets', dup.get('n_near_pairs', 0))} set(s) of near duplicates, each kept within one "
+        f"split; leakage across splits: "
         f"{len(data_report.get('leakage') or []) or 'none'}. Unreadable files skipped: "
         f"{len(data_report.get('rejected') or [])}.",
         "",

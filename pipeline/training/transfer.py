@@ -33,6 +33,11 @@ URI_SCHEMES = ("runs:/", "models:/")
 NET_PREFIX = "net."  # the Classifier's torchvision network in its state dict
 MEMBER_PREFIX = "nets.0."  # the registered model (serve.Packaged): its first member's network
 LOGGED_MODEL = "model"  # the artifact path tracking.log_model logs the network under
+PT2_FILE = (
+    "model.pt2"  # what mlflow.pytorch saves a torch.export program as (the format tracking.log_model uses)
+)
+PICKLED_FILE = "model.pth"  # what it saves a pickled module as: refused (it runs code when loaded)
+PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,42 @@ def _pointed_at(uri: str) -> Iterator[None]:
             os.environ[ENV_URI] = previous
 
 
+def _exported_program(local: Path, uri: str) -> nn.Module:
+    """The ``torch.export`` program of a model the train stage logged, loaded without unpickling anything.
+
+    MLflow 3 unpickles a ``data/model.pth`` by default (``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` is true) and
+    ``mlflow.pytorch.load_model`` puts a model's ``code/`` folder on ``sys.path``: a tampered model version in a
+    shared store would run its code inside ``train``. The pipeline logs pt2 programs with no code, so anything
+    else is refused before a byte of it is read, and the pt2 archive itself is loaded with MLflow's pickle
+    loading off, which checks that every record in it is plain data (torch's weights-only unpickler).
+    """
+    import mlflow.pytorch
+    from mlflow.models import Model
+
+    conf = Model.load(local).flavors.get(mlflow.pytorch.FLAVOR_NAME)
+    if conf is None:
+        raise WeightsError(
+            f"model.weights: {uri} is not a PyTorch model (no 'pytorch' flavor in its MLmodel)"
+        )
+    data = local / conf.get("model_data", "data")
+    if conf.get("code") or not (data / PT2_FILE).is_file() or (data / PICKLED_FILE).exists():
+        raise WeightsError(
+            f"model.weights: {uri} is not a model this pipeline logged: it holds "
+            f"{'code' if conf.get('code') else 'a pickled model (' + PICKLED_FILE + ')'} instead of only a "
+            f"torch.export program ({PT2_FILE}); pickled models can run code when loaded, so they are refused. "
+            "Log it again with mlflow.pytorch.log_model(..., serialization_format='pt2')"
+        )
+    previous = os.environ.get(PICKLE_SWITCH)
+    os.environ[PICKLE_SWITCH] = "false"
+    try:
+        return mlflow.pytorch.load_model(str(local), map_location="cpu")
+    finally:
+        if previous is None:
+            os.environ.pop(PICKLE_SWITCH, None)
+        else:
+            os.environ[PICKLE_SWITCH] = previous
+
+
 def read_mlflow(uri: str, tracking_uri: str) -> Backbone:
     """The model logged on a run (``runs:/<id>``, ``runs:/<id>/<path>``) or registered (``models:/<name>/<v>``).
 
@@ -145,7 +186,6 @@ def read_mlflow(uri: str, tracking_uri: str) -> Backbone:
     not the hyperparameters: the arch and classes come from the ``run.json`` the train stage logs on the run.
     """
     import mlflow.artifacts
-    import mlflow.pytorch
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
@@ -163,8 +203,7 @@ def read_mlflow(uri: str, tracking_uri: str) -> Backbone:
                         )
                     ).parent
                 )
-            # The train stage's own store: a pickled module in it is trusted as its checkpoints are.
-            module = mlflow.pytorch.load_model(local, map_location="cpu")
+            module = _exported_program(Path(local), uri)
         except (MlflowException, OSError) as err:
             raise WeightsError(
                 f"model.weights: {uri} could not be loaded from the MLflow store {tracking_uri}: {err}"

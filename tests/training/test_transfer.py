@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -153,3 +154,41 @@ def test_run_sources_are_told_from_other_weights(tmp_path):
     assert not any(
         map(transfer.is_run_source, ["imagenet", "none", "w.pth", "ResNet50_Weights.IMAGENET1K_V2"])
     )
+
+
+class _RunsCode:
+    """A pickle that creates a folder when unpickled: what a tampered model version could do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_a_pickled_model_in_the_store_is_refused_before_it_runs(logged_run, tmp_path):
+    """A model version whose artifacts hold a pickled data/model.pth instead of model.pt2 (MLflow 3 would
+    unpickle it by default) is refused, and its code never runs; so is one that carries a code/ folder."""
+    run_id, _ = logged_run
+    marker = tmp_path / "code-ran"
+    programs = list(tmp_path.rglob(transfer.PT2_FILE))
+    assert programs, "the logged model's artifacts hold a pt2 program"
+    for program in programs:
+        program.unlink()
+        torch.save(_RunsCode(marker), program.with_name(transfer.PICKLED_FILE))
+        (program.parent / "pickle_module_info.txt").write_text("pickle")
+    for pointer in (f"runs:/{run_id}", "models:/source/1"):
+        with pytest.raises(WeightsError, match=r"pickled model \(model.pth\).*refused"):
+            build_model(params_with(pointer), NEW_CLASSES)
+    assert not marker.exists()
+    assert os.environ.get(transfer.PICKLE_SWITCH) is None  # the switch is put back as it was
+
+
+def test_a_model_carrying_code_is_refused(logged_run, tmp_path):
+    run_id, _ = logged_run
+    for mlmodel in tmp_path.rglob("MLmodel"):
+        text = mlmodel.read_text()
+        mlmodel.write_text(text.replace("    code: null", "    code: code"))
+        (mlmodel.parent / "code").mkdir(exist_ok=True)
+    with pytest.raises(WeightsError, match=r"holds code instead of only a torch.export program"):
+        build_model(params_with(f"runs:/{run_id}"), NEW_CLASSES)
