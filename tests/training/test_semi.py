@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import augment, semi
+from pipeline import augment
+from pipeline.training import semi
 
 
 def test_pseudo_labels_below_the_threshold_contribute_no_loss_or_gradient():

@@ -33,9 +33,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from pipeline import recipe
 from pipeline.fsutil import atomic_file
-from pipeline.model import build_network, to_unit_range
+from pipeline.training import recipe
+from pipeline.training.model import build_network, to_unit_range
 
 Method = Literal["simclr", "byol"]
 HEAD = "fc"  # the classifier's head in torchvision's ResNet: replaced by an identity while pretraining

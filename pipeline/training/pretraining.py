@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import Params
 from pipeline.fsutil import atomic_dir
-from pipeline.resume import LAST_NAME, Resume
-from pipeline.selfsup import SelfSupervised, TwoViews, knn_accuracy, view_transform
+from pipeline.runinfo import LAST
+from pipeline.training.resume import Resume
+from pipeline.training.selfsup import SelfSupervised, TwoViews, knn_accuracy, view_transform
 
 BACKBONE = "backbone.ckpt"  # in paths.pretrain: what model.weights: pretrain starts train from
 RECORD = "pretrain.json"
@@ -119,7 +120,7 @@ def pretrain(
     )
     latest = ModelCheckpoint(
         dirpath=resume.checkpoints,
-        filename=LAST_NAME,
+        filename=LAST,
         monitor=None,
         save_top_k=1,
         enable_version_counter=False,

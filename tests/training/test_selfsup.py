@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline import augment, selfsup, transfer
-from pipeline.model import Classifier
+from pipeline import augment, config
+from pipeline.training import selfsup, transfer
+from pipeline.training.model import Classifier
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -58,7 +59,7 @@ def test_the_pretrained_backbone_loads_into_the_classifier_bit_for_bit(method, t
     backbone = transfer.read_checkpoint(path)
     assert backbone.arch == "resnet18" and backbone.in_channels == 3
     assert backbone.mean == pytest.approx(MEAN) and backbone.std == pytest.approx(STD)
-    classifier = Classifier("resnet18", 2, stem="small")
+    classifier = Classifier(config.Model(arch="resnet18", stem="small", weights="none"), num_classes=2)
     info = transfer.load_backbone(classifier.net, "resnet18", backbone, str(path))
     assert info.pretrained and info.mean == pytest.approx(MEAN)
     for key, tensor in model.backbone.state_dict().items():
@@ -92,8 +93,9 @@ def test_knn_accuracy_separates_separable_features():
 
 
 def test_pretraining_monitors_knn_and_a_stopped_run_resumes_where_it_stopped(tmp_path, monkeypatch):
-    from pipeline import config, pretraining
-    from pipeline.resume import Resume
+    from pipeline import config
+    from pipeline.training import pretraining
+    from pipeline.training.resume import Resume
 
     images, labels = tiny_images(24), np.arange(24) % 2
     params = config.parse(
@@ -126,8 +128,9 @@ def test_pretraining_monitors_knn_and_a_stopped_run_resumes_where_it_stopped(tmp
 DDP_SCRIPT = """
 import sys, json
 import numpy as np, torch
-from pipeline import config, pretraining
-from pipeline.resume import Resume
+from pipeline import config
+from pipeline.training import pretraining
+from pipeline.training.resume import Resume
 from lightning.pytorch.callbacks import Callback
 
 out = sys.argv[1]
@@ -181,7 +184,8 @@ def test_pretraining_on_two_ddp_processes_syncs_batchnorm_and_splits_the_images(
 
 
 def test_batchnorm_is_synced_on_several_gpus_only(monkeypatch):
-    from pipeline import config, pretraining
+    from pipeline import config
+    from pipeline.training import pretraining
 
     def params(**train):
         return config.parse({"model": {"weights": "none"}, "train": train})
