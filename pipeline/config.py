@@ -411,6 +411,28 @@ class Train:
         description="Imbalanced classes: 'loss' weights the cross-entropy by inverse class frequency; "
         "'sampler' draws training batches class-balanced (with replacement).",
     )
+    semi: Literal["none", "fixmatch"] = Field(
+        default="none",
+        description="Semi-supervised training on the unlabelled pool (data.unlabelled): fixmatch trains each "
+        "pool image's strong view to predict its weak view's class where the model is confident "
+        "(docs/training.md); none: labelled images only.",
+    )
+    semi_threshold: float = Field(
+        default=0.95,
+        gt=0,
+        le=1,
+        description="fixmatch: a pool image's weak-view top probability must reach this for its pseudo-label "
+        "to count; below it the image adds no loss.",
+    )
+    semi_ratio: int = Field(
+        default=3, ge=1, le=16, description="fixmatch: unlabelled images per labelled image in a step."
+    )
+    semi_weight: float = Field(
+        default=1.0,
+        ge=0,
+        le=10,
+        description="fixmatch: weight of the unlabelled loss beside the labelled one.",
+    )
     ema_decay: float | None = Field(
         default=0.995,
         ge=0,

@@ -8,6 +8,7 @@ import albumentations as A
 import lightning.pytorch as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from pipeline.data.cache import OFFLINE_IMAGES, OFFLINE_LABELS, Images, Rows
@@ -35,6 +36,30 @@ class CachedImageDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), int(self.labels[i])
 
 
+class PoolViews(Dataset):
+    """Each unlabelled image as (weak view, strong view), (C, H, W) tensors in the pixels' dtype."""
+
+    def __init__(
+        self,
+        images: Images,
+        weak: A.BasicTransform | None,
+        strong: A.BasicTransform,
+    ):
+        self.images, self.weak, self.strong = images, weak, strong
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = np.asarray(self.images[i])
+        weak = image if self.weak is None else self.weak(image=image)["image"]
+        return _chw(weak), _chw(self.strong(image=image)["image"])
+
+
+def _chw(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
 def load_offline(folder: Path, prepared: Prepared, copies: int) -> tuple[np.ndarray, np.ndarray]:
     """The augment stage's offline copies of the train split; checked against ``prepared`` and ``copies``."""
     if not (folder / OFFLINE_LABELS).is_file():
@@ -57,9 +82,10 @@ def _reseed_worker(worker_id: int) -> None:
     # workers) would replay the same augmentation draws. torch's per-worker seed differs per epoch.
     info = torch.utils.data.get_worker_info()
     assert info is not None, "called in loader workers only"
-    transform = getattr(info.dataset, "transform", None)
-    if transform is not None:
-        transform.set_random_seed(torch.initial_seed() % 2**32)
+    for name in ("transform", "weak", "strong"):  # CachedImageDataset's, PoolViews' two
+        transform = getattr(info.dataset, name, None)
+        if transform is not None:
+            transform.set_random_seed(torch.initial_seed() % 2**32 + len(name))
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -73,13 +99,19 @@ class ImageDataModule(L.LightningDataModule):
         offline: tuple[np.ndarray, np.ndarray] | None = None,
         balanced: bool = False,
         seed: int = 0,
+        pool: Images | None = None,
+        pool_ratio: int = 3,
+        strong: A.BasicTransform | None = None,
     ):
         """``offline``: (images, label indices) appended to the train split, e.g. from ``load_offline``.
         ``balanced``: training batches drawn class-balanced, with replacement (``train.balance: sampler``).
+        ``pool``: unlabelled images (``train.semi: fixmatch``): each training step also gets ``pool_ratio``
+        of them per labelled image, as a weak view (``train_transform``) and a ``strong`` one.
         """
         super().__init__()
         self.prepared, self.train_transform, self.offline = prepared, train_transform, offline
         self.batch_size, self.num_workers, self.balanced, self.seed = batch_size, num_workers, balanced, seed
+        self.pool, self.pool_ratio, self.strong = pool, pool_ratio, strong
 
     @property
     def num_classes(self) -> int:
@@ -126,8 +158,28 @@ class ImageDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._dataloader("train")
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
+        labelled = self._dataloader("train")
+        if self.pool is None:
+            return labelled
+        if self.strong is None:
+            raise ValueError("a pool needs the strong view's transform")
+        batch = self.batch_size * self.pool_ratio
+        pool = DataLoader(
+            PoolViews(self.pool, self.train_transform, self.strong),
+            batch_size=min(batch, len(self.pool)),
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=_reseed_worker if self.num_workers > 0 else None,
+            pin_memory=torch.cuda.is_available(),
+        )
+        # An epoch stays a pass over the labelled images (the schedule's epochs mean what they meant): a larger
+        # pool is drawn afresh each epoch, a smaller one cycled.
+        if len(pool) >= len(labelled):
+            return CombinedLoader({"labelled": labelled, "pool": pool}, mode="min_size")
+        return CombinedLoader({"labelled": labelled, "pool": pool}, mode="max_size_cycle")
 
     def val_dataloader(self) -> DataLoader:
         return self._dataloader("val")

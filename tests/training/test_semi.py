@@ -1,12 +1,13 @@
-"""FixMatch pieces: pseudo-labels below the threshold contribute no loss; the strong view keeps the domain's
-rules and works on every band count."""
+"""FixMatch: pseudo-labels below the threshold contribute no loss; the strong view keeps the domain's rules and
+works on every band count; a fit learns from the pool and never sees a val or test image."""
 
 import albumentations as A
 import numpy as np
 import pytest
 import torch
 
-from pipeline import augment
+from pipeline import augment, config
+from pipeline.data.datamodule import PoolViews
 from pipeline.training import semi
 
 
@@ -36,7 +37,7 @@ def test_the_strong_view_works_on_every_band_count(bands, dtype):
     image = rng.integers(0, 255, (32, 32, bands)).astype(dtype)
     if dtype == np.float32:
         image /= 255
-    views = semi.PoolViews(np.stack([image] * 4), None, semi.strong_transform(None))
+    views = PoolViews(np.stack([image] * 4), None, augment.strong_transform(None))
     weak, strong = views[0]
     assert weak.shape == strong.shape == (bands, 32, 32) and strong.dtype == weak.dtype
     assert not torch.equal(weak, strong)
@@ -46,7 +47,7 @@ def test_the_strong_view_adds_no_flip_a_radiograph_forbids():
     """The x-ray domain trains without flips or 90-degree rotations; the strong view adds none either."""
     xray = augment.DOMAINS["xray"]
     weak = augment.build(list(xray.transforms), seed=0, preset=xray.preset)
-    strong = semi.strong_transform(weak)
+    strong = augment.strong_transform(weak)
     names = {type(t).__name__ for t in _walk(strong)}
     assert not names & {"HorizontalFlip", "VerticalFlip", "SquareSymmetry", "RandomRotate90", "D4"}
     assert {"SomeOf", "CoarseDropout"} <= names
@@ -60,5 +61,54 @@ def _walk(transform):
 
 def test_cutout_blanks_part_of_the_image():
     image = np.full((32, 32, 3), 200, np.uint8)
-    out = A.Compose([semi.strong_transform(None).transforms[-1]])(image=image)["image"]
+    out = A.Compose([augment.strong_transform(None).transforms[-1]])(image=image)["image"]
     assert (out == 0).any() and (out == 200).any()
+
+
+def test_a_fixmatch_fit_learns_from_the_pool_and_never_sees_val_or_test(prepared, tiny_params, monkeypatch):
+    from pipeline.training import fit as fitting
+    from pipeline.training.model import Classifier
+
+    pool = np.random.default_rng(5).integers(0, 255, (24, 32, 32, 3), dtype=np.uint8)
+    params = config.with_overrides(
+        tiny_params,
+        {
+            "train.semi": "fixmatch",
+            "train.semi_threshold": 1e-6,
+            "train.semi_ratio": 2,
+            "train.max_epochs": 1,
+            "train.ema_decay": None,
+            "augment.mixup_alpha": 0.0,
+            "augment.cutmix_alpha": 0.0,
+        },
+    )
+    seen: list[bytes] = []
+    real = Classifier.training_step
+
+    def spy(self, batch, i):
+        assert isinstance(batch, dict), "a pool makes every training batch labelled + pool"
+        (x, _), (weak, strong) = batch["labelled"], batch["pool"]
+        assert len(weak) == len(strong) == 2 * len(x) or len(weak) == len(pool)
+        seen.extend(image.numpy().tobytes() for image in torch.cat([x, weak]))
+        return real(self, batch, i)
+
+    monkeypatch.setattr(Classifier, "training_step", spy)
+    data = fitting.datamodule(params, prepared, None, pool=pool)
+    result = fitting.fit(params, data)
+    held_out = prepared.table[prepared.table["split"].isin(["val", "test"])]["cache_index"]
+    forbidden = {np.ascontiguousarray(prepared.images[i].transpose(2, 0, 1)).tobytes() for i in held_out}
+    assert seen and not forbidden & set(seen)
+    pool_bytes = {np.ascontiguousarray(p.transpose(2, 0, 1)).tobytes() for p in pool}
+    assert pool_bytes & set(seen)  # the pool was trained on
+    assert result.last_metrics["semi/confident"] == 1.0  # every pseudo-label passed a threshold of 1e-6
+    mix = [v for k, v in result.last_metrics.items() if k.startswith("semi/pseudo/")]
+    assert len(mix) == 3 and sum(mix) == pytest.approx(1.0)
+
+
+def test_fixmatch_without_a_pool_is_one_clear_error(prepared, tiny_params):
+    from pipeline.data.prepared import DataError
+    from pipeline.training import fit as fitting
+
+    params = config.with_overrides(tiny_params, {"train.semi": "fixmatch"})
+    with pytest.raises(DataError, match=r"train.semi: fixmatch needs an unlabelled pool.*data.unlabelled"):
+        fitting.datamodule(params, prepared, None)
