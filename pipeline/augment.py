@@ -316,3 +316,30 @@ def preview(
         framed=True,
     )
     fig.savefig(path, dpi=72)
+
+
+def strong_transform(weak: A.BasicTransform | None, operations: int = 2) -> A.Compose:
+    """FixMatch's strong view (``train.semi``): the domain's training transforms, then ``operations`` of
+    RandAugment's list at random strengths (those every band count accepts), then Cutout (one hole, up to half
+    the side). It adds no flip or 90-degree rotation the domain forbids: those come from ``weak`` alone."""
+    import albumentations as A
+
+    pool = [
+        A.RandomBrightnessContrast(brightness_limit=0.5, contrast_limit=0.0, p=1.0),
+        A.RandomBrightnessContrast(brightness_limit=0.0, contrast_limit=0.5, p=1.0),
+        A.Sharpen(alpha=(0.2, 0.8), p=1.0),
+        A.Solarize(threshold_range=(0.5, 1.0), p=1.0),
+        A.RandomGamma(gamma_limit=(60, 160), p=1.0),
+        A.Affine(shear={"x": (-15, 15), "y": (0, 0)}, border_mode=4, p=1.0),
+        A.Affine(shear={"x": (0, 0), "y": (-15, 15)}, border_mode=4, p=1.0),
+        A.Affine(translate_percent={"x": (-0.2, 0.2), "y": (0, 0)}, border_mode=4, p=1.0),
+        A.Affine(translate_percent={"x": (0, 0), "y": (-0.2, 0.2)}, border_mode=4, p=1.0),
+    ]
+    steps: list[A.BasicTransform] = [] if weak is None else [weak]
+    steps += [
+        A.SomeOf(pool, n=operations, replace=False, p=1.0),
+        A.CoarseDropout(
+            num_holes_range=(1, 1), hole_height_range=(0.1, 0.5), hole_width_range=(0.1, 0.5), fill=0, p=1.0
+        ),
+    ]
+    return A.Compose(steps)

@@ -315,6 +315,32 @@ class Model:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class Pretrain:
+    """Self-supervised pretraining of the backbone on unlabelled images (the pool and the train split, never
+    val or test) before the classifier trains; ``model.weights: pretrain`` starts training from its output."""
+
+    method: Literal["none", "simclr", "byol"] = Field(
+        default="none",
+        description="none: no pretraining | simclr: contrastive (negatives gathered across GPUs) | byol: a "
+        "momentum target, no negatives (steadier at the small batches a CPU affords).",
+    )
+    epochs: int = Field(default=20, ge=1, description="Passes over the pretraining images.")
+    batch_size: int = Field(default=64, ge=2, description="Images per step (per device); two views each.")
+    lr: float = Field(
+        default=1e-3, gt=0, lt=10, description="Peak AdamW learning rate (warm-up, cosine decay)."
+    )
+    weight_decay: float = Field(default=1e-4, ge=0, lt=1, description="AdamW weight decay.")
+    temperature: float = Field(default=0.2, gt=0, le=1, description="simclr: the NT-Xent loss's temperature.")
+    momentum: float = Field(default=0.99, gt=0, lt=1, description="byol: the target network's EMA momentum.")
+    knn_every: int = Field(
+        default=5,
+        ge=0,
+        description="Every this many epochs, the kNN accuracy of the frozen features on val "
+        "(pretrain/knn_accuracy in MLflow): whether it learns anything a classifier can use; 0: never.",
+    )
+
+
+@dataclass(frozen=True, config=_STRICT)
 class Train:
     max_epochs: int = Field(
         default=40,
@@ -409,6 +435,28 @@ class Train:
         default="none",
         description="Imbalanced classes: 'loss' weights the cross-entropy by inverse class frequency; "
         "'sampler' draws training batches class-balanced (with replacement).",
+    )
+    semi: Literal["none", "fixmatch"] = Field(
+        default="none",
+        description="Semi-supervised training on the unlabelled pool (data.unlabelled): fixmatch trains each "
+        "pool image's strong view to predict its weak view's class where the model is confident "
+        "(docs/training.md); none: labelled images only.",
+    )
+    semi_threshold: float = Field(
+        default=0.95,
+        gt=0,
+        le=1,
+        description="fixmatch: a pool image's weak-view top probability must reach this for its pseudo-label "
+        "to count; below it the image adds no loss.",
+    )
+    semi_ratio: int = Field(
+        default=3, ge=1, le=16, description="fixmatch: unlabelled images per labelled image in a step."
+    )
+    semi_weight: float = Field(
+        default=1.0,
+        ge=0,
+        le=10,
+        description="fixmatch: weight of the unlabelled loss beside the labelled one.",
     )
     ema_decay: float | None = Field(
         default=0.995,
@@ -653,6 +701,7 @@ class Params:
     data: Data = Field(default_factory=Data)
     augment: Augment = Field(default_factory=Augment)
     model: Model = Field(default_factory=Model)
+    pretrain: Pretrain = Field(default_factory=Pretrain)
     train: Train = Field(default_factory=Train)
     tune: Tune = Field(default_factory=Tune)
     evaluate: Evaluate = Field(default_factory=Evaluate)

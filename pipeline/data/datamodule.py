@@ -10,6 +10,7 @@ import lightning.pytorch as L
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from pipeline.data.cache import OFFLINE_IMAGES, OFFLINE_LABELS, Images, Rows
@@ -102,13 +103,19 @@ class ImageDataModule(L.LightningDataModule):
         offline: tuple[np.ndarray, np.ndarray] | None = None,
         balanced: bool = False,
         seed: int = 0,
+        pool: Images | None = None,
+        pool_ratio: int = 3,
+        strong: A.BasicTransform | None = None,
     ):
         """``offline``: (images, label indices) appended to the train split, e.g. from ``load_offline``.
         ``balanced``: training batches drawn class-balanced, with replacement (``train.balance: sampler``).
+        ``pool``: unlabelled images (``train.semi: fixmatch``): each training step also gets ``pool_ratio``
+        of them per labelled image, as a weak view (``train_transform``) and a ``strong`` one.
         """
         super().__init__()
         self.prepared, self.train_transform, self.offline = prepared, train_transform, offline
         self.batch_size, self.num_workers, self.balanced, self.seed = batch_size, num_workers, balanced, seed
+        self.pool, self.pool_ratio, self.strong = pool, pool_ratio, strong
 
     @property
     def num_classes(self) -> int:
@@ -162,8 +169,28 @@ class ImageDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._dataloader("train")
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
+        labelled = self._dataloader("train")
+        if self.pool is None:
+            return labelled
+        if self.strong is None:
+            raise ValueError("a pool needs the strong view's transform")
+        batch = self.batch_size * self.pool_ratio
+        pool = DataLoader(
+            UnlabelledDataset(self.pool, [self.train_transform, self.strong]),
+            batch_size=min(batch, len(self.pool)),
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=_reseed_worker if self.num_workers > 0 else None,
+            pin_memory=torch.cuda.is_available(),
+        )
+        # An epoch stays a pass over the labelled images (the schedule's epochs mean what they meant): a larger
+        # pool is drawn afresh each epoch, a smaller one cycled.
+        if len(pool) >= len(labelled):
+            return CombinedLoader({"labelled": labelled, "pool": pool}, mode="min_size")
+        return CombinedLoader({"labelled": labelled, "pool": pool}, mode="max_size_cycle")
 
     def val_dataloader(self) -> DataLoader:
         return self._dataloader("val")

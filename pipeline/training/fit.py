@@ -19,9 +19,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 
+from pipeline import augment
 from pipeline.config import Params, Train
+from pipeline.data.cache import Images
 from pipeline.data.datamodule import ImageDataModule, load_offline
-from pipeline.data.prepared import Prepared
+from pipeline.data.prepared import DataError, Prepared
 from pipeline.runinfo import BEST, CHECKPOINT_SUFFIX, WeightsInfo
 from pipeline.training import probe, recipe
 from pipeline.training.callbacks import FitCallbacks, TrainingDiverged, callbacks_for, slim_checkpoint
@@ -69,18 +71,32 @@ class Fitted:
 
 
 def datamodule(
-    params: Params, prepared: Prepared, train_transform: A.BasicTransform | None
+    params: Params,
+    prepared: Prepared,
+    train_transform: A.BasicTransform | None,
+    pool: Images | None = None,
 ) -> ImageDataModule:
+    """The loaders of a fit; ``pool``: the unlabelled images ``train.semi: fixmatch`` learns from."""
+    t = params.train
     copies = params.augment.offline_copies
     offline = load_offline(Path(params.paths.augment_offline), prepared, copies) if copies else None
+    semi = t.semi == "fixmatch" and t.mode == "finetune"
+    if semi and (pool is None or len(pool) == 0):
+        raise DataError(
+            "train.semi: fixmatch needs an unlabelled pool: select one with data.unlabelled (take it in with "
+            "python -m pipeline intake SRC --unlabelled), or set train.semi: none"
+        )
     return ImageDataModule(
         prepared,
         train_transform,
-        batch_size=params.train.batch_size,
-        num_workers=params.train.num_workers,
+        batch_size=t.batch_size,
+        num_workers=t.num_workers,
         offline=offline,
-        balanced=params.train.balance == "sampler",
+        balanced=t.balance == "sampler",
         seed=params.seed,
+        pool=pool if semi else None,
+        pool_ratio=t.semi_ratio,
+        strong=augment.strong_transform(train_transform) if semi else None,
     )
 
 

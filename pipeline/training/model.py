@@ -24,7 +24,7 @@ from pipeline.config import Augment, Model, Train
 from pipeline.evaluation.metrics import HEADLINE, weighted_metrics
 from pipeline.pixels import unit_max
 from pipeline.runinfo import WeightsInfo
-from pipeline.training import recipe
+from pipeline.training import recipe, semi
 from pipeline.training.heads import KNNHead, linear_of
 
 # ImageNet statistics, which torchvision's ResNet weights were trained with.
@@ -63,6 +63,8 @@ TRAIN_RECORD = (
     "warmup_epochs",
     "label_smoothing",
     "channels_last",
+    "semi_threshold",
+    "semi_weight",
 )
 AUGMENT_RECORD = ("mixup_alpha", "cutmix_alpha", "mix_prob", "cutmix_switch_prob")
 
@@ -158,6 +160,25 @@ class EpochMetric(Metric):
         return torch.tensor(float(values[self.name][0]))
 
 
+class PseudoLabelMix(Metric):
+    """The class shares of an epoch's confident pseudo-labels (``train.semi``), counted across DDP ranks."""
+
+    full_state_update = False
+    counts: torch.Tensor
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.add_state("counts", default=torch.zeros(num_classes), dist_reduce_fx="sum")
+
+    def update(self, labels: torch.Tensor, mask: torch.Tensor) -> None:
+        self.counts += torch.bincount(labels, weights=mask.float(), minlength=len(self.counts)).to(
+            self.counts
+        )
+
+    def compute(self) -> torch.Tensor:
+        return self.counts / self.counts.sum().clamp_min(1)
+
+
 class Classifier(L.LightningModule):
     # Submodule and buffers, typed here: nn.Module.__getattr__ would say "Tensor | Module".
     net: nn.Module
@@ -245,6 +266,7 @@ class Classifier(L.LightningModule):
         # The epoch's loss as the mean over its images: under DDP the ranks' sums and counts are added (a
         # mean of the ranks' means would weigh the images of a rank with fewer of them more).
         self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
+        self.pseudo_mix = PseudoLabelMix(num_classes)
 
     def use_knn_head(self, features: torch.Tensor, labels: torch.Tensor, k: int) -> None:
         """Replace the head by a kNN vote over ``features`` (``train.mode: knn``), recorded in the
@@ -300,7 +322,35 @@ class Classifier(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
+        if isinstance(batch, dict):  # train.semi: fixmatch: {"labelled": (x, y), "pool": (weak, strong)}
+            loss = self._step(batch["labelled"], "train")
+            return loss + self.hparams["semi_weight"] * self._pool_step(*batch["pool"])
         return self._step(batch, "train")
+
+    def _pool_step(self, weak: torch.Tensor, strong: torch.Tensor) -> torch.Tensor:
+        """FixMatch on a pool batch: each strong view learns its weak view's class where that is confident.
+        Logged per epoch: ``semi/loss``, ``semi/confident`` (the share of the pool above the threshold) and
+        ``semi/pseudo/<class>`` (the confident pseudo-labels' class mix)."""
+        weak_logits, strong_logits = self(torch.cat([weak, strong])).chunk(2)
+        out = semi.fixmatch_loss(weak_logits, strong_logits, self.hparams["semi_threshold"])
+        self.pseudo_mix.update(out.labels, out.mask)
+        self.log("semi/loss", out.loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(weak))
+        self.log(
+            "semi/confident",
+            out.mask.mean(),
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=len(weak),
+        )
+        return out.loss
+
+    def on_train_epoch_end(self) -> None:
+        if self.pseudo_mix.update_count:
+            names = self.hparams["class_names"] or [str(i) for i in range(self.hparams["num_classes"])]
+            for name, share in zip(names, self.pseudo_mix.compute(), strict=True):
+                self.log(f"semi/pseudo/{name}", share)
+            self.pseudo_mix.reset()
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
