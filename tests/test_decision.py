@@ -193,7 +193,7 @@ def test_the_headline_names_both_the_05_metrics_and_the_cut_predict_applies():
     assert {"test/sensitivity", "test_threshold/sensitivity", "test_threshold/specificity"} <= set(headline)
     assert headline["test_threshold/sensitivity"] != headline["test/sensitivity"]
     assert {"operating/misses", "operating/false_alarms"} <= set(headline)
-    from pipeline.evaluation import report
+    from pipeline.evaluation.reporting import report
     from tests.conftest import run_info
 
     data = {

@@ -539,7 +539,7 @@ def test_report_says_what_was_not_checked_the_native_size_and_the_provenance():
             "paths": ["data/raw/x/a/1.png", "data/raw/x/b/2.png"],
         },
     }
-    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES)
+    m = metrics.compute_metrics(PROBS, LABELS, CLASSES)
     lineage = {"git.commit": "c" * 40, "git.dirty": "false", "data.dataset": "x", "data.version": "f00.dir"}
     text = evaluation.report(
         m, data, PRETRAINED, [], settings=Evaluate(bootstrap=0), provenance=lineage | {"date": "2026-12-07"}
@@ -568,7 +568,7 @@ def test_report_says_what_was_not_checked_the_native_size_and_the_provenance():
 
 
 def test_with_folds_the_random_init_warning_still_opens_the_report():
-    m = evaluation.compute_metrics(PROBS, LABELS, CLASSES) | {"cv/accuracy": 0.8, "cv/auroc": 0.9}
+    m = metrics.compute_metrics(PROBS, LABELS, CLASSES) | {"cv/accuracy": 0.8, "cv/auroc": 0.9}
     folds = dataclasses.replace(RANDOM_INIT, checkpoints=("fold0.ckpt", "fold1.ckpt"))
     text = evaluation.report(m, DATA, folds, [], settings=Evaluate(bootstrap=0))
     headings = [line for line in text.splitlines() if line.startswith("## ")]
@@ -589,7 +589,7 @@ def test_an_under_covering_conformal_set_is_a_warning_in_the_report():
         "classes": ["a", "b"],
         "counts": {s: {"a": 200, "b": 200} for s in ("train", "val", "test")},
     }
-    m |= evaluation.compute_metrics(hard, hard_labels, ("a", "b"), positive=1)
+    m |= metrics.compute_metrics(hard, hard_labels, ("a", "b"), positive=1)
     text = evaluation.report(m, data, PRETRAINED, [], settings=settings)
     warnings = text.split("## Warnings")[1].split("\n## ")[0]
     assert "**Conformal sets miss their level**" in warnings and "below the target 90%" in warnings
