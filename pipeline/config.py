@@ -267,6 +267,7 @@ class Model:
     )
 
     def __post_init__(self) -> None:
+        refuse_in_params("model.weights", self.weights)  # a runs:/ or https:// source, logged as a param
         spelled = next((b.name for b in backbones.NAMED.values() if b.enum == self.weights), None)
         if spelled is not None:  # torchgeo's spelling looks like a torchvision enum name: one vocabulary
             raise ValueError(f"weights: {self.weights} is torchgeo's name; write model.weights: {spelled}")

@@ -11,6 +11,7 @@ falls back the same way, and brings the preprocessing it was trained with.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import socket
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from torch import nn
 from torch.hub import HASH_REGEX  # <arch>-<sha256 prefix>.pth, as torch.hub checks it
 
 from pipeline import backbones
+from pipeline.credentials import redact
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_file, file_sha256
 from pipeline.model import build_network
@@ -231,9 +233,14 @@ def load_pretrained(
     if weights in backbones.NAMED:
         return _load_named(net, arch, weights, require_pretrained, hub_dir, sha256, pixel_dtype)
     if weights != "imagenet" and not is_enum_name(weights):
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", weights):  # Path would collapse it into a missing file
+            raise WeightsError(
+                f"model.weights: '{redact(weights)}' is a URL, which is not downloaded: download the file, "
+                "then point model.weights at it (or `python -m pipeline weights import FILE`)"
+            )
         path = Path(weights)
         digest = verify_file(path, sha256=sha256) if path.is_file() else None
-        load_into(net, read(path), str(path))
+        load_into(net, read(path), weights)
         return WeightsInfo(requested=weights, source=str(path), pretrained=True, sha256=digest)
 
     url = imagenet_url(arch, weights)

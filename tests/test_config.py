@@ -83,6 +83,8 @@ def test_flatten_uses_params_yaml_names():
         ("tune.storage", "postgresql://optuna:hunter2@127.0.0.1:5432/optuna"),
         ("mlflow.tracking_uri", "http://me:hunter2@127.0.0.1:5000"),
         ("mlflow.tracking_uri", "https://127.0.0.1/?token=hunter2"),
+        ("model.weights", "https://me:hunter2@example.org/w.pth"),
+        ("model.weights", "runs:/0123abcd/model?token=hunter2"),
     ],
 )
 def test_a_credential_in_a_params_uri_is_refused_without_echoing_it(tmp_path, key, uri):

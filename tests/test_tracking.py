@@ -195,6 +195,7 @@ def test_no_credential_reaches_mlflow_params_or_messages(tmp_path, monkeypatch):
         ("pw", "http://u:pw@127.0.0.1:5000"),
         ("abc", "https://127.0.0.1/x?token=abc&n=1"),
         ("s3cr3t", "x?a=1&api_key=s3cr3t"),
+        ("hunter2", "model.weights: file 'https:/u:hunter2@example.org/w.pth' not found"),  # via Path
     ):
         assert secret not in redact(text) and "***" in redact(text)
     assert redact("postgresql://postgres@127.0.0.1:5432/db") == "postgresql://postgres@127.0.0.1:5432/db"
