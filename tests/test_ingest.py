@@ -91,6 +91,9 @@ def test_sixteen_bit_images_keep_their_range(tmp_path):
         (tmp_path / "raw" / name).mkdir(parents=True)
         for i in range(3):
             ramp = np.tile(np.linspace(0, 65000, 16), (16, 1)) + rng.integers(0, 500, (16, 16))
+            ramp[:, 1:-1] = rng.integers(
+                1000, 64000, (16, 14)
+            )  # distinct images: one unit cannot fill 3 splits
             Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "raw" / name / f"{i}.png")
     ingest(tmp_path / "raw", tmp_path / "out", **(ARGS | {"image_size": 16}))
     cache = load_prepared(tmp_path / "out").images
@@ -393,3 +396,29 @@ def test_excluded_files_are_left_out_listed_and_untouched(image_folder, tmp_path
     (tmp_path / "bad.csv").write_text("file\nx.png\n")
     with pytest.raises(DataError, match=r"data.exclude.*'path' column"):
         ingest(image_folder, tmp_path / "out2", **ARGS, exclude=str(tmp_path / "bad.csv"))
+
+
+def test_groups_too_few_to_fill_val_and_test_are_refused_naming_them(tmp_path):
+    # Two patients (one per class): a grouped split cannot fill three splits, and train would stop much later
+    # on "split 'val' is empty".
+    manifest = manifest_set(tmp_path / "src", n_groups=2, per_group=3)
+    with pytest.raises(
+        DataError, match=r"would hold no image.*only 2 unit\(s\).*group p00: 3 image\(s\)"
+    ) as err:
+        ingest(manifest.parent, tmp_path / "out", **ARGS)
+    assert "group p01" in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_a_split_column_without_val_is_refused(tmp_path):
+    manifest = manifest_set(tmp_path / "src", n_groups=8, per_group=2, split=True)
+    table = pd.read_csv(manifest)
+    table.loc[table["split"] == "val", "split"] = "train"
+    table.to_csv(manifest, index=False)
+    with pytest.raises(DataError, match=r"split 'val' would hold no image \(the manifest's split column\)"):
+        ingest(manifest.parent, tmp_path / "out", **ARGS)
+
+
+def test_more_folds_than_groups_is_refused(tmp_path):
+    manifest = manifest_set(tmp_path / "src", n_groups=6, per_group=2)
+    with pytest.raises(DataError, match=r"fold '\d' would hold no image.*group p"):
+        ingest(manifest.parent, tmp_path / "out", **(ARGS | {"folds": 5}))

@@ -314,3 +314,13 @@ def test_dicom_slices_are_grouped_by_patient_as_salted_hashes(repo, tmp_path, mo
     out = capsys.readouterr().out
     assert "groups from DICOM PatientID: 6 groups, stored as salted hashes" in out
     assert "PAT-0" not in out and b"PAT-0" not in (raw / "manifest.csv").read_bytes()
+
+
+def test_a_set_of_two_patients_is_refused_at_intake_with_one_error_line(repo, tmp_path, capsys):
+    # Every image of one patient per class: a grouped split cannot fill val and test.
+    manifest = manifest_set(tmp_path / "src", n_groups=2, per_group=3)
+    assert cli(["intake", str(manifest), "--name", "two"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "would hold no image" in err[-1] and "only 2 unit(s)" in err[-1]
+    assert str(tmp_path / "src" / "imgs") in err[-1]  # the user's own files, not the staging copies
+    assert not (repo / "data" / "raw" / "two").exists()
