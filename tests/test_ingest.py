@@ -422,3 +422,9 @@ def test_more_folds_than_groups_is_refused(tmp_path):
     manifest = manifest_set(tmp_path / "src", n_groups=6, per_group=2)
     with pytest.raises(DataError, match=r"fold '\d' would hold no image.*group p"):
         ingest(manifest.parent, tmp_path / "out", **(ARGS | {"folds": 5}))
+
+
+def test_class_names_differing_only_in_case_are_refused_naming_both(image_folder, tmp_path):
+    (image_folder / "alpha").rename(image_folder / "Beta")
+    with pytest.raises(DataError, match=r"classes 'Beta' and 'beta' differ only in case"):
+        ingest(image_folder, tmp_path / "out", **ARGS)

@@ -382,6 +382,15 @@ def _check_classes(
             f"{raw_dir}: only one class ({', '.join(map(repr, classes))}); a classifier needs at least "
             "two (one folder of images per class, or two labels in the manifest)"
         )
+    folded: dict[str, str] = {}
+    for (
+        name
+    ) in classes:  # one folder on macOS and Windows, two classes here: the same set would train otherwise
+        if (other := folded.setdefault(name.casefold(), name)) != name:
+            raise DataError(
+                f"{raw_dir}: classes '{other}' and '{name}' differ only in case (one folder on macOS and "
+                "Windows); merge them into one class or rename one"
+            )
     counts = table["label"].value_counts()
     for name in classes:
         n = int(counts.get(name, 0))
