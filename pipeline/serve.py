@@ -24,7 +24,7 @@ from torch import nn
 from pipeline.data import readers, sources
 from pipeline.errors import PipelineError
 from pipeline.evaluation.decision import Decision
-from pipeline.fsutil import atomic_file
+from pipeline.fsutil import atomic_file, not_replaceable
 from pipeline.model import Classifier, Ensemble
 from pipeline.runinfo import RUN_INFO, RunInfo
 
@@ -99,7 +99,8 @@ def list_images(src: Path) -> list[Path]:
         return images
     if src.is_file() and src.suffix.lower() == ".csv":
         return _manifest_paths(src)
-    raise ServeError(f"{src}: not a folder of images or a .csv manifest with a 'path' column")
+    found = "not found" if not src.exists() else f"a {sources.non_regular(src) or 'file'}"
+    raise ServeError(f"{src}: {found}; give a folder of images or a .csv manifest with a 'path' column")
 
 
 def _manifest_paths(manifest: Path) -> list[Path]:
@@ -112,7 +113,7 @@ def _manifest_paths(manifest: Path) -> list[Path]:
 def read_image(path: Path, trained: Trained, max_pixels: int = readers.MAX_PIXELS) -> np.ndarray:
     """One file as the cache would hold it: (S, S, C) after ingest's readers, channel policy and resize;
     ``max_pixels``: the pixel budget (``data.max_image_pixels``) checked before decoding."""
-    if not path.is_file():
+    if not path.exists():  # a FIFO, device or folder is named by readers.read
         raise readers.UnreadableImage("file not found")
     found = readers.read(path, trained.dicom_window, max_pixels)
     pixels = readers.conform(found, trained.image_size, trained.channels)
@@ -189,6 +190,12 @@ def predict(
         "error",
     ]
     return pd.DataFrame(rows, columns=columns)
+
+
+def check_out(out: Path, what: str = "--out") -> None:
+    """Refuse, before any work, an output path that is not a regular file or a new path."""
+    if why := not_replaceable(out):
+        raise ServeError(f"{what} {out}: is {why}, which is never replaced; name a new file or a regular one")
 
 
 def write_predictions(table: pd.DataFrame, out: Path) -> None:

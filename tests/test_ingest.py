@@ -428,3 +428,14 @@ def test_class_names_differing_only_in_case_are_refused_naming_both(image_folder
     (image_folder / "alpha").rename(image_folder / "Beta")
     with pytest.raises(DataError, match=r"classes 'Beta' and 'beta' differ only in case"):
         ingest(image_folder, tmp_path / "out", **ARGS)
+
+
+def test_a_png_whose_text_chunk_pillow_refuses_to_inflate_is_skipped_as_unreadable(image_folder, tmp_path):
+    from PIL import Image, PngImagePlugin
+
+    text = PngImagePlugin.PngInfo()  # 2 MB of text in a few compressed bytes: over Pillow's MAX_TEXT_CHUNK
+    text.add_text("comment", "a" * (2 << 20), zip=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image_folder / "alpha" / "text.png", pnginfo=text)
+    report = ingest(image_folder, tmp_path / "out", **ARGS)
+    rejected = {Path(r["path"]).name: r["reason"] for r in report["rejected"]}
+    assert "MAX_TEXT_CHUNK" in rejected["text.png"] and report["n_images"] == 24
