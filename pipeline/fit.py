@@ -25,7 +25,10 @@ from pipeline.data.prepared import Prepared
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_file
 from pipeline.model import Classifier
-from pipeline.resume import LAST_NAME  # <out_dir>/last.ckpt: full state of the latest epoch
+from pipeline.resume import (
+    LAST_NAME,
+    AtomicCheckpointIO,
+)  # <out_dir>/last.ckpt: full state of the latest epoch
 from pipeline.weights import WeightsInfo, load_pretrained
 
 log = logging.getLogger(__name__)
@@ -396,6 +399,7 @@ def fit(
             precision=t.precision,
             logger=logger,
             callbacks=all_callbacks,
+            plugins=[AtomicCheckpointIO()],
             enable_checkpointing=checkpoint is not None,
             enable_progress_bar=False,
             enable_model_summary=False,
