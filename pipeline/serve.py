@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,7 +68,15 @@ def load_trained(model_dir: Path) -> Trained:
             raise ServeError(
                 f"{checkpoint}: checkpoint named in {model_dir / RUN_INFO} not found; rerun the train stage"
             )
-        members.append(Classifier.load_from_checkpoint(checkpoint, map_location="cpu"))
+        try:
+            members.append(Classifier.load_from_checkpoint(checkpoint, map_location="cpu"))
+        # torch's reader of a cut-short file, a pickle of something else, another architecture's weights
+        except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ServeError(
+                f"{checkpoint}: cannot be loaded as the model {model_dir / RUN_INFO} describes ({reason}); "
+                "rerun the train stage, or restore the model folder (dvc checkout)"
+            ) from None
     pre = run.preprocessing
     return Trained(
         model=Ensemble(members).eval(),

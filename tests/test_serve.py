@@ -345,3 +345,27 @@ def test_predict_and_export_never_replace_anything_but_a_regular_file(project, t
     assert out.is_symlink() or out.is_dir() or out.is_fifo()
     if kind == "link":
         assert (tmp_path / "kept.csv").read_text() == "someone's file\n"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "architecture", "run.json", "decision.json"])
+def test_a_damaged_model_folder_or_decision_is_one_error_line(project, tmp_path, capsys, damage):
+    models = shutil.copytree(project / "models", tmp_path / "models")
+    decision = tmp_path / "decision.json"
+    if damage == "truncated":
+        (models / "best.ckpt").write_bytes((models / "best.ckpt").read_bytes()[:4000])
+    elif damage == "architecture":  # a resnet18's weights under a resnet34's hyperparameters
+        checkpoint = torch.load(models / "best.ckpt", weights_only=False)
+        checkpoint["hyper_parameters"]["arch"] = "resnet34"
+        torch.save(checkpoint, models / "best.ckpt")
+    elif damage == "run.json":
+        (models / "run.json").write_text('{"run_id": "r0", "classes": ')
+    else:
+        decision.write_text("[1, 2]")
+    argv = ["predict", str(project / "raw"), "--out", str(tmp_path / "p.csv"), "--model-dir", str(models)]
+    assert cli(project, *argv, "--decision", str(decision)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    where = {"truncated": "best.ckpt", "architecture": "best.ckpt", "run.json": "run.json"}.get(
+        damage, damage
+    )
+    assert len(err) == 1 and err[0].startswith("error: ") and where in err[0], err
+    assert not (tmp_path / "p.csv").exists()
