@@ -20,8 +20,8 @@ _OS_ADVICE = {
     errno.ENOSPC: "the disk is full: free some space (or move the output elsewhere) and run the command again",
     errno.EDQUOT: "the disk quota is used up: free some space and run the command again",
     errno.EROFS: "the file system is read-only: run from a writable copy of the project",
-    errno.EACCES: "permission denied: give write permission, or run from a copy of the project you own",
-    errno.EPERM: "operation not permitted: give write permission, or run from a copy of the project you own",
+    errno.EACCES: "permission denied: give this user access, or run from a copy of the project you own",
+    errno.EPERM: "operation not permitted: give this user access, or run from a copy of the project you own",
     errno.ENAMETOOLONG: "the name is too long for the file system: choose a shorter name or folder",
 }
 
