@@ -321,3 +321,23 @@ def test_a_study_whose_mlflow_parent_run_is_gone_is_one_error_naming_both(
         tune.TuneError, match=rf"parent run {parent} is gone .*optuna delete-study --study-name s"
     ):
         tune.run(params, data_for, "s", {})
+
+
+def test_a_worker_process_interrupted_by_ctrl_c_exits_without_a_traceback(tiny_params, monkeypatch):
+    import logging
+    import queue
+
+    ours = logging.getLogger("pipeline")
+    monkeypatch.setattr(ours, "handlers", list(ours.handlers))  # the worker adds its own: put back after
+    monkeypatch.setattr(ours, "level", ours.level)
+    monkeypatch.setattr(tracking, "use_tracking_uri", lambda uri: None)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune_workers.Worker, "fill", interrupted)
+    worker = tune_workers.Worker(tiny_params, lambda p: None, "s", "r", "0", {}, "sqlite:///x.db", None, 0)
+    # multiprocessing prints a traceback for any exception but SystemExit
+    with pytest.raises(SystemExit) as stopped:
+        tune_workers._run_worker(worker, 0, 1, queue.Queue())
+    assert stopped.value.code == 130
