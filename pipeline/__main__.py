@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from pipeline.config import PARAMS_FILE, load
 from pipeline.credentials import redact
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, describe
 
 
 class Command(NamedTuple):
@@ -77,6 +77,11 @@ COMMANDS = {
     ),
 }
 NO_ARGUMENTS = "Takes no arguments: every setting comes from params.yaml (--params: another file)."
+
+
+# What a Ctrl-C leaves: every output is replaced only when complete (pipeline.fsutil), a killed train resumes
+# (pipeline.training.resume) and a study keeps its finished trials (the interrupted one is failed).
+INTERRUPTED = "outputs are written only when complete: run the command again to continue or redo it"
 
 
 class CliHandler(logging.StreamHandler):
@@ -153,6 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as err:  # anything else keeps its traceback
         print(f"error: {one_line(str(err))}", file=sys.stderr)
         return 2
+    except Exception as err:  # a full disk, a read-only folder, a damaged database: the machine, not a bug
+        if (described := describe(err)) is None:
+            raise
+        print(f"error: {one_line(described)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"error: {args.command} interrupted (Ctrl-C); {INTERRUPTED}", file=sys.stderr)
+        return 130
     return status if isinstance(status, int) else 0  # a command run in a process of its own: its status
 
 

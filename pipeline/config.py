@@ -292,6 +292,7 @@ class Model:
     )
 
     def __post_init__(self) -> None:
+        refuse_in_params("model.weights", self.weights)  # a runs:/ or https:// source, logged as a param
         spelled = next((b.name for b in backbones.NAMED.values() if b.enum == self.weights), None)
         if spelled is not None:  # torchgeo's spelling looks like a torchvision enum name: one vocabulary
             raise ValueError(f"weights: {self.weights} is torchgeo's name; write model.weights: {spelled}")
@@ -739,13 +740,71 @@ def parse(raw: dict[str, Any] | None, source: str = PARAMS_FILE) -> Params:
         raise ConfigError(_describe(err, source)) from None
 
 
+# A params file is a few hundred values; aliases may repeat a block, but an "alias bomb" (each anchor
+# naming the one before ten times) expands to billions and would hang validation: count before building.
+MAX_YAML_NODES = 100_000
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader refusing what DVC's parser refuses (a key given twice in one mapping)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may override, as YAML allows
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {line}; first on line {seen[key]})"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many nodes ``root`` holds with every alias expanded (a recursive alias counts as too many)."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) not in sizes:
+            sizes[id(node)] = MAX_YAML_NODES + 1  # while in progress: a cycle is unbounded
+            children: list[yaml.Node] = []
+            if isinstance(node, yaml.SequenceNode):
+                children = node.value
+            elif isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            sizes[id(node)] = min(1 + sum(size(c) for c in children), MAX_YAML_NODES + 1)
+        return sizes[id(node)]
+
+    return size(root)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's document, bounded and with duplicate keys refused; ``yaml.YAMLError`` when it is not."""
+    loader = _Loader(path.read_text())
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node) > MAX_YAML_NODES:
+            raise yaml.YAMLError(
+                f"its aliases expand to more than {MAX_YAML_NODES:,} values (an alias bomb?); "
+                "write the values out instead"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: not found (run from the repository root)")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+        raw = read_yaml(path)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if raw is None:  # an emptied file must not silently mean "all defaults" (an explicit {} still does)
         raise ConfigError(

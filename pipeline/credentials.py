@@ -19,8 +19,9 @@ _SECRET_NAME = (
     r"[^=&;\s#]*"
 )
 _QUERY = re.compile(rf"(?P<key>[?&;]{_SECRET_NAME}=)(?P<value>[^&;\s#]+)", re.IGNORECASE)
-# scheme://user:password@host: the password runs to the last '@' before the path.
-_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)(?P<password>[^/\s]*)@")
+# scheme://user:password@host: the password runs to the last '@' before the path. One slash is enough: a URI
+# that went through ``pathlib.Path`` ('https:/user:pw@host/x.pth') still carries its password.
+_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*:/{1,2}[^:/@\s]*:)(?P<password>[^/\s]*)@")
 
 
 def found_in(uri: str) -> list[str]:

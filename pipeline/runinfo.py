@@ -137,7 +137,7 @@ class RunInfo:
                 checkpoint=raw.get("checkpoint", "best"),  # run.json files from before train.checkpoint: best
                 ema_decay=raw.get("ema_decay"),  # absent before 2026-12-02: not recorded (read as off)
             )
-        except (KeyError, TypeError, AttributeError) as err:
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
             raise RunInfoError(
                 f"{where}: not a run.json this code can read (missing or malformed {err}); rerun the train "
                 "stage (dvc repro train)"
@@ -148,4 +148,10 @@ class RunInfo:
         path = Path(model_dir) / RUN_INFO
         if not path.is_file():
             raise RunInfoError(f"{path}: not found; train a model first (dvc repro train)")
-        return cls.from_dict(json.loads(path.read_text()), str(path))
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RunInfoError(
+                f"{path}: not valid JSON ({err}); rerun the train stage (dvc repro train)"
+            ) from None
+        return cls.from_dict(raw, str(path))

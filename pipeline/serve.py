@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from torch import nn
 from pipeline.data import readers, sources
 from pipeline.errors import PipelineError
 from pipeline.evaluation.decision import Decision
-from pipeline.fsutil import atomic_file
+from pipeline.fsutil import atomic_file, not_replaceable
 from pipeline.runinfo import RUN_INFO, RunInfo
 from pipeline.training.model import Classifier, Ensemble
 
@@ -67,7 +68,15 @@ def load_trained(model_dir: Path) -> Trained:
             raise ServeError(
                 f"{checkpoint}: checkpoint named in {model_dir / RUN_INFO} not found; rerun the train stage"
             )
-        members.append(Classifier.load_from_checkpoint(checkpoint, map_location="cpu"))
+        try:
+            members.append(Classifier.load_from_checkpoint(checkpoint, map_location="cpu"))
+        # torch's reader of a cut-short file, a pickle of something else, another architecture's weights
+        except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ServeError(
+                f"{checkpoint}: cannot be loaded as the model {model_dir / RUN_INFO} describes ({reason}); "
+                "rerun the train stage, or restore the model folder (dvc checkout)"
+            ) from None
     pre = run.preprocessing
     return Trained(
         model=Ensemble(members).eval(),
@@ -99,7 +108,8 @@ def list_images(src: Path) -> list[Path]:
         return images
     if src.is_file() and src.suffix.lower() == ".csv":
         return _manifest_paths(src)
-    raise ServeError(f"{src}: not a folder of images or a .csv manifest with a 'path' column")
+    found = "not found" if not src.exists() else f"a {sources.non_regular(src) or 'file'}"
+    raise ServeError(f"{src}: {found}; give a folder of images or a .csv manifest with a 'path' column")
 
 
 def _manifest_paths(manifest: Path) -> list[Path]:
@@ -112,7 +122,7 @@ def _manifest_paths(manifest: Path) -> list[Path]:
 def read_image(path: Path, trained: Trained, max_pixels: int = readers.MAX_PIXELS) -> np.ndarray:
     """One file as the cache would hold it: (S, S, C) after ingest's readers, channel policy and resize;
     ``max_pixels``: the pixel budget (``data.max_image_pixels``) checked before decoding."""
-    if not path.is_file():
+    if not path.exists():  # a FIFO, device or folder is named by readers.read
         raise readers.UnreadableImage("file not found")
     found = readers.read(path, trained.dicom_window, max_pixels)
     pixels = readers.conform(found, trained.image_size, trained.channels)
@@ -195,6 +205,12 @@ def predict(
         "error",
     ]
     return pd.DataFrame(rows, columns=columns)
+
+
+def check_out(out: Path, what: str = "--out") -> None:
+    """Refuse, before any work, an output path that is not a regular file or a new path."""
+    if why := not_replaceable(out):
+        raise ServeError(f"{what} {out}: is {why}, which is never replaced; name a new file or a regular one")
 
 
 def write_predictions(table: pd.DataFrame, out: Path) -> None:

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import sqlalchemy
 import yaml
 
 from pipeline.config import Params, Tracking, as_dict, flatten
 from pipeline.credentials import redact
 from pipeline.data import shards
 from pipeline.environ import environ
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, database_advice, database_error
 
 # The MLflow UI treats experiments with this tag as model-training experiments (runs table first).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -124,7 +125,6 @@ def relocate_artifacts(uri: str, cfg: Tracking, experiment: mlflow.entities.Expe
         or not store_file.is_relative_to(Path.cwd().resolve())
     ):
         return stored
-    import sqlalchemy
 
     engine = sqlalchemy.create_engine(uri)
     try:
@@ -149,6 +149,19 @@ def setup(cfg: Tracking, env_uri: str | None = None) -> str:
     uri = absolute_uri(env_uri or cfg.tracking_uri)
     check_reachable(uri, ENV_URI if env_uri else "mlflow.tracking_uri in params.yaml")
     use_tracking_uri(uri)
+    try:
+        return _open_experiment(uri, cfg)
+    # The local store file: damaged, truncated, locked, read-only (MLflow wraps the error once its store is open).
+    except (sqlalchemy.exc.DatabaseError, mlflow.exceptions.MlflowException) as err:
+        if (reason := database_error(err)) is None:
+            raise
+        raise TrackingError(
+            f"MLflow tracking store {redact(uri)} (from {ENV_URI if env_uri else 'mlflow.tracking_uri'}) cannot "
+            f"be used ({reason}): {database_advice(reason)}"
+        ) from None
+
+
+def _open_experiment(uri: str, cfg: Tracking) -> str:
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is None:
         # A local store keeps artifacts beside it in the repository, not in MLflow's cwd-relative default.

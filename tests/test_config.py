@@ -1,3 +1,4 @@
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,8 @@ def test_flatten_uses_params_yaml_names():
         ("tune.storage", "postgresql://optuna:hunter2@127.0.0.1:5432/optuna"),
         ("mlflow.tracking_uri", "http://me:hunter2@127.0.0.1:5000"),
         ("mlflow.tracking_uri", "https://127.0.0.1/?token=hunter2"),
+        ("model.weights", "https://me:hunter2@example.org/w.pth"),
+        ("model.weights", "runs:/0123abcd/model?token=hunter2"),
     ],
 )
 def test_a_credential_in_a_params_uri_is_refused_without_echoing_it(tmp_path, key, uri):
@@ -130,3 +133,30 @@ def test_every_monitor_declares_which_way_is_better():
         "val/balanced_accuracy": "max",
         "val/auroc": "max",
     }
+
+
+def test_an_alias_bomb_is_refused_before_it_expands(tmp_path):
+    # Nine levels of ten aliases each: a billion values once expanded; PyYAML builds it as shared references
+    # in no time, but validating (or dumping to MLflow) walks every one of them.
+    lines = ['a0: &a0 ["x"]'] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    (tmp_path / "params.yaml").write_text("\n".join(lines) + "\ntrain:\n  lr: 0.01\n")
+    started = time.monotonic()
+    with pytest.raises(config.ConfigError, match=r"params.yaml: not valid YAML: .*alias"):
+        config.load(tmp_path / "params.yaml")
+    assert time.monotonic() - started < 5
+    # A recursive alias is unbounded too; a few ordinary aliases still load.
+    (tmp_path / "params.yaml").write_text("data: &d\n  exclude: *d\n")
+    with pytest.raises(config.ConfigError, match="alias"):
+        config.load(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("x: &lr 0.02\ntrain:\n  lr: *lr\n  max_epochs: 3\n")
+    with pytest.raises(config.ConfigError, match="x: unknown key"):  # loaded, then validated as usual
+        config.load(tmp_path / "params.yaml")
+
+
+def test_a_key_given_twice_is_refused_with_its_lines(tmp_path):
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 0.1\n  max_epochs: 3\n  lr: 0.2\n")
+    with pytest.raises(config.ConfigError, match=r"duplicate key 'lr' \(line 4; first on line 2\)"):
+        config.load(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 0.1\ntrain:\n  max_epochs: 3\n")
+    with pytest.raises(config.ConfigError, match=r"duplicate key 'train' \(line 3"):
+        config.load(tmp_path / "params.yaml")

@@ -5,12 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.fsutil import atomic_dir, atomic_file
+from pipeline.fsutil import atomic_dir, atomic_file, not_replaceable
 
 KILLED_WRITER = """
 import os, signal, sys
 from pathlib import Path
-from pipeline.fsutil import atomic_dir, atomic_file
+from pipeline.fsutil import atomic_dir, atomic_file, not_replaceable
 with atomic_dir(sys.argv[1]) as staging:
     (staging / "images.npy").write_bytes(b"x" * 1000)
     with atomic_file(sys.argv[2]) as tmp:
@@ -48,3 +48,14 @@ def test_a_live_writers_staging_is_left_alone_and_a_lost_output_comes_back(tmp_p
     with atomic_dir(target):
         assert (target / "v1").is_file()  # the previous output is back while the new one is written
     assert not (tmp_path / ".prepared.old").exists()
+
+
+def test_what_an_output_path_must_not_replace_is_named(tmp_path):
+    # lstat only: nothing here is written, so /dev/null is safe to look at.
+    (tmp_path / "file.csv").write_text("x")
+    (tmp_path / "link.csv").symlink_to(tmp_path / "file.csv")
+    os.mkfifo(tmp_path / "pipe")
+    assert not_replaceable(tmp_path / "new.csv") is None and not_replaceable(tmp_path / "file.csv") is None
+    assert not_replaceable(tmp_path / "link.csv") == "a symbolic link"
+    assert not_replaceable(tmp_path) == "a folder" and not_replaceable(tmp_path / "pipe") == "a FIFO"
+    assert not_replaceable(Path("/dev/null")) == "a character device"

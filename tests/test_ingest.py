@@ -100,6 +100,9 @@ def test_sixteen_bit_images_keep_their_range(tmp_path):
         (tmp_path / "raw" / name).mkdir(parents=True)
         for i in range(3):
             ramp = np.tile(np.linspace(0, 65000, 16), (16, 1)) + rng.integers(0, 500, (16, 16))
+            ramp[:, 1:-1] = rng.integers(
+                1000, 64000, (16, 14)
+            )  # distinct images: one unit cannot fill 3 splits
             Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "raw" / name / f"{i}.png")
     ingest(tmp_path / "raw", tmp_path / "out", **(ARGS | {"image_size": 16}))
     cache = load_prepared(tmp_path / "out").images
@@ -402,3 +405,46 @@ def test_excluded_files_are_left_out_listed_and_untouched(image_folder, tmp_path
     (tmp_path / "bad.csv").write_text("file\nx.png\n")
     with pytest.raises(DataError, match=r"data.exclude.*'path' column"):
         ingest(image_folder, tmp_path / "out2", **ARGS, exclude=str(tmp_path / "bad.csv"))
+
+
+def test_groups_too_few_to_fill_val_and_test_are_refused_naming_them(tmp_path):
+    # Two patients (one per class): a grouped split cannot fill three splits, and train would stop much later
+    # on "split 'val' is empty".
+    manifest = manifest_set(tmp_path / "src", n_groups=2, per_group=3)
+    with pytest.raises(
+        DataError, match=r"would hold no image.*only 2 unit\(s\).*group p00: 3 image\(s\)"
+    ) as err:
+        ingest(manifest.parent, tmp_path / "out", **ARGS)
+    assert "group p01" in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_a_split_column_without_val_is_refused(tmp_path):
+    manifest = manifest_set(tmp_path / "src", n_groups=8, per_group=2, split=True)
+    table = pd.read_csv(manifest)
+    table.loc[table["split"] == "val", "split"] = "train"
+    table.to_csv(manifest, index=False)
+    with pytest.raises(DataError, match=r"split 'val' would hold no image \(the manifest's split column\)"):
+        ingest(manifest.parent, tmp_path / "out", **ARGS)
+
+
+def test_more_folds_than_groups_is_refused(tmp_path):
+    manifest = manifest_set(tmp_path / "src", n_groups=6, per_group=2)
+    with pytest.raises(DataError, match=r"fold '\d' would hold no image.*group p"):
+        ingest(manifest.parent, tmp_path / "out", **(ARGS | {"folds": 5}))
+
+
+def test_class_names_differing_only_in_case_are_refused_naming_both(image_folder, tmp_path):
+    (image_folder / "alpha").rename(image_folder / "Beta")
+    with pytest.raises(DataError, match=r"classes 'Beta' and 'beta' differ only in case"):
+        ingest(image_folder, tmp_path / "out", **ARGS)
+
+
+def test_a_png_whose_text_chunk_pillow_refuses_to_inflate_is_skipped_as_unreadable(image_folder, tmp_path):
+    from PIL import Image, PngImagePlugin
+
+    text = PngImagePlugin.PngInfo()  # 2 MB of text in a few compressed bytes: over Pillow's MAX_TEXT_CHUNK
+    text.add_text("comment", "a" * (2 << 20), zip=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image_folder / "alpha" / "text.png", pnginfo=text)
+    report = ingest(image_folder, tmp_path / "out", **ARGS)
+    rejected = {Path(r["path"]).name: r["reason"] for r in report["rejected"]}
+    assert "MAX_TEXT_CHUNK" in rejected["text.png"] and report["n_images"] == 24

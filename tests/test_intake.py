@@ -333,3 +333,13 @@ def test_the_card_of_a_binary_set_names_the_positive_class_never_a_healthy_one(r
     line = next(line for line in out.splitlines() if line.strip().startswith("positive"))
     assert line.split()[1] == "malignant" and "'normal_benign' names a healthy" in line
     assert "set evaluate.positive_class: normal_benign in params.yaml" in line
+
+
+def test_a_set_of_two_patients_is_refused_at_intake_with_one_error_line(repo, tmp_path, capsys):
+    # Every image of one patient per class: a grouped split cannot fill val and test.
+    manifest = manifest_set(tmp_path / "src", n_groups=2, per_group=3)
+    assert cli(["intake", str(manifest), "--name", "two"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "would hold no image" in err[-1] and "only 2 unit(s)" in err[-1]
+    assert str(tmp_path / "src" / "imgs") in err[-1]  # the user's own files, not the staging copies
+    assert not (repo / "data" / "raw" / "two").exists()

@@ -1,7 +1,9 @@
 """python -m pipeline: one parser; every command's --help is its own, and the listing names their arguments."""
 
+import errno
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +82,60 @@ def test_bench_dispatches_to_a_real_data_bench_which_checks_its_file(tmp_path, c
         capfd.readouterr().err.strip()
         == f"error: {missing}: not found (the shared data sets live in ../shared/data)"
     )
+
+
+def test_a_name_too_long_for_the_file_system_is_one_error_line(tmp_path, capsys):
+    params = Path(__file__).parents[1] / "params.yaml"
+    out = tmp_path / ("a" * 300 + ".md")
+    assert cli(["--params", str(params), "docs", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "name is too long" in err[0], err
+
+
+@pytest.mark.parametrize(
+    "raised,words",
+    [
+        (
+            OSError(errno.ENOSPC, "No space left on device", "reports/metrics.json"),
+            "reports/metrics.json: the disk is full",
+        ),
+        (OSError(errno.EROFS, "Read-only file system", "models"), "models: the file system is read-only"),
+        (
+            PermissionError(errno.EACCES, "Permission denied", "data/prepared"),
+            "data/prepared: permission denied",
+        ),
+        ("readonly", "a database file cannot be used (attempt to write a readonly database)"),
+        ("locked", "(database is locked): MLflow's store"),
+        (KeyboardInterrupt(), "docs interrupted (Ctrl-C); outputs are written only when complete"),
+    ],
+)
+def test_the_machine_failing_is_one_error_line_and_a_bug_keeps_its_traceback(
+    monkeypatch, capsys, raised, words
+):
+    import sqlite3
+
+    import sqlalchemy
+
+    from pipeline import docs
+
+    if raised == "readonly":
+        raised = sqlalchemy.exc.OperationalError(
+            "INSERT", {}, sqlite3.OperationalError("attempt to write a readonly database")
+        )
+    elif raised == "locked":
+        raised = sqlite3.OperationalError("database is locked")
+
+    def fails(params, args):
+        raise raised
+
+    monkeypatch.setattr(docs, "main", fails)
+    params = str(Path(__file__).parents[1] / "params.yaml")
+    assert cli(["--params", params, "docs"]) == (130 if isinstance(raised, KeyboardInterrupt) else 2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+    monkeypatch.setattr(docs, "main", lambda params, args: {}["a bug"])
+    with pytest.raises(KeyError):
+        cli(["--params", params, "docs"])
+    monkeypatch.setattr(docs, "main", lambda params, args: Path("/nonexistent/file").read_text())  # a bug too
+    with pytest.raises(FileNotFoundError):
+        cli(["--params", params, "docs"])

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from pipeline import config, serve, tracking
 from pipeline.__main__ import main
@@ -319,3 +320,76 @@ def test_predict_applies_the_configured_pixel_budget(project, tmp_path):
     assert main(["predict", "--params", str(tmp_path / "params.yaml"), str(src), "--out", str(out)]) == 2
     errors = pd.read_csv(out)["error"]
     assert errors.str.contains("over data.max_image_pixels \\(1000\\)").all()  # 40x40 = 1600 pixels each
+
+
+def test_predict_names_a_fifo_a_folder_and_an_unreadable_png_instead_of_file_not_found(project, tmp_path):
+    import os
+
+    from PIL import PngImagePlugin
+
+    files = [Path(shutil.copy(f, tmp_path)) for f in sorted((project / "raw" / "beta").glob("*.png"))[:1]]
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "folder.png").mkdir()
+    text = (
+        PngImagePlugin.PngInfo()
+    )  # a 2 MB text chunk compressed to a few bytes: Pillow refuses to inflate it
+    text.add_text("comment", "a" * (2 << 20), zip=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "text.png", pnginfo=text)
+    names = ["pipe.png", "folder.png", "text.png", "gone.png"]
+    (tmp_path / "list.csv").write_text("path\n" + "".join(f"{n}\n" for n in [files[0].name, *names]))
+    assert cli(project, "predict", str(tmp_path / "list.csv"), "--out", str(tmp_path / "p.csv")) == 0
+    errors = dict(pd.read_csv(tmp_path / "p.csv", keep_default_na=False)[["path", "error"]].to_numpy())
+    assert errors[str(files[0])] == ""
+    assert "FIFO" in errors[str(tmp_path / "pipe.png")] and "folder" in errors[str(tmp_path / "folder.png")]
+    assert "MAX_TEXT_CHUNK" in errors[str(tmp_path / "text.png")]
+    assert errors[str(tmp_path / "gone.png")] == "file not found"
+
+
+@pytest.mark.parametrize("kind", ["link", "folder", "fifo"])
+def test_predict_and_export_never_replace_anything_but_a_regular_file(project, tmp_path, capsys, kind):
+    # A device node is checked in tests/test_fsutil.py without a CLI run: code that replaced it would replace
+    # the machine's own /dev/null.
+    import os
+
+    out = tmp_path / "out.csv"
+    if kind == "link":
+        (tmp_path / "kept.csv").write_text("someone's file\n")
+        out.symlink_to(tmp_path / "kept.csv")
+    elif kind == "folder":
+        out.mkdir()
+    else:
+        os.mkfifo(out)
+    what = {"link": "a symbolic link", "folder": "a folder", "fifo": "a FIFO"}[kind]
+    assert cli(project, "predict", str(project / "raw"), "--out", str(out)) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --out {out}: is {what}, which is never replaced; name a new file or a regular one"
+    )
+    assert cli(project, "export", "--format", "onnx", "--out", str(out)) == 2
+    assert f"is {what}" in capsys.readouterr().err
+    assert out.is_symlink() or out.is_dir() or out.is_fifo()
+    if kind == "link":
+        assert (tmp_path / "kept.csv").read_text() == "someone's file\n"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "architecture", "run.json", "decision.json"])
+def test_a_damaged_model_folder_or_decision_is_one_error_line(project, tmp_path, capsys, damage):
+    models = shutil.copytree(project / "models", tmp_path / "models")
+    decision = tmp_path / "decision.json"
+    if damage == "truncated":
+        (models / "best.ckpt").write_bytes((models / "best.ckpt").read_bytes()[:4000])
+    elif damage == "architecture":  # a resnet18's weights under a resnet34's hyperparameters
+        checkpoint = torch.load(models / "best.ckpt", weights_only=False)
+        checkpoint["hyper_parameters"]["arch"] = "resnet34"
+        torch.save(checkpoint, models / "best.ckpt")
+    elif damage == "run.json":
+        (models / "run.json").write_text('{"run_id": "r0", "classes": ')
+    else:
+        decision.write_text("[1, 2]")
+    argv = ["predict", str(project / "raw"), "--out", str(tmp_path / "p.csv"), "--model-dir", str(models)]
+    assert cli(project, *argv, "--decision", str(decision)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    where = {"truncated": "best.ckpt", "architecture": "best.ckpt", "run.json": "run.json"}.get(
+        damage, damage
+    )
+    assert len(err) == 1 and err[0].startswith("error: ") and where in err[0], err
+    assert not (tmp_path / "p.csv").exists()

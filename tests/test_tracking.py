@@ -195,6 +195,7 @@ def test_no_credential_reaches_mlflow_params_or_messages(tmp_path, monkeypatch):
         ("pw", "http://u:pw@127.0.0.1:5000"),
         ("abc", "https://127.0.0.1/x?token=abc&n=1"),
         ("s3cr3t", "x?a=1&api_key=s3cr3t"),
+        ("hunter2", "model.weights: file 'https:/u:hunter2@example.org/w.pth' not found"),  # via Path
     ):
         assert secret not in redact(text) and "***" in redact(text)
     assert redact("postgresql://postgres@127.0.0.1:5432/db") == "postgresql://postgres@127.0.0.1:5432/db"
@@ -212,3 +213,31 @@ def test_no_credential_reaches_mlflow_params_or_messages(tmp_path, monkeypatch):
     logged = mlflow.get_run(run.info.run_id).data.params
     assert logged["tune.storage"] == "postgresql://u:***@db/optuna"
     assert "hunter2" not in mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/params.json")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "locked"])
+def test_a_damaged_or_locked_local_store_is_one_error_naming_it(tmp_path, monkeypatch, damage):
+    import sqlite3
+
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "mlflow.db"
+    cfg = config.Tracking(tracking_uri=f"sqlite:///{store}", experiment="e")
+    holder = None
+    if damage == "garbage":
+        store.write_bytes(b"not a database at all, " * 400)
+    else:
+        tracking.setup(cfg)  # a real store, then cut short or held by another writer
+        if damage == "truncated":
+            store.write_bytes(store.read_bytes()[: store.stat().st_size // 3])
+        else:
+            holder = sqlite3.connect(store, isolation_level=None, timeout=0)
+            holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(tracking.TrackingError) as err:
+            tracking.setup(cfg)
+    finally:
+        if holder is not None:
+            holder.close()
+    words = {"garbage": "damaged or not a database", "truncated": "damaged", "locked": "another process"}
+    assert str(err.value).startswith(f"MLflow tracking store sqlite:///{store} (from mlflow.tracking_uri)")
+    assert words[damage] in str(err.value)

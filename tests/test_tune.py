@@ -2,8 +2,9 @@ import os
 
 import mlflow
 import optuna
+import pytest
 
-from pipeline import augment, tracking, tune
+from pipeline import augment, config, tracking, tune
 from pipeline.config import with_overrides
 from pipeline.training.fit import datamodule
 from pipeline.tune import study as tune_study
@@ -121,7 +122,7 @@ def test_pruned_trials_are_pruned_in_optuna_and_mlflow_and_plots_reach_the_paren
 
 
 def test_an_interrupted_study_resumes_and_its_trial_count_continues(
-    tiny_params, prepared, tmp_path, monkeypatch
+    tiny_params, prepared, tmp_path, monkeypatch, caplog
 ):
     params, exp_id, data_for = _setup(tiny_params, prepared, tmp_path, monkeypatch, **{"tune.n_trials": 3})
     real_fit, calls = tune_trial.fit, []
@@ -137,6 +138,11 @@ def test_an_interrupted_study_resumes_and_its_trial_count_continues(
 
     with pytest.raises(KeyboardInterrupt):
         tune.run(params, data_for, "s", {})
+    # Optuna's line says the trial failed; its traceback of Ctrl-C is left out (the CLI says how to go on).
+    failed = [
+        r for r in caplog.records if r.name == "optuna.study._optimize" and "failed with param" in r.msg
+    ]
+    assert failed and not any(r.exc_info for r in failed)
     monkeypatch.setattr(tune_trial, "fit", real_fit)
     study = optuna.load_study(study_name="s", storage=params.tune.storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
@@ -245,7 +251,7 @@ def test_best_params_reach_the_train_stage(tiny_params, tmp_path):
 
 
 def test_ctrl_c_inside_lightning_fails_the_trial_instead_of_leaving_it_running(
-    tiny_params, prepared, tmp_path, monkeypatch
+    tiny_params, prepared, tmp_path, monkeypatch, caplog
 ):
     import pytest
 
@@ -257,6 +263,11 @@ def test_ctrl_c_inside_lightning_fails_the_trial_instead_of_leaving_it_running(
     monkeypatch.setattr(tune_trial, "fit", ctrl_c_in_lightning)
     with pytest.raises(KeyboardInterrupt):
         tune.run(params, data_for, "s", {})
+    # Optuna's line says the trial failed; its traceback of Ctrl-C is left out (the CLI says how to go on).
+    failed = [
+        r for r in caplog.records if r.name == "optuna.study._optimize" and "failed with param" in r.msg
+    ]
+    assert failed and not any(r.exc_info for r in failed)
     study = optuna.load_study(study_name="s", storage=params.tune.storage)
     assert [t.state.name for t in study.trials] == ["FAIL"]
 
@@ -291,3 +302,42 @@ def test_an_unreachable_postgresql_server_is_named_with_host_and_port(tiny_param
     for create in (True, False):  # the tune stage, and tune --worker
         with pytest.raises(tune.TuneError, match=rf"server 127.0.0.1:{port} cannot be reached"):
             tune.open_study(params, "s", create=create)
+
+
+def test_a_study_whose_mlflow_parent_run_is_gone_is_one_error_naming_both(
+    tiny_params, prepared, tmp_path, monkeypatch
+):
+    from pipeline.tune.runs import create
+
+    params, _, data_for = _setup(tiny_params, prepared, tmp_path, monkeypatch)
+    parent = create(params, "s", {}).user_attrs[tune.RUN_ID_ATTR]
+    mlflow.delete_run(parent)
+    with pytest.raises(tune.TuneError, match=rf"study 's' .* parent run {parent} is deleted .*runs restore"):
+        tune.run(params, data_for, "s", {})
+    tracking.setup(
+        config.Tracking(tracking_uri=f"sqlite:///{tmp_path}/other.db", experiment="e")
+    )  # a new store
+    with pytest.raises(
+        tune.TuneError, match=rf"parent run {parent} is gone .*optuna delete-study --study-name s"
+    ):
+        tune.run(params, data_for, "s", {})
+
+
+def test_a_worker_process_interrupted_by_ctrl_c_exits_without_a_traceback(tiny_params, monkeypatch):
+    import logging
+    import queue
+
+    ours = logging.getLogger("pipeline")
+    monkeypatch.setattr(ours, "handlers", list(ours.handlers))  # the worker adds its own: put back after
+    monkeypatch.setattr(ours, "level", ours.level)
+    monkeypatch.setattr(tracking, "use_tracking_uri", lambda uri: None)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune_workers.Worker, "fill", interrupted)
+    worker = tune_workers.Worker(tiny_params, lambda p: None, "s", "r", "0", {}, "sqlite:///x.db", None, 0)
+    # multiprocessing prints a traceback for any exception but SystemExit
+    with pytest.raises(SystemExit) as stopped:
+        tune_workers._run_worker(worker, 0, 1, queue.Queue())
+    assert stopped.value.code == 130

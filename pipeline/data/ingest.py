@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,6 +263,9 @@ def _split(
         table["split"] = splits.assign(
             table["label"].to_numpy(), units, data.val_fraction, data.test_fraction, seed
         )
+    _refuse_empty(
+        table, units, "split", SPLITS, "the manifest's split column" * (how == "manifest"), how == "manifest"
+    )
     leaks = [list(table["path"].iloc[idx]) for idx in splits.crossing_units(units, table["split"].to_numpy())]
     if leaks:
         message = (
@@ -281,11 +285,41 @@ def _split(
         table["fold"] = splits.folds(
             table["label"].to_numpy(), units, table["split"].to_numpy(), data.folds, seed
         )
+        pool = (table["split"] != "test").to_numpy()
+        _refuse_empty(table[pool], units[pool], "fold", range(data.folds), f"data.folds: {data.folds}")
     for split in SPLITS:
         absent = sorted(set(table["label"]) - set(table.loc[table["split"] == split, "label"]))
         if absent:
             warnings.append(f"split '{split}' has no images of {absent}")
     return how, leaks
+
+
+def _refuse_empty(
+    table: pd.DataFrame, units: np.ndarray, column: str, names: Iterable, setting: str, manifest: bool = False
+) -> None:
+    """A DataError when a split (or fold) would hold no image: training would stop on it much later.
+
+    ``setting``: what asked for the shares (shown in brackets); ``manifest``: a split column placed the images.
+    """
+    empty = [name for name in names if not (table[column] == name).any()]
+    if not empty:
+        return
+    what = f"{column} '{empty[0]}' would hold no image" + (f" ({setting})" if setting else "")
+    if manifest:
+        raise DataError(f"{what}; give each split images of every class")
+    listed = []
+    for unit in pd.unique(units)[:5]:
+        rows = table[units == unit]
+        named = sorted(set(rows["group"]) - {""}) if "group" in rows else []
+        label = f"group {', '.join(named)}" if named else "duplicates"
+        listed.append(f"{label}: {len(rows)} image(s), e.g. {rows['path'].iat[0]}")
+    raise DataError(
+        f"{what}: the {len(table)} images form only {len(pd.unique(units))} unit(s) that must each stay "
+        f"whole (a group, e.g. one patient, with its exact and near duplicates): "
+        + "; ".join(listed)
+        + (" ..." if len(pd.unique(units)) > 5 else "")
+        + "; hand in images of at least three groups (patients), and more for metrics worth reading"
+    )
 
 
 def _check_classes(
@@ -296,6 +330,15 @@ def _check_classes(
             f"{raw_dir}: only one class ({', '.join(map(repr, classes))}); a classifier needs at least "
             "two (one folder of images per class, or two labels in the manifest)"
         )
+    folded: dict[str, str] = {}
+    for (
+        name
+    ) in classes:  # one folder on macOS and Windows, two classes here: the same set would train otherwise
+        if (other := folded.setdefault(name.casefold(), name)) != name:
+            raise DataError(
+                f"{raw_dir}: classes '{other}' and '{name}' differ only in case (one folder on macOS and "
+                "Windows); merge them into one class or rename one"
+            )
     counts = table["label"].value_counts()
     for name in classes:
         n = int(counts.get(name, 0))

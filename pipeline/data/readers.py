@@ -113,7 +113,8 @@ def _read_pil(path: Path | BinaryIO, max_pixels: int) -> Decoded:
             elif mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
                 img = img.convert("L" if mode == "1" else "RGB")
             arr = np.asarray(img)
-    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+    # ValueError: how Pillow reports some malformed files, e.g. a text chunk over PngImagePlugin.MAX_TEXT_CHUNK
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise UnreadableImage(f"{type(err).__name__}: {err}") from None
     if mode in ("LA", "RGBA", "PA") or (mode == "P" and arr.ndim == 3 and arr.shape[-1] == 4):
         arr = arr[..., :-1]  # alpha is not image content

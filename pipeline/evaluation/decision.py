@@ -195,8 +195,14 @@ class Decision:
 
     @classmethod
     def read(cls, path: str | Path) -> Decision:
-        raw = json.loads(Path(path).read_text())
-        return cls(**raw | {"classes": tuple(raw["classes"])})
+        try:
+            raw = json.loads(Path(path).read_text())
+            return cls(**raw | {"classes": tuple(raw["classes"])})
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise DecisionError(
+                f"{path}: not a decision.json this code can read ({type(err).__name__}: {err}); rerun the "
+                "evaluate stage (dvc repro evaluate), or restore it (dvc checkout)"
+            ) from None
 
     def predicted(self, probs: np.ndarray) -> np.ndarray:
         """Class indices: the threshold on the positive class for binary tasks, else the most probable class."""

@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(params: Params, args: argparse.Namespace) -> None:
     out = args.out or Path(params.paths.exports) / f"model{serve.SUFFIX[args.format]}"
+    serve.check_out(out)
     trained = serve.load_trained(args.model_dir or Path(params.paths.model_dir))
     serve.export(trained, args.format, out)
     print(

@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(params: Params, args: argparse.Namespace) -> None:
+    serve.check_out(args.out)
     trained = serve.load_trained(args.model_dir or Path(params.paths.model_dir))
     made = serve.load_decision(args.decision or Path(params.paths.decision), trained)
     table = serve.predict(

@@ -29,6 +29,7 @@ from pipeline.training import probe, recipe
 from pipeline.training.callbacks import FitCallbacks, TrainingDiverged, callbacks_for, slim_checkpoint
 from pipeline.training.model import Classifier, build_network, input_statistics
 from pipeline.training.pretrained import load_pretrained
+from pipeline.training.resume import AtomicCheckpointIO
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,7 @@ def build_trainer(
         precision=t.precision,
         logger=logger,
         callbacks=made.callbacks,
+        plugins=[AtomicCheckpointIO()],  # last.ckpt whole or not at all (a full disk, a kill mid-copy)
         enable_checkpointing=made.checkpoint is not None,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -13,6 +13,7 @@ local state dict. The files themselves are handled in :mod:`pipeline.training.we
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from urllib.error import URLError
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from pipeline import backbones
+from pipeline.credentials import redact
 from pipeline.fsutil import file_sha256
 from pipeline.runinfo import WeightsInfo
 from pipeline.training import transfer
@@ -58,6 +60,11 @@ def load_pretrained(
     if weights in backbones.NAMED:
         return _load_named(net, arch, weights, require_pretrained, hub_dir, sha256, pixel_dtype)
     if weights != "imagenet" and not files.is_enum_name(weights):
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", weights):  # Path would collapse it into a missing file
+            raise files.WeightsError(
+                f"model.weights: '{redact(weights)}' is a URL, which is not downloaded: download the file, "
+                "then point model.weights at it (or `python -m pipeline weights import FILE`)"
+            )
         path = Path(weights)
         digest = files.verify_file(path, sha256=sha256) if path.is_file() else None
         files.load_into(net, files.read(path), str(path))

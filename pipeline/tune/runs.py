@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 
 from pipeline import tracking
 from pipeline.config import Params, as_dict
+from pipeline.credentials import redact
 from pipeline.tune.study import RUN_ID_ATTR, TuneError, open_study
 from pipeline.tune.summary import log_study_plots, summarize
 from pipeline.tune.trial import DataFor
@@ -26,7 +27,9 @@ def create(params: Params, name: str, tags: dict[str, str]) -> optuna.Study:
     """The study and its MLflow parent run, made once before any worker starts (several processes
     creating the tables of a fresh PostgreSQL database at the same moment collide)."""
     study = open_study(params, name)
-    if RUN_ID_ATTR not in study.user_attrs:
+    if RUN_ID_ATTR in study.user_attrs:
+        _check_parent(params, name, study.user_attrs[RUN_ID_ATTR])
+    else:
         with mlflow.start_run(
             run_name=tracking.run_name("tune", params.model.arch, tags),
             tags=tags | {"stage": "tune", "optuna.study": name},
@@ -34,6 +37,24 @@ def create(params: Params, name: str, tags: dict[str, str]) -> optuna.Study:
             study.set_user_attr(RUN_ID_ATTR, parent.info.run_id)
             mlflow.log_dict({k: as_dict(v) for k, v in params.tune.search_space.items()}, "search_space.json")
     return study
+
+
+def _check_parent(params: Params, name: str, run_id: str) -> None:
+    """The study's MLflow parent run must still be there: its trials nest under it (a store replaced or a run
+    deleted since the study began would stop the stage with MLflow's traceback)."""
+    try:
+        stage = mlflow.get_run(run_id).info.lifecycle_stage
+    except mlflow.exceptions.MlflowException:
+        stage = "gone"
+    if stage == "active":
+        return
+    storage = redact(params.tune.storage)
+    restore = f"restore it (mlflow runs restore --run-id {run_id}), or " if stage == "deleted" else ""
+    raise TuneError(
+        f"study '{name}' in tune.storage {storage}: its MLflow parent run {run_id} is {stage} in the tracking "
+        f"store {redact(mlflow.get_tracking_uri())}: {restore}start the study again: "
+        f"optuna delete-study --study-name {name} --storage {storage}"
+    )
 
 
 def run(

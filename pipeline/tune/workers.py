@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import socket
+import sys
 import time
 import warnings
 
@@ -61,6 +62,22 @@ def _worker_gone(worker: str) -> bool:
     return False
 
 
+class _NoInterruptTraceback(logging.Filter):
+    """Optuna logs a failed trial with its traceback; for Ctrl-C its one line says enough (three chained
+    tracebacks of Lightning's exit said nothing more), and the CLI says how to go on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_interrupts() -> None:
+    trials = logging.getLogger("optuna.study._optimize")  # where Optuna reports a failed trial
+    if not any(isinstance(f, _NoInterruptTraceback) for f in trials.filters):
+        trials.addFilter(_NoInterruptTraceback())
+
+
 def _open_slots(study: optuna.Study, n_trials: int) -> int:
     return n_trials - len(_trials(study, TAKEN))
 
@@ -84,6 +101,7 @@ class Worker:
         """Run trials in this process until the study holds tune.n_trials finished ones, the deadline
         passes, or tune.n_trials of this worker's trials have failed; return the trials it ran."""
         n_trials = self.params.tune.n_trials
+        _quiet_interrupts()
         study = open_study(self.params, self.study, create=False)
         # A sampler seeded alike in every worker, or again on resuming, would draw the values drawn before.
         key = f"{self.seed}:{self.index}:{len(study.trials)}".encode()
@@ -154,7 +172,10 @@ def _run_worker(worker: Worker, index: int, threads: int, results: multiprocessi
     logging.getLogger("pipeline").addHandler(handler)
     logging.getLogger("pipeline").setLevel(logging.INFO)
     tracking.use_tracking_uri(worker.tracking_uri)
-    results.put(dataclasses.replace(worker, index=index).fill())
+    try:
+        results.put(dataclasses.replace(worker, index=index).fill())
+    except KeyboardInterrupt:  # its trial is failed already; multiprocessing would print a traceback
+        sys.exit(130)
 
 
 def cuda_devices(accelerator: str) -> list[str]:

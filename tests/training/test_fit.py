@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -208,3 +210,64 @@ def test_run_json_records_the_ema_only_where_the_training_step_used_it(tiny_para
         assert training.run_info(params, prepared, "r1", fitted).ema_decay == expected
     off = with_overrides(tiny_params, {"train.ema_decay": 0.0})
     assert training.run_info(off, prepared, "r1", fitted).ema_decay is None
+
+
+def test_a_full_disk_while_last_ckpt_is_written_leaves_the_previous_one(
+    tiny_params, prepared, tmp_path, monkeypatch
+):
+    import errno
+    import io
+    import shutil
+
+    from pipeline.config import with_overrides
+
+    params = with_overrides(tiny_params, {"train.max_epochs": 1})
+    out = tmp_path / "ckpt"
+    fit(params, datamodule(params, prepared, None), out_dir=out)
+    before = (out / "last.ckpt").read_bytes()
+    real_save, real_move = torch.save, shutil.move
+
+    def full(written: bytes, dest):  # half of it reached the disk, then the disk was full
+        with open(dest, "wb") as f:
+            f.write(written[: len(written) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def save(obj, f, *args, **kwargs):  # wherever the checkpoint's bytes go to a file named for last.ckpt
+        if isinstance(f, io.BytesIO) or "last.ckpt" not in str(f):
+            return real_save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        full(buffer.getvalue(), f)
+
+    def move(src, dst, *args, **kwargs):  # Lightning stages in the temporary folder, then copies
+        if "last.ckpt" not in str(dst):
+            return real_move(src, dst, *args, **kwargs)
+        full(Path(src).read_bytes(), dst)
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(shutil, "move", move)
+    params = with_overrides(params, {"train.max_epochs": 2})
+    with pytest.raises(OSError, match="No space left"):
+        fit(params, datamodule(params, prepared, None), out_dir=out, resume_from=out / "last.ckpt")
+    assert (out / "last.ckpt").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["best.ckpt", "last.ckpt"]  # no staging copy left
+
+
+def test_an_unreadable_last_ckpt_is_reported_and_training_starts_over(
+    tiny_params, prepared, tmp_path, caplog
+):
+    from pipeline.training.resume import Resume
+
+    resume = Resume(tmp_path / ".models.resume", "k")
+    fit(tiny_params, datamodule(tiny_params, prepared, None), out_dir=resume.checkpoints)
+    last = resume.checkpoints / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:5000])  # a kill mid-write, by an older version
+    result = fit(
+        tiny_params,
+        datamodule(tiny_params, prepared, None),
+        out_dir=resume.checkpoints,
+        resume_from=resume.last_checkpoint(),
+    )
+    assert result.epochs_run == tiny_params.train.max_epochs
+    assert f"{last} cannot be read" in caplog.text and "starts over" in caplog.text
+    assert resume.last_checkpoint() == last  # replaced by a whole one

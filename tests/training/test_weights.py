@@ -279,3 +279,13 @@ def test_an_unavailable_download_is_announced_once_per_process(tmp_path, monkeyp
     banners = [r for r in caplog.records if "PRETRAINED WEIGHTS UNAVAILABLE" in r.getMessage()]
     assert len(banners) == 1 and banners[0].levelname == "WARNING"
     assert "Downloading" not in capsys.readouterr().out  # torch.hub's line before each failing try
+
+
+def test_a_url_is_refused_as_a_url_and_its_password_never_shown():
+    # pathlib would collapse 'https://' into 'https:/', and the redaction would no longer see a URI.
+    net = build_network("resnet18", 3)
+    with pytest.raises(weights.WeightsError, match="is a URL") as err:
+        weights.load_pretrained(
+            net, "resnet18", "https://u:hunter2@example.org/w.pth", require_pretrained=False
+        )
+    assert "hunter2" not in str(err.value) and "https://u:***@example.org/w.pth" in str(err.value)
