@@ -285,7 +285,7 @@ def test_a_url_is_refused_as_a_url_and_its_password_never_shown():
     # pathlib would collapse 'https://' into 'https:/', and the redaction would no longer see a URI.
     net = build_network("resnet18", 3)
     with pytest.raises(weights.WeightsError, match="is a URL") as err:
-        weights.load_pretrained(
+        pretrained.load_pretrained(
             net, "resnet18", "https://u:hunter2@example.org/w.pth", require_pretrained=False
         )
     assert "hunter2" not in str(err.value) and "https://u:***@example.org/w.pth" in str(err.value)
