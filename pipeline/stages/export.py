@@ -9,7 +9,6 @@ ONNX: the metadata property ``class_names``).
 import argparse
 from pathlib import Path
 
-from pipeline import serve
 from pipeline.config import Params
 
 
@@ -27,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(params: Params, args: argparse.Namespace) -> None:
+    # Here, not at the top: `--help` of this command then costs no torch import (20-38 s on a busy machine).
+    from pipeline import serve
+
     out = args.out or Path(params.paths.exports) / f"model{serve.SUFFIX[args.format]}"
     trained = serve.load_trained(args.model_dir or Path(params.paths.model_dir))
     serve.export(trained, args.format, out)

@@ -1,16 +1,17 @@
-"""train: fine-tune with the tuned params; save the best checkpoint and the MLflow run it belongs to.
+"""train: fine-tune with the tuned params (tune's best values over params.yaml); save the checkpoint that
+train.checkpoint names (last: the schedule's end; best: the best epoch on train.monitor) in paths.model_dir,
+with the MLflow run it belongs to.
 
 A killed run (even SIGKILL) resumes where it stopped, in the same MLflow run, when the stage runs
-again with the same inputs (see ``pipeline.resume``); the work is ``pipeline.training.train``.
+again with the same inputs.
 """
+# The work is pipeline.training.train; resuming is pipeline.resume.
 
 import argparse
 from typing import Any
 
 import yaml
-from lightning.pytorch.utilities import rank_zero_only
 
-from pipeline import training
 from pipeline.config import ConfigError, Params, with_overrides
 from pipeline.stages import open_tracking, stage_input
 
@@ -26,6 +27,11 @@ def with_best_params(params: Params) -> tuple[Params, dict[str, Any]]:
 
 
 def main(params: Params, args: argparse.Namespace) -> None:
+    # Here, not at the top: `--help` of this command then costs no torch import (20-38 s on a busy machine).
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from pipeline import training
+
     params, tuned = with_best_params(params)
     # A DDP worker (rank > 0) trains its shard and writes nothing: rank 0 owns the MLflow run and outputs.
     tags = open_tracking(params) if getattr(rank_zero_only, "rank", 0) == 0 else None

@@ -5,21 +5,28 @@ machine with the same commit, params and data: it runs trials (tune.n_jobs proce
 holds tune.n_trials, nested under the study's MLflow parent run, and writes no outputs.
 """
 
+from __future__ import annotations
+
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from pipeline import tune
 from pipeline.config import Params, value_at
 from pipeline.data.prepared import load_prepared
 from pipeline.fsutil import atomic_file, write_json
 from pipeline.stages import dataset_dir, open_tracking
 
+if TYPE_CHECKING:
+    from pipeline import tune
+
 
 def study_of(params: Params) -> tuple[str, dict[str, str], tune.TrialData]:
     """The study these params and data name (the same on every machine), the MLflow tags of its runs,
     and the data its trials train on."""
+    from pipeline import tune
+
     tags = open_tracking(params)
     data = tune.TrialData(Path(params.paths.prepared), Path(params.paths.augment_pipeline), params.seed)
     return (
@@ -34,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(params: Params, args: argparse.Namespace) -> None:
+    # Here, not at the top: `--help` of this command then costs no torch import (20-38 s on a busy machine).
+    from pipeline import tune
+
     worker = args.worker
     paths = params.paths
     if not params.tune.enabled:
