@@ -219,7 +219,9 @@ def plot_metric_vs_params(
 ) -> Figure:
     """One scatter per param: ``metric`` against it, a colour per value of ``by`` (stage, dvc_exp, ...).
 
-    A positive param spanning more than a factor of 3 gets a log axis (learning rates, weight decay).
+    A positive param spanning more than a factor of 3 gets a log axis (learning rates, weight decay). A param
+    that is not a number in every run (``augment.preset``, ``evaluate.threshold: youden`` beside 0.5) is a
+    categorical axis of its values as text, unset ones shown as '(unset)'.
     """
     if metric not in runs:
         raise PipelineError(f"metric '{metric}' is in no run; metrics logged: {sorted(metric_columns(runs))}")
@@ -228,9 +230,11 @@ def plot_metric_vs_params(
     axes = fig.subplots(1, max(1, len(params)), squeeze=False)[0]
     groups = runs[by].fillna("(none)") if by in runs else pd.Series("(none)", index=runs.index)
     for ax, param in zip(axes, params, strict=False):
+        numeric = pd.api.types.is_numeric_dtype(runs[param])
+        x = runs[param] if numeric else runs[param].astype("string").fillna("(unset)").astype(str)
         for group, rows in runs.groupby(groups):
-            ax.scatter(rows[param], rows[metric], label=str(group), alpha=0.8)
-        values = pd.to_numeric(runs[param], errors="coerce").dropna()
+            ax.scatter(x[rows.index], rows[metric], label=str(group), alpha=0.8)
+        values = runs[param].dropna() if numeric else pd.Series(dtype=float)
         span = values.max() / values.min() if len(values) and (values > 0).all() else 0
         if span > 3:
             ax.set_xscale("log")
@@ -264,6 +268,20 @@ def best_run(
     return pool.loc[
         pool[metric].idxmin() if (mode or vocabulary.better(metric)) == "min" else pool[metric].idxmax()
     ]
+
+
+NO_TRIALS = (
+    "No Optuna trial ran: the tune stage found tune.enabled false in params.yaml (or the study has not run "
+    "yet), so there is no best trial; docs/tuning.md says how to run a study."
+)
+
+
+def best_trial(runs: pd.DataFrame, metric: str) -> pd.Series | None:
+    """The tune trial with the best ``metric``, or None when no trial ran (``tune.enabled: false``)."""
+    trials = runs[runs["stage"] == "tune-trial"] if "stage" in runs else runs.iloc[0:0]
+    if trials.empty:
+        return None
+    return best_run(trials, metric)
 
 
 # --- 03: errors on the test split -------------------------------------------------------------------------
