@@ -344,6 +344,7 @@ def mistakes_gradcam(model, mistakes: pd.DataFrame, data: Prepared, n: int = 8) 
 
     shown = mistakes.head(n)
     images = data.images[shown["cache_index"].to_numpy()]
+    side = min(data.images.shape[1:3])  # grad_cam's layer, as in the report's panel: explain.layer_for
     index = {name: i for i, name in enumerate(data.classes)}
     predicted: np.ndarray | list = (
         explain.grad_cam(model, images, [index[c] for c in shown["predicted"]]) if len(shown) else []
@@ -367,6 +368,7 @@ def mistakes_gradcam(model, mistakes: pd.DataFrame, data: Prepared, n: int = 8) 
         png,
         columns=4,
         wrong=[True, False] * len(shown),
-        title="Grad-CAM of misclassified test images: evidence for the predicted (red), then the actual class",
+        title=f"Grad-CAM ({explain.describe(side, explain.layer_for(side))}) of misclassified test images:\n"
+        "evidence for the predicted (red), then the actual class",
     )
     return png.getvalue()
