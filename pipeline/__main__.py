@@ -43,7 +43,7 @@ COMMANDS = {
     ),
     "export": Command(
         "pipeline.stages.export",
-        "--format {torchscript,onnx} [--out OUT] [--model-dir DIR]",
+        "--format {torchscript,onnx} [--out OUT] [--gray] [--model-dir DIR]",
         "the trained model as one TorchScript or ONNX file",
     ),
     "weights": Command(
