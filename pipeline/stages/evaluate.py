@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.config import Params
+from pipeline.environ import use_cpu_threads
 from pipeline.stages import open_tracking, stage_input
 
 
@@ -17,6 +18,7 @@ def main(params: Params, args: argparse.Namespace) -> None:
     from pipeline.runinfo import RUN_INFO
 
     paths = params.paths
+    use_cpu_threads(params.train.cpu_threads)  # as the train stage: the same numbers on any machine
     stage_input(Path(paths.model_dir) / RUN_INFO, "paths.model_dir", "train")
     done = evaluating.assess(params)  # everything computed before anything is replaced
     evaluating.write(paths, done, params.evaluate.ece_bins)

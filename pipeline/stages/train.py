@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, Params, with_overrides
+from pipeline.environ import use_cpu_threads
 from pipeline.stages import open_tracking, stage_input
 
 
@@ -33,6 +34,7 @@ def main(params: Params, args: argparse.Namespace) -> None:
     from pipeline import training
 
     params, tuned = with_best_params(params)
+    use_cpu_threads(params.train.cpu_threads)  # a fixed count: the same numbers on any machine
     # A DDP worker (rank > 0) trains its shard and writes nothing: rank 0 owns the MLflow run and outputs.
     tags = open_tracking(params) if getattr(rank_zero_only, "rank", 0) == 0 else None
     info = training.train(params, tuned, tags)

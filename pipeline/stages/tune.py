@@ -15,6 +15,7 @@ import yaml
 
 from pipeline.config import Params, value_at
 from pipeline.data.prepared import load_prepared
+from pipeline.environ import use_cpu_threads
 from pipeline.fsutil import atomic_file, write_json
 from pipeline.stages import dataset_dir, open_tracking
 
@@ -46,19 +47,24 @@ def main(params: Params, args: argparse.Namespace) -> None:
 
     worker = args.worker
     paths = params.paths
-    if not params.tune.enabled:
+    study, plan = tune.planned(params)
+    if study is None:
         if worker:
-            raise tune.TuneError(f"{args.params}: tune.enabled is false: there is no study to join")
+            raise tune.TuneError(f"{args.params}: {plan}: there is no study to join")
+        print(f"tune: {plan}")
         best = {key: value_at(params, key) for key in params.tune.search_space}
         summary = {"enabled": False}
     else:
+        params = study
+        use_cpu_threads(params.train.cpu_threads)
+        print(f"tune: {plan}")
         name, tags, data = study_of(params)
         if worker:
             ran = tune.join(params, data, name, tags)
             print(f"tune --worker: ran {ran} trials of study {name}")
             return
-        study, summary = tune.run(params, data, name, tags, dataset=dataset_dir(params))
-        best = study.best_params
+        done, summary = tune.run(params, data, name, tags, dataset=dataset_dir(params))
+        best = done.best_params
         print(
             f"tune: study {name}: {summary['trials_complete']} complete, {summary['trials_pruned']} pruned, "
             f"{summary['trials_failed']} failed; best {params.train.monitor}={summary['best_value']:.4f}"
