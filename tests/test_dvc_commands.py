@@ -25,7 +25,7 @@ h = int(hashlib.md5(json.dumps(p, sort_keys=True).encode()).hexdigest(), 16)
 for name, path in (("metrics", "reports/metrics.json"), ("detail", "reports/metrics_detail.json")):
     json.dump({k: (h >> i) % 1000 / 1000 for i, k in enumerate(keys[name])}, open(path, "w"))
 summary = {"enabled": True, "study": "demo-resnet18-" + hex(h)[2:14], "trials_complete": 3,
-           "trials_pruned": h % 2, "trials_failed": 0, "best_value": h % 97 / 97, "wall_time_s": h % 300}
+           "trials_pruned": h % 2, "trials_failed": 0, "best_value": h % 97 / 97, "best_trial": h % 3}
 json.dump(summary, open("data/tune/summary.json", "w"))
 """
 DVC_YAML = """

@@ -71,5 +71,6 @@ def main(params: Params, args: argparse.Namespace) -> None:
         )
     with atomic_file(paths.best_params) as tmp:
         tmp.write_text(yaml.safe_dump(best, sort_keys=True))
-    write_json(paths.tune_summary, summary)
+    # Kept in git (dvc.yaml: cache false): the wall time would change it on every run (MLflow has it).
+    write_json(paths.tune_summary, {k: v for k, v in summary.items() if k != "wall_time_s"})
     print(f"tune: best params {best} -> {paths.best_params}")
