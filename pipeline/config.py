@@ -445,7 +445,7 @@ class Tune:
     enabled: bool | Literal["auto"] = Field(
         default="auto",
         description="Run the Optuna study; false passes params.yaml values through. auto: a small study "
-        "on the demo set only (demo_trials trials of at most demo_max_epochs epochs, pruned at min_epochs), "
+        "on the demo set only (demo_trials trials of at most demo_max_epochs epochs, pruned), "
         "so a fresh clone's dvc repro shows one; none on any other set, where a trial trains the whole "
         "schedule and a study costs about n_trials trainings: true runs it (n_trials >= 9 for Hyperband to "
         "act; docs/tuning.md).",
@@ -456,9 +456,10 @@ class Tune:
         description="enabled auto on the demo set: the study's n_trials (a demo-sized study).",
     )
     demo_max_epochs: int = Field(
-        default=6,
+        default=3,
         ge=1,
-        description="enabled auto on the demo set: the study's max_epochs (short trials, pruned at min_epochs).",
+        description="enabled auto on the demo set: the study's max_epochs (short trials; Hyperband's first "
+        "rung at a third of them, where the weaker trials are pruned).",
     )
     n_trials: int = Field(default=4, ge=1, description="Completed-or-pruned trials the study should hold.")
     max_epochs: int | None = Field(

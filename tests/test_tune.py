@@ -303,6 +303,7 @@ def test_the_demo_runs_a_small_study_and_users_sets_keep_the_budget_rule(tiny_pa
     assert study is not None and study.tune.enabled is True and "demo-sized study" in plan
     assert (study.tune.n_trials, study.tune.max_epochs) == (auto.tune.demo_trials, auto.tune.demo_max_epochs)
     assert tune.trial_epochs(study) == auto.tune.demo_max_epochs
+    assert study.tune.min_epochs == max(1, auto.tune.demo_max_epochs // 3)  # a rung before the end: pruning
     study, plan = tune.planned(with_overrides(auto, {"data.dataset": "chest-xray"}))
     assert study is None and "no study on data set 'chest-xray'" in plan and "tune.enabled true" in plan
     study, _ = tune.planned(with_overrides(auto, {"tune.enabled": True, "data.dataset": "chest-xray"}))

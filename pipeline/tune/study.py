@@ -57,12 +57,14 @@ def planned(params: Params) -> tuple[Params | None, str]:
                 f"tune.enabled auto: no study on data set '{dataset}' (a trial trains the whole schedule, a "
                 f"study costs about tune.n_trials trainings); tune.enabled true runs one (docs/tuning.md)"
             )
+        # Hyperband's first rung at a third of the trial: short trials that are still pruned.
+        first = max(1, tune.demo_max_epochs // 3)
         small = dataclasses.replace(
-            tune, enabled=True, n_trials=tune.demo_trials, max_epochs=tune.demo_max_epochs
+            tune, enabled=True, n_trials=tune.demo_trials, max_epochs=tune.demo_max_epochs, min_epochs=first
         )
         return dataclasses.replace(params, tune=small), (
             f"tune.enabled auto: a demo-sized study on the demo set ({tune.demo_trials} trials of at most "
-            f"{tune.demo_max_epochs} epochs)"
+            f"{tune.demo_max_epochs} epochs, pruned from epoch {first})"
         )
     return params, f"tune.enabled true: {tune.n_trials} trials"
 
