@@ -49,7 +49,7 @@ COMMANDS = {
     ),
     "export": Command(
         "pipeline.stages.export",
-        "--format {torchscript,onnx} [--out OUT] [--model-dir DIR]",
+        "--format {torchscript,onnx} [--out OUT] [--gray] [--model-dir DIR]",
         "the trained model as one TorchScript or ONNX file",
     ),
     "promote": Command(
@@ -76,6 +76,11 @@ COMMANDS = {
         "speed and memory of the hot paths (make bench); quality, scale, transfer: benchmarks on real data",
     ),
 }
+# The top-level --help's description (this module's docstring is for developers).
+DESCRIPTION = (
+    "The pipeline's DVC stages (dvc repro runs them in order) and the tools around them. Every setting\n"
+    "comes from params.yaml (--params: another file); docs/pipeline.md describes each stage."
+)
 NO_ARGUMENTS = "Takes no arguments: every setting comes from params.yaml (--params: another file)."
 
 
@@ -96,7 +101,7 @@ def build_parser(full: set[str] | frozenset[str] = frozenset()) -> argparse.Argu
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
         usage="%(prog)s [-h] [--params PARAMS] COMMAND ...",  # the suppressed COMMAND would leave it out
-        description=__doc__,
+        description=DESCRIPTION,
         epilog=f"commands and their arguments ('python -m pipeline COMMAND --help' for one's own):\n{listing}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -113,7 +118,7 @@ def build_parser(full: set[str] | frozenset[str] = frozenset()) -> argparse.Argu
         sub = commands.add_parser(
             name,
             prog=f"{parser.prog} {name}",
-            description=(module.__doc__ or "").strip(),
+            description=user_help(module),
             epilog=None if add_arguments else NO_ARGUMENTS + ("\n" + stage if name in STAGES else ""),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -122,6 +127,13 @@ def build_parser(full: set[str] | frozenset[str] = frozenset()) -> argparse.Argu
         if add_arguments:
             add_arguments(sub)
     return parser
+
+
+def user_help(module: object) -> str:
+    """A command's description for its --help: the module's ``HELP`` where its docstring speaks to developers,
+    else the docstring; reST's double backquotes shown as Markdown's single ones."""
+    text = getattr(module, "HELP", None) or getattr(module, "__doc__", None) or ""
+    return text.strip().replace("``", "`")
 
 
 def chosen(argv: list[str]) -> str | None:

@@ -386,6 +386,14 @@ class Train:
     strategy: Literal["auto", "ddp", "ddp_spawn"] = Field(default="auto", description="Lightning strategy.")
     precision: Literal["32", "16-mixed", "bf16-mixed"] = Field(default="32", description="Numeric precision.")
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes.")
+    cpu_threads: int | None = Field(
+        default=2,
+        ge=1,
+        description="torch's CPU threads in the train, tune and evaluate stages. A fixed count makes a CPU "
+        "run's numbers the same on any machine (the float sums depend on it: the demo's committed reports "
+        "are what make demo reproduces); raise it on a big CPU-only machine (faster, numbers then differ in "
+        "the last digits). null: the cores the machine has free (its load average subtracted).",
+    )
     channels_last: bool | Literal["auto"] = Field(
         default="auto",
         description="Run the network and its inputs in channels_last memory format: faster convolutions "
@@ -508,11 +516,24 @@ class SearchDim:
 
 @dataclass(frozen=True, config=_STRICT)
 class Tune:
-    enabled: bool = Field(
-        default=False,
-        description="Run the Optuna study; false passes params.yaml values through. Off by default: a "
-        "trial trains the whole schedule, so a study costs several trainings (turn it on with "
-        "n_trials >= 9 for Hyperband to act; docs/tuning.md).",
+    enabled: bool | Literal["auto"] = Field(
+        default="auto",
+        description="Run the Optuna study; false passes params.yaml values through. auto: a small study "
+        "on the demo set only (demo_trials trials of at most demo_max_epochs epochs, pruned), "
+        "so a fresh clone's dvc repro shows one; none on any other set, where a trial trains the whole "
+        "schedule and a study costs about n_trials trainings: true runs it (n_trials >= 9 for Hyperband to "
+        "act; docs/tuning.md).",
+    )
+    demo_trials: int = Field(
+        default=4,
+        ge=1,
+        description="enabled auto on the demo set: the study's n_trials (a demo-sized study).",
+    )
+    demo_max_epochs: int = Field(
+        default=3,
+        ge=1,
+        description="enabled auto on the demo set: the study's max_epochs (short trials; Hyperband's first "
+        "rung at a third of them, where the weaker trials are pruned).",
     )
     n_trials: int = Field(default=4, ge=1, description="Completed-or-pruned trials the study should hold.")
     max_epochs: int | None = Field(

@@ -18,6 +18,9 @@ from pydantic.fields import FieldInfo
 
 from pipeline.config import Params, SearchDim
 
+HELP = """docs: rewrite docs/configuration.md (every params.yaml key with its type, default and meaning) from the
+typed params in pipeline/config.py, as `make docs` does."""
+
 OUTPUT = Path("docs/configuration.md")
 COMMAND = "make docs"  # or: python -m pipeline docs
 SEARCH_SPACE = "tune.search_space"

@@ -1,4 +1,4 @@
-"""Grad-CAM heat maps on the last residual stage (``net.layer4``), and a panel of them for the report.
+"""Grad-CAM heat maps on a residual stage of the ResNet, and a panel of them for the report.
 
 The maps come from ``grad-cam`` (pytorch-grad-cam, MIT): maintained, and all it brings beyond what the
 pipeline already installs is ``ttach``. Importable from notebooks::
@@ -9,8 +9,9 @@ pipeline already installs is ``ttach``. Importable from notebooks::
 
 ``layer4`` has a stride of 32: at 64 px it is a 2x2 grid (one cell per quadrant), at 32 px a single cell
 that cannot localise anything, however smooth the upsampled map looks. ``grad_cam`` warns whenever its
-layer's map is coarser than ``MIN_GRID`` x ``MIN_GRID``; the evaluate stage's panel uses the deepest stage
-that is not (``layer_for``: layer3 at 64 px) and its title states the map's real resolution.
+layer's map is coarser than ``MIN_GRID`` x ``MIN_GRID``. By default it uses the deepest stage that is not
+(``layer_for``: layer3 at 64 px), the one choice that the report's panel and notebook 03 share; titles state
+the map's real resolution.
 """
 
 from __future__ import annotations
@@ -74,14 +75,14 @@ def grad_cam(
     images: np.ndarray,
     target: int | Sequence[int] | None = None,
     batch_size: int = 32,
-    layer: str = "layer4",
+    layer: str | None = None,
 ) -> np.ndarray:
     """Grad-CAM heat maps (N, H, W) in [0, 1] of cached images (N, H, W, C), as the prepared cache holds them.
 
     ``target``: the class explained: None, each image's predicted class; an int, that class for all;
     a sequence, one class per image. Each map is scaled to [0, 1] on its own (an all-zero map: no
-    positive evidence for the class). ``layer``: the ResNet stage explained (``layer_for`` picks one
-    fine enough for the image size).
+    positive evidence for the class). ``layer``: the ResNet stage explained; None: ``layer_for``'s, fine
+    enough for the image size.
     """
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -90,6 +91,7 @@ def grad_cam(
     if images.ndim != 4:
         raise ValueError(f"expected images as (N, H, W, C), got shape {images.shape}")
     side = min(images.shape[1:3])
+    layer = layer or layer_for(side)
     if grid(side, layer) < 2:
         log.warning(
             "Grad-CAM: at %d px %s is a single cell, so the heat maps cannot localise anything; use "
@@ -168,7 +170,7 @@ def panel(
     columns: int = 4,
     wrong: Sequence[bool] | None = None,
     row_titles: Sequence[str] | None = None,
-    title: str = "Grad-CAM (layer4)",
+    title: str = "Grad-CAM",
 ) -> None:
     """Save a grid of (image, heat-map overlay) pairs, ``columns`` pairs per row, captioned; None leaves a gap.
 

@@ -232,7 +232,9 @@ def plot_metric_vs_params(
 ) -> Figure:
     """One scatter per param: ``metric`` against it, a colour per value of ``by`` (stage, dvc_exp, ...).
 
-    A positive param spanning more than a factor of 3 gets a log axis (learning rates, weight decay).
+    A positive param spanning more than a factor of 3 gets a log axis (learning rates, weight decay). A param
+    that is not a number in every run (``augment.preset``, ``evaluate.threshold: youden`` beside 0.5) is a
+    categorical axis of its values as text, unset ones shown as '(unset)'.
     """
     if metric not in runs:
         raise PipelineError(f"metric '{metric}' is in no run; metrics logged: {sorted(metric_columns(runs))}")
@@ -241,9 +243,11 @@ def plot_metric_vs_params(
     axes = fig.subplots(1, max(1, len(params)), squeeze=False)[0]
     groups = runs[by].fillna("(none)") if by in runs else pd.Series("(none)", index=runs.index)
     for ax, param in zip(axes, params, strict=False):
+        numeric = pd.api.types.is_numeric_dtype(runs[param])
+        x = runs[param] if numeric else runs[param].astype("string").fillna("(unset)").astype(str)
         for group, rows in runs.groupby(groups):
-            ax.scatter(rows[param], rows[metric], label=str(group), alpha=0.8)
-        values = pd.to_numeric(runs[param], errors="coerce").dropna()
+            ax.scatter(x[rows.index], rows[metric], label=str(group), alpha=0.8)
+        values = runs[param].dropna() if numeric else pd.Series(dtype=float)
         span = values.max() / values.min() if len(values) and (values > 0).all() else 0
         if span > 3:
             ax.set_xscale("log")
@@ -277,6 +281,20 @@ def best_run(
     return pool.loc[
         pool[metric].idxmin() if (mode or vocabulary.better(metric)) == "min" else pool[metric].idxmax()
     ]
+
+
+NO_TRIALS = (
+    "No Optuna trial ran: the tune stage found tune.enabled false in params.yaml (or the study has not run "
+    "yet), so there is no best trial; docs/tuning.md says how to run a study."
+)
+
+
+def best_trial(runs: pd.DataFrame, metric: str) -> pd.Series | None:
+    """The tune trial with the best ``metric``, or None when no trial ran (``tune.enabled: false``)."""
+    trials = runs[runs["stage"] == "tune-trial"] if "stage" in runs else runs.iloc[0:0]
+    if trials.empty:
+        return None
+    return best_run(trials, metric)
 
 
 # --- 03: errors on the test split -------------------------------------------------------------------------
@@ -339,6 +357,7 @@ def mistakes_gradcam(model, mistakes: pd.DataFrame, data: Prepared, n: int = 8) 
 
     shown = mistakes.head(n)
     images = data.images[shown["cache_index"].to_numpy()]
+    side = min(data.images.shape[1:3])  # grad_cam's layer, as in the report's panel: explain.layer_for
     index = {name: i for i, name in enumerate(data.classes)}
     predicted: np.ndarray | list = (
         explain.grad_cam(model, images, [index[c] for c in shown["predicted"]]) if len(shown) else []
@@ -362,6 +381,7 @@ def mistakes_gradcam(model, mistakes: pd.DataFrame, data: Prepared, n: int = 8) 
         png,
         columns=4,
         wrong=[True, False] * len(shown),
-        title="Grad-CAM of misclassified test images: evidence for the predicted (red), then the actual class",
+        title=f"Grad-CAM ({explain.describe(side, explain.layer_for(side))}) of misclassified test images:\n"
+        "evidence for the predicted (red), then the actual class",
     )
     return png.getvalue()

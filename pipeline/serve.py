@@ -321,30 +321,45 @@ class PackagedNHWC(Packaged):
 
     An ONNX graph cannot raise a message of its own, so the input is declared with a static band
     axis, and onnxruntime refuses any other band count or rank by naming the axis (``index: 3``).
+    ``gray``: an RGB model takes one band, replicated inside as ingest replicates gray files (a model
+    trained on X-rays then takes their pixels as they are).
     """
 
+    gray: bool = False
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self._classify(images, images.permute(0, 3, 1, 2))
+        x = images.permute(0, 3, 1, 2)
+        if self.gray:
+            x = x.expand(-1, self.channels, -1, -1)
+        return self._classify(images, x)
 
 
-def _example(trained: Trained) -> torch.Tensor:
+def _example(trained: Trained, gray: bool = False) -> torch.Tensor:
     """The export's example batch: uint8 for 8-bit sets; floats in [0, 1] for 16-bit, DICOM and float sets."""
     dtype = torch.uint8 if trained.dtype == "uint8" else torch.float32
-    return torch.zeros((2, trained.image_size + 3, trained.image_size + 5, trained.in_channels), dtype=dtype)
+    bands = 1 if gray else trained.in_channels
+    return torch.zeros((2, trained.image_size + 3, trained.image_size + 5, bands), dtype=dtype)
 
 
-def package(trained: Trained, onnx: bool = False) -> Packaged:
-    """The trained model with its preprocessing in front, in eval mode: what is exported and registered."""
+def package(trained: Trained, onnx: bool = False, gray: bool = False) -> Packaged:
+    """The trained model with its preprocessing in front, in eval mode: what is exported and registered.
+    ``gray`` (ONNX): one-band input for an RGB model (:class:`PackagedNHWC`)."""
     kind = PackagedNHWC if onnx else Packaged
-    return kind(
-        trained.model, trained.image_size, trained.classes, gray_to_rgb=trained.channels == "rgb"
-    ).eval()
+    packaged = kind(trained.model, trained.image_size, trained.classes, gray_to_rgb=trained.channels == "rgb")
+    if gray:
+        if not (isinstance(packaged, PackagedNHWC) and packaged.gray_to_rgb):
+            raise ServeError(
+                f"--gray: only an ONNX export of an RGB model (data.channels: rgb) takes one band in place of "
+                f"3; this model takes {packaged.channels} (data.channels: {trained.channels})"
+            )
+        packaged.gray = True
+    return packaged.eval()
 
 
-def metadata(trained: Trained, fmt: Format) -> dict[str, str]:
+def metadata(trained: Trained, fmt: Format, gray: bool = False) -> dict[str, str]:
     """What an exported file carries beside the weights: class names and the input contract (ONNX's is the
     registered MLflow model's too: one traced layout)."""
-    bands = trained.in_channels
+    bands = 1 if gray else trained.in_channels
     accepted = f"{bands}" + (
         " (or 1: a gray image, replicated as at ingest)" if trained.channels == "rgb" else ""
     )
@@ -371,22 +386,24 @@ def metadata(trained: Trained, fmt: Format) -> dict[str, str]:
     }
 
 
-def export(trained: Trained, fmt: Format, out: Path) -> Path:
-    """Write the :class:`Packaged` model as TorchScript or ONNX to ``out`` (replaced only on success)."""
-    meta = metadata(trained, fmt)
+def export(trained: Trained, fmt: Format, out: Path, gray: bool = False) -> Path:
+    """Write the :class:`Packaged` model as TorchScript or ONNX to ``out`` (replaced only on success); ``gray``:
+    an ONNX file of an RGB model that takes one band (TorchScript takes 1 or 3 bands either way)."""
+    packaged = package(trained, onnx=fmt == "onnx", gray=gray)  # refuses gray where it means nothing
+    meta = metadata(trained, fmt, gray)
     with atomic_file(out) as tmp, torch.no_grad():
         if fmt == "torchscript":
             # Deprecated in recent torch in favour of torch.export, but still what libtorch (C++) loads.
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
-                scripted = torch.jit.script(package(trained))
+                scripted = torch.jit.script(packaged)
                 torch.jit.save(
                     scripted,
                     str(tmp),
                     _extra_files={CLASS_NAMES_FILE: meta["class_names"], "metadata.json": json.dumps(meta)},
                 )
         else:
-            _export_onnx(package(trained, onnx=True), _example(trained), tmp, meta)
+            _export_onnx(packaged, _example(trained, gray), tmp, meta)
     return out
 
 

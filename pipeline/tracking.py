@@ -26,6 +26,9 @@ from pipeline.data import shards
 from pipeline.environ import environ
 from pipeline.errors import PipelineError, database_advice, database_error
 
+HELP = """tracking: print the MLflow UI's link to the experiment's runs table (what `make ui` opens): the store
+is --tracking-uri, else $MLFLOW_TRACKING_URI, else mlflow.tracking_uri in params.yaml."""
+
 # The MLflow UI treats experiments with this tag as model-training experiments (runs table first).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # Longer flattened values go to an artifact: the UI's params table and compare view cut long strings.

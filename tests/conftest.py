@@ -62,7 +62,13 @@ def tiny_params() -> config.Params:
         {
             "data": {"dataset": "tiny", "image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25},
             "model": {"weights": "none"},
-            "train": {"max_epochs": 2, "batch_size": 4, "accelerator": "cpu", "patience": 2},
+            "train": {
+                "max_epochs": 2,
+                "batch_size": 4,
+                "accelerator": "cpu",
+                "patience": 2,
+                "cpu_threads": 1,
+            },
             "tune": {"enabled": True, "n_trials": 2, "max_epochs": 1},
         }
     )
@@ -89,7 +95,7 @@ TINY_PIPELINE = {  # params for a real but tiny run: 32 px demo tiles, 1-2 epoch
     "demo": {"n_per_class": 8, "image_size": 32},
     "data": {"image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25},
     "model": {"weights": "none"},
-    "train": {"max_epochs": 2, "batch_size": 8, "accelerator": "cpu"},
+    "train": {"max_epochs": 2, "batch_size": 8, "accelerator": "cpu", "cpu_threads": 1},  # -n 2 on 2 cores
     "tune": {"enabled": True, "n_trials": 2, "max_epochs": 1},
 }
 

@@ -1,6 +1,7 @@
 """Grad-CAM on a ResNet whose answer is known by construction, and the evaluate stage's panel."""
 
 import argparse
+import io
 
 import numpy as np
 import pytest
@@ -67,17 +68,21 @@ def model() -> Classifier:
 
 def test_grad_cam_puts_the_heat_on_the_bright_square_and_the_other_class_elsewhere(model):
     images, quadrant = squares(4)  # one per quadrant: rows and columns cannot be swapped unnoticed
-    bright = explain.grad_cam(model, images, target=1)
+    bright = explain.grad_cam(model, images, target=1, layer="layer4")
     assert bright.shape == (4, SIZE, SIZE) and bright.dtype == np.float32
     assert bright.min() >= 0 and np.allclose(bright.max(axis=(1, 2)), 1, atol=1e-3)
     # One hot cell of a 2x2 map, upsampled bilinearly, keeps 0.77 of its mass in its quadrant (chance: 0.25).
     assert (share_in_quadrant(bright, quadrant) > 0.7).all()
-    dark = explain.grad_cam(model, images, target=0)  # the evidence for 'dark' is everywhere but the square
+    dark = explain.grad_cam(
+        model, images, target=0, layer="layer4"
+    )  # the evidence for 'dark' is everywhere but the square
     assert (share_in_quadrant(dark, quadrant) < 0.2).all()
-    predicted = explain.grad_cam(model, images)  # default: each image's predicted class, here 'bright'
+    predicted = explain.grad_cam(
+        model, images, layer="layer4"
+    )  # default: each image's predicted class, here 'bright'
     assert model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).argmax(-1).eq(1).all()
     np.testing.assert_allclose(predicted, bright, atol=1e-5)
-    per_image = explain.grad_cam(model, images, target=[1, 0] * 2, batch_size=3)
+    per_image = explain.grad_cam(model, images, target=[1, 0] * 2, batch_size=3, layer="layer4")
     np.testing.assert_allclose(per_image[::2], bright[::2], atol=1e-5)
     np.testing.assert_allclose(per_image[1::2], dark[1::2], atol=1e-5)
 
@@ -85,7 +90,7 @@ def test_grad_cam_puts_the_heat_on_the_bright_square_and_the_other_class_elsewhe
 def test_a_32px_map_cannot_localise_and_says_so(model, caplog):
     images = np.zeros((1, 32, 32, 3), dtype=np.uint8)
     with caplog.at_level("WARNING", logger="pipeline.explain"):
-        explain.grad_cam(model, images)
+        explain.grad_cam(model, images, layer="layer4")
     assert "single cell" in caplog.text
     with pytest.raises(ValueError, match=r"\(N, H, W, C\)"):
         explain.grad_cam(model, images[0])
@@ -161,7 +166,7 @@ def test_a_map_coarser_than_4x4_is_named_and_the_panel_uses_a_finer_layer(model,
     assert explain.describe(64, "layer3") == "layer3: a 4x4 map, one cell per 16x16 px, drawn smoothed"
     images, _ = squares(2)  # 64 px: layer4 is 2x2
     with caplog.at_level("WARNING", logger="pipeline.explain"):
-        explain.grad_cam(model, images)
+        explain.grad_cam(model, images, layer="layer4")
     assert (
         "layer4 (layer4: a 2x2 map, one cell per 32x32 px, drawn smoothed) is coarser than 4x4" in caplog.text
     )
@@ -169,3 +174,32 @@ def test_a_map_coarser_than_4x4_is_named_and_the_panel_uses_a_finer_layer(model,
     with caplog.at_level("WARNING", logger="pipeline.explain"):
         maps = explain.grad_cam(model, images, layer="layer3")
     assert caplog.text == "" and maps.shape == (2, SIZE, SIZE)
+
+
+def test_notebook_and_report_explain_the_same_layer(model, monkeypatch):
+    """Notebook 03 drew layer4 (2x2 at 64 px) while the report's panel drew layer3: one choice, layer_for."""
+    import types
+
+    import pandas as pd
+
+    from pipeline import notebook
+
+    used = []
+    real = explain._target_layers
+    monkeypatch.setattr(explain, "_target_layers", lambda m, layer: used.append(layer) or real(m, layer))
+    images, _ = squares(2)
+    explain.gradcam_panel(
+        model, images, np.array([0, 1]), np.array([[0.4, 0.6]] * 2), ["dark", "bright"], 1, io.BytesIO()
+    )
+    mistakes = pd.DataFrame(
+        {
+            "actual": ["dark"],
+            "predicted": ["bright"],
+            "confidence": [0.6],
+            "p_actual": [0.4],
+            "cache_index": [0],
+        }
+    )
+    data = types.SimpleNamespace(images=images, classes=["dark", "bright"])
+    assert notebook.mistakes_gradcam(model, mistakes, data, n=1).startswith(b"\x89PNG")
+    assert used == ["layer3"] * 3 == [explain.layer_for(SIZE)] * 3

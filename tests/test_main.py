@@ -1,6 +1,7 @@
 """python -m pipeline: one parser; every command's --help is its own, and the listing names their arguments."""
 
 import errno
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,25 @@ def test_the_machine_failing_is_one_error_line_and_a_bug_keeps_its_traceback(
     monkeypatch.setattr(docs, "main", lambda params, args: Path("/nonexistent/file").read_text())  # a bug too
     with pytest.raises(FileNotFoundError):
         cli(["--params", params, "docs"])
+
+
+def test_a_commands_help_imports_no_torch_and_speaks_to_users():
+    """`python -m pipeline train --help` took 20-38 s importing torch on a busy machine, and showed developer
+    docstrings (`main(params, args)`, reST markup)."""
+    code = (
+        "import sys, contextlib, io, json\nfrom pipeline.__main__ import COMMANDS, main\nhelps = {}\n"
+        "for name in COMMANDS:\n    if name == 'bench':\n        continue\n    out = io.StringIO()\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(out):\n        main([name, '--help'])\n"
+        "    helps[name] = out.getvalue()\n"
+        "out = io.StringIO()\nwith contextlib.suppress(SystemExit), contextlib.redirect_stdout(out):\n"
+        "    main(['--help'])\nhelps[''] = out.getvalue()\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'helps': helps}))"
+    )
+    done = json.loads(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
+    assert not done["torch"]
+    for name, text in done["helps"].items():
+        for developer in ("main(params", "add_arguments", "``", ":func:", "Light on purpose", "The work is"):
+            assert developer not in text, (name, developer)
+    assert "best checkpoint" not in done["helps"]["train"] and "train.checkpoint" in done["helps"]["train"]

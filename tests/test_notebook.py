@@ -1,6 +1,7 @@
 """The notebooks and pipeline.notebook: each notebook runs end to end against a tiny pipeline run, and
 is committed without outputs."""
 
+import io
 import shutil
 from pathlib import Path
 
@@ -38,6 +39,64 @@ def tiny_run(tmp_path_factory) -> Path:
     with in_project(root, exp_name="one-epoch"):
         run_stages("train", params="one_epoch.yaml")
     return root
+
+
+def demo_store(root: Path, experiments: dict[str, dict] | None = None) -> Path:
+    """A project whose MLflow store has the default demo's shape, written through the pipeline's own tracking:
+    tune.enabled false, so one train run and no tune runs; then a train run per ``experiments`` entry
+    (``dvc exp run -n NAME -S key=value ...``), with the validation and test metrics a train run gets."""
+    from pipeline import config, tracking
+
+    root.mkdir(parents=True, exist_ok=True)
+    write_tiny_params(root / "params.yaml", tune={"enabled": False})
+    with in_project(root):
+        base = config.load(root / "params.yaml")
+        tracking.setup(base.mlflow)
+        for i, (name, changes) in enumerate({"": {}, **(experiments or {})}.items()):
+            params = config.with_overrides(base, changes)
+            tags = tracking.lineage_tags(root / "data" / "raw" / "demo", name or None)
+            with mlflow.start_run(
+                run_name=tracking.run_name("train", "resnet18", tags), tags=tags | {"stage": "train"}
+            ):
+                tracking.log_params(params)
+                for epoch in range(2):
+                    mlflow.log_metrics(
+                        {"val/auroc": 0.8 + 0.05 * epoch + 0.01 * i, "val/loss": 0.5 - 0.1 * epoch},
+                        step=epoch,
+                    )
+                mlflow.log_metrics({"test/balanced_accuracy": 0.7 + 0.01 * i, "test/auroc": 0.85})
+    return root
+
+
+STRING_PARAMS = {  # each dvc exp run varies a string-valued param; threshold is a number in the first run
+    "preset-none": {"augment.preset": "none"},
+    "youden": {"evaluate.threshold": "youden", "augment.preset": "natural"},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiments", [None, STRING_PARAMS], ids=["default-demo", "string-params"])
+def test_compare_runs_notebook_on_the_default_demo_and_string_params(tmp_path, experiments):
+    """The default demo runs no study (no tune-trial run: best_run raised), and a string param on a plot's axis
+    raised matplotlib's 'This method only works with the ScalarFormatter'."""
+    root = demo_store(tmp_path / "project", experiments)
+    text, images = outputs(execute(NOTEBOOKS / "02_compare_runs.ipynb", root))
+    assert "best train run:" in text and "No Optuna trial ran" in text and images == 2
+    if experiments:
+        assert "youden" in text and "augment.preset" in text
+
+
+def test_metric_against_a_string_or_mixed_param_is_a_categorical_axis(tmp_path):
+    root = demo_store(tmp_path / "project", STRING_PARAMS)
+    runs = nb.runs_table(nb.open_project(root))
+    assert not pd.api.types.is_numeric_dtype(runs["evaluate.threshold"])  # 0.5 beside youden
+    varying = nb.param_columns(runs)
+    assert {"augment.preset", "evaluate.threshold"} <= set(varying)
+    fig = nb.plot_metric_vs_params(runs, "val/auroc", varying, by="dvc_exp")
+    fig.savefig(io.BytesIO(), format="png")  # draws the tick labels
+    labels = {t.get_text() for ax in fig.axes for t in ax.get_xticklabels()}
+    assert {"youden", "0.5", "none", "natural", "medical"} <= labels
+    assert nb.best_trial(runs, "val/auroc") is None
 
 
 @pytest.fixture(autouse=True)

@@ -259,6 +259,24 @@ def test_an_rgb_model_takes_a_gray_batch_as_ingest_does(project, model, tmp_path
             np.testing.assert_allclose(
                 loaded(torch.from_numpy(np.ascontiguousarray(x))).numpy(), expected, atol=1e-5
             )
+    # ONNX fixes the band axis: --gray exports (N, H, W, 1), replicated inside; no 3-band copy by hand.
+    import onnx
+    import onnxruntime
+
+    assert cli(project, "export", "--format", "onnx", "--gray", "--out", str(tmp_path / "g.onnx")) == 0
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "g.onnx")).metadata_props}
+    assert meta["channels"] == "1"
+    session = onnxruntime.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(
+        session.run(None, {"images": np.ascontiguousarray(gray)})[0], expected, atol=1e-5
+    )
+
+
+def test_gray_is_refused_where_it_means_nothing(banded, tmp_path):
+    trained = banded[0]
+    with pytest.raises(serve.ServeError, match=r"--gray: only an ONNX export of an RGB model"):
+        serve.export(trained, "onnx", tmp_path / "m.onnx", gray=True)
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_predict_writes_conformal_sets_of_this_models_decision_only(project, tmp_path, caplog):

@@ -1,5 +1,6 @@
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -50,3 +51,22 @@ def test_summary_names_the_stale_stages_and_imports_no_torch(tmp_path, monkeypat
         check=True,
     )
     assert loaded.stdout.strip() == "False"  # torch alone took most of the 10 s it used to take
+
+
+def test_a_lock_held_by_a_live_dvc_command_is_not_to_be_removed(tmp_path, monkeypatch, capsys):
+    """DVC's own last line advises removing .dvc/tmp/rwlock; while the command holding it runs, that is wrong."""
+    monkeypatch.chdir(tmp_path)
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, check=True)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: echo 1 > out.txt\n    outs: [out.txt]\n")
+    holder = {"write": {str(tmp_path / "out.txt"): {"pid": os.getpid(), "cmd": "dvc exp run"}}}
+    (tmp_path / summary.RWLOCK).write_text(json.dumps(holder))
+    summary.main(config.parse({}), argparse.Namespace())
+    out = capsys.readouterr().out
+    assert f"'dvc exp run' (pid {os.getpid()}) is running and holds DVC's lock" in out
+    assert "wait for it to finish" in out and "manually remove" not in out
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid no longer runs
+    holder["write"][str(tmp_path / "out.txt")]["pid"] = gone.pid
+    (tmp_path / summary.RWLOCK).write_text(json.dumps(holder))
+    assert summary.lock_holders(tmp_path / summary.RWLOCK) == []

@@ -1,3 +1,4 @@
+import json
 import os
 
 import mlflow
@@ -341,3 +342,36 @@ def test_a_worker_process_interrupted_by_ctrl_c_exits_without_a_traceback(tiny_p
     with pytest.raises(SystemExit) as stopped:
         tune_workers._run_worker(worker, 0, 1, queue.Queue())
     assert stopped.value.code == 130
+
+
+def test_the_demo_runs_a_small_study_and_users_sets_keep_the_budget_rule(tiny_params):
+    """tune.enabled auto: the demo set gets a demo-sized study (a fresh clone's dvc repro shows one); any other
+    set none, since a trial there trains the whole schedule; true and false are what they say."""
+    auto = with_overrides(tiny_params, {"tune.enabled": "auto", "tune.n_trials": 20, "tune.max_epochs": None})
+    on_demo = with_overrides(auto, {"data.dataset": auto.demo.name})
+    study, plan = tune.planned(on_demo)
+    assert study is not None and study.tune.enabled is True and "demo-sized study" in plan
+    assert (study.tune.n_trials, study.tune.max_epochs) == (auto.tune.demo_trials, auto.tune.demo_max_epochs)
+    assert tune.trial_epochs(study) == auto.tune.demo_max_epochs
+    assert study.tune.min_epochs == max(1, auto.tune.demo_max_epochs // 3)  # a rung before the end: pruning
+    study, plan = tune.planned(with_overrides(auto, {"data.dataset": "chest-xray"}))
+    assert study is None and "no study on data set 'chest-xray'" in plan and "tune.enabled true" in plan
+    study, _ = tune.planned(with_overrides(auto, {"tune.enabled": True, "data.dataset": "chest-xray"}))
+    assert study is not None and study.tune.n_trials == 20  # the user's own numbers
+    assert tune.planned(with_overrides(on_demo, {"tune.enabled": False}))[0] is None
+
+
+def test_the_default_params_run_a_study_on_the_demo(tmp_path):
+    """The committed params.yaml: the demo's tune stage runs a real study (trials nested in MLflow, pruning on)."""
+    from conftest import in_project, run_stages, write_tiny_params
+
+    write_tiny_params(
+        tmp_path / "params.yaml", tune={"enabled": "auto", "demo_trials": 3, "demo_max_epochs": 2}
+    )
+    with in_project(tmp_path):
+        run_stages("demo", "ingest", "augment", "tune")
+        summary = json.loads((tmp_path / "data" / "tune" / "summary.json").read_text())
+        assert summary["trials_complete"] + summary["trials_pruned"] == 3
+        assert "wall_time_s" not in summary  # the file is kept in git: what the next run reproduces
+        runs = mlflow.search_runs(experiment_names=["pipeline"])
+        assert sorted(runs["tags.stage"]) == ["tune", "tune-trial", "tune-trial", "tune-trial"]

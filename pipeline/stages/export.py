@@ -9,7 +9,6 @@ ONNX: the metadata property ``class_names``).
 import argparse
 from pathlib import Path
 
-from pipeline import serve
 from pipeline.config import Params
 
 
@@ -22,16 +21,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="file to write (default: paths.exports/model.pt or model.onnx)",
     )
     parser.add_argument(
+        "--gray",
+        action="store_true",
+        help="onnx of an RGB model trained on gray images (X-rays, data.channels: rgb): take (N, H, W, 1) and "
+        "replicate the band inside, as ingest did (TorchScript takes 1 or 3 bands without it)",
+    )
+    parser.add_argument(
         "--model-dir", type=Path, metavar="DIR", help="the train stage's output (default: paths.model_dir)"
     )
 
 
 def main(params: Params, args: argparse.Namespace) -> None:
+    # Here, not at the top: `--help` of this command then costs no torch import (20-38 s on a busy machine).
+    from pipeline import serve
+
     out = args.out or Path(params.paths.exports) / f"model{serve.SUFFIX[args.format]}"
     serve.check_out(out)
     trained = serve.load_trained(args.model_dir or Path(params.paths.model_dir))
-    serve.export(trained, args.format, out)
+    serve.export(trained, args.format, out, gray=args.gray)
     print(
         f"export: {args.format} model of MLflow run {trained.run.run_id} -> {out} (resizes to "
-        f"{trained.image_size} px, {trained.in_channels} bands; classes {', '.join(trained.classes)})"
+        f"{trained.image_size} px, {1 if args.gray else trained.in_channels} bands; classes {', '.join(trained.classes)})"
     )

@@ -10,7 +10,6 @@ holds each image's conformal prediction set (class names joined by '|').
 import argparse
 from pathlib import Path
 
-from pipeline import serve
 from pipeline.config import Params
 
 
@@ -33,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(params: Params, args: argparse.Namespace) -> None:
+    # Here, not at the top: `--help` of this command then costs no torch import (20-38 s on a busy machine).
+    from pipeline import serve
+
     serve.check_out(args.out)
     trained = serve.load_trained(args.model_dir or Path(params.paths.model_dir))
     made = serve.load_decision(args.decision or Path(params.paths.decision), trained)

@@ -1,4 +1,6 @@
-"""train: fine-tune with the tuned params; save the best checkpoint and the MLflow run it belongs to.
+"""train: fine-tune with the tuned params (tune's best values over params.yaml); save the checkpoint that
+train.checkpoint names (last: the schedule's end; best: the best epoch on train.monitor) in paths.model_dir,
+with the MLflow run it belongs to.
 
 A killed run (even SIGKILL) resumes where it stopped, in the same MLflow run, when the stage runs
 again with the same inputs (see ``pipeline.training.resume``); the work is ``pipeline.training.train``.
@@ -8,12 +10,11 @@ import argparse
 from typing import Any
 
 import yaml
-from lightning.pytorch.utilities import rank_zero_only
 
 from pipeline.config import ConfigError, Params, with_overrides
+from pipeline.environ import use_cpu_threads
 from pipeline.stages import stage_input
 from pipeline.stages.tracked import open_tracking
-from pipeline.training import train as training
 
 
 def with_best_params(params: Params) -> tuple[Params, dict[str, Any]]:
@@ -27,7 +28,13 @@ def with_best_params(params: Params) -> tuple[Params, dict[str, Any]]:
 
 
 def main(params: Params, args: argparse.Namespace) -> None:
+    # Here, not at the top: `--help` of this command then costs no torch import (20-38 s on a busy machine).
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from pipeline.training import train as training
+
     params, tuned = with_best_params(params)
+    use_cpu_threads(params.train.cpu_threads)  # a fixed count: the same numbers on any machine
     # A DDP worker (rank > 0) trains its shard and writes nothing: rank 0 owns the MLflow run and outputs.
     tags = open_tracking(params) if getattr(rank_zero_only, "rank", 0) == 0 else None
     info = training.train(params, tuned, tags)

@@ -8,7 +8,6 @@ from typing import get_args
 
 from pipeline import backbones
 from pipeline.config import Arch, Params
-from pipeline.training.weights import import_checkpoint, weight_enum
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(params: Params, args: argparse.Namespace) -> None:
+    # Here, not at the top: `--help` of this command then costs no torch import (20-38 s on a busy machine).
+    from pipeline.training.weights import import_checkpoint, weight_enum
+
     arch = args.arch or params.model.arch
     target = import_checkpoint(args.file, arch, args.weights)
     named = backbones.NAMED.get(args.weights)

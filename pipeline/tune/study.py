@@ -6,6 +6,7 @@ the same study and only runs the trials still missing; a new search space or dat
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -42,6 +43,30 @@ HEARTBEAT_S, GRACE_S = 60, 180
 SQLITE_LOCK_TIMEOUT_S = 120
 
 CONNECT_TIMEOUT_S = 10  # to a database server, before saying it cannot be reached
+
+
+def planned(params: Params) -> tuple[Params | None, str]:
+    """The params a study runs with (``tune.enabled: auto`` on the demo set: the demo-sized study), or None
+    when no study runs; and a line saying which."""
+    tune, dataset = params.tune, params.data.dataset
+    if tune.enabled is False:
+        return None, "tune.enabled false: no study; params.yaml's values go to train"
+    if tune.enabled == "auto":
+        if dataset != params.demo.name:
+            return None, (
+                f"tune.enabled auto: no study on data set '{dataset}' (a trial trains the whole schedule, a "
+                f"study costs about tune.n_trials trainings); tune.enabled true runs one (docs/tuning.md)"
+            )
+        # Hyperband's first rung at a third of the trial: short trials that are still pruned.
+        first = max(1, tune.demo_max_epochs // 3)
+        small = dataclasses.replace(
+            tune, enabled=True, n_trials=tune.demo_trials, max_epochs=tune.demo_max_epochs, min_epochs=first
+        )
+        return dataclasses.replace(params, tune=small), (
+            f"tune.enabled auto: a demo-sized study on the demo set ({tune.demo_trials} trials of at most "
+            f"{tune.demo_max_epochs} epochs, pruned from epoch {first})"
+        )
+    return params, f"tune.enabled true: {tune.n_trials} trials"
 
 
 def study_name(params: Params, data_version: str) -> str:
