@@ -22,12 +22,15 @@ class Command(NamedTuple):
     help: str
 
 
-STAGES = ("demo", "ingest", "pool", "augment", "tune", "train", "evaluate")
+STAGES = ("demo", "ingest", "pool", "augment", "pretrain", "tune", "train", "evaluate")
 COMMANDS = {
     "demo": Command("pipeline.stages.demo", "", "DVC stage: generate the demo set"),
     "ingest": Command("pipeline.stages.ingest", "", "DVC stage: validate, split and cache the data set"),
     "pool": Command("pipeline.stages.pool", "", "DVC stage: decode the unlabelled pool, leaving out leaks"),
     "augment": Command("pipeline.stages.augment", "", "DVC stage: the training augmentation and its preview"),
+    "pretrain": Command(
+        "pipeline.stages.pretrain", "", "DVC stage: self-supervised pretraining on the pool (pretrain.method)"
+    ),
     "tune": Command("pipeline.stages.tune", "[--worker]", "DVC stage: the Optuna study (--worker: join it)"),
     "train": Command("pipeline.stages.train", "", "DVC stage: fine-tune with the tuned params"),
     "evaluate": Command("pipeline.stages.evaluate", "", "DVC stage: test metrics, plots and the report"),

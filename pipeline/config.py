@@ -77,6 +77,11 @@ class Paths:
     )
     tune_summary: str = Field(default="data/tune/summary.json", description="Study summary (DVC metrics).")
     model_dir: str = Field(default="models", description="Best checkpoint and the MLflow run it belongs to.")
+    pretrain: str = Field(
+        default="data/pretrain",
+        description="Pretrain stage output: backbone.ckpt (model.weights: pretrain starts from it) and "
+        "pretrain.json (what it did; method none: pretraining was off).",
+    )
     metrics: str = Field(
         default="reports/metrics.json",
         description="Headline test metrics (DVC metrics: what `dvc metrics show` and `dvc exp show` print).",
@@ -333,12 +338,24 @@ class Pretrain:
     weight_decay: float = Field(default=1e-4, ge=0, lt=1, description="AdamW weight decay.")
     temperature: float = Field(default=0.2, gt=0, le=1, description="simclr: the NT-Xent loss's temperature.")
     momentum: float = Field(default=0.99, gt=0, lt=1, description="byol: the target network's EMA momentum.")
+    weights: str = Field(
+        default="none",
+        description="What pretraining starts from: none (random init) | imagenet | any model.weights value but "
+        "pretrain (continued pretraining of an ImageNet or domain backbone on the pool).",
+    )
     knn_every: int = Field(
         default=5,
         ge=0,
         description="Every this many epochs, the kNN accuracy of the frozen features on val "
         "(pretrain/knn_accuracy in MLflow): whether it learns anything a classifier can use; 0: never.",
     )
+
+    def __post_init__(self) -> None:
+        if self.weights == "pretrain":
+            raise ValueError(
+                "weights: pretraining cannot start from its own output; use none, imagenet or another "
+                "model.weights value"
+            )
 
 
 @dataclass(frozen=True, config=_STRICT)

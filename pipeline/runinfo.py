@@ -21,6 +21,9 @@ CHECKPOINT_SUFFIX = ".ckpt"
 BEST = "best"  # <checkpoints>/best.ckpt: the weights that ship (the best epoch's, or the last's); so named in models/
 LAST = "last"  # <checkpoints>/last.ckpt, every epoch: the full state a killed run resumes from
 OOF_CSV = "oof.csv"  # beside the fold members in paths.model_dir: one row per train+val image
+PRETRAIN_BACKBONE = "backbone.ckpt"  # in paths.pretrain: the backbone model.weights: pretrain starts from
+PRETRAIN_RECORD = "pretrain.json"  # beside it: what the pretrain stage did (Pretrained)
+PRETRAIN = "pretrain"  # model.weights' value that names the pretrain stage's output
 
 
 def member_name(fold: int) -> str:
@@ -155,3 +158,35 @@ class RunInfo:
                 f"{path}: not valid JSON ({err}); rerun the train stage (dvc repro train)"
             ) from None
         return cls.from_dict(raw, str(path))
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """What the pretrain stage produced (``paths.pretrain/pretrain.json``); ``method`` none: nothing (the stage
+    was off), and there is no backbone beside it."""
+
+    method: str
+    arch: str = ""
+    in_channels: int = 0
+    image_size: int = 0
+    images: int = 0  # pretraining images per epoch (pool + train split)
+    epochs: int = 0
+    final_loss: float | None = None
+    knn_accuracy: float | None = (
+        None  # the last kNN monitor's val accuracy; None when pretrain.knn_every is 0
+    )
+    starts_from: str = "none"  # pretrain.weights
+    run_id: str | None = None
+
+    def write(self, folder: Path) -> None:
+        (folder / PRETRAIN_RECORD).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, folder: Path) -> Pretrained:
+        path = folder / PRETRAIN_RECORD
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as err:
+            raise RunInfoError(
+                f"{path}: not a pretrain stage's record ({err}); rerun dvc repro pretrain"
+            ) from err

@@ -71,3 +71,9 @@ def test_a_batch_takes_one_image_per_near_duplicate_set_or_patient_and_caps_each
 def test_random_is_a_permutation():
     ranked = acquisition.rank_random(10, seed=0)
     assert sorted(ranked.order.tolist()) == list(range(10))
+
+
+def test_the_command_offers_every_strategy():
+    from pipeline.stages import suggest
+
+    assert suggest.STRATEGIES == acquisition.STRATEGIES

@@ -4,30 +4,34 @@ Ranks the unlabelled pool (data.unlabelled, prepared by the pool stage) with the
 or, at a cold start (no model yet, or fewer than 10 labels in a class), by typicality; picks a diverse batch
 (one image per near-duplicate set or patient, a few per feature cluster); writes paths.suggest (path, rank,
 score, predicted, probability, why) and its contact sheet paths.suggest_sheet, and logs both to MLflow with
-the round number and label count. The work is pipeline.active.suggest; docs/active_learning.md.
+the round number and label count.
 """
+# The work is pipeline.active.suggest.
 
 import argparse
 from pathlib import Path
 from typing import cast
 
-from pipeline.active import acquisition
-from pipeline.active import suggest as work
 from pipeline.config import Params
-from pipeline.data.pool import load_pool
-from pipeline.data.prepared import load_prepared
 from pipeline.runinfo import RUN_INFO
-from pipeline.serve import load_trained
 from pipeline.stages import stage_input
 from pipeline.stages.tracked import open_tracking
-from pipeline.training.model import Classifier
+
+STRATEGIES = (
+    "auto",
+    "typical",
+    "margin",
+    "entropy",
+    "bald",
+    "random",
+)  # acquisition.STRATEGIES (tested equal)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=int, required=True, metavar="N", help="how many images to suggest")
     parser.add_argument(
         "--strategy",
-        choices=acquisition.STRATEGIES,
+        choices=STRATEGIES,
         default="auto",
         help="auto: typical at a cold start, then bald (fold members or test-time views) or margin "
         "(default: %(default)s)",
@@ -35,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(params: Params, args: argparse.Namespace) -> None:
+    # Here, not at the top: `--help` of this command then costs no torch import (20-38 s on a busy machine).
+    from pipeline.active import suggest as work
+    from pipeline.data.pool import load_pool
+    from pipeline.data.prepared import load_prepared
+    from pipeline.serve import load_trained
+    from pipeline.training.model import Classifier
+
     paths = params.paths
     if args.budget < 1:
         raise work.SuggestError(f"suggest --budget {args.budget}: give a number of images, 1 or more")

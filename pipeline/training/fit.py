@@ -23,6 +23,7 @@ from pipeline import augment
 from pipeline.config import Params, Train
 from pipeline.data.cache import Images
 from pipeline.data.datamodule import ImageDataModule, load_offline
+from pipeline.data.pool import load_pool, pool_selected
 from pipeline.data.prepared import DataError, Prepared
 from pipeline.runinfo import BEST, CHECKPOINT_SUFFIX, WeightsInfo
 from pipeline.training import probe, recipe
@@ -77,11 +78,14 @@ def datamodule(
     train_transform: A.BasicTransform | None,
     pool: Images | None = None,
 ) -> ImageDataModule:
-    """The loaders of a fit; ``pool``: the unlabelled images ``train.semi: fixmatch`` learns from."""
+    """The loaders of a fit; ``pool``: the unlabelled images ``train.semi: fixmatch`` learns from (default:
+    the pool stage's, ``paths.pool``)."""
     t = params.train
     copies = params.augment.offline_copies
     offline = load_offline(Path(params.paths.augment_offline), prepared, copies) if copies else None
     semi = t.semi == "fixmatch" and t.mode == "finetune"
+    if semi and pool is None and pool_selected(Path(params.paths.pool)):
+        pool = load_pool(Path(params.paths.pool)).images  # the pool stage's kept images, memory-mapped
     if semi and (pool is None or len(pool) == 0):
         raise DataError(
             "train.semi: fixmatch needs an unlabelled pool: select one with data.unlabelled (take it in with "
@@ -133,6 +137,7 @@ def build_model(
         sha256=m.weights_sha256,
         tracking_uri=params.mlflow.tracking_uri,
         pixel_dtype=pixel_dtype,
+        pretrain_dir=Path(params.paths.pretrain),
     )
     mean, std = input_statistics(in_channels, info, dataset_stats)
     # A random backbone has nothing to protect: it learns at the head's rate.

@@ -12,6 +12,7 @@ local state dict. The files themselves are handled in :mod:`pipeline.training.we
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch import nn
 from pipeline import backbones
 from pipeline.credentials import redact
 from pipeline.fsutil import file_sha256
-from pipeline.runinfo import WeightsInfo
+from pipeline.runinfo import PRETRAIN, PRETRAIN_BACKBONE, Pretrained, WeightsInfo
 from pipeline.training import transfer
 from pipeline.training import weights as files  # tests swap its functions: called through the module
 
@@ -43,6 +44,7 @@ def load_pretrained(
     sha256: str | None = None,
     tracking_uri: str = "sqlite:///mlflow.db",
     pixel_dtype: str | None = None,
+    pretrain_dir: Path | None = None,
 ) -> WeightsInfo:
     """Put the requested weights into ``net`` (a freshly built ``arch``) and say what happened.
 
@@ -53,6 +55,8 @@ def load_pretrained(
     """
     if weights == "none":
         return WeightsInfo(requested=weights, source="random-init", pretrained=False)
+    if weights == PRETRAIN:
+        return transfer.load_backbone(net, arch, _pretrain_backbone(pretrain_dir), weights)
     if transfer.is_run_source(weights):
         return transfer.load_backbone(
             net, arch, transfer.resolve(weights, tracking_uri=tracking_uri, sha256=sha256), weights
@@ -188,3 +192,16 @@ def _load_named(
         bands=spec.bands,
         value_range=spec.named.value_range,
     )
+
+
+def _pretrain_backbone(folder: Path | None) -> transfer.Backbone:
+    """The pretrain stage's backbone, with its normalization and band count, named by what made it."""
+    if folder is None or not (folder / PRETRAIN_BACKBONE).is_file():
+        raise files.WeightsError(
+            f"model.weights: pretrain needs the pretrain stage's backbone ({folder}/{PRETRAIN_BACKBONE}); set "
+            "pretrain.method: simclr or byol (with an unlabelled pool: data.unlabelled) and run dvc repro"
+        )
+    record = Pretrained.read(folder)
+    backbone = transfer.read_checkpoint(folder / PRETRAIN_BACKBONE)
+    what = f"pretrain stage: {record.method}, {record.epochs} epochs on {record.images} images ({folder})"
+    return dataclasses.replace(backbone, source=what)

@@ -10,51 +10,32 @@ synchronized on GPUs and SimCLR's negatives are gathered across ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import albumentations as A
 import lightning.pytorch as L
+import mlflow
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, MLFlowLogger
 from torch.utils.data import DataLoader
 
-from pipeline.config import Params
+from pipeline import augment, tracking
+from pipeline.config import Params, as_dict
 from pipeline.data.cache import Images
 from pipeline.data.datamodule import UnlabelledDataset
+from pipeline.data.pool import load_pool, pool_selected, unlabelled_rows
+from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.fsutil import atomic_dir
-from pipeline.runinfo import LAST
+from pipeline.runinfo import LAST, PRETRAIN_BACKBONE, PRETRAIN_RECORD, Pretrained
+from pipeline.training.model import build_network, input_statistics
+from pipeline.training.pretrained import load_pretrained
 from pipeline.training.resume import Resume
-from pipeline.training.selfsup import SelfSupervised, knn_accuracy, view_transform
-
-BACKBONE = "backbone.ckpt"  # in paths.pretrain: what model.weights: pretrain starts train from
-RECORD = "pretrain.json"
-
-
-@dataclass(frozen=True)
-class Pretrained:
-    """What a pretraining produced: the record beside the backbone (``pretrain.json``)."""
-
-    method: str
-    arch: str
-    in_channels: int
-    image_size: int
-    images: int  # pretraining images per epoch (pool + train split)
-    epochs: int
-    final_loss: float
-    knn_accuracy: float | None  # the last kNN monitor's val accuracy; None when knn_every is 0
-    run_id: str | None = None
-
-    def write(self, folder: Path) -> None:
-        (folder / RECORD).write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def read(cls, folder: Path) -> Pretrained:
-        return cls(**json.loads((folder / RECORD).read_text()))
+from pipeline.training.selfsup import HEAD, SelfSupervised, knn_accuracy, view_transform
 
 
 class KNNMonitor(Callback):
@@ -86,12 +67,14 @@ def pretrain(
     std: Sequence[float],
     resume: Resume,
     logger: Logger | bool = False,
+    start: dict[str, torch.Tensor] | None = None,
 ) -> tuple[SelfSupervised, Pretrained]:
     """Train a backbone on ``images`` (pool + train split, pixels N x H x W x C) without labels.
 
     ``bank``/``val``: the train split's and val's (pixels, label indices) for the kNN monitor only. The
     views start from the domain's ``train_transform`` (``augment``'s pipeline: its flips, or none).
-    Resumes from ``resume``'s ``last.ckpt`` when there is one.
+    Resumes from ``resume``'s ``last.ckpt`` when there is one. ``start``: backbone tensors to start from
+    (``pretrain.weights``), else a random init.
     """
     settings, t = params.pretrain, params.train
     L.seed_everything(params.seed, workers=True, verbose=False)
@@ -110,6 +93,10 @@ def pretrain(
         momentum=settings.momentum,
     )
     views = view_transform(train_transform, size)
+    if start is not None:  # continued pretraining (pretrain.weights): the backbone's tensors, no head
+        missing, unexpected = model.backbone.load_state_dict(start, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"pretrain.weights do not fit the backbone: {missing[:4]}, {unexpected[:4]}")
     loader = DataLoader(
         UnlabelledDataset(images, [views, views]),
         batch_size=min(settings.batch_size, len(images)),
@@ -153,6 +140,7 @@ def pretrain(
         epochs=trainer.current_epoch,
         final_loss=float(trainer.callback_metrics["pretrain/loss"]),
         knn_accuracy=None if monitor is None else monitor.last,
+        starts_from=settings.weights,
     )
     return model, record
 
@@ -173,8 +161,94 @@ def _tensors(pair: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.T
     )
 
 
+DEVICE_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision")  # how, not what: a resume is
+# refused when they change, as the train stage's is
+
+
 def save(folder: Path, model: SelfSupervised, record: Pretrained) -> None:
     """The pretrain output folder, replaced whole: the backbone checkpoint and its record."""
     with atomic_dir(folder) as staging:
-        model.save_backbone(staging / BACKBONE)
+        model.save_backbone(staging / PRETRAIN_BACKBONE)
         record.write(staging)
+
+
+def starting_point(
+    params: Params, prepared: Prepared
+) -> tuple[dict[str, torch.Tensor] | None, list[float], list[float]]:
+    """What pretraining starts from (``pretrain.weights``: the backbone's tensors, None for a random init) and
+    the input statistics it normalizes with, decided as for training (``model.input_statistics``)."""
+    bands = prepared.images.shape[-1]
+    stats = (prepared.mean, prepared.std)
+    if params.pretrain.weights == "none":
+        mean, std = input_statistics(bands, None, stats)
+        return None, mean, std
+    m = params.model
+    net = build_network(m.arch, 1, 0.0, bands, m.stem)
+    info = load_pretrained(
+        net,
+        m.arch,
+        params.pretrain.weights,
+        require_pretrained=m.require_pretrained,
+        tracking_uri=params.mlflow.tracking_uri,
+        pixel_dtype=str(prepared.images.dtype),
+    )
+    mean, std = input_statistics(bands, info, stats)
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith(HEAD + ".")}
+    return (state if info.pretrained else None), mean, std
+
+
+def run(params: Params, tags: dict[str, str] | None) -> Pretrained:
+    """The pretrain stage: pretraining on the train split and the pool (``pretrain.method``), in its MLflow run
+    (``tags``; None on a DDP worker, which trains its shard and writes nothing), resumable; ``paths.pretrain``
+    replaced when it ends. With ``pretrain.method: none`` the folder holds only that record."""
+    paths, settings = params.paths, params.pretrain
+    out = Path(paths.pretrain)
+    if settings.method == "none":
+        if tags is not None:
+            with atomic_dir(out) as staging:
+                Pretrained(method="none").write(staging)
+        return Pretrained(method="none")
+    prepared = load_prepared(Path(paths.prepared))
+    pool = load_pool(Path(paths.pool)) if pool_selected(Path(paths.pool)) else None
+    images = unlabelled_rows(prepared, pool)  # the train split, then the pool: never val or test
+    train, val = prepared.split("train"), prepared.split("val")
+    bank = (prepared.images[train["cache_index"].to_numpy()], train["label_index"].to_numpy())
+    held = (prepared.images[val["cache_index"].to_numpy()], val["label_index"].to_numpy())
+    start, mean, std = starting_point(params, prepared)
+    pipeline = Path(paths.augment_pipeline)
+    resume = Resume.beside(
+        out,
+        json.dumps(
+            {"pretrain": as_dict(params)["pretrain"], "model": as_dict(params)["model"]}, sort_keys=True
+        ),
+        json.dumps({k: v for k, v in as_dict(params)["train"].items() if k in DEVICE_KEYS}, sort_keys=True),
+        prepared.digest,
+        pool.digest if pool is not None else "",
+        pipeline.read_bytes(),
+    )
+    transform = augment.load(pipeline, params.seed)
+    if tags is None:
+        _, record = pretrain(params, images, bank, held, transform, mean, std, resume, start=start)
+        return record
+    run_id = resume.run_id()
+    name = tracking.run_name("pretrain", params.model.arch, tags)
+    with mlflow.start_run(
+        run_id=run_id,
+        run_name=None if run_id else name,
+        tags=None if run_id else tags | {"stage": "pretrain"},
+    ) as active:
+        if run_id is None:
+            resume.start(active.info.run_id)
+            mlflow.log_params({f"pretrain.{k}": v for k, v in as_dict(params)["pretrain"].items()})
+            mlflow.set_tags(
+                {"pool": pool.name if pool is not None else "none", "pool.images": str(len(images))}
+            )
+        elif resume.last_checkpoint() is not None:
+            print(f"pretrain: resuming MLflow run {run_id} from {resume.last_checkpoint()}", flush=True)
+        logger = MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=active.info.run_id)
+        model, record = pretrain(params, images, bank, held, transform, mean, std, resume, logger, start)
+        record = dataclasses.replace(record, run_id=active.info.run_id)
+        save(out, model, record)
+        mlflow.log_dict(dataclasses.asdict(record), PRETRAIN_RECORD)
+    resume.clear()
+    return record

@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger
 
 from pipeline import augment, registry, serve, tracking
 from pipeline.config import Params, as_dict
+from pipeline.data.pool import load_pool, pool_selected
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.fsutil import atomic_dir
 from pipeline.runinfo import OOF_CSV, RUN_INFO, FoldScore, Preprocessing, RunInfo
@@ -46,8 +47,15 @@ def inputs(params: Params) -> Inputs:
         json.dumps(as_dict(params), sort_keys=True),
         prepared.digest,
         Path(paths.augment_pipeline).read_bytes(),
+        _pool_digest(params),
     )
     return Inputs(params, prepared, augment.load(Path(paths.augment_pipeline), params.seed), resume)
+
+
+def _pool_digest(params: Params) -> str:
+    """The pool's digest when training learns from it (train.semi), so a changed pool starts a run afresh."""
+    folder = Path(params.paths.pool)
+    return load_pool(folder).digest if params.train.semi != "none" and pool_selected(folder) else ""
 
 
 def fit_all(run: Inputs, fold_runs: crossval.FoldRuns | None = None, logger: Logger | bool = False) -> Fitted:
