@@ -145,8 +145,12 @@ def test_evaluate_stage_writes_logs_and_embeds_the_panel(tmp_path, monkeypatch):
         assert (
             f"]({Path(params.paths.plots).name}/{explain.PANEL_PNG})" in Path(params.paths.report).read_text()
         )
-        logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
-        assert f"evaluation/{explain.PANEL_PNG}" in logged
+        # The evaluation is a run nested under the train run, its files placed as they lie beside the report.
+        [child] = mlflow.search_runs(
+            filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'", output_format="list"
+        )
+        logged = {a.path for a in mlflow.MlflowClient().list_artifacts(child.info.run_id, "evaluation/plots")}
+        assert f"evaluation/plots/{explain.PANEL_PNG}" in logged
         assert json.loads(Path(params.paths.metrics).read_text())  # the rest of the stage ran as before
     finally:
         mlflow.set_tracking_uri(previous_uri)

@@ -143,23 +143,28 @@ def test_train_run_has_params_metric_history_and_test_metrics(pipeline_run):
     params = {p["key"]: p["value"] for p in train["data"]["params"]}
     assert params["train.max_epochs"] == "2" and params["model.arch"] == "resnet18"
     latest = {m["key"]: m["value"] for m in train["data"]["metrics"]}
-    assert 0.0 <= latest["test/accuracy"] <= 1.0 and "val/auroc" in latest
+    assert "val/auroc" in latest
+    [evaluation] = by_stage(runs, "evaluate")  # the test metrics: a run nested under the train run
+    assert tags(evaluation)["mlflow.parentRunId"] == info["run_id"]
+    assert 0.0 <= {m["key"]: m["value"] for m in evaluation["data"]["metrics"]}["test/accuracy"] <= 1.0
     history = api(base, "metrics/get-history", run_id=info["run_id"], metric_key="val/loss")["metrics"]
     assert len(history) == info["epochs_run"] and len({m["step"] for m in history}) == len(history)
 
 
 def test_train_artifacts_arrived_through_the_server(pipeline_run, server):
-    base, _, _, info = pipeline_run
+    base, _, runs, info = pipeline_run
     _, artifacts_dir = server
     listed = {f["path"] for f in api(base, "artifacts/list", run_id=info["run_id"]).get("files", [])}
-    assert {"preview.png", "params.json", "run.json", "evaluation"} <= listed
+    assert {"preview.png", "params.json", "run.json"} <= listed
+    [child] = by_stage(runs, "evaluate")
     evaluation = {
-        f["path"] for f in api(base, "artifacts/list", run_id=info["run_id"], path="evaluation")["files"]
+        f["path"]
+        for f in api(base, "artifacts/list", run_id=child["info"]["run_id"], path="evaluation")["files"]
     }
     assert {
         "evaluation/metrics.json",
         "evaluation/report.md",
-        "evaluation/confusion_matrix.png",
+        "evaluation/plots",  # the report's images, where its relative links point
     } <= evaluation
     # Proxied artifacts: the bytes are in the server's --artifacts-destination, not in the client's folder.
     assert any(

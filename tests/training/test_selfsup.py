@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from pipeline import augment, config
 from pipeline.data.datamodule import UnlabelledDataset
+from pipeline.runinfo import PRETRAIN_BACKBONE, Pretrained
 from pipeline.training import selfsup, transfer
 from pipeline.training.model import Classifier
 
@@ -122,8 +123,8 @@ def test_pretraining_monitors_knn_and_a_stopped_run_resumes_where_it_stopped(tmp
     model, second = pretraining.pretrain(longer, *args)
     assert len(steps) == 6 and second.epochs == 2  # the second run trained epoch 2 only
     pretraining.save(tmp_path / "pretrain", model, second)
-    assert pretraining.Pretrained.read(tmp_path / "pretrain") == second
-    assert transfer.read_checkpoint(tmp_path / "pretrain" / pretraining.BACKBONE).in_channels == 3
+    assert Pretrained.read(tmp_path / "pretrain") == second
+    assert transfer.read_checkpoint(tmp_path / "pretrain" / PRETRAIN_BACKBONE).in_channels == 3
 
 
 DDP_SCRIPT = """
