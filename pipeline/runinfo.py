@@ -24,6 +24,9 @@ OOF_CSV = "oof.csv"  # beside the fold members in paths.model_dir: one row per t
 PRETRAIN_BACKBONE = "backbone.ckpt"  # in paths.pretrain: the backbone model.weights: pretrain starts from
 PRETRAIN_RECORD = "pretrain.json"  # beside it: what the pretrain stage did (Pretrained)
 PRETRAIN = "pretrain"  # model.weights' value that names the pretrain stage's output
+PRETRAIN_POOL = (
+    "pool.npy"  # in paths.pretrain with train.semi: the pool's kept images, handed to train (a link)
+)
 
 
 def member_name(fold: int) -> str:
@@ -177,6 +180,7 @@ class Pretrained:
     )
     starts_from: str = "none"  # pretrain.weights
     run_id: str | None = None
+    pool_digest: str = ""  # of the pool handed to train beside it (train.semi), else empty
 
     def write(self, folder: Path) -> None:
         (folder / PRETRAIN_RECORD).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")

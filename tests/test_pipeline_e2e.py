@@ -139,8 +139,10 @@ def test_second_repro_is_a_noop_and_evaluate_params_rerun_only_evaluate(repo):
     assert sorted(r.data.params["evaluate.batch_size"] for r in evaluations) == ["64", "7"]
 
 
-def test_taking_in_a_pool_reruns_only_the_pool_stage(repo, tmp_path):
-    """intake --unlabelled sets data.unlabelled: only the pool stage reads it, and its copy of a test image is out."""
+def test_taking_in_a_pool_reruns_only_what_reads_it(repo, tmp_path):
+    """intake --unlabelled sets data.unlabelled: the pool stage reads it (its copy of a test image is out) and the
+    pretrain stage looks at it; with pretraining and train.semi off that one's output is unchanged, so nothing
+    downstream (tune, train, evaluate) reruns."""
     import numpy as np
     import pandas as pd
     from PIL import Image
@@ -155,7 +157,11 @@ def test_taking_in_a_pool_reruns_only_the_pool_stage(repo, tmp_path):
         Image.fromarray(pixels).save(src / "more" / f"{i}.png")
     sh([sys.executable, "-m", "pipeline", "intake", str(src), "--unlabelled", "--name", "spare"], root, env)
     out = sh(["dvc", "repro"], root, env)
-    assert out.count("Running stage") == 1 and "Running stage 'pool'" in out
+    assert (
+        out.count("Running stage") == 2
+        and "Running stage 'pool'" in out
+        and "Running stage 'pretrain'" in out
+    )
     report = json.loads((root / "data" / "pool" / "report.json").read_text())
     assert report["n_kept"] == 3 and report["excluded"]["by_split"] == {"test": 1}
     assert "up to date" in sh(["dvc", "status"], root, env)

@@ -23,9 +23,8 @@ from pipeline import augment
 from pipeline.config import Params, Train
 from pipeline.data.cache import Images
 from pipeline.data.datamodule import ImageDataModule, load_offline
-from pipeline.data.pool import load_pool, pool_selected
 from pipeline.data.prepared import DataError, Prepared
-from pipeline.runinfo import BEST, CHECKPOINT_SUFFIX, WeightsInfo
+from pipeline.runinfo import BEST, CHECKPOINT_SUFFIX, PRETRAIN_POOL, WeightsInfo
 from pipeline.training import probe, recipe
 from pipeline.training.callbacks import FitCallbacks, TrainingDiverged, callbacks_for, slim_checkpoint
 from pipeline.training.model import Classifier, build_network, input_statistics
@@ -79,17 +78,19 @@ def datamodule(
     pool: Images | None = None,
 ) -> ImageDataModule:
     """The loaders of a fit; ``pool``: the unlabelled images ``train.semi: fixmatch`` learns from (default:
-    the pool stage's, ``paths.pool``)."""
+    pool the pretrain stage hands over in ``paths.pretrain``)."""
     t = params.train
     copies = params.augment.offline_copies
     offline = load_offline(Path(params.paths.augment_offline), prepared, copies) if copies else None
     semi = t.semi == "fixmatch" and t.mode == "finetune"
-    if semi and pool is None and pool_selected(Path(params.paths.pool)):
-        pool = load_pool(Path(params.paths.pool)).images  # the pool stage's kept images, memory-mapped
+    handed = Path(params.paths.pretrain) / PRETRAIN_POOL  # the pool, as the pretrain stage hands it to train
+    if semi and pool is None and handed.is_file():
+        pool = np.load(handed, mmap_mode="r")
     if semi and (pool is None or len(pool) == 0):
         raise DataError(
             "train.semi: fixmatch needs an unlabelled pool: select one with data.unlabelled (take it in with "
-            "python -m pipeline intake SRC --unlabelled), or set train.semi: none"
+            "python -m pipeline intake SRC --unlabelled) and run dvc repro (the pretrain stage hands it to "
+            "train), or set train.semi: none"
         )
     return ImageDataModule(
         prepared,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,9 +31,9 @@ from pipeline.config import Params, as_dict
 from pipeline.data.cache import Images
 from pipeline.data.datamodule import UnlabelledDataset
 from pipeline.data.pool import load_pool, pool_selected, unlabelled_rows
-from pipeline.data.prepared import Prepared, load_prepared
+from pipeline.data.prepared import CACHE_NPY, Prepared, load_prepared
 from pipeline.fsutil import atomic_dir
-from pipeline.runinfo import LAST, PRETRAIN_BACKBONE, PRETRAIN_RECORD, Pretrained
+from pipeline.runinfo import LAST, PRETRAIN_BACKBONE, PRETRAIN_POOL, PRETRAIN_RECORD, Pretrained
 from pipeline.training.model import build_network, input_statistics
 from pipeline.training.pretrained import load_pretrained
 from pipeline.training.resume import Resume
@@ -165,10 +167,21 @@ DEVICE_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision")  
 # refused when they change, as the train stage's is
 
 
-def save(folder: Path, model: SelfSupervised, record: Pretrained) -> None:
-    """The pretrain output folder, replaced whole: the backbone checkpoint and its record."""
+def save(folder: Path, model: SelfSupervised | None, record: Pretrained, pool: Path | None = None) -> None:
+    """The pretrain output folder, replaced whole: the backbone checkpoint (none when pretraining is off), its
+    record, and the pool's images (``pool``: the pool stage's file) when train learns from them (``train.semi``).
+
+    The pool reaches train through this folder, not the pool stage's: train's DVC dependencies then change with
+    the pool only when it uses the pool, so taking in a pool for pretraining or ``suggest`` alone retrains
+    nothing. A hard link (a copy across file systems): no second copy of a large pool."""
     with atomic_dir(folder) as staging:
-        model.save_backbone(staging / PRETRAIN_BACKBONE)
+        if model is not None:
+            model.save_backbone(staging / PRETRAIN_BACKBONE)
+        if pool is not None:
+            try:
+                os.link(pool, staging / PRETRAIN_POOL)
+            except OSError:
+                shutil.copyfile(pool, staging / PRETRAIN_POOL)
         record.write(staging)
 
 
@@ -203,13 +216,15 @@ def run(params: Params, tags: dict[str, str] | None) -> Pretrained:
     replaced when it ends. With ``pretrain.method: none`` the folder holds only that record."""
     paths, settings = params.paths, params.pretrain
     out = Path(paths.pretrain)
-    if settings.method == "none":
-        if tags is not None:
-            with atomic_dir(out) as staging:
-                Pretrained(method="none").write(staging)
-        return Pretrained(method="none")
-    prepared = load_prepared(Path(paths.prepared))
     pool = load_pool(Path(paths.pool)) if pool_selected(Path(paths.pool)) else None
+    handed = pool if params.train.semi != "none" else None  # what train learns from beside the labels
+    handed_file = Path(paths.pool) / CACHE_NPY if handed is not None else None
+    if settings.method == "none":
+        record = Pretrained(method="none", pool_digest=handed.digest if handed is not None else "")
+        if tags is not None:
+            save(out, None, record, handed_file)
+        return record
+    prepared = load_prepared(Path(paths.prepared))
     images = unlabelled_rows(prepared, pool)  # the train split, then the pool: never val or test
     train, val = prepared.split("train"), prepared.split("val")
     bank = (prepared.images[train["cache_index"].to_numpy()], train["label_index"].to_numpy())
@@ -247,8 +262,10 @@ def run(params: Params, tags: dict[str, str] | None) -> Pretrained:
             print(f"pretrain: resuming MLflow run {run_id} from {resume.last_checkpoint()}", flush=True)
         logger = MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=active.info.run_id)
         model, record = pretrain(params, images, bank, held, transform, mean, std, resume, logger, start)
-        record = dataclasses.replace(record, run_id=active.info.run_id)
-        save(out, model, record)
+        record = dataclasses.replace(
+            record, run_id=active.info.run_id, pool_digest=handed.digest if handed is not None else ""
+        )
+        save(out, model, record, handed_file)
         mlflow.log_dict(dataclasses.asdict(record), PRETRAIN_RECORD)
     resume.clear()
     return record

@@ -19,10 +19,9 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger
 
 from pipeline import augment, registry, serve, tracking
 from pipeline.config import Params, as_dict
-from pipeline.data.pool import load_pool, pool_selected
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.fsutil import atomic_dir
-from pipeline.runinfo import OOF_CSV, RUN_INFO, FoldScore, Preprocessing, RunInfo
+from pipeline.runinfo import OOF_CSV, RUN_INFO, FoldScore, Preprocessing, Pretrained, RunInfo
 from pipeline.training import crossval
 from pipeline.training.fit import Fitted, datamodule, fit
 from pipeline.training.oof import cv_metrics
@@ -53,9 +52,10 @@ def inputs(params: Params) -> Inputs:
 
 
 def _pool_digest(params: Params) -> str:
-    """The pool's digest when training learns from it (train.semi), so a changed pool starts a run afresh."""
-    folder = Path(params.paths.pool)
-    return load_pool(folder).digest if params.train.semi != "none" and pool_selected(folder) else ""
+    """The digest of the pool training learns from (train.semi; the pretrain stage's record says which), so a
+    changed pool starts a run afresh."""
+    folder = Path(params.paths.pretrain)
+    return Pretrained.read(folder).pool_digest if params.train.semi != "none" and folder.is_dir() else ""
 
 
 def fit_all(run: Inputs, fold_runs: crossval.FoldRuns | None = None, logger: Logger | bool = False) -> Fitted:
