@@ -123,13 +123,16 @@ def test_plots_folder_holds_the_images_and_the_curve_data(project):
 def test_dvc_yaml_declares_what_the_stage_writes():
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     evaluate = dvc["stages"]["evaluate"]
-    assert evaluate["outs"] == [
-        "${paths.plots}",
-        "${paths.report}",  # DVC-versioned: it names the run's commit, date and MLflow run (a clean git status)
-        {"${paths.metrics_detail}": {"cache": False}},
-        "${paths.decision}",  # likewise: the MLflow run it was decided in
-        {"${paths.label_audit}": {"cache": False}},
-    ]
+    assert (
+        evaluate["outs"]
+        == [
+            "${paths.plots}",
+            "${paths.report}",  # DVC-versioned: it names the run's commit, date and MLflow run (a clean git status)
+            {"${paths.metrics_detail}": {"cache": False}},
+            "${paths.decision}",  # likewise: the MLflow run it was decided in
+            {"${paths.label_audit}": {"cache": False}},
+        ]
+    )
     assert evaluate["metrics"] == [{"${paths.metrics}": {"cache": False}}]
     assert [next(iter(p)) for p in evaluate["plots"]] == ["${paths.confusion}"]
     assert {"seed", "evaluate"} <= set(evaluate["params"])

@@ -15,7 +15,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from pipeline.data.cache import OFFLINE_IMAGES, OFFLINE_LABELS, Images, Rows
 from pipeline.data.prepared import DataError, Prepared
-from pipeline.training import recipe
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Inverse-frequency weights ``n / (k * n_c)`` (1 for every class when balanced); absent classes get 0."""
+    counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
+    weights = np.zeros(num_classes)
+    present = counts > 0
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights
 
 
 class CachedImageDataset(Dataset):
@@ -142,7 +150,7 @@ class ImageDataModule(L.LightningDataModule):
         if train and self.balanced:
             # Each image drawn with its class's inverse frequency: every class equally likely per draw.
             # Under DDP, Lightning wraps this sampler so that each rank draws its own share.
-            weights = recipe.class_weights(dataset.labels, self.num_classes)[dataset.labels]
+            weights = class_weights(dataset.labels, self.num_classes)[dataset.labels]
             sampler = WeightedRandomSampler(
                 weights.tolist(),
                 num_samples=len(dataset),

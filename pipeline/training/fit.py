@@ -22,10 +22,10 @@ from lightning.pytorch.loggers import Logger
 from pipeline import augment
 from pipeline.config import Params, Train
 from pipeline.data.cache import Images
-from pipeline.data.datamodule import ImageDataModule, load_offline
+from pipeline.data.datamodule import ImageDataModule, class_weights, load_offline
 from pipeline.data.prepared import DataError, Prepared
 from pipeline.runinfo import BEST, CHECKPOINT_SUFFIX, PRETRAIN_POOL, WeightsInfo
-from pipeline.training import probe, recipe
+from pipeline.training import probe
 from pipeline.training.callbacks import FitCallbacks, TrainingDiverged, callbacks_for, slim_checkpoint
 from pipeline.training.model import Classifier, build_network, input_statistics
 from pipeline.training.pretrained import load_pretrained
@@ -126,7 +126,7 @@ def build_model(
     weights = (
         None
         if train_labels is None or t.balance != "loss"
-        else recipe.class_weights(train_labels, len(class_names)).tolist()
+        else class_weights(train_labels, len(class_names)).tolist()
     )
     net = build_network(m.arch, len(class_names), m.dropout, in_channels, m.stem)
     info = load_pretrained(

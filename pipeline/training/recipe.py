@@ -20,7 +20,6 @@ import math
 from typing import cast
 
 import lightning.pytorch as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
@@ -97,12 +96,3 @@ def warmup_cosine(
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Inverse-frequency weights ``n / (k * n_c)`` (1 for every class when balanced); absent classes get 0."""
-    counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
-    weights = np.zeros(num_classes)
-    present = counts > 0
-    weights[present] = counts.sum() / (present.sum() * counts[present])
-    return weights

@@ -6,6 +6,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from pipeline.config import with_overrides
+from pipeline.data.datamodule import class_weights
 from pipeline.training import recipe
 from pipeline.training.fit import _tolerate_frozen_parameters, build_model, datamodule, fit
 from pipeline.training.model import build_network
@@ -104,7 +105,7 @@ def test_backbone_learning_rate_and_warmup_cosine_schedule():
 
 
 def test_class_weights_and_balanced_sampler(tiny_params, prepared):
-    assert recipe.class_weights(np.array([0, 0, 0, 1]), 3).tolist() == [2 / 3, 2.0, 0.0]
+    assert class_weights(np.array([0, 0, 0, 1]), 3).tolist() == [2 / 3, 2.0, 0.0]
     labels = prepared.split("train")["label_index"].to_numpy()
     keep = np.concatenate([np.flatnonzero(labels == 0), np.flatnonzero(labels != 0)[:2]])  # mostly class 0
     params = with_overrides(tiny_params, {"train.balance": "sampler", "train.batch_size": 2})
@@ -118,7 +119,7 @@ def test_class_weights_and_balanced_sampler(tiny_params, prepared):
     model, _ = build_model(
         with_overrides(tiny_params, {"train.balance": "loss"}), prepared.classes, train_labels=labels[keep]
     )
-    assert model.class_weights.tolist() == pytest.approx(recipe.class_weights(labels[keep], 3).tolist())
+    assert model.class_weights.tolist() == pytest.approx(class_weights(labels[keep], 3).tolist())
 
 
 def test_label_smoothing_and_class_weights_reach_the_loss(tiny_params, prepared):
