@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -159,3 +161,16 @@ def kill_when_ready(
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def run_script(code: str, folder: Path, *args: str) -> None:
+    """``code`` saved in ``folder`` and run there as a script of its own (Lightning's DDP launcher re-runs the
+    command for each rank: it needs a file, not pytest), one thread a process, this checkout first on the
+    path; it must succeed."""
+    script = folder / "script.py"
+    script.write_text(code)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, str(script), *args], cwd=folder, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -8,6 +8,7 @@ from pipeline.config import with_overrides
 from pipeline.data.prepared import DataError, load_prepared
 from pipeline.stages import augment as augment_stage
 from pipeline.training.fit import datamodule
+from tests.conftest import run_script
 
 
 @pytest.fixture
@@ -83,10 +84,6 @@ def test_ddp_validation_counts_each_image_once(image_folder, tmp_path):
     """9 val images on 2 processes (5 and 4: a rank runs one batch more): every metric equals the one process
     value; a padding sampler would score one image twice."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from pipeline.data.ingest import ingest
 
@@ -94,19 +91,8 @@ def test_ddp_validation_counts_each_image_once(image_folder, tmp_path):
         image_folder, tmp_path / "prepared", image_size=32, val_fraction=0.375, test_fraction=0.125, seed=0
     )
     assert len(load_prepared(tmp_path / "prepared").split("val")) == 9
-    script = tmp_path / "validate.py"
-    script.write_text(DDP_VALIDATE)
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     for devices in (2, 1):
-        done = subprocess.run(
-            [sys.executable, str(script), str(tmp_path / "prepared"), str(tmp_path), str(devices)],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
+        run_script(DDP_VALIDATE, tmp_path, str(tmp_path / "prepared"), str(tmp_path), str(devices))
     two, one = (json.loads((tmp_path / f"val-{d}.json").read_text()) for d in (2, 1))
     assert set(two) == set(one) and "val/auroc" in one
     for name, value in one.items():

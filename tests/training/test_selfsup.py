@@ -12,6 +12,7 @@ from pipeline.data.datamodule import UnlabelledDataset
 from pipeline.runinfo import PRETRAIN_BACKBONE, Pretrained
 from pipeline.training import selfsup, transfer
 from pipeline.training.model import Classifier
+from tests.conftest import run_script
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -162,22 +163,8 @@ with open(f"{out}/rank{rank}.json", "w") as f:
 @pytest.mark.slow
 def test_pretraining_on_two_ddp_processes_syncs_batchnorm_and_splits_the_images(tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
 
-    script = tmp_path / "ddp_pretrain.py"
-    script.write_text(DDP_SCRIPT)
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_script(DDP_SCRIPT, tmp_path, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for seen in ranks:
         assert not seen["sync_bn"] and seen["world"] == 2  # SyncBatchNorm is GPU-only (see below)
