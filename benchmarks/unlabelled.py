@@ -75,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--draw", type=int, default=0, help="which labelled/test draw (default: %(default)s)")
+    parser.add_argument(
+        "--save",
+        type=Path,
+        metavar="CKPT",
+        help="also save the pretrained backbone there: bench quality --extra model.weights=CKPT fine-tunes from it",
+    )
 
 
 def main(params: Params, args: argparse.Namespace) -> None:
@@ -119,6 +125,8 @@ def main(params: Params, args: argparse.Namespace) -> None:
             Resume(Path(scratch) / "resume", "bench"),
         )
         seconds = time.perf_counter() - began
+    if args.save is not None:
+        model.save_backbone(args.save)
     scored(
         f"{args.method} {record.epochs} epochs",
         knn_accuracy(model, *bank, *test),
