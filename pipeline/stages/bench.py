@@ -12,7 +12,8 @@ from pathlib import Path
 
 from pipeline.config import Params
 
-BENCHES = ("quality", "scale", "transfer", "unlabelled")  # benchmarks/__main__.py's; the package does not import it
+# benchmarks/__main__.py's; the package does not import it
+BENCHES = ("quality", "scale", "transfer", "unlabelled")
 REPO = Path(__file__).resolve().parents[2]  # where benchmarks/ lies beside pipeline/
 
 
