@@ -91,11 +91,7 @@ def duplicate_sets(pool: Pool, near_bits: int | None) -> np.ndarray:
         None if not h else np.unpackbits(np.frombuffer(bytes.fromhex(h), np.uint8)) for h in kept["dhash"]
     ]
     near = validation.near_groups(hashes, near_bits) if near_bits is not None else np.arange(len(kept))
-    links = [(i, int(j)) for i, j in enumerate(near) if i != j]
-    groups = kept["group"].to_numpy()
-    for _, idx in pd.Series(np.arange(len(kept))).groupby(groups).indices.items():
-        if groups[idx[0]]:
-            links += [(int(idx[0]), int(j)) for j in idx[1:]]
+    links = validation.group_links(near.tolist()) + validation.group_links(kept["group"].tolist())
     return validation.components(len(kept), links)
 
 

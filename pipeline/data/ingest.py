@@ -247,8 +247,7 @@ def _units(table: pd.DataFrame, exact: list[list[int]], near: list[list[int]]) -
     """Images that must share a split: one group, and each set of exact or near duplicates."""
     links = [(idx[0], j) for idx in exact + near for j in idx[1:]]
     if "group" in table:
-        for _, idx in table[table["group"] != ""].groupby("group").indices.items():
-            links += [(int(idx[0]), int(j)) for j in idx[1:]]
+        links += validation.group_links(table["group"].tolist())
     return validation.components(len(table), links)
 
 

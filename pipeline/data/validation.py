@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -174,6 +175,20 @@ def near_pairs_exhaustive(
             if start + r < c:
                 pairs.append((int(index[start + r]), int(index[c]), round(float(distance[r, c]))))
     return pairs
+
+
+def group_links(groups: Sequence[object]) -> list[tuple[int, int]]:
+    """Links tying each item to the first item of its group (an empty-string group is no group), for
+    :func:`components`: a patient's images, a near-duplicate set's members."""
+    first: dict[object, int] = {}
+    links = []
+    for i, group in enumerate(groups):
+        if isinstance(group, str) and group == "":
+            continue
+        j = first.setdefault(group, i)
+        if j != i:
+            links.append((j, i))
+    return links
 
 
 def components(n: int, links: list[tuple[int, int]] | np.ndarray) -> np.ndarray:

@@ -98,7 +98,11 @@ class SelfSupervised(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features (N, width) of raw pixel batches, normalized as the classifier normalizes them."""
-        return self.backbone((to_unit_range(x) - self.mean) / self.std)
+        return self.backbone(self._normalized(x))
+
+    def _normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1], then the mean/std the backbone carries into the classifier."""
+        return (to_unit_range(x) - self.mean) / self.std
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         first, second = batch
@@ -109,13 +113,12 @@ class SelfSupervised(L.LightningModule):
             update_momentum(self.projection, self.target_projection, self.hparams["momentum"])
             online = [self.prediction(self.projection(self(v))) for v in (first, second)]
             with torch.no_grad():
-                target = [self.target_projection(self._target_features(v)) for v in (first, second)]
+                target = [
+                    self.target_projection(self.target_backbone(self._normalized(v))) for v in (first, second)
+                ]
             loss = 0.5 * (self.criterion(online[0], target[1]) + self.criterion(online[1], target[0]))
         self.log("pretrain/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
-
-    def _target_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.target_backbone((to_unit_range(x) - self.mean) / self.std)
 
     def configure_optimizers(self):
         """AdamW with the classifier's schedule: linear warm-up, then cosine decay to 0, per step."""
