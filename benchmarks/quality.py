@@ -49,6 +49,7 @@ from benchmarks.speed import PLAIN_RECIPE
 from pipeline import augment, config
 from pipeline.config import Params
 from pipeline.data.ingest import ingest
+from pipeline.data.pool import load_pool, prepare_pool
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.errors import PipelineError
 from pipeline.evaluation.evaluate import evaluate
@@ -74,18 +75,34 @@ ROWS: dict[str, dict[str, Any]] = {
     "cv3": LONG | MIX | EMA | {"data.folds": 3},
     "cv5": LONG | MIX | EMA | {"data.folds": 5},
     "cv3_long": LONG | {"data.folds": 3},
+    # issue 26: ``last`` learning also from an unlabelled pool (``--pool``), FixMatch at the params.yaml settings
+    "fixmatch": LONG | MIX | EMA | {"train.checkpoint": "last", "train.semi": "fixmatch"},
 }
 
 
-def write_pngs(npz: Path, root: Path) -> Path:
-    """The arrays as PNG files and a manifest (path, label, split) keeping the published split."""
+def write_pngs(npz: Path, root: Path, fraction: float | None = None, pool: Path | None = None) -> Path:
+    """The arrays as PNG files and a manifest (path, label, split) keeping the published split. ``fraction``:
+    only that share of the train split is labelled (drawn per class, draw 0); the rest of it is written to
+    ``pool`` without a manifest (the unlabelled pool: its labels are never read)."""
     arrays = np.load(npz)
     rows = []
+    labelled = np.ones(len(arrays["train_labels"]), bool)
+    if fraction is not None:
+        train_labels = arrays["train_labels"][:, 0]
+        rng, labelled[:] = np.random.default_rng(0), False
+        for label in np.unique(train_labels):
+            members = rng.permutation(np.flatnonzero(train_labels == label))
+            labelled[members[: max(1, round(fraction * len(members)))]] = True
     for split in ("train", "val", "test"):
         for i, (image, label) in enumerate(
             zip(arrays[f"{split}_images"], arrays[f"{split}_labels"][:, 0], strict=True)
         ):
             name = f"{split}/{CLASSES[label]}_{i:04d}.png"
+            if split == "train" and not labelled[i]:
+                if pool is not None:
+                    pool.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(image).save(pool / f"{i:05d}.png")
+                continue
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image).save(root / name)
             rows.append(f"{name},{CLASSES[label]},{split}")
@@ -116,11 +133,25 @@ def eurosat_draw(
             yield files[k], cls, split
 
 
-def write_eurosat(tar: Path, root: Path, per_class: int, draw: int = 0) -> Path:
-    """``eurosat_draw``'s tiles extracted from the tar with a manifest (path, label, split)."""
+def write_eurosat(
+    tar: Path, root: Path, per_class: int, draw: int = 0, pool: Path | None = None, pool_size: int = 0
+) -> Path:
+    """``eurosat_draw``'s tiles extracted from the tar with a manifest (path, label, split); ``pool``: also
+    the first ``pool_size`` (0: all) of the other tiles there, without a manifest (labels never read)."""
     rows = []
+    pooled = 0
     with tarfile.open(tar) as archive:
-        for member, cls, split in eurosat_draw(archive, per_class, draw):
+        for member, cls, split in eurosat_draw(archive, per_class, draw, pool=pool is not None):
+            if split == "pool":
+                if pool_size and pooled >= pool_size:
+                    continue
+                assert pool is not None
+                pool.mkdir(parents=True, exist_ok=True)
+                stream = archive.extractfile(member)
+                assert stream is not None, f"{member.name}: a regular file of the tar"
+                (pool / Path(member.name).name).write_bytes(stream.read())
+                pooled += 1
+                continue
             name = f"{split}/{Path(member.name).name}"
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             stream = archive.extractfile(member)
@@ -165,13 +196,24 @@ def _prepared(raw: Path, root: Path, data: config.Data) -> Prepared:
     return load_prepared(out)
 
 
+def _pool(raw: Path, root: Path, data: config.Data) -> tuple[np.ndarray, dict]:
+    """The unlabelled pool in ``raw`` as the pool stage prepares it against the labelled set (its duplicates
+    of labelled images and anything sharing a group with val/test left out): (pixels, the pool's report)."""
+    out = root / "pool"
+    if not out.exists():
+        with contextlib.redirect_stdout(sys.stderr):
+            prepare_pool(raw, out, data=data, labelled=root / f"prepared-{data.folds}")
+    loaded = load_pool(out)
+    return loaded.images, loaded.report
+
+
 def _train(
-    params: config.Params, prepared: Prepared, transform, out: Path
+    params: config.Params, prepared: Prepared, transform, out: Path, pool: np.ndarray | None = None
 ) -> tuple[Ensemble, Any, int, dict]:
     """(model, held-out logits and labels or None, epochs run, CV metrics): one fit, or k folds and their ensemble."""
     with contextlib.redirect_stdout(sys.stderr):  # per-epoch lines; stdout is for the JSON lines
         if not params.data.folds:
-            result = fit(params, datamodule(params, prepared, transform), out_dir=out)
+            result = fit(params, datamodule(params, prepared, transform, pool=pool), out_dir=out)
             return (
                 Ensemble([result.best_model()]),
                 None,
@@ -199,22 +241,35 @@ def run(
     rows: list[str],
     per_class: int | None = None,
     extra: dict[str, Any] | None = None,
+    pool_size: int | None = None,
+    fraction: float | None = None,
 ) -> list[dict[str, Any]]:
     """``per_class`` set: EuroSAT (``data`` its tar) with that many labelled images per class; else
-    PneumoniaMNIST (``data`` its npz)."""
+    PneumoniaMNIST (``data`` its npz), ``fraction`` of its train split labelled. ``pool_size`` (None: no
+    pool; 0: every other image): the unlabelled pool the ``fixmatch`` row learns from, the EuroSAT tiles
+    outside the draw or PneumoniaMNIST's unlabelled train images."""
     results = []
     eurosat = per_class is not None
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
+        pool_raw = Path(tmp) / "unlabelled" if pool_size is not None else None
         raw = (
-            write_eurosat(data, Path(tmp) / "raw", per_class)
+            write_eurosat(data, Path(tmp) / "raw", per_class, pool=pool_raw, pool_size=pool_size or 0)
             if per_class is not None
-            else write_pngs(data, Path(tmp) / "raw")
+            else write_pngs(data, Path(tmp) / "raw", fraction, pool=pool_raw)
         )
+        if pool_raw is not None and not eurosat and pool_size:
+            for extra_file in sorted(pool_raw.iterdir())[pool_size:]:
+                extra_file.unlink()
         for seed in seeds:
             for name, overrides in ((n, ROWS[n]) for n in rows):
                 base = base_params(size, epochs, seed, "satellite" if eurosat else "medical")
                 params = config.with_overrides(base, overrides | (extra or {}))
                 prepared = _prepared(raw, Path(tmp), params.data)
+                pool, pool_report = (
+                    _pool(pool_raw, Path(tmp), params.data)
+                    if pool_raw is not None and params.train.semi != "none"
+                    else (None, {})
+                )
                 arrays = {
                     s: (
                         prepared.images[prepared.split(s)["cache_index"].to_numpy()],
@@ -227,7 +282,7 @@ def run(
                 )
                 start = time.perf_counter()
                 model, held_out, epochs_run, cv = _train(
-                    params, prepared, transform, Path(tmp) / f"{name}-{seed}"
+                    params, prepared, transform, Path(tmp) / f"{name}-{seed}", pool
                 )
                 seconds = time.perf_counter() - start
                 variants = [(name, params.evaluate)]
@@ -247,7 +302,17 @@ def run(
                     split = "test_threshold" if row == "threshold" else "test"
                     line = {
                         "bench": "quality",
-                        "set": f"eurosat-{per_class}" if eurosat else "pneumonia",
+                        "set": f"eurosat-{per_class}"
+                        if eurosat
+                        else "pneumonia"
+                        if fraction is None
+                        else f"pneumonia-{fraction:g}",
+                        "n_train": len(prepared.split("train")),
+                        **(
+                            {"n_pool": len(pool), "pool_excluded": pool_report.get("excluded", {}).get("n")}
+                            if pool is not None
+                            else {}
+                        ),
                         "row": row,
                         **({"extra": extra} if extra else {}),
                         "seed": seed,
@@ -273,6 +338,18 @@ def run(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set", choices=["pneumonia", "eurosat"], default="pneumonia", help="(default: %(default)s)"
+    )
+    parser.add_argument(
+        "--pool",
+        type=int,
+        metavar="N",
+        help="an unlabelled pool of N images (0: all) for the fixmatch row: EuroSAT's tiles outside the draw, "
+        "PneumoniaMNIST's train images left unlabelled by --fraction",
+    )
+    parser.add_argument(
+        "--fraction",
+        type=float,
+        help="pneumonia: the share of its train split that is labelled (default: all)",
     )
     parser.add_argument("--data", type=Path, help=f"the set's file (default: {DATA} or {EUROSAT})")
     parser.add_argument("--per-class", type=int, default=50, help="eurosat: labelled images per class")
@@ -303,4 +380,16 @@ def main(params: Params, args: argparse.Namespace) -> None:
     args.size = args.size or (64 if eurosat else 28)
     if not args.data.is_file():
         raise PipelineError(f"{args.data}: not found (the shared data sets live in ../shared/data)")
-    run(args.data, args.size, args.epochs, args.seeds, args.rows, args.per_class if eurosat else None, extra)
+    if "fixmatch" in args.rows and args.pool is None:
+        raise PipelineError("--rows fixmatch: give the unlabelled pool's size with --pool N (0: all)")
+    run(
+        args.data,
+        args.size,
+        args.epochs,
+        args.seeds,
+        args.rows,
+        args.per_class if eurosat else None,
+        extra,
+        args.pool,
+        None if eurosat else args.fraction,
+    )
