@@ -36,7 +36,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,15 +118,22 @@ def eurosat_draw(
 
 def write_eurosat(tar: Path, root: Path, per_class: int, draw: int = 0) -> Path:
     """``eurosat_draw``'s tiles extracted from the tar with a manifest (path, label, split)."""
-    rows = []
     with tarfile.open(tar) as archive:
-        for member, cls, split in eurosat_draw(archive, per_class, draw):
-            name = f"{split}/{Path(member.name).name}"
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            stream = archive.extractfile(member)
-            assert stream is not None, f"{member.name}: a regular file of the tar"
-            (root / name).write_bytes(stream.read())
-            rows.append(f"{name},{cls},{split}")
+        return write_members(archive, eurosat_draw(archive, per_class, draw), root)
+
+
+def write_members(
+    archive: tarfile.TarFile, members: Iterable[tuple[tarfile.TarInfo, str, str]], root: Path
+) -> Path:
+    """The tar's (member, class, split) extracted under ``root``/split with a manifest (path, label, split)."""
+    rows = []
+    for member, cls, split in members:
+        name = f"{split}/{Path(member.name).name}"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        stream = archive.extractfile(member)
+        assert stream is not None, f"{member.name}: a regular file of the tar"
+        (root / name).write_bytes(stream.read())
+        rows.append(f"{name},{cls},{split}")
     (root / "manifest.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
     return root
 
@@ -165,7 +172,7 @@ def _prepared(raw: Path, root: Path, data: config.Data) -> Prepared:
     return load_prepared(out)
 
 
-def _train(
+def train_model(
     params: config.Params, prepared: Prepared, transform, out: Path
 ) -> tuple[Ensemble, Any, int, dict]:
     """(model, held-out logits and labels or None, epochs run, CV metrics): one fit, or k folds and their ensemble."""
@@ -226,7 +233,7 @@ def run(
                     params.augment.transforms, seed, preset=params.augment.preset, dtype=prepared.images.dtype
                 )
                 start = time.perf_counter()
-                model, held_out, epochs_run, cv = _train(
+                model, held_out, epochs_run, cv = train_model(
                     params, prepared, transform, Path(tmp) / f"{name}-{seed}"
                 )
                 seconds = time.perf_counter() - start
