@@ -76,6 +76,7 @@ from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.errors import PipelineError
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.pixels import unit_range
+from pipeline.training.model import Ensemble
 
 SETS = {  # start per class, image size, augmentation preset
     "eurosat": (2, 64, "satellite"),
@@ -138,18 +139,20 @@ def completed(csv_path: Path, name: str, strategy: str, seed: int) -> list[int]:
     return sorted(mine["round"].astype(int).tolist())
 
 
-def picked_before(picks_path: Path, name: str, strategy: str, seed: int, before: int) -> list[str]:
+def picked_before(
+    picks_path: Path, name: str, strategy: str, seed: int, before: int
+) -> tuple[list[str], list[int]]:
     """The file names (set, strategy, seed) labelled in rounds 2..``before`` (the pool images that round
-    ``before`` trains on), in labelling order; later rounds' picks (a run killed between its picks and its
-    row) are dropped from the file, to be picked again."""
+    ``before`` trains on), in labelling order, and the round of each; later rounds' picks (a run killed
+    between its picks and its row) are dropped from the file, to be picked again."""
     if not picks_path.is_file():
-        return []
+        return [], []
     picks = pd.read_csv(picks_path, dtype={"set": str, "strategy": str, "path": str, "label": str})
     mine = (picks["set"] == name) & (picks["strategy"] == strategy) & (picks["seed"] == seed)
     stale = mine & (picks["round"] > before)
     if stale.any():
         picks[~stale].to_csv(picks_path, index=False)
-    return picks.loc[mine & ~stale, "path"].tolist()
+    return picks.loc[mine & ~stale, "path"].tolist(), picks.loc[mine & ~stale, "round"].astype(int).tolist()
 
 
 def append_row(path: Path, fields: Sequence[str], row: dict) -> None:
@@ -253,8 +256,9 @@ def simulation(name: str, data: Path, pool: int, seed: int, params: Params, root
     is_start = np.arange(len(table)) < per_class * table.loc[~is_test, "label"].nunique()
     labelled, unlabelled = root / "labelled", root / "unlabelled"
     start = table[is_start | is_test].copy()
-    val = val_mask(start["label"].tolist(), image_keys(start["path"].tolist(), seed))
-    start["split"] = np.where(start["split"] == "test", "test", np.where(val, "val", "train"))
+    first = table[is_start]  # its split as each round draws it (round_prepared)
+    val = val_mask(first["label"].tolist(), image_keys(first["path"].tolist(), seed))
+    start.loc[is_start[is_start | is_test], "split"] = np.where(val, "val", "train")
     for folder, rows in ((labelled, start), (unlabelled, table[~is_start & ~is_test])):
         for path in rows["path"]:
             (folder / path).parent.mkdir(parents=True, exist_ok=True)
@@ -333,7 +337,7 @@ def next_picks(
     remaining: np.ndarray,
     budget: int,
     rnd: int,
-    model,
+    model: Ensemble,
 ) -> tuple[np.ndarray, str]:
     """Kept-pool indices to label next and what chose them."""
     if strategy == "random":
@@ -343,6 +347,21 @@ def next_picks(
         params, budget, "auto", list(model.members), prepared, round_pool(sim, remaining)
     )
     return remaining[picks], suggestion.strategy
+
+
+def train_and_score(params: Params, prepared: Prepared, transform, out: Path) -> tuple[Ensemble, dict, int]:
+    """(model, test metrics with intervals, epochs run): one fit from random init, as bench quality's rows."""
+    model, _, epochs_run, _ = train_model(params, prepared, transform, out)
+    shutil.rmtree(out, ignore_errors=True)  # its checkpoints: the model is in memory
+    test, val = (prepared.split(s) for s in ("test", "val"))
+    arrays = {
+        s: (prepared.images[t["cache_index"].to_numpy()], t["label_index"].to_numpy())
+        for s, t in (("test", test), ("val", val))
+    }
+    scores = evaluate(
+        model, *arrays["test"], prepared.classes, params.evaluate, params.seed, (), val=arrays["val"]
+    )
+    return model, scored(scores.metrics, "test"), epochs_run
 
 
 def run_seed(
@@ -358,41 +377,29 @@ def run_seed(
     params = params_for(name, args.epochs, seed, augment_file)
     kept_names = sim.pool.kept()["path"].map(lambda p: Path(p).name).tolist()
     index = {n: i for i, n in enumerate(kept_names)}
-    picked = [index[Path(p).name] for p in picked_before(picks_path, name, strategy, seed, first)]
+    paths, rounds = picked_before(picks_path, name, strategy, seed, first)
+    if first > 1 and first not in rounds:  # a longer --schedule than the rows': the last round picks again
+        first -= 1
+    picked = [index[Path(p).name] for p in paths]
     remaining = np.setdiff1d(np.arange(len(kept_names)), np.flatnonzero(np.isin(sim.sets, sim.sets[picked])))
     for rnd in range(first, len(schedule) + 1):
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         prepared = round_prepared(sim, np.asarray(picked, dtype=np.int64), seed)
         transform = augment.build(
             params.augment.transforms, seed, preset=params.augment.preset, dtype=prepared.images.dtype
         )
         augment.save(transform, augment_file)
-        model, _, epochs_run, _ = train_model(params, prepared, transform, scratch / f"fit-{rnd}")
-        shutil.rmtree(scratch / f"fit-{rnd}", ignore_errors=True)
-        test, val = (prepared.split(s) for s in ("test", "val"))
-        arrays = {
-            s: (sim.images[t["cache_index"].to_numpy()], t["label_index"].to_numpy())
-            for s, t in (("test", test), ("val", val))
-        }
-        out = evaluate(model, *arrays["test"], prepared.classes, params.evaluate, seed, (), val=arrays["val"])
-        metrics = scored(out.metrics, "test")
-        labels = len(prepared.table) - len(test)
+        model, metrics, epochs_run = train_and_score(params, prepared, transform, scratch / f"fit-{rnd}")
+        fit_cpu = time.process_time() - cpu
+        labels = len(prepared.table) - len(prepared.split("test"))
         chose = ""
         budget = min(schedule[rnd] - labels, len(remaining)) if rnd < len(schedule) else 0
         if budget > 0:
             new, chose = next_picks(strategy, sim, params, prepared, remaining, budget, rnd, model)
-            for i in new:
+            key = {"set": name, "strategy": strategy, "seed": seed, "round": rnd + 1}
+            for i in new:  # before the round's row: a resumed run finds what the next round trains on
                 append_row(
-                    picks_path,
-                    PICK_FIELDS,
-                    {
-                        "set": name,
-                        "strategy": strategy,
-                        "seed": seed,
-                        "round": rnd + 1,
-                        "path": kept_names[i],
-                        "label": sim.oracle[kept_names[i]],
-                    },
+                    picks_path, PICK_FIELDS, key | {"path": kept_names[i], "label": sim.oracle[kept_names[i]]}
                 )
             picked += [int(i) for i in new]
             remaining = remaining[~np.isin(sim.sets[remaining], sim.sets[new])]
@@ -408,7 +415,8 @@ def run_seed(
             "auroc": round(metrics["auroc"], 4) if len(prepared.classes) == 2 else "",
             "seconds": round(time.perf_counter() - began, 1),
         }
-        append_row(csv_path, FIELDS, row)
+        if rnd not in done:
+            append_row(csv_path, FIELDS, row)
         print(
             json.dumps(
                 {
@@ -419,6 +427,8 @@ def run_seed(
                     "next_by": chose,
                     "pool_left": len(remaining),
                     "threads": torch.get_num_threads(),
+                    "fit_cpu_s": round(fit_cpu, 1),  # CPU seconds: fit and test scoring, then the picks
+                    "pick_cpu_s": round(time.process_time() - cpu - fit_cpu, 1),
                 }
             ),
             flush=True,

@@ -91,7 +91,7 @@ def test_a_killed_run_resumes_after_its_last_row_with_the_picks_it_had_made(tmp_
         picks, active.PICK_FIELDS, {"set": "s", "strategy": "random", "seed": 0, "round": 2, "path": "z.png"}
     )
     assert active.completed(rows, "s", "auto", 0) == [1, 2] and active.completed(rows, "s", "auto", 1) == []
-    assert active.picked_before(picks, "s", "auto", 0, 3) == ["a.png", "b.png"]
+    assert active.picked_before(picks, "s", "auto", 0, 3) == (["a.png", "b.png"], [2, 3])
     assert pd.read_csv(picks)["path"].tolist() == ["a.png", "b.png", "z.png"]  # round 4's: to be picked again
 
 
