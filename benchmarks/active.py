@@ -13,9 +13,9 @@ and test images left out), and after each round the pool images in a near-duplic
 one leave it, as the pool stage would leave them out at the next ``dvc repro``.
 
 Rounds follow ``--schedule`` (labels in all, val included; the first is the start). Each round trains from
-random init with bench quality's ``last`` recipe (the params.yaml defaults) for ``--epochs``, scores the test
-set (accuracy, and AUROC for two classes, with 95% bootstrap intervals), then labels the difference to the
-next count by the strategy:
+random init with bench quality's ``last`` recipe (the params.yaml defaults; ``--extra KEY=VALUE`` changes
+it) for ``--epochs``, scores the test set (accuracy, and AUROC for two classes, with 95% bootstrap
+intervals), then labels the difference to the next count by the strategy:
 
 - ``random``: uniformly at random from the pool (the baseline: no diversity rule);
 - ``auto``: ``pipeline.active.suggest.suggest``, the suggest command's work with the round's model as the
@@ -49,10 +49,12 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 from benchmarks import REPO
 from benchmarks.quality import (
@@ -320,12 +322,15 @@ def round_pool(sim: Simulation, remaining: np.ndarray) -> Pool:
 # ---- the rounds ----
 
 
-def params_for(name: str, epochs: int, seed: int, augment_file: Path) -> Params:
+def params_for(
+    name: str, epochs: int, seed: int, augment_file: Path, extra: dict[str, Any] | None = None
+) -> Params:
     """Bench quality's ``last`` row (the params.yaml recipe) at ``epochs``; the training augmentation is
     saved where suggest reads it (its draws when the recipe has no TTA)."""
     _, size, preset = SETS[name]
     base = base_params(size, epochs, seed, preset)
     overrides = ROWS["last"] | {"train.max_epochs": epochs, "paths.augment_pipeline": str(augment_file)}
+    overrides |= extra or {}
     return config.with_overrides(base, overrides)
 
 
@@ -374,7 +379,7 @@ def run_seed(
         return
     first = len(done) + 1  # rounds are 1-based; a resumed run continues after the last row it wrote
     augment_file = scratch / "train_transforms.json"
-    params = params_for(name, args.epochs, seed, augment_file)
+    params = params_for(name, args.epochs, seed, augment_file, args.extra)
     kept_names = sim.pool.kept()["path"].map(lambda p: Path(p).name).tolist()
     index = {n: i for i, n in enumerate(kept_names)}
     paths, rounds = picked_before(picks_path, name, strategy, seed, first)
@@ -451,6 +456,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES), help="(default: %(default)s)"
     )
     parser.add_argument("--out", type=Path, default=OUT, help="(default: docs/benchmarks/active)")
+    parser.add_argument(
+        "--extra",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="params overrides on top of the recipe (YAML values), e.g. 'evaluate.tta=[HorizontalFlip]'",
+    )
     parser.add_argument("--resume", action="store_true", help="skip the rounds already in the CSV")
     parser.add_argument("--plot-only", action="store_true", help="redraw the figure from the CSV and stop")
 
@@ -470,6 +482,7 @@ def main(params: Params, args: argparse.Namespace) -> None:
             f"{args.data}: not found (the shared data sets live in ../shared/data; or give --data)"
         )
     per_class = SETS[args.set][0]
+    args.extra = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.extra)}
     n_classes = 10 if args.set == "eurosat" else 2
     args.schedule = parse_schedule(args.schedule, per_class * n_classes)
     picks_path = args.out / f"active_{args.set}_picks.csv"
@@ -483,6 +496,8 @@ def main(params: Params, args: argparse.Namespace) -> None:
                 if args.resume and len(completed(csv_path, args.set, strategy, seed)) >= len(args.schedule):
                     continue
                 if sim is None:  # the start, pool and test of this seed: shared by the strategies
-                    data_params = params_for(args.set, args.epochs, seed, Path(tmp) / "unused.json")
+                    data_params = params_for(
+                        args.set, args.epochs, seed, Path(tmp) / "unused.json", args.extra
+                    )
                     sim = simulation(args.set, args.data, args.pool, seed, data_params, Path(tmp) / "data")
                 run_seed(args.set, strategy, seed, args, sim, Path(tmp))
