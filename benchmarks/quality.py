@@ -36,7 +36,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,27 +137,33 @@ def write_eurosat(
     tar: Path, root: Path, per_class: int, draw: int = 0, pool: Path | None = None, pool_size: int = 0
 ) -> Path:
     """``eurosat_draw``'s tiles extracted from the tar with a manifest (path, label, split); ``pool``: also
-    the first ``pool_size`` (0: all) of the other tiles there, without a manifest (labels never read)."""
-    rows = []
-    pooled = 0
+    ``pool_size`` (0: all) of the other tiles, drawn at random, there, without a manifest (labels never read)."""
     with tarfile.open(tar) as archive:
-        for member, cls, split in eurosat_draw(archive, per_class, draw, pool=pool is not None):
-            if split == "pool":
-                if pool_size and pooled >= pool_size:
-                    continue
-                assert pool is not None
-                pool.mkdir(parents=True, exist_ok=True)
+        drawn = list(eurosat_draw(archive, per_class, draw, pool=pool is not None))
+        unlabelled = [member for member, _, split in drawn if split == "pool"]
+        if pool is not None:
+            pool.mkdir(parents=True, exist_ok=True)
+            # a random subset, not the first ones: the draw yields the tiles class by class
+            chosen = np.random.default_rng(draw).permutation(len(unlabelled))[: pool_size or None]
+            for member in (unlabelled[i] for i in sorted(chosen)):
                 stream = archive.extractfile(member)
                 assert stream is not None, f"{member.name}: a regular file of the tar"
                 (pool / Path(member.name).name).write_bytes(stream.read())
-                pooled += 1
-                continue
-            name = f"{split}/{Path(member.name).name}"
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            stream = archive.extractfile(member)
-            assert stream is not None, f"{member.name}: a regular file of the tar"
-            (root / name).write_bytes(stream.read())
-            rows.append(f"{name},{cls},{split}")
+        return write_members(archive, [row for row in drawn if row[2] != "pool"], root)
+
+
+def write_members(
+    archive: tarfile.TarFile, members: Iterable[tuple[tarfile.TarInfo, str, str]], root: Path
+) -> Path:
+    """The tar's (member, class, split) extracted under ``root``/split with a manifest (path, label, split)."""
+    rows = []
+    for member, cls, split in members:
+        name = f"{split}/{Path(member.name).name}"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        stream = archive.extractfile(member)
+        assert stream is not None, f"{member.name}: a regular file of the tar"
+        (root / name).write_bytes(stream.read())
+        rows.append(f"{name},{cls},{split}")
     (root / "manifest.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
     return root
 
@@ -207,7 +213,7 @@ def _pool(raw: Path, root: Path, data: config.Data) -> tuple[np.ndarray, dict]:
     return loaded.images, loaded.report
 
 
-def _train(
+def train_model(
     params: config.Params, prepared: Prepared, transform, out: Path, pool: np.ndarray | None = None
 ) -> tuple[Ensemble, Any, int, dict]:
     """(model, held-out logits and labels or None, epochs run, CV metrics): one fit, or k folds and their ensemble."""
@@ -281,7 +287,7 @@ def run(
                     params.augment.transforms, seed, preset=params.augment.preset, dtype=prepared.images.dtype
                 )
                 start = time.perf_counter()
-                model, held_out, epochs_run, cv = _train(
+                model, held_out, epochs_run, cv = train_model(
                     params, prepared, transform, Path(tmp) / f"{name}-{seed}", pool
                 )
                 seconds = time.perf_counter() - start

@@ -37,12 +37,17 @@ def emit(**values) -> None:
 
 
 def load(per_class: int, pool: int, draw: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(pixels N x 64 x 64 x 3 uint8, label indices) per split: train, val, test, pool (the first ``pool``)."""
+    """(pixels N x 64 x 64 x 3 uint8, label indices) per split: train, val, test, pool (``pool`` at random)."""
     out: dict[str, tuple[list, list]] = {s: ([], []) for s in ("train", "val", "test", "pool")}
     classes: dict[str, int] = {}
     with tarfile.open(EUROSAT) as archive:
-        for member, cls, split in eurosat_draw(archive, per_class, draw, pool=True):
-            if split == "pool" and len(out["pool"][0]) >= pool:
+        drawn = list(eurosat_draw(archive, per_class, draw, pool=True))
+        # a random subset of the other tiles (the draw yields them class by class: the first ``pool`` would be
+        # one or two classes; before 2026-12-07 they were, see docs/benchmarks.md)
+        others = [i for i, (_, _, split) in enumerate(drawn) if split == "pool"]
+        keep = set(np.asarray(others)[np.random.default_rng(draw).permutation(len(others))[:pool]].tolist())
+        for i, (member, cls, split) in enumerate(drawn):
+            if split == "pool" and i not in keep:
                 continue
             stream = archive.extractfile(member)
             assert stream is not None, member.name

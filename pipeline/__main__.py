@@ -75,9 +75,9 @@ COMMANDS = {
     ),
     "bench": Command(
         "pipeline.stages.bench",
-        "[{quality,scale,transfer,unlabelled} ...]",
-        "speed and memory of the hot paths (make bench); quality, scale, transfer, unlabelled: benchmarks on "
-        "real data",
+        "[{quality,scale,transfer,unlabelled,active} ...]",
+        "speed and memory of the hot paths (make bench); quality, scale, transfer, unlabelled, active: "
+        "benchmarks on real data",
     ),
 }
 # The top-level --help's description (this module's docstring is for developers).
