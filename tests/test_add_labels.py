@@ -1,0 +1,140 @@
+"""intake labels.csv --add: pool images move into the labelled set's train split, both re-versioned, all or nothing."""
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.__main__ import main as cli
+from pipeline.data import rounds
+from pipeline.data.pool import KEPT, POOL_CSV
+from pipeline.data.prepared import REPORT_JSON, SPLITS_CSV
+from tests.conftest import write_class_folders
+from tests.test_ingest import tree_digest
+from tests.test_intake import repo  # noqa: F401  (the fixture: a git + DVC repository as the cwd)
+from tests.test_pool import error_line, write_images
+
+
+def _dvc_md5(path: Path) -> str:
+    return yaml.safe_load(path.read_text())["outs"][0]["md5"]
+
+
+def _dvc_files(layout: str) -> tuple[Path, Path]:
+    """The .dvc files of the set 'mine' and the pool 'spare' in ``layout``."""
+    if layout == "shards":
+        return Path("data/raw/mine/shards.dvc"), Path("data/unlabelled/spare/shards.dvc")
+    return Path("data/raw/mine.dvc"), Path("data/unlabelled/spare.dvc")
+
+
+def _project(tmp_path: Path, capsys, layout: str = "folder") -> pd.DataFrame:
+    """A labelled set 'mine' (3 classes of 4) and a pool 'spare' of 8 images (one a copy of a labelled image),
+    taken in with ``layout``, ingested and pooled; the pool stage's kept rows."""
+    src = write_class_folders(tmp_path / "labelled", per_class=4, size=16)
+    assert cli(["intake", str(src), "--name", "mine", "--layout", layout]) == 0
+    pool_src = tmp_path / "unlabelled"
+    write_images(pool_src, [f"ward{i % 2}/{i}.png" for i in range(7)], seed=5)
+    shutil.copy(src / "alpha" / "alpha_00.png", pool_src / "copy.png")  # the pool stage leaves it out
+    assert cli(["intake", str(pool_src), "--unlabelled", "--name", "spare", "--layout", layout]) == 0
+    assert cli(["ingest"]) == 0 and cli(["pool"]) == 0
+    capsys.readouterr()
+    table = pd.read_csv(Path("data/pool") / POOL_CSV, dtype=str, keep_default_na=False)
+    return table[table["status"] == KEPT].reset_index(drop=True)
+
+
+def _state() -> dict[str, str]:
+    """Everything an add may touch: both folders and the .dvc files and params beside them."""
+    files = [Path("params.yaml"), *Path("data/raw").glob("*.dvc"), *Path("data/unlabelled").glob("*.dvc")]
+    return {
+        "raw": tree_digest(Path("data/raw")),
+        "unlabelled": tree_digest(Path("data/unlabelled")),
+        **{str(f): f.read_text() for f in files},
+    }
+
+
+@pytest.mark.parametrize("layout", ["folder", "shards"])
+def test_add_moves_images_into_the_train_split_and_versions_both(repo, tmp_path, capsys, layout):  # noqa: F811
+    kept = _project(tmp_path, capsys, layout)
+    before = pd.read_csv("data/prepared/" + SPLITS_CSV, dtype=str, keep_default_na=False)
+    set_dvc, pool_dvc = _dvc_files(layout)
+    hashes = _dvc_md5(set_dvc), _dvc_md5(pool_dvc)
+    picked = kept.iloc[:3]
+    (tmp_path / "labels.csv").write_text(
+        "path,label\n"
+        + "".join(f"{p},{c}\n" for p, c in zip(picked["path"], ["beta", "gamma", "beta"], strict=True))
+    )
+    assert cli(["intake", str(tmp_path / "labels.csv"), "--add"]) == 0
+    out = capsys.readouterr().out
+    assert "3 images from pool spare" in out and "round 2" in out and "dvc repro" in out
+    assert _dvc_md5(set_dvc) != hashes[0] and _dvc_md5(pool_dvc) != hashes[1]  # both re-versioned
+    assert cli(["ingest"]) == 0 and cli(["pool"]) == 0
+    after = pd.read_csv("data/prepared/" + SPLITS_CSV, dtype=str, keep_default_na=False)
+    added = after[after["sha256"].isin(picked["sha256"])]
+    assert len(added) == 3 and set(added["split"]) == {"train"}
+    assert sorted(added["label"]) == ["beta", "beta", "gamma"]
+    held = ["path", "label", "split", "sha256"]  # val and test exactly as they were
+    assert (
+        after.loc[after["split"] != "train", held]
+        .sort_values("path")
+        .reset_index(drop=True)
+        .equals(before.loc[before["split"] != "train", held].sort_values("path").reset_index(drop=True))
+    )
+    pool = pd.read_csv(Path("data/pool") / POOL_CSV, dtype=str, keep_default_na=False)
+    assert len(pool) == 8 - 3 and not set(pool["sha256"]) & set(picked["sha256"])  # disjoint
+    report = yaml.safe_load(Path("data/prepared/" + REPORT_JSON).read_text())
+    assert report["active"] == {"round": 2, "added": 3}
+    assert rounds.tags(Path("data/prepared")) == {
+        "active/round": "2",
+        "active/labels": str(int((before["split"] == "train").sum()) + 3),
+    }
+    if layout == "shards":  # the set's old shards untouched: DVC stores only the new one
+        assert sorted(p.name for p in Path("data/raw/mine/shards").iterdir()) == [
+            "shard-00000.tar",
+            "shard-00001.tar",
+        ]
+        assert "data/raw/mine/rounds.json" in out  # in git beside shards.csv
+
+
+@pytest.mark.parametrize(
+    ("rows", "named"),
+    [
+        ("path,label\ndata/unlabelled/elsewhere/1.png,beta\n", "is not in the pool"),
+        ("path,label\n{0},delta\n", "label 'delta' is not a class of mine"),
+        ("path,label\n{0},beta\n{0},gamma\n", "labelled both 'beta' and 'gamma'"),
+        ("path,label\n{0},beta\n{0},beta\n", "listed twice"),
+        ("path,class\n{0},beta\n", "columns must be path,label"),
+        ("path,label\n{0},\n", "no label for"),
+        ("path,label\n{copy},alpha\n", "the pool stage left it out"),
+    ],
+)
+def test_a_bad_labels_csv_is_one_error_line_and_nothing_changes(repo, tmp_path, capsys, rows, named):  # noqa: F811
+    kept = _project(tmp_path, capsys)
+    copy = Path("data/unlabelled/spare/copy.png").as_posix()
+    (tmp_path / "labels.csv").write_text(rows.format(kept["path"].iloc[0], copy=copy))
+    state = _state()
+    assert cli(["intake", str(tmp_path / "labels.csv"), "--add"]) == 2
+    line = error_line(capsys)
+    assert "labels.csv" in line and named in line
+    assert _state() == state
+    assert not [p for p in Path("data/raw").iterdir() if ".staging-" in p.name]
+
+
+def test_a_file_changed_since_it_was_suggested_is_refused(repo, tmp_path, capsys):  # noqa: F811
+    kept = _project(tmp_path, capsys)
+    changed = Path(kept["path"].iloc[1])
+    write_images(changed.parent, [changed.name], seed=99)  # new bytes under the suggested path
+    (tmp_path / "labels.csv").write_text(f"path,label\n{kept['path'].iloc[0]},beta\n{changed},gamma\n")
+    state = _state()
+    assert cli(["intake", str(tmp_path / "labels.csv"), "--add"]) == 2
+    line = error_line(capsys)
+    assert "line 3" in line and "changed since it was suggested" in line
+    assert _state() == state
+
+
+def test_add_needs_a_pool_and_a_set_of_ones_own(repo, tmp_path, capsys):  # noqa: F811
+    (tmp_path / "labels.csv").write_text("path,label\na.png,beta\n")
+    assert cli(["intake", str(tmp_path / "labels.csv"), "--add"]) == 2
+    assert "demo stage's output" in error_line(capsys)
+    assert cli(["intake", str(tmp_path / "labels.csv"), "--add", "--name", "x"]) == 2
+    assert "takes no --name" in error_line(capsys)
