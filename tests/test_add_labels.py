@@ -1,17 +1,25 @@
 """intake labels.csv --add: pool images move into the labelled set's train split, both re-versioned, all or nothing."""
 
+import argparse
 import shutil
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import pytest
 import yaml
 
+from pipeline import config, tracking
 from pipeline.__main__ import main as cli
 from pipeline.data import rounds
+from pipeline.data.ingest import ingest
 from pipeline.data.pool import KEPT, POOL_CSV
-from pipeline.data.prepared import REPORT_JSON, SPLITS_CSV
+from pipeline.data.prepared import REPORT_JSON, SPLITS_CSV, load_prepared
+from pipeline.evaluation import rounds as curve
+from pipeline.stages import evaluate as evaluate_stage
+from pipeline.stages.tracked import open_tracking
 from tests.conftest import write_class_folders
+from tests.test_evaluation_stage import save_untrained_model, tiny_params
 from tests.test_ingest import tree_digest
 from tests.test_intake import repo  # noqa: F401  (the fixture: a git + DVC repository as the cwd)
 from tests.test_pool import error_line, write_images
@@ -138,3 +146,60 @@ def test_add_needs_a_pool_and_a_set_of_ones_own(repo, tmp_path, capsys):  # noqa
     assert "demo stage's output" in error_line(capsys)
     assert cli(["intake", str(tmp_path / "labels.csv"), "--add", "--name", "x"]) == 2
     assert "takes no --name" in error_line(capsys)
+
+
+# --- each round visible: MLflow tags and the curve by round -------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """An MLflow store of its own in tmp_path, as the active experiment."""
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking.setup(config.Tracking(tracking_uri="sqlite:///m.db", experiment="e", artifact_root="art"))
+    yield tmp_path
+    mlflow.set_tracking_uri(previous)
+
+
+def _evaluation(dataset: str, round_number: int, labels: int, accuracy: float) -> None:
+    tags = {"stage": "evaluate", "data.dataset": dataset, "active/round": str(round_number)}
+    with mlflow.start_run(tags=tags | {"active/labels": str(labels)}):
+        mlflow.log_metrics({"test/accuracy": accuracy, "test/balanced_accuracy": accuracy - 0.1})
+
+
+def test_the_curve_takes_each_rounds_latest_evaluation_and_needs_two_rounds(store):
+    _evaluation("mine", 1, 6, 0.5)
+    _evaluation("mine", 1, 6, 0.6)  # evaluated again: the latest counts
+    _evaluation("other", 2, 9, 0.9)  # another data set
+    found = curve.earlier("mine")
+    assert found[["round", "labels", "accuracy"]].values.tolist() == [[1, 6, 0.6]]
+    alone = curve.points(found.iloc[:0], 1, 6, {"test/accuracy": 0.6})
+    assert curve.curve_png(alone) is None  # one round: nothing to draw
+    table = curve.points(found, 2, 9, {"test/accuracy": 0.7, "test/balanced_accuracy": 0.65})
+    assert table[["round", "labels", "accuracy"]].values.tolist() == [[1, 6, 0.6], [2, 9, 0.7]]
+    png = curve.curve_png(table)
+    assert png is not None and png.startswith(b"\x89PNG")
+
+
+def test_the_evaluate_run_carries_round_and_labels_and_the_report_its_curve(store):
+    params = tiny_params()
+    raw, prepared = Path(params.paths.raw) / "tiny", Path(params.paths.prepared)
+    write_class_folders(raw, per_class=8)
+    ingest(raw, prepared, seed=0, data=params.data)
+    tracking.setup(params.mlflow)
+    with mlflow.start_run(run_name="train") as run:
+        pass
+    save_untrained_model(params, load_prepared(prepared).classes, run.info.run_id)
+    evaluate_stage.main(params, argparse.Namespace())
+    plots = Path(params.paths.plots)
+    assert not (plots / curve.CURVE_PNG).exists()  # round 1 only
+    rounds.write(raw, [{"round": 2, "added": 0, "paths": []}])  # as intake --add leaves it
+    ingest(raw, prepared, seed=0, data=params.data)
+    assert open_tracking(params)["active/round"] == "2"
+    evaluate_stage.main(params, argparse.Namespace())
+    runs = mlflow.search_runs(filter_string="tags.stage = 'evaluate'", output_format="list")
+    assert sorted(r.data.tags["active/round"] for r in runs) == ["1", "2"]
+    assert {r.data.tags["active/labels"] for r in runs} == {"12"}  # 8 per class, 4 in train
+    assert (plots / curve.CURVE_PNG).is_file()
+    assert f"]({plots.name}/{curve.CURVE_PNG})" in Path(params.paths.report).read_text()
