@@ -11,6 +11,7 @@ import yaml
 
 from pipeline import config, tracking
 from pipeline.__main__ import main as cli
+from pipeline.active import loop
 from pipeline.data import rounds
 from pipeline.data.ingest import ingest
 from pipeline.data.pool import KEPT, POOL_CSV
@@ -203,3 +204,18 @@ def test_the_evaluate_run_carries_round_and_labels_and_the_report_its_curve(stor
     assert {r.data.tags["active/labels"] for r in runs} == {"12"}  # 8 per class, 4 in train
     assert (plots / curve.CURVE_PNG).is_file()
     assert f"]({plots.name}/{curve.CURVE_PNG})" in Path(params.paths.report).read_text()
+
+
+def test_suggest_csv_with_a_label_column_is_a_labels_csv(tmp_path):
+    csv = tmp_path / "suggest.csv"
+    csv.write_text("path,rank,score,predicted,probability,why,label\np/a.png,1,0.3,beta,0.6,margin, gamma \n")
+    table = loop.read_labels(csv)
+    assert table[["path", "label", "line"]].values.tolist() == [["p/a.png", "gamma", 2]]
+
+
+def test_added_names_never_overwrite_a_file_of_the_set(tmp_path):
+    (tmp_path / "beta").mkdir()
+    (tmp_path / "beta" / "x.png").write_bytes(b"unlisted but there")
+    table = pd.DataFrame({"path": ["beta/X_1.png"], "label": ["beta"]})
+    picks = [loop._Pick(2 + i, "beta", f"ward{i}/x.png", "", tmp_path / "f") for i in range(2)]
+    assert loop._names(table, picks, tmp_path) == ["beta/x_2.png", "beta/x_3.png"]

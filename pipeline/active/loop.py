@@ -211,14 +211,15 @@ def _with_columns(
     return table
 
 
-def _names(table: pd.DataFrame, picks: list[_Pick]) -> list[str]:
-    """Each pick's path in the set: ``<label>/<file name>``, made unique (case-insensitively) as intake does."""
-    taken = {p.lower() for p in table["path"]}
+def _names(table: pd.DataFrame, picks: list[_Pick], raw_dir: Path) -> list[str]:
+    """Each pick's path in the set: ``<label>/<file name>``, made unique (case-insensitively, and against the
+    files in ``raw_dir``, listed or not) as intake does."""
+    taken = {Path(os.path.normpath(p)).as_posix().lower() for p in table["path"]}
     names = []
     for pick in picks:
         stem, suffix = Path(pick.name).stem, Path(pick.name).suffix
         name, n = f"{pick.label}/{stem}{suffix}", 1
-        while name.lower() in taken:
+        while name.lower() in taken or (raw_dir / name).exists():
             name, n = f"{pick.label}/{stem}_{n}{suffix}", n + 1
         taken.add(name.lower())
         names.append(name)
@@ -293,7 +294,7 @@ def add_labels(
         frozen = "split" not in stored
         split_of = _current_splits(raw_dir, seed, data, validated, scratch) if frozen else None
         table = _with_columns(stored, raw_dir, picks, split_of)
-        names = _names(table, picks)
+        names = _names(table, picks, raw_dir)
         _link_tree(raw_dir, new_set)
         _write_set(new_set, table, picks, names)
         history = rounds.read(raw_dir)
