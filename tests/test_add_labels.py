@@ -14,10 +14,12 @@ from pipeline.__main__ import main as cli
 from pipeline.active import loop
 from pipeline.data import rounds
 from pipeline.data.ingest import ingest
+from pipeline.data.intake import IntakeError
 from pipeline.data.pool import KEPT, POOL_CSV
 from pipeline.data.prepared import REPORT_JSON, SPLITS_CSV, load_prepared
 from pipeline.evaluation import rounds as curve
 from pipeline.stages import evaluate as evaluate_stage
+from pipeline.stages import intake as intake_stage
 from pipeline.stages.tracked import open_tracking
 from tests.conftest import write_class_folders
 from tests.test_evaluation_stage import save_untrained_model, tiny_params
@@ -139,6 +141,24 @@ def test_a_file_changed_since_it_was_suggested_is_refused(repo, tmp_path, capsys
     line = error_line(capsys)
     assert "line 3" in line and "changed since it was suggested" in line
     assert _state() == state
+
+
+def test_a_failed_dvc_add_puts_set_pool_and_dvc_files_back(repo, tmp_path, capsys, monkeypatch):  # noqa: F811
+    kept = _project(tmp_path, capsys)
+    (tmp_path / "labels.csv").write_text(f"path,label\n{kept['path'].iloc[0]},beta\n")
+    state = _state()
+    real = intake_stage.dvc_add
+
+    def dvc_add(target: Path) -> list[Path]:  # the set is versioned, then DVC fails on the pool
+        if target.parent.name == "unlabelled":
+            raise IntakeError("dvc add data/unlabelled/spare failed: lock held by another process")
+        return real(target)
+
+    monkeypatch.setattr(intake_stage, "dvc_add", dvc_add)
+    assert cli(["intake", str(tmp_path / "labels.csv"), "--add"]) == 2
+    assert "lock held" in error_line(capsys)
+    assert _state() == state
+    assert not [p for p in Path("data/raw").iterdir() if p.name.startswith(".mine")]  # no staging, no .old
 
 
 def test_add_needs_a_pool_and_a_set_of_ones_own(repo, tmp_path, capsys):  # noqa: F811

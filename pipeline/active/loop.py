@@ -25,6 +25,8 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +40,7 @@ from pipeline.data.intake import logged_as_sources, to_sources
 from pipeline.data.pool import KEPT, load_pool, scan_pool
 from pipeline.data.prepared import SPLITS_CSV, DataError
 from pipeline.data.readers import IMAGE_SUFFIXES
-from pipeline.fsutil import atomic_dir
+from pipeline.fsutil import replaced_together, staging_dir
 
 REQUIRED = ("path", "label")
 # suggest.csv's other columns: the expert may fill a label column into suggest.csv and hand that in
@@ -263,7 +265,8 @@ def _write_pool(staging: Path, picks: list[_Pick]) -> int:
     return len(left)
 
 
-def add_labels(
+@contextmanager
+def labels_added(
     csv: Path,
     raw_dir: Path,
     pool_dir: Path,
@@ -272,9 +275,10 @@ def add_labels(
     seed: int,
     data: Data,
     validated: Path | None = None,
-) -> Added:
+) -> Iterator[Added]:
     """Move the images ``csv`` labels from the pool ``pool_dir`` into the labelled set ``raw_dir`` (module
-    docstring); both folders are replaced only once everything checked out, else neither is touched."""
+    docstring): both are written into staging copies and checked, then swapped in together, then the block runs
+    (``dvc add`` of both). If anything fails, the set, the pool and their DVC files are left as they were."""
     labels = read_labels(csv)
     stored = _stored_set(raw_dir)
     classes = _classes(stored[stored["path"].map(lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES)])
@@ -284,40 +288,82 @@ def add_labels(
                 f"{csv}, line {line}: label '{label}' is not a class of {raw_dir.name} ({', '.join(classes)})"
             )
     data = dataclasses.replace(data, dataset=raw_dir.name)
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        atomic_dir(raw_dir) as new_set,
-        atomic_dir(pool_dir) as new_pool,
-    ):
-        scratch = Path(tmp)
-        picks = _picks(labels, csv, pool_dir, prepared_pool, scratch)
-        frozen = "split" not in stored
-        split_of = _current_splits(raw_dir, seed, data, validated, scratch) if frozen else None
-        table = _with_columns(stored, raw_dir, picks, split_of)
-        names = _names(table, picks, raw_dir)
-        _link_tree(raw_dir, new_set)
-        _write_set(new_set, table, picks, names)
-        history = rounds.read(raw_dir)
-        history.append(
-            {
-                "round": len(history) + 2,  # round 1: the set as taken in
-                "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                "labels_csv": str(csv),
-                "pool": pool_dir.name,
-                "added": len(picks),
-                "paths": names,
-            }
-        )
-        rounds.write(new_set, history)
-        try:
-            with logged_as_sources({str(new_set): str(raw_dir)}):
-                ingest(new_set, scratch / "new", seed=seed, data=data, reuse=validated, keep=validated)
-        except DataError as err:  # name the set's own files, not the staging copy's
-            raise DataError(
-                f"{csv}: not added ({raw_dir} and {pool_dir} left as they were): "
-                f"{to_sources(str(err), {str(new_set): str(raw_dir)})}"
-            ) from None
-        _link_tree(pool_dir, new_pool)
-        left = _write_pool(new_pool, picks)
+    new_set, new_pool = staging_dir(raw_dir), staging_dir(pool_dir)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            added = _stage(
+                labels,
+                csv,
+                stored,
+                raw_dir,
+                pool_dir,
+                prepared_pool,
+                new_set,
+                new_pool,
+                Path(tmp),
+                seed=seed,
+                data=data,
+                validated=validated,
+            )
+    except BaseException:
+        shutil.rmtree(new_set, ignore_errors=True)
+        shutil.rmtree(new_pool, ignore_errors=True)
+        raise
+    versioning = [f for target in (raw_dir, pool_dir) for f in _dvc_files(target)]
+    with replaced_together([(new_set, raw_dir), (new_pool, pool_dir)], keep=versioning):
+        yield added
+
+
+def _dvc_files(target: Path) -> list[Path]:
+    """What ``dvc add`` of the set in ``target`` writes besides the set: its .dvc file and the .gitignore."""
+    tracked = shards.tracked(target)
+    return [tracked.with_name(tracked.name + ".dvc"), tracked.parent / ".gitignore"]
+
+
+def _stage(
+    labels: pd.DataFrame,
+    csv: Path,
+    stored: pd.DataFrame,
+    raw_dir: Path,
+    pool_dir: Path,
+    prepared_pool: Path,
+    new_set: Path,
+    new_pool: Path,
+    scratch: Path,
+    *,
+    seed: int,
+    data: Data,
+    validated: Path | None,
+) -> Added:
+    """Write the set with the picks into ``new_set`` and the pool without them into ``new_pool``; validate."""
+    picks = _picks(labels, csv, pool_dir, prepared_pool, scratch)
+    frozen = "split" not in stored
+    split_of = _current_splits(raw_dir, seed, data, validated, scratch) if frozen else None
+    table = _with_columns(stored, raw_dir, picks, split_of)
+    names = _names(table, picks, raw_dir)
+    _link_tree(raw_dir, new_set)
+    _write_set(new_set, table, picks, names)
+    history = rounds.read(raw_dir)
+    history.append(
+        {
+            "round": len(history) + 2,  # round 1: the set as taken in
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "labels_csv": str(csv),
+            "pool": pool_dir.name,
+            "added": len(picks),
+            "paths": names,
+        }
+    )
+    rounds.write(new_set, history)
+    try:
+        with logged_as_sources({str(new_set): str(raw_dir)}):
+            ingest(new_set, scratch / "new", seed=seed, data=data, reuse=validated, keep=validated)
+    except DataError as err:  # name the set's own files, not the staging copy's
+        raise DataError(
+            f"{csv}: not added ({raw_dir} and {pool_dir} left as they were): "
+            f"{to_sources(str(err), {str(new_set): str(raw_dir)})}"
+        ) from None
+    _link_tree(pool_dir, new_pool)
+    left = _write_pool(new_pool, picks)
     per_class = pd.Series([p.label for p in picks]).value_counts().sort_index()
     return Added(len(history) + 1, {str(k): int(v) for k, v in per_class.items()}, left, frozen)

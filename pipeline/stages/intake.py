@@ -163,7 +163,7 @@ def _add(params: Params, args: argparse.Namespace) -> None:
             f"intake --add takes no {given[0]}: the set and the pool are data.dataset and data.unlabelled in "
             f"{args.params}, and each keeps its layout"
         )
-    from pipeline.active.loop import add_labels  # here: the other intakes need none of it
+    from pipeline.active.loop import labels_added  # here: the other intakes need none of it
 
     dataset, pool = params.data.dataset, params.data.unlabelled
     raw = Path(params.paths.raw) / dataset
@@ -182,7 +182,7 @@ def _add(params: Params, args: argparse.Namespace) -> None:
             "(python -m pipeline intake SRC --unlabelled), dvc repro pool, then suggest"
         )
     pool_dir = Path(params.paths.unlabelled) / pool
-    added = add_labels(
+    with labels_added(
         args.src,
         raw,
         pool_dir,
@@ -190,8 +190,8 @@ def _add(params: Params, args: argparse.Namespace) -> None:
         seed=params.seed,
         data=params.data,
         validated=Path(params.paths.validated) / dataset,
-    )
-    commit = dvc_add(raw) + dvc_add(pool_dir)
+    ) as added:  # a failed dvc add puts both folders and their .dvc files back
+        commit = dvc_add(raw) + dvc_add(pool_dir)
     if is_sharded(
         raw
     ):  # beside shards.csv, in git (in the folder layout it is inside the DVC-tracked folder)
