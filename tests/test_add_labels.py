@@ -99,6 +99,11 @@ def test_add_moves_images_into_the_train_split_and_versions_both(repo, tmp_path,
         "active/round": "2",
         "active/labels": str(int((before["split"] == "train").sum()) + 3),
     }
+    if layout == "folder":  # params.yaml unchanged: not in the line
+        assert (
+            "next: git add data/raw/mine.dvc data/raw/.gitignore data/unlabelled/spare.dvc "
+            "data/unlabelled/.gitignore && dvc repro" in out
+        )
     if layout == "shards":  # the set's old shards untouched: DVC stores only the new one
         assert sorted(p.name for p in Path("data/raw/mine/shards").iterdir()) == [
             "shard-00000.tar",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -34,6 +35,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import Data
+from pipeline.data import ingest as ingest_module
 from pipeline.data import rounds, shards, sources
 from pipeline.data.ingest import MANIFEST_CSV, ingest, scan
 from pipeline.data.intake import logged_as_sources, to_sources
@@ -194,7 +196,13 @@ def _current_splits(
 ) -> dict[str, str]:
     """The split ingest gives each file of the set now (``seed`` and ``data.*`` as they are)."""
     out = scratch / "current"
-    ingest(raw_dir, out, seed=seed, data=data, reuse=validated)
+    quiet = logging.getLogger(ingest_module.__name__)  # its warnings were the user's at intake and ingest
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        ingest(raw_dir, out, seed=seed, data=data, reuse=validated)
+    finally:
+        quiet.setLevel(level)
     table = pd.read_csv(out / SPLITS_CSV, dtype=str, keep_default_na=False)
     return {key(p): s for p, s in zip(table["path"], table["split"], strict=True)}
 

@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="SRC",
         help="folder with one subfolder per class, or a CSV manifest "
-        "path,label[,split][,group] (paths relative to its folder)",
+        "path,label[,split][,group] (paths relative to its folder); with --unlabelled a pool, with --add a CSV "
+        "of labels for pool images",
     )
     parser.add_argument("--name", help="data set name under paths.raw (default: the source folder's name)")
     parser.add_argument(
@@ -191,7 +192,8 @@ def _add(params: Params, args: argparse.Namespace) -> None:
         data=params.data,
         validated=Path(params.paths.validated) / dataset,
     ) as added:  # a failed dvc add puts both folders and their .dvc files back
-        commit = dvc_add(raw) + dvc_add(pool_dir)
+        versioned, pool_versioned = dvc_add(raw), dvc_add(pool_dir)
+    commit = versioned + pool_versioned
     if is_sharded(
         raw
     ):  # beside shards.csv, in git (in the folder layout it is inside the DVC-tracked folder)
@@ -200,17 +202,17 @@ def _add(params: Params, args: argparse.Namespace) -> None:
     counts = ", ".join(f"{k}: {v}" for k, v in added.per_class.items())
     print(
         f"intake --add: {n} images from pool {pool} -> {raw} train split ({counts}); round {added.round}; "
-        f"{added.pool_left} images left in the pool; both versioned: {commit[0]}, {pool_dir}"
+        f"{added.pool_left} images left in the pool; versioned: {versioned[0]}, {pool_versioned[0]}"
     )
     if added.split_frozen:
         print(
             f"the split ingest drew is now the split column of {raw}'s manifest: val and test stay as they are"
         )
-    _print_next(commit, args.params)
+    _print_next(commit, None)  # params.yaml unchanged: the set and the pool stay selected
 
 
-def _print_next(commit: list[Path], params_file: str) -> None:
+def _print_next(commit: list[Path], params_file: str | None) -> None:
     gone = " ".join(str(p) for p in commit if not p.exists())
     removed = f"git rm -q --cached --ignore-unmatch {gone} && " if gone else ""
-    added = " ".join(str(p) for p in commit if p.exists())
-    print(f"\nnext: {removed}git add {added} {params_file} && dvc repro")
+    added = " ".join([str(p) for p in commit if p.exists()] + ([params_file] if params_file else []))
+    print(f"\nnext: {removed}git add {added} && dvc repro")
