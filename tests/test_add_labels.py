@@ -2,6 +2,8 @@
 
 import argparse
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -70,6 +72,9 @@ def test_add_moves_images_into_the_train_split_and_versions_both(repo, tmp_path,
     before = pd.read_csv("data/prepared/" + SPLITS_CSV, dtype=str, keep_default_na=False)
     set_dvc, pool_dvc = _dvc_files(layout)
     hashes = _dvc_md5(set_dvc), _dvc_md5(pool_dvc)
+    stage = {"cmd": "true", "deps": ["data/raw/mine", "data/unlabelled/spare"]}  # as ingest's and pool's deps
+    Path("dvc.yaml").write_text(yaml.safe_dump({"stages": {"reads": stage}}))
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], check=True, capture_output=True)
     picked = kept.iloc[:3]
     (tmp_path / "labels.csv").write_text(
         "path,label\n"
@@ -79,6 +84,9 @@ def test_add_moves_images_into_the_train_split_and_versions_both(repo, tmp_path,
     out = capsys.readouterr().out
     assert "3 images from pool spare" in out and "round 2" in out and "dvc repro" in out
     assert _dvc_md5(set_dvc) != hashes[0] and _dvc_md5(pool_dvc) != hashes[1]  # both re-versioned
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "reads"], capture_output=True, text=True)
+    assert "modified:           data/raw/mine" in status.stdout, status.stdout  # dvc repro reruns
+    assert "modified:           data/unlabelled/spare" in status.stdout
     assert cli(["ingest"]) == 0 and cli(["pool"]) == 0
     after = pd.read_csv("data/prepared/" + SPLITS_CSV, dtype=str, keep_default_na=False)
     added = after[after["sha256"].isin(picked["sha256"])]
