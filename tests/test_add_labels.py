@@ -34,22 +34,24 @@ def _dvc_md5(path: Path) -> str:
     return yaml.safe_load(path.read_text())["outs"][0]["md5"]
 
 
-def _dvc_files(layout: str) -> tuple[Path, Path]:
-    """The .dvc files of the set 'mine' and the pool 'spare' in ``layout``."""
-    if layout == "shards":
-        return Path("data/raw/mine/shards.dvc"), Path("data/unlabelled/spare/shards.dvc")
-    return Path("data/raw/mine.dvc"), Path("data/unlabelled/spare.dvc")
+def _dvc_file(root: str, layout: str) -> Path:
+    """The .dvc file of the set or pool in ``root`` in ``layout``."""
+    return Path(root) / "shards.dvc" if layout == "shards" else Path(root + ".dvc")
 
 
-def _project(tmp_path: Path, capsys, layout: str = "folder") -> pd.DataFrame:
+def _project(tmp_path: Path, capsys, layout: str = "folder", pool_layout: str | None = None) -> pd.DataFrame:
     """A labelled set 'mine' (3 classes of 4) and a pool 'spare' of 8 images (one a copy of a labelled image),
-    taken in with ``layout``, ingested and pooled; the pool stage's kept rows."""
+    taken in with ``layout`` (the pool with ``pool_layout``, default the same), ingested and pooled; the pool
+    stage's kept rows."""
     src = write_class_folders(tmp_path / "labelled", per_class=4, size=16)
     assert cli(["intake", str(src), "--name", "mine", "--layout", layout]) == 0
     pool_src = tmp_path / "unlabelled"
     write_images(pool_src, [f"ward{i % 2}/{i}.png" for i in range(7)], seed=5)
     shutil.copy(src / "alpha" / "alpha_00.png", pool_src / "copy.png")  # the pool stage leaves it out
-    assert cli(["intake", str(pool_src), "--unlabelled", "--name", "spare", "--layout", layout]) == 0
+    assert (
+        cli(["intake", str(pool_src), "--unlabelled", "--name", "spare", "--layout", pool_layout or layout])
+        == 0
+    )
     assert cli(["ingest"]) == 0 and cli(["pool"]) == 0
     capsys.readouterr()
     table = pd.read_csv(Path("data/pool") / POOL_CSV, dtype=str, keep_default_na=False)
@@ -66,11 +68,13 @@ def _state() -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("layout", ["folder", "shards"])
-def test_add_moves_images_into_the_train_split_and_versions_both(repo, tmp_path, capsys, layout):  # noqa: F811
-    kept = _project(tmp_path, capsys, layout)
+@pytest.mark.parametrize(
+    ("layout", "pool_layout"), [("folder", "folder"), ("shards", "shards"), ("folder", "shards")]
+)
+def test_add_moves_images_into_the_train_split_and_versions_both(repo, tmp_path, capsys, layout, pool_layout):  # noqa: F811
+    kept = _project(tmp_path, capsys, layout, pool_layout)
     before = pd.read_csv("data/prepared/" + SPLITS_CSV, dtype=str, keep_default_na=False)
-    set_dvc, pool_dvc = _dvc_files(layout)
+    set_dvc, pool_dvc = _dvc_file("data/raw/mine", layout), _dvc_file("data/unlabelled/spare", pool_layout)
     hashes = _dvc_md5(set_dvc), _dvc_md5(pool_dvc)
     stage = {"cmd": "true", "deps": ["data/raw/mine", "data/unlabelled/spare"]}  # as ingest's and pool's deps
     Path("dvc.yaml").write_text(yaml.safe_dump({"stages": {"reads": stage}}))
@@ -107,7 +111,7 @@ def test_add_moves_images_into_the_train_split_and_versions_both(repo, tmp_path,
         "active/round": "2",
         "active/labels": str(int((before["split"] == "train").sum()) + 3),
     }
-    if layout == "folder":  # params.yaml unchanged: not in the line
+    if layout == pool_layout == "folder":  # params.yaml unchanged: not in the line
         assert (
             "next: git add data/raw/mine.dvc data/raw/.gitignore data/unlabelled/spare.dvc "
             "data/unlabelled/.gitignore && dvc repro" in out
