@@ -37,8 +37,9 @@ COMMANDS = {
     "summary": Command("pipeline.summary", "", "whether every stage is up to date, where the results are"),
     "intake": Command(
         "pipeline.stages.intake",
-        "SRC [--name NAME] [--domain DOMAIN] [--layout {auto,folder,shards}] [--unlabelled]",
-        "copy a user's image set into paths.raw (--unlabelled: a pool into paths.unlabelled), validate, version and select it",
+        "SRC [--name NAME] [--domain DOMAIN] [--layout {auto,folder,shards}] [--unlabelled | --add]",
+        "copy a user's image set into paths.raw (--unlabelled: a pool into paths.unlabelled), validate, version and "
+        "select it; --add: SRC is labels for pool images, moved into the set",
     ),
     "predict": Command(
         "pipeline.stages.predict",

@@ -66,14 +66,20 @@ def clean_stale(target: Path) -> None:
         old.rename(target)
 
 
-@contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield an empty staging folder that replaces ``target`` only if the block succeeds."""
-    target = Path(target)
+def staging_dir(target: Path) -> Path:
+    """A new empty staging folder beside ``target`` (stale ones of killed writers removed first)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(target)
     staging = Path(tempfile.mkdtemp(prefix=_prefix(target), dir=target.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; outputs get the usual permissions
+    return staging
+
+
+@contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder that replaces ``target`` only if the block succeeds."""
+    target = Path(target)
+    staging = staging_dir(target)
     try:
         yield staging
     except BaseException:
@@ -85,6 +91,39 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         target.rename(old)
     staging.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def replaced_together(pairs: list[tuple[Path, Path]], keep: list[Path]) -> Iterator[None]:
+    """Swap each staging folder of ``pairs`` (staging, target) in for its target, then run the block (e.g.
+    versioning the new folders). If a swap or the block fails, every target is put back as it was, and so is
+    each file of ``keep`` (its bytes, or its absence, before the swaps); the staging folders are removed."""
+    saved = {path: path.read_bytes() if path.is_file() else None for path in keep}
+    done: list[tuple[Path, Path]] = []
+    try:
+        for staging, target in pairs:
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            if target.exists():
+                target.rename(old)
+            staging.rename(target)
+            done.append((target, old))
+        yield
+    except BaseException:
+        for target, old in reversed(done):
+            shutil.rmtree(target, ignore_errors=True)
+            if old.exists():
+                old.rename(target)
+        for path, data in saved.items():
+            if data is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_bytes(data)
+        for staging, _ in pairs:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for _, old in done:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

@@ -133,3 +133,7 @@ def test_the_sheet_and_csv_are_written_and_rounds_follow_the_label_count(project
     assert {r.data.tags["al.round"] for r in runs} == {"1", "2"}
     assert {r.data.metrics["al/labels"] for r in runs} == {suggestion.labels, suggestion.labels + 4}
     assert any(a.path == "suggest.csv" for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id))
+    added = dataclasses.replace(suggestion, round=3)  # after intake --add: the set's own round (rounds.json)
+    assert work.record(added, params, "tiny", csv, sheet) == 3
+    latest = mlflow.search_runs(filter_string="tags.`al.round` = '3'", output_format="list")
+    assert len(latest) == 1 and latest[0].data.tags["active/round"] == "3"

@@ -23,7 +23,7 @@ from torch import nn
 from pipeline import augment
 from pipeline.active import acquisition
 from pipeline.config import Params
-from pipeline.data import validation
+from pipeline.data import rounds, validation
 from pipeline.data.pool import Pool, load_pool
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.display import image_grid
@@ -49,6 +49,7 @@ class Suggestion:
     strategy: str  # what auto resolved to
     labels: int  # labelled training images when it was made
     draws: int  # probability draws per image (members or views); 0 without a trained model
+    round: int | None = None  # the set's round once labels were added (rounds.json); None: by the label count
 
 
 def draws(
@@ -155,7 +156,9 @@ def suggest(
         columns=list(COLUMNS),
     )
     draws_n = 0 if probs is None else probs.shape[-1]
-    return Suggestion(table, chosen, len(train), draws_n), np.asarray(picks, dtype=np.int64)
+    added = (prepared.report.get("active") or {}).get("round")  # intake --add was run: the set counts rounds
+    suggestion = Suggestion(table, chosen, len(train), draws_n, None if added is None else int(added))
+    return suggestion, np.asarray(picks, dtype=np.int64)
 
 
 def _starting_network(params: Params, prepared: Prepared) -> Classifier:
@@ -204,7 +207,8 @@ def write(suggestion: Suggestion, pool: Pool, picks: np.ndarray, csv: Path, shee
 
 
 def round_number(previous_labels: list[int], labels: int) -> int:
-    """Rounds are told apart by the labelled count: a suggestion at a count seen before is that round again."""
+    """Before any ``intake --add``, rounds are told apart by the labelled count: a suggestion at a count seen
+    before is that round again. After one, the set's own round (``rounds.json``) is the round."""
     return sorted(set(previous_labels) | {labels}).index(labels) + 1
 
 
@@ -215,13 +219,15 @@ def record(suggestion: Suggestion, params: Params, dataset: str, csv: Path, shee
         filter_string=f"tags.stage = 'suggest' and tags.`data.dataset` = '{dataset}'", output_format="list"
     )
     labels = [int(run.data.metrics["al/labels"]) for run in earlier if "al/labels" in run.data.metrics]
-    number = round_number(labels, suggestion.labels)
+    number = suggestion.round or round_number(labels, suggestion.labels)
     tags = {
         "stage": "suggest",
         "data.dataset": dataset,
         "al.round": str(number),
         "al.strategy": suggestion.strategy,
         "data.unlabelled": str(params.data.unlabelled),
+        rounds.ROUND_TAG: str(number),
+        rounds.LABELS_TAG: str(suggestion.labels),
     }
     with mlflow.start_run(run_name=f"suggest:{dataset}:round-{number}", tags=tags):
         mlflow.log_metrics(

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Data
-from pipeline.data import decoding, shards, sources, splits, validation
+from pipeline.data import decoding, rounds, shards, sources, splits, validation
 from pipeline.data.cache import CacheWriter
 from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError
 from pipeline.data.progress import progress
@@ -386,6 +386,8 @@ def ingest(
         table, report = _validate_and_split(table, files, ignored, decoded, raw_dir, data, seed)
         report["excluded"] = {"file": data.exclude, "n": len(excluded), "paths": _listed(excluded, 1000)}
         report["warnings"] += exclude_warnings
+        if (active := rounds.summary(raw_dir)) is not None:  # labels added from the pool (rounds.json)
+            report["active"] = active
         images = cache.finish()
         train = table.loc[table["split"] == "train", "cache_index"].to_numpy()
         # From the decoding pass's per-image sums: the cache is not read back (reading it back would)

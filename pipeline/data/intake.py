@@ -203,18 +203,18 @@ def _hashed_groups(table: pd.DataFrame, salt: str) -> pd.DataFrame:
     return table
 
 
-def _to_sources(message: str, sources: dict[str, str]) -> str:
+def to_sources(message: str, sources: dict[str, str]) -> str:
     for copy, source in sorted(sources.items(), key=lambda kv: -len(kv[0])):
         message = message.replace(copy, source)
     return message
 
 
 @contextmanager
-def _logged_as_sources(sources: dict[str, str]) -> Iterator[None]:
+def logged_as_sources(sources: dict[str, str]) -> Iterator[None]:
     """Ingest's log lines name the user's own files while it validates their staging copies."""
 
     def rename(record: logging.LogRecord) -> bool:
-        record.msg, record.args = _to_sources(record.getMessage(), sources), None
+        record.msg, record.args = to_sources(record.getMessage(), sources), None
         return True
 
     ingest_module.log.addFilter(rename)
@@ -259,7 +259,7 @@ def intake(
         for skipped in copied.rejected:
             ingest_module.log.warning("skipping %s (%s)", skipped["path"], skipped["reason"])
         try:
-            with _logged_as_sources(copied.sources):
+            with logged_as_sources(copied.sources):
                 report = ingest(
                     staging,
                     Path(scratch) / "prepared",
@@ -269,7 +269,7 @@ def intake(
                 )
         except DataError as err:  # name the user's own files, not their staging copies
             raise DataError(
-                f"{src}: not taken in ({target} left as it was): {_to_sources(str(err), copied.sources)}"
+                f"{src}: not taken in ({target} left as it was): {to_sources(str(err), copied.sources)}"
             ) from None
     report = json.loads(
         json.dumps(report).replace(json.dumps(str(staging))[1:-1], json.dumps(str(target))[1:-1])
@@ -371,13 +371,13 @@ def intake_pool(
         for skipped in copied.rejected:
             ingest_module.log.warning("skipping %s (%s)", skipped["path"], skipped["reason"])
         try:
-            with _logged_as_sources(copied.sources):
+            with logged_as_sources(copied.sources):
                 report = pool_module.prepare_pool(
                     staging, Path(scratch) / "pool", data=data, labelled=None, keep=validated
                 )
         except DataError as err:  # name the user's own files, not their staging copies
             raise DataError(
-                f"{src}: not taken in ({target} left as it was): {_to_sources(str(err), copied.sources)}"
+                f"{src}: not taken in ({target} left as it was): {to_sources(str(err), copied.sources)}"
             ) from None
     report = json.loads(
         json.dumps(report).replace(json.dumps(str(staging))[1:-1], json.dumps(str(target))[1:-1])

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import re
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ SHARDS_DIR = "shards"
 COLUMNS = ("sha256", "shard", "offset", "size")  # after path, label and the user's split and group
 SHARD_FILES = 1000  # files per shard: tens of shards for tens of thousands of files
 SHARD_BYTES = 512 << 20  # or fewer, so that one shard stays a quick download
+SHARD_NAME = re.compile(r"shard-(\d+)\.tar")
 AUTO_MIN_FILES = 2000  # intake --layout auto: smaller sets (and the demo) keep the folder layout
 Layout = Literal["auto", "folder", "shards"]
 
@@ -117,21 +120,92 @@ def pack(
     for name, _ in listed:
         _check_name(name)
     (root / SHARDS_DIR).mkdir()
+    rows = _write_shards(root, listed, per_shard, max_bytes)
+    _write_manifest(root, listed, columns, rows)
+
+
+def _write_shards(
+    root: Path, listed: list[tuple[str, Path]], per_shard: int | None, max_bytes: int | None, first: int = 0
+) -> list[dict]:
+    """``listed`` in shards ``shard-<first>.tar``, ``shard-<first + 1>.tar``... in ``root/shards``; their manifest
+    columns (sha256, shard, offset, size), a row per file."""
     rows: list[dict] = []
     packed = iter(progress(listed, len(listed), "intake", "files packed"))
-    for i, group in enumerate(_groups(listed, per_shard or SHARD_FILES, max_bytes or SHARD_BYTES)):
+    for i, group in enumerate(_groups(listed, per_shard or SHARD_FILES, max_bytes or SHARD_BYTES), first):
         shard = f"shard-{i:05d}.tar"
-        with tarfile.open(root / SHARDS_DIR / shard, "w", format=tarfile.PAX_FORMAT) as tar:
-            for name, file in (next(packed) for _ in group):
-                data = file.read_bytes()
-                info = tarfile.TarInfo(name)
-                info.size, info.mode, info.mtime = len(data), 0o644, 0
-                tar.addfile(info, io.BytesIO(data))
-                # addfile wrote the header(s), the bytes, then NULs to a whole block: the bytes start that far back
-                offset = tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-                sha = hashlib.sha256(data).hexdigest()
-                rows.append({"sha256": sha, "shard": shard, "offset": offset, "size": len(data)})
-    _write_manifest(root, listed, columns, rows)
+        items = ((name, file.read_bytes()) for name, file in (next(packed) for _ in group))
+        rows += write_shard(root / SHARDS_DIR / shard, items)
+    return rows
+
+
+def write_shard(path: Path, items: Iterable[tuple[str, bytes]]) -> list[dict]:
+    """One uncompressed tar of ``items`` (member name, bytes), written deterministically (zero times and
+    owners) to a new file that then replaces ``path``; each member's manifest columns (sha256, shard, offset,
+    size). A new file, never one rewritten in place: a shard may share its inode with DVC's cache."""
+    rows: list[dict] = []
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in items:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tar.addfile(info, io.BytesIO(data))
+            # addfile wrote the header(s), the bytes, then NULs to a whole block: the bytes start that far back
+            offset = tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            sha = hashlib.sha256(data).hexdigest()
+            rows.append({"sha256": sha, "shard": path.name, "offset": offset, "size": len(data)})
+    os.replace(tmp, path)
+    return rows
+
+
+def extend(root: Path, files: list[tuple[str, Path]], columns: pd.DataFrame) -> None:
+    """Add ``files`` ((path in the set, file) pairs) to the shard set in ``root`` in new shards after its last,
+    their rows (``columns``: label, split, group... as the manifest has them) appended to ``root/shards.csv``.
+    The existing shards are left as they are, so DVC stores only the new ones."""
+    import pandas as pd
+
+    for name, _ in files:
+        _check_name(name)
+    manifest = sources.read_csv(root / SHARDS_CSV, ShardError)
+    taken = [int(m.group(1)) for p in (root / SHARDS_DIR).iterdir() if (m := SHARD_NAME.fullmatch(p.name))]
+    rows = _write_shards(root, files, None, None, max(taken, default=-1) + 1)
+    added = pd.concat(
+        [
+            pd.DataFrame({"path": [name for name, _ in files]}),
+            columns.reset_index(drop=True),
+            pd.DataFrame(rows),
+        ],
+        axis=1,
+    )
+    _replace_csv(pd.concat([manifest, added.astype(str)], ignore_index=True)[list(manifest.columns)], root)
+
+
+def remove(root: Path, members: set[str]) -> None:
+    """Take ``members`` (paths in the set) out of the shard set in ``root``: each shard holding any of them is
+    written again without them (the others' bytes and order kept; a shard left empty is deleted), and their rows
+    leave ``root/shards.csv``. The other shards are left as they are."""
+    manifest = sources.read_csv(root / SHARDS_CSV, ShardError)
+    gone = manifest["path"].isin(members)
+    for shard in sorted(set(manifest.loc[gone, "shard"])):
+        path = root / SHARDS_DIR / shard
+        keep = manifest.index[(manifest["shard"] == shard) & ~gone]
+        if not len(keep):
+            path.unlink()
+            continue
+        kept = [
+            Member(str(path), p, int(o), int(n), s)
+            for p, o, n, s in manifest.loc[keep, ["path", "offset", "size", "sha256"]].itertuples(index=False)
+        ]
+        rows = write_shard(path, [(m.member, read(m)) for m in kept])
+        for column in ("offset", "size"):
+            manifest.loc[keep, column] = [str(r[column]) for r in rows]
+    _replace_csv(manifest[~gone], root)
+
+
+def _replace_csv(table: pd.DataFrame, root: Path) -> None:
+    """``root/shards.csv`` as a new file (it may share its inode with the set it was copied from)."""
+    tmp = root / f".{SHARDS_CSV}.tmp"
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, root / SHARDS_CSV)
 
 
 def _groups(listed: list[tuple[str, Path]], per_shard: int, max_bytes: int) -> list[list[tuple[str, Path]]]:

@@ -19,9 +19,10 @@ import pandas as pd
 
 from pipeline import augment, explain, registry, serve, tracking
 from pipeline.config import Params, Paths, flatten
+from pipeline.data import rounds as active
 from pipeline.data.cache import Rows
 from pipeline.data.prepared import Prepared, load_prepared
-from pipeline.evaluation import audit, decision
+from pipeline.evaluation import audit, decision, rounds
 from pipeline.evaluation import evaluate as evaluation
 from pipeline.evaluation.reporting import split_headline
 from pipeline.fsutil import atomic_dir, atomic_file, write_json
@@ -47,10 +48,13 @@ class Assessment:
     suspects: pd.DataFrame  # likely label errors, most suspect first
     audit_png: bytes | None
     gradcam_png: bytes | None
+    curve_png: bytes | None  # test metrics by active-learning round, from the second round on
     report: str
 
 
-def assess(params: Params) -> Assessment:
+def assess(params: Params, earlier_rounds: pd.DataFrame | None = None) -> Assessment:
+    """Everything the stage writes. ``earlier_rounds``: the data set's earlier active-learning rounds
+    (``rounds.earlier``, from MLflow); with them, the curve of test metrics by round."""
     paths, settings = params.paths, params.evaluate
     tta = augment.build_tta(settings.tta)  # a bad entry fails before any work
     prepared = load_prepared(Path(paths.prepared))
@@ -100,6 +104,11 @@ def assess(params: Params) -> Assessment:
     embedded = [os.path.relpath(plots / name, report_dir) for name in evaluation.IMAGES]
     if gradcam is not None:
         embedded.append(os.path.relpath(plots / explain.PANEL_PNG, report_dir))
+    curve = None
+    if earlier_rounds is not None:
+        curve = rounds.curve_png(rounds.points(earlier_rounds, *active.current(prepared.report), metrics))
+    if curve is not None:
+        embedded.append(os.path.relpath(plots / rounds.CURVE_PNG, report_dir))
     sections = decision.report_sections(metrics, result.decision)
     sections.append(
         (
@@ -126,7 +135,17 @@ def assess(params: Params) -> Assessment:
         | {"date": datetime.now(UTC).date().isoformat()},
     )
     return Assessment(
-        run.run_id, run.arch, prepared.classes, labels, result, metrics, suspects, audit_png, gradcam, report
+        run.run_id,
+        run.arch,
+        prepared.classes,
+        labels,
+        result,
+        metrics,
+        suspects,
+        audit_png,
+        gradcam,
+        curve,
+        report,
     )
 
 
@@ -151,6 +170,8 @@ def write(paths: Paths, done: Assessment, ece_bins: int) -> None:
             (staging / explain.PANEL_PNG).write_bytes(done.gradcam_png)
         if done.audit_png is not None:
             (staging / audit.PANEL_PNG).write_bytes(done.audit_png)
+        if done.curve_png is not None:
+            (staging / rounds.CURVE_PNG).write_bytes(done.curve_png)
     with atomic_file(paths.label_audit) as tmp:
         done.suspects.to_csv(tmp, index=False)
     result.decision.write(paths.decision)
