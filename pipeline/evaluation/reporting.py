@@ -10,6 +10,7 @@ import pandas as pd
 
 from pipeline import vocabulary
 from pipeline.config import Evaluate
+from pipeline.data.size import small_for_pretrained
 from pipeline.evaluation import decision
 from pipeline.evaluation.calibration import TEMPERATURE_BOUNDS
 from pipeline.evaluation.metrics import BINARY, CALIBRATION, HEADLINE, PER_CLASS
@@ -115,6 +116,11 @@ def warnings(
     if not run.weights.pretrained:
         reason = run.weights.fallback_reason or "model.weights is 'none'"
         out.append(f"**Random initialization, not pretrained weights** — {reason}.")
+    small_input = small_for_pretrained(
+        run.preprocessing.image_size, run.weights.requested, run.weights.pretrained
+    )
+    if small_input:
+        out.append(f"**Small images for pretrained weights** — {small_input}.")
     leaks = data_report.get("leakage") or []
     if leaks:
         out.append(
@@ -205,14 +211,15 @@ def _sizes(data_report: Mapping[str, Any]) -> str:
     """'resized to 64 px from native 28x28 (upscaled)': the cache size with the files' own sizes."""
     side = data_report["image_size"]
     native = (data_report.get("formats") or {}).get("size") or {}
+    why = f" ({data_report['image_size_reason']})" if data_report.get("image_size_reason") else ""
     if not native:
-        return f"resized to {side} px"
+        return f"resized to {side} px{why}"
     shown = ", ".join(f"{size} ({n})" for size, n in list(native.items())[:3]) + (
         ", ..." if len(native) > 3 else ""
     )
     small = sum(n for size, n in native.items() if min(map(int, size.split("x"))) < side)
     how = f"**{small} of them upscaled**: pixels added, no detail" if small else "none upscaled"
-    return f"resized to {side} px from native sizes {shown} ({how})"
+    return f"resized to {side} px{why} from native sizes {shown} ({how})"
 
 
 def _provenance_section(data_report: Mapping[str, Any], provenance: Mapping[str, str]) -> list[str]:
