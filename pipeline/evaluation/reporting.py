@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from pipeline import vocabulary
-from pipeline.config import Evaluate
+from pipeline.config import FROZEN_MODES, Evaluate
 from pipeline.data.size import small_for_pretrained
 from pipeline.evaluation import decision
 from pipeline.evaluation.calibration import TEMPERATURE_BOUNDS
@@ -282,7 +282,9 @@ def _settings_section(
     }
     rows |= {f"train {k}": f"`{hparams[k]}`" for k in KEY_HPARAMS if k in hparams}
     # The frozen-feature modes (train.mode linear_probe | knn) fit a head without the training step's mixing.
-    rows["batch mixing"] = _mixing(hparams) if run.mode == "finetune" else f"off (train.mode {run.mode})"
+    rows["batch mixing"] = (
+        _mixing(hparams) if run.mode not in FROZEN_MODES else f"off (train.mode {run.mode})"
+    )
     rows["weight averaging"] = f"EMA, decay {run.ema_decay:g}" if run.ema_decay else "off"
     rows[f"{run.checkpoint} checkpoint"] = f"{run.monitor} {run.best_score:.4f} after {run.epochs_run} epochs"
     rows |= {

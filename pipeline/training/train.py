@@ -18,7 +18,7 @@ import numpy as np
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 
 from pipeline import augment, registry, serve, tracking
-from pipeline.config import Params, as_dict
+from pipeline.config import FROZEN_MODES, Params, as_dict
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.fsutil import atomic_dir
 from pipeline.runinfo import OOF_CSV, RUN_INFO, FoldScore, Preprocessing, Pretrained, RunInfo
@@ -92,7 +92,7 @@ def run_info(params: Params, prepared: Prepared, run_id: str, fitted: Fitted) ->
         folds=tuple(FoldScore(r.best_score, r.epochs_run) for r in results) if params.data.folds else (),
         checkpoint=params.train.checkpoint,
         # The frozen-feature modes fit a head without the training step's EMA (pipeline/probe.py).
-        ema_decay=(params.train.ema_decay or None) if params.train.mode == "finetune" else None,
+        ema_decay=(params.train.ema_decay or None) if params.train.mode not in FROZEN_MODES else None,
     )
 
 
