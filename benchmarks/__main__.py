@@ -1,4 +1,4 @@
-"""``python -m benchmarks [quality|scale|transfer|unlabelled] ...`` (``make bench``, ``python -m pipeline bench``): the
+"""``python -m benchmarks [quality|scale|transfer|unlabelled|gpu] ...`` (``make bench``, ``python -m pipeline bench``): the
 speed bench of the hot paths, or the one named, on real data (minutes each, not part of ``make bench``)."""
 
 import argparse
@@ -14,6 +14,7 @@ BENCHES = {  # minutes on real data each, not part of make bench
     "scale": "benchmarks.scale",
     "transfer": "benchmarks.transfer",
     "unlabelled": "benchmarks.unlabelled",
+    "gpu": "benchmarks.gpu",  # about 8 minutes on one GPU; one line, skipped, without CUDA
 }
 
 

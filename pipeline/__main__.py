@@ -78,9 +78,9 @@ COMMANDS = {
     ),
     "bench": Command(
         "pipeline.stages.bench",
-        "[{quality,scale,transfer,unlabelled} ...]",
+        "[{quality,scale,transfer,unlabelled,gpu} ...]",
         "speed and memory of the hot paths (make bench); quality, scale, transfer, unlabelled: benchmarks on "
-        "real data",
+        "real data; gpu: the GPU paths executed (skipped without CUDA)",
     ),
 }
 # The top-level --help's description (this module's docstring is for developers).
