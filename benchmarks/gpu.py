@@ -198,14 +198,32 @@ def project_copy(target: Path, overrides: dict[str, dict]) -> Path:
     import yaml
 
     target.mkdir(parents=True)
-    shutil.copytree(REPO / "pipeline", target / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(REPO / "dvc.yaml", target / "dvc.yaml")
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    # as a fresh clone has them (data/unlabelled/.gitignore included: the pool stage depends on that folder)
+    names = listed.stdout.split() if listed.returncode == 0 else []
+    names = [n for n in names if not n.startswith(("tests/", "notebooks/", "reports/", "dvc.lock"))]
+    for name in names or []:
+        if (REPO / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, target / name)
+    if not names:  # no git where the bench runs: what dvc repro needs
+        shutil.copytree(REPO / "pipeline", target / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(REPO / "dvc.yaml", target / "dvc.yaml")
+        for folder in ("data/raw", "data/unlabelled"):
+            (target / folder).mkdir(parents=True, exist_ok=True)
+            (target / folder / ".gitignore").write_text("")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for section, values in overrides.items():
         params[section].update(values)
     (target / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = _env()
-    for command in ("git init -q", "git add -A", "git commit -qm copy", "dvc init -q"):
+    for command in ("git init -q", "git add -A", "git commit -qm copy", "dvc init -q -f"):
         subprocess.run(command, shell=True, cwd=target, env=env, check=True, capture_output=True)
     return target
 

@@ -60,3 +60,19 @@ def test_serving_checks_predict_and_both_exports(tmp_path):
     for path in ("predict", "torchscript", "onnx"):
         assert out[path]["agree"], (path, out[path])
     assert out["onnx"]["provider"] == "CPUExecutionProvider" and "registered" not in out
+
+
+def test_the_demo_project_copy_is_a_fresh_repository_with_the_gpu_params(tmp_path):
+    import subprocess
+
+    import yaml
+
+    project = gpu.project_copy(tmp_path / "demo", gpu.DEMO_GPU)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["train"]["accelerator"] == "gpu" and params["data"]["dataset"] == "demo"
+    assert (project / "data" / "unlabelled" / ".gitignore").is_file()  # the pool stage's dependency
+    assert not (project / "dvc.lock").exists() and (project / ".dvc" / "config").is_file()
+    listed = subprocess.run(
+        ["dvc", "stage", "list"], cwd=project, env=gpu._env(), capture_output=True, text=True
+    )
+    assert "size" in listed.stdout and "evaluate" in listed.stdout, listed.stderr

@@ -410,7 +410,11 @@ def ingest(
     size stage's ``data.image_size`` (None: a number is taken as it is, auto as for random init).
     """
     data = dataclasses.replace(data or Data(), **fields)
-    resolved = resolved or resolve_size(data, raw_dir, native=None)
+    if resolved is None:  # intake's validation, tests, benches: no weights considered
+        resolved = resolve_size(data, raw_dir, native=None)
+        if data.image_size == "auto":
+            what = "the images' own size, as for random init (the size stage decides with the weights)"
+            resolved = dataclasses.replace(resolved, reason=f"{resolved.image_size} px (auto): {what}")
     data = dataclasses.replace(data, image_size=resolved.image_size)
     files, ignored = (shards.scan(raw_dir), []) if shards.is_sharded(raw_dir) else scan(raw_dir)
     excluded: list[str] = []

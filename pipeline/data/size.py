@@ -82,8 +82,8 @@ def from_images(own: int) -> ImageSize:
     return ImageSize(
         side,
         "images",
-        f"{side} px (auto): no pretrained weights load (random init), so the images' own size ({own} px) "
-        f"capped at {RANDOM_INIT_CAP} px",
+        f"{side} px (auto): the images' own size ({own} px), capped at {RANDOM_INIT_CAP} px as no pretrained "
+        "weights load (random init)",
     )
 
 
