@@ -263,7 +263,7 @@ def fit(
     if t.mode in FROZEN_MODES:
         return _fit_frozen(params, data, model, weights, out_dir, logger)
     if t.mode == "lp_ft":
-        _linear_probe_first(data, model, weights, params.seed, resume_from)
+        _linear_probe_first(data, model, weights, params, resume_from)
     made = callbacks_for(t, weights, out_dir, callbacks)
     checkpoint, latest, stopper = made.checkpoint, made.latest, made.stopper
     with tempfile.TemporaryDirectory(prefix="fit-") as scratch, _quiet_lightning():
@@ -292,7 +292,7 @@ def fit(
 
 
 def _linear_probe_first(
-    data: ImageDataModule, model: Classifier, weights: WeightsInfo, seed: int, resume_from: Path | None
+    data: ImageDataModule, model: Classifier, weights: WeightsInfo, params: Params, resume_from: Path | None
 ) -> None:
     """LP-FT's first phase: the head fitted on the frozen features (``probe.fit_head``); fine-tuning, at the
     lowered rate ``build_model`` set, starts from it. Skipped when resuming (the checkpoint holds the state)
@@ -302,7 +302,7 @@ def _linear_probe_first(
     if not weights.pretrained:
         log.warning("train.mode=lp_ft on a randomly initialised backbone: fine-tuning as train.mode=finetune")
         return
-    probe.fit_head(data, model, seed)
+    probe.fit_head(data, model, params.seed, params.train.accelerator)
 
 
 def _fit_frozen(
