@@ -128,3 +128,13 @@ def test_lp_ft_fine_tunes_from_the_probed_head_bit_identically(
     lp = frozen_params(tiny_params, path, "linear_probe")
     fit(lp, datamodule(lp, prepared, None))
     assert all(torch.equal(probed[1][k], v) for k, v in probed[0].items())
+
+
+def test_lp_ft_on_a_random_backbone_fine_tunes_as_finetune(tiny_params, prepared, caplog, monkeypatch):
+    from pipeline.training import probe
+
+    monkeypatch.setattr(probe, "fit_head", lambda *a, **k: pytest.fail("no probe on random features"))
+    params = config.with_overrides(tiny_params, {"train.mode": "lp_ft", "train.max_epochs": 1})
+    result = fit(params, datamodule(params, prepared, None))
+    assert result.epochs_run == 1 and not result.weights.pretrained
+    assert "lp_ft on a randomly initialised backbone" in caplog.text
