@@ -1,4 +1,4 @@
-"""``python -m benchmarks [quality|scale|transfer|unlabelled|active] ...`` (``make bench``, ``python -m pipeline bench``): the
+"""``python -m benchmarks [quality|scale|transfer|unlabelled|active|gpu] ...`` (``make bench``, ``python -m pipeline bench``): the
 speed bench of the hot paths, or the one named, on real data (minutes each, not part of ``make bench``)."""
 
 import argparse
@@ -15,6 +15,7 @@ BENCHES = {  # minutes on real data each, not part of make bench
     "transfer": "benchmarks.transfer",
     "unlabelled": "benchmarks.unlabelled",
     "active": "benchmarks.active",
+    "gpu": "benchmarks.gpu",  # about 8 minutes on one GPU; one line, skipped, without CUDA
 }
 
 

@@ -300,7 +300,7 @@ def bench_train_memory(prepared_dir: Path) -> None:
     emit(
         "train_memory",
         arch=params.model.arch,
-        image_size=params.data.image_size,
+        image_size=int(load_prepared(prepared_dir).images.shape[1]),  # data.image_size may be auto
         batch_size=params.train.batch_size,
         peak_rss_mb=rss,
         peak_gpu_mb=None if gpu is None else round(gpu, 1),

@@ -232,6 +232,8 @@ def methods(models: Path) -> dict[str, dict]:
         "fine-tune all, one lr": {"model": w, "train": {"freeze_epochs": 0, "backbone_lr_mult": 1.0}},
         "recipe": {"model": w, "train": RECIPE},  # "default recipe" in results before 2026-12-02
         "gradual unfreezing": {"model": w, "train": RECIPE | {"unfreeze": "gradual"}},
+        # The linear probe, then everything fine-tuned from its head at a tenth of the rate (Kumar et al. 2022).
+        "LP-FT": {"model": w, "train": {"mode": "lp_ft", "freeze_epochs": 0, "lp_ft_lr_mult": 0.1}},
     }
 
 

@@ -22,9 +22,12 @@ class Command(NamedTuple):
     help: str
 
 
-STAGES = ("demo", "ingest", "pool", "augment", "pretrain", "tune", "train", "evaluate")
+STAGES = ("demo", "size", "ingest", "pool", "augment", "pretrain", "tune", "train", "evaluate")
 COMMANDS = {
     "demo": Command("pipeline.stages.demo", "", "DVC stage: generate the demo set"),
+    "size": Command(
+        "pipeline.stages.size", "", "DVC stage: resolve data.image_size (auto: the starting weights' size)"
+    ),
     "ingest": Command("pipeline.stages.ingest", "", "DVC stage: validate, split and cache the data set"),
     "pool": Command("pipeline.stages.pool", "", "DVC stage: decode the unlabelled pool, leaving out leaks"),
     "augment": Command("pipeline.stages.augment", "", "DVC stage: the training augmentation and its preview"),
@@ -76,9 +79,9 @@ COMMANDS = {
     ),
     "bench": Command(
         "pipeline.stages.bench",
-        "[{quality,scale,transfer,unlabelled,active} ...]",
+        "[{quality,scale,transfer,unlabelled,active,gpu} ...]",
         "speed and memory of the hot paths (make bench); quality, scale, transfer, unlabelled, active: "
-        "benchmarks on real data",
+        "benchmarks on real data; gpu: the GPU paths executed (skipped without CUDA)",
     ),
 }
 # The top-level --help's description (this module's docstring is for developers).

@@ -162,14 +162,16 @@ def predict(
     batch_size: int = 64,
     decision: Decision | None = None,
     max_pixels: int = readers.MAX_PIXELS,
+    device: str | None = None,
 ) -> pd.DataFrame:
     """A row per file, in order: path, predicted class, ``prob_<class>`` per class, ``error`` (empty when read).
+    ``device``: where the model runs (None: CUDA when there is one, else the CPU).
 
     With a ``decision`` (see :func:`load_decision`): ``predicted`` applies its binary threshold, and with a
     conformal quantile a ``set`` column holds each image's prediction set (class names joined by '|').
     Unreadable files get their reason in ``error`` and empty probabilities; nothing is raised for them.
     """
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = trained.model.to(device)
     rows: list[dict[str, Any]] = [{"path": str(p)} for p in paths]
     for start in range(0, len(paths), batch_size):

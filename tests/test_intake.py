@@ -24,7 +24,7 @@ def repo(tmp_path, monkeypatch):
     root.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
-    params = REPO_PARAMS.read_text().replace("image_size: 64 ", "image_size: 16 ")
+    params = REPO_PARAMS.read_text().replace("image_size: auto ", "image_size: 16 ")
     (root / "params.yaml").write_text(
         params.replace("val_fraction: 0.15", "val_fraction: 0.25").replace(
             "test_fraction: 0.15", "test_fraction: 0.25"

@@ -375,8 +375,14 @@ def test_only_the_pool_stage_reads_data_unlabelled():
         if p in ("data", "data.unlabelled")
     }
     assert readers == {"pool"}
-    every_key = {f"data.{f}" for f in config.Data.__dataclass_fields__} - {"data.unlabelled"}
-    assert set(stages["ingest"]["params"]) - {"seed"} == every_key  # ingest still reads every other key
+    every_key = {f"data.{f}" for f in config.Data.__dataclass_fields__} - {
+        "data.unlabelled",
+        "data.image_size",
+    }
+    listed = {p for p in stages["ingest"]["params"] if isinstance(p, str)}
+    assert listed - {"seed"} == every_key  # ingest still reads every other key
+    # data.image_size: the size stage's resolved value only (pipeline/data/size.py)
+    assert {"${paths.image_size}": ["image_size"]} in stages["ingest"]["params"]
 
 
 # --- the reader a training loader uses ----------------------------------------------------------------------

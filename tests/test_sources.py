@@ -31,7 +31,7 @@ def project(tmp_path, monkeypatch):
     every case here fails before intake versions anything."""
     root = tmp_path / "project"
     root.mkdir()
-    (root / "params.yaml").write_text(REPO_PARAMS.read_text().replace("image_size: 64 ", "image_size: 16 "))
+    (root / "params.yaml").write_text(REPO_PARAMS.read_text().replace("image_size: auto ", "image_size: 16 "))
     monkeypatch.chdir(root)
     monkeypatch.setenv("PIPELINE_GROUP_SALT", "s")
     return root

@@ -201,3 +201,30 @@ def test_a_worker_needs_the_study_created_by_the_tune_stage(
     params = stage_params(tiny_params, prepared, tmp_path, postgres_url)
     with pytest.raises(tune.TuneError, match="start the tune stage first"):
         tune_stage.main(params, argparse.Namespace(worker=True, params="params.yaml"))
+
+
+def test_a_launch_of_two_ranks_runs_one_trial_at_a_time_not_one_per_rank(tiny_params, prepared, tmp_path):
+    """torchrun starts `python -m pipeline tune` once per rank: only rank 0 is a worker (trials are one-device
+    fits); rank 1 starts no trial and writes nothing, so the study holds n_trials trials of one worker."""
+    params = stage_params(
+        tiny_params, prepared, tmp_path, f"sqlite:///{tmp_path}/optuna.db", **{"tune.n_trials": 2}
+    )
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(as_dict(params), sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*launch, "-m", "pipeline", "tune", "--params", "params.yaml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "rank 1 of a multi-process launch starts no trial" in done.stdout
+    name, _, _ = tune_stage.study_of(params)
+    study = optuna.load_study(study_name=name, storage=params.tune.storage)
+    assert len(study.trials) == 2 and {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE}
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 1  # one worker process, not one per rank
+    assert (tmp_path / "tune" / "best.yaml").is_file()

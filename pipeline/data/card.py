@@ -41,6 +41,7 @@ def summary(report: dict, root: Path | None = None, positive_class: str | None =
         f"  sizes       {_counts(report['formats']['size'])}",
         f"  cache       {report['image_size']}x{report['image_size']}, {cache['channels']} channels "
         f"(data.channels: {cache['policy']}), {cache['dtype']}",
+        *([f"  size        {report['image_size_reason']}"] if report.get("image_size_reason") else []),
         f"  duplicates  {dups['n_exact_sets']} sets of identical files, {dups['n_near_sets']} sets of near duplicates"
         + (
             " (kept in one split)"

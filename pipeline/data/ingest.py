@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import statistics
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,11 +26,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Data
-from pipeline.data import decoding, rounds, shards, sources, splits, validation
+from pipeline.data import decoding, rounds, shards, size, sources, splits, validation
 from pipeline.data.cache import CacheWriter
 from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError
 from pipeline.data.progress import progress
-from pipeline.data.readers import IMAGE_SUFFIXES, image_files
+from pipeline.data.readers import IMAGE_SUFFIXES, UnreadableImage, image_files, read, read_bytes
 from pipeline.fsutil import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 MANIFEST_CSV = "manifest.csv"
 SPLITS = splits.SPLITS
 MIN_PER_CLASS = 3  # one image each for train, val and test
+SIZE_SAMPLE = 64  # files whose sides decide the images' own size (evenly spaced over the set)
 
 
 def class_folders(root: Path) -> list[Path]:
@@ -131,6 +133,38 @@ def exclude(
             f"{', '.join(unknown[:3])}"
         )
     return files[~drop].reset_index(drop=True), list(files["path"][drop])
+
+
+def own_size(raw_dir: Path, data: Data) -> int:
+    """The images' own side: the median shorter side of up to :data:`SIZE_SAMPLE` files, evenly spaced in the
+    set's order (a sample decoded, not the set)."""
+    sharded = shards.is_sharded(raw_dir)
+    table = shards.scan(raw_dir) if sharded else scan(raw_dir)[0]
+    sample = table.iloc[:: max(1, len(table) // SIZE_SAMPLE)]
+    items = shards.members(sample) if sharded else [Path(p) for p in sample["path"]]
+    sides = []
+    for item in items:
+        try:
+            if isinstance(item, shards.Member):
+                found = read_bytes(shards.read(item), item.member, data.dicom_window, data.max_image_pixels)
+            else:
+                found = read(item, data.dicom_window, data.max_image_pixels)
+        except (UnreadableImage, OSError):
+            continue  # ingest reports it; one unreadable file does not decide the size
+        sides.append(min(found.pixels.shape[:2]))
+    if not sides:
+        raise DataError(f"{raw_dir}: none of {len(items)} sampled images could be read to find their size")
+    return int(statistics.median_low(sides))
+
+
+def resolve_size(data: Data, raw_dir: Path, native: int | None) -> size.ImageSize:
+    """``data.image_size`` as a side: the number given; else ``native`` (the size the starting weights were
+    trained at; None: no pretrained weights load), else the images' own size, capped."""
+    if data.image_size != "auto":
+        return size.set_by_params(data.image_size)
+    if native is not None:
+        return size.from_weights(native)
+    return size.from_images(own_size(raw_dir, data))
 
 
 @dataclass
@@ -365,15 +399,23 @@ def ingest(
     data: Data | None = None,
     reuse: Path | None = None,
     keep: Path | None = None,
+    resolved: size.ImageSize | None = None,
     **fields,
 ) -> dict:
     """Validate, split and cache ``raw_dir`` into ``out_dir`` (replaced only on success); return the report.
 
     ``data`` holds the data.* params; keyword ``fields`` override single ones of them. ``keep``: also
     store what was decoded there (intake's validation pass, ``decoding.Validated``); ``reuse``: take
-    each file whose bytes such a store holds, decoded with the same settings, from there.
+    each file whose bytes such a store holds, decoded with the same settings, from there. ``resolved``: the
+    size stage's ``data.image_size`` (None: a number is taken as it is, auto as for random init).
     """
     data = dataclasses.replace(data or Data(), **fields)
+    if resolved is None:  # intake's validation, tests, benches: no weights considered
+        resolved = resolve_size(data, raw_dir, native=None)
+        if data.image_size == "auto":
+            what = "the images' own size, as for random init (the size stage decides with the weights)"
+            resolved = dataclasses.replace(resolved, reason=f"{resolved.image_size} px (auto): {what}")
+    data = dataclasses.replace(data, image_size=resolved.image_size)
     files, ignored = (shards.scan(raw_dir), []) if shards.is_sharded(raw_dir) else scan(raw_dir)
     excluded: list[str] = []
     exclude_warnings: list[str] = []
@@ -384,6 +426,7 @@ def ingest(
         decoded = decode_into(files, data, cache, reuse)
         table = files.iloc[decoded.rows].reset_index(drop=True)
         table, report = _validate_and_split(table, files, ignored, decoded, raw_dir, data, seed)
+        report["image_size_reason"] = resolved.reason
         report["excluded"] = {"file": data.exclude, "n": len(excluded), "paths": _listed(excluded, 1000)}
         report["warnings"] += exclude_warnings
         if (active := rounds.summary(raw_dir)) is not None:  # labels added from the pool (rounds.json)

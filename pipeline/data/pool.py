@@ -31,6 +31,7 @@ With ``data.unlabelled: null`` the stage writes ``report.json`` (``pool: null``)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -48,6 +49,7 @@ from pipeline.data.decoding import Settings, Validated
 from pipeline.data.ingest import MANIFEST_CSV, decode_into
 from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError, Prepared, load_prepared
 from pipeline.data.readers import IMAGE_SUFFIXES
+from pipeline.data.size import RANDOM_INIT_CAP
 from pipeline.fsutil import atomic_dir, write_json
 from pipeline.pixels import unit_max, unit_range
 
@@ -133,7 +135,12 @@ def prepare_pool(
 ) -> dict:
     """Decode the pool in ``raw_dir`` into ``out_dir`` (replaced only on success), leaving out what duplicates or
     shares a val/test group with the prepared labelled set in ``labelled`` (None: nothing is compared, as in
-    intake's validation pass); return the report. ``reuse``/``keep``: as ingest's (``decoding.Validated``)."""
+    intake's validation pass); return the report. ``reuse``/``keep``: as ingest's (``decoding.Validated``).
+    ``data.image_size`` auto: the labelled set's size (the pool trains beside it), without one the random-init cap.
+    """
+    if data.image_size == "auto":
+        side = load_prepared(labelled).images.shape[1] if labelled is not None else RANDOM_INIT_CAP
+        data = dataclasses.replace(data, image_size=int(side))
     files, ignored = scan_pool(raw_dir)
     with atomic_dir(out_dir) as staging:
         everything = staging / ".decoded.npy"

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from pipeline import vocabulary
-from pipeline.config import Evaluate
+from pipeline.config import FROZEN_MODES, Evaluate
+from pipeline.data.size import small_for_pretrained
 from pipeline.evaluation import decision
 from pipeline.evaluation.calibration import TEMPERATURE_BOUNDS
 from pipeline.evaluation.metrics import BINARY, CALIBRATION, HEADLINE, PER_CLASS
@@ -115,6 +116,11 @@ def warnings(
     if not run.weights.pretrained:
         reason = run.weights.fallback_reason or "model.weights is 'none'"
         out.append(f"**Random initialization, not pretrained weights** — {reason}.")
+    small_input = small_for_pretrained(
+        run.preprocessing.image_size, run.weights.requested, run.weights.pretrained
+    )
+    if small_input:
+        out.append(f"**Small images for pretrained weights** — {small_input}.")
     leaks = data_report.get("leakage") or []
     if leaks:
         out.append(
@@ -205,14 +211,15 @@ def _sizes(data_report: Mapping[str, Any]) -> str:
     """'resized to 64 px from native 28x28 (upscaled)': the cache size with the files' own sizes."""
     side = data_report["image_size"]
     native = (data_report.get("formats") or {}).get("size") or {}
+    why = f" ({data_report['image_size_reason']})" if data_report.get("image_size_reason") else ""
     if not native:
-        return f"resized to {side} px"
+        return f"resized to {side} px{why}"
     shown = ", ".join(f"{size} ({n})" for size, n in list(native.items())[:3]) + (
         ", ..." if len(native) > 3 else ""
     )
     small = sum(n for size, n in native.items() if min(map(int, size.split("x"))) < side)
     how = f"**{small} of them upscaled**: pixels added, no detail" if small else "none upscaled"
-    return f"resized to {side} px from native sizes {shown} ({how})"
+    return f"resized to {side} px{why} from native sizes {shown} ({how})"
 
 
 def _provenance_section(data_report: Mapping[str, Any], provenance: Mapping[str, str]) -> list[str]:
@@ -275,7 +282,9 @@ def _settings_section(
     }
     rows |= {f"train {k}": f"`{hparams[k]}`" for k in KEY_HPARAMS if k in hparams}
     # The frozen-feature modes (train.mode linear_probe | knn) fit a head without the training step's mixing.
-    rows["batch mixing"] = _mixing(hparams) if run.mode == "finetune" else f"off (train.mode {run.mode})"
+    rows["batch mixing"] = (
+        _mixing(hparams) if run.mode not in FROZEN_MODES else f"off (train.mode {run.mode})"
+    )
     rows["weight averaging"] = f"EMA, decay {run.ema_decay:g}" if run.ema_decay else "off"
     rows[f"{run.checkpoint} checkpoint"] = f"{run.monitor} {run.best_score:.4f} after {run.epochs_run} epochs"
     rows |= {

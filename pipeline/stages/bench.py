@@ -1,4 +1,4 @@
-"""``python -m pipeline bench [quality|scale|transfer|unlabelled|active] ...``: the benchmarks, run as ``python -m benchmarks``.
+"""``python -m pipeline bench [quality|scale|transfer|unlabelled|active|gpu] ...``: the benchmarks, run as ``python -m benchmarks``.
 
 The benchmarks live beside the package (``benchmarks/``) and import it; the package never imports them, so
 this command runs them in a process of their own. ``python -m benchmarks --help`` lists their arguments.
@@ -13,7 +13,7 @@ from pathlib import Path
 from pipeline.config import Params
 
 # benchmarks/__main__.py's; the package does not import it
-BENCHES = ("quality", "scale", "transfer", "unlabelled", "active")
+BENCHES = ("quality", "scale", "transfer", "unlabelled", "active", "gpu")
 REPO = Path(__file__).resolve().parents[2]  # where benchmarks/ lies beside pipeline/
 
 

@@ -3,6 +3,9 @@
 With --worker it joins the study that the tune stage created in the shared tune.storage, from any
 machine with the same commit, params and data: it runs trials (tune.n_jobs processes) until the study
 holds tune.n_trials, nested under the study's MLflow parent run, and writes no outputs.
+
+Started by a multi-process launcher (torchrun, srun: one process per rank), only global rank 0 is a worker:
+one trial per worker, not per rank.
 """
 
 from __future__ import annotations
@@ -44,8 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(params: Params, args: argparse.Namespace) -> None:
     # Here, not at the top: `--help` of this command then costs no torch import (20-38 s on a busy machine).
+    from lightning.pytorch.utilities import rank_zero_only
+
     from pipeline import tune
 
+    # Launched once per rank (torchrun, srun, a DDP train setup): a trial is a one-device fit, so rank 0's
+    # worker runs them (tune.n_jobs for more at once) and the other ranks start none and write nothing.
+    rank = getattr(rank_zero_only, "rank", 0)
+    if rank:
+        print(f"tune: rank {rank} of a multi-process launch starts no trial (rank 0's worker runs them)")
+        return
     worker = args.worker
     paths = params.paths
     study, plan = tune.planned(params)

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 
 from pipeline import augment
-from pipeline.config import Params, Train
+from pipeline.config import FROZEN_MODES, Params, Train
 from pipeline.data.cache import Images
 from pipeline.data.datamodule import ImageDataModule, class_weights, load_offline
 from pipeline.data.prepared import DataError, Prepared
@@ -82,7 +82,7 @@ def datamodule(
     t = params.train
     copies = params.augment.offline_copies
     offline = load_offline(Path(params.paths.augment_offline), prepared, copies) if copies else None
-    semi = t.semi == "fixmatch" and t.mode == "finetune"
+    semi = t.semi == "fixmatch" and t.mode not in FROZEN_MODES
     handed = Path(params.paths.pretrain) / PRETRAIN_POOL  # the pool, as the pretrain stage hands it to train
     if semi and pool is None and handed.is_file():
         pool = np.load(handed, mmap_mode="r")
@@ -141,8 +141,11 @@ def build_model(
         pretrain_dir=Path(params.paths.pretrain),
     )
     mean, std = input_statistics(in_channels, info, dataset_stats)
-    # A random backbone has nothing to protect: it learns at the head's rate.
+    # A random backbone has nothing to protect: it learns at the head's rate. LP-FT fine-tunes a pretrained
+    # one from a fitted head at a lower rate (its checkpoint records the rate it trained at).
     train = t if info.pretrained else dataclasses.replace(t, backbone_lr_mult=1.0)
+    if t.mode == "lp_ft" and info.pretrained:
+        train = dataclasses.replace(train, lr=t.lr * t.lp_ft_lr_mult)
     model = Classifier(
         m,
         train,
@@ -257,8 +260,10 @@ def fit(
         train_labels=data.prepared.split("train")["label_index"].to_numpy(),
         pixel_dtype=str(data.prepared.images.dtype),
     )
-    if t.mode != "finetune":
+    if t.mode in FROZEN_MODES:
         return _fit_frozen(params, data, model, weights, out_dir, logger)
+    if t.mode == "lp_ft":
+        _linear_probe_first(data, model, weights, params, resume_from)
     made = callbacks_for(t, weights, out_dir, callbacks)
     checkpoint, latest, stopper = made.checkpoint, made.latest, made.stopper
     with tempfile.TemporaryDirectory(prefix="fit-") as scratch, _quiet_lightning():
@@ -284,6 +289,20 @@ def fit(
         weights=weights,
         last_metrics={k: float(v) for k, v in trainer.callback_metrics.items()},
     )
+
+
+def _linear_probe_first(
+    data: ImageDataModule, model: Classifier, weights: WeightsInfo, params: Params, resume_from: Path | None
+) -> None:
+    """LP-FT's first phase: the head fitted on the frozen features (``probe.fit_head``); fine-tuning, at the
+    lowered rate ``build_model`` set, starts from it. Skipped when resuming (the checkpoint holds the state)
+    and, with a warning, for a random backbone (there are no features worth keeping: plain fine-tuning)."""
+    if resume_from is not None:
+        return
+    if not weights.pretrained:
+        log.warning("train.mode=lp_ft on a randomly initialised backbone: fine-tuning as train.mode=finetune")
+        return
+    probe.fit_head(data, model, params.seed, params.train.accelerator)
 
 
 def _fit_frozen(

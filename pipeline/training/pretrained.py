@@ -91,6 +91,69 @@ def load_pretrained(
     return WeightsInfo(requested=weights, source=url, pretrained=True, sha256=digest)
 
 
+# A state dict file records no input size: torchvision's and most published ResNet weights were trained at this.
+ASSUMED_NATIVE = 224
+
+
+def native_size(
+    arch: str,
+    weights: str,
+    *,
+    require_pretrained: bool,
+    pretrain_weights: str = "none",
+    hub_dir: Path | None = None,
+    sha256: str | None = None,
+    tracking_uri: str = "sqlite:///mlflow.db",
+) -> int | None:
+    """The input side ``weights`` were trained at, or None when no pretrained weights will load (random init,
+    or the fallback when they cannot be obtained): what ``data.image_size: auto`` resolves to.
+
+    Downloadable weights are obtained here, into the cache training then reads, so that the size and the
+    weights training starts from are decided by the same attempt. ``pretrain_weights`` (``pretrain.weights``):
+    what the pretrain stage starts from, which decides the size it (and a run from it) trains at.
+    """
+    if weights == PRETRAIN:
+        return native_size(arch, pretrain_weights, require_pretrained=require_pretrained, hub_dir=hub_dir)
+    if weights == "none":
+        return None
+    if transfer.is_run_source(weights):
+        return transfer.trained_size(weights, tracking_uri=tracking_uri)
+    if weights in backbones.NAMED:
+        spec = backbones.spec(weights)
+        url, what, args, native = (
+            spec.url,
+            f"{weights} ({spec.named.enum})",
+            f"--weights {weights}",
+            spec.crop,
+        )
+    elif weights == "imagenet" or files.is_enum_name(weights):
+        url, what = files.imagenet_url(arch, weights), f"ImageNet weights for {arch}"
+        args = f"--arch {arch}" + ("" if weights == "imagenet" else f" --weights {weights}")
+        # torchvision's preprocessing: partial(ImageClassification, crop_size=224, resize_size=...)
+        native = getattr(files.weight_enum(arch, weights).transforms, "keywords", {}).get("crop_size")
+    else:  # a local state dict: loaded (and checked) by training; its size is not recorded anywhere
+        if not Path(weights).is_file():
+            raise files.WeightsError(f"model.weights: file '{weights}' not found")
+        log.warning(
+            "data.image_size auto: %s records no input size; %d px assumed (set data.image_size otherwise)",
+            weights,
+            ASSUMED_NATIVE,
+        )
+        return ASSUMED_NATIVE
+    obtained = _obtain(
+        url,
+        what,
+        args,
+        requested=weights,
+        require_pretrained=require_pretrained,
+        hub_dir=hub_dir,
+        sha256=sha256,
+    )
+    if isinstance(obtained, WeightsInfo):  # the random-init fallback
+        return None
+    return int(native or ASSUMED_NATIVE)
+
+
 def _obtain(
     url: str,
     what: str,

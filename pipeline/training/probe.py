@@ -1,4 +1,5 @@
-"""Frozen-feature training (``train.mode: linear_probe | knn``): the backbone is used, never trained.
+"""Frozen-feature training (``train.mode: linear_probe | knn``): the backbone is used, never trained; and
+the first phase of ``train.mode: lp_ft``, the same linear probe before fine-tuning (:func:`fit_head`).
 
 Each image's pooled backbone features are computed once (no augmentation: the same image gives the same
 features, so there is nothing to gain from a second pass) and kept in memory for the run. The linear
@@ -83,6 +84,35 @@ def fit_knn(model: Classifier, train: tuple[np.ndarray, np.ndarray], k: int) -> 
     model.use_knn_head(torch.from_numpy(features), torch.from_numpy(labels), k)
 
 
+def _features(
+    data: ImageDataModule, model: Classifier, accelerator: str = "cpu"
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Train and val features, on the GPU when training would use one (one forward pass per image; on a CPU
+    a real-sized set at 224 px would take hours); the model is back on the CPU afterwards, as it was."""
+    gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    model.to("cuda" if gpu else "cpu")
+    try:
+        split = {}
+        for name in ("train", "val"):
+            dataset = data.dataset(name)
+            split[name] = (pooled_features(model, dataset.images), np.asarray(dataset.labels))
+        return split
+    finally:
+        model.to("cpu")
+
+
+def _probe(model: Classifier, split: dict[str, tuple[np.ndarray, np.ndarray]], seed: int) -> None:
+    c = fit_linear_probe(model, split["train"], split["val"], seed)
+    log.info("linear probe: logistic regression C=%g on %d x %d features", c, *split["train"][0].shape)
+
+
+def fit_head(data: ImageDataModule, model: Classifier, seed: int, accelerator: str = "cpu") -> None:
+    """LP-FT's first phase (``train.mode: lp_ft``): ``model``'s linear head fitted, to convergence, on the frozen
+    backbone's features, as ``train.mode: linear_probe`` fits it; the backbone (BatchNorm statistics
+    included) is left exactly as it was, for fine-tuning to start from both."""
+    _probe(model, _features(data, model, accelerator), seed)
+
+
 def fit_frozen(
     params: Params,
     data: ImageDataModule,
@@ -102,13 +132,9 @@ def fit_frozen(
             t.mode,
         )
     L.seed_everything(params.seed, workers=True, verbose=False)
-    split = {}
-    for name in ("train", "val"):
-        dataset = data.dataset(name)
-        split[name] = (pooled_features(model, dataset.images), np.asarray(dataset.labels))
+    split = _features(data, model, t.accelerator)
     if t.mode == "linear_probe":
-        c = fit_linear_probe(model, split["train"], split["val"], params.seed)
-        log.info("linear probe: logistic regression C=%g on %d x %d features", c, *split["train"][0].shape)
+        _probe(model, split, params.seed)
     else:
         fit_knn(model, split["train"], t.knn_k)
     # One device: there is nothing to share out. validate logs val/* like a fine-tuning epoch does.

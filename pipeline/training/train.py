@@ -18,7 +18,7 @@ import numpy as np
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 
 from pipeline import augment, registry, serve, tracking
-from pipeline.config import Params, as_dict
+from pipeline.config import FROZEN_MODES, Params, as_dict
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.fsutil import atomic_dir
 from pipeline.runinfo import OOF_CSV, RUN_INFO, FoldScore, Preprocessing, Pretrained, RunInfo
@@ -92,7 +92,7 @@ def run_info(params: Params, prepared: Prepared, run_id: str, fitted: Fitted) ->
         folds=tuple(FoldScore(r.best_score, r.epochs_run) for r in results) if params.data.folds else (),
         checkpoint=params.train.checkpoint,
         # The frozen-feature modes fit a head without the training step's EMA (pipeline/probe.py).
-        ema_decay=(params.train.ema_decay or None) if params.train.mode == "finetune" else None,
+        ema_decay=(params.train.ema_decay or None) if params.train.mode not in FROZEN_MODES else None,
     )
 
 
@@ -106,11 +106,14 @@ def save_model(model_dir: Path, fitted: Fitted, info: RunInfo) -> None:
         info.write(staging)
 
 
-def _log_inputs(params: Params, tags: dict[str, str], tuned: dict[str, Any]) -> None:
-    """A new MLflow run's inputs, logged once (a resumed run already has them)."""
+def _log_inputs(params: Params, tags: dict[str, str], tuned: dict[str, Any], prepared: Prepared) -> None:
+    """A new MLflow run's inputs, logged once (a resumed run already has them); the image size as resolved
+    (``data.image_size`` may be auto) beside the params, and why."""
     paths = params.paths
     tracking.log_dataset(Path(paths.raw) / params.data.dataset, tags["data.version"])
     tracking.log_params(params)
+    mlflow.log_param("data.image_size_used", int(prepared.images.shape[1]))
+    mlflow.set_tag("data.image_size_reason", prepared.report.get("image_size_reason") or "not recorded")
     mlflow.log_dict(tuned, "best_params.json")
     mlflow.log_artifact(paths.augment_preview)
     mlflow.log_artifact(paths.augment_pipeline)
@@ -131,7 +134,7 @@ def train(params: Params, tuned: dict[str, Any], tags: dict[str, str] | None) ->
         this = active.info.run_id
         if run_id is None:
             run.resume.start(this)
-            _log_inputs(params, tags, tuned)
+            _log_inputs(params, tags, tuned, run.prepared)
         elif last is not None or params.data.folds:
             print(f"train: resuming MLflow run {run_id}" + (f" from {last}" if last else ""), flush=True)
         if params.data.folds:

@@ -185,24 +185,12 @@ def read_mlflow(uri: str, tracking_uri: str) -> Backbone:
     MLflow 3 logs it as a ``torch.export`` program by default, which keeps the tensors under their names but
     not the hyperparameters: the arch and classes come from the ``run.json`` the train stage logs on the run.
     """
-    import mlflow.artifacts
     from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
 
-    if uri.startswith("runs:/") and "/" not in uri.removeprefix("runs:/").strip("/"):
-        uri = f"{uri.rstrip('/')}/{LOGGED_MODEL}"
+    uri = _model_uri(uri)
     with tempfile.TemporaryDirectory(prefix="weights-") as tmp:
         try:
-            with _pointed_at(tracking_uri):
-                local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
-                run_id = Model.load(local).run_id
-                info = RunInfo.read(
-                    Path(
-                        mlflow.artifacts.download_artifacts(
-                            artifact_uri=f"runs:/{run_id}/{RUN_INFO}", dst_path=tmp
-                        )
-                    ).parent
-                )
+            local, run_id, info = _downloaded(uri, tracking_uri, tmp)
             module = _exported_program(Path(local), uri)
         except (MlflowException, OSError) as err:
             raise WeightsError(
@@ -210,6 +198,49 @@ def read_mlflow(uri: str, tracking_uri: str) -> Backbone:
             ) from err
     hparams = {"arch": info.arch, "class_names": info.classes} | dict(getattr(module, "hparams", {}))
     return _from_state(module.state_dict(), hparams, f"{uri} (run {run_id} in {tracking_uri})")
+
+
+def _model_uri(uri: str) -> str:
+    """``runs:/<id>`` names the model the train stage logged on that run."""
+    if uri.startswith("runs:/") and "/" not in uri.removeprefix("runs:/").strip("/"):
+        return f"{uri.rstrip('/')}/{LOGGED_MODEL}"
+    return uri
+
+
+def _downloaded(uri: str, tracking_uri: str, tmp: str) -> tuple[str, str, RunInfo]:
+    """The model at ``uri`` downloaded into ``tmp``, the run that logged it, and that run's ``run.json``."""
+    import mlflow.artifacts
+    from mlflow.models import Model
+
+    with _pointed_at(tracking_uri):
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        run_id = Model.load(local).run_id
+        found = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/{RUN_INFO}", dst_path=tmp)
+        return local, run_id, RunInfo.read(Path(found).parent)
+
+
+def trained_size(weights: str, *, tracking_uri: str) -> int:
+    """The image size the earlier run ``weights`` names was trained at (its ``run.json``), for
+    ``data.image_size: auto``."""
+    path = Path(weights)
+    if weights.startswith(URI_SCHEMES):
+        from mlflow.exceptions import MlflowException
+
+        uri = _model_uri(weights)
+        with tempfile.TemporaryDirectory(prefix="weights-") as tmp:
+            try:
+                return _downloaded(uri, store_uri(tracking_uri), tmp)[2].preprocessing.image_size
+            except (MlflowException, OSError) as err:
+                raise WeightsError(
+                    f"model.weights: {uri} could not be read from the MLflow store {tracking_uri}: {err}"
+                ) from err
+    folder = path if path.is_dir() else path.parent
+    if not (folder / RUN_INFO).is_file():
+        raise WeightsError(
+            f"model.weights: {weights}: no {RUN_INFO} beside it records the image size it was trained at "
+            "(data.image_size: auto); set data.image_size to that size"
+        )
+    return RunInfo.read(folder).preprocessing.image_size
 
 
 def resolve(weights: str, *, tracking_uri: str, sha256: str | None = None) -> Backbone:

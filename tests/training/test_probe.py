@@ -92,3 +92,49 @@ def test_predict_and_export_work_for_the_frozen_modes(
         probs = exported(pixels)
     np.testing.assert_allclose(probs.sum(1).numpy(), 1.0, atol=1e-5)
     assert [prepared.classes[i] for i in probs.argmax(1)] == list(table["predicted"])
+
+
+def test_lp_ft_fine_tunes_from_the_probed_head_bit_identically(
+    tiny_params, prepared, backbone_file, monkeypatch
+):
+    """LP-FT's second phase starts from exactly the head the first phase fitted (the linear_probe mode's head),
+    on the untouched pretrained backbone, at train.lr x train.lp_ft_lr_mult."""
+    from lightning.pytorch.callbacks import Callback
+
+    from pipeline.training import probe
+
+    state, path = backbone_file
+    probed, at_start = [], []
+    real = probe.fit_linear_probe
+
+    def recording(model, train, val, seed):
+        c = real(model, train, val, seed)
+        probed.append({k: v.clone() for k, v in model.net.fc.state_dict().items()})
+        return c
+
+    class AtStart(Callback):
+        def on_train_start(self, trainer, module):
+            at_start.append(({k: v.clone() for k, v in module.net.state_dict().items()}, module.hparams.lr))
+
+    monkeypatch.setattr(probe, "fit_linear_probe", recording)
+    params = frozen_params(tiny_params, path, "lp_ft", max_epochs=1, lp_ft_lr_mult=0.25)
+    result = fit(params, datamodule(params, prepared, None), callbacks=[AtStart()])
+    assert result.epochs_run == 1 and len(probed) == 1 and len(at_start) == 1
+    start, lr = at_start[0]
+    assert all(torch.equal(start[f"fc.{k}"], v) for k, v in probed[0].items())  # the head, bit-identical
+    assert all(torch.equal(start[k], v) for k, v in state.items() if not k.startswith("fc."))  # BN stats too
+    assert lr == params.train.lr * 0.25
+    # The first phase is the linear_probe mode's fit: the same head.
+    lp = frozen_params(tiny_params, path, "linear_probe")
+    fit(lp, datamodule(lp, prepared, None))
+    assert all(torch.equal(probed[1][k], v) for k, v in probed[0].items())
+
+
+def test_lp_ft_on_a_random_backbone_fine_tunes_as_finetune(tiny_params, prepared, caplog, monkeypatch):
+    from pipeline.training import probe
+
+    monkeypatch.setattr(probe, "fit_head", lambda *a, **k: pytest.fail("no probe on random features"))
+    params = config.with_overrides(tiny_params, {"train.mode": "lp_ft", "train.max_epochs": 1})
+    result = fit(params, datamodule(params, prepared, None))
+    assert result.epochs_run == 1 and not result.weights.pretrained
+    assert "lp_ft on a randomly initialised backbone" in caplog.text

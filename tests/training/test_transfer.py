@@ -14,7 +14,7 @@ from pipeline.runinfo import RUN_INFO
 from pipeline.training import transfer
 from pipeline.training.fit import build_model, datamodule, fit
 from pipeline.training.model import Classifier
-from pipeline.training.pretrained import load_pretrained
+from pipeline.training.pretrained import load_pretrained, native_size
 from pipeline.training.weights import WeightsError
 
 NEW_CLASSES = ("x", "y")  # the earlier run had three: alpha, beta, gamma
@@ -146,6 +146,18 @@ def test_runs_and_models_uris_resolve_against_the_store(earlier_run, logged_run,
     assert not tracking_uri_is_set() and tracking.ENV_URI not in os.environ  # MLflow left as it was
     with pytest.raises(WeightsError, match="models:/source/7 could not be loaded"):
         load_pretrained(net, "resnet18", "models:/source/7", require_pretrained=True, tracking_uri=uri)
+    # data.image_size: auto takes the size the run trained at from its run.json (32 px here)
+    for pointer in (f"runs:/{run_id}", "models:/source/1"):
+        assert native_size("resnet18", pointer, require_pretrained=True, tracking_uri=uri) == 32
+
+
+def test_auto_image_size_of_an_earlier_run_is_the_size_it_trained_at(earlier_run, tmp_path):
+    assert native_size("resnet18", str(earlier_run), require_pretrained=True) == 32
+    assert native_size("resnet18", str(earlier_run / "best.ckpt"), require_pretrained=True) == 32
+    alone = tmp_path / "best.ckpt"
+    alone.write_bytes((earlier_run / "best.ckpt").read_bytes())
+    with pytest.raises(WeightsError, match=r"no run\.json beside it"):
+        native_size("resnet18", str(alone), require_pretrained=True)
 
 
 def test_run_sources_are_told_from_other_weights(tmp_path):

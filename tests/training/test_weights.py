@@ -289,3 +289,35 @@ def test_a_url_is_refused_as_a_url_and_its_password_never_shown():
             net, "resnet18", "https://u:hunter2@example.org/w.pth", require_pretrained=False
         )
     assert "hunter2" not in str(err.value) and "https://u:***@example.org/w.pth" in str(err.value)
+
+
+# --- data.image_size: auto -----------------------------------------------------------------------------------
+
+
+def test_auto_image_size_is_224_for_imagenet_weights_that_load(served, tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "imagenet_url", lambda arch, name="imagenet": served)
+    size = pretrained.native_size("resnet18", "imagenet", require_pretrained=True, hub_dir=tmp_path / "hub")
+    assert size == 224
+    assert (tmp_path / "hub" / Path(served).name).is_file()  # obtained once, where training reads it
+    # the pretrain stage's size follows what pretraining starts from
+    assert (
+        pretrained.native_size(
+            "resnet18",
+            "pretrain",
+            require_pretrained=True,
+            hub_dir=tmp_path / "hub",
+            pretrain_weights="imagenet",
+        )
+        == 224
+    )
+    assert pretrained.native_size("resnet18", "pretrain", require_pretrained=False) is None
+
+
+def test_auto_image_size_is_none_when_imagenet_weights_fall_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        weights, "imagenet_url", lambda arch, name="imagenet": "http://127.0.0.1:9/resnet18-00000000.pth"
+    )
+    assert pretrained.native_size("resnet18", "imagenet", require_pretrained=False, hub_dir=tmp_path) is None
+    assert pretrained.native_size("resnet18", "none", require_pretrained=False) is None
+    with pytest.raises(weights.WeightsError, match="require_pretrained"):
+        pretrained.native_size("resnet18", "imagenet", require_pretrained=True, hub_dir=tmp_path)
