@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.data import readers, sources
+from pipeline.data.cache import cache_dtype, to_dtype
 from pipeline.errors import PipelineError
 from pipeline.evaluation.decision import Decision
 from pipeline.fsutil import atomic_file, not_replaceable
@@ -183,8 +184,8 @@ def predict(
                 rows[i]["error"] = str(err) or type(err).__name__
         if not read:
             continue
-        dtype = readers.cache_dtype({p.dtype for p in pixels})  # one batch, one dtype, as in the cache
-        x = np.stack([readers.to_dtype(p, dtype) for p in pixels]).transpose(0, 3, 1, 2)
+        dtype = cache_dtype({p.dtype for p in pixels})  # one batch, one dtype, as in the cache
+        x = np.stack([to_dtype(p, dtype) for p in pixels]).transpose(0, 3, 1, 2)
         probs = model(torch.from_numpy(np.ascontiguousarray(x)).to(device)).softmax(-1).cpu().numpy()
         predicted = probs.argmax(1) if decision is None else decision.predicted(probs)
         sets = None if decision is None else decision.sets(probs)

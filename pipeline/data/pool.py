@@ -43,7 +43,7 @@ import pandas as pd
 
 from pipeline.config import Data
 from pipeline.data import readers, shards, sources, validation
-from pipeline.data.cache import CacheWriter, Rows
+from pipeline.data.cache import CacheWriter, Rows, cache_dtype, to_dtype
 from pipeline.data.decoding import Settings, Validated
 from pipeline.data.ingest import MANIFEST_CSV, decode_into
 from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError, Prepared, load_prepared
@@ -188,7 +188,7 @@ def prepare_pool(
         table.loc[kept, "cache_index"] = np.arange(len(kept))
         table[list(COLUMNS)].to_csv(staging / POOL_CSV, index=False)
         report = _report(raw_dir, table, decoded, ignored, excluded, pixels, labelled, data)
-        if readers.cache_dtype({images_dtype, dtype}) != dtype:
+        if cache_dtype({images_dtype, dtype}) != dtype:
             report["warnings"].append(
                 f"pool images need {images_dtype}, the labelled cache is {dtype}: the pool is stored as {dtype} "
                 "(values rounded), as the model sees the labelled images"
@@ -200,10 +200,10 @@ def prepare_pool(
 
 
 def as_dtype(pixels: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """One image in ``dtype`` at the same place in [0, 1]: widened exactly (``readers.to_dtype``), or narrowed to the
+    """One image in ``dtype`` at the same place in [0, 1]: widened exactly (``to_dtype``), or narrowed to the
     nearest value (a 16-bit pool beside an 8-bit labelled set: stored as the model sees the labelled images)."""
-    if readers.cache_dtype({pixels.dtype, dtype}) == dtype:
-        return readers.to_dtype(pixels, dtype)
+    if cache_dtype({pixels.dtype, dtype}) == dtype:
+        return to_dtype(pixels, dtype)
     return np.rint(unit_range(pixels) * unit_max(dtype)).astype(dtype)
 
 
