@@ -302,7 +302,7 @@ def best_trial(runs: pd.DataFrame, metric: str) -> pd.Series | None:
 
 def load_model(project: Project):
     """The trained classifier (best checkpoint in ``paths.model_dir``), on the CPU, in eval mode."""
-    from pipeline.serve import load_trained
+    from pipeline.serve.shipped import load_trained
 
     return load_trained(project.path("model_dir")).model
 

@@ -43,7 +43,7 @@ def main(params: Params, args: argparse.Namespace) -> None:
     from pipeline.active import suggest as work
     from pipeline.data.pool import load_pool
     from pipeline.data.prepared import load_prepared
-    from pipeline.serve import load_trained
+    from pipeline.serve.shipped import load_trained
     from pipeline.training.model import Classifier
 
     paths = params.paths
