@@ -27,6 +27,7 @@ import pandas as pd
 from pipeline.config import Data
 from pipeline.data import decoding, shards, sources, splits, validation
 from pipeline.data.cache import CacheWriter
+from pipeline.data.layout import is_sharded
 from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError
 from pipeline.data.progress import progress
 from pipeline.data.readers import IMAGE_SUFFIXES, image_files
@@ -374,7 +375,7 @@ def ingest(
     each file whose bytes such a store holds, decoded with the same settings, from there.
     """
     data = dataclasses.replace(data or Data(), **fields)
-    files, ignored = (shards.scan(raw_dir), []) if shards.is_sharded(raw_dir) else scan(raw_dir)
+    files, ignored = (shards.scan(raw_dir), []) if is_sharded(raw_dir) else scan(raw_dir)
     excluded: list[str] = []
     exclude_warnings: list[str] = []
     if data.exclude is not None:

@@ -46,6 +46,7 @@ from pipeline.data import readers, shards, sources, validation
 from pipeline.data.cache import CacheWriter, Rows, cache_dtype, to_dtype
 from pipeline.data.decoding import Settings, Validated
 from pipeline.data.ingest import MANIFEST_CSV, decode_into
+from pipeline.data.layout import is_sharded
 from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError, Prepared, load_prepared
 from pipeline.data.readers import IMAGE_SUFFIXES
 from pipeline.fsutil import atomic_dir, write_json
@@ -104,7 +105,7 @@ def scan_pool(root: Path) -> tuple[pd.DataFrame, list[str]]:
     shard layout) and the non-image files ignored."""
     if not root.is_dir():
         raise DataError(f"{root}: unlabelled pool folder not found")
-    if shards.is_sharded(root):
+    if is_sharded(root):
         table = shards.scan(root, labelled=False)
         table["group"] = table["group"].fillna("") if "group" in table else ""
         return table, []
