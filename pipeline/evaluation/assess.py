@@ -17,11 +17,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from pipeline import augment, explain, registry, tracking
+from pipeline import augment, registry, tracking
 from pipeline.config import Params, Paths, flatten
 from pipeline.data.cache import Rows
 from pipeline.data.prepared import Prepared, load_prepared
-from pipeline.evaluation import audit, decision
+from pipeline.evaluation import audit, decision, explain
 from pipeline.evaluation import evaluate as evaluation
 from pipeline.evaluation.reporting import split_headline
 from pipeline.fsutil import atomic_dir, atomic_file, write_json
