@@ -73,7 +73,8 @@ from pipeline.active import acquisition
 from pipeline.active import suggest as work
 from pipeline.config import Params
 from pipeline.data.ingest import ingest
-from pipeline.data.pool import Pool, load_pool, prepare_pool
+from pipeline.data.pool import prepare_pool
+from pipeline.data.pooled import Pool, load_pool
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.errors import PipelineError
 from pipeline.evaluation.evaluate import evaluate

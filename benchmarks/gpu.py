@@ -39,10 +39,11 @@ import torch
 from torch.nn import functional as F
 
 from benchmarks.speed import PLAIN_RECIPE, EpochClock, emit
-from pipeline import config, demo, serve
+from pipeline import config, demo
 from pipeline.config import Params
 from pipeline.data.ingest import ingest
 from pipeline.data.prepared import load_prepared
+from pipeline.serve import export, predict, shipped
 from pipeline.training.fit import datamodule, fit
 from pipeline.training.model import Classifier
 
@@ -258,19 +259,19 @@ def agreement(reference: np.ndarray, other: np.ndarray) -> dict:
 def serving(model_dir: Path, images: list[Path], device: str, store: str | None = None) -> dict:
     """The shipped model on ``device`` against the CPU: predict, both exports and (``store``: the MLflow tracking
     URI holding it) the registered model. One entry per path, each ``agreement`` or an error."""
-    trained = serve.load_trained(model_dir)
-    cpu = serve.predict(trained, images, device="cpu")
-    on = serve.predict(serve.load_trained(model_dir), images, device=device)
+    trained = shipped.load_trained(model_dir)
+    cpu = predict.predict(trained, images, device="cpu")
+    on = predict.predict(shipped.load_trained(model_dir), images, device=device)
     probs = [c for c in cpu.columns if c.startswith("prob_")]
     out = {"images": len(images), "predict": agreement(cpu[probs].to_numpy(), on[probs].to_numpy())}
     pixels = np.stack(
-        [serve.read_image(p, trained) for p in images]
+        [predict.read_image(p, trained) for p in images]
     )  # (N, H, W, C), as the exports take them
     reference = cpu[probs].to_numpy()
     with tempfile.TemporaryDirectory(prefix="gpu-serving-") as tmp:
         for fmt in ("torchscript", "onnx"):
             try:
-                path = serve.export(
+                path = export.export(
                     trained, fmt, Path(tmp) / f"model.{'pt' if fmt == 'torchscript' else 'onnx'}"
                 )
                 out[fmt] = _run_export(fmt, path, pixels, device) | {}
@@ -288,7 +289,7 @@ def serving(model_dir: Path, images: list[Path], device: str, store: str | None 
 def _run_export(fmt: str, path: Path, pixels: np.ndarray, device: str) -> dict:
     if fmt == "torchscript":
         module = torch.jit.load(str(path), map_location=device)
-        # TorchScript takes (N, C, H, W) like predict (serve.Packaged)
+        # TorchScript takes (N, C, H, W) like predict (shipped.Packaged)
         x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))).to(device)
         with torch.no_grad():
             return {"probs": module(x).float().cpu().numpy(), "device": device}
@@ -302,7 +303,7 @@ def _run_export(fmt: str, path: Path, pixels: np.ndarray, device: str) -> dict:
     return {"probs": probs, "provider": provider}
 
 
-def _registered(store: str, trained: serve.Trained, pixels: np.ndarray, device: str) -> np.ndarray:
+def _registered(store: str, trained: shipped.Trained, pixels: np.ndarray, device: str) -> np.ndarray:
     """The registered model's last version (the one train logged), loaded from ``store`` onto ``device``."""
     import mlflow
     import mlflow.pytorch

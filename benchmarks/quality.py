@@ -49,7 +49,8 @@ from benchmarks.speed import PLAIN_RECIPE
 from pipeline import augment, config
 from pipeline.config import Params
 from pipeline.data.ingest import ingest
-from pipeline.data.pool import load_pool, prepare_pool
+from pipeline.data.pool import prepare_pool
+from pipeline.data.pooled import load_pool
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.errors import PipelineError
 from pipeline.evaluation.evaluate import evaluate

@@ -37,7 +37,9 @@ COMMANDS = {
     "tune": Command("pipeline.stages.tune", "[--worker]", "DVC stage: the Optuna study (--worker: join it)"),
     "train": Command("pipeline.stages.train", "", "DVC stage: fine-tune with the tuned params"),
     "evaluate": Command("pipeline.stages.evaluate", "", "DVC stage: test metrics, plots and the report"),
-    "summary": Command("pipeline.summary", "", "whether every stage is up to date, where the results are"),
+    "summary": Command(
+        "pipeline.stages.summary", "", "whether every stage is up to date, where the results are"
+    ),
     "intake": Command(
         "pipeline.stages.intake",
         "SRC [--name NAME] [--domain DOMAIN] [--layout {auto,folder,shards}] [--unlabelled | --add]",

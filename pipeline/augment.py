@@ -1,4 +1,5 @@
-"""Training augmentation: domain presets and params entries built with albumentations, saved, previewed.
+"""Training augmentation: domain presets and params entries built with albumentations, saved (previewed by
+``display.augment_preview``).
 
 The augment stage serializes the pipeline; train and tune load that file rather than rebuilding it
 from params, so what was previewed is exactly what trains. The same module builds the deterministic
@@ -20,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.config import Preset
-from pipeline.display import image_grid
 from pipeline.errors import PipelineError
 from pipeline.pixels import unit_max
 
@@ -297,25 +297,6 @@ def write_offline_copies(
                 writer.append(pipeline(image=np.asarray(image))["image"])
         writer.finish()  # trims and closes the file; the memory map it returns is not needed
     return len(labels_out)
-
-
-def preview(
-    pipeline: A.BasicTransform, images: np.ndarray, labels: Sequence[str], draws: int, path: Path
-) -> None:
-    """Save a grid: each row one training image (first column as is) followed by ``draws`` augmented copies."""
-    cells = [
-        cell for image in images for cell in [image] + [pipeline(image=image)["image"] for _ in range(draws)]
-    ]
-    fig = image_grid(
-        cells,
-        ["original"] + [f"draw {c}" for c in range(1, draws + 1)],
-        ncols=draws + 1,
-        cell=(1.6, 1.7),
-        title_size=8,
-        row_labels=list(labels),
-        framed=True,
-    )
-    fig.savefig(path, dpi=72)
 
 
 def strong_transform(weak: A.BasicTransform | None, operations: int = 2) -> A.Compose:

@@ -659,7 +659,7 @@ class Evaluate:
         default=2,
         ge=0,
         le=10,
-        description="Grad-CAM panel (pipeline/explain.py): the most confident correct and the most "
+        description="Grad-CAM panel (pipeline/evaluation/explain.py): the most confident correct and the most "
         "confident wrong test images per true class, this many of each; 0 turns it off.",
     )
     tta: tuple[str | dict[str, Any], ...] = Field(

@@ -2,13 +2,15 @@
 
 The rule for N bands: three or more show bands 1-3 as RGB (satellite sets put red, green, blue first);
 one or two show band 1 in gray. Previews, sample grids, the label audit and Grad-CAM panels all use it,
-through the one grid renderer, :func:`image_grid`.
+through the one grid renderer, :func:`image_grid`. The augment stage's preview is drawn here
+(:func:`augment_preview`), so that train and tune, which load the augmentation pipeline, import no drawing.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,6 +18,7 @@ import numpy as np
 from pipeline.pixels import unit_range
 
 if TYPE_CHECKING:
+    import albumentations as A
     from matplotlib.figure import Figure
 
 
@@ -84,3 +87,23 @@ def image_grid(
         fig.suptitle(suptitle, fontsize=suptitle_size)
     fig.tight_layout()
     return fig
+
+
+def augment_preview(
+    pipeline: A.BasicTransform, images: np.ndarray, labels: Sequence[str], draws: int, path: Path
+) -> None:
+    """The augment stage's preview: a grid, each row one training image (first column as is) followed by ``draws``
+    copies drawn by ``pipeline`` (an albumentations pipeline)."""
+    cells = [
+        cell for image in images for cell in [image] + [pipeline(image=image)["image"] for _ in range(draws)]
+    ]
+    fig = image_grid(
+        cells,
+        ["original"] + [f"draw {c}" for c in range(1, draws + 1)],
+        ncols=draws + 1,
+        cell=(1.6, 1.7),
+        title_size=8,
+        row_labels=list(labels),
+        framed=True,
+    )
+    fig.savefig(path, dpi=72)

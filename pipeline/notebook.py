@@ -302,7 +302,7 @@ def best_trial(runs: pd.DataFrame, metric: str) -> pd.Series | None:
 
 def load_model(project: Project):
     """The trained classifier (best checkpoint in ``paths.model_dir``), on the CPU, in eval mode."""
-    from pipeline.serve import load_trained
+    from pipeline.serve.shipped import load_trained
 
     return load_trained(project.path("model_dir")).model
 
@@ -351,9 +351,9 @@ def mistakes_grid(mistakes: pd.DataFrame, data: Prepared, n: int = 18, ncols: in
 
 
 def mistakes_gradcam(model, mistakes: pd.DataFrame, data: Prepared, n: int = 8) -> bytes:
-    """PNG of the first ``n`` mistakes, each with two Grad-CAM maps (``pipeline.explain``): where the
+    """PNG of the first ``n`` mistakes, each with two Grad-CAM maps (``pipeline.evaluation.explain``): where the
     model found evidence for the class it predicted, and for the actual class."""
-    from pipeline import explain
+    from pipeline.evaluation import explain
 
     shown = mistakes.head(n)
     images = data.images[shown["cache_index"].to_numpy()]

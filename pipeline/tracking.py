@@ -22,7 +22,7 @@ import yaml
 
 from pipeline.config import Params, Tracking, as_dict, flatten
 from pipeline.credentials import redact
-from pipeline.data import shards
+from pipeline.data.layout import SHARDS_CSV
 from pipeline.environ import environ
 from pipeline.errors import PipelineError, database_advice, database_error
 
@@ -193,7 +193,7 @@ def data_version(raw_dir: Path, lock_file: Path = Path("dvc.lock")) -> str:
     A set in the shard layout: ``md5:`` and the md5 of its manifest, which names every file's sha256, label
     and place in a shard (ingest checks the shards against it), so it identifies the set's content.
     """
-    if (manifest := raw_dir / shards.SHARDS_CSV).is_file():
+    if (manifest := raw_dir / SHARDS_CSV).is_file():
         return "md5:" + hashlib.md5(manifest.read_bytes()).hexdigest()
     dvc_file = raw_dir.with_name(raw_dir.name + ".dvc")
     entries = []

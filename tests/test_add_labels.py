@@ -17,7 +17,7 @@ from pipeline.active import loop
 from pipeline.data import rounds
 from pipeline.data.ingest import ingest
 from pipeline.data.intake import IntakeError
-from pipeline.data.pool import KEPT, POOL_CSV
+from pipeline.data.pooled import KEPT, POOL_CSV
 from pipeline.data.prepared import REPORT_JSON, SPLITS_CSV, load_prepared
 from pipeline.evaluation import rounds as curve
 from pipeline.stages import evaluate as evaluate_stage

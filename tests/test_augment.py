@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import augment
+from pipeline import augment, display
 
 SPEC = [
     {"name": "HorizontalFlip", "p": 0.5},
@@ -56,7 +56,7 @@ def test_bad_entries_are_named(entry, words):
 
 def test_preview_is_written_and_seeded(images, tmp_path):
     for name in ("a.png", "b.png"):
-        augment.preview(augment.build(SPEC, seed=5), images, ["x", "y", "x", "y"], 3, tmp_path / name)
+        display.augment_preview(augment.build(SPEC, seed=5), images, ["x", "y", "x", "y"], 3, tmp_path / name)
     with Image.open(tmp_path / "a.png") as a, Image.open(tmp_path / "b.png") as b:
         assert a.size[0] > 200 and np.array_equal(np.asarray(a), np.asarray(b))
 
@@ -148,7 +148,7 @@ def test_a_preset_pipeline_round_trips_with_its_dtype_conversion(tmp_path):
 
 def test_preview_of_sixteen_bit_n_band_images(tmp_path):
     images = np.random.default_rng(0).integers(0, 65536, (2, 24, 24, 13)).astype(np.uint16)
-    augment.preview(
+    display.augment_preview(
         augment.build([], seed=0, preset="satellite", dtype="uint16"),
         images,
         ["a", "b"],

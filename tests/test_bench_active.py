@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from benchmarks import active
-from pipeline.data.pool import Pool
+from pipeline.data.pooled import Pool
 from pipeline.data.prepared import Prepared
 
 

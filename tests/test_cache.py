@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 
 from pipeline.data import cache as cache_module
-from pipeline.data.cache import CacheWriter
-from pipeline.data.readers import cache_dtype, to_dtype
+from pipeline.data.cache import CacheWriter, cache_dtype, to_dtype
+
+
+def test_cache_dtype_is_the_widest_and_keeps_unit_positions():
+    assert cache_dtype({np.dtype(np.uint8), np.dtype(np.uint16)}) == np.uint16
+    assert cache_dtype({np.dtype(np.uint8), np.dtype(np.float32)}) == np.float32
+    assert to_dtype(np.array([255], np.uint8), np.dtype(np.uint16))[0] == 65535
+    assert to_dtype(np.array([65535], np.uint16), np.dtype(np.float32))[0] == 1.0
 
 
 def test_rows_are_widened_and_trimmed_like_a_stack_of_the_widest_dtype(tmp_path, monkeypatch):

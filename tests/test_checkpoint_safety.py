@@ -12,7 +12,7 @@ import tomllib
 import torch
 from packaging.requirements import Requirement
 
-from pipeline import serve
+from pipeline.serve import shipped
 from pipeline.training.model import Classifier
 from tests.conftest import run_info
 
@@ -42,7 +42,7 @@ def test_predict_refuses_a_checkpoint_that_would_run_code(tmp_path, monkeypatch)
     checkpoint, marker = malicious_checkpoint(tmp_path / "models")
     run_info(classes=("a", "b")).write(tmp_path / "models")
     with pytest.raises(Exception, match="Weights only load failed"):
-        serve.load_trained(tmp_path / "models")
+        shipped.load_trained(tmp_path / "models")
     with pytest.raises(Exception, match="Weights only load failed"):
         Classifier.load_from_checkpoint(checkpoint, map_location="cpu")  # the evaluate and train stages' load
     assert not marker.exists()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import explain
+from pipeline.evaluation import explain
 from pipeline.training.model import Classifier
 
 SIZE, HALF = 64, 32  # at 64 px layer4 is 2x2: one cell per quadrant
@@ -89,7 +89,7 @@ def test_grad_cam_puts_the_heat_on_the_bright_square_and_the_other_class_elsewhe
 
 def test_a_32px_map_cannot_localise_and_says_so(model, caplog):
     images = np.zeros((1, 32, 32, 3), dtype=np.uint8)
-    with caplog.at_level("WARNING", logger="pipeline.explain"):
+    with caplog.at_level("WARNING", logger="pipeline.evaluation.explain"):
         explain.grad_cam(model, images, layer="layer4")
     assert "single cell" in caplog.text
     with pytest.raises(ValueError, match=r"\(N, H, W, C\)"):
@@ -169,13 +169,13 @@ def test_a_map_coarser_than_4x4_is_named_and_the_panel_uses_a_finer_layer(model,
     ]
     assert explain.describe(64, "layer3") == "layer3: a 4x4 map, one cell per 16x16 px, drawn smoothed"
     images, _ = squares(2)  # 64 px: layer4 is 2x2
-    with caplog.at_level("WARNING", logger="pipeline.explain"):
+    with caplog.at_level("WARNING", logger="pipeline.evaluation.explain"):
         explain.grad_cam(model, images, layer="layer4")
     assert (
         "layer4 (layer4: a 2x2 map, one cell per 32x32 px, drawn smoothed) is coarser than 4x4" in caplog.text
     )
     caplog.clear()
-    with caplog.at_level("WARNING", logger="pipeline.explain"):
+    with caplog.at_level("WARNING", logger="pipeline.evaluation.explain"):
         maps = explain.grad_cam(model, images, layer="layer3")
     assert caplog.text == "" and maps.shape == (2, SIZE, SIZE)
 

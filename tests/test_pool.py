@@ -15,16 +15,8 @@ from pipeline.__main__ import main as cli
 from pipeline.data.datamodule import UnlabelledDataset
 from pipeline.data.ingest import ingest
 from pipeline.data.intake import group_hash
-from pipeline.data.pool import (
-    CACHE_NPY,
-    EXCLUDED,
-    KEPT,
-    POOL_CSV,
-    UNREADABLE,
-    load_pool,
-    pool_selected,
-    prepare_pool,
-)
+from pipeline.data.pool import CACHE_NPY, prepare_pool
+from pipeline.data.pooled import EXCLUDED, KEPT, POOL_CSV, UNREADABLE, load_pool, pool_selected
 from pipeline.data.prepared import SPLITS_CSV, DataError
 from tests.conftest import write_class_folders
 from tests.test_ingest import tree_digest
@@ -421,7 +413,7 @@ def test_a_16_bit_pool_beside_an_8_bit_set_is_stored_as_the_set_is(labelled, tmp
 
 
 def test_pretraining_rows_are_the_train_split_then_the_pool(labelled, tmp_path):
-    from pipeline.data.pool import unlabelled_rows
+    from pipeline.data.pooled import unlabelled_rows
     from pipeline.data.prepared import load_prepared
 
     prepared_dir, splits = labelled

@@ -136,10 +136,3 @@ def test_unreadable_files_say_why(tmp_path):
     ) as from_bytes:  # a shard member: named, not '<_io.BytesIO ...>'
         readers.read_bytes(b"not a jpeg", str(tmp_path / "junk.jpg"))
     assert str(from_bytes.value) == str(from_file.value) and "junk.jpg" in str(from_file.value)
-
-
-def test_cache_dtype_is_the_widest_and_keeps_unit_positions():
-    assert readers.cache_dtype({np.dtype(np.uint8), np.dtype(np.uint16)}) == np.uint16
-    assert readers.cache_dtype({np.dtype(np.uint8), np.dtype(np.float32)}) == np.float32
-    assert readers.to_dtype(np.array([255], np.uint8), np.dtype(np.uint16))[0] == 65535
-    assert readers.to_dtype(np.array([65535], np.uint16), np.dtype(np.float32))[0] == 1.0

@@ -12,11 +12,12 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import config, serve, tracking
+from pipeline import config, tracking
 from pipeline.__main__ import main
 from pipeline.data.ingest import ingest
 from pipeline.data.prepared import load_prepared
 from pipeline.runinfo import Preprocessing
+from pipeline.serve import export, predict, shipped
 from pipeline.training.fit import datamodule, fit
 from pipeline.training.model import Classifier
 from tests.conftest import CLASSES, run_info, write_class_folders
@@ -123,15 +124,15 @@ def exported_inputs(project: Path) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_exported_model_equals_the_lightning_model(project, model, fmt, tmp_path):
-    out = tmp_path / f"m{serve.SUFFIX[fmt]}"
+    out = tmp_path / f"m{export.SUFFIX[fmt]}"
     assert cli(project, "export", "--format", fmt, "--out", str(out)) == 0
     files, cached = exported_inputs(project)
     with torch.no_grad():
         expected = model(torch.from_numpy(cached.transpose(0, 3, 1, 2).copy())).softmax(-1).numpy()
     if fmt == "torchscript":
-        extra = {serve.CLASS_NAMES_FILE: ""}
+        extra = {export.CLASS_NAMES_FILE: ""}
         loaded = torch.jit.load(str(out), _extra_files=extra)
-        assert loaded.class_names == list(CLASSES) and json.loads(extra[serve.CLASS_NAMES_FILE]) == list(
+        assert loaded.class_names == list(CLASSES) and json.loads(extra[export.CLASS_NAMES_FILE]) == list(
             CLASSES
         )
         run = lambda x: loaded(torch.from_numpy(np.ascontiguousarray(x))).detach().numpy()  # noqa: E731
@@ -169,14 +170,14 @@ def _probabilities(model: Classifier, cached: np.ndarray) -> np.ndarray:
 def test_the_logged_model_gives_the_checkpoints_probabilities_alone_and_in_a_batch(
     project, model, tmp_path, monkeypatch
 ):
-    """What the train stage logs and registers (serve.log_model over load_trained), loaded back by name."""
+    """What the train stage logs and registers (shipped.log_model over load_trained), loaded back by name."""
     monkeypatch.chdir(tmp_path)
     previous = mlflow.get_tracking_uri()
     try:
         tracking.setup(config.Tracking(tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment="e"))
-        trained = serve.load_trained(project / "models")
+        trained = shipped.load_trained(project / "models")
         with mlflow.start_run() as run:
-            assert serve.log_model(trained, registered_model="tiny-classifier") == "1"  # the new version
+            assert shipped.log_model(trained, registered_model="tiny-classifier") == "1"  # the new version
         (version,) = mlflow.MlflowClient().search_model_versions("name='tiny-classifier'")
         assert int(version.version) == 1 and version.run_id == run.info.run_id
         latest = mlflow.pyfunc.load_model("models:/tiny-classifier/latest")
@@ -192,7 +193,7 @@ def test_the_logged_model_gives_the_checkpoints_probabilities_alone_and_in_a_bat
 
 
 @pytest.fixture(scope="module", params=[1, 5])  # 3 bands: the project fixture's model
-def banded(request, tmp_path_factory) -> tuple[serve.Trained, np.ndarray, list[Path]]:
+def banded(request, tmp_path_factory) -> tuple[shipped.Trained, np.ndarray, list[Path]]:
     """A tiny model on 1- or 5-band TIFFs kept as stored (data.channels: keep), with its cache and files."""
     import tifffile
 
@@ -211,7 +212,7 @@ def banded(request, tmp_path_factory) -> tuple[serve.Trained, np.ndarray, list[P
     train_tiny(root, prepared, "keep", "r1")
     rows = prepared.table.iloc[:4]
     return (
-        serve.load_trained(root / "models"),
+        shipped.load_trained(root / "models"),
         np.asarray(prepared.images[rows["cache_index"].to_numpy()]),
         [Path(p) for p in rows["path"]],
     )
@@ -225,8 +226,8 @@ def test_exports_of_1_3_and_n_band_models_equal_predict_and_reject_other_layouts
 
     trained, cached, files = banded
     bands = trained.in_channels
-    expected = serve.predict(trained, files)[[f"prob_{c}" for c in trained.classes]].to_numpy(float)
-    out = serve.export(trained, fmt, tmp_path / f"m{serve.SUFFIX[fmt]}")
+    expected = predict.predict(trained, files)[[f"prob_{c}" for c in trained.classes]].to_numpy(float)
+    out = export.export(trained, fmt, tmp_path / f"m{export.SUFFIX[fmt]}")
     if fmt == "torchscript":
         extra = {"metadata.json": ""}
         loaded = torch.jit.load(str(out), _extra_files=extra)
@@ -252,7 +253,7 @@ def test_an_rgb_model_takes_a_gray_batch_as_ingest_does(project, model, tmp_path
     _, cached = exported_inputs(project)
     gray = cached[..., :1]
     expected = _probabilities(model, np.repeat(gray, 3, axis=-1))
-    out = serve.export(serve.load_trained(project / "models"), "torchscript", tmp_path / "m.pt")
+    out = export.export(shipped.load_trained(project / "models"), "torchscript", tmp_path / "m.pt")
     loaded = torch.jit.load(str(out))
     for x in (gray, gray.transpose(0, 3, 1, 2), gray[..., 0]):
         with torch.no_grad():
@@ -274,8 +275,8 @@ def test_an_rgb_model_takes_a_gray_batch_as_ingest_does(project, model, tmp_path
 
 def test_gray_is_refused_where_it_means_nothing(banded, tmp_path):
     trained = banded[0]
-    with pytest.raises(serve.ServeError, match=r"--gray: only an ONNX export of an RGB model"):
-        serve.export(trained, "onnx", tmp_path / "m.onnx", gray=True)
+    with pytest.raises(shipped.ServeError, match=r"--gray: only an ONNX export of an RGB model"):
+        export.export(trained, "onnx", tmp_path / "m.onnx", gray=True)
     assert not (tmp_path / "m.onnx").exists()
 
 

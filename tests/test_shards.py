@@ -14,6 +14,7 @@ from pipeline.config import Data
 from pipeline.data import decoding, readers, shards
 from pipeline.data.ingest import CACHE_NPY, REPORT_JSON, SPLITS_CSV, ingest
 from pipeline.data.intake import intake
+from pipeline.data.layout import SHARDS_CSV, SHARDS_DIR, is_sharded
 from pipeline.data.prepared import DataError
 from tests.conftest import write_class_folders
 from tests.test_ingest import manifest_set
@@ -41,14 +42,14 @@ def test_folder_and_shard_layouts_give_the_same_prepared_cache(source, tmp_path,
         else manifest_set(tmp_path / "src", n_groups=6, per_group=2, split=True)
     )
     folder, sharded = take_in(src, tmp_path / "a", "folder"), take_in(src, tmp_path / "b", "shards")
-    assert not shards.is_sharded(folder / "set") and shards.is_sharded(sharded / "set")
-    assert sorted(p.name for p in (sharded / "set").iterdir()) == [shards.SHARDS_DIR, shards.SHARDS_CSV]
-    manifest = pd.read_csv(sharded / "set" / shards.SHARDS_CSV)
+    assert not is_sharded(folder / "set") and is_sharded(sharded / "set")
+    assert sorted(p.name for p in (sharded / "set").iterdir()) == [SHARDS_DIR, SHARDS_CSV]
+    manifest = pd.read_csv(sharded / "set" / SHARDS_CSV)
     assert len(manifest) == (18 if source == "folders" else 12)
-    assert len(list((sharded / "set" / shards.SHARDS_DIR).iterdir())) == -(-len(manifest) // 5)  # 5 a shard
+    assert len(list((sharded / "set" / SHARDS_DIR).iterdir())) == -(-len(manifest) // 5)  # 5 a shard
     if source == "manifest":  # the user's split and group columns kept (the group hashed, as in the folder)
         assert {"split", "group"} <= set(manifest.columns)
-    with tarfile.open(sharded / "set" / shards.SHARDS_DIR / manifest["shard"].iat[0]) as tar:
+    with tarfile.open(sharded / "set" / SHARDS_DIR / manifest["shard"].iat[0]) as tar:
         first = tar.getmembers()[0]
         assert (first.name, first.offset_data, first.size) == tuple(
             manifest.loc[0, ["path", "offset", "size"]]
@@ -80,9 +81,9 @@ def test_ingest_of_shards_takes_intake_s_decodes(tmp_path, small_shards, monkeyp
 def test_a_corrupt_truncated_or_missing_shard_is_an_error_naming_it(tmp_path, small_shards):
     src = write_class_folders(tmp_path / "src", per_class=4, size=16)
     root = take_in(src, tmp_path, "shards") / "set"
-    manifest = pd.read_csv(root / shards.SHARDS_CSV)
+    manifest = pd.read_csv(root / SHARDS_CSV)
     row = manifest.iloc[6]
-    shard = root / shards.SHARDS_DIR / row["shard"]
+    shard = root / SHARDS_DIR / row["shard"]
     data = bytearray(shard.read_bytes())
     data[row["offset"] + 40] ^= 0xFF  # one byte of a member's content
     shard.write_bytes(bytes(data))
@@ -146,26 +147,24 @@ def test_shards_round_trip_through_a_dvc_remote_and_changes_rerun_ingest(
     clone = tmp_path / "clone"
     git("clone", "-q", str(repo), str(clone), cwd=tmp_path)
     dvc("pull", cwd=clone)
-    for shard in (target / shards.SHARDS_DIR).iterdir():
-        assert (
-            clone / "data" / "raw" / "big" / shards.SHARDS_DIR / shard.name
-        ).read_bytes() == shard.read_bytes()
+    for shard in (target / SHARDS_DIR).iterdir():
+        assert (clone / "data" / "raw" / "big" / SHARDS_DIR / shard.name).read_bytes() == shard.read_bytes()
 
-    manifest = target / shards.SHARDS_CSV
+    manifest = target / SHARDS_CSV
     manifest.write_text(manifest.read_text().replace("alpha/alpha_00.png,alpha", "alpha/alpha_00.png,beta"))
     assert "modified:           data/raw/big" in dvc("status", "ingest", cwd=repo)
     git("checkout", "--", str(manifest), cwd=repo)
     assert "up to date" in dvc("status", "ingest", cwd=repo)
-    with open(next((target / shards.SHARDS_DIR).iterdir()), "ab") as shard:
+    with open(next((target / SHARDS_DIR).iterdir()), "ab") as shard:
         shard.write(b"\0" * 512)
     assert "modified:           data/raw/big" in dvc("status", "ingest", cwd=repo)
 
 
 def test_intake_auto_layout_keeps_small_sets_as_folders(tmp_path, monkeypatch):
     src = write_class_folders(tmp_path / "src", per_class=4, size=16)
-    assert not shards.is_sharded(take_in(src, tmp_path / "small", "auto") / "set")
+    assert not is_sharded(take_in(src, tmp_path / "small", "auto") / "set")
     monkeypatch.setattr(shards, "AUTO_MIN_FILES", 12)
-    assert shards.is_sharded(take_in(src, tmp_path / "large", "auto") / "set")
+    assert is_sharded(take_in(src, tmp_path / "large", "auto") / "set")
 
 
 def test_data_exclude_names_members_by_their_path_in_the_set_or_in_splits_csv(tmp_path, small_shards):
@@ -195,7 +194,7 @@ def test_members_with_long_or_non_ascii_names_are_found_at_their_offsets(tmp_pat
     shards.pack(files, tmp_path / "set", pd.DataFrame({"label": ["a", "b", "c"]}), per_shard=2)
     table = shards.scan(tmp_path / "set")
     assert [shards.read(m) for m in shards.members(table)] == [f.read_bytes() for _, f in files]
-    with tarfile.open(tmp_path / "set" / shards.SHARDS_DIR / "shard-00000.tar") as tar:
+    with tarfile.open(tmp_path / "set" / SHARDS_DIR / "shard-00000.tar") as tar:
         assert tar.getnames() == names[:2]
 
 
@@ -206,7 +205,7 @@ def test_a_sharded_intake_packs_what_the_copy_holds_and_a_failed_one_leaves_no_t
     write_patient_slices(scans, n_patients=3)
     folder, sharded = take_in(scans, tmp_path / "a", "folder"), take_in(scans, tmp_path / "b", "shards")
     copy = pd.read_csv(folder / "set" / "manifest.csv", dtype=str)  # DICOM groups, hashed, in the copy
-    manifest = pd.read_csv(sharded / "set" / shards.SHARDS_CSV, dtype=str)
+    manifest = pd.read_csv(sharded / "set" / SHARDS_CSV, dtype=str)
     assert manifest[["path", "label", "group"]].equals(copy)
     for row in manifest.itertuples():  # each member is the source file's bytes
         assert (

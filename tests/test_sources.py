@@ -12,13 +12,13 @@ import pytest
 import tifffile
 from PIL import Image
 
-from pipeline import serve
 from pipeline.__main__ import main as cli
 from pipeline.config import Data
 from pipeline.data import readers, sources
 from pipeline.data.ingest import ingest
 from pipeline.data.intake import intake
 from pipeline.data.prepared import DataError
+from pipeline.serve import predict
 from tests.conftest import write_class_folders
 
 REPO_PARAMS = Path(__file__).parents[1] / "params.yaml"
@@ -67,7 +67,7 @@ def test_links_out_of_the_set_are_refused_by_intake_ingest_and_predict(
     with pytest.raises(sources.UnsafePath, match="outside the source folder"):
         ingest(src, tmp_path / "prepared", seed=0, data=DATA)
     with pytest.raises(sources.UnsafePath, match="outside the source folder"):
-        serve.list_images(src)
+        predict.list_images(src)
 
 
 def test_manifest_rows_naming_files_outside_its_folder_are_refused(project, tmp_path, outside, capsys):
@@ -78,7 +78,7 @@ def test_manifest_rows_naming_files_outside_its_folder_are_refused(project, tmp_
     line = one_error_line(capsys, cli(["intake", str(src / "list.csv"), "--name", "mine"]))
     assert "outside the source folder" in line
     with pytest.raises(sources.UnsafePath):
-        serve.list_images(src / "list.csv")
+        predict.list_images(src / "list.csv")
 
 
 def test_links_inside_the_set_are_followed(tmp_path):
@@ -86,7 +86,7 @@ def test_links_inside_the_set_are_followed(tmp_path):
     (src / "alpha" / "linked.png").symlink_to(src / "alpha" / "alpha_00.png")
     (src / "beta" / "more").symlink_to(src / "gamma")  # a folder link that stays inside: followed
     assert src / "beta" / "more" / "gamma_00.png" in sources.listing(src)
-    assert src / "alpha" / "linked.png" in serve.list_images(src)
+    assert src / "alpha" / "linked.png" in predict.list_images(src)
 
 
 @pytest.mark.parametrize("suffix", [".png", ".tif", ".dcm", ".npy"])

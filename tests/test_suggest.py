@@ -13,7 +13,8 @@ from PIL import Image
 from pipeline import augment, config, tracking
 from pipeline.active import suggest as work
 from pipeline.data.ingest import ingest
-from pipeline.data.pool import load_pool, prepare_pool
+from pipeline.data.pool import prepare_pool
+from pipeline.data.pooled import load_pool
 from pipeline.training.model import Classifier
 from tests.conftest import write_class_folders
 

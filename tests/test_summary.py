@@ -4,7 +4,8 @@ import os
 import subprocess
 import sys
 
-from pipeline import config, summary
+from pipeline import config
+from pipeline.stages import summary
 
 
 def test_summary_shows_the_metrics_there_are(tmp_path, monkeypatch, capsys):
@@ -45,7 +46,7 @@ def test_summary_names_the_stale_stages_and_imports_no_torch(tmp_path, monkeypat
     out = capsys.readouterr().out
     assert "NOT up to date: stale copy" in out and "Pipeline finished" not in out
     loaded = subprocess.run(
-        [sys.executable, "-c", "import sys, pipeline.summary; print('torch' in sys.modules)"],
+        [sys.executable, "-c", "import sys, pipeline.stages.summary; print('torch' in sys.modules)"],
         capture_output=True,
         text=True,
         check=True,

@@ -36,10 +36,11 @@ import pandas as pd
 
 from pipeline.config import Data
 from pipeline.data import ingest as ingest_module
-from pipeline.data import rounds, shards, sources
+from pipeline.data import layout, rounds, shards, sources
 from pipeline.data.ingest import MANIFEST_CSV, ingest, scan
 from pipeline.data.intake import logged_as_sources, to_sources
-from pipeline.data.pool import KEPT, load_pool, scan_pool
+from pipeline.data.pool import scan_pool
+from pipeline.data.pooled import KEPT, load_pool
 from pipeline.data.prepared import SPLITS_CSV, DataError
 from pipeline.data.readers import IMAGE_SUFFIXES
 from pipeline.fsutil import replaced_together, staging_dir
@@ -100,8 +101,8 @@ def _classes(table: pd.DataFrame) -> tuple[str, ...]:
 def _stored_set(raw_dir: Path) -> pd.DataFrame:
     """The labelled set's manifest as stored (paths relative to ``raw_dir``): ``shards.csv``, ``manifest.csv``,
     or, for a folder per class, its image files listed as a manifest would list them."""
-    if shards.is_sharded(raw_dir):
-        return sources.read_csv(raw_dir / shards.SHARDS_CSV, DataError)
+    if layout.is_sharded(raw_dir):
+        return sources.read_csv(raw_dir / layout.SHARDS_CSV, DataError)
     if (raw_dir / MANIFEST_CSV).is_file():
         return sources.read_csv(raw_dir / MANIFEST_CSV, DataError)
     listed, _ = scan(raw_dir)
@@ -241,8 +242,8 @@ def _write_set(staging: Path, table: pd.DataFrame, picks: list[_Pick], names: li
     extra = {"label": [p.label for p in picks], "split": ["train"] * len(picks)}
     if "group" in table:
         extra["group"] = [p.group for p in picks]
-    if shards.is_sharded(staging):
-        _write_csv(table, staging / shards.SHARDS_CSV)  # the split (and group) columns first
+    if layout.is_sharded(staging):
+        _write_csv(table, staging / layout.SHARDS_CSV)  # the split (and group) columns first
         shards.extend(staging, [(n, p.file) for n, p in zip(names, picks, strict=True)], pd.DataFrame(extra))
         return
     for name, pick in zip(names, picks, strict=True):
@@ -256,7 +257,7 @@ def _write_set(staging: Path, table: pd.DataFrame, picks: list[_Pick], names: li
 def _write_pool(staging: Path, picks: list[_Pick]) -> int:
     """The pool without the picks, in ``staging`` (a copy of it); the images left."""
     names = {p.name for p in picks}
-    if shards.is_sharded(staging):
+    if layout.is_sharded(staging):
         shards.remove(staging, names)
     else:
         for name in names:
@@ -324,7 +325,7 @@ def labels_added(
 
 def _dvc_files(target: Path) -> list[Path]:
     """What ``dvc add`` of the set in ``target`` writes besides the set: its .dvc file and the .gitignore."""
-    tracked = shards.tracked(target)
+    tracked = layout.tracked(target)
     return [tracked.with_name(tracked.name + ".dvc"), tracked.parent / ".gitignore"]
 
 

@@ -24,7 +24,7 @@ from pipeline import augment
 from pipeline.active import acquisition
 from pipeline.config import Params
 from pipeline.data import rounds, validation
-from pipeline.data.pool import Pool, load_pool
+from pipeline.data.pooled import Pool, load_pool
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.display import image_grid
 from pipeline.errors import PipelineError

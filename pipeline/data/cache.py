@@ -1,7 +1,7 @@
 """The pixel cache (``images.npy``), written one image at a time so that ingest's memory stays bounded, and
 read a row at a time (``Rows``) so that the stages after it stay bounded too.
 
-The cache's dtype is the widest its images need (``readers.cache_dtype``), which is known only after
+The cache's dtype is the widest its images need (``cache_dtype``), which is known only after
 the last file. Rather than read every file twice (once for its header), rows are appended in the
 widest dtype seen so far; when a wider image arrives (a 16-bit file after 8-bit ones, a DICOM after
 integers) the rows already written are converted into a new file, chunk by chunk. That is lossless
@@ -20,12 +20,29 @@ from typing import BinaryIO
 import numpy as np
 from numpy.lib import format as npy
 
-from pipeline.data import readers
+from pipeline.pixels import unit_range
 
 # The augment stage's offline copies (augment.offline_copies), in its output folder paths.augment_offline.
 OFFLINE_IMAGES = "images.npy"
 OFFLINE_LABELS = "labels.npy"
 CHUNK_BYTES = 1 << 20  # rows converted at a time when the file is rewritten
+
+
+def cache_dtype(dtypes: set[np.dtype]) -> np.dtype:
+    """The one dtype a set is cached in: the widest of its images (uint8 < uint16 < float32)."""
+    for wide in (np.float32, np.uint16):
+        if np.dtype(wide) in dtypes:
+            return np.dtype(wide)
+    return np.dtype(np.uint8)
+
+
+def to_dtype(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Convert one image to the cache dtype, keeping its place in [0, 1] (uint8 255 -> uint16 65535 -> 1.0)."""
+    if arr.dtype == dtype:
+        return arr
+    if dtype == np.float32:
+        return unit_range(arr)
+    return arr.astype(np.uint16) * 257  # uint8 -> uint16
 
 
 class CacheWriter:
@@ -48,10 +65,10 @@ class CacheWriter:
         if self._file is None or self.dtype is None:  # the first image: both are set together
             self.dtype, self.shape = pixels.dtype, pixels.shape
             self._file = self._open(self.path, self.dtype, self.capacity)
-        wide = readers.cache_dtype({self.dtype, pixels.dtype})
+        wide = cache_dtype({self.dtype, pixels.dtype})
         if wide != self.dtype:
             self._rewrite(wide, self.capacity)
-        self._file.write(np.ascontiguousarray(readers.to_dtype(pixels, self.dtype)).tobytes())
+        self._file.write(np.ascontiguousarray(to_dtype(pixels, self.dtype)).tobytes())
         self.n += 1
 
     def finish(self) -> np.ndarray:
@@ -84,9 +101,7 @@ class CacheWriter:
         step = max(1, CHUNK_BYTES // max(1, written[:1].nbytes))
         for start in range(0, self.n, step):
             self._file.write(
-                np.ascontiguousarray(
-                    readers.to_dtype(np.asarray(written[start : start + step]), dtype)
-                ).tobytes()
+                np.ascontiguousarray(to_dtype(np.asarray(written[start : start + step]), dtype)).tobytes()
             )
         del written
         old.unlink()

@@ -47,7 +47,7 @@ class CachedImageDataset(Dataset):
 
 
 class UnlabelledDataset(Dataset):
-    """Pool images (``pool.load_pool(...).images``, or any rows of a cache) as (C, H, W) tensors in the cache's
+    """Pool images (``pooled.load_pool(...).images``, or any rows of a cache) as (C, H, W) tensors in the cache's
     dtype, without labels. ``transform``: one albumentations transform (an item is one tensor), or a sequence of
     them (an item is a tuple of views, one per transform: FixMatch's weak and strong view, SimCLR's two)."""
 

@@ -300,7 +300,7 @@ class Validated:
 
 
 def _narrow(pixels: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Undo ``readers.to_dtype``'s widening of one image exactly (uint8 -> uint16 is x 257, -> float32 is / max)."""
+    """Undo ``cache.to_dtype``'s widening of one image exactly (uint8 -> uint16 is x 257, -> float32 is / max)."""
     if pixels.dtype == dtype:
         return pixels
     if pixels.dtype == np.uint16:

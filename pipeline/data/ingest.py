@@ -28,6 +28,7 @@ import pandas as pd
 from pipeline.config import Data
 from pipeline.data import decoding, rounds, shards, size, sources, splits, validation
 from pipeline.data.cache import CacheWriter
+from pipeline.data.layout import is_sharded
 from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError
 from pipeline.data.progress import progress
 from pipeline.data.readers import IMAGE_SUFFIXES, UnreadableImage, image_files, read, read_bytes
@@ -138,7 +139,7 @@ def exclude(
 def own_size(raw_dir: Path, data: Data) -> int:
     """The images' own side: the median shorter side of up to :data:`SIZE_SAMPLE` files, evenly spaced in the
     set's order (a sample decoded, not the set)."""
-    sharded = shards.is_sharded(raw_dir)
+    sharded = is_sharded(raw_dir)
     table = shards.scan(raw_dir) if sharded else scan(raw_dir)[0]
     sample = table.iloc[:: max(1, len(table) // SIZE_SAMPLE)]
     items = shards.members(sample) if sharded else [Path(p) for p in sample["path"]]
@@ -416,7 +417,7 @@ def ingest(
             what = "the images' own size, as for random init (the size stage decides with the weights)"
             resolved = dataclasses.replace(resolved, reason=f"{resolved.image_size} px (auto): {what}")
     data = dataclasses.replace(data, image_size=resolved.image_size)
-    files, ignored = (shards.scan(raw_dir), []) if shards.is_sharded(raw_dir) else scan(raw_dir)
+    files, ignored = (shards.scan(raw_dir), []) if is_sharded(raw_dir) else scan(raw_dir)
     excluded: list[str] = []
     exclude_warnings: list[str] = []
     if data.exclude is not None:

@@ -43,6 +43,7 @@ from pipeline.data import pool as pool_module
 from pipeline.data import readers, shards, sources
 from pipeline.data.groups import add_dicom_groups, dicom_groups
 from pipeline.data.ingest import MANIFEST_CSV, class_folders, ingest, read_manifest, scan
+from pipeline.data.layout import SHARDS_CSV, tracked
 from pipeline.data.prepared import DataError
 from pipeline.data.progress import progress
 from pipeline.errors import PipelineError
@@ -406,15 +407,15 @@ def dvc_add(target: Path) -> list[Path]:
     A ``<target>.dvc`` left by the same name's earlier folder layout is removed first (``dvc remove``, the
     files kept): DVC refuses to track the shards inside a folder it already tracks.
     """
-    tracked = shards.tracked(target)
+    versioned = tracked(target)
     old = target.with_name(target.name + ".dvc")
-    removed = tracked != target and old.is_file()
+    removed = versioned != target and old.is_file()
     if removed:
         _dvc("remove", str(old))
-    _dvc("add", str(tracked))
-    commit = [tracked.with_name(tracked.name + ".dvc"), tracked.parent / ".gitignore"]
-    if tracked != target:
-        commit.append(target / shards.SHARDS_CSV)
+    _dvc("add", str(versioned))
+    commit = [versioned.with_name(versioned.name + ".dvc"), versioned.parent / ".gitignore"]
+    if versioned != target:
+        commit.append(target / SHARDS_CSV)
     return commit + ([old, target.parent / ".gitignore"] if removed else [])
 
 

@@ -17,26 +17,14 @@ image that would let val or test images into training, or that adds nothing:
 - an image linked to a val or test image through a chain of near duplicates or groups, as ingest keeps such a
   chain in one split.
 
-What ``paths.pool`` holds (``load_pool`` reads it back)::
-
-    pool.csv     a row per file: path, sha256, dhash (64 hex digits; empty for a flat image), group,
-                 status (kept | excluded | unreadable), reason, cache_index (row in images.npy; -1 unless kept)
-    images.npy   the kept images only, (N, H, W, C) in the labelled cache's size, bands and dtype (a pool that
-                 needs a wider dtype is rounded to it, with a warning), so that its rows and the labelled
-                 cache's can share a batch
-    report.json  counts, formats, what was left out and why (the data card's source)
-
-With ``data.unlabelled: null`` the stage writes ``report.json`` (``pool: null``) and an empty ``pool.csv``.
+What ``paths.pool`` holds, and its reader, are ``pooled``'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +32,12 @@ import pandas as pd
 
 from pipeline.config import Data
 from pipeline.data import readers, shards, sources, validation
-from pipeline.data.cache import CacheWriter, Rows
+from pipeline.data.cache import CacheWriter, cache_dtype, to_dtype
 from pipeline.data.decoding import Settings, Validated
 from pipeline.data.ingest import MANIFEST_CSV, decode_into
-from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError, Prepared, load_prepared
+from pipeline.data.layout import is_sharded
+from pipeline.data.pooled import COLUMNS, EXCLUDED, KEPT, POOL_CSV, UNREADABLE
+from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError, load_prepared
 from pipeline.data.readers import IMAGE_SUFFIXES
 from pipeline.data.size import RANDOM_INIT_CAP
 from pipeline.fsutil import atomic_dir, write_json
@@ -55,9 +45,6 @@ from pipeline.pixels import unit_max, unit_range
 
 log = logging.getLogger(__name__)
 
-POOL_CSV = "pool.csv"
-KEPT, EXCLUDED, UNREADABLE = "kept", "excluded", "unreadable"
-COLUMNS = ("path", "sha256", "dhash", "group", "status", "reason", "cache_index")
 VALIDATED_DIR = "_unlabelled"  # paths.validated/_unlabelled/NAME: no labelled set's name starts with '_'
 LISTED = 200  # files listed per kind in report.json
 
@@ -106,7 +93,7 @@ def scan_pool(root: Path) -> tuple[pd.DataFrame, list[str]]:
     shard layout) and the non-image files ignored."""
     if not root.is_dir():
         raise DataError(f"{root}: unlabelled pool folder not found")
-    if shards.is_sharded(root):
+    if is_sharded(root):
         table = shards.scan(root, labelled=False)
         table["group"] = table["group"].fillna("") if "group" in table else ""
         return table, []
@@ -195,7 +182,7 @@ def prepare_pool(
         table.loc[kept, "cache_index"] = np.arange(len(kept))
         table[list(COLUMNS)].to_csv(staging / POOL_CSV, index=False)
         report = _report(raw_dir, table, decoded, ignored, excluded, pixels, labelled, data)
-        if readers.cache_dtype({images_dtype, dtype}) != dtype:
+        if cache_dtype({images_dtype, dtype}) != dtype:
             report["warnings"].append(
                 f"pool images need {images_dtype}, the labelled cache is {dtype}: the pool is stored as {dtype} "
                 "(values rounded), as the model sees the labelled images"
@@ -207,10 +194,10 @@ def prepare_pool(
 
 
 def as_dtype(pixels: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """One image in ``dtype`` at the same place in [0, 1]: widened exactly (``readers.to_dtype``), or narrowed to the
+    """One image in ``dtype`` at the same place in [0, 1]: widened exactly (``to_dtype``), or narrowed to the
     nearest value (a 16-bit pool beside an 8-bit labelled set: stored as the model sees the labelled images)."""
-    if readers.cache_dtype({pixels.dtype, dtype}) == dtype:
-        return readers.to_dtype(pixels, dtype)
+    if cache_dtype({pixels.dtype, dtype}) == dtype:
+        return to_dtype(pixels, dtype)
     return np.rint(unit_range(pixels) * unit_max(dtype)).astype(dtype)
 
 
@@ -383,66 +370,3 @@ def _report(
         "non_images": ignored[:LISTED],
         "warnings": [],
     }
-
-
-@dataclass(frozen=True)
-class Pool:
-    """The pool stage's output, loaded back: what a training loader reads (``images``: kept images only)."""
-
-    name: str
-    table: pd.DataFrame  # every file: path, sha256, dhash, group, status, reason, cache_index
-    images: np.ndarray  # (N, H, W, C) kept images, memory-mapped; row i is kept()'s row with cache_index i
-    report: dict
-    digest: str  # of pool.csv: changes with any file or exclusion
-
-    def kept(self) -> pd.DataFrame:
-        return self.table[self.table["status"] == KEPT].sort_values("cache_index")
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-
-def pool_selected(out_dir: Path) -> bool:
-    """Whether the pool stage's output in ``out_dir`` holds a pool (``data.unlabelled`` was set)."""
-    try:
-        return json.loads((out_dir / REPORT_JSON).read_text()).get("pool") is not None
-    except (OSError, ValueError):
-        return False
-
-
-def load_pool(out_dir: Path) -> Pool:
-    """Load what the pool stage wrote; the pixels are memory-mapped, not read."""
-    csv = out_dir / POOL_CSV
-    if not csv.is_file() or not (out_dir / REPORT_JSON).is_file():
-        raise DataError(
-            f"{csv}: not found; run the pool stage first (dvc repro pool), or, if a killed run left it "
-            f"missing, restore the last committed one: dvc checkout {out_dir}"
-        )
-    report = json.loads((out_dir / REPORT_JSON).read_text())
-    if report.get("pool") is None:
-        raise DataError(
-            f"{out_dir}: no unlabelled pool selected (data.unlabelled: null); take one in with "
-            "python -m pipeline intake SRC --unlabelled, then dvc repro"
-        )
-    table = pd.read_csv(csv, dtype=str, keep_default_na=False).astype({"cache_index": "int64"})
-    return Pool(
-        name=report["pool"],
-        table=table,
-        images=np.load(out_dir / CACHE_NPY, mmap_mode="r"),
-        report=report,
-        digest=hashlib.sha256(csv.read_bytes()).hexdigest()[:12],
-    )
-
-
-def unlabelled_rows(prepared: Prepared, pool: Pool | None, splits: tuple[str, ...] = ("train",)) -> Rows:
-    """The labelled cache's rows of ``splits`` (train: never val or test), then the pool's kept images: what
-    self-supervised pretraining learns from, read per item (``UnlabelledDataset(unlabelled_rows(...))``)."""
-    rows = prepared.table.loc[prepared.table["split"].isin(splits), "cache_index"].to_numpy()
-    if pool is None:
-        return Rows(prepared.images, rows)
-    if pool.images.shape[1:] != prepared.images.shape[1:] or pool.images.dtype != prepared.images.dtype:
-        raise DataError(
-            f"pool {pool.name}: images {pool.images.shape[1:]} {pool.images.dtype}, the labelled cache's "
-            f"{prepared.images.shape[1:]} {prepared.images.dtype}: rerun the pool stage (dvc repro pool)"
-        )
-    return Rows(prepared.images, rows, pool.images)

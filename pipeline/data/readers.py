@@ -2,7 +2,7 @@
 
 Readers return pixels in the file's own terms: uint8 for 8-bit files, uint16 for 16-bit ones, float32 in
 [0, 1] for DICOM (after rescale and window) and float data. ``conform`` then applies the channel policy
-(``data.channels``) and the size; ``to_dtype`` brings a whole set to one cache dtype. Each reader is the
+(``data.channels``) and the size; ``cache.to_dtype`` brings a whole set to one cache dtype. Each reader is the
 format's well-kept library: Pillow (PNG, JPEG, BMP), tifffile (any TIFF, multi-band included), pydicom.
 
 Every reader checks two things before decoding: that the file is a regular file (a FIFO or a device
@@ -24,7 +24,6 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline.data.sources import listing, non_regular
-from pipeline.pixels import unit_range
 
 Channels = Literal["rgb", "keep"]
 PIL_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
@@ -255,20 +254,3 @@ def conform(decoded: Decoded, size: int, channels: Channels) -> np.ndarray:
         for c in range(0, arr.shape[-1], 4)
     ]
     return np.concatenate(parts, axis=-1)
-
-
-def cache_dtype(dtypes: set[np.dtype]) -> np.dtype:
-    """The one dtype a set is cached in: the widest of its images (uint8 < uint16 < float32)."""
-    for wide in (np.float32, np.uint16):
-        if np.dtype(wide) in dtypes:
-            return np.dtype(wide)
-    return np.dtype(np.uint8)
-
-
-def to_dtype(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Convert one image to the cache dtype, keeping its place in [0, 1] (uint8 255 -> uint16 65535 -> 1.0)."""
-    if arr.dtype == dtype:
-        return arr
-    if dtype == np.float32:
-        return unit_range(arr)
-    return arr.astype(np.uint16) * 257  # uint8 -> uint16

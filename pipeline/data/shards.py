@@ -14,6 +14,9 @@ gives the files back), ``sha256`` its content hash (per-file provenance, checked
 each file ``paths.raw/NAME/<path>`` as it does in the folder layout, so ``splits.csv``, the label audit and
 ``data.exclude`` use the same paths whichever the layout, and the prepared cache is the same.
 
+The layout's names (the manifest's and the shards folder's, which layout a set has) are ``layout``'s, which
+readers of a set that never touch a shard share.
+
 The shards are written deterministically (sorted by the set's order, zero times and owners): taking the same
 files in again gives the same shards, hence the same DVC objects.
 """
@@ -31,14 +34,13 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
 
 from pipeline.data import sources
+from pipeline.data.layout import SHARDS_CSV, SHARDS_DIR, tracked
 from pipeline.data.progress import progress
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:  # pandas is imported where a table is read or written: decoding workers import this module
     import pandas as pd
 
-SHARDS_CSV = "shards.csv"
-SHARDS_DIR = "shards"
 COLUMNS = ("sha256", "shard", "offset", "size")  # after path, label and the user's split and group
 SHARD_FILES = 1000  # files per shard: tens of shards for tens of thousands of files
 SHARD_BYTES = 512 << 20  # or fewer, so that one shard stays a quick download
@@ -63,15 +65,6 @@ class Member:
     path: str = (
         ""  # the name ingest gives the file (paths.raw/NAME/<member>): what an unreadable one's reason says
     )
-
-
-def is_sharded(root: Path) -> bool:
-    return (root / SHARDS_CSV).is_file()
-
-
-def tracked(root: Path) -> Path:
-    """What DVC versions of the set in ``root``: the shards folder (the manifest is in git), or the whole folder."""
-    return root / SHARDS_DIR if is_sharded(root) else root
 
 
 def choose(layout: Layout, n_files: int) -> Literal["folder", "shards"]:

@@ -8,6 +8,7 @@ with ``<metric>_ci_low`` / ``<metric>_ci_high`` beside it; ``<split>/<metric>/<c
 Modules: ``predictions`` (model outputs), ``metrics`` (point estimates and the bootstrap), ``scoring``
 (one split's metrics with intervals, the positive class), ``calibration`` (temperature scaling, reliability
 bins), ``decision`` (threshold, conformal sets), ``plots`` (PNGs and DVC plot data), ``reporting`` (the
-Markdown report), ``audit`` (the label audit), ``evaluate`` (:func:`~pipeline.evaluation.evaluate.evaluate`,
+Markdown report), ``audit`` (the label audit), ``explain`` (Grad-CAM maps and
+the report's panel), ``evaluate`` (:func:`~pipeline.evaluation.evaluate.evaluate`,
 all of them on the test split) and ``assess`` (the evaluate stage's work).
 """

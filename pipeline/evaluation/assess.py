@@ -17,15 +17,16 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from pipeline import augment, explain, registry, serve, tracking
+from pipeline import augment, registry, tracking
 from pipeline.config import Params, Paths, flatten
 from pipeline.data import rounds as active
 from pipeline.data.cache import Rows
 from pipeline.data.prepared import Prepared, load_prepared
-from pipeline.evaluation import audit, decision, rounds
+from pipeline.evaluation import audit, decision, explain, rounds
 from pipeline.evaluation import evaluate as evaluation
 from pipeline.evaluation.reporting import split_headline
 from pipeline.fsutil import atomic_dir, atomic_file, write_json
+from pipeline.serve.shipped import load_trained
 from pipeline.training.oof import cv_metrics, load_oof, oof_logits
 
 
@@ -60,7 +61,7 @@ def assess(params: Params, earlier_rounds: pd.DataFrame | None = None) -> Assess
     prepared = load_prepared(Path(paths.prepared))
     positive = evaluation.positive_index(prepared.classes, settings.positive_class)  # a bad class fails early
     decision.check(settings, len(prepared.classes))  # so does a threshold on a multi-class task
-    trained = serve.load_trained(Path(paths.model_dir))
+    trained = load_trained(Path(paths.model_dir))
     model, run = trained.model, trained.run
     images, labels = split_arrays(prepared, "test")
     oof = load_oof(Path(paths.model_dir))

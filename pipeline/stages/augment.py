@@ -7,6 +7,7 @@ from pipeline import augment
 from pipeline.config import Params
 from pipeline.data.cache import OFFLINE_IMAGES, OFFLINE_LABELS, Rows
 from pipeline.data.prepared import load_prepared
+from pipeline.display import augment_preview
 from pipeline.fsutil import atomic_dir, atomic_file
 
 
@@ -24,7 +25,7 @@ def main(params: Params, args: argparse.Namespace) -> None:
     rows = shuffled.loc[order[: a.preview_images]].sort_values("label", kind="stable")
     pipeline.set_random_seed(params.seed)
     with atomic_file(paths.augment_preview) as tmp:
-        augment.preview(
+        augment_preview(
             pipeline,
             prepared.images[rows["cache_index"].to_numpy()],
             rows["label"].tolist(),

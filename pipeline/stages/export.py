@@ -33,12 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(params: Params, args: argparse.Namespace) -> None:
     # Here, not at the top: `--help` of this command then costs no torch import (20-38 s on a busy machine).
-    from pipeline import serve
+    from pipeline.serve import export, shipped
 
-    out = args.out or Path(params.paths.exports) / f"model{serve.SUFFIX[args.format]}"
-    serve.check_out(out)
-    trained = serve.load_trained(args.model_dir or Path(params.paths.model_dir))
-    serve.export(trained, args.format, out, gray=args.gray)
+    out = args.out or Path(params.paths.exports) / f"model{export.SUFFIX[args.format]}"
+    shipped.check_out(out)
+    trained = shipped.load_trained(args.model_dir or Path(params.paths.model_dir))
+    export.export(trained, args.format, out, gray=args.gray)
     print(
         f"export: {args.format} model of MLflow run {trained.run.run_id} -> {out} (resizes to "
         f"{trained.image_size} px, {1 if args.gray else trained.in_channels} bands; classes {', '.join(trained.classes)})"

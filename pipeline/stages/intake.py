@@ -34,9 +34,10 @@ from pipeline.data.intake import (
     intake_pool,
     set_dataset,
 )
+from pipeline.data.layout import SHARDS_DIR, is_sharded
 from pipeline.data.pool import validated_store
 from pipeline.data.rounds import ROUNDS_JSON
-from pipeline.data.shards import AUTO_MIN_FILES, SHARDS_DIR, is_sharded
+from pipeline.data.shards import AUTO_MIN_FILES
 from pipeline.paramsfile import set_values
 
 SALT_ENV = "PIPELINE_GROUP_SALT"

@@ -33,22 +33,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(params: Params, args: argparse.Namespace) -> None:
     # Here, not at the top: `--help` of this command then costs no torch import (20-38 s on a busy machine).
-    from pipeline import serve
+    from pipeline.serve import predict, shipped
 
-    serve.check_out(args.out)
-    trained = serve.load_trained(args.model_dir or Path(params.paths.model_dir))
-    made = serve.load_decision(args.decision or Path(params.paths.decision), trained)
-    table = serve.predict(
+    shipped.check_out(args.out)
+    trained = shipped.load_trained(args.model_dir or Path(params.paths.model_dir))
+    made = predict.load_decision(args.decision or Path(params.paths.decision), trained)
+    table = predict.predict(
         trained,
-        serve.list_images(args.src),
+        predict.list_images(args.src),
         params.evaluate.batch_size,
         made,
         max_pixels=params.data.max_image_pixels,
     )
-    serve.write_predictions(table, args.out)
+    predict.write_predictions(table, args.out)
     failed = int((table["error"] != "").sum())
     print(f"predict: {len(table) - failed} images predicted, {failed} unreadable -> {args.out}")
     if failed == len(table):
-        raise serve.ServeError(
+        raise shipped.ServeError(
             f"{args.src}: none of the {failed} files could be read (reasons in {args.out})"
         )

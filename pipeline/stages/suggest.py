@@ -41,9 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(params: Params, args: argparse.Namespace) -> None:
     # Here, not at the top: `--help` of this command then costs no torch import (20-38 s on a busy machine).
     from pipeline.active import suggest as work
-    from pipeline.data.pool import load_pool
+    from pipeline.data.pooled import load_pool
     from pipeline.data.prepared import load_prepared
-    from pipeline.serve import load_trained
+    from pipeline.serve.shipped import load_trained
     from pipeline.training.model import Classifier
 
     paths = params.paths

@@ -60,7 +60,7 @@ class Fitted:
     """What training produced (the one name for it): each model's fit (one, or one per fold), the checkpoints
     that ship (file name in the model folder -> where the fit saved it) and the out-of-fold predictions
     (``data.folds``: path, label_index, fold, prob_<class>, every train+val image once; None for one model).
-    ``RunInfo`` is its record in the model folder; ``serve.Trained`` what predict loads back from there."""
+    ``RunInfo`` is its record in the model folder; ``serve.shipped.Trained`` what predict loads back from there."""
 
     results: list[FitResult]
     members: dict[str, Path]

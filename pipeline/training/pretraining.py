@@ -30,7 +30,7 @@ from pipeline import augment, tracking
 from pipeline.config import Params, as_dict
 from pipeline.data.cache import Images
 from pipeline.data.datamodule import UnlabelledDataset
-from pipeline.data.pool import load_pool, pool_selected, unlabelled_rows
+from pipeline.data.pooled import load_pool, pool_selected, unlabelled_rows
 from pipeline.data.prepared import CACHE_NPY, Prepared, load_prepared
 from pipeline.fsutil import atomic_dir
 from pipeline.runinfo import LAST, PRETRAIN_BACKBONE, PRETRAIN_POOL, PRETRAIN_RECORD, Pretrained

@@ -17,11 +17,12 @@ import mlflow
 import numpy as np
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 
-from pipeline import augment, registry, serve, tracking
+from pipeline import augment, registry, tracking
 from pipeline.config import FROZEN_MODES, Params, as_dict
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.fsutil import atomic_dir
 from pipeline.runinfo import OOF_CSV, RUN_INFO, FoldScore, Preprocessing, Pretrained, RunInfo
+from pipeline.serve.shipped import load_trained, log_model
 from pipeline.training import crossval
 from pipeline.training.fit import Fitted, datamodule, fit
 from pipeline.training.oof import cv_metrics
@@ -155,9 +156,9 @@ def train(params: Params, tuned: dict[str, Any], tags: dict[str, str] | None) ->
         save_model(Path(params.paths.model_dir), fitted, info)
         mlflow.log_dict(info.as_dict(), RUN_INFO)
         # What ships: the model as predict and export load it, with its preprocessing, in eval mode.
-        model = serve.load_trained(Path(params.paths.model_dir))
+        model = load_trained(Path(params.paths.model_dir))
         registered = params.mlflow.model_name(params.data.dataset)
-        version = serve.log_model(model, registered_model=registered)
+        version = log_model(model, registered_model=registered)
         if registered is not None and version is not None:  # lineage on the version; evaluate adds metrics
             registry.tag_trained(mlflow.MlflowClient(), registered, version, tags)
     run.resume.clear()

@@ -31,7 +31,7 @@ from pipeline.training.weights import (
 
 URI_SCHEMES = ("runs:/", "models:/")
 NET_PREFIX = "net."  # the Classifier's torchvision network in its state dict
-MEMBER_PREFIX = "nets.0."  # the registered model (serve.Packaged): its first member's network
+MEMBER_PREFIX = "nets.0."  # the registered model (serve.shipped.Packaged): its first member's network
 LOGGED_MODEL = "model"  # the artifact path tracking.log_model logs the network under
 PT2_FILE = (
     "model.pt2"  # what mlflow.pytorch saves a torch.export program as (the format tracking.log_model uses)
@@ -63,7 +63,7 @@ def is_run_source(weights: str) -> bool:
 
 def _from_state(state: dict[str, torch.Tensor], hparams: dict, source: str) -> Backbone:
     """From a Classifier's state dict, also when another module wraps it (keys ``<prefix>net.conv1.weight``),
-    or from the registered model (``serve.Packaged``: ``nets.<i>.conv1.weight``, one network per fold
+    or from the registered model (``serve.shipped.Packaged``: ``nets.<i>.conv1.weight``, one network per fold
     member; the first member's is taken, with its normalization)."""
     prefixes = (NET_PREFIX, MEMBER_PREFIX)
     anchors = sorted((k for k in state for p in prefixes if k.endswith(p + FIRST_CONV)), key=len)

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import serve
 from pipeline.data.prepared import load_prepared
 from pipeline.runinfo import OOF_CSV, member_name
+from pipeline.serve import export, shipped
 from tests.conftest import REPO, in_project, kill_when_ready, run_stages, write_tiny_params
 
 FOLDS = 2
@@ -52,7 +52,7 @@ def test_oof_covers_every_train_and_val_image_once_and_no_group_spans_two_folds(
 def test_the_shipped_model_is_the_mean_of_the_fold_members(project):
     run = json.loads((project / "models" / "run.json").read_text())
     assert run["checkpoints"] == [member_name(i) for i in range(FOLDS)] and len(run["folds"]) == FOLDS
-    trained = serve.load_trained(project / "models")
+    trained = shipped.load_trained(project / "models")
     images = load_prepared(project / "data" / "prepared").images[:6]
     x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
     with torch.no_grad():
@@ -66,15 +66,15 @@ def test_the_shipped_model_is_the_mean_of_the_fold_members(project):
 def test_the_exported_ensemble_equals_the_in_process_one(project, tmp_path):
     import onnxruntime
 
-    trained = serve.load_trained(project / "models")
+    trained = shipped.load_trained(project / "models")
     images = np.asarray(load_prepared(project / "data" / "prepared").images[:5])
     with torch.no_grad():
         expected = trained.model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).softmax(-1).numpy()
-    scripted = torch.jit.load(str(serve.export(trained, "torchscript", tmp_path / "m.pt")))
+    scripted = torch.jit.load(str(export.export(trained, "torchscript", tmp_path / "m.pt")))
     with torch.no_grad():
         np.testing.assert_allclose(scripted(torch.from_numpy(images)).numpy(), expected, atol=1e-5)
     session = onnxruntime.InferenceSession(
-        str(serve.export(trained, "onnx", tmp_path / "m.onnx")), providers=["CPUExecutionProvider"]
+        str(export.export(trained, "onnx", tmp_path / "m.onnx")), providers=["CPUExecutionProvider"]
     )
     np.testing.assert_allclose(session.run(None, {"images": images})[0], expected, atol=1e-5)
 

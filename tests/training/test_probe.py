@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import config, serve
+from pipeline import config
+from pipeline.serve import export, predict, shipped
 from pipeline.training.fit import datamodule, fit
 from pipeline.training.model import Classifier, Ensemble, build_network
 from pipeline.training.probe import pooled_features
@@ -74,7 +75,7 @@ def test_predict_and_export_work_for_the_frozen_modes(
     params = frozen_params(tiny_params, path, mode)
     result = fit(params, datamodule(params, prepared, None), out_dir=tmp_path / "out")
     model = Classifier.load_from_checkpoint(result.best_checkpoint, map_location="cpu").eval()
-    trained = serve.Trained(
+    trained = shipped.Trained(
         model=Ensemble([model]),
         classes=prepared.classes,
         image_size=32,
@@ -84,10 +85,10 @@ def test_predict_and_export_work_for_the_frozen_modes(
         run=run_info(classes=prepared.classes),
     )
     files = sorted(image_folder.rglob("*.png"))[:4]
-    table = serve.predict(trained, files)
+    table = predict.predict(trained, files)
     assert (table["error"] == "").all() and set(table["predicted"]) <= set(prepared.classes)
-    exported = torch.jit.load(serve.export(trained, "torchscript", tmp_path / "model.pt"))
-    pixels = torch.from_numpy(np.stack([serve.read_image(f, trained) for f in files]))
+    exported = torch.jit.load(export.export(trained, "torchscript", tmp_path / "model.pt"))
+    pixels = torch.from_numpy(np.stack([predict.read_image(f, trained) for f in files]))
     with torch.no_grad():
         probs = exported(pixels)
     np.testing.assert_allclose(probs.sum(1).numpy(), 1.0, atol=1e-5)

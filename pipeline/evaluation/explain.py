@@ -3,7 +3,7 @@
 The maps come from ``grad-cam`` (pytorch-grad-cam, MIT): maintained, and all it brings beyond what the
 pipeline already installs is ``ttach``. Importable from notebooks::
 
-    from pipeline import explain
+    from pipeline.evaluation import explain
     maps = explain.grad_cam(model, images)          # (N, H, W) in [0, 1]
     explain.panel(images, maps, captions, "cam.png")
 

@@ -1,39 +1,27 @@
-"""Using a trained model outside the pipeline: load it from ``models/``, predict on image files, export it.
-
-``predict`` reads each file with ingest's own readers and resize (``readers.read`` + ``readers.conform``),
-with the image size, channel policy and DICOM window the model was trained with, so a file gives the
-same pixels it would have in the cache. ``export`` wraps the network in :class:`Packaged`, which takes
-raw image batches at any size and does that preprocessing itself, for TorchScript and ONNX.
+"""What the train stage ships, loaded back and packaged: the model in ``models/`` with the preprocessing its
+training data had (:class:`Trained`), and that network behind ingest's preprocessing (:class:`Packaged`), as the
+exports are written (``serve.export``) and as the train stage logs and registers it in MLflow (``log_model``).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import pickle
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Literal, cast
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
-from pipeline.data import readers, sources
 from pipeline.errors import PipelineError
-from pipeline.evaluation.decision import Decision
-from pipeline.fsutil import atomic_file, not_replaceable
+from pipeline.fsutil import not_replaceable
 from pipeline.runinfo import RUN_INFO, RunInfo
 from pipeline.training.model import Classifier, Ensemble
 
-log = logging.getLogger(__name__)
-
-CLASS_NAMES_FILE = "class_names.json"  # TorchScript extra file
 Format = Literal["torchscript", "onnx"]
-SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
 
 
 class ServeError(PipelineError, ValueError):
@@ -47,7 +35,7 @@ class Trained:
     model: Ensemble  # one member, or one per fold (data.folds)
     classes: tuple[str, ...]
     image_size: int
-    channels: readers.Channels
+    channels: str  # data.channels: rgb or keep (readers.Channels)
     dicom_window: tuple[float, float] | None
     dtype: str  # of the training cache: uint8, uint16 or float32
     run: RunInfo
@@ -82,145 +70,17 @@ def load_trained(model_dir: Path) -> Trained:
         model=Ensemble(members).eval(),
         classes=run.classes,
         image_size=pre.image_size,
-        channels=cast(readers.Channels, pre.channels),
+        channels=pre.channels,
         dicom_window=pre.dicom_window,
         dtype=pre.dtype,
         run=run,
     )
 
 
-# --- predict -----------------------------------------------------------------------------------------
-
-
-def list_images(src: Path) -> list[Path]:
-    """The image files of a folder (nested or flat, sorted), or the ``path`` column of a CSV manifest.
-
-    A manifest's rows are all kept, whatever their suffix or existence, so each gets a row in the
-    output (with an error when it cannot be read); its relative paths are relative to its folder.
-    Ingest's link policy holds (``sources``): a link out of the folder is an error, nothing outside is read.
-    """
-    if src.is_dir():
-        images, others = readers.image_files(src)
-        if others:
-            log.info("%s: %d non-image files ignored", src, len(others))
-        if not images:
-            raise ServeError(f"{src}: no image files ({', '.join(sorted(readers.IMAGE_SUFFIXES))})")
-        return images
-    if src.is_file() and src.suffix.lower() == ".csv":
-        return _manifest_paths(src)
-    found = "not found" if not src.exists() else f"a {sources.non_regular(src) or 'file'}"
-    raise ServeError(f"{src}: {found}; give a folder of images or a .csv manifest with a 'path' column")
-
-
-def _manifest_paths(manifest: Path) -> list[Path]:
-    paths = sources.path_column(manifest, ServeError)
-    if not paths:
-        raise ServeError(f"{manifest}: no paths listed")
-    return sources.listed(manifest, paths)
-
-
-def read_image(path: Path, trained: Trained, max_pixels: int = readers.MAX_PIXELS) -> np.ndarray:
-    """One file as the cache would hold it: (S, S, C) after ingest's readers, channel policy and resize;
-    ``max_pixels``: the pixel budget (``data.max_image_pixels``) checked before decoding."""
-    if not path.exists():  # a FIFO, device or folder is named by readers.read
-        raise readers.UnreadableImage("file not found")
-    found = readers.read(path, trained.dicom_window, max_pixels)
-    pixels = readers.conform(found, trained.image_size, trained.channels)
-    if pixels.shape[-1] != trained.in_channels:
-        raise readers.UnreadableImage(f"{pixels.shape[-1]} bands; the model takes {trained.in_channels}")
-    return pixels
-
-
-def load_decision(path: Path, trained: Trained) -> Decision | None:
-    """The evaluate stage's decision (``paths.decision``) for this model; None when there is none, or (with a
-    warning) when it was fitted for another model."""
-    if not path.is_file():
-        return None
-    made = Decision.read(path)
-    if made.run_id != trained.run.run_id or made.classes != trained.classes:
-        log.warning(
-            "%s was fitted for MLflow run %s, not for this model (run %s): its threshold and conformal "
-            "sets are not applied; rerun the evaluate stage",
-            path,
-            made.run_id,
-            trained.run.run_id,
-        )
-        return None
-    if warning := made.coverage_warning():
-        log.warning(
-            "%s: the %s; an empty set means no class reached the cut (send the image to a person)",
-            path,
-            warning,
-        )
-    return made
-
-
-@torch.inference_mode()
-def predict(
-    trained: Trained,
-    paths: Sequence[Path],
-    batch_size: int = 64,
-    decision: Decision | None = None,
-    max_pixels: int = readers.MAX_PIXELS,
-    device: str | None = None,
-) -> pd.DataFrame:
-    """A row per file, in order: path, predicted class, ``prob_<class>`` per class, ``error`` (empty when read).
-    ``device``: where the model runs (None: CUDA when there is one, else the CPU).
-
-    With a ``decision`` (see :func:`load_decision`): ``predicted`` applies its binary threshold, and with a
-    conformal quantile a ``set`` column holds each image's prediction set (class names joined by '|').
-    Unreadable files get their reason in ``error`` and empty probabilities; nothing is raised for them.
-    """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = trained.model.to(device)
-    rows: list[dict[str, Any]] = [{"path": str(p)} for p in paths]
-    for start in range(0, len(paths), batch_size):
-        read, pixels = [], []
-        for i in range(start, min(start + batch_size, len(paths))):
-            try:
-                pixels.append(read_image(paths[i], trained, max_pixels))
-                read.append(i)
-            except (readers.UnreadableImage, OSError) as err:
-                log.warning("cannot read %s (%s)", paths[i], err)
-                rows[i]["error"] = str(err) or type(err).__name__
-        if not read:
-            continue
-        dtype = readers.cache_dtype({p.dtype for p in pixels})  # one batch, one dtype, as in the cache
-        x = np.stack([readers.to_dtype(p, dtype) for p in pixels]).transpose(0, 3, 1, 2)
-        probs = model(torch.from_numpy(np.ascontiguousarray(x)).to(device)).softmax(-1).cpu().numpy()
-        predicted = probs.argmax(1) if decision is None else decision.predicted(probs)
-        sets = None if decision is None else decision.sets(probs)
-        for j, (i, p) in enumerate(zip(read, probs, strict=True)):
-            rows[i] |= {
-                "predicted": trained.classes[int(predicted[j])],
-                "error": "",
-                **{f"prob_{c}": float(v) for c, v in zip(trained.classes, p, strict=True)},
-            }
-            if sets is not None:
-                rows[i]["set"] = sets[j]
-    with_sets = decision is not None and decision.conformal_quantile is not None
-    columns = [
-        "path",
-        "predicted",
-        *(f"prob_{c}" for c in trained.classes),
-        *(["set"] if with_sets else []),
-        "error",
-    ]
-    return pd.DataFrame(rows, columns=columns)
-
-
 def check_out(out: Path, what: str = "--out") -> None:
     """Refuse, before any work, an output path that is not a regular file or a new path."""
     if why := not_replaceable(out):
         raise ServeError(f"{what} {out}: is {why}, which is never replaced; name a new file or a regular one")
-
-
-def write_predictions(table: pd.DataFrame, out: Path) -> None:
-    with atomic_file(out) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6f")
-
-
-# --- export ------------------------------------------------------------------------------------------
 
 
 def _resize_matrix(n: int, size: int, shrink: torch.Tensor) -> torch.Tensor:
@@ -336,7 +196,7 @@ class PackagedNHWC(Packaged):
         return self._classify(images, x)
 
 
-def _example(trained: Trained, gray: bool = False) -> torch.Tensor:
+def example_batch(trained: Trained, gray: bool = False) -> torch.Tensor:
     """The export's example batch: uint8 for 8-bit sets; floats in [0, 1] for 16-bit, DICOM and float sets."""
     dtype = torch.uint8 if trained.dtype == "uint8" else torch.float32
     bands = 1 if gray else trained.in_channels
@@ -372,7 +232,9 @@ def metadata(trained: Trained, fmt: Format, gray: bool = False) -> dict[str, str
         + (" or (N, H, W)" if bands == 1 or trained.channels == "rgb" else "")
     )
     dtype = (
-        str(_example(trained).dtype).removeprefix("torch.") if fmt == "onnx" else "uint8, uint16 or float32"
+        str(example_batch(trained).dtype).removeprefix("torch.")
+        if fmt == "onnx"
+        else "uint8, uint16 or float32"
     )
     return {
         "class_names": json.dumps(list(trained.classes)),
@@ -386,50 +248,6 @@ def metadata(trained: Trained, fmt: Format, gray: bool = False) -> dict[str, str
         "arch": trained.run.arch,
         "mlflow_run_id": trained.run.run_id,
     }
-
-
-def export(trained: Trained, fmt: Format, out: Path, gray: bool = False) -> Path:
-    """Write the :class:`Packaged` model as TorchScript or ONNX to ``out`` (replaced only on success); ``gray``:
-    an ONNX file of an RGB model that takes one band (TorchScript takes 1 or 3 bands either way)."""
-    packaged = package(trained, onnx=fmt == "onnx", gray=gray)  # refuses gray where it means nothing
-    meta = metadata(trained, fmt, gray)
-    with atomic_file(out) as tmp, torch.no_grad():
-        if fmt == "torchscript":
-            # Deprecated in recent torch in favour of torch.export, but still what libtorch (C++) loads.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
-                scripted = torch.jit.script(packaged)
-                torch.jit.save(
-                    scripted,
-                    str(tmp),
-                    _extra_files={CLASS_NAMES_FILE: meta["class_names"], "metadata.json": json.dumps(meta)},
-                )
-        else:
-            _export_onnx(packaged, _example(trained, gray), tmp, meta)
-    return out
-
-
-def _export_onnx(packaged: Packaged, example: torch.Tensor, out: Path, meta: dict[str, str]) -> None:
-    import onnx
-
-    # Batch, height and width are dynamic; the band axis is fixed (PackagedNHWC).
-    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("height"), 2: torch.export.Dim("width")}
-    program = torch.onnx.export(
-        packaged,
-        (example,),
-        None,
-        input_names=["images"],
-        output_names=["probabilities"],
-        dynamic_shapes={"images": dims},
-        dynamo=True,
-        external_data=False,
-        verbose=False,
-    )
-    assert program is not None, "torch.onnx.export(dynamo=True) returns the program"
-    model = program.model_proto
-    for key, value in meta.items():
-        model.metadata_props.add(key=key, value=value)
-    onnx.save_model(model, str(out))
 
 
 def log_model(trained: Trained, registered_model: str | None = None) -> str | None:
@@ -447,7 +265,7 @@ def log_model(trained: Trained, registered_model: str | None = None) -> str | No
     from pipeline import tracking  # here: predict and export need no MLflow
 
     packaged = package(trained, onnx=True)
-    example = _example(trained)  # batch 2 and sizes off image_size: traced with every dimension dynamic
+    example = example_batch(trained)  # batch 2 and sizes off image_size: traced with every dimension dynamic
     signature = ModelSignature(
         inputs=Schema([TensorSpec(example.numpy().dtype, (-1, -1, -1, trained.in_channels))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(trained.classes)))]),
