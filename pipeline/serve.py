@@ -137,13 +137,15 @@ def load_decision(path: Path, trained: Trained) -> Decision | None:
     if not path.is_file():
         return None
     made = Decision.read(path)
-    if made.run_id != trained.run.run_id or made.classes != trained.classes:
+    if made.model_sha256 != trained.run.model_sha256 or made.classes != trained.classes:
         log.warning(
-            "%s was fitted for MLflow run %s, not for this model (run %s): its threshold and conformal "
-            "sets are not applied; rerun the evaluate stage",
+            "%s was fitted for %s, not for this model (sha256 %s): its threshold and conformal sets are "
+            "not applied; rerun the evaluate stage (dvc repro evaluate)",
             path,
-            made.run_id,
-            trained.run.run_id,
+            f"the model with sha256 {made.model_sha256}"
+            if made.model_sha256
+            else "an MLflow run (a decision.json from before model_sha256)",
+            trained.run.model_sha256 or "unrecorded",
         )
         return None
     if warning := made.coverage_warning():
@@ -382,15 +384,16 @@ def metadata(trained: Trained, fmt: Format, gray: bool = False) -> dict[str, str
         "input": f"{dtype} images, {layout}, any H and W; resized to {trained.image_size} px inside",
         "output": "class probabilities (N, classes), in class_names order",
         "arch": trained.run.arch,
-        "mlflow_run_id": trained.run.run_id,
+        "model_sha256": trained.run.model_sha256,  # its MLflow runs carry it as the tag model.sha256
     }
 
 
-def export(trained: Trained, fmt: Format, out: Path, gray: bool = False) -> Path:
+def export(trained: Trained, fmt: Format, out: Path, gray: bool = False, run_id: str | None = None) -> Path:
     """Write the :class:`Packaged` model as TorchScript or ONNX to ``out`` (replaced only on success); ``gray``:
-    an ONNX file of an RGB model that takes one band (TorchScript takes 1 or 3 bands either way)."""
+    an ONNX file of an RGB model that takes one band (TorchScript takes 1 or 3 bands either way); ``run_id``:
+    the MLflow train run of the model, recorded as ``mlflow_run_id`` beside its sha256."""
     packaged = package(trained, onnx=fmt == "onnx", gray=gray)  # refuses gray where it means nothing
-    meta = metadata(trained, fmt, gray)
+    meta = metadata(trained, fmt, gray) | ({"mlflow_run_id": run_id} if run_id else {})
     with atomic_file(out) as tmp, torch.no_grad():
         if fmt == "torchscript":
             # Deprecated in recent torch in favour of torch.export, but still what libtorch (C++) loads.
