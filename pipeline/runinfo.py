@@ -199,7 +199,7 @@ class Pretrained:
         None  # the last kNN monitor's val accuracy; None when pretrain.knn_every is 0
     )
     starts_from: str = "none"  # pretrain.weights
-    run_id: str | None = None
+    # No MLflow run id: a DVC output holds nothing that differs between two runs of the same inputs.
     pool_digest: str = ""  # of the pool handed to train beside it (train.semi), else empty
 
     def write(self, folder: Path) -> None:
@@ -209,7 +209,8 @@ class Pretrained:
     def read(cls, folder: Path) -> Pretrained:
         path = folder / PRETRAIN_RECORD
         try:
-            return cls(**json.loads(path.read_text()))
+            raw = json.loads(path.read_text())
+            return cls(**{k: v for k, v in raw.items() if k != "run_id"})  # older records named the run
         except (OSError, ValueError, TypeError) as err:
             raise RunInfoError(
                 f"{path}: not a pretrain stage's record ({err}); rerun dvc repro pretrain"

@@ -303,3 +303,17 @@ def test_an_unreadable_last_ckpt_is_reported_and_training_starts_over(
     assert result.epochs_run == tiny_params.train.max_epochs
     assert f"{last} cannot be read" in caplog.text and "starts over" in caplog.text
     assert resume.last_checkpoint() == last  # replaced by a whole one
+
+
+def test_the_pretrain_record_names_no_mlflow_run_and_reads_older_ones(tmp_path):
+    """pretrain.json is a DVC output (data/pretrain): no run id in it; a record from before, with one, still reads."""
+    import dataclasses
+
+    from pipeline.runinfo import PRETRAIN_RECORD, Pretrained
+
+    record = Pretrained(method="simclr", arch="resnet18", in_channels=3, image_size=32, images=28, epochs=2)
+    record.write(tmp_path)
+    assert "run_id" not in json.loads((tmp_path / PRETRAIN_RECORD).read_text())
+    older = dataclasses.asdict(record) | {"run_id": "0123abcd"}
+    (tmp_path / PRETRAIN_RECORD).write_text(json.dumps(older))
+    assert Pretrained.read(tmp_path) == record
