@@ -317,3 +317,21 @@ def test_the_pretrain_record_names_no_mlflow_run_and_reads_older_ones(tmp_path):
     older = dataclasses.asdict(record) | {"run_id": "0123abcd"}
     (tmp_path / PRETRAIN_RECORD).write_text(json.dumps(older))
     assert Pretrained.read(tmp_path) == record
+
+
+def test_a_slimmed_checkpoint_is_the_same_bytes_wherever_it_was_staged(tmp_path):
+    """The shipped checkpoint's bytes (models/ in dvc.lock, run.json's model_sha256) depend on its content only:
+    torch.save names the archive's folder after a path it is given, and the staging file's name is random."""
+    import hashlib
+
+    from pipeline.training.callbacks import slim_checkpoint
+
+    checkpoint = {"state_dict": {"w": torch.arange(6.0)}, "epoch": 3, "optimizer_states": [{"lr": 0.1}]}
+    digests = set()
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        torch.save(checkpoint, tmp_path / name / "best.ckpt")
+        slim_checkpoint(tmp_path / name / "best.ckpt")
+        digests.add(hashlib.sha256((tmp_path / name / "best.ckpt").read_bytes()).hexdigest())
+        assert "optimizer_states" not in torch.load(tmp_path / name / "best.ckpt", weights_only=True)
+    assert len(digests) == 1
