@@ -20,9 +20,10 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from pipeline.errors import PipelineError
+from pipeline.runinfo import MODEL_SHA_TAG
 
 CHAMPION = "champion"
-LINEAGE = ("data.dataset", "data.version", "git.commit", "git.dirty", "dvc.exp_name")
+LINEAGE = ("data.dataset", "data.version", "git.commit", "git.dirty", "dvc.exp_name", MODEL_SHA_TAG)
 EVALUATED = "evaluation.run_id"  # the tag that says a version's test metrics were recorded
 EXPERIMENT = "evaluation.exp_name"  # the DVC experiment of that evaluation, if any
 
@@ -38,7 +39,8 @@ def version_of_run(client: MlflowClient, name: str, run_id: str) -> ModelVersion
 
 
 def tag_trained(client: MlflowClient, name: str, version: str, lineage: Mapping[str, str]) -> None:
-    """A new version's lineage tags (data set, DVC data hash, git commit, DVC experiment) and description."""
+    """A new version's lineage tags (data set, DVC data hash, git commit, DVC experiment, the checkpoints'
+    SHA-256) and description."""
     for key in LINEAGE:
         if key in lineage:
             client.set_model_version_tag(name, version, key, lineage[key])

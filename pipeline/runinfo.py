@@ -9,7 +9,9 @@ Nothing here imports torch: reading what a run produced costs no deep-learning s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,20 @@ PRETRAIN = "pretrain"  # model.weights' value that names the pretrain stage's ou
 PRETRAIN_POOL = (
     "pool.npy"  # in paths.pretrain with train.semi: the pool's kept images, handed to train (a link)
 )
+
+
+MODEL_SHA_TAG = "model.sha256"  # on the MLflow runs and registered versions of a model: its model_sha256
+
+
+def model_sha256(checkpoints: Iterable[Path]) -> str:
+    """The model's identity by content: the SHA-256 of its checkpoint file, or of the fold members' bytes one
+    after the other in order (``cat fold_0.ckpt fold_1.ckpt ... | sha256sum``)."""
+    digest = hashlib.sha256()
+    for path in checkpoints:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def member_name(fold: int) -> str:
@@ -91,9 +107,13 @@ class FoldScore:
 
 @dataclass(frozen=True)
 class RunInfo:
-    """One train stage's model: its MLflow run, checkpoints, scores, weights and preprocessing."""
+    """One train stage's model: its checkpoints and their SHA-256, scores, weights and preprocessing.
 
-    run_id: str
+    No MLflow run id: the file is a DVC output, the same bytes whenever the same inputs train the same weights.
+    The MLflow train run that made the model carries the tag ``model.sha256`` (``tracking.model_run`` finds it).
+    """
+
+    model_sha256: str  # model_sha256() of the checkpoints; "" in a run.json from before 2026-12-07 (run_id)
     arch: str
     classes: tuple[str, ...]
     checkpoints: tuple[str, ...]  # file names in the model folder: one, or one per fold (data.folds)
@@ -124,7 +144,7 @@ class RunInfo:
                 k: tuple(v) if isinstance(v, list) else v for k, v in raw["weights"].items()
             }
             return cls(
-                run_id=raw["run_id"],
+                model_sha256=raw.get("model_sha256", ""),  # older ones named the MLflow run (run_id) instead
                 arch=raw["arch"],
                 classes=tuple(raw["classes"]),
                 checkpoints=tuple(raw["checkpoints"]),
@@ -179,7 +199,7 @@ class Pretrained:
         None  # the last kNN monitor's val accuracy; None when pretrain.knn_every is 0
     )
     starts_from: str = "none"  # pretrain.weights
-    run_id: str | None = None
+    # No MLflow run id: a DVC output holds nothing that differs between two runs of the same inputs.
     pool_digest: str = ""  # of the pool handed to train beside it (train.semi), else empty
 
     def write(self, folder: Path) -> None:
@@ -189,7 +209,8 @@ class Pretrained:
     def read(cls, folder: Path) -> Pretrained:
         path = folder / PRETRAIN_RECORD
         try:
-            return cls(**json.loads(path.read_text()))
+            raw = json.loads(path.read_text())
+            return cls(**{k: v for k, v in raw.items() if k != "run_id"})  # older records named the run
         except (OSError, ValueError, TypeError) as err:
             raise RunInfoError(
                 f"{path}: not a pretrain stage's record ({err}); rerun dvc repro pretrain"

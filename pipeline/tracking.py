@@ -19,12 +19,14 @@ from typing import Any
 import mlflow
 import sqlalchemy
 import yaml
+from mlflow.entities import Run
 
 from pipeline.config import Params, Tracking, as_dict, flatten
 from pipeline.credentials import redact
 from pipeline.data.layout import SHARDS_CSV
 from pipeline.environ import environ
 from pipeline.errors import PipelineError, database_advice, database_error
+from pipeline.runinfo import MODEL_SHA_TAG, RUN_INFO
 
 HELP = """tracking: print the MLflow UI's link to the experiment's runs table (what `make ui` opens): the store
 is --tracking-uri, else $MLFLOW_TRACKING_URI, else mlflow.tracking_uri in params.yaml."""
@@ -207,6 +209,49 @@ def data_version(raw_dir: Path, lock_file: Path = Path("dvc.lock")) -> str:
         if Path(out["path"]) == raw_dir and "md5" in out:
             return out["md5"]
     return "unversioned"
+
+
+# What the pipeline runs: a commit that changes none of these (dvc.lock, the reports, docs) leaves the code's
+# version as it was. The data are not here: their version is the DVC hash (data_version).
+CODE_PATHS = ("pipeline", "params.yaml", "dvc.yaml", "pyproject.toml")
+
+
+def code_version(paths: tuple[str, ...] = CODE_PATHS) -> tuple[str, bool | None]:
+    """The last commit that changed the code the pipeline runs (``paths``), and whether those paths differ from
+    it now (new files under them included); ("unknown", None) outside a git repository.
+
+    Unlike HEAD, it stays the same when a later commit only records outputs (dvc.lock, reports/), so a report
+    that names it is the same bytes in a fresh clone of either commit.
+    """
+    commit = _git("log", "-1", "--format=%H", "--", *paths)
+    status = _git("status", "--porcelain", "--", *paths)
+    return commit or "unknown", None if status is None else bool(status)
+
+
+def model_run(sha256: str) -> Run:
+    """The newest MLflow train run tagged ``model.sha256`` = ``sha256``: the run that trained the model whose
+    checkpoints have that hash (``models/run.json``'s ``model_sha256``), in any experiment of the current store."""
+    uri = mlflow.get_tracking_uri()
+    if not sha256:
+        raise TrackingError(
+            f"{RUN_INFO}: records no model_sha256 (written before 2026-12-07, when it named the MLflow run): "
+            "rerun the train stage (dvc repro train)"
+        )
+    found = mlflow.search_runs(
+        filter_string=f"tags.`{MODEL_SHA_TAG}` = '{sha256}' and tags.stage = 'train'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+        search_all_experiments=True,
+    )
+    if not found:
+        raise TrackingError(
+            f"no MLflow train run tagged {MODEL_SHA_TAG} = {sha256} in the store {redact(uri)}: the model in the "
+            "model folder was trained against another store (set MLFLOW_TRACKING_URI or mlflow.tracking_uri "
+            "to it), or its run was deleted; rerun the train stage (dvc repro train -f) to record it here"
+        )
+    run: Run = found[0]
+    return run
 
 
 def lineage_tags(raw_dir: Path, exp_name: str | None) -> dict[str, str]:

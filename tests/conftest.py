@@ -27,7 +27,7 @@ CLASSES = ("alpha", "beta", "gamma")
 def run_info(**changes) -> RunInfo:
     """The run.json a train stage would write for a one-checkpoint resnet18 on 32 px RGB uint8 images."""
     base = RunInfo(
-        run_id="r1",
+        model_sha256="a1" * 32,
         arch="resnet18",
         classes=CLASSES,
         checkpoints=("best.ckpt",),

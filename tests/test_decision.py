@@ -89,7 +89,7 @@ def test_conformal_coverage_matches_theory_on_known_probabilities():
 
 def test_decision_file_round_trips_and_applies_the_cut_and_the_sets(tmp_path):
     made = Decision(
-        run_id="r1",
+        model_sha256="a1" * 32,
         classes=("neg", "pos"),
         selection="val",
         positive_class="pos",
@@ -104,7 +104,7 @@ def test_decision_file_round_trips_and_applies_the_cut_and_the_sets(tmp_path):
     probs = np.array([[0.75, 0.25], [0.65, 0.35], [0.1, 0.9]])
     assert read.predicted(probs).tolist() == [0, 1, 1]
     assert read.sets(probs) == ["neg|pos", "neg|pos", "pos"]
-    assert Decision(run_id="r", classes=("a", "b", "c"), selection="val").sets(probs) is None
+    assert Decision(model_sha256="r", classes=("a", "b", "c"), selection="val").sets(probs) is None
 
 
 def test_a_cut_on_a_multiclass_task_is_refused_and_the_report_shows_both_cuts():
@@ -144,10 +144,10 @@ def test_evaluate_fits_the_decisions_on_val_and_scores_them_on_test():
         settings,
         0,
         val=(images[20:], labels[20:]),
-        run_id="r9",
+        model_sha256="r9",
     )
     val_probs, val_labels = out.selection
-    assert out.decision.run_id == "r9" and out.decision.positive_class == "pos"
+    assert out.decision.model_sha256 == "r9" and out.decision.positive_class == "pos"
     assert out.decision.threshold == choose_threshold(val_probs[:, 1], val_labels == 1, "specificity:0.5")
     assert out.decision.conformal_quantile == conformal_quantile(val_probs, val_labels, 0.2)
     assert {"decision/threshold", "decision_val/specificity", "conformal/coverage"} <= set(out.metrics)

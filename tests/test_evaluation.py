@@ -493,15 +493,12 @@ def test_the_reliability_diagram_shows_each_bins_image_count(tmp_path):
     assert shown == [str(n) for n in table["count"]] and (tmp_path / "r.png").is_file()
 
 
-def test_the_report_is_the_same_for_identical_results_of_another_train_run():
+def test_the_report_names_the_model_by_its_sha256_and_no_run():
     m = metrics.compute_metrics(PROBS, LABELS, CLASSES)
-    first = evaluation.report(m, DATA, PRETRAINED, [], settings=Evaluate(bootstrap=0))
-    assert (
-        evaluation.report(
-            m, DATA, dataclasses.replace(PRETRAINED, run_id="r2"), [], settings=Evaluate(bootstrap=0)
-        )
-        == first
-    )
+    text = evaluation.report(m, DATA, PRETRAINED, [], settings=Evaluate(bootstrap=0))
+    assert f"`model.sha256` = `{PRETRAINED.model_sha256}`" in text and "run_id" not in text
+    other = dataclasses.replace(PRETRAINED, model_sha256="b2" * 32)
+    assert evaluation.report(m, DATA, other, [], settings=Evaluate(bootstrap=0)) != text
 
 
 def test_report_says_which_training_mode_ran():
@@ -540,10 +537,8 @@ def test_report_says_what_was_not_checked_the_native_size_and_the_provenance():
         },
     }
     m = metrics.compute_metrics(PROBS, LABELS, CLASSES)
-    lineage = {"git.commit": "c" * 40, "git.dirty": "false", "data.dataset": "x", "data.version": "f00.dir"}
-    text = evaluation.report(
-        m, data, PRETRAINED, [], settings=Evaluate(bootstrap=0), provenance=lineage | {"date": "2026-12-07"}
-    )
+    lineage = {"code.commit": "c" * 40, "code.dirty": "true", "data.dataset": "x", "data.version": "f00.dir"}
+    text = evaluation.report(m, data, PRETRAINED, [], settings=Evaluate(bootstrap=0), provenance=lineage)
     section = text.split("## Data")[1].split("\n## ")[0]
     assert "leakage across splits: none" not in section  # no group column: nothing was checked per patient
     assert "patient-level separation was **not checked**" in section
@@ -553,11 +548,13 @@ def test_report_says_what_was_not_checked_the_native_size_and_the_provenance():
     provenance = text.split("## Provenance")[1].split("\n## ")[0]
     for expected in (
         "`f00.dir`",
-        "`" + "c" * 40 + "`",
-        "2026-12-07",
+        "| code (git commit) | `" + "c" * 40 + "` with uncommitted changes",
+        f"| model (sha256 of its checkpoints) | `{PRETRAINED.model_sha256}` |",
+        f"its date and MLflow run are in MLflow: the evaluate run tagged `model.sha256` = `{PRETRAINED.model_sha256}`",
         "2 file(s) listed in `data/exclude.csv`",
     ):
         assert expected in provenance
+    assert "evaluated on" not in provenance  # no date: the report is the same bytes for the same inputs
     assert "`1.png`" in provenance
     # The checkpoint is named for what it is: the file best.ckpt holds the last epoch under checkpoint: last.
     last = evaluation.report(m, DATA, run_info(checkpoint="last"), [], settings=Evaluate(bootstrap=0))

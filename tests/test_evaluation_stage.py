@@ -21,6 +21,7 @@ from pipeline.data.ingest import ingest
 from pipeline.data.prepared import load_prepared
 from pipeline.evaluation import decision, plots, reporting
 from pipeline.evaluation import evaluate as evaluation
+from pipeline.runinfo import MODEL_SHA_TAG, model_sha256
 from pipeline.stages import evaluate as stage
 from pipeline.training.model import Classifier
 from tests.conftest import CLASSES, run_info, write_class_folders
@@ -38,8 +39,8 @@ def tiny_params(**evaluate) -> config.Params:
     )
 
 
-def save_untrained_model(params: config.Params, classes: tuple[str, ...], run_id: str) -> None:
-    """A random-init checkpoint in Lightning's format and the run.json the train stage would write."""
+def save_untrained_model(params: config.Params, classes: tuple[str, ...]) -> str:
+    """A random-init checkpoint in Lightning's format and the run.json the train stage would write; its sha256."""
     model = Classifier(params.model, num_classes=len(classes), class_names=classes)
     model_dir = Path(params.paths.model_dir)
     model_dir.mkdir(parents=True)
@@ -51,7 +52,9 @@ def save_untrained_model(params: config.Params, classes: tuple[str, ...], run_id
         },
         model_dir / "best.ckpt",
     )
-    run_info(run_id=run_id, arch=params.model.arch, classes=classes, best_score=1.1).write(model_dir)
+    sha = model_sha256([model_dir / "best.ckpt"])
+    run_info(model_sha256=sha, arch=params.model.arch, classes=classes, best_score=1.1).write(model_dir)
+    return sha
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +69,17 @@ def project(tmp_path_factory):
         write_class_folders(Path(params.paths.raw) / "tiny", per_class=8)
         ingest(Path(params.paths.raw) / "tiny", Path(params.paths.prepared), seed=0, data=params.data)
         tracking.setup(params.mlflow)
-        with mlflow.start_run(run_name="train") as run:
+        sha = save_untrained_model(params, load_prepared(Path(params.paths.prepared)).classes)
+        with mlflow.start_run(run_name="train", tags={"stage": "train", MODEL_SHA_TAG: sha}) as run:
             pass
-        save_untrained_model(params, load_prepared(Path(params.paths.prepared)).classes, run.info.run_id)
+        # A later train run of another model: evaluate must nest under the run tagged with this model's sha.
+        with mlflow.start_run(run_name="train", tags={"stage": "train", MODEL_SHA_TAG: "0" * 64}):
+            pass
         stage.main(params, argparse.Namespace())
         try:
             yield root, params, run.info.run_id
         finally:
-            mlflow.set_tracking_uri(previous_uri)
+            tracking.use_tracking_uri(previous_uri)  # set_tracking_uri would export $MLFLOW_TRACKING_URI
 
 
 def all_metrics(params) -> dict:
@@ -202,6 +208,12 @@ def test_each_evaluation_is_a_run_nested_under_the_train_run_with_the_same_names
     ):
         assert logged[name] == pytest.approx(metrics[name])
     assert first.data.tags["data.dataset"] == "tiny" and first.data.params["evaluate.threshold"] == "0.5"
+    # Found by the model's sha256 (run.json names no run), not the newest train run; the report points here.
+    sha = model_sha256([Path(params.paths.model_dir) / "best.ckpt"])
+    assert first.data.tags[MODEL_SHA_TAG] == sha and "run_id" not in json.loads(
+        Path(params.paths.model_dir, "run.json").read_text()
+    )
+    assert not evaluation_runs(tracking.model_run("0" * 64).info.run_id)  # the decoy got nothing
     assert not mlflow.MlflowClient().get_run(run_id).data.metrics  # the train run's record is its own
     listed = {a.path for a in mlflow.MlflowClient().list_artifacts(first.info.run_id, "evaluation")}
     assert {
@@ -260,6 +272,32 @@ def test_report_warns_and_embeds_the_plots(project):
     assert report.read_text() == text
 
 
+def test_the_report_is_the_same_bytes_for_the_same_inputs_and_says_where_its_date_and_run_are(project):
+    """The report is a DVC output: no date and no MLflow run id in it (dvc.lock reproduces in a fresh clone);
+    its provenance names the model's sha256, under which MLflow holds the evaluation's date and run."""
+    _, params, run_id = project
+    first = Path(params.paths.report).read_text()
+    provenance = first[first.index("## Provenance") :].split("\n## ")[0]
+    sha = model_sha256([Path(params.paths.model_dir) / "best.ckpt"])
+    assert f"`{MODEL_SHA_TAG}` = `{sha}`" in provenance and "| code (git commit) |" in provenance
+    assert re.search(r"\d{4}-\d{2}-\d{2}", first) is None and run_id not in first
+    for latest in evaluation_runs(run_id):
+        assert latest.info.run_id not in first
+    stage.main(params, argparse.Namespace())
+    assert Path(params.paths.report).read_text() == first
+
+
+def test_evaluate_names_the_sha_and_store_when_no_train_run_has_the_model(project, monkeypatch, tmp_path):
+    _, params, _ = project
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    sha = model_sha256([Path(params.paths.model_dir) / "best.ckpt"])
+    with pytest.raises(
+        tracking.TrackingError, match=f"{MODEL_SHA_TAG} = {sha} in the store sqlite:///.*other.db"
+    ):
+        stage.main(params, argparse.Namespace())
+    tracking.use_tracking_uri(f"sqlite:///{Path.cwd() / 'mlflow.db'}")  # as set_tracking_uri, env untouched
+
+
 def test_a_positive_class_on_a_multiclass_set_fails_before_any_work(project):
     _, params, _ = project
     before = Path(params.paths.metrics).stat().st_mtime_ns
@@ -276,7 +314,7 @@ def test_dvc_plots_output_is_git_ignored():
 
 
 def test_label_audit_and_decision_are_written_for_the_validation_split(project):
-    _, params, run_id = project
+    _, params, _ = project
     table = pd.read_csv(params.paths.label_audit)
     val = load_prepared(Path(params.paths.prepared)).split("val")
     assert list(table.columns) == ["path", "given", "suggested", "score", "issue"]
@@ -286,7 +324,9 @@ def test_label_audit_and_decision_are_written_for_the_validation_split(project):
     assert (Path(params.paths.plots) / "label_audit.png").stat().st_size > 1000
     made = decision.Decision.read(params.paths.decision)
     assert (
-        made.run_id == run_id and made.threshold is None and made.conformal_quantile is None
+        made.model_sha256 == model_sha256([Path(params.paths.model_dir) / "best.ckpt"])
+        and made.threshold is None
+        and made.conformal_quantile is None
     )  # 3 classes, off
 
 

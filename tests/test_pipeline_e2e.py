@@ -11,6 +11,7 @@ import mlflow
 import pytest
 import yaml
 
+from pipeline import tracking
 from tests.conftest import kill_when_ready
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,6 +112,8 @@ def test_mlflow_holds_tune_trials_and_one_train_run_with_lineage(repo):
     (version,) = client.search_model_versions("name = 'pipeline-demo'")
     assert version.run_id == train.info.run_id and version.tags["data.version"] == demo_hash
     assert version.tags["git.commit"] == head and version.tags["evaluation.run_id"] == evaluated.info.run_id
+    sha = json.loads((root / "models" / "run.json").read_text())["model_sha256"]
+    assert version.tags["model.sha256"] == train.data.tags["model.sha256"] == sha
     assert float(version.tags["test/accuracy"]) == pytest.approx(
         evaluated.data.metrics["test/accuracy"], abs=1e-4
     )
@@ -256,7 +259,8 @@ def test_a_killed_training_run_resumes_in_the_same_mlflow_run(repo):
     out = sh([sys.executable, "-m", "pipeline", "train"], root, env)
     assert f"resuming MLflow run {first_run}" in out
     info = json.loads((root / "models" / "run.json").read_text())
-    assert info["run_id"] == first_run and info["epochs_run"] == epochs
+    assert info["epochs_run"] == epochs and "run_id" not in info
+    assert tracking.model_run(info["model_sha256"]).info.run_id == first_run  # the resumed run has the tag
     assert not resume.exists()
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     run = mlflow.get_run(first_run)

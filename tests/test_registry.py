@@ -11,7 +11,9 @@ from pipeline import config, registry, tracking
 from pipeline.__main__ import main as cli
 from tests.conftest import run_info
 
+SHA = "5e" * 32  # the trained model's sha256 (run.json), tagged on its train run and version
 LINEAGE = {
+    "model.sha256": SHA,
     "git.commit": "a" * 40,
     "git.dirty": "false",
     "data.dataset": "xray",
@@ -34,7 +36,7 @@ def store(tmp_path, monkeypatch):
 
 def new_version(client: mlflow.MlflowClient, name: str) -> tuple[str, str]:
     """A train run and the registry version it registered (as log_model's registered_model_name does)."""
-    with mlflow.start_run() as run:
+    with mlflow.start_run(tags={"stage": "train", "model.sha256": SHA}) as run:
         mlflow.log_text("weights", "model/weights.txt")
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name)
@@ -76,7 +78,7 @@ def test_versions_carry_lineage_then_metrics_and_only_promote_moves_the_alias(st
     assert {k: tags[k] for k in registry.LINEAGE} == LINEAGE
     assert "abc123.dir" in client.get_model_version(name, version).description
     Path("models").mkdir()
-    run_info(run_id=run_id).write(Path("models"))  # the trained model promote looks up by default
+    run_info(model_sha256=SHA).write(Path("models"))  # promote finds its train run by this tag
     Path("reports").mkdir()
     committed = {"test/accuracy": 0.91234, "test/sensitivity": 0.8}
     Path("reports/metrics.json").write_text(json.dumps(committed | {"weights/pretrained": True}))

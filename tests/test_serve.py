@@ -16,7 +16,7 @@ from pipeline import config, tracking
 from pipeline.__main__ import main
 from pipeline.data.ingest import ingest
 from pipeline.data.prepared import load_prepared
-from pipeline.runinfo import Preprocessing
+from pipeline.runinfo import Preprocessing, RunInfo, model_sha256
 from pipeline.serve import export, predict, shipped
 from pipeline.training.fit import datamodule, fit
 from pipeline.training.model import Classifier
@@ -25,7 +25,7 @@ from tests.conftest import CLASSES, run_info, write_class_folders
 RAW_SIZE, SIZE = 40, 32  # files are 40 px: predict and the exports must resize them as ingest did
 
 
-def train_tiny(root: Path, prepared, channels: str, run_id: str) -> None:
+def train_tiny(root: Path, prepared, channels: str) -> None:
     """A one-epoch model in root/models, with the run.json the train stage would write for it."""
     params = config.parse(
         {
@@ -38,7 +38,7 @@ def train_tiny(root: Path, prepared, channels: str, run_id: str) -> None:
     (root / "models").mkdir()
     shutil.copy2(result.best_checkpoint, root / "models" / "best.ckpt")
     run_info(
-        run_id=run_id,
+        model_sha256=model_sha256([root / "models" / "best.ckpt"]),
         classes=prepared.classes,
         preprocessing=Preprocessing(image_size=SIZE, channels=channels, dicom_window=None, dtype="uint8"),
     ).write(root / "models")
@@ -51,9 +51,17 @@ def project(tmp_path_factory) -> Path:
     raw = write_class_folders(root / "raw", per_class=6, size=RAW_SIZE)
     ingest(raw, root / "prepared", seed=0, image_size=SIZE, val_fraction=0.25, test_fraction=0.25)
     prepared = load_prepared(root / "prepared")
-    train_tiny(root, prepared, "rgb", "r0")
+    train_tiny(root, prepared, "rgb")
     (root / "params.yaml").write_text(
-        yaml.safe_dump({"paths": {"model_dir": str(root / "models"), "exports": str(root / "exports")}})
+        yaml.safe_dump(
+            {
+                "paths": {"model_dir": str(root / "models"), "exports": str(root / "exports")},
+                "mlflow": {
+                    "tracking_uri": f"sqlite:///{root}/mlflow.db",
+                    "artifact_root": str(root / "mlartifacts"),
+                },
+            }
+        )
     )
     return root
 
@@ -162,6 +170,38 @@ def test_export_writes_to_paths_exports_by_default(project, monkeypatch):
     assert (project / "exports" / "model.pt").stat().st_size > 1_000_000
 
 
+def test_export_records_the_models_sha256_and_the_train_run_tagged_with_it(
+    project, tmp_path, capsys, monkeypatch
+):
+    """run.json names no MLflow run: export finds the train run by its model.sha256 tag, and without one in the
+    store says so and records the sha256 alone."""
+    import onnx
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's params.yaml names its store
+    sha = RunInfo.read(project / "models").model_sha256
+    assert sha == model_sha256([project / "models" / "best.ckpt"])
+    out = tmp_path / "m.onnx"
+    assert cli(project, "export", "--format", "onnx", "--out", str(out)) == 0
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["model_sha256"] == sha and "mlflow_run_id" not in meta
+    assert f"no MLflow train run tagged model.sha256 = {sha}" in capsys.readouterr().out
+    previous = mlflow.get_tracking_uri()
+    try:
+        store = config.Tracking(
+            tracking_uri=f"sqlite:///{project}/mlflow.db", artifact_root=str(project / "mlartifacts")
+        )
+        tracking.setup(store)
+        with mlflow.start_run(tags={"stage": "train", "model.sha256": sha}) as run:
+            pass
+        with mlflow.start_run(tags={"stage": "train", "model.sha256": "0" * 64}):  # a later, other model
+            pass
+        assert cli(project, "export", "--format", "onnx", "--out", str(out)) == 0
+    finally:
+        tracking.use_tracking_uri(previous)
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["model_sha256"] == sha and meta["mlflow_run_id"] == run.info.run_id
+
+
 def _probabilities(model: Classifier, cached: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.from_numpy(np.ascontiguousarray(cached.transpose(0, 3, 1, 2)))).softmax(-1).numpy()
@@ -209,7 +249,7 @@ def banded(request, tmp_path_factory) -> tuple[shipped.Trained, np.ndarray, list
     data = config.Data(image_size=SIZE, val_fraction=0.25, test_fraction=0.25, channels="keep")
     ingest(root / "raw", root / "prepared", seed=0, data=data)
     prepared = load_prepared(root / "prepared")
-    train_tiny(root, prepared, "keep", "r1")
+    train_tiny(root, prepared, "keep")
     rows = prepared.table.iloc[:4]
     return (
         shipped.load_trained(root / "models"),
@@ -284,8 +324,9 @@ def test_predict_writes_conformal_sets_of_this_models_decision_only(project, tmp
     from pipeline.evaluation.decision import Decision
 
     src, out = project / "raw" / "alpha", tmp_path / "preds.csv"
+    sha = RunInfo.read(project / "models").model_sha256
     made = Decision(
-        run_id="r0", classes=CLASSES, selection="val", conformal_alpha=0.1, conformal_quantile=0.6
+        model_sha256=sha, classes=CLASSES, selection="val", conformal_alpha=0.1, conformal_quantile=0.6
     )
     made.write(tmp_path / "decision.json")
     assert (
@@ -299,19 +340,33 @@ def test_predict_writes_conformal_sets_of_this_models_decision_only(project, tmp
         "|".join(c for c, p in zip(CLASSES, row, strict=True) if p >= 1 - 0.6 - 1e-6) for row in probs
     ]
     assert list(table["set"]) == expected
-    Decision(run_id="another", classes=CLASSES, selection="val", conformal_quantile=0.6).write(
-        tmp_path / "old.json"
+    Decision(model_sha256="0" * 64, classes=CLASSES, selection="val", conformal_quantile=0.6).write(
+        tmp_path / "other.json"
     )
-    assert cli(project, "predict", str(src), "--out", str(out), "--decision", str(tmp_path / "old.json")) == 0
+    assert (
+        cli(project, "predict", str(src), "--out", str(out), "--decision", str(tmp_path / "other.json")) == 0
+    )
     assert "set" not in pd.read_csv(out).columns and "not for this model" in caplog.text
+    assert f"the model with sha256 {'0' * 64}" in caplog.text and "dvc repro evaluate" in caplog.text
     assert "coverage" not in caplog.text  # the first decision measured no coverage: nothing to warn about
+    caplog.clear()
+    # A decision.json from before model_sha256 named the MLflow run: ignored the same way, with the fix.
+    old = json.loads((tmp_path / "decision.json").read_text())
+    old.pop("model_sha256")
+    (tmp_path / "old.json").write_text(json.dumps(old | {"run_id": "r0"}))
+    assert cli(project, "predict", str(src), "--out", str(out), "--decision", str(tmp_path / "old.json")) == 0
+    assert "set" not in pd.read_csv(out).columns and "a decision.json from before model_sha256" in caplog.text
+    assert "not for this model" in caplog.text and "dvc repro evaluate" in caplog.text
 
 
 def test_predict_warns_when_the_sets_missed_their_level_on_test(project, tmp_path, caplog):
     from pipeline.evaluation.decision import Decision
 
     src, out = project / "raw" / "alpha", tmp_path / "preds.csv"
-    covered = dict(run_id="r0", classes=CLASSES, selection="val", conformal_alpha=0.1, conformal_quantile=0.6)
+    sha = RunInfo.read(project / "models").model_sha256
+    covered = dict(
+        model_sha256=sha, classes=CLASSES, selection="val", conformal_alpha=0.1, conformal_quantile=0.6
+    )
     Decision(**covered, test_coverage=0.8, test_coverage_ci_low=0.71, test_coverage_ci_high=0.878).write(
         tmp_path / "under.json"
     )
@@ -401,7 +456,7 @@ def test_a_damaged_model_folder_or_decision_is_one_error_line(project, tmp_path,
         checkpoint["hyper_parameters"]["arch"] = "resnet34"
         torch.save(checkpoint, models / "best.ckpt")
     elif damage == "run.json":
-        (models / "run.json").write_text('{"run_id": "r0", "classes": ')
+        (models / "run.json").write_text('{"model_sha256": "0", "classes": ')
     else:
         decision.write_text("[1, 2]")
     argv = ["predict", str(project / "raw"), "--out", str(tmp_path / "p.csv"), "--model-dir", str(models)]

@@ -53,6 +53,69 @@ def test_lineage_tags_in_a_git_repo(tmp_path, monkeypatch):
     assert tracking.lineage_tags(tmp_path / "x", None)["git.dirty"] == "true"
 
 
+def test_the_code_version_is_the_last_commit_of_the_code_not_of_the_outputs(tmp_path, monkeypatch):
+    """The report names the commit of what the pipeline runs: a later commit of dvc.lock or reports/ (the demo's
+    outputs recorded) leaves it as it was, so a fresh clone's make demo writes the same report."""
+    monkeypatch.chdir(tmp_path)
+    env = os.environ | {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t"}
+    env |= {"GIT_COMMITTER_EMAIL": "t@t"}
+
+    def run(*a: str) -> str:
+        return subprocess.run(["git", *a], check=True, capture_output=True, text=True, env=env).stdout.strip()
+
+    run("init", "-q")
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "stage.py").write_text("1")
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    run("add", ".")
+    run("commit", "-qm", "code")
+    code = run("rev-parse", "HEAD")
+    (tmp_path / "dvc.lock").write_text("stages: {}\n")
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "report.md").write_text("# r\n")
+    run("add", ".")
+    run("commit", "-qm", "outputs")
+    assert run("rev-parse", "HEAD") != code
+    assert tracking.code_version() == (code, False)
+    (tmp_path / "dvc.lock").write_text("stages: {x: 1}\n")  # outputs changing: still the clean code
+    assert tracking.code_version() == (code, False)
+    (tmp_path / "params.yaml").write_text("seed: 1\n")
+    assert tracking.code_version() == (code, True)
+    run("checkout", "-q", "params.yaml")
+    (tmp_path / "pipeline" / "new.py").write_text("2")  # a new module not yet committed
+    assert tracking.code_version() == (code, True)
+    monkeypatch.chdir(tmp_path.parent)  # no repository here
+    assert tracking.code_version() == ("unknown", None)
+
+
+def test_model_run_is_the_newest_train_run_tagged_with_the_sha_and_names_both_when_none(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    previous = mlflow.get_tracking_uri()
+    try:
+        tracking.setup(config.Tracking(tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment="e"))
+        sha = "ab" * 32
+        with mlflow.start_run(tags={"stage": "train", "model.sha256": sha}):
+            pass
+        with (
+            mlflow.start_run(tags={"stage": "train", "model.sha256": sha}) as newest,
+            mlflow.start_run(nested=True, tags={"stage": "evaluate", "model.sha256": sha}),
+        ):
+            pass
+        with mlflow.start_run(tags={"stage": "train", "model.sha256": "cd" * 32}):
+            pass
+        assert tracking.model_run(sha).info.run_id == newest.info.run_id
+        with pytest.raises(
+            tracking.TrackingError, match=f"model.sha256 = {'ef' * 32} in the store sqlite:///{tmp_path}/m.db"
+        ):
+            tracking.model_run("ef" * 32)
+        with pytest.raises(tracking.TrackingError, match=r"records no model_sha256.*dvc repro train"):
+            tracking.model_run("")
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def test_setup_creates_a_training_experiment_with_local_artifacts(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = config.Tracking(tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment="e", artifact_root="arts")

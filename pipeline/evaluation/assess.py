@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from pipeline.evaluation import audit, decision, explain, rounds
 from pipeline.evaluation import evaluate as evaluation
 from pipeline.evaluation.reporting import split_headline
 from pipeline.fsutil import atomic_dir, atomic_file, write_json
+from pipeline.runinfo import MODEL_SHA_TAG
 from pipeline.serve.shipped import load_trained
 from pipeline.training.oof import cv_metrics, load_oof, oof_logits
 
@@ -40,7 +40,7 @@ def split_arrays(prepared: Prepared, split: str) -> tuple[Rows, np.ndarray]:
 class Assessment:
     """What the evaluate stage writes, computed and held until every part succeeded."""
 
-    run_id: str
+    model_sha256: str  # the evaluated model's (run.json): its MLflow train run carries it as a tag
     arch: str
     classes: tuple[str, ...]
     labels: np.ndarray  # of the test split
@@ -80,7 +80,7 @@ def assess(params: Params, earlier_rounds: pd.DataFrame | None = None) -> Assess
         tta,
         val=split_arrays(prepared, "val"),
         held_out=held_out,
-        run_id=run.run_id,
+        model_sha256=run.model_sha256,
     )
     if result.selection is None or result.decision is None:  # evaluate() fits both whenever it has val
         raise RuntimeError("evaluation.evaluate returned no selection set or decision")
@@ -132,11 +132,10 @@ def assess(params: Params, earlier_rounds: pd.DataFrame | None = None) -> Assess
         settings=settings,
         hparams=dict(model.hparams),
         extra=sections,
-        provenance=tracking.lineage_tags(Path(paths.raw) / params.data.dataset, None)
-        | {"date": datetime.now(UTC).date().isoformat()},
+        provenance=provenance(params),
     )
     return Assessment(
-        run.run_id,
+        run.model_sha256,
         run.arch,
         prepared.classes,
         labels,
@@ -148,6 +147,24 @@ def assess(params: Params, earlier_rounds: pd.DataFrame | None = None) -> Assess
         curve,
         report,
     )
+
+
+def provenance(params: Params) -> dict[str, str]:
+    """The report's provenance: the data set and its DVC hash, the commit of the code the pipeline runs.
+
+    Nothing that differs between two runs of the same inputs (the date, MLflow run ids, HEAD when a later
+    commit only recorded outputs): the report is a DVC output, and dvc.lock must come out the same in a fresh
+    clone. The evaluation's date and run are in MLflow, under the model's sha256 tag.
+    """
+    raw_dir = Path(params.paths.raw) / params.data.dataset
+    commit, dirty = tracking.code_version()
+    return {
+        "data.dataset": raw_dir.name,
+        "data.version": tracking.data_version(raw_dir),
+        "code.commit": commit,
+        "code.dirty": "unknown" if dirty is None else str(dirty).lower(),
+        "code.paths": ", ".join(f"`{path}`" for path in tracking.CODE_PATHS),
+    }
 
 
 def write(paths: Paths, done: Assessment, ece_bins: int) -> None:
@@ -194,9 +211,14 @@ def log(params: Params, done: Assessment, tags: dict[str, str]) -> str:
     run registered gets the headline metrics (``pipeline.registry``).
     """
     paths = params.paths
-    with mlflow.start_run(run_id=done.run_id) as parent:
+    trained = tracking.model_run(done.model_sha256)  # run.json names no run: the tag on the run finds it
+    with mlflow.start_run(run_id=trained.info.run_id) as parent:
         name = tracking.run_name("evaluate", done.arch, tags)
-        stage = {"stage": "evaluate", "evaluate.threshold": str(params.evaluate.threshold)}
+        stage = {
+            "stage": "evaluate",
+            "evaluate.threshold": str(params.evaluate.threshold),
+            MODEL_SHA_TAG: done.model_sha256,  # the report's pointer to this record: its date and run
+        }
         with mlflow.start_run(run_name=name, nested=True, tags=tags | stage) as child:
             mlflow.log_params(
                 {k: "" if v is None else v for k, v in flatten(params).items() if k.startswith("evaluate.")}

@@ -167,7 +167,7 @@ def conformal_metrics(
 class Decision:
     """What evaluate decided on the selection set, for predict: written to ``paths.decision``."""
 
-    run_id: str  # the model it was fitted for (predict ignores a decision of another model)
+    model_sha256: str  # the model it was fitted for (run.json's; predict ignores a decision of another model)
     classes: tuple[str, ...]
     selection: str  # which predictions it was fitted on, e.g. 'val'
     positive_class: str | None = None  # binary tasks
@@ -197,6 +197,9 @@ class Decision:
     def read(cls, path: str | Path) -> Decision:
         try:
             raw = json.loads(Path(path).read_text())
+            # From before 2026-12-07, when it named the MLflow run: read as fitted for no known model (ignored).
+            if "model_sha256" not in raw and "run_id" in raw:
+                raw = {k: v for k, v in raw.items() if k != "run_id"} | {"model_sha256": ""}
             return cls(**raw | {"classes": tuple(raw["classes"])})
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise DecisionError(
@@ -264,7 +267,7 @@ def decide(
     settings: Evaluate,
     seed: int,
     *,
-    run_id: str = "",
+    model_sha256: str = "",
     selection_name: str = "val",
 ) -> tuple[Decision, dict[str, float]]:
     """Fit the threshold and the conformal quantile on ``selection`` (probs, labels); score them on ``test``.
@@ -315,7 +318,7 @@ def decide(
     if positive is not None and threshold is not None:
         metrics |= operating_point(test_probs, test_labels, positive, threshold)
     decision = Decision(
-        run_id=run_id,
+        model_sha256=model_sha256,
         classes=tuple(class_names),
         selection=selection_name,
         positive_class=None if positive is None else class_names[positive],

@@ -72,7 +72,7 @@ def evaluate(
     tta: Sequence[A.BasicTransform] = (),
     val: tuple[Images, np.ndarray] | None = None,
     held_out: tuple[np.ndarray, np.ndarray] | None = None,
-    run_id: str = "",
+    model_sha256: str = "",
 ) -> Evaluation:
     """Test-split predictions and every metric.
 
@@ -109,7 +109,7 @@ def evaluate(
     made = None
     if selection is not None:
         made, decided = decide(
-            selection, (probs, labels), class_names, positive, settings, seed, run_id=run_id
+            selection, (probs, labels), class_names, positive, settings, seed, model_sha256=model_sha256
         )
         metrics |= decided
     return Evaluation(probs, calibrated, metrics, selection, made)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
@@ -15,9 +15,7 @@ from pipeline.evaluation import decision
 from pipeline.evaluation.calibration import TEMPERATURE_BOUNDS
 from pipeline.evaluation.metrics import BINARY, CALIBRATION, HEADLINE, PER_CLASS
 from pipeline.evaluation.scoring import positive_index
-
-if TYPE_CHECKING:  # not imported: run.json sits above the model, which imports this package's metrics
-    from pipeline.runinfo import RunInfo
+from pipeline.runinfo import MODEL_SHA_TAG, RunInfo  # imports no torch
 
 # The metrics file DVC shows by default (`dvc metrics show`, `dvc exp show`): what runs are compared on. Every
 # other number (intervals, per class, calibration details) is in paths.metrics_detail, and all are in MLflow.
@@ -222,8 +220,11 @@ def _sizes(data_report: Mapping[str, Any]) -> str:
     return f"resized to {side} px{why} from native sizes {shown} ({how})"
 
 
-def _provenance_section(data_report: Mapping[str, Any], provenance: Mapping[str, str]) -> list[str]:
-    """Which data, code and day produced these numbers, and which files were left out (``data.exclude``)."""
+def _provenance_section(
+    data_report: Mapping[str, Any], provenance: Mapping[str, str], sha256: str
+) -> list[str]:
+    """Which data, model and code produced these numbers, where their MLflow record is, and which files were
+    left out (``data.exclude``)."""
     excluded = data_report.get("excluded") or {}
     left_out = (
         f"{excluded.get('n', 0)} file(s) listed in `{excluded['file']}` (data.exclude)"
@@ -236,13 +237,21 @@ def _provenance_section(data_report: Mapping[str, Any], provenance: Mapping[str,
         if excluded.get("file")
         else "none (data.exclude is null)"
     )
-    dirty = provenance.get("git.dirty") == "true"
+    dirty = provenance.get("code.dirty") == "true"
     rows = {
         "data set": f"`{provenance.get('data.dataset', Path(str(data_report['source'])).name)}`",
         "data version (DVC hash)": f"`{provenance.get('data.version', 'unknown')}`",
-        "git commit": f"`{provenance.get('git.commit', 'unknown')}`"
-        + (" with uncommitted changes" if dirty else ""),
-        "evaluated on": provenance.get("date", "unknown"),
+        "model (sha256 of its checkpoints)": f"`{sha256 or 'unrecorded'}`",
+        "code (git commit)": f"`{provenance.get('code.commit', 'unknown')}`"
+        + (" with uncommitted changes" if dirty else "")
+        + (
+            f" (the last commit that changed {provenance['code.paths']})"
+            if "code.paths" in provenance
+            else ""
+        ),
+        # No date, no run id: this file is a DVC output, the same bytes for the same inputs (dvc.lock too).
+        "evaluation record": f"its date and MLflow run are in MLflow: the evaluate run tagged "
+        f"`{MODEL_SHA_TAG}` = `{sha256 or 'unrecorded'}`, nested under the train run with that tag",
         "files excluded": left_out,
     }
     return [
@@ -415,8 +424,8 @@ def report(
             else f"the weights of its {run.checkpoint} training epoch (train.checkpoint: {run.checkpoint}), "
             f"in the file `{run.checkpoints[0]}` whichever epoch is kept"
         )
-        + ". Its MLflow train run: `run_id` in models/run.json; this report is logged to an evaluate run "
-        "nested under it.",
+        + f". Its MLflow train run carries the tag `{MODEL_SHA_TAG}` (see Provenance); this report is logged to an "
+        "evaluate run nested under it.",
         "",
         "## Warnings",
         "",
@@ -446,7 +455,7 @@ def report(
         per_class.to_markdown(floatfmt=("", ".3f", ".3f", ".3f", ".3f", ".0f"), missingval="—"),
         "",  # support: a count
         *_data_section(data_report),
-        *_provenance_section(data_report, provenance or {}),
+        *_provenance_section(data_report, provenance or {}, run.model_sha256),
         *_settings_section(classes, run, settings, hparams or {}, tta),
         "## Plots",
         "",

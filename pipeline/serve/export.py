@@ -17,11 +17,12 @@ CLASS_NAMES_FILE = "class_names.json"  # TorchScript extra file
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
 
 
-def export(trained: Trained, fmt: Format, out: Path, gray: bool = False) -> Path:
+def export(trained: Trained, fmt: Format, out: Path, gray: bool = False, run_id: str | None = None) -> Path:
     """Write the :class:`Packaged` model as TorchScript or ONNX to ``out`` (replaced only on success); ``gray``:
-    an ONNX file of an RGB model that takes one band (TorchScript takes 1 or 3 bands either way)."""
+    an ONNX file of an RGB model that takes one band (TorchScript takes 1 or 3 bands either way); ``run_id``:
+    the MLflow train run of the model, recorded as ``mlflow_run_id`` beside its sha256."""
     packaged = package(trained, onnx=fmt == "onnx", gray=gray)  # refuses gray where it means nothing
-    meta = metadata(trained, fmt, gray)
+    meta = metadata(trained, fmt, gray) | ({"mlflow_run_id": run_id} if run_id else {})
     with atomic_file(out) as tmp, torch.no_grad():
         if fmt == "torchscript":
             # Deprecated in recent torch in favour of torch.export, but still what libtorch (C++) loads.

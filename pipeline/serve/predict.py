@@ -68,13 +68,15 @@ def load_decision(path: Path, trained: Trained) -> Decision | None:
     if not path.is_file():
         return None
     made = Decision.read(path)
-    if made.run_id != trained.run.run_id or made.classes != trained.classes:
+    if made.model_sha256 != trained.run.model_sha256 or made.classes != trained.classes:
         log.warning(
-            "%s was fitted for MLflow run %s, not for this model (run %s): its threshold and conformal "
-            "sets are not applied; rerun the evaluate stage",
+            "%s was fitted for %s, not for this model (sha256 %s): its threshold and conformal sets are "
+            "not applied; rerun the evaluate stage (dvc repro evaluate)",
             path,
-            made.run_id,
-            trained.run.run_id,
+            f"the model with sha256 {made.model_sha256}"
+            if made.model_sha256
+            else "an MLflow run (a decision.json from before model_sha256)",
+            trained.run.model_sha256 or "unrecorded",
         )
         return None
     if warning := made.coverage_warning():

@@ -246,7 +246,7 @@ def metadata(trained: Trained, fmt: Format, gray: bool = False) -> dict[str, str
         "input": f"{dtype} images, {layout}, any H and W; resized to {trained.image_size} px inside",
         "output": "class probabilities (N, classes), in class_names order",
         "arch": trained.run.arch,
-        "mlflow_run_id": trained.run.run_id,
+        "model_sha256": trained.run.model_sha256,  # its MLflow runs carry it as the tag model.sha256
     }
 
 

@@ -31,5 +31,5 @@ def main(params: Params, args: argparse.Namespace) -> None:
         knn = "" if record.knn_accuracy is None else f", val kNN accuracy {record.knn_accuracy:.3f}"
         print(
             f"pretrain: {record.method}, {record.epochs} epochs on {record.images} images, loss "
-            f"{record.final_loss:.4f}{knn} -> {params.paths.pretrain}; MLflow run {record.run_id}"
+            f"{record.final_loss:.4f}{knn} -> {params.paths.pretrain} (MLflow: the run tagged stage pretrain)"
         )

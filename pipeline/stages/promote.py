@@ -1,6 +1,7 @@
 """promote [--version N] [--alias NAME]: point the registered model's alias (default 'champion') at a version.
 
-Default: the version registered by the train run of the model in paths.model_dir (models/run.json), its
+Default: the version registered by the train run of the model in paths.model_dir (the MLflow run tagged
+model.sha256 with models/run.json's model_sha256), its
 test-metric tags set from the evaluate run that wrote the workspace's paths.metrics (the evaluation whose
 decision predict applies, not a later evaluate-only experiment's). Serving loads models:/<name>@champion, never
 'latest' (which is whatever trained last, a throwaway experiment included): this command is the only step
@@ -11,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pipeline import registry
+from pipeline import registry, tracking
 from pipeline.config import ConfigError, Params
 from pipeline.runinfo import RUN_INFO, RunInfo
 from pipeline.stages import stage_input
@@ -35,11 +36,14 @@ def main(params: Params, args: argparse.Namespace) -> None:
     run_id = None
     if args.version is None:
         model_dir = args.model_dir or Path(params.paths.model_dir)
-        run_id = RunInfo.read(stage_input(model_dir / RUN_INFO, "paths.model_dir", "train").parent).run_id
+        sha256 = RunInfo.read(
+            stage_input(model_dir / RUN_INFO, "paths.model_dir", "train").parent
+        ).model_sha256
         metrics = stage_input(params.paths.metrics, "paths.metrics", "evaluate")
     open_tracking(params)
     client = MlflowClient()
-    if run_id is not None:
+    if args.version is None:
+        run_id = tracking.model_run(sha256).info.run_id  # the train run tagged with the model's sha256
         headline = json.loads(metrics.read_text())
         evaluation = registry.evaluation_of(client, run_id, headline)
         if evaluation is None:

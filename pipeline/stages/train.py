@@ -1,6 +1,6 @@
 """train: fine-tune with the tuned params (tune's best values over params.yaml); save the checkpoint that
 train.checkpoint names (last: the schedule's end; best: the best epoch on train.monitor) in paths.model_dir,
-with the MLflow run it belongs to.
+with its sha256 (models/run.json), which tags the MLflow run it belongs to.
 
 A killed run (even SIGKILL) resumes where it stopped, in the same MLflow run, when the stage runs
 again with the same inputs (see ``pipeline.training.resume``); the work is ``pipeline.training.train``.
@@ -43,5 +43,5 @@ def main(params: Params, args: argparse.Namespace) -> None:
             f"train: {info.checkpoint} epoch's {info.monitor}={info.best_score:.4f}"
             + (f" (mean of {len(info.folds)} folds)" if info.folds else "")
             + f" after {info.epochs_run} epochs; weights {info.weights.source}; checkpoint in "
-            f"{params.paths.model_dir}; MLflow run {info.run_id}"
+            f"{params.paths.model_dir} (sha256 {info.model_sha256[:12]}, the MLflow run's tag model.sha256)"
         )

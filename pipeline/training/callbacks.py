@@ -151,8 +151,11 @@ def slim_checkpoint(path: Path) -> None:
     only for full saves, and that hook is what puts the averaged weights into ``state_dict``.
     """
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    with atomic_file(path) as tmp:
-        torch.save({k: v for k, v in checkpoint.items() if k in WEIGHTS_ONLY_KEYS}, tmp)
+    # Through an open file, not the staging path: torch.save names the archive's folder after a path it is
+    # given (".best.ckpt.staging-<pid>-<random>/data.pkl"), so the same weights would differ in their bytes,
+    # and models/ in its DVC hash, from one run to the next. A file object gets the fixed name "archive".
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        torch.save({k: v for k, v in checkpoint.items() if k in WEIGHTS_ONLY_KEYS}, f)
 
 
 @dataclass

@@ -262,9 +262,7 @@ def run(params: Params, tags: dict[str, str] | None) -> Pretrained:
             print(f"pretrain: resuming MLflow run {run_id} from {resume.last_checkpoint()}", flush=True)
         logger = MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=active.info.run_id)
         model, record = pretrain(params, images, bank, held, transform, mean, std, resume, logger, start)
-        record = dataclasses.replace(
-            record, run_id=active.info.run_id, pool_digest=handed.digest if handed is not None else ""
-        )
+        record = dataclasses.replace(record, pool_digest=handed.digest if handed is not None else "")
         save(out, model, record, handed_file)
         mlflow.log_dict(dataclasses.asdict(record), PRETRAIN_RECORD)
     resume.clear()

@@ -151,8 +151,10 @@ class SelfSupervised(L.LightningModule):
         }
 
     def save_backbone(self, path: Path) -> None:
-        with atomic_file(path) as tmp:
-            torch.save(self.classifier_checkpoint(), tmp)
+        # A file object, not the staging path: torch.save would name the archive's folder after the staging
+        # file's random name, and data/pretrain's bytes (its DVC hash) would differ between identical runs.
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:
+            torch.save(self.classifier_checkpoint(), f)
 
 
 @torch.no_grad()

@@ -21,7 +21,16 @@ from pipeline import augment, registry, tracking
 from pipeline.config import FROZEN_MODES, Params, as_dict
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.fsutil import atomic_dir
-from pipeline.runinfo import OOF_CSV, RUN_INFO, FoldScore, Preprocessing, Pretrained, RunInfo
+from pipeline.runinfo import (
+    MODEL_SHA_TAG,
+    OOF_CSV,
+    RUN_INFO,
+    FoldScore,
+    Preprocessing,
+    Pretrained,
+    RunInfo,
+    model_sha256,
+)
 from pipeline.serve.shipped import load_trained, log_model
 from pipeline.training import crossval
 from pipeline.training.fit import Fitted, datamodule, fit
@@ -72,10 +81,10 @@ def fit_all(run: Inputs, fold_runs: crossval.FoldRuns | None = None, logger: Log
     return Fitted.one(result)
 
 
-def run_info(params: Params, prepared: Prepared, run_id: str, fitted: Fitted) -> RunInfo:
+def run_info(params: Params, prepared: Prepared, fitted: Fitted) -> RunInfo:
     results = fitted.results
     return RunInfo(
-        run_id=run_id,
+        model_sha256=model_sha256(fitted.members.values()),  # the files save_model copies, in member order
         arch=params.model.arch,
         classes=prepared.classes,
         checkpoints=tuple(fitted.members),
@@ -144,15 +153,16 @@ def train(params: Params, tuned: dict[str, Any], tags: dict[str, str] | None) ->
         else:
             fitted = fit_all(run, logger=MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=this))
         weights = fitted.results[0].weights
+        info = run_info(params, run.prepared, fitted)
         mlflow.set_tags(
             {
                 "weights.pretrained": str(weights.pretrained).lower(),
                 "weights.source": weights.source,
                 "train.mode": params.train.mode,
+                MODEL_SHA_TAG: info.model_sha256,  # how evaluate, promote and export find this run
             }
             | weights.preprocessing_tags()
         )
-        info = run_info(params, run.prepared, this, fitted)
         save_model(Path(params.paths.model_dir), fitted, info)
         mlflow.log_dict(info.as_dict(), RUN_INFO)
         # What ships: the model as predict and export load it, with its preprocessing, in eval mode.
@@ -160,6 +170,7 @@ def train(params: Params, tuned: dict[str, Any], tags: dict[str, str] | None) ->
         registered = params.mlflow.model_name(params.data.dataset)
         version = log_model(model, registered_model=registered)
         if registered is not None and version is not None:  # lineage on the version; evaluate adds metrics
-            registry.tag_trained(mlflow.MlflowClient(), registered, version, tags)
+            lineage = tags | {MODEL_SHA_TAG: info.model_sha256}
+            registry.tag_trained(mlflow.MlflowClient(), registered, version, lineage)
     run.resume.clear()
     return info

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline import tracking
 from pipeline.data.prepared import load_prepared
-from pipeline.runinfo import OOF_CSV, member_name
+from pipeline.runinfo import OOF_CSV, member_name, model_sha256
 from pipeline.serve import export, shipped
 from tests.conftest import REPO, in_project, kill_when_ready, run_stages, write_tiny_params
 
@@ -52,6 +53,7 @@ def test_oof_covers_every_train_and_val_image_once_and_no_group_spans_two_folds(
 def test_the_shipped_model_is_the_mean_of_the_fold_members(project):
     run = json.loads((project / "models" / "run.json").read_text())
     assert run["checkpoints"] == [member_name(i) for i in range(FOLDS)] and len(run["folds"]) == FOLDS
+    assert run["model_sha256"] == model_sha256(project / "models" / member_name(i) for i in range(FOLDS))
     trained = shipped.load_trained(project / "models")
     images = load_prepared(project / "data" / "prepared").images[:6]
     x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
@@ -88,9 +90,11 @@ def test_cv_metrics_reach_metrics_json_the_report_and_nested_mlflow_runs(project
     run = json.loads((project / "models" / "run.json").read_text())
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
     client = mlflow.MlflowClient()
-    parent = client.get_run(run["run_id"])
+    parent = tracking.model_run(run["model_sha256"])  # the train run, tagged with the members' sha256
     assert "cv/accuracy" in parent.data.metrics and "test/accuracy" not in parent.data.metrics
-    nested = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run['run_id']}'")
+    nested = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     children = [c for c in nested if c.data.tags.get("stage") != "evaluate"]
     (evaluated,) = [c for c in nested if c.data.tags.get("stage") == "evaluate"]  # the evaluation's own run
     assert "test/accuracy" in evaluated.data.metrics and "cv/accuracy" in evaluated.data.metrics

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -193,9 +194,7 @@ def test_run_json_records_which_checkpoint_ships_and_reads_older_files_as_best()
     assert RunInfo.from_dict({k: v for k, v in older.items() if k != "ema_decay"}).ema_decay is None
 
 
-def test_run_json_records_the_ema_only_where_the_training_step_used_it(tiny_params, prepared):
-    from pathlib import Path
-
+def test_run_json_records_the_ema_only_where_the_training_step_used_it(tiny_params, prepared, tmp_path):
     from pipeline.config import with_overrides
     from pipeline.runinfo import WeightsInfo
     from pipeline.training import train as training
@@ -204,12 +203,45 @@ def test_run_json_records_the_ema_only_where_the_training_step_used_it(tiny_para
     result = FitResult(
         0.9, None, 2, WeightsInfo(requested="none", source="random-init", pretrained=False), {}
     )
-    fitted = Fitted([result], {"best.ckpt": Path("best.ckpt")}, None)
+    (tmp_path / "best.ckpt").write_bytes(b"weights")
+    fitted = Fitted([result], {"best.ckpt": tmp_path / "best.ckpt"}, None)
     for mode, expected in (("finetune", 0.995), ("linear_probe", None), ("knn", None)):
         params = with_overrides(tiny_params, {"train.ema_decay": 0.995, "train.mode": mode})
-        assert training.run_info(params, prepared, "r1", fitted).ema_decay == expected
+        assert training.run_info(params, prepared, fitted).ema_decay == expected
     off = with_overrides(tiny_params, {"train.ema_decay": 0.0})
-    assert training.run_info(off, prepared, "r1", fitted).ema_decay is None
+    assert training.run_info(off, prepared, fitted).ema_decay is None
+
+
+def test_run_json_names_the_model_by_its_checkpoints_sha256_and_holds_no_run_id(
+    tiny_params, prepared, tmp_path
+):
+    """run.json is a DVC output: the same bytes for the same weights (dvc.lock reproduces in a fresh clone). The
+    model's identity is the SHA-256 of its checkpoint, or of the fold members' bytes in order."""
+    import hashlib
+
+    from pipeline.runinfo import RunInfo, WeightsInfo
+    from pipeline.training import train as training
+    from pipeline.training.fit import FitResult, Fitted
+
+    result = FitResult(
+        0.9, None, 2, WeightsInfo(requested="none", source="random-init", pretrained=False), {}
+    )
+    (tmp_path / "best.ckpt").write_bytes(b"weights")
+    info = training.run_info(
+        tiny_params, prepared, Fitted([result], {"best.ckpt": tmp_path / "best.ckpt"}, None)
+    )
+    assert info.model_sha256 == hashlib.sha256(b"weights").hexdigest()
+    written = json.loads(info.write(tmp_path).read_text())
+    assert "run_id" not in written and written["model_sha256"] == info.model_sha256
+    assert RunInfo.read(tmp_path) == info
+    (tmp_path / "fold_0.ckpt").write_bytes(b"first")
+    (tmp_path / "fold_1.ckpt").write_bytes(b"second")
+    members = {"fold_0.ckpt": tmp_path / "fold_0.ckpt", "fold_1.ckpt": tmp_path / "fold_1.ckpt"}
+    folds = training.run_info(tiny_params, prepared, Fitted([result, result], members, None))
+    assert folds.model_sha256 == hashlib.sha256(b"firstsecond").hexdigest()
+    # A run.json from before (it named the MLflow run): still read, e.g. as model.weights; no sha recorded.
+    older = {k: v for k, v in info.as_dict().items() if k != "model_sha256"} | {"run_id": "r1"}
+    assert RunInfo.from_dict(older).model_sha256 == ""
 
 
 def test_a_full_disk_while_last_ckpt_is_written_leaves_the_previous_one(
@@ -271,3 +303,35 @@ def test_an_unreadable_last_ckpt_is_reported_and_training_starts_over(
     assert result.epochs_run == tiny_params.train.max_epochs
     assert f"{last} cannot be read" in caplog.text and "starts over" in caplog.text
     assert resume.last_checkpoint() == last  # replaced by a whole one
+
+
+def test_the_pretrain_record_names_no_mlflow_run_and_reads_older_ones(tmp_path):
+    """pretrain.json is a DVC output (data/pretrain): no run id in it; a record from before, with one, still reads."""
+    import dataclasses
+
+    from pipeline.runinfo import PRETRAIN_RECORD, Pretrained
+
+    record = Pretrained(method="simclr", arch="resnet18", in_channels=3, image_size=32, images=28, epochs=2)
+    record.write(tmp_path)
+    assert "run_id" not in json.loads((tmp_path / PRETRAIN_RECORD).read_text())
+    older = dataclasses.asdict(record) | {"run_id": "0123abcd"}
+    (tmp_path / PRETRAIN_RECORD).write_text(json.dumps(older))
+    assert Pretrained.read(tmp_path) == record
+
+
+def test_a_slimmed_checkpoint_is_the_same_bytes_wherever_it_was_staged(tmp_path):
+    """The shipped checkpoint's bytes (models/ in dvc.lock, run.json's model_sha256) depend on its content only:
+    torch.save names the archive's folder after a path it is given, and the staging file's name is random."""
+    import hashlib
+
+    from pipeline.training.callbacks import slim_checkpoint
+
+    checkpoint = {"state_dict": {"w": torch.arange(6.0)}, "epoch": 3, "optimizer_states": [{"lr": 0.1}]}
+    digests = set()
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        torch.save(checkpoint, tmp_path / name / "best.ckpt")
+        slim_checkpoint(tmp_path / name / "best.ckpt")
+        digests.add(hashlib.sha256((tmp_path / name / "best.ckpt").read_bytes()).hexdigest())
+        assert "optimizer_states" not in torch.load(tmp_path / name / "best.ckpt", weights_only=True)
+    assert len(digests) == 1
