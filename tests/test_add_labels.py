@@ -20,6 +20,7 @@ from pipeline.data.intake import IntakeError
 from pipeline.data.pooled import KEPT, POOL_CSV
 from pipeline.data.prepared import REPORT_JSON, SPLITS_CSV, load_prepared
 from pipeline.evaluation import rounds as curve
+from pipeline.runinfo import MODEL_SHA_TAG
 from pipeline.stages import evaluate as evaluate_stage
 from pipeline.stages import intake as intake_stage
 from pipeline.stages.tracked import open_tracking
@@ -226,9 +227,9 @@ def test_the_evaluate_run_carries_round_and_labels_and_the_report_its_curve(stor
     write_class_folders(raw, per_class=8)
     ingest(raw, prepared, seed=0, data=params.data)
     tracking.setup(params.mlflow)
-    with mlflow.start_run(run_name="train") as run:
+    sha = save_untrained_model(params, load_prepared(prepared).classes)
+    with mlflow.start_run(run_name="train", tags={"stage": "train", MODEL_SHA_TAG: sha}):
         pass
-    save_untrained_model(params, load_prepared(prepared).classes, run.info.run_id)
     evaluate_stage.main(params, argparse.Namespace())
     plots = Path(params.paths.plots)
     assert not (plots / curve.CURVE_PNG).exists()  # round 1 only

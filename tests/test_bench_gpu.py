@@ -53,7 +53,7 @@ def test_agreement_needs_the_same_argmax_and_a_small_difference():
 def test_serving_checks_predict_and_both_exports(tmp_path):
     raw = write_class_folders(tmp_path / "raw", per_class=6, size=40)
     ingest(raw, tmp_path / "prepared", seed=0, image_size=32, val_fraction=0.25, test_fraction=0.25)
-    train_tiny(tmp_path, load_prepared(tmp_path / "prepared"), "rgb", "r0")
+    train_tiny(tmp_path, load_prepared(tmp_path / "prepared"), "rgb")
     images = sorted(raw.rglob("*.png"))[:5]
     out = gpu.serving(tmp_path / "models", images, "cpu")
     assert out["images"] == 5
