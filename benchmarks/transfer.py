@@ -32,7 +32,8 @@ from benchmarks import SHARED_DATA
 from benchmarks.speed import PLAIN_RECIPE, emit
 from pipeline import augment, config
 from pipeline.config import Params
-from pipeline.data.ingest import MANIFEST_CSV, ingest
+from pipeline.data.ingest import ingest
+from pipeline.data.listing import MANIFEST_CSV
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.evaluation.predictions import predict_proba
 from pipeline.runinfo import RUN_INFO, Preprocessing, RunInfo, WeightsInfo

@@ -15,8 +15,9 @@ from pipeline import config, demo
 from pipeline.__main__ import main as cli
 from pipeline.data import size
 from pipeline.data.card import summary
-from pipeline.data.ingest import ingest, resolve_size
+from pipeline.data.ingest import ingest
 from pipeline.data.prepared import DataError
+from pipeline.data.sizing import resolve_size
 from pipeline.evaluation.reporting import warnings
 from tests.conftest import run_info, write_class_folders
 

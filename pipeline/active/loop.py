@@ -37,8 +37,9 @@ import pandas as pd
 from pipeline.config import Data
 from pipeline.data import ingest as ingest_module
 from pipeline.data import layout, rounds, shards, sources
-from pipeline.data.ingest import MANIFEST_CSV, ingest, scan
+from pipeline.data.ingest import ingest
 from pipeline.data.intake import logged_as_sources, to_sources
+from pipeline.data.listing import MANIFEST_CSV, scan
 from pipeline.data.pool import scan_pool
 from pipeline.data.pooled import KEPT, load_pool
 from pipeline.data.prepared import SPLITS_CSV, DataError

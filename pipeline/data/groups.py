@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.data.ingest import MANIFEST_CSV, scan
+from pipeline.data.listing import MANIFEST_CSV, scan
 
 DICOM_SUFFIX = ".dcm"
 

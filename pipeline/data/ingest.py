@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import statistics
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,89 +25,18 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Data
-from pipeline.data import decoding, rounds, shards, size, sources, splits, validation
+from pipeline.data import decoding, rounds, shards, size, sizing, sources, splits, validation
 from pipeline.data.cache import CacheWriter
 from pipeline.data.layout import is_sharded
+from pipeline.data.listing import scan
 from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError
 from pipeline.data.progress import progress
-from pipeline.data.readers import IMAGE_SUFFIXES, UnreadableImage, image_files, read, read_bytes
 from pipeline.fsutil import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
-MANIFEST_CSV = "manifest.csv"
 SPLITS = splits.SPLITS
 MIN_PER_CLASS = 3  # one image each for train, val and test
-SIZE_SAMPLE = 64  # files whose sides decide the images' own size (evenly spaced over the set)
-
-
-def class_folders(root: Path) -> list[Path]:
-    """The non-hidden subfolders of ``root``, sorted; a link among them must stay inside ``root``."""
-    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
-    return [p for p in entries if sources.inside(p, root).is_dir()]
-
-
-def scan(root: Path) -> tuple[pd.DataFrame, list[str]]:
-    """The set's image files as a table (path, label[, split][, group]), and the non-image files ignored.
-
-    Files are listed under ``sources``' link policy: nothing outside ``root`` is read.
-    """
-    if not root.is_dir():
-        raise DataError(f"{root}: data set folder not found")
-    if (root / MANIFEST_CSV).is_file():
-        return read_manifest(sources.inside(root / MANIFEST_CSV, root))
-    class_dirs = class_folders(root)
-    if not class_dirs:
-        raise DataError(
-            f"{root}: no class folders (expected one subfolder of images per class, or {MANIFEST_CSV})"
-        )
-    rows: list[dict[str, str]] = []
-    ignored: list[str] = []
-    for class_dir in class_dirs:
-        images, others = image_files(class_dir, root)
-        ignored += map(str, others)
-        if not images:
-            raise DataError(
-                f"{class_dir}: class '{class_dir.name}' has no image files "
-                f"(accepted: {', '.join(sorted(IMAGE_SUFFIXES))})"
-            )
-        rows += [{"path": str(p), "label": class_dir.name} for p in images]
-    return pd.DataFrame(rows, columns=["path", "label"]), ignored
-
-
-def read_manifest(manifest: Path) -> tuple[pd.DataFrame, list[str]]:
-    """``path,label[,split][,group]`` rows; paths relative to the manifest's folder, and inside it.
-
-    Returns the image rows and the paths of the non-image rows, which are ignored (and listed in the report).
-    """
-    table = sources.read_csv(manifest, DataError)
-    table.columns = [c.strip().lower() for c in table.columns]
-    missing = {"path", "label"} - set(table.columns)
-    unknown = set(table.columns) - {"path", "label", "split", "group"}
-    if missing or unknown:
-        raise DataError(
-            f"{manifest}: columns must be path,label and optionally split,group "
-            f"(missing: {sorted(missing)}, unknown: {sorted(unknown)})"
-        )
-    if table.empty:
-        raise DataError(f"{manifest}: only a header row; list one image a line (path,label)")
-    for column in table.columns:
-        table[column] = table[column].str.strip()
-    for i, row in table.iterrows():  # line i + 2: the header is line 1
-        if not row["path"] or not row["label"]:
-            raise DataError(f"{manifest}, line {i + 2}: empty path or label")
-        if "split" in table and row["split"] not in SPLITS:
-            raise DataError(
-                f"{manifest}, line {i + 2}: split '{row['split']}' is not one of {', '.join(SPLITS)}"
-            )
-    table["path"] = list(map(str, sources.listed(manifest, table["path"])))
-    is_image = table["path"].map(lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES)
-    absent = [
-        p for p in table["path"][is_image] if not Path(p).exists()
-    ]  # a FIFO exists: its reader skips it
-    if absent:
-        raise DataError(f"{manifest}: {len(absent)} listed files not found, e.g. {absent[:3]}")
-    return table[is_image].reset_index(drop=True), list(table["path"][~is_image])
 
 
 def read_exclusions(csv: Path) -> list[str]:
@@ -134,38 +62,6 @@ def exclude(
             f"{', '.join(unknown[:3])}"
         )
     return files[~drop].reset_index(drop=True), list(files["path"][drop])
-
-
-def own_size(raw_dir: Path, data: Data) -> int:
-    """The images' own side: the median shorter side of up to :data:`SIZE_SAMPLE` files, evenly spaced in the
-    set's order (a sample decoded, not the set)."""
-    sharded = is_sharded(raw_dir)
-    table = shards.scan(raw_dir) if sharded else scan(raw_dir)[0]
-    sample = table.iloc[:: max(1, len(table) // SIZE_SAMPLE)]
-    items = shards.members(sample) if sharded else [Path(p) for p in sample["path"]]
-    sides = []
-    for item in items:
-        try:
-            if isinstance(item, shards.Member):
-                found = read_bytes(shards.read(item), item.member, data.dicom_window, data.max_image_pixels)
-            else:
-                found = read(item, data.dicom_window, data.max_image_pixels)
-        except (UnreadableImage, OSError):
-            continue  # ingest reports it; one unreadable file does not decide the size
-        sides.append(min(found.pixels.shape[:2]))
-    if not sides:
-        raise DataError(f"{raw_dir}: none of {len(items)} sampled images could be read to find their size")
-    return int(statistics.median_low(sides))
-
-
-def resolve_size(data: Data, raw_dir: Path, native: int | None) -> size.ImageSize:
-    """``data.image_size`` as a side: the number given; else ``native`` (the size the starting weights were
-    trained at; None: no pretrained weights load), else the images' own size, capped."""
-    if data.image_size != "auto":
-        return size.set_by_params(data.image_size)
-    if native is not None:
-        return size.from_weights(native)
-    return size.from_images(own_size(raw_dir, data))
 
 
 @dataclass
@@ -412,7 +308,7 @@ def ingest(
     """
     data = dataclasses.replace(data or Data(), **fields)
     if resolved is None:  # intake's validation, tests, benches: no weights considered
-        resolved = resolve_size(data, raw_dir, native=None)
+        resolved = sizing.resolve_size(data, raw_dir, native=None)
         if data.image_size == "auto":
             what = "the images' own size, as for random init (the size stage decides with the weights)"
             resolved = dataclasses.replace(resolved, reason=f"{resolved.image_size} px (auto): {what}")

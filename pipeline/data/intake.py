@@ -42,8 +42,9 @@ from pipeline.data import ingest as ingest_module
 from pipeline.data import pool as pool_module
 from pipeline.data import readers, shards, sources
 from pipeline.data.groups import add_dicom_groups, dicom_groups
-from pipeline.data.ingest import MANIFEST_CSV, class_folders, ingest, read_manifest, scan
+from pipeline.data.ingest import ingest
 from pipeline.data.layout import SHARDS_CSV, tracked
+from pipeline.data.listing import MANIFEST_CSV, class_folders, read_manifest, scan
 from pipeline.data.prepared import DataError
 from pipeline.data.progress import progress
 from pipeline.errors import PipelineError

@@ -34,8 +34,9 @@ from pipeline.config import Data
 from pipeline.data import readers, shards, sources, validation
 from pipeline.data.cache import CacheWriter, cache_dtype, to_dtype
 from pipeline.data.decoding import Settings, Validated
-from pipeline.data.ingest import MANIFEST_CSV, decode_into
+from pipeline.data.ingest import decode_into
 from pipeline.data.layout import is_sharded
+from pipeline.data.listing import MANIFEST_CSV
 from pipeline.data.pooled import COLUMNS, EXCLUDED, KEPT, POOL_CSV, UNREADABLE
 from pipeline.data.prepared import CACHE_NPY, REPORT_JSON, SPLITS_CSV, DataError, load_prepared
 from pipeline.data.readers import IMAGE_SUFFIXES

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.config import Params
-from pipeline.data.ingest import resolve_size
+from pipeline.data.sizing import resolve_size
 from pipeline.stages import dataset_dir
 
 
