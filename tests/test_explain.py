@@ -124,6 +124,7 @@ def test_evaluate_stage_writes_logs_and_embeds_the_panel(tmp_path, monkeypatch):
     from pipeline import tracking
     from pipeline.data.ingest import ingest
     from pipeline.data.prepared import load_prepared
+    from pipeline.runinfo import MODEL_SHA_TAG
     from pipeline.stages import evaluate as stage
     from tests.conftest import write_class_folders
     from tests.test_evaluation_stage import save_untrained_model, tiny_params
@@ -136,9 +137,9 @@ def test_evaluate_stage_writes_logs_and_embeds_the_panel(tmp_path, monkeypatch):
         write_class_folders(Path(params.paths.raw) / "tiny", per_class=6)
         ingest(Path(params.paths.raw) / "tiny", Path(params.paths.prepared), seed=0, data=params.data)
         tracking.setup(params.mlflow)
-        with mlflow.start_run() as run:
+        sha = save_untrained_model(params, load_prepared(Path(params.paths.prepared)).classes)
+        with mlflow.start_run(tags={"stage": "train", MODEL_SHA_TAG: sha}) as run:
             pass
-        save_untrained_model(params, load_prepared(Path(params.paths.prepared)).classes, run.info.run_id)
         stage.main(params, argparse.Namespace())
         panel = Path(params.paths.plots) / explain.PANEL_PNG
         assert panel.stat().st_size > 10_000
