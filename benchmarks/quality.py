@@ -112,17 +112,21 @@ def write_pngs(npz: Path, root: Path, fraction: float | None = None, pool: Path 
 
 
 def eurosat_draw(
-    archive: tarfile.TarFile, per_class: int, draw: int = 0, pool: bool = False
+    archive: tarfile.TarFile, per_class: int, draw: int = 0, pool: bool = False, pool_size: int = 0
 ) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
     """(member, class, split) of the bench's draw: ``per_class`` labelled tiles per class (a fifth of
     them val) and EUROSAT_TEST_PER_CLASS others for test; ``pool``: every other tile too, split "pool"
-    (the unlabelled images of docs/prototypes/fixmatch.py)."""
+    (the unlabelled images of docs/prototypes/fixmatch.py), or with ``pool_size`` that many of them drawn at
+    random, after the rest (the draw goes class by class: the first ``pool_size`` would be one or two classes)."""
     members = [m for m in archive.getmembers() if m.isfile() and m.name.endswith(".jpg")]
     by_class: dict[str, list[tarfile.TarInfo]] = {}
     for member in sorted(members, key=lambda m: m.name):
         by_class.setdefault(Path(member.name).parent.name, []).append(member)
     rng = np.random.default_rng(draw)
     n_val = max(1, round(per_class / 5))
+    others: list[
+        tuple[tarfile.TarInfo, str, str]
+    ] = []  # the pool's tiles, when ``pool_size`` of them are drawn
     for cls, files in sorted(by_class.items()):
         for j, k in enumerate(rng.permutation(len(files))):
             split = (
@@ -131,7 +135,12 @@ def eurosat_draw(
             )  # fmt: skip
             if split == "pool" and not pool:
                 break
+            if split == "pool" and pool_size:
+                others.append((files[k], cls, split))
+                continue
             yield files[k], cls, split
+    chosen = np.random.default_rng(draw).permutation(len(others))[:pool_size]
+    yield from (others[i] for i in sorted(chosen))
 
 
 def write_eurosat(
@@ -140,13 +149,10 @@ def write_eurosat(
     """``eurosat_draw``'s tiles extracted from the tar with a manifest (path, label, split); ``pool``: also
     ``pool_size`` (0: all) of the other tiles, drawn at random, there, without a manifest (labels never read)."""
     with tarfile.open(tar) as archive:
-        drawn = list(eurosat_draw(archive, per_class, draw, pool=pool is not None))
-        unlabelled = [member for member, _, split in drawn if split == "pool"]
+        drawn = list(eurosat_draw(archive, per_class, draw, pool=pool is not None, pool_size=pool_size))
         if pool is not None:
             pool.mkdir(parents=True, exist_ok=True)
-            # a random subset, not the first ones: the draw yields the tiles class by class
-            chosen = np.random.default_rng(draw).permutation(len(unlabelled))[: pool_size or None]
-            for member in (unlabelled[i] for i in sorted(chosen)):
+            for member in (member for member, _, split in drawn if split == "pool"):
                 stream = archive.extractfile(member)
                 assert stream is not None, f"{member.name}: a regular file of the tar"
                 (pool / Path(member.name).name).write_bytes(stream.read())

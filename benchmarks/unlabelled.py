@@ -41,14 +41,8 @@ def load(per_class: int, pool: int, draw: int) -> dict[str, tuple[np.ndarray, np
     out: dict[str, tuple[list, list]] = {s: ([], []) for s in ("train", "val", "test", "pool")}
     classes: dict[str, int] = {}
     with tarfile.open(EUROSAT) as archive:
-        drawn = list(eurosat_draw(archive, per_class, draw, pool=True))
-        # a random subset of the other tiles (the draw yields them class by class: the first ``pool`` would be
-        # one or two classes; before 2026-12-07 they were, see docs/benchmarks.md)
-        others = [i for i, (_, _, split) in enumerate(drawn) if split == "pool"]
-        keep = set(np.asarray(others)[np.random.default_rng(draw).permutation(len(others))[:pool]].tolist())
-        for i, (member, cls, split) in enumerate(drawn):
-            if split == "pool" and i not in keep:
-                continue
+        # ``pool`` tiles at random (before 2026-12-07 the first ones: one or two classes, see docs/benchmarks.md)
+        for member, cls, split in eurosat_draw(archive, per_class, draw, pool=True, pool_size=pool):
             stream = archive.extractfile(member)
             assert stream is not None, member.name
             out[split][0].append(np.asarray(Image.open(io.BytesIO(stream.read())).convert("RGB")))

@@ -93,7 +93,7 @@ def test_the_report_warns_when_imagenet_weights_get_small_images(tmp_path):
 
     data_report = {"counts": {"test": {"a": 20, "b": 20}}}
     run = run_info()
-    imagenet = WeightsInfo(requested="imagenet", source="http://x/resnet18.pth", pretrained=True)
+    imagenet = WeightsInfo(requested="imagenet", source="http://127.0.0.1:9/resnet18.pth", pretrained=True)
     small = dataclasses.replace(run, weights=imagenet)
     lines = warnings({}, data_report, small, config.Evaluate())
     [warned] = [w for w in lines if "Small images for pretrained weights" in w]
