@@ -27,6 +27,15 @@ log = logging.getLogger(__name__)
 STAGING = "staging"
 
 
+def link_or_copy(src: str | Path, dest: str | Path, copy=shutil.copyfile) -> None:
+    """``dest`` as a hard link to ``src`` (no second copy of a large file), or ``copy``'s copy where the file
+    system refuses one (another device, no links)."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        copy(src, dest)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -44,7 +44,7 @@ from pipeline.data.pool import scan_pool
 from pipeline.data.pooled import KEPT, load_pool
 from pipeline.data.prepared import SPLITS_CSV, DataError
 from pipeline.data.readers import IMAGE_SUFFIXES
-from pipeline.fsutil import replaced_together, staging_dir
+from pipeline.fsutil import link_or_copy, replaced_together, staging_dir
 
 REQUIRED = ("path", "label")
 # suggest.csv's other columns: the expert may fill a label column into suggest.csv and hand that in
@@ -178,12 +178,9 @@ def _link_tree(src: Path, dest: Path) -> None:
 
     def place(a: str, b: str) -> None:
         if Path(a).suffix.lower() in {*IMAGE_SUFFIXES, ".tar"}:
-            try:
-                os.link(a, b)
-                return
-            except OSError:
-                pass
-        shutil.copy2(a, b)
+            link_or_copy(a, b, copy=shutil.copy2)
+        else:
+            shutil.copy2(a, b)
 
     shutil.copytree(src, dest, dirs_exist_ok=True, copy_function=place, symlinks=True)
 

@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from pipeline.data import readers, shards, validation
-from pipeline.fsutil import file_sha256
+from pipeline.fsutil import file_sha256, link_or_copy
 from pipeline.pixels import unit_max
 
 PARALLEL_MIN_FILES = 2000  # below this a pool's start-up (about a second) costs more than it saves
@@ -280,10 +280,7 @@ class Validated:
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
-        try:
-            os.link(cache_npy, folder / PIXELS)
-        except OSError:
-            shutil.copyfile(cache_npy, folder / PIXELS)
+        link_or_copy(cache_npy, folder / PIXELS)
         zero = np.zeros(validation.HASH_SIDE**2, np.uint8)
         np.savez(
             folder / FACTS,

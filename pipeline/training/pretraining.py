@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from pipeline.data.cache import Images
 from pipeline.data.datamodule import UnlabelledDataset
 from pipeline.data.pooled import load_pool, pool_selected, unlabelled_rows
 from pipeline.data.prepared import CACHE_NPY, Prepared, load_prepared
-from pipeline.fsutil import atomic_dir
+from pipeline.fsutil import atomic_dir, link_or_copy
 from pipeline.runinfo import LAST, PRETRAIN_BACKBONE, PRETRAIN_POOL, PRETRAIN_RECORD, Pretrained
 from pipeline.training.model import build_network, input_statistics
 from pipeline.training.pretrained import load_pretrained
@@ -178,10 +176,7 @@ def save(folder: Path, model: SelfSupervised | None, record: Pretrained, pool: P
         if model is not None:
             model.save_backbone(staging / PRETRAIN_BACKBONE)
         if pool is not None:
-            try:
-                os.link(pool, staging / PRETRAIN_POOL)
-            except OSError:
-                shutil.copyfile(pool, staging / PRETRAIN_POOL)
+            link_or_copy(pool, staging / PRETRAIN_POOL)
         record.write(staging)
 
 
