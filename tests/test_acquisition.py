@@ -43,7 +43,8 @@ def test_uncertain_images_come_first_for_margin_entropy_and_bald():
 
 def test_auto_is_typical_at_a_cold_start_then_uncertainty():
     assert acquisition.resolve("auto", None, draws=1) == "typical"
-    assert acquisition.resolve("auto", [2, 30], draws=5) == "typical"
+    assert acquisition.resolve("auto", [2, 12], draws=5) == "typical"  # 7 per class on average
+    assert acquisition.resolve("auto", [2, 30], draws=5) == "bald"  # the average decides, not the least
     assert acquisition.resolve("auto", [12, 30], draws=5) == "bald"
     assert acquisition.resolve("auto", [12, 30], draws=1) == "margin"
     assert acquisition.resolve("random", None, draws=1) == "random"

@@ -1,7 +1,7 @@
 """suggest --budget N [--strategy auto|typical|margin|entropy|bald|random]: the pool images to label next.
 
 Ranks the unlabelled pool (data.unlabelled, prepared by the pool stage) with the shipped model's uncertainty,
-or, at a cold start (no model yet, or fewer than 10 labels in a class), by typicality; picks a diverse batch
+or, at a cold start (no model yet, or fewer than 10 train labels per class on average), by typicality; picks a diverse batch
 (one image per near-duplicate set or patient, a few per feature cluster); writes paths.suggest (path, rank,
 score, predicted, probability, why) and its contact sheet paths.suggest_sheet, and logs both to MLflow with
 the round number and label count.
