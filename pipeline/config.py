@@ -495,8 +495,10 @@ class Train:
         default=0.95,
         gt=0,
         le=1,
-        description="fixmatch: a pool image's weak-view top probability must reach this for its pseudo-label "
-        "to count; below it the image adds no loss.",
+        description="fixmatch: a pool image's pseudo-label counts where its weak-view top probability reaches "
+        "this share of the top probability the training targets ask for (1 - label_smoothing + "
+        "label_smoothing / classes: 0.95 x 0.95 for two classes at the default smoothing); below it the image "
+        "adds no loss.",
     )
     semi_ratio: int = Field(
         default=3, ge=1, le=16, description="fixmatch: unlabelled images per labelled image in a step."

@@ -332,7 +332,10 @@ class Classifier(L.LightningModule):
         Logged per epoch: ``semi/loss``, ``semi/confident`` (the share of the pool above the threshold) and
         ``semi/pseudo/<class>`` (the confident pseudo-labels' class mix)."""
         weak_logits, strong_logits = self(torch.cat([weak, strong])).chunk(2)
-        out = semi.fixmatch_loss(weak_logits, strong_logits, self.hparams["semi_threshold"])
+        threshold = self.hparams["semi_threshold"] * semi.smoothed_target(
+            self.hparams["label_smoothing"], self.hparams["num_classes"]
+        )
+        out = semi.fixmatch_loss(weak_logits, strong_logits, threshold)
         self.pseudo_mix.update(out.labels, out.mask)
         self.log("semi/loss", out.loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(weak))
         self.log(

@@ -25,6 +25,26 @@ def test_pseudo_labels_below_the_threshold_contribute_no_loss_or_gradient():
     assert nothing.loss.item() == 0.0 and nothing.mask.sum() == 0
 
 
+def test_the_threshold_is_a_share_of_the_smoothed_target():
+    assert semi.smoothed_target(0.0, 10) == 1.0
+    assert semi.smoothed_target(0.1, 2) == pytest.approx(0.95)
+    assert semi.smoothed_target(0.1, 10) == pytest.approx(0.91)
+
+
+@pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")
+def test_the_training_step_scales_the_threshold_by_the_smoothed_target(monkeypatch):
+    """A binary model at smoothing 0.1 and semi_threshold 0.95 masks from 0.9025 up, not from 0.95."""
+    from pipeline.training.model import Classifier
+
+    thresholds: list[float] = []
+    real = semi.fixmatch_loss
+    monkeypatch.setattr(semi, "fixmatch_loss", lambda w, s, t: thresholds.append(t) or real(w, s, t))
+    model = Classifier(train=config.Train(label_smoothing=0.1, semi_threshold=0.95), num_classes=2)
+    pixels = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    model._pool_step(pixels, pixels)
+    assert thresholds == [pytest.approx(0.9025)]
+
+
 def test_no_gradient_flows_through_the_pseudo_labels():
     weak = torch.tensor([[5.0, 0.0]], requires_grad=True)
     semi.fixmatch_loss(weak, torch.zeros(1, 2, requires_grad=True), 0.5).loss.backward()
