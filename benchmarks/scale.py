@@ -133,9 +133,11 @@ def measure(
     loader: bool,
     layout: str = "auto",
     whole_noop: str = "",
+    image_size: int | None = None,
 ) -> None:
     """``whole_noop``: "run" (train and evaluate here, for a larger size to reuse), "record" (commit the smallest
-    size's outputs here, then time the no-op) or ""."""
+    size's outputs here, then time the no-op) or "". ``image_size``: ``data.image_size`` in the clone's
+    params.yaml (None: the committed value, which resolves to the tiles' own 64 px without weights)."""
     py = sys.executable
     src = subset(source, n, work / f"src-{n}")
     repo, remote, log = work / f"repo-{n}", work / f"remote-{n}", work / f"log-{n}.txt"
@@ -144,11 +146,21 @@ def measure(
     env = os.environ | {"PYTHONPATH": str(repo), "PATH": f"{Path(py).parent}:{os.environ['PATH']}"}
     clone(REPO, repo, remote, env, log)
     env["PYTHONPATH"] = str(repo)
+    if image_size is not None:
+        from pipeline.paramsfile import set_values
+
+        set_values(repo / "params.yaml", {"data.image_size": image_size})
     step("intake", n, [py, "-m", "pipeline", "intake", str(src), "--name", "scale", "--domain", "satellite",
                        "--layout", layout], repo, env, log)  # fmt: skip
     raw = repo / "data" / "raw" / "scale"
     sharded = (raw / "shards.csv").is_file()
-    emit(images=n, step="layout", layout="shards" if sharded else "folder", dvc_files=_count(raw, sharded))
+    emit(
+        images=n,
+        step="layout",
+        layout="shards" if sharded else "folder",
+        dvc_files=_count(raw, sharded),
+        image_size=image_size or "params.yaml",
+    )
     tracked = "data/raw/scale/shards.dvc" if sharded else "data/raw/scale.dvc"
     step("dvc repro ingest", n, ["dvc", "repro", "ingest"], repo, env, log)
     step("dvc repro augment", n, ["dvc", "repro", "augment"], repo, env, log)
@@ -262,7 +274,8 @@ def dataloader_ratio(repo: str, batches: int = 150, steps: int = 8) -> None:
     loader_img_s = seen / (time.perf_counter() - start)
     model = torchvision.models.resnet18(num_classes=len(prepared.classes))
     optimizer = torch.optim.AdamW(model.parameters())
-    x, y = torch.rand(32, 3, 64, 64), torch.randint(0, len(prepared.classes), (32,))
+    side = prepared.images.shape[1]  # the cache's size: 64 px, or data.image_size when --image-size set it
+    x, y = torch.rand(32, 3, side, side), torch.randint(0, len(prepared.classes), (32,))
     for i in range(steps + 2):
         if i == 2:  # two warm-up steps
             start = time.perf_counter()
@@ -273,6 +286,7 @@ def dataloader_ratio(repo: str, batches: int = 150, steps: int = 8) -> None:
     emit(
         images=len(prepared.table),
         step="dataloader",
+        image_size=side,
         workers=2,
         loader_img_s=round(loader_img_s, 1),
         train_img_s=round(train_img_s, 1),
@@ -344,6 +358,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--duplicates-only", action="store_true", help="only the near-duplicate rows (seconds, no clones)"
     )
     parser.add_argument(
+        "--image-size",
+        type=int,
+        help="data.image_size for every size's clone (default: params.yaml's, 64 px on these tiles)",
+    )
+    parser.add_argument(
         "--layout",
         choices=["auto", "folder", "shards"],
         default="auto",
@@ -371,4 +390,4 @@ def main(params: Params, args: argparse.Namespace) -> None:
     for n in sorted(args.sizes):
         largest = n == max(args.sizes)
         noop = "" if not args.whole_noop else "run" if n == smallest else str(smallest) if largest else ""
-        measure(n, source, args.work, args.full and largest, largest, args.layout, noop)
+        measure(n, source, args.work, args.full and largest, largest, args.layout, noop, args.image_size)
