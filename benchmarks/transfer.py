@@ -221,7 +221,9 @@ def target_set(root: Path, work: Path, size: int = SIZE, target: str = "eurosat"
         for cls in TARGET_CLASSES:
             files = files_of(root, cls)
             chosen = rng.permutation(len(files))[: TEST_PER_CLASS + POOL_PER_CLASS]
-            rows += [(files[k], cls, "test" if j < TEST_PER_CLASS else "train") for j, k in enumerate(chosen)]
+            # draw() deals the non-test images out per seed; ingest wants a val split in the manifest all the same
+            split = ["test"] * TEST_PER_CLASS + ["val"] * VAL_PER_CLASS
+            rows += [(files[k], cls, split[j] if j < len(split) else "train") for j, k in enumerate(chosen)]
         ingest(link_set(out / "raw", rows), out / "prepared", seed=0, data=bench_params(size=size).data)
     return load_prepared(out / "prepared")
 
