@@ -23,7 +23,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff format --check pipeline benchmarks tests
 	$(BIN)/ruff check pipeline benchmarks tests
-	$(BIN)/mypy pipeline
+	$(BIN)/mypy pipeline benchmarks
 
 test: $(STAMP) lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=12   # two workers, a test file each; the slowest listed (12-minute budget)

@@ -79,7 +79,7 @@ from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.errors import PipelineError
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.pixels import unit_range
-from pipeline.training.model import Ensemble
+from pipeline.training.model import Classifier, Ensemble
 
 SETS = {  # start per class, image size, augmentation preset
     "eurosat": (2, 64, "satellite"),
@@ -116,10 +116,10 @@ def parse_schedule(text: str, start: int) -> list[int]:
 def val_mask(labels: Sequence[str], keys: np.ndarray) -> np.ndarray:
     """Which labelled images are val: per class, the ``round(n / 5)`` with the smallest keys (at least 1 where
     n >= 2, none where n = 1)."""
-    labels = np.asarray(labels)
-    out = np.zeros(len(labels), dtype=bool)
-    for cls in np.unique(labels):
-        members = np.flatnonzero(labels == cls)
+    names = np.asarray(labels)
+    out = np.zeros(len(names), dtype=bool)
+    for cls in np.unique(names):
+        members = np.flatnonzero(names == cls)
         n_val = 0 if len(members) < 2 else max(1, round(len(members) / 5))
         out[members[np.argsort(keys[members], kind="stable")[:n_val]]] = True
     return out
@@ -350,7 +350,12 @@ def next_picks(
         order = acquisition.rank_random(len(remaining), params.seed * 1000 + rnd).order
         return remaining[order[:budget]], "random"
     suggestion, picks = work.suggest(
-        params, budget, "auto", list(model.members), prepared, round_pool(sim, remaining)
+        params,
+        budget,
+        "auto",
+        [m for m in model.members if isinstance(m, Classifier)],
+        prepared,
+        round_pool(sim, remaining),
     )
     return remaining[picks], suggestion.strategy
 

@@ -33,6 +33,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -136,7 +137,7 @@ def lightning_fit(params: Params, data, device: str) -> float:
 
 def fit_vs_loop(params: Params, data, device: str) -> dict:
     """Lightning ``fit`` and the bare loop, interleaved twice (the faster of each counts); peak GPU memory."""
-    ours, theirs, memory = [], [], {}
+    ours, theirs, memory = [], [], dict[str, float]()
     for _ in range(2):
         with _peak_memory(device, memory, "torch_peak_gpu_mb"):
             theirs.append(bare_loop(params, data, device, params.train.max_epochs))
@@ -263,7 +264,10 @@ def serving(model_dir: Path, images: list[Path], device: str, store: str | None 
     cpu = predict.predict(trained, images, device="cpu")
     on = predict.predict(shipped.load_trained(model_dir), images, device=device)
     probs = [c for c in cpu.columns if c.startswith("prob_")]
-    out = {"images": len(images), "predict": agreement(cpu[probs].to_numpy(), on[probs].to_numpy())}
+    out: dict[str, Any] = {
+        "images": len(images),
+        "predict": agreement(cpu[probs].to_numpy(), on[probs].to_numpy()),
+    }
     pixels = np.stack(
         [predict.read_image(p, trained) for p in images]
     )  # (N, H, W, C), as the exports take them
