@@ -50,6 +50,14 @@ def test_auto_is_typical_at_a_cold_start_then_uncertainty():
     assert acquisition.resolve("random", None, draws=1) == "random"
 
 
+def test_auto_starts_at_random_on_a_random_inits_features():
+    """Typicality needs features that mean something: on a random init's it lost to random (issue 27)."""
+    assert acquisition.resolve("auto", None, draws=1, pretrained=False) == "random"
+    assert acquisition.resolve("auto", [2, 12], draws=5, pretrained=False) == "random"
+    assert acquisition.resolve("auto", [12, 30], draws=5, pretrained=False) == "bald"
+    assert acquisition.resolve("typical", None, draws=1, pretrained=False) == "typical"
+
+
 def test_a_batch_takes_one_image_per_near_duplicate_set_or_patient_and_caps_each_cluster():
     features = blobs(CENTRES, 30, seed=2)
     n = len(features)

@@ -76,10 +76,20 @@ def stripes(pool, rows) -> list[bool]:
     return [Path(p).parent.name == "stripes" for p in pool.kept()["path"].to_numpy()[rows]]
 
 
+def pretrained_weights(params: config.Params, root: Path) -> config.Params:
+    """``model.weights`` a state_dict file (a random ResNet-18's: what counts is that weights load)."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), root / "backbone.pth")
+    return config.with_overrides(params, {"model.weights": str(root / "backbone.pth")})
+
+
 @pytest.mark.parametrize("seed", [0, 1, 42])
 def test_a_cold_start_picks_the_region_nobody_labelled_first(project, seed):
     params, root = project
-    params = dataclasses.replace(params, seed=seed)
+    params = pretrained_weights(dataclasses.replace(params, seed=seed), root)
     pool = load_pool(root / "pool")
     suggestion, picks = work.suggest(params, 4, "auto", None, pool=pool)
     again, _ = work.suggest(params, 4, "auto", None, pool=pool)
@@ -89,6 +99,14 @@ def test_a_cold_start_picks_the_region_nobody_labelled_first(project, seed):
     assert (suggestion.table["predicted"] == "").all()  # no trained model: no prediction to show
     assert list(suggestion.table.columns) == list(work.COLUMNS)
     assert suggestion.table["rank"].tolist() == [1, 2, 3, 4]
+
+
+def test_a_cold_start_on_a_random_init_is_random(project):
+    """Typicality on a random init's features lost to random on both measured sets (issue 27); the batch is
+    kept diverse all the same (the next test)."""
+    params, root = project
+    suggestion, _ = work.suggest(params, 4, "auto", None, pool=load_pool(root / "pool"))
+    assert suggestion.strategy == "random"
 
 
 def test_no_two_picks_are_near_duplicates(project):

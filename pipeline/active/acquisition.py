@@ -8,11 +8,15 @@
   clusters as there will be labels, and take the most typical image (the densest: the smallest mean distance
   to its nearest neighbours) of each cluster that holds no label yet, largest first.
 - ``random``: the baseline every strategy is measured against.
-- ``auto``: typical until the train labels average ``COLD_START_PER_CLASS`` per class (or when no model has
-  trained), then BALD when there are several draws, else margin. The average, not the least-labelled class:
-  typicality's picks follow the clusters, not the classes, so a class it rarely picks kept the whole run on
-  typicality (EuroSAT, docs/benchmarks.md: one class at 3-4 of 140 picks held it there until 300 labels),
-  while uncertainty is what finds a starved class's images.
+- ``auto``: at a cold start (no trained model, or fewer than ``COLD_START_PER_CLASS`` train labels per class on
+  average), typical where the features come from pretrained weights (ImageNet, a domain backbone, the pretrain
+  stage) and random where they come from a random init: TypiClust's typicality is density in a feature space
+  that means something (the paper clusters self-supervised features), and on features a random init learnt from
+  a few dozen labels it lost to random on both measured sets (docs/benchmarks.md, issue 27: PneumoniaMNIST 0.809
+  against 0.825 at 40 labels over 3 seeds; EuroSAT 0.299 against 0.364 at 40, still behind at 160). Past the cold
+  start, BALD when there are several draws, else margin. The average labels per class, not the least-labelled
+  class's: typicality's picks follow the clusters, not the classes, so on EuroSAT a class it rarely picked held
+  the whole run at the cold start until 300 labels.
 
 Whatever ranks them, a batch is diverse: no two picks from one near-duplicate set or one group (a DICOM
 patient), and at most ``cap`` picks from one cluster of the features.
@@ -37,14 +41,18 @@ TYPICAL_NEIGHBOURS = 20  # TypiClust's k
 MIN_CLUSTER = 5  # TypiClust leaves out clusters too small to have a typical member
 
 
-def resolve(strategy: Strategy, labels_per_class: Sequence[int] | None, draws: int) -> str:
-    """The strategy ``auto`` stands for: ``labels_per_class`` None means no trained model."""
+def resolve(
+    strategy: Strategy, labels_per_class: Sequence[int] | None, draws: int, pretrained: bool = True
+) -> str:
+    """The strategy ``auto`` stands for: ``labels_per_class`` None means no trained model; ``pretrained``: the
+    features started from pretrained weights (not a random init)."""
     if strategy != "auto":
         return strategy
-    if labels_per_class is None or sum(labels_per_class) < COLD_START_PER_CLASS * max(
+    cold = labels_per_class is None or sum(labels_per_class) < COLD_START_PER_CLASS * max(
         len(labels_per_class), 1
-    ):
-        return "typical"
+    )
+    if cold:
+        return "typical" if pretrained else "random"
     return "bald" if draws > 1 else "margin"
 
 

@@ -103,9 +103,12 @@ def suggest(
     members: list[Classifier] | None,
     prepared: Prepared | None = None,
     pool: Pool | None = None,
+    pretrained: bool | None = None,
 ) -> tuple[Suggestion, np.ndarray]:
     """The batch to label next and the pool rows it names (for the contact sheet). ``members``: the shipped
-    model (one, or the fold members), or None before any model has trained."""
+    model (one, or the fold members), or None before any model has trained; ``pretrained``: whether that model
+    started from pretrained weights (its run.json's ``weights.pretrained``; None: whether ``model.weights``
+    names any), which decides ``auto``'s cold start (``acquisition.resolve``)."""
     paths = params.paths
     prepared = prepared or load_prepared(Path(paths.prepared))
     pool = pool or load_pool(Path(paths.pool))
@@ -116,7 +119,11 @@ def suggest(
     train = prepared.split("train")
     counts = train["label"].value_counts().reindex(prepared.classes, fill_value=0).tolist()
     batch = params.evaluate.batch_size
-    network = members[0] if members else _starting_network(params, prepared)
+    network, pretrained = (
+        (members[0], params.model.weights != "none" if pretrained is None else pretrained)
+        if members
+        else _starting_network(params, prepared)
+    )
     pool_features = features(network, pool.images, batch)
     probs = None
     if members:
@@ -124,7 +131,7 @@ def suggest(
         train_transform = augment.load(Path(paths.augment_pipeline), params.seed)
         probs = draws(members, pool.images, batch, tta, train_transform)
     chosen = acquisition.resolve(
-        strategy, counts if members else None, 0 if probs is None else probs.shape[-1]
+        strategy, counts if members else None, 0 if probs is None else probs.shape[-1], pretrained
     )
     if chosen in ("margin", "entropy", "bald") and probs is None:
         raise SuggestError(
@@ -161,23 +168,24 @@ def suggest(
     return suggestion, np.asarray(picks, dtype=np.int64)
 
 
-def _starting_network(params: Params, prepared: Prepared) -> Classifier:
+def _starting_network(params: Params, prepared: Prepared) -> tuple[Classifier, bool]:
     """Before any training: the network ``model.weights`` starts from, for its features (a random init is
-    drawn from ``seed``, so a cold start suggests the same images each time it is asked)."""
+    drawn from ``seed``, so a cold start suggests the same images each time it is asked), and whether those
+    weights were pretrained ones."""
     with torch.random.fork_rng():
         torch.manual_seed(params.seed)
         return _built(params, prepared)
 
 
-def _built(params: Params, prepared: Prepared) -> Classifier:
-    model, _ = build_model(
+def _built(params: Params, prepared: Prepared) -> tuple[Classifier, bool]:
+    model, info = build_model(
         params,
         prepared.classes,
         dataset_stats=(prepared.mean, prepared.std),
         in_channels=prepared.images.shape[-1],
         pixel_dtype=str(prepared.images.dtype),
     )
-    return model.eval()
+    return model.eval(), info.pretrained
 
 
 def contact_sheet(pool: Pool, picks: np.ndarray, suggestion: Suggestion, out: Path) -> None:

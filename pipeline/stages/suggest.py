@@ -1,8 +1,8 @@
 """suggest --budget N [--strategy auto|typical|margin|entropy|bald|random]: the pool images to label next.
 
 Ranks the unlabelled pool (data.unlabelled, prepared by the pool stage) with the shipped model's uncertainty,
-or, at a cold start (no model yet, or fewer than 10 train labels per class on average), by typicality; picks a diverse batch
-(one image per near-duplicate set or patient, a few per feature cluster); writes paths.suggest (path, rank,
+or, at a cold start (no model yet, or fewer than 10 train labels per class on average), by typicality on
+pretrained features (at random on a random init's: docs/training.md); picks a diverse batch (one image per near-duplicate set or patient, a few per feature cluster); writes paths.suggest (path, rank,
 score, predicted, probability, why) and its contact sheet paths.suggest_sheet, and logs both to MLflow with
 the round number and label count.
 """
@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--strategy",
         choices=STRATEGIES,
         default="auto",
-        help="auto: typical at a cold start, then bald (fold members or test-time views) or margin "
+        help="auto: at a cold start typical (pretrained features) or random (a random init's), then bald "
+        "(fold members or test-time views) or margin "
         "(default: %(default)s)",
     )
 
@@ -52,10 +53,12 @@ def main(params: Params, args: argparse.Namespace) -> None:
     stage_input(Path(paths.pool) / "pool.csv", "paths.pool", "pool")
     pool, prepared = load_pool(Path(paths.pool)), load_prepared(Path(paths.prepared))
     model_dir = Path(paths.model_dir)
-    members = None
+    members, pretrained = None, None
     if (model_dir / RUN_INFO).is_file():
-        members = [cast(Classifier, m) for m in load_trained(model_dir).model.members]
-    suggestion, picks = work.suggest(params, args.budget, args.strategy, members, prepared, pool)
+        trained = load_trained(model_dir)
+        members = [cast(Classifier, m) for m in trained.model.members]
+        pretrained = trained.run.weights.pretrained
+    suggestion, picks = work.suggest(params, args.budget, args.strategy, members, prepared, pool, pretrained)
     csv, sheet = Path(paths.suggest), Path(paths.suggest_sheet)
     work.write(suggestion, pool, picks, csv, sheet)
     open_tracking(params)
