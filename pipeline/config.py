@@ -491,13 +491,14 @@ class Train:
         "pool image's strong view to predict its weak view's class where the model is confident "
         "(docs/training.md); none: labelled images only.",
     )
-    semi_threshold: float | Literal["adaptive"] = Field(
+    semi_threshold: float = Field(
         default=0.95,
+        gt=0,
+        le=1,
         description="fixmatch: a pool image's pseudo-label counts where its weak-view top probability reaches "
         "this share of the top probability the training targets ask for (1 - label_smoothing + "
         "label_smoothing / classes: 0.95 x 0.95 for two classes at the default smoothing); below it the image "
-        "adds no loss. adaptive: FreeMatch's self-adaptive thresholds, which follow the model's own confidence "
-        "on the pool (docs/training.md).",
+        "adds no loss.",
     )
     semi_ratio: int = Field(
         default=3, ge=1, le=16, description="fixmatch: unlabelled images per labelled image in a step."
@@ -523,13 +524,6 @@ class Train:
     def _renamed(cls, value: Any) -> Any:
         if value in vocabulary.RENAMED:
             raise ValueError(f"'{value}' is now called '{vocabulary.RENAMED[value]}' (one metric vocabulary)")
-        return value
-
-    @field_validator("semi_threshold")
-    @classmethod
-    def _a_share(cls, value: float | str) -> float | str:
-        if not isinstance(value, str) and not 0 < value <= 1:
-            raise ValueError(f"{value}: expected a number in (0, 1] or adaptive")
         return value
 
     def __post_init__(self) -> None:

@@ -267,8 +267,6 @@ class Classifier(L.LightningModule):
         # mean of the ranks' means would weigh the images of a rank with fewer of them more).
         self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
         self.pseudo_mix = PseudoLabelMix(num_classes)
-        adaptive = self.hparams["semi_threshold"] == "adaptive"
-        self.semi_sat = semi.SelfAdaptiveThreshold(num_classes) if adaptive else None
 
     def use_knn_head(self, features: torch.Tensor, labels: torch.Tensor, k: int) -> None:
         """Replace the head by a kNN vote over ``features`` (``train.mode: knn``), recorded in the
@@ -334,19 +332,9 @@ class Classifier(L.LightningModule):
         Logged per epoch: ``semi/loss``, ``semi/confident`` (the share of the pool above the threshold) and
         ``semi/pseudo/<class>`` (the confident pseudo-labels' class mix)."""
         weak_logits, strong_logits = self(torch.cat([weak, strong])).chunk(2)
-        threshold: float | semi.SelfAdaptiveThreshold
-        if self.semi_sat is not None:
-            probs = weak_logits.detach().softmax(-1)
-            distributed = self._trainer is not None and self.trainer.world_size > 1
-            if distributed:  # every rank's pool batch, so the ranks keep one threshold
-                probs = cast(torch.Tensor, self.all_gather(probs)).flatten(0, 1)
-            self.semi_sat.update(probs)
-            threshold = self.semi_sat
-            self.log("semi/threshold", self.semi_sat.tau, on_step=False, on_epoch=True, batch_size=len(weak))
-        else:
-            threshold = self.hparams["semi_threshold"] * semi.smoothed_target(
-                self.hparams["label_smoothing"], self.hparams["num_classes"]
-            )
+        threshold = self.hparams["semi_threshold"] * semi.smoothed_target(
+            self.hparams["label_smoothing"], self.hparams["num_classes"]
+        )
         out = semi.fixmatch_loss(weak_logits, strong_logits, threshold)
         self.pseudo_mix.update(out.labels, out.mask)
         self.log("semi/loss", out.loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(weak))
@@ -359,16 +347,6 @@ class Classifier(L.LightningModule):
             batch_size=len(weak),
         )
         return out.loss
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The self-adaptive threshold's state (``train.semi_threshold: adaptive``), so a resumed run goes on
-        from it rather than from 1/K."""
-        if self.semi_sat is not None:
-            checkpoint["semi_threshold_state"] = self.semi_sat.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.semi_sat is not None and "semi_threshold_state" in checkpoint:
-            self.semi_sat.load_state_dict(checkpoint["semi_threshold_state"])
 
     def on_train_epoch_end(self) -> None:
         if self.pseudo_mix.update_count:

@@ -45,34 +45,6 @@ def test_the_training_step_scales_the_threshold_by_the_smoothed_target(monkeypat
     assert thresholds == [pytest.approx(0.9025)]
 
 
-def test_the_self_adaptive_threshold_follows_the_confidence_and_lowers_a_rare_class():
-    sat = semi.SelfAdaptiveThreshold(num_classes=4, momentum=0.9)
-    assert sat.tau.item() == pytest.approx(0.25)  # FreeMatch starts at 1/K: early pseudo-labels count
-    confident = torch.tensor([[0.9, 0.05, 0.03, 0.02]] * 8)  # the model predicts class 0 with 0.9
-    for _ in range(50):
-        sat.update(confident)
-    assert sat.tau.item() == pytest.approx(0.9, abs=0.01)
-    rare = sat.thresholds(torch.tensor([0, 3]))
-    assert rare[0].item() == pytest.approx(sat.tau.item()) and rare[1] < 0.1 * rare[0]
-    # an image below its class's threshold adds no loss; one above does
-    weak = torch.log(torch.tensor([[0.8, 0.1, 0.05, 0.05], [0.95, 0.02, 0.02, 0.01]]))
-    out = semi.fixmatch_loss(weak, torch.zeros(2, 4, requires_grad=True), sat)
-    assert out.mask.tolist() == [0.0, 1.0]
-
-
-def test_the_self_adaptive_threshold_survives_a_checkpoint():
-    from pipeline.training.model import Classifier
-
-    model = Classifier(train=config.Train(semi="fixmatch", semi_threshold="adaptive"), num_classes=3)
-    model.semi_sat.update(torch.tensor([[0.7, 0.2, 0.1]] * 4))
-    checkpoint: dict = {}
-    model.on_save_checkpoint(checkpoint)
-    again = Classifier(train=config.Train(semi="fixmatch", semi_threshold="adaptive"), num_classes=3)
-    again.on_load_checkpoint(checkpoint)
-    assert torch.equal(again.semi_sat.tau, model.semi_sat.tau) and again.semi_sat.tau > 1 / 3
-    assert Classifier(num_classes=3).semi_sat is None  # a fixed threshold keeps no state
-
-
 def test_no_gradient_flows_through_the_pseudo_labels():
     weak = torch.tensor([[5.0, 0.0]], requires_grad=True)
     semi.fixmatch_loss(weak, torch.zeros(1, 2, requires_grad=True), 0.5).loss.backward()
