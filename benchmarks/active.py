@@ -49,7 +49,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -353,7 +353,7 @@ def next_picks(
         params,
         budget,
         "auto",
-        [m for m in model.members if isinstance(m, Classifier)],
+        [cast(Classifier, m) for m in model.members],
         prepared,
         round_pool(sim, remaining),
     )

@@ -138,6 +138,8 @@ def measure(
     """``whole_noop``: "run" (train and evaluate here, for a larger size to reuse), "record" (commit the smallest
     size's outputs here, then time the no-op) or "". ``image_size``: ``data.image_size`` in the clone's
     params.yaml (None: the committed value, which resolves to the tiles' own 64 px without weights)."""
+    from pipeline.paramsfile import set_values
+
     py = sys.executable
     src = subset(source, n, work / f"src-{n}")
     repo, remote, log = work / f"repo-{n}", work / f"remote-{n}", work / f"log-{n}.txt"
@@ -147,8 +149,6 @@ def measure(
     clone(REPO, repo, remote, env, log)
     env["PYTHONPATH"] = str(repo)
     if image_size is not None:
-        from pipeline.paramsfile import set_values
-
         set_values(repo / "params.yaml", {"data.image_size": image_size})
     step("intake", n, [py, "-m", "pipeline", "intake", str(src), "--name", "scale", "--domain", "satellite",
                        "--layout", layout], repo, env, log)  # fmt: skip
@@ -194,8 +194,6 @@ def measure(
             raise SystemExit(done.stderr)
         print(done.stdout.strip(), flush=True)
     if full or whole_noop:
-        from pipeline.paramsfile import set_values
-
         set_values(repo / "params.yaml", CHEAP)
         step("dvc repro tune", n, ["dvc", "repro", "tune"], repo, env, log)
         if full or whole_noop == "run":

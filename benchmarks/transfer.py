@@ -41,7 +41,7 @@ from pipeline import augment, config
 from pipeline.config import Params
 from pipeline.data.ingest import ingest
 from pipeline.data.listing import MANIFEST_CSV
-from pipeline.data.prepared import Prepared, load_prepared
+from pipeline.data.prepared import SPLITS_CSV, Prepared, load_prepared
 from pipeline.evaluation.predictions import predict_proba
 from pipeline.runinfo import RUN_INFO, Preprocessing, RunInfo, WeightsInfo, model_sha256
 from pipeline.training.fit import datamodule, fit
@@ -208,24 +208,28 @@ def accuracy_ci(probs: np.ndarray, labels: np.ndarray, resamples: int = 1000) ->
 def target_set(root: Path, work: Path, size: int = SIZE, target: str = "eurosat") -> Prepared:
     """The five target classes ingested once: TEST_PER_CLASS test images each, and a pool to draw K from;
     ``target`` pneumonia: PneumoniaMNIST, its published test split, its train and val splits the pool."""
-    if target == "pneumonia":
-        out = work / "target-pneumonia"
-        if not (out / "prepared" / "splits.csv").is_file():
-            raw = write_pngs(PNEUMONIA, out / "raw")
-            ingest(raw, out / "prepared", seed=0, data=bench_params(size=size).data)
-        return load_prepared(out / "prepared")
-    out = work / "target"
-    if not (out / "prepared" / "splits.csv").is_file():
-        rng = np.random.default_rng(1)
-        rows = []
-        for cls in TARGET_CLASSES:
-            files = files_of(root, cls)
-            chosen = rng.permutation(len(files))[: TEST_PER_CLASS + POOL_PER_CLASS]
-            # draw() deals the non-test images out per seed; ingest wants a val split in the manifest all the same
-            split = ["test"] * TEST_PER_CLASS + ["val"] * VAL_PER_CLASS
-            rows += [(files[k], cls, split[j] if j < len(split) else "train") for j, k in enumerate(chosen)]
-        ingest(link_set(out / "raw", rows), out / "prepared", seed=0, data=bench_params(size=size).data)
+    out = work / ("target" if target == "eurosat" else f"target-{target}")
+    if not (out / "prepared" / SPLITS_CSV).is_file():
+        raw = (
+            write_pngs(PNEUMONIA, out / "raw")
+            if target == "pneumonia"
+            else link_set(out / "raw", target_rows(root))
+        )
+        ingest(raw, out / "prepared", seed=0, data=bench_params(size=size).data)
     return load_prepared(out / "prepared")
+
+
+def target_rows(root: Path) -> list[tuple[Path, str, str]]:
+    """EuroSAT's target classes: TEST_PER_CLASS test images and POOL_PER_CLASS others of each."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for cls in TARGET_CLASSES:
+        files = files_of(root, cls)
+        chosen = rng.permutation(len(files))[: TEST_PER_CLASS + POOL_PER_CLASS]
+        # draw() deals the non-test images out per seed; ingest wants a val split in the manifest all the same
+        split = ["test"] * TEST_PER_CLASS + ["val"] * VAL_PER_CLASS
+        rows += [(files[k], cls, split[j] if j < len(split) else "train") for j, k in enumerate(chosen)]
+    return rows
 
 
 def draw(prepared: Prepared, shots: int, seed: int) -> Prepared:

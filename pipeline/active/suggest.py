@@ -119,11 +119,11 @@ def suggest(
     train = prepared.split("train")
     counts = train["label"].value_counts().reindex(prepared.classes, fill_value=0).tolist()
     batch = params.evaluate.batch_size
-    network, pretrained = (
-        (members[0], params.model.weights != "none" if pretrained is None else pretrained)
-        if members
-        else _starting_network(params, prepared)
-    )
+    if members:
+        network = members[0]
+        pretrained = params.model.weights != "none" if pretrained is None else pretrained
+    else:
+        network, pretrained = _starting_network(params, prepared)
     pool_features = features(network, pool.images, batch)
     probs = None
     if members:

@@ -2,9 +2,10 @@
 
 Ranks the unlabelled pool (data.unlabelled, prepared by the pool stage) with the shipped model's uncertainty,
 or, at a cold start (no model yet, or fewer than 10 train labels per class on average), by typicality on
-pretrained features (at random on a random init's: docs/training.md); picks a diverse batch (one image per near-duplicate set or patient, a few per feature cluster); writes paths.suggest (path, rank,
-score, predicted, probability, why) and its contact sheet paths.suggest_sheet, and logs both to MLflow with
-the round number and label count.
+pretrained features (at random on a random init's: docs/training.md); picks a diverse batch (one image per
+near-duplicate set or patient, a few per feature cluster); writes paths.suggest (path, rank, score, predicted,
+probability, why) and its contact sheet paths.suggest_sheet, and logs both to MLflow with the round number and
+label count.
 """
 # The work is pipeline.active.suggest.
 

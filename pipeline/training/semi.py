@@ -3,8 +3,9 @@
 Per training step the classifier also sees ``train.semi_ratio`` unlabelled images per labelled one: the
 model's prediction on a weak view (the domain's training transforms, as a labelled image gets) becomes a
 pseudo-label where its top probability reaches ``train.semi_threshold`` of the top probability its training
-targets ask for (``smoothed_target``), and a strong view of the same image is trained to predict it. Images below the threshold contribute nothing (the mask), so early in training,
-when nothing is confident, the step is the supervised one.
+targets ask for (``smoothed_target``), and a strong view of the same image is trained to predict it. Images
+below the threshold contribute nothing (the mask), so early in training, when nothing is confident, the step
+is the supervised one.
 
 The views come from the data side: ``augment.strong_transform`` (RandAugment-style, within the domain's
 rules) and ``data.datamodule.UnlabelledDataset`` (each pool image as its weak and strong view).
