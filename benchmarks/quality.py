@@ -200,7 +200,7 @@ def scored(metrics: dict[str, float], split: str) -> dict[str, float]:
     }
 
 
-def _prepared(raw: Path, root: Path, data: config.Data) -> Prepared:
+def ingested(raw: Path, root: Path, data: config.Data) -> Prepared:
     """Ingest once per fold count (the fold column is ingest's)."""
     out = root / f"prepared-{data.folds}"
     if not out.exists():
@@ -209,7 +209,7 @@ def _prepared(raw: Path, root: Path, data: config.Data) -> Prepared:
     return load_prepared(out)
 
 
-def _pool(raw: Path, root: Path, data: config.Data) -> tuple[np.ndarray, dict]:
+def pooled(raw: Path, root: Path, data: config.Data) -> tuple[np.ndarray, dict]:
     """The unlabelled pool in ``raw`` as the pool stage prepares it against the labelled set (its duplicates
     of labelled images and anything sharing a group with val/test left out): (pixels, the pool's report)."""
     out = root / "pool"
@@ -277,9 +277,9 @@ def run(
             for name, overrides in ((n, ROWS[n]) for n in rows):
                 base = base_params(size, epochs, seed, "satellite" if eurosat else "medical")
                 params = config.with_overrides(base, overrides | (extra or {}))
-                prepared = _prepared(raw, Path(tmp), params.data)
+                prepared = ingested(raw, Path(tmp), params.data)
                 pool, pool_report = (
-                    _pool(pool_raw, Path(tmp), params.data)
+                    pooled(pool_raw, Path(tmp), params.data)
                     if pool_raw is not None and params.train.semi != "none"
                     else (None, {})
                 )
