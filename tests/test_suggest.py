@@ -8,6 +8,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from pipeline import augment, config, tracking
@@ -78,7 +79,6 @@ def stripes(pool, rows) -> list[bool]:
 
 def pretrained_weights(params: config.Params, root: Path) -> config.Params:
     """``model.weights`` a state_dict file (a random ResNet-18's: what counts is that weights load)."""
-    import torch
     import torchvision
 
     torch.manual_seed(0)
@@ -99,6 +99,22 @@ def test_a_cold_start_picks_the_region_nobody_labelled_first(project, seed):
     assert (suggestion.table["predicted"] == "").all()  # no trained model: no prediction to show
     assert list(suggestion.table.columns) == list(work.COLUMNS)
     assert suggestion.table["rank"].tolist() == [1, 2, 3, 4]
+
+
+def test_typicality_clusters_the_pretrained_weights_features_not_the_fine_tuned_model_s(project):
+    """TypiClust clusters frozen features: a model fine-tuned on a few labels (here one with other weights)
+    does not change what typicality ranks when the weights it started from are pretrained."""
+    params, root = project
+    params = pretrained_weights(params, root)
+    pool = load_pool(root / "pool")
+    cold, _ = work.suggest(params, 4, "typical", None, pool=pool)
+    small = config.Model(arch="resnet18", stem="small", weights="none")
+    torch.manual_seed(7)
+    tuned = Classifier(small, num_classes=3, class_names=["alpha", "beta", "gamma"]).eval()
+    warm, picks = work.suggest(params, 4, "typical", [tuned], pool=pool, pretrained=True)
+    assert warm.table["path"].tolist() == cold.table["path"].tolist()
+    assert stripes(pool, picks[:1]) == [True]
+    assert warm.table["predicted"].isin(["alpha", "beta", "gamma"]).all()  # the model still says what it sees
 
 
 def test_a_cold_start_on_a_random_init_is_random(project):

@@ -3,8 +3,9 @@
 Uncertainty comes from the shipped model, not a new one: the fold ensemble's members are the draws, else the
 single model's test-time views (``evaluate.tta``), else (a domain without TTA, such as radiographs) draws of
 the training augmentation, which only ever makes views the model was trained to call the same image. The
-features that cluster the pool (typicality, diversity) are the shipped network's penultimate layer; before
-any model has trained they are those of the network ``model.weights`` starts from.
+features that keep a batch diverse are the shipped network's penultimate layer; typicality clusters the
+frozen features of the network ``model.weights`` starts from when those are pretrained (the shipped network's
+otherwise), and before any model has trained both are the starting network's.
 """
 
 from __future__ import annotations
@@ -139,8 +140,13 @@ def suggest(
             "found): run dvc repro, or use --strategy typical (or auto) for a cold start"
         )
     if chosen == "typical":
-        labelled = features(network, prepared.images[train["cache_index"].to_numpy()], batch)
-        ranked = acquisition.rank_typical(pool_features, labelled, budget, params.seed)
+        # TypiClust clusters frozen features. A model fine-tuned on a few labels per class has bent pretrained
+        # ones towards those labels, so they are taken from the weights it started from; a random init's
+        # features carry nothing, so without pretrained weights they are the model's.
+        frozen = _starting_network(params, prepared)[0] if members and pretrained else network
+        typical_pool = pool_features if frozen is network else features(frozen, pool.images, batch)
+        labelled = features(frozen, prepared.images[train["cache_index"].to_numpy()], batch)
+        ranked = acquisition.rank_typical(typical_pool, labelled, budget, params.seed)
     elif chosen == "random":
         ranked = acquisition.rank_random(len(pool), params.seed)
     else:
