@@ -121,12 +121,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(params: Params, args: argparse.Namespace) -> None:
     """``params`` play no part: the rows use their own (random init, the set's size and preset)."""
-    with tempfile.TemporaryDirectory(prefix="bench-unlabelled-data-") as scratch:
-        data = (
-            load(args.per_class, args.pool, args.draw)
-            if args.set == "eurosat"
-            else load_pneumonia(args.fraction, args.size, args.pool, Path(scratch))
-        )
+    if args.set == "eurosat":
+        data = load(args.per_class, args.pool, args.draw)
+    else:  # ingested and pooled in a scratch folder, as bench quality's rows are
+        with tempfile.TemporaryDirectory(prefix="bench-unlabelled-data-") as scratch:
+            data = load_pneumonia(args.fraction, args.size, args.pool, Path(scratch))
     images = np.concatenate([data["train"][0], data["pool"][0]])
     bands = images.shape[-1]
     unit = images.reshape(-1, bands).astype(np.float64) / 255
